@@ -1,0 +1,481 @@
+//! The embedded OAuth2 issuer: client credentials grant (RFC 6749 §4.4) issuing RFC 9068
+//! JWT access tokens signed with an ES256 key generated at start-up, plus discovery and
+//! the JWK Set. It publishes its public key straight into the server's [`KeyStore`], so
+//! the handshake validates embedded tokens exactly like external ones, without HTTP.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bytes::Bytes;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use serde::Deserialize;
+use serde_json::json;
+use thiserror::Error;
+
+use super::keys::{KeySet, KeyStore, VerifyKey};
+use super::scopes::split_scope;
+use crate::config::{ClientConfig, IssuerConfig};
+
+/// Errors building the issuer or signing a token.
+#[derive(Debug, Error)]
+pub enum IssuerError {
+    /// Key generation or parsing failed in the crypto library.
+    #[error("signing key: {0}")]
+    Key(String),
+    /// JWT encoding failed.
+    #[error("token signing failed: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+struct Client {
+    id: String,
+    secret_sha256: [u8; 32],
+    scopes: Vec<String>,
+}
+
+/// An ES256 signing key with its public JWK.
+struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    jwk: serde_json::Value,
+    decoding: Arc<DecodingKey>,
+}
+
+impl SigningKey {
+    fn generate() -> Result<SigningKey, IssuerError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|e| IssuerError::Key(e.to_string()))?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .map_err(|e| IssuerError::Key(e.to_string()))?;
+        // Uncompressed SEC1 point: 0x04 || X (32 bytes) || Y (32 bytes).
+        let point = pair.public_key().as_ref();
+        if point.len() != 65 || point[0] != 4 {
+            return Err(IssuerError::Key("unexpected public key encoding".into()));
+        }
+        let x = URL_SAFE_NO_PAD.encode(&point[1..33]);
+        let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
+        // RFC 7638 thumbprint as kid: members in lexicographic order, no whitespace.
+        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+        let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
+        let decoding = DecodingKey::from_ec_components(&x, &y)
+            .map_err(|e| IssuerError::Key(e.to_string()))?;
+        Ok(SigningKey {
+            jwk: json!({"kty":"EC","crv":"P-256","x":x,"y":y,"kid":kid,"alg":"ES256","use":"sig"}),
+            kid,
+            encoding: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            decoding: Arc::new(decoding),
+        })
+    }
+}
+
+/// The embedded issuer.
+pub struct EmbeddedIssuer {
+    issuer: String,
+    audience: String,
+    ttl_s: u64,
+    clients: Vec<Client>,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for EmbeddedIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedIssuer")
+            .field("issuer", &self.issuer)
+            .field("kid", &self.key.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Name of the default client when the configuration lists none.
+pub const DEMO_CLIENT: &str = "demo";
+/// Environment variable holding the demo client's secret.
+pub const DEMO_SECRET_ENV: &str = "TICKGATE_DEMO_SECRET";
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Hex SHA-256 of a client secret, the form `secret_sha256` takes in the config.
+pub fn hash_secret(secret: &str) -> String {
+    sha256(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A fresh random secret (32 bytes, base64url).
+pub fn random_secret() -> Result<String, IssuerError> {
+    let mut b = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|e| IssuerError::Key(e.to_string()))?;
+    Ok(URL_SAFE_NO_PAD.encode(b))
+}
+
+impl EmbeddedIssuer {
+    /// Builds the issuer and publishes its key into `keys`. When the configuration lists
+    /// no client, a `demo` client with scope `md:read:*` is created; its secret comes from
+    /// `demo_secret` (the caller reads the environment) or is generated, and is returned so
+    /// the caller can print it once.
+    pub fn new(
+        cfg: &IssuerConfig,
+        issuer: String,
+        keys: &KeyStore,
+        demo_secret: Option<String>,
+    ) -> Result<(EmbeddedIssuer, Option<String>), IssuerError> {
+        let mut clients = Vec::new();
+        let mut generated = None;
+        if cfg.clients.is_empty() {
+            let secret = match demo_secret {
+                Some(s) if !s.is_empty() => s,
+                _ => {
+                    let s = random_secret()?;
+                    generated = Some(s.clone());
+                    s
+                }
+            };
+            clients.push(Client {
+                id: DEMO_CLIENT.to_owned(),
+                secret_sha256: sha256(secret.as_bytes()),
+                scopes: vec!["md:read:*".to_owned()],
+            });
+        } else {
+            for ClientConfig {
+                id,
+                secret,
+                secret_sha256,
+                scopes,
+            } in &cfg.clients
+            {
+                let digest = match (secret, secret_sha256) {
+                    (Some(s), _) => sha256(s.as_bytes()),
+                    (None, Some(h)) => parse_hex32(h)
+                        .ok_or_else(|| IssuerError::Key(format!("client {id}: bad secret_sha256")))?,
+                    (None, None) => {
+                        return Err(IssuerError::Key(format!("client {id}: no secret")));
+                    }
+                };
+                clients.push(Client {
+                    id: id.clone(),
+                    secret_sha256: digest,
+                    scopes: scopes.clone(),
+                });
+            }
+        }
+        let key = SigningKey::generate()?;
+        let issuer = EmbeddedIssuer {
+            issuer,
+            audience: cfg.audience.clone(),
+            ttl_s: cfg.token_ttl_s,
+            clients,
+            key,
+        };
+        keys.replace(issuer.key_set());
+        Ok((issuer, generated))
+    }
+
+    /// The verification keys this issuer signs with.
+    pub fn key_set(&self) -> KeySet {
+        let mut set = KeySet::new();
+        set.insert(
+            self.key.kid.clone(),
+            VerifyKey {
+                alg: Algorithm::ES256,
+                key: self.key.decoding.clone(),
+            },
+        );
+        set
+    }
+
+    /// The `iss` value.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The `kid` of the current signing key.
+    pub fn kid(&self) -> &str {
+        &self.key.kid
+    }
+
+    /// The JWK Set document.
+    pub fn jwks(&self) -> serde_json::Value {
+        json!({ "keys": [self.key.jwk.clone()] })
+    }
+
+    /// Checks a client's credentials in constant time with respect to the secret: both
+    /// sides are compared as SHA-256 digests with a branch-free fold.
+    fn authenticate(&self, id: &str, secret: &str) -> Option<&Client> {
+        let presented = sha256(secret.as_bytes());
+        let client = self.clients.iter().find(|c| c.id == id)?;
+        let diff = client
+            .secret_sha256
+            .iter()
+            .zip(presented.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        (diff == 0).then_some(client)
+    }
+
+    /// Issues an access token for `sub` with the given scopes and lifetime.
+    pub fn issue(&self, sub: &str, scopes: &[String], ttl_s: u64) -> Result<String, IssuerError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = json!({
+            "iss": self.issuer,
+            "sub": sub,
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + ttl_s,
+            "jti": random_secret()?,
+            "client_id": sub,
+            "scope": scopes.join(" "),
+        });
+        self.sign_raw("at+jwt", &claims)
+    }
+
+    /// Signs arbitrary claims with the issuer's key and the given `typ` header. Used by
+    /// [`EmbeddedIssuer::issue`] and by tests that need tokens with unusual claims.
+    pub fn sign_raw(&self, typ: &str, claims: &serde_json::Value) -> Result<String, IssuerError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.typ = Some(typ.to_owned());
+        header.kid = Some(self.key.kid.clone());
+        Ok(jsonwebtoken::encode(&header, claims, &self.key.encoding)?)
+    }
+
+    /// Routes of the issuer, mounted on the public listener.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/.well-known/openid-configuration", get(discovery))
+            .route("/oauth2/jwks", get(jwks))
+            .route("/oauth2/token", post(token))
+            .with_state(self)
+    }
+}
+
+async fn discovery(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse {
+    Json(json!({
+        "issuer": iss.issuer,
+        "jwks_uri": format!("{}/oauth2/jwks", iss.issuer),
+        "token_endpoint": format!("{}/oauth2/token", iss.issuer),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+    }))
+}
+
+async fn jwks(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(iss.jwks()))
+}
+
+#[derive(Deserialize)]
+struct TokenForm {
+    grant_type: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    scope: Option<String>,
+}
+
+/// RFC 6749 §5.2 error response.
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut resp = (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"tickgate\""),
+        );
+    }
+    resp
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| ())?;
+    let Some(b64) = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")) else {
+        return Err(());
+    };
+    let raw = STANDARD.decode(b64.trim()).map_err(|_| ())?;
+    let raw = String::from_utf8(raw).map_err(|_| ())?;
+    let (id, secret) = raw.split_once(':').ok_or(())?;
+    // RFC 6749 §2.3.1: both parts are form-urlencoded inside Basic.
+    let decode = |s: &str| -> Result<String, ()> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(&format!("v={s}")).map_err(|_| ())?;
+        pairs.into_iter().next().map(|(_, v)| v).ok_or(())
+    };
+    Ok(Some((decode(id)?, decode(secret)?)))
+}
+
+async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body: Bytes) -> Response {
+    let form: TokenForm = match serde_urlencoded::from_bytes(&body) {
+        Ok(f) => f,
+        Err(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "body must be application/x-www-form-urlencoded",
+            )
+        }
+    };
+    if form.grant_type.as_deref() != Some("client_credentials") {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only grant_type=client_credentials is supported",
+        );
+    }
+    let basic = match basic_credentials(&headers) {
+        Ok(b) => b,
+        Err(()) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "malformed Authorization header",
+            )
+        }
+    };
+    let (id, secret) = match (basic, form.client_id, form.client_secret) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "client credentials in both the header and the body",
+            )
+        }
+        (Some(b), None, None) => b,
+        (None, Some(id), Some(secret)) => (id, secret),
+        _ => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication required",
+            )
+        }
+    };
+    let Some(client) = iss.authenticate(&id, &secret) else {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "unknown client or wrong secret",
+        );
+    };
+    let scopes: Vec<String> = match form.scope.as_deref() {
+        None | Some("") => client.scopes.clone(),
+        Some(s) => {
+            let requested: Vec<String> = split_scope(s).map(str::to_owned).collect();
+            if let Some(bad) = requested.iter().find(|r| !client.scopes.contains(r)) {
+                let shown: String = bad.chars().take(64).collect();
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_scope",
+                    &format!("scope `{shown}` is not allowed for this client"),
+                );
+            }
+            requested
+        }
+    };
+    match iss.issue(&client.id, &scopes, iss.ttl_s) {
+        Ok(access_token) => {
+            let mut body = BTreeMap::new();
+            body.insert("access_token", json!(access_token));
+            body.insert("token_type", json!("Bearer"));
+            body.insert("expires_in", json!(iss.ttl_s));
+            body.insert("scope", json!(scopes.join(" ")));
+            (
+                [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")],
+                Json(body),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "token signing failed");
+            oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "token signing failed",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::validate::{AuthError, Validator};
+    use crate::config::{AuthConfig, IssuerConfig};
+
+    fn setup() -> (EmbeddedIssuer, Validator) {
+        let keys = Arc::new(KeyStore::new());
+        let (iss, secret) = EmbeddedIssuer::new(
+            &IssuerConfig::default(),
+            "http://127.0.0.1:1".into(),
+            &keys,
+            Some("s3cret".into()),
+        )
+        .expect("issuer");
+        assert!(secret.is_none());
+        let v = Validator::new(keys, iss.issuer().to_owned(), "tickgate".into(), &AuthConfig::default());
+        (iss, v)
+    }
+
+    #[test]
+    fn issued_tokens_validate() {
+        let (iss, v) = setup();
+        let t = iss.issue("demo", &["md:read:DEMO".into()], 60).expect("token");
+        let p = v.validate(&t).expect("valid");
+        assert_eq!(p.sub, "demo");
+        assert!(p.entitlements.can_read("DEMO"));
+        assert!(!p.entitlements.can_read("OTHER"));
+        assert!(iss.authenticate("demo", "s3cret").is_some());
+        assert!(iss.authenticate("demo", "s3cre").is_none());
+        assert!(iss.authenticate("nobody", "s3cret").is_none());
+    }
+
+    #[test]
+    fn typ_and_expiry_are_enforced() {
+        let (iss, v) = setup();
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now + 60, "iat": now});
+        let jwt = iss.sign_raw("JWT", &claims).expect("sign");
+        assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::BadTyp("at+jwt".into()));
+        let old = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now - 120, "iat": now - 180});
+        let jwt = iss.sign_raw("at+jwt", &old).expect("sign");
+        assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::Expired);
+        let wrong_aud = json!({"iss": iss.issuer(), "sub": "x", "aud": "other", "exp": now + 60});
+        let jwt = iss.sign_raw("at+jwt", &wrong_aud).expect("sign");
+        assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::WrongAudience);
+    }
+
+    #[test]
+    fn secret_hash_format() {
+        assert_eq!(hash_secret("abc").len(), 64);
+        assert_eq!(parse_hex32(&hash_secret("abc")), Some(sha256(b"abc")));
+    }
+}

@@ -1,0 +1,340 @@
+//! Access token validation (RFC 8725, RFC 9068). Runs once per handshake (and per in-band
+//! refresh), never on the delivery path.
+//!
+//! The header is parsed by hand before any signature work so that the algorithm comes
+//! from the *key* (pinned in the key cache), never from the token alone, and so that
+//! `crit`, `none`, HMAC algorithms and oversized input are refused before they cost
+//! anything. `jku`, `x5u` and an embedded `jwk` are never followed.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::keys::KeyStore;
+use super::scopes::{split_scope, Entitlements};
+
+/// Algorithms accepted with asymmetric keys. `none` and HS* never are.
+pub const ALLOWED_ALGS: [Algorithm; 5] = [
+    Algorithm::RS256,
+    Algorithm::PS256,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Why a token was refused. Each variant has a stable metric `reason` label and a
+/// precise `error_description`; none of them ever includes the token.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token at all.
+    #[error("no access token presented")]
+    Missing,
+    /// Longer than the configured maximum.
+    #[error("token larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not three base64url segments, or an unreadable header.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// `alg` outside the allowlist.
+    #[error("algorithm {0} is not allowed")]
+    AlgNotAllowed(String),
+    /// `crit` header present.
+    #[error("critical header parameters are not supported")]
+    Crit,
+    /// Wrong `typ`.
+    #[error("token type must be {0}")]
+    BadTyp(String),
+    /// No `kid` header.
+    #[error("token has no kid")]
+    MissingKid,
+    /// `kid` not in the key set.
+    #[error("unknown signing key")]
+    UnknownKid,
+    /// Header `alg` differs from the key's algorithm.
+    #[error("algorithm does not match the signing key")]
+    AlgMismatch,
+    /// Signature does not verify.
+    #[error("signature verification failed")]
+    BadSignature,
+    /// Past `exp` (+ leeway).
+    #[error("token expired")]
+    Expired,
+    /// Before `nbf` (- leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// Wrong issuer.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// Wrong audience.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// A required claim is absent.
+    #[error("missing claim {0}")]
+    MissingClaim(String),
+    /// A claim has the wrong JSON type.
+    #[error("invalid claims: {0}")]
+    BadClaims(String),
+    /// `exp - iat` exceeds the maximum lifetime.
+    #[error("token lifetime exceeds {0} s")]
+    LifetimeTooLong(u64),
+    /// Revoked `jti` or subject.
+    #[error("token revoked")]
+    Revoked,
+}
+
+impl AuthError {
+    /// The `reason` label of `tickgate_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::TooLarge(_) => "too_large",
+            AuthError::Malformed(_) => "malformed",
+            AuthError::AlgNotAllowed(_) => "alg_not_allowed",
+            AuthError::Crit => "crit",
+            AuthError::BadTyp(_) => "bad_typ",
+            AuthError::MissingKid => "missing_kid",
+            AuthError::UnknownKid => "unknown_kid",
+            AuthError::AlgMismatch => "alg_mismatch",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_iss",
+            AuthError::WrongAudience => "wrong_aud",
+            AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::BadClaims(_) => "bad_claims",
+            AuthError::LifetimeTooLong(_) => "lifetime_too_long",
+            AuthError::Revoked => "revoked",
+        }
+    }
+}
+
+/// The validated identity of a connection, decoded once.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// `sub`.
+    pub sub: String,
+    /// `iss`.
+    pub iss: String,
+    /// `jti`, when present.
+    pub jti: Option<String>,
+    /// `client_id`, when present.
+    pub client_id: Option<String>,
+    /// `exp` (seconds since the epoch).
+    pub exp: u64,
+    /// `iat`, when present.
+    pub iat: Option<u64>,
+    /// Decoded scopes.
+    pub entitlements: Entitlements,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: Option<serde_json::Value>,
+    typ: Option<serde_json::Value>,
+    kid: Option<serde_json::Value>,
+    crit: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    iss: String,
+    exp: u64,
+    #[serde(default)]
+    iat: Option<u64>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    scp: Option<Vec<String>>,
+}
+
+/// Validation settings plus the key cache.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    keys: Arc<KeyStore>,
+    issuer: String,
+    audience: String,
+    leeway_s: u64,
+    max_token_bytes: usize,
+    max_lifetime_s: u64,
+    required_typ: String,
+}
+
+impl Validator {
+    /// A validator for tokens of `issuer` meant for `audience`.
+    pub fn new(
+        keys: Arc<KeyStore>,
+        issuer: String,
+        audience: String,
+        auth: &crate::config::AuthConfig,
+    ) -> Validator {
+        Validator {
+            keys,
+            issuer,
+            audience,
+            leeway_s: auth.leeway_s,
+            max_token_bytes: auth.max_token_bytes,
+            max_lifetime_s: auth.max_lifetime_s,
+            required_typ: auth.required_typ.clone(),
+        }
+    }
+
+    /// The key cache this validator reads.
+    pub fn keys(&self) -> &Arc<KeyStore> {
+        &self.keys
+    }
+
+    /// The expected issuer.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Validates a compact JWS access token.
+    pub fn validate(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge(self.max_token_bytes));
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed("expected three dot-separated segments"));
+        };
+        let b64 = |seg: &str| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !b64(h) || !b64(p) || !b64(s) {
+            return Err(AuthError::Malformed("segments must be non-empty base64url"));
+        }
+        let header_json = URL_SAFE_NO_PAD
+            .decode(h)
+            .map_err(|_| AuthError::Malformed("header is not base64url"))?;
+        let header: RawHeader = serde_json::from_slice(&header_json)
+            .map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
+        if header.crit.is_some() {
+            return Err(AuthError::Crit);
+        }
+        let alg_name = match &header.alg {
+            Some(serde_json::Value::String(a)) => a.as_str(),
+            _ => return Err(AuthError::Malformed("header alg must be a string")),
+        };
+        let alg = ALLOWED_ALGS
+            .iter()
+            .copied()
+            .find(|a| alg_name == alg_str(*a))
+            .ok_or_else(|| AuthError::AlgNotAllowed(sanitize(alg_name)))?;
+        if !self.required_typ.is_empty() {
+            let ok = match &header.typ {
+                Some(serde_json::Value::String(t)) => typ_matches(t, &self.required_typ),
+                _ => false,
+            };
+            if !ok {
+                return Err(AuthError::BadTyp(self.required_typ.clone()));
+            }
+        }
+        let kid = match &header.kid {
+            Some(serde_json::Value::String(k)) => k.as_str(),
+            None => return Err(AuthError::MissingKid),
+            _ => return Err(AuthError::Malformed("header kid must be a string")),
+        };
+        let key = self.keys.get(kid).ok_or(AuthError::UnknownKid)?;
+        if key.alg != alg {
+            return Err(AuthError::AlgMismatch);
+        }
+
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway_s;
+        v.validate_nbf = true;
+        v.validate_exp = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.set_issuer(&[self.issuer.as_str()]);
+        v.set_audience(&[self.audience.as_str()]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &v).map_err(map_jwt_error)?;
+        let c = data.claims;
+
+        let now = jsonwebtoken::get_current_timestamp();
+        let lifetime = match c.iat {
+            Some(iat) => c.exp.saturating_sub(iat),
+            None => c.exp.saturating_sub(now),
+        };
+        if lifetime > self.max_lifetime_s {
+            return Err(AuthError::LifetimeTooLong(self.max_lifetime_s));
+        }
+        let entitlements = match (&c.scope, &c.scp) {
+            (Some(s), _) => Entitlements::from_scopes(split_scope(s)),
+            (None, Some(list)) => Entitlements::from_scopes(list.iter().map(String::as_str)),
+            (None, None) => Entitlements::default(),
+        };
+        Ok(Principal {
+            sub: c.sub,
+            iss: c.iss,
+            jti: c.jti,
+            client_id: c.client_id,
+            exp: c.exp,
+            iat: c.iat,
+            entitlements,
+        })
+    }
+}
+
+/// RFC 9068 allows `at+jwt` and its full media type `application/at+jwt`, case-insensitive.
+fn typ_matches(typ: &str, required: &str) -> bool {
+    let t = typ.strip_prefix("application/").unwrap_or(typ);
+    let r = required.strip_prefix("application/").unwrap_or(required);
+    t.eq_ignore_ascii_case(r)
+}
+
+/// A short, printable excerpt of attacker-controlled text for an error description.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .take(16)
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect()
+}
+
+/// The JOSE name of an algorithm.
+pub fn alg_str(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+        // Algorithms added to the crate later are simply not on the allowlist.
+        _ => "unsupported",
+    }
+}
+
+fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(sanitize(c)),
+        ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaims(sanitize(c)),
+        ErrorKind::Json(_) => AuthError::BadClaims("claims do not match the access token schema".into()),
+        ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
+            AuthError::Malformed("undecodable segment")
+        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => AuthError::AlgMismatch,
+        _ => AuthError::BadSignature,
+    }
+}

@@ -1,0 +1,319 @@
+//! `tickgate load`: opens N subscribers (spread over 127.0.0.x source addresses),
+//! measures publish-to-receive latency against each record's *scheduled* time
+//! (`ts_event_ns`, open loop: a stall shows up as latency instead of hiding) in HDR
+//! histograms, checks every seq, and reads the server's own counters from its admin
+//! endpoint to report CPU-seconds per million deliveries and records per frame.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::json;
+
+use super::{ClientError, ConnectOptions, Event, Subscriber};
+use crate::protocol::codec::FLAG_SNAPSHOT;
+use crate::protocol::now_ns;
+
+/// Load-run settings.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Stream URL.
+    pub url: String,
+    /// Access token.
+    pub token: String,
+    /// Subscribers to open.
+    pub connections: usize,
+    /// Feed to subscribe to.
+    pub feed: String,
+    /// Symbols (or `*`).
+    pub symbols: Vec<String>,
+    /// Measured duration after warm-up.
+    pub duration: Duration,
+    /// Warm-up after all subscribers are live (not measured).
+    pub warmup: Duration,
+    /// Spread sources over 127.0.0.1 ..= 127.0.0.N.
+    pub source_ips: u8,
+    /// Admin base URL of the server (for its counters), if known.
+    pub admin: Option<String>,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+/// The JSON summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSummary {
+    /// Subscribers that completed the run.
+    pub connections: usize,
+    /// Subscribers that failed to connect or were closed early.
+    pub failed: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Records received in the window.
+    pub records: u64,
+    /// Delivered records per second.
+    pub records_per_s: f64,
+    /// Latency percentiles, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// `gap` messages received.
+    pub gap_messages: u64,
+    /// Silent gaps, duplicates or strays (delivery violations).
+    pub anomalies: u64,
+    /// Close codes seen before the end, if any.
+    pub early_closes: Vec<u16>,
+    /// Server CPU seconds per million records delivered (from its metrics).
+    pub server_cpu_s_per_million: Option<f64>,
+    /// Records per WebSocket message, server side.
+    pub records_per_frame: Option<f64>,
+    /// Server resident memory at the end (bytes).
+    pub server_rss_bytes: Option<f64>,
+}
+
+#[derive(Default)]
+struct Shared {
+    records: AtomicU64,
+    gaps: AtomicU64,
+    anomalies: AtomicU64,
+    measuring: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// Reads `name` (with an optional exact label set) from Prometheus text, summing series.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let base = series.split('{').next().unwrap_or(series);
+        if base == name {
+            if let Ok(v) = value.parse::<f64>() {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    sum
+}
+
+async fn scrape(admin: &str) -> Option<String> {
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().ok()?;
+    c.get(format!("{}/metrics", admin.trim_end_matches('/')))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// Runs a load test and returns its summary.
+pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
+    let shared = Arc::new(Shared::default());
+    let mut tasks = Vec::with_capacity(opts.connections);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(opts.connections.max(1));
+    for i in 0..opts.connections {
+        let o = opts.clone();
+        let sh = shared.clone();
+        let ready = ready_tx.clone();
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % o.source_ips.max(1) as usize) as u8));
+        tasks.push(tokio::spawn(async move { subscriber(i, o, ip, sh, ready).await }));
+    }
+    drop(ready_tx);
+    let mut failed = 0;
+    let mut ready = 0;
+    while let Some(r) = ready_rx.recv().await {
+        match r {
+            Ok(()) => ready += 1,
+            Err(e) => {
+                if failed < 5 {
+                    eprintln!("subscriber failed: {e}");
+                }
+                failed += 1;
+            }
+        }
+        if ready + failed == opts.connections {
+            break;
+        }
+    }
+    if opts.progress {
+        eprintln!("{ready} subscribers live ({failed} failed); warming up {:?}", opts.warmup);
+    }
+    tokio::time::sleep(opts.warmup).await;
+
+    let before = match &opts.admin {
+        Some(a) => scrape(a).await,
+        None => None,
+    };
+    shared.records.store(0, Ordering::Relaxed);
+    shared.measuring.store(true, Ordering::Release);
+    let started = Instant::now();
+    let mut last = 0;
+    while started.elapsed() < opts.duration {
+        tokio::time::sleep(Duration::from_secs(1).min(opts.duration)).await;
+        if opts.progress {
+            let now = shared.records.load(Ordering::Relaxed);
+            eprintln!(
+                "t={:>4.0}s  records/s={:>10}  gaps={} anomalies={}",
+                started.elapsed().as_secs_f64(),
+                now - last,
+                shared.gaps.load(Ordering::Relaxed),
+                shared.anomalies.load(Ordering::Relaxed)
+            );
+            last = now;
+        }
+    }
+    shared.measuring.store(false, Ordering::Release);
+    let seconds = started.elapsed().as_secs_f64();
+    let records = shared.records.load(Ordering::Relaxed);
+    let after = match &opts.admin {
+        Some(a) => scrape(a).await,
+        None => None,
+    };
+    shared.stop.store(true, Ordering::Release);
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
+    let mut early_closes = Vec::new();
+    let mut completed = 0;
+    for t in tasks {
+        if let Ok(Ok((h, closed))) = t.await {
+            let _ = hist.add(&h);
+            match closed {
+                Some(code) => early_closes.push(code),
+                None => completed += 1,
+            }
+        }
+    }
+    let (cpu, per_frame, rss) = match (&before, &after) {
+        (Some(b), Some(a)) => {
+            let d = |n: &str| Some(metric(a, n)? - metric(b, n)?);
+            let delivered = d("tickgate_records_delivered_total");
+            let cpu = d("process_cpu_seconds_total");
+            let frames = d("tickgate_frames_sent_total");
+            (
+                match (cpu, delivered) {
+                    (Some(c), Some(n)) if n > 0.0 => Some(c / (n / 1e6)),
+                    _ => None,
+                },
+                match (frames, delivered) {
+                    (Some(f), Some(n)) if f > 0.0 => Some(n / f),
+                    _ => None,
+                },
+                metric(a, "process_resident_memory_bytes"),
+            )
+        }
+        _ => (None, None, None),
+    };
+    Ok(LoadSummary {
+        connections: completed,
+        failed,
+        seconds,
+        records,
+        records_per_s: records as f64 / seconds,
+        p50_us: hist.value_at_quantile(0.5) as f64,
+        p99_us: hist.value_at_quantile(0.99) as f64,
+        p999_us: hist.value_at_quantile(0.999) as f64,
+        max_us: hist.max() as f64,
+        gap_messages: shared.gaps.load(Ordering::Relaxed),
+        anomalies: shared.anomalies.load(Ordering::Relaxed),
+        early_closes,
+        server_cpu_s_per_million: cpu,
+        records_per_frame: per_frame,
+        server_rss_bytes: rss,
+    })
+}
+
+async fn subscriber(
+    i: usize,
+    o: LoadOptions,
+    ip: IpAddr,
+    sh: Arc<Shared>,
+    ready: tokio::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<(Histogram<u64>, Option<u16>), ClientError> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
+    let opts = ConnectOptions {
+        local_ip: Some(ip),
+        ..ConnectOptions::default()
+    };
+    let mut sub = match Subscriber::connect(&o.url, &o.token, &opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(format!("#{i}: {e}"))).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = sub
+        .send_json(&json!({"op": "subscribe", "id": 1, "feed": o.feed, "symbols": o.symbols}))
+        .await
+    {
+        let _ = ready.send(Err(format!("#{i}: {e}"))).await;
+        return Err(e);
+    }
+    let mut announced = false;
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            sub.close().await;
+            return Ok((hist, None));
+        }
+        let ev = tokio::select! {
+            ev = sub.next_event() => ev,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        match ev {
+            Ok(Event::Control(m)) => {
+                use crate::protocol::control::ServerMsg;
+                match m {
+                    ServerMsg::Subscribed { .. } if !announced => {
+                        announced = true;
+                        let _ = ready.send(Ok(())).await;
+                    }
+                    ServerMsg::Error { message, .. } if !announced => {
+                        announced = true;
+                        let _ = ready.send(Err(format!("#{i}: {message}"))).await;
+                    }
+                    ServerMsg::Gap { .. } => {
+                        sh.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Event::Batch { records, anomalies, .. }) => {
+                if !anomalies.is_empty() {
+                    sh.anomalies.fetch_add(anomalies.len() as u64, Ordering::Relaxed);
+                }
+                if sh.measuring.load(Ordering::Relaxed) {
+                    let now = now_ns() as i64;
+                    let mut n = 0;
+                    for r in &records {
+                        if r.flags() & FLAG_SNAPSHOT == 0 {
+                            let us = ((now - r.ts_event_ns()) / 1000).max(1) as u64;
+                            let _ = hist.record(us.min(60_000_000));
+                            n += 1;
+                        }
+                    }
+                    sh.records.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            Ok(Event::Closed { code, .. }) => {
+                if !announced {
+                    let _ = ready.send(Err(format!("#{i}: closed {code} before subscribing"))).await;
+                }
+                return Ok((hist, Some(code)));
+            }
+            Err(e) => {
+                if !announced {
+                    let _ = ready.send(Err(format!("#{i}: {e}"))).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+}

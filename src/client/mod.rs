@@ -1,0 +1,472 @@
+//! The Rust client: token fetching, connecting, decoding batches and checking delivery.
+//!
+//! [`SeqTracker`] enforces the client side of the delivery guarantees (spec §6): for each
+//! subscribed instrument every seq arrives in order, or a `gap` message names the missing
+//! range first. Anything else (a duplicate, a hole nobody announced) is reported as an
+//! [`Anomaly`], which `tickgate subscribe` prints loudly and `tickgate load` counts.
+
+pub mod load;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use futures_util::{SinkExt, StreamExt};
+use thiserror::Error;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::protocol::codec::{decode_batch, DecodeError, Record, FLAG_SNAPSHOT};
+use crate::protocol::control::ServerMsg;
+use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
+
+/// Client errors.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// HTTP failure talking to the issuer.
+    #[error("token request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The issuer refused.
+    #[error("token refused ({status}): {body}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: String,
+    },
+    /// Bad URL.
+    #[error("bad URL: {0}")]
+    Url(String),
+    /// TCP failure.
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// WebSocket failure, including a refused handshake (its status is in the message).
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// A binary message that does not decode.
+    #[error("undecodable batch: {0}")]
+    Decode(#[from] DecodeError),
+    /// A text message that is not a known server message.
+    #[error("unparseable control message: {0}")]
+    Control(String),
+}
+
+/// Fetches an access token with the client credentials grant. `issuer` is the issuer's
+/// base URL; its discovery document names the token endpoint (falls back to
+/// `<issuer>/oauth2/token`).
+pub async fn fetch_token(
+    issuer: &str,
+    client_id: &str,
+    client_secret: &str,
+    scope: Option<&str>,
+) -> Result<String, ClientError> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let base = issuer.trim_end_matches('/');
+    let endpoint = match http
+        .get(format!("{base}/.well-known/openid-configuration"))
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("token_endpoint").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| format!("{base}/oauth2/token")),
+        _ => format!("{base}/oauth2/token"),
+    };
+    let mut form = vec![("grant_type", "client_credentials")];
+    if let Some(s) = scope {
+        form.push(("scope", s));
+    }
+    let resp = http
+        .post(endpoint)
+        .basic_auth(client_id, Some(client_secret))
+        .form(&form)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await?;
+    if status != 200 {
+        return Err(ClientError::Refused { status, body });
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| ClientError::Refused {
+        status,
+        body: format!("not JSON: {e}"),
+    })?;
+    v.get("access_token")
+        .and_then(|t| t.as_str())
+        .map(str::to_owned)
+        .ok_or(ClientError::Refused {
+            status,
+            body: "no access_token in the response".into(),
+        })
+}
+
+/// How the token is presented at the handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenPlacement {
+    /// `Authorization: Bearer`.
+    #[default]
+    Header,
+    /// `Sec-WebSocket-Protocol: tickgate.v1, bearer.<JWT>` (the browser way).
+    Subprotocol,
+}
+
+/// Connection options.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Source address to bind (spreads load generators over 127.0.0.x).
+    pub local_ip: Option<IpAddr>,
+    /// Kernel receive buffer (a small one makes a slow reader stall the server sooner).
+    pub recv_buffer: Option<u32>,
+    /// Where the token goes.
+    pub placement: TokenPlacement,
+}
+
+/// A raw client WebSocket.
+pub type ClientWs = WebSocketStream<TcpStream>;
+
+/// Opens a stream connection (`ws://` URLs).
+pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<ClientWs, ClientError> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri =
+        url.parse().map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+    if uri.scheme_str() != Some("ws") {
+        return Err(ClientError::Url(format!("{url}: only ws:// URLs are supported by this client")));
+    }
+    let host = uri.host().ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr: SocketAddr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| ClientError::Url(format!("{url}: host does not resolve")))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(n) = opts.recv_buffer {
+        socket.set_recv_buffer_size(n)?;
+    }
+    if let Some(ip) = opts.local_ip {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut req = url.into_client_request()?;
+    let h = req.headers_mut();
+    let bad = |_| ClientError::Url("token is not a valid header value".into());
+    match opts.placement {
+        TokenPlacement::Header => {
+            h.insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).map_err(bad)?);
+            h.insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+        }
+        TokenPlacement::Subprotocol => {
+            let v = format!("{SUBPROTOCOL}, {BEARER_PROTOCOL_PREFIX}{token}");
+            h.insert("sec-websocket-protocol", HeaderValue::from_str(&v).map_err(bad)?);
+        }
+    }
+    let (ws, _resp) = tokio_tungstenite::client_async(req, stream).await?;
+    Ok(ws)
+}
+
+/// Something the client saw that the delivery guarantees forbid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anomaly {
+    /// A record at or below the last seq already seen.
+    Duplicate {
+        /// Feed id.
+        feed_id: u16,
+        /// Instrument id.
+        instrument_id: u32,
+        /// The seq received.
+        seq: u64,
+        /// The seq expected.
+        expected: u64,
+    },
+    /// Records skipped without a `gap` message.
+    SilentGap {
+        /// Feed id.
+        feed_id: u16,
+        /// Instrument id.
+        instrument_id: u32,
+        /// First missing seq.
+        from: u64,
+        /// Last missing seq.
+        to: u64,
+    },
+    /// A record for an instrument that was never subscribed.
+    Unsubscribed {
+        /// Feed id.
+        feed_id: u16,
+        /// Instrument id.
+        instrument_id: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InstrTrack {
+    /// Next live seq expected.
+    expected: u64,
+    /// While the snapshot is arriving: highest snapshot seq allowed.
+    snapshot_upto: u64,
+}
+
+/// Per-instrument delivery checking.
+#[derive(Debug, Default)]
+pub struct SeqTracker {
+    feeds: HashMap<String, u16>,
+    ids: HashMap<u16, String>,
+    symbols: HashMap<(u16, u32), String>,
+    by_symbol: HashMap<(u16, String), u32>,
+    track: HashMap<(u16, u32), InstrTrack>,
+    /// Records checked.
+    pub records: u64,
+    /// Gap messages received.
+    pub gaps: u64,
+    /// Records missed as announced by gap messages.
+    pub gap_records: u64,
+}
+
+impl SeqTracker {
+    /// Learns from a control message (feed ids, subscriptions, gaps).
+    pub fn on_control(&mut self, m: &ServerMsg) {
+        match m {
+            ServerMsg::Welcome { feeds, .. } | ServerMsg::Refreshed { feeds, .. } => {
+                for f in feeds {
+                    self.feeds.insert(f.name.clone(), f.id);
+                    self.ids.insert(f.id, f.name.clone());
+                }
+            }
+            ServerMsg::Subscribed { feed, instruments, .. } => {
+                let Some(&fid) = self.feeds.get(feed) else { return };
+                for i in instruments {
+                    self.symbols.insert((fid, i.id), i.symbol.clone());
+                    self.by_symbol.insert((fid, i.symbol.clone()), i.id);
+                    // An instrument subscribed before keeps its tracking.
+                    self.track.entry((fid, i.id)).or_insert(InstrTrack {
+                        expected: i.seq + 1,
+                        snapshot_upto: i.seq,
+                    });
+                }
+            }
+            ServerMsg::Unsubscribed { feed, symbols, .. } => {
+                let Some(&fid) = self.feeds.get(feed) else { return };
+                for s in symbols {
+                    if let Some(id) = self.by_symbol.get(&(fid, s.clone())) {
+                        self.track.remove(&(fid, *id));
+                    }
+                }
+            }
+            ServerMsg::Gap {
+                feed, symbol, from, to, ..
+            } => {
+                self.gaps += 1;
+                let Some(&fid) = self.feeds.get(feed) else { return };
+                let Some(&iid) = self.by_symbol.get(&(fid, symbol.clone())) else { return };
+                if let Some(t) = self.track.get_mut(&(fid, iid)) {
+                    if *from <= t.expected && *to >= t.expected {
+                        self.gap_records += to - t.expected + 1;
+                        t.expected = to + 1;
+                    } else if *from < t.expected {
+                        // A resume gap announced before the `subscribed` seq: already past it.
+                    } else {
+                        self.gap_records += to - from + 1;
+                    }
+                }
+            }
+            ServerMsg::Reset { feed, .. } => {
+                if let Some(&fid) = self.feeds.get(feed) {
+                    for ((f, _), t) in self.track.iter_mut() {
+                        if *f == fid {
+                            t.expected = 1;
+                            t.snapshot_upto = 0;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks one record; returns what was wrong with it, if anything.
+    pub fn on_record(&mut self, r: &Record) -> Option<Anomaly> {
+        self.records += 1;
+        let key = (r.feed_id(), r.instrument_id());
+        let Some(t) = self.track.get_mut(&key) else {
+            return Some(Anomaly::Unsubscribed {
+                feed_id: key.0,
+                instrument_id: key.1,
+            });
+        };
+        let seq = r.seq();
+        if r.flags() & FLAG_SNAPSHOT != 0 {
+            // Snapshot records carry their own (older) seq and never move `expected`.
+            if seq > t.snapshot_upto {
+                return Some(Anomaly::Duplicate {
+                    feed_id: key.0,
+                    instrument_id: key.1,
+                    seq,
+                    expected: t.expected,
+                });
+            }
+            return None;
+        }
+        let expected = t.expected;
+        if seq == expected {
+            t.expected += 1;
+            None
+        } else if seq < expected {
+            Some(Anomaly::Duplicate {
+                feed_id: key.0,
+                instrument_id: key.1,
+                seq,
+                expected,
+            })
+        } else {
+            t.expected = seq + 1;
+            Some(Anomaly::SilentGap {
+                feed_id: key.0,
+                instrument_id: key.1,
+                from: expected,
+                to: seq - 1,
+            })
+        }
+    }
+
+    /// Symbol of an instrument id, once subscribed.
+    pub fn symbol(&self, feed_id: u16, instrument_id: u32) -> Option<&str> {
+        self.symbols.get(&(feed_id, instrument_id)).map(String::as_str)
+    }
+
+    /// Feed name of a feed id.
+    pub fn feed_name(&self, feed_id: u16) -> Option<&str> {
+        self.ids.get(&feed_id).map(String::as_str)
+    }
+
+    /// Next expected seq per subscribed instrument, by feed name and symbol (what a
+    /// reconnecting client passes as `resume`: the last seq seen is `expected - 1`).
+    pub fn last_seen(&self) -> Vec<(String, String, u64)> {
+        self.track
+            .iter()
+            .filter_map(|(&(f, i), t)| {
+                Some((
+                    self.ids.get(&f)?.clone(),
+                    self.symbols.get(&(f, i))?.clone(),
+                    t.expected.saturating_sub(1),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// What a [`Subscriber`] yields.
+#[derive(Debug)]
+pub enum Event {
+    /// A control message.
+    Control(ServerMsg),
+    /// A batch of records with the anomalies found in it.
+    Batch {
+        /// Server send time of the batch.
+        send_ts_ns: u64,
+        /// The records.
+        records: Vec<Record>,
+        /// Delivery violations.
+        anomalies: Vec<Anomaly>,
+    },
+    /// The server closed the connection.
+    Closed {
+        /// Close code (1006 when the socket dropped without one).
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+}
+
+/// A connection plus its delivery tracking.
+pub struct Subscriber {
+    ws: ClientWs,
+    /// Delivery checking state.
+    pub tracker: SeqTracker,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber").field("tracker", &self.tracker).finish()
+    }
+}
+
+impl Subscriber {
+    /// Connects.
+    pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Subscriber, ClientError> {
+        Ok(Subscriber {
+            ws: connect(url, token, opts).await?,
+            tracker: SeqTracker::default(),
+        })
+    }
+
+    /// Sends a control message.
+    pub async fn send_json(&mut self, v: &serde_json::Value) -> Result<(), ClientError> {
+        self.ws.send(Message::text(v.to_string())).await?;
+        Ok(())
+    }
+
+    /// Waits for the next event.
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            let msg = match self.ws.next().await {
+                None => {
+                    return Ok(Event::Closed {
+                        code: 1006,
+                        reason: "connection dropped".into(),
+                    })
+                }
+                Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) => {
+                    return Ok(Event::Closed {
+                        code: 1006,
+                        reason: "connection closed".into(),
+                    })
+                }
+                Some(m) => m?,
+            };
+            match msg {
+                Message::Text(t) => {
+                    let m: ServerMsg =
+                        serde_json::from_str(t.as_str()).map_err(|e| ClientError::Control(format!("{e}: {t}")))?;
+                    self.tracker.on_control(&m);
+                    return Ok(Event::Control(m));
+                }
+                Message::Binary(b) => {
+                    let batch = decode_batch(&b)?;
+                    let anomalies = batch.records.iter().filter_map(|r| self.tracker.on_record(r)).collect();
+                    return Ok(Event::Batch {
+                        send_ts_ns: batch.send_ts_ns,
+                        records: batch.records,
+                        anomalies,
+                    });
+                }
+                Message::Close(f) => {
+                    let (code, reason) = f
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(Event::Closed { code, reason });
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+
+    /// The underlying socket, for tests that need raw frames.
+    pub fn ws_mut(&mut self) -> &mut ClientWs {
+        &mut self.ws
+    }
+}

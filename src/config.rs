@@ -1,0 +1,431 @@
+//! Configuration: TOML file, overridden by command-line flags, over built-in defaults
+//! (spec §10). Every section rejects unknown keys so a typo is a start-up error naming
+//! the key, not a silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration that could not be loaded or is inconsistent.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, naming the key and line.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public listener: streams, tickets, the embedded issuer, the demo page.
+    pub listen: SocketAddr,
+    /// Admin listener: metrics, health, `/admin/*`.
+    pub admin_listen: SocketAddr,
+    /// Folder whose `*.toml` files define the feeds.
+    pub feeds_dir: PathBuf,
+    /// Token issuer.
+    pub issuer: IssuerConfig,
+    /// Token handling on the stream.
+    pub auth: AuthConfig,
+    /// Browser-facing checks.
+    pub security: SecurityConfig,
+    /// Resource bounds.
+    pub limits: LimitsConfig,
+    /// Fan-out engine.
+    pub engine: EngineConfig,
+    /// Connection behaviour.
+    pub server: ServerConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            feeds_dir: PathBuf::from("feeds"),
+            issuer: IssuerConfig::default(),
+            auth: AuthConfig::default(),
+            security: SecurityConfig::default(),
+            limits: LimitsConfig::default(),
+            engine: EngineConfig::default(),
+            server: ServerConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Where tokens come from.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IssuerMode {
+    /// tickgate issues tokens itself (client credentials grant).
+    Embedded,
+    /// An external OAuth2/OIDC server issues tokens; keys come from its JWKS.
+    External,
+}
+
+/// One client of the embedded issuer.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `client_id`.
+    pub id: String,
+    /// `client_secret` in clear (prefer `secret_sha256`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Hex SHA-256 of the secret.
+    #[serde(default)]
+    pub secret_sha256: Option<String>,
+    /// Scopes this client may request.
+    pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("ClientConfig")
+            .field("id", &self.id)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[issuer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuerConfig {
+    /// `embedded` or `external`.
+    pub mode: IssuerMode,
+    /// Embedded: the clients allowed to use `/oauth2/token`. Empty: the `demo` client.
+    pub clients: Vec<ClientConfig>,
+    /// Embedded: access token lifetime.
+    pub token_ttl_s: u64,
+    /// The `iss` value. Embedded: defaults to `http(s)://<listen>`.
+    pub issuer: Option<String>,
+    /// The `aud` value tokens must carry.
+    pub audience: String,
+    /// External: where the JWK Set is fetched.
+    pub jwks_url: Option<String>,
+}
+
+impl Default for IssuerConfig {
+    fn default() -> Self {
+        IssuerConfig {
+            mode: IssuerMode::Embedded,
+            clients: Vec::new(),
+            token_ttl_s: 900,
+            issuer: None,
+            audience: "tickgate".to_owned(),
+            jwks_url: None,
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// In-band `auth` window; 0 disables credential-less upgrades.
+    pub inband_timeout_ms: u64,
+    /// Grace after `exp` before a connection is closed.
+    pub expiry_grace_ms: u64,
+    /// Clock-skew leeway for `exp` and `nbf`.
+    pub leeway_s: u64,
+    /// Tokens longer than this are refused before any parsing.
+    pub max_token_bytes: usize,
+    /// Longest accepted token lifetime (`exp - iat`, or `exp - now` without `iat`).
+    pub max_lifetime_s: u64,
+    /// Required JWT `typ` header (RFC 9068: `at+jwt`). Empty: not checked.
+    pub required_typ: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            inband_timeout_ms: 0,
+            expiry_grace_ms: 0,
+            leeway_s: 30,
+            max_token_bytes: 8192,
+            max_lifetime_s: 24 * 3600,
+            required_typ: "at+jwt".to_owned(),
+        }
+    }
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Allowed `Origin` values; empty: not checked.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Outbound bytes queued per connection before the slow-consumer policy applies.
+    pub max_outbound_bytes: usize,
+    /// Largest control message accepted (bytes).
+    pub max_control_bytes: usize,
+    /// Subscribed instruments per connection.
+    pub max_subscriptions: usize,
+    /// Open stream connections, server-wide.
+    pub max_connections: usize,
+    /// Control messages per second per connection (token bucket rate).
+    pub control_rate_per_s: u32,
+    /// Control message burst per connection (token bucket size).
+    pub control_burst: u32,
+    /// Bad or rate-limited control messages tolerated before close 1008.
+    pub max_strikes: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_outbound_bytes: 1_048_576,
+            max_control_bytes: 65_536,
+            max_subscriptions: 10_000,
+            max_connections: 50_000,
+            control_rate_per_s: 20,
+            control_burst: 50,
+            max_strikes: 20,
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Shard threads; 0: one per core.
+    pub shards: usize,
+    /// Capacity of each shard's inbound tick queue.
+    pub queue_capacity: usize,
+    /// A batch is sealed at this size and a new one begun (bounded frame size).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: 0,
+            queue_capacity: 65_536,
+            max_batch_bytes: 65_536,
+        }
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// WebSocket ping interval; two missed pongs close the connection.
+    pub heartbeat_ms: u64,
+    /// How long shutdown waits for connections to close.
+    pub drain_ms: u64,
+    /// Time allowed for the HTTP request head (slow headers are cut off).
+    pub handshake_timeout_ms: u64,
+    /// Kernel send buffer per connection (bytes; 0: system default).
+    pub send_buffer_bytes: usize,
+    /// Upper bound of the jittered `reconnect_after_ms` in `shutdown`.
+    pub reconnect_after_max_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            heartbeat_ms: 15_000,
+            drain_ms: 5_000,
+            handshake_timeout_ms: 5_000,
+            send_buffer_bytes: 262_144,
+            reconnect_after_max_ms: 5_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and cross-field consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.limits.max_outbound_bytes < 4096 {
+            return bad("limits.max_outbound_bytes must be at least 4096");
+        }
+        if self.limits.max_control_bytes < 256 || self.limits.max_control_bytes > 1 << 20 {
+            return bad("limits.max_control_bytes must be between 256 and 1048576");
+        }
+        if self.limits.max_connections == 0 || self.limits.max_subscriptions == 0 {
+            return bad("limits.max_connections and limits.max_subscriptions must be positive");
+        }
+        if self.limits.control_rate_per_s == 0 || self.limits.control_burst == 0 {
+            return bad("limits.control_rate_per_s and limits.control_burst must be positive");
+        }
+        if self.engine.queue_capacity < 16 {
+            return bad("engine.queue_capacity must be at least 16");
+        }
+        if self.engine.shards > 1024 {
+            return bad("engine.shards must be at most 1024");
+        }
+        if self.engine.max_batch_bytes < 1024 || self.engine.max_batch_bytes > 16 << 20 {
+            return bad("engine.max_batch_bytes must be between 1024 and 16777216");
+        }
+        if self.server.heartbeat_ms < 100 {
+            return bad("server.heartbeat_ms must be at least 100");
+        }
+        if self.server.handshake_timeout_ms == 0 {
+            return bad("server.handshake_timeout_ms must be positive");
+        }
+        if self.auth.max_token_bytes < 256 || self.auth.max_token_bytes > 65_536 {
+            return bad("auth.max_token_bytes must be between 256 and 65536");
+        }
+        if self.auth.leeway_s > 300 {
+            return bad("auth.leeway_s must be at most 300");
+        }
+        if self.issuer.audience.is_empty() {
+            return bad("issuer.audience must not be empty");
+        }
+        if self.issuer.token_ttl_s == 0 || self.issuer.token_ttl_s > self.auth.max_lifetime_s {
+            return bad("issuer.token_ttl_s must be positive and at most auth.max_lifetime_s");
+        }
+        match self.issuer.mode {
+            IssuerMode::External => {
+                if self.issuer.jwks_url.is_none() || self.issuer.issuer.is_none() {
+                    return bad("issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer");
+                }
+            }
+            IssuerMode::Embedded => {
+                for c in &self.issuer.clients {
+                    if c.id.is_empty() {
+                        return bad("issuer.clients[].id must not be empty");
+                    }
+                    match (&c.secret, &c.secret_sha256) {
+                        (Some(_), None) => {}
+                        (None, Some(h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+                        (None, Some(_)) => {
+                            return Err(ConfigError::Invalid(format!(
+                                "issuer.clients `{}`: secret_sha256 must be 64 hex digits",
+                                c.id
+                            )))
+                        }
+                        _ => {
+                            return Err(ConfigError::Invalid(format!(
+                                "issuer.clients `{}` needs exactly one of secret, secret_sha256",
+                                c.id
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the configured count, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.engine.shards > 0 {
+            self.engine.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let c = Config::from_toml("").expect("empty config is valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.feeds_dir, PathBuf::from("feeds"));
+        assert_eq!(c.issuer.mode, IssuerMode::Embedded);
+        assert_eq!(c.issuer.token_ttl_s, 900);
+        assert_eq!(c.limits.max_outbound_bytes, 1_048_576);
+        assert_eq!(c.auth.inband_timeout_ms, 0);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("[limits]\nmax_outbound_byte = 5\n").unwrap_err();
+        assert!(e.to_string().contains("max_outbound_byte"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_values_are_refused() {
+        let e = Config::from_toml("[issuer]\nmode = \"external\"\n").unwrap_err();
+        assert!(e.to_string().contains("jwks_url"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_outbound_bytes = 10\n").unwrap_err();
+        assert!(e.to_string().contains("max_outbound_bytes"), "{e}");
+        let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();
+        assert!(e.to_string().contains("exactly one"), "{e}");
+    }
+}

@@ -1,0 +1,662 @@
+//! The synchronous heart of a shard: connections, the subscription index, last values and
+//! the dispatch loop body. It does no I/O and takes no lock; the async shard wrapper
+//! ([`super::shard`]) feeds it ticks and control messages and moves its outbound queues
+//! to the sockets. Keeping it synchronous makes the ordering guarantees (snapshot fence,
+//! close-after-data) easy to reason about and lets benches drive it without sockets.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use slab::Slab;
+use tokio::sync::Notify;
+
+use super::outbound::{OutItem, Outbound};
+use super::Tick;
+use crate::auth::scopes::Entitlements;
+use crate::auth::validate::{Principal, Validator};
+use crate::feeds::{Catalog, Feed};
+use crate::protocol::close;
+use crate::protocol::codec::{Record, FLAG_SNAPSHOT, RTYPE_TRADE};
+use crate::protocol::control::{ClientMsg, ErrorCode, FeedInfo, InstrumentInfo, ServerMsg};
+use crate::protocol::now_ns;
+
+/// Key of a connection inside its shard.
+pub type ConnKey = usize;
+
+/// Limits the core enforces.
+#[derive(Debug, Clone)]
+pub struct CoreLimits {
+    /// Outbound budget per connection (bytes).
+    pub max_outbound_bytes: usize,
+    /// Largest batch before a new one is opened.
+    pub max_batch_bytes: usize,
+    /// Subscribed instruments per connection.
+    pub max_subscriptions: usize,
+    /// Heartbeat interval announced in `welcome`.
+    pub heartbeat_ms: u64,
+}
+
+/// Per-instrument state every shard keeps: the last seq it dispatched and the last trade
+/// and quote (the snapshot).
+#[derive(Debug, Default, Clone)]
+struct InstrState {
+    last_seq: u64,
+    last_trade: Option<Record>,
+    last_quote: Option<Record>,
+}
+
+/// A stream connection as the shard sees it.
+#[derive(Debug)]
+pub struct Conn {
+    /// What the socket has yet to take.
+    pub out: Outbound,
+    /// Wakes the connection's writer when its queue goes from empty to non-empty.
+    pub notify: Rc<Notify>,
+    /// Aborts a write blocked on a stalled socket (slow-consumer close, shutdown).
+    pub kill: Rc<Notify>,
+    /// Session id sent in `welcome`.
+    pub session: String,
+    /// The validated identity.
+    pub principal: Principal,
+    subs: HashSet<(u16, u32)>,
+}
+
+impl Conn {
+    /// Number of subscribed instruments.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+}
+
+/// Counters kept locally by the shard and flushed to Prometheus periodically, so the
+/// delivery path touches no shared atomic.
+#[derive(Debug, Default, Clone)]
+pub struct CoreStats {
+    /// Records written to sockets, per feed index.
+    pub delivered: Vec<u64>,
+    /// Binary frames written.
+    pub frames: u64,
+    /// Bytes of binary and text frames written.
+    pub bytes: u64,
+    /// Slow-consumer disconnects.
+    pub slow_disconnects: u64,
+    /// Control errors by code.
+    pub control_errors: Vec<(ErrorCode, u64)>,
+    /// Refreshes by result.
+    pub refresh_ok: u64,
+    /// Refused refreshes.
+    pub refresh_refused: u64,
+    /// Source gaps observed (a seq jump in the feed itself).
+    pub source_gaps: u64,
+}
+
+impl CoreStats {
+    fn error(&mut self, code: ErrorCode) {
+        match self.control_errors.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, n)) => *n += 1,
+            None => self.control_errors.push((code, 1)),
+        }
+    }
+}
+
+/// The shard's state.
+#[derive(Debug)]
+pub struct ShardCore {
+    catalog: Arc<Catalog>,
+    validator: Option<Arc<Validator>>,
+    limits: CoreLimits,
+    conns: Slab<Conn>,
+    /// `index[feed][instrument]` → subscribed connections.
+    index: Vec<Vec<Vec<ConnKey>>>,
+    instr: Vec<Vec<InstrState>>,
+    to_kill: Vec<ConnKey>,
+    subscriptions: usize,
+    draining: bool,
+    /// Local counters.
+    pub stats: CoreStats,
+}
+
+/// What the connection task needs after registering.
+#[derive(Debug, Clone)]
+pub struct ConnHandles {
+    /// The key.
+    pub key: ConnKey,
+    /// Writer wake-up.
+    pub notify: Rc<Notify>,
+    /// Write abort.
+    pub kill: Rc<Notify>,
+}
+
+impl ShardCore {
+    /// A shard over the catalog. `validator` checks in-band refresh tokens.
+    pub fn new(catalog: Arc<Catalog>, validator: Option<Arc<Validator>>, limits: CoreLimits) -> ShardCore {
+        let index = catalog
+            .feeds()
+            .iter()
+            .map(|f| vec![Vec::new(); f.instrument_count()])
+            .collect();
+        let instr = catalog
+            .feeds()
+            .iter()
+            .map(|f| vec![InstrState::default(); f.instrument_count()])
+            .collect();
+        let stats = CoreStats {
+            delivered: vec![0; catalog.feeds().len()],
+            ..CoreStats::default()
+        };
+        ShardCore {
+            catalog,
+            validator,
+            limits,
+            conns: Slab::new(),
+            index,
+            instr,
+            to_kill: Vec::new(),
+            subscriptions: 0,
+            draining: false,
+            stats,
+        }
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Number of connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Subscribed (connection, instrument) pairs on this shard.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions
+    }
+
+    /// True once shutdown began: new connections are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// A connection by key.
+    pub fn conn(&self, key: ConnKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
+    /// A connection by key, mutably.
+    pub fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
+        self.conns.get_mut(key)
+    }
+
+    fn feeds_for(&self, ent: &Entitlements) -> Vec<FeedInfo> {
+        self.catalog
+            .feeds()
+            .iter()
+            .filter(|f| ent.can_read(f.name()))
+            .map(|f| FeedInfo {
+                name: f.name().to_owned(),
+                id: f.id(),
+                epoch: f.epoch(),
+            })
+            .collect()
+    }
+
+    /// Registers a connection and queues its `welcome`.
+    pub fn add_conn(&mut self, principal: Principal, session: String) -> ConnHandles {
+        let notify = Rc::new(Notify::new());
+        let kill = Rc::new(Notify::new());
+        let welcome = ServerMsg::Welcome {
+            protocol: 1,
+            session: session.clone(),
+            sub: principal.sub.clone(),
+            exp: principal.exp,
+            heartbeat_ms: self.limits.heartbeat_ms,
+            feeds: self.feeds_for(&principal.entitlements),
+        };
+        let mut out = Outbound::default();
+        out.push_text(welcome.to_json());
+        let key = self.conns.insert(Conn {
+            out,
+            notify: notify.clone(),
+            kill: kill.clone(),
+            session,
+            principal,
+            subs: HashSet::new(),
+        });
+        notify.notify_one();
+        ConnHandles { key, notify, kill }
+    }
+
+    /// Forgets a connection and its subscriptions.
+    pub fn remove_conn(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.try_remove(key) {
+            for (f, i) in conn.subs {
+                self.unindex(key, f, i);
+            }
+        }
+    }
+
+    fn unindex(&mut self, key: ConnKey, f: u16, i: u32) {
+        if let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) {
+            if let Some(pos) = list.iter().position(|&k| k == key) {
+                list.swap_remove(pos);
+                self.subscriptions -= 1;
+            }
+        }
+    }
+
+    /// Queues a message for a connection and wakes its writer.
+    pub fn send(&mut self, key: ConnKey, msg: &ServerMsg) {
+        if let Some(c) = self.conns.get_mut(key) {
+            let was_empty = c.out.is_empty();
+            c.out.push_text(msg.to_json());
+            if was_empty {
+                c.notify.notify_one();
+            }
+        }
+    }
+
+    /// Queues an `error` reply and counts it.
+    pub fn send_error(&mut self, key: ConnKey, id: Option<i64>, code: ErrorCode, message: String) {
+        self.stats.error(code);
+        self.send(key, &ServerMsg::Error { id, code, message });
+    }
+
+    /// Queues a close (after what is queued) and stops data to the connection.
+    pub fn close(&mut self, key: ConnKey, code: u16, reason: &'static str) {
+        let subs: Vec<(u16, u32)> = match self.conns.get_mut(key) {
+            Some(c) => {
+                c.out.push_close(code, reason);
+                c.notify.notify_one();
+                c.subs.drain().collect()
+            }
+            None => return,
+        };
+        for (f, i) in subs {
+            self.unindex(key, f, i);
+        }
+    }
+
+    /// Dispatches one tick to every subscriber on this shard.
+    #[inline]
+    pub fn dispatch(&mut self, tick: &Tick) {
+        let f = tick.feed_idx as usize;
+        let i = tick.instr as usize;
+        let Some(st) = self.instr.get_mut(f).and_then(|v| v.get_mut(i)) else {
+            return;
+        };
+        let seq = tick.record.seq();
+        if st.last_seq != 0 && seq != st.last_seq + 1 {
+            self.stats.source_gaps += 1;
+        }
+        st.last_seq = seq;
+        if tick.record.rtype() == RTYPE_TRADE {
+            st.last_trade = Some(tick.record);
+        } else {
+            st.last_quote = Some(tick.record);
+        }
+        let max_batch = self.limits.max_batch_bytes;
+        let budget = self.limits.max_outbound_bytes;
+        let (conns, index, to_kill) = (&mut self.conns, &self.index, &mut self.to_kill);
+        for &key in &index[f][i] {
+            // Every key in the index is a live connection: removal unindexes first.
+            let Some(c) = conns.get_mut(key) else { continue };
+            let was_empty = c.out.is_empty();
+            c.out.push_record(tick.feed_idx, &tick.record, max_batch);
+            if c.out.bytes() > budget {
+                to_kill.push(key);
+            } else if was_empty {
+                c.notify.notify_one();
+            }
+        }
+    }
+
+    /// Applies decisions deferred during dispatch (slow-consumer closes). Call after a
+    /// run of [`ShardCore::dispatch`].
+    pub fn end_cycle(&mut self) {
+        if self.to_kill.is_empty() {
+            return;
+        }
+        let kills = std::mem::take(&mut self.to_kill);
+        for key in kills {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            if c.out.is_closed() {
+                continue;
+            }
+            // Policy `disconnect`: the backlog is dropped, the close goes out as soon as
+            // the socket takes it, and a writer stuck on the stalled socket is aborted.
+            c.out.discard_and_close(close::SLOW_CONSUMER, "slow consumer");
+            c.notify.notify_one();
+            c.kill.notify_one();
+            self.stats.slow_disconnects += 1;
+            let subs: Vec<(u16, u32)> = c.subs.drain().collect();
+            for (f, i) in subs {
+                self.unindex(key, f, i);
+            }
+        }
+    }
+
+    /// Starts shutdown: every connection gets `shutdown` with a jittered reconnect delay,
+    /// then close 1001.
+    pub fn shutdown_all(&mut self, reconnect_after_max_ms: u64) {
+        self.draining = true;
+        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let jitter = if reconnect_after_max_ms > 1000 {
+                rand::random_range(1000..=reconnect_after_max_ms)
+            } else {
+                reconnect_after_max_ms
+            };
+            self.send(
+                key,
+                &ServerMsg::Shutdown {
+                    reconnect_after_ms: jitter,
+                },
+            );
+            self.close(key, close::GOING_AWAY, "server shutting down");
+            if let Some(c) = self.conns.get(key) {
+                c.kill.notify_one();
+            }
+        }
+    }
+
+    /// Handles a parsed control message from a connection.
+    pub fn handle(&mut self, key: ConnKey, msg: ClientMsg) {
+        match msg {
+            ClientMsg::Ping { id } => self.send(key, &ServerMsg::Pong { id, ts: now_ns() }),
+            ClientMsg::Subscribe {
+                id,
+                feed,
+                symbols,
+                snapshot,
+                resume,
+            } => self.subscribe(key, id, &feed, &symbols, snapshot, resume),
+            ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
+            ClientMsg::Refresh { id, token } => self.refresh(key, id, &token.0),
+            ClientMsg::Auth { .. } => self.send_error(
+                key,
+                None,
+                ErrorCode::BadRequest,
+                "already authenticated; use `refresh` to replace the token".into(),
+            ),
+        }
+    }
+
+    /// Resolves a symbol list against a feed: `["*"]` is every instrument.
+    fn resolve(feed: &Feed, symbols: &[String]) -> Result<Vec<u32>, String> {
+        if symbols.len() == 1 && symbols[0] == "*" {
+            return Ok((0..feed.instrument_count() as u32).collect());
+        }
+        let mut out = Vec::with_capacity(symbols.len());
+        for s in symbols {
+            match feed.instrument_index(s) {
+                Some(i) => out.push(i),
+                None => {
+                    let shown: String = s.chars().take(32).collect();
+                    return Err(shown);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn subscribe(
+        &mut self,
+        key: ConnKey,
+        id: Option<i64>,
+        feed_name: &str,
+        symbols: &[String],
+        snapshot: bool,
+        resume: Option<std::collections::BTreeMap<String, u64>>,
+    ) {
+        let catalog = self.catalog.clone();
+        let Some(feed) = catalog.by_name(feed_name) else {
+            let shown: String = feed_name.chars().take(32).collect();
+            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+        };
+        let Some(conn) = self.conns.get(key) else { return };
+        if conn.out.is_closed() {
+            return;
+        }
+        if !conn.principal.entitlements.can_read(feed.name()) {
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::InsufficientScope,
+                format!("token lacks md:read:{} or md:read:*", feed.name()),
+            );
+        }
+        if symbols.is_empty() {
+            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
+        }
+        if symbols.len() > 1 && symbols.iter().any(|s| s == "*") {
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::BadRequest,
+                "`*` must be the only entry of `symbols`".into(),
+            );
+        }
+        let instruments = match Self::resolve(feed, symbols) {
+            Ok(v) => v,
+            Err(sym) => {
+                return self.send_error(
+                    key,
+                    id,
+                    ErrorCode::UnknownSymbol,
+                    format!("no symbol `{sym}` in feed {}", feed.name()),
+                )
+            }
+        };
+        if let Some(r) = &resume {
+            if let Some(unknown) = r.keys().find(|s| feed.instrument_index(s).is_none()) {
+                let shown: String = unknown.chars().take(32).collect();
+                return self.send_error(
+                    key,
+                    id,
+                    ErrorCode::UnknownSymbol,
+                    format!("resume names unknown symbol `{shown}`"),
+                );
+            }
+        }
+        let f = feed.idx as u16;
+        let new: Vec<u32> = {
+            let mut seen = HashSet::new();
+            instruments
+                .iter()
+                .copied()
+                .filter(|i| !conn.subs.contains(&(f, *i)) && seen.insert(*i))
+                .collect()
+        };
+        if conn.subs.len() + new.len() > self.limits.max_subscriptions {
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} subscribed instruments per connection",
+                    self.limits.max_subscriptions
+                ),
+            );
+        }
+
+        // The reply, the snapshot and the index update happen in one synchronous step on
+        // the shard thread, between two dispatches: the snapshot is exactly the state
+        // after the last dispatched tick, and the next tick dispatched is the next seq.
+        let fi = feed.idx;
+        let infos: Vec<InstrumentInfo> = instruments
+            .iter()
+            .map(|&i| InstrumentInfo {
+                symbol: feed.symbol(i).to_owned(),
+                id: Feed::instrument_id(i),
+                seq: self.instr[fi][i as usize].last_seq,
+            })
+            .collect();
+        let mut prelude: Vec<ServerMsg> = Vec::new();
+        let mut snap: Vec<Record> = Vec::new();
+        for &i in &new {
+            let st = &self.instr[fi][i as usize];
+            let resumed_from = resume.as_ref().and_then(|r| r.get(feed.symbol(i)).copied());
+            let want_snapshot = match resumed_from {
+                // No resume buffer holds these records on this node: the client is told
+                // exactly which range it will not get, then gets the snapshot instead.
+                Some(n) if n < st.last_seq => {
+                    prelude.push(ServerMsg::Gap {
+                        feed: feed.name().to_owned(),
+                        symbol: feed.symbol(i).to_owned(),
+                        from: n + 1,
+                        to: st.last_seq,
+                        reason: "replay_unavailable".into(),
+                    });
+                    true
+                }
+                Some(_) => false,
+                None => snapshot,
+            };
+            if want_snapshot {
+                let mut recs: Vec<Record> = [st.last_trade, st.last_quote].into_iter().flatten().collect();
+                recs.sort_by_key(Record::seq);
+                snap.extend(recs.into_iter().map(|r| r.with_flags(FLAG_SNAPSHOT)));
+            }
+        }
+        let reply = ServerMsg::Subscribed {
+            id,
+            feed: feed.name().to_owned(),
+            epoch: feed.epoch(),
+            instruments: infos,
+        };
+        let max_batch = self.limits.max_batch_bytes;
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let was_empty = conn.out.is_empty();
+        conn.out.push_text(reply.to_json());
+        for m in &prelude {
+            conn.out.push_text(m.to_json());
+        }
+        for r in &snap {
+            conn.out.push_record(f, r, max_batch);
+        }
+        for &i in &new {
+            conn.subs.insert((f, i));
+        }
+        if was_empty {
+            conn.notify.notify_one();
+        }
+        for &i in &new {
+            self.index[fi][i as usize].push(key);
+        }
+        self.subscriptions += new.len();
+    }
+
+    fn unsubscribe(&mut self, key: ConnKey, id: Option<i64>, feed_name: &str, symbols: &[String]) {
+        let catalog = self.catalog.clone();
+        let Some(feed) = catalog.by_name(feed_name) else {
+            let shown: String = feed_name.chars().take(32).collect();
+            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+        };
+        if symbols.is_empty() {
+            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
+        }
+        let instruments = match Self::resolve(feed, symbols) {
+            Ok(v) => v,
+            Err(sym) => {
+                return self.send_error(
+                    key,
+                    id,
+                    ErrorCode::UnknownSymbol,
+                    format!("no symbol `{sym}` in feed {}", feed.name()),
+                )
+            }
+        };
+        let f = feed.idx as u16;
+        let removed = self.drop_subs(key, f, &instruments);
+        let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
+        self.send(
+            key,
+            &ServerMsg::Unsubscribed {
+                id,
+                feed: feed.name().to_owned(),
+                symbols,
+                reason: "request".into(),
+            },
+        );
+    }
+
+    /// Removes the given subscriptions of a connection; returns those that existed.
+    fn drop_subs(&mut self, key: ConnKey, f: u16, instruments: &[u32]) -> Vec<u32> {
+        let Some(conn) = self.conns.get_mut(key) else { return Vec::new() };
+        let removed: Vec<u32> = instruments
+            .iter()
+            .copied()
+            .filter(|&i| conn.subs.remove(&(f, i)))
+            .collect();
+        for &i in &removed {
+            self.unindex(key, f, i);
+        }
+        removed
+    }
+
+    fn refresh(&mut self, key: ConnKey, id: Option<i64>, token: &str) {
+        let Some(validator) = self.validator.clone() else {
+            return self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
+        };
+        let Some(conn) = self.conns.get(key) else { return };
+        let p = match validator.validate(token) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.refresh_refused += 1;
+                return self.send_error(key, id, ErrorCode::InvalidToken, e.to_string());
+            }
+        };
+        if p.iss != conn.principal.iss || p.sub != conn.principal.sub {
+            self.stats.refresh_refused += 1;
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::InvalidToken,
+                "refresh token must have the same iss and sub".into(),
+            );
+        }
+        // Feeds the new token no longer covers are unsubscribed, the rest stream on.
+        let catalog = self.catalog.clone();
+        let lost: Vec<(u16, Vec<u32>)> = catalog
+            .feeds()
+            .iter()
+            .filter(|f| !p.entitlements.can_read(f.name()))
+            .map(|f| {
+                let fi = f.idx as u16;
+                let mut is: Vec<u32> = conn.subs.iter().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
+                is.sort_unstable();
+                (fi, is)
+            })
+            .filter(|(_, is)| !is.is_empty())
+            .collect();
+        for (fi, is) in lost {
+            let removed = self.drop_subs(key, fi, &is);
+            if let Some(feed) = catalog.get(fi as usize) {
+                let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
+                self.send(
+                    key,
+                    &ServerMsg::Unsubscribed {
+                        id: None,
+                        feed: feed.name().to_owned(),
+                        symbols,
+                        reason: "scope_revoked".into(),
+                    },
+                );
+            }
+        }
+        let feeds = self.feeds_for(&p.entitlements);
+        let exp = p.exp;
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.principal = p;
+        }
+        self.stats.refresh_ok += 1;
+        self.send(key, &ServerMsg::Refreshed { id, exp, feeds });
+    }
+
+    /// Takes the next outbound item of a connection.
+    pub fn pop(&mut self, key: ConnKey) -> Option<OutItem> {
+        self.conns.get_mut(key).and_then(|c| c.out.pop())
+    }
+}

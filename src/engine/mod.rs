@@ -1,0 +1,117 @@
+//! The sharded fan-out engine.
+//!
+//! ```text
+//!  feed task ──encode once──► Ingest ──push──► [ArrayQueue shard 0] ──► shard thread 0 ──► its sockets
+//!                                      └─push──► [ArrayQueue shard 1] ──► shard thread 1 ──► its sockets
+//! ```
+//!
+//! Each shard is one OS thread running a single-threaded tokio runtime. It owns its
+//! connections (their sockets, outbound queues and subscriptions) and its subscription
+//! index, so dispatch is plain single-threaded code: no lock, no shared atomic per tick.
+//! Ticks cross threads exactly once, through a bounded lock-free queue per shard.
+//! See `docs/architecture.md` for the whole path.
+
+pub mod core;
+pub mod outbound;
+pub mod shard;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::codec::Record;
+
+/// One tick on its way to the shards: the encoded record plus the dense indices the
+/// shards use to find subscribers without hashing.
+#[derive(Debug, Clone, Copy)]
+pub struct Tick {
+    /// Dense feed index in the catalog.
+    pub feed_idx: u16,
+    /// Dense instrument index in the feed.
+    pub instr: u32,
+    /// The record as it goes on the wire.
+    pub record: Record,
+}
+
+/// The cross-thread side of a shard: its inbound tick queue and wake-up signal.
+#[derive(Debug)]
+pub struct ShardInbox {
+    /// Bounded lock-free queue of ticks.
+    pub queue: ArrayQueue<Tick>,
+    /// Wakes the shard's dispatch loop when it sleeps on an empty queue.
+    pub notify: Notify,
+    /// Open stream connections on this shard (for placement and the gauge).
+    pub connections: AtomicUsize,
+    /// Subscribed (connection, instrument) pairs on this shard.
+    pub subscriptions: AtomicUsize,
+    /// Ticks that had to wait for queue space (the shard was behind).
+    pub backpressure_waits: AtomicUsize,
+}
+
+impl ShardInbox {
+    /// An inbox with the given queue capacity.
+    pub fn new(capacity: usize) -> ShardInbox {
+        ShardInbox {
+            queue: ArrayQueue::new(capacity),
+            notify: Notify::new(),
+            connections: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
+            backpressure_waits: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The handle feed sources publish through. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    shards: Arc<[Arc<ShardInbox>]>,
+    ingested: Arc<[prometheus::IntCounter]>,
+}
+
+impl Ingest {
+    /// A handle over the given shard inboxes; `ingested[feed_idx]` counts ticks per feed.
+    pub fn new(shards: Arc<[Arc<ShardInbox>]>, ingested: Arc<[prometheus::IntCounter]>) -> Ingest {
+        Ingest { shards, ingested }
+    }
+
+    /// Queues a tick for every shard. A full queue means that shard is behind: the
+    /// source waits (backpressure) rather than dropping, so the engine itself never
+    /// creates a gap. Returns false when cancelled while waiting.
+    ///
+    /// Shards are not woken here; call [`Ingest::flush`] after a burst so a burst of
+    /// ticks costs one wake-up per shard, not one per tick.
+    pub async fn publish(&self, tick: Tick, cancel: &CancellationToken) -> bool {
+        if let Some(c) = self.ingested.get(tick.feed_idx as usize) {
+            c.inc();
+        }
+        for shard in self.shards.iter() {
+            let mut t = tick;
+            loop {
+                match shard.queue.push(t) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        t = back;
+                        shard.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+                        shard.notify.notify_one();
+                        tokio::select! {
+                            _ = cancel.cancelled() => return false,
+                            _ = tokio::time::sleep(Duration::from_micros(200)) => {}
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Wakes every shard that may be sleeping on an empty queue.
+    pub fn flush(&self) {
+        for shard in self.shards.iter() {
+            shard.notify.notify_one();
+        }
+    }
+}

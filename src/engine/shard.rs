@@ -1,0 +1,248 @@
+//! A shard thread: a single-threaded tokio runtime that owns a [`ShardCore`], the
+//! connections placed on it, and the loop that drains its inbound tick queue.
+//!
+//! Why a thread of its own with a current-thread runtime: the core, the connections'
+//! outbound queues and the sockets all live on one thread, so the dispatch loop appends
+//! to a connection's queue and the connection's writer task takes from it without any
+//! synchronisation (`Rc<RefCell<_>>`, never held across an `.await`). The only
+//! cross-thread traffic is the tick queue, the control channel and new sockets.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::local::LocalHistogram;
+use tokio::sync::mpsc;
+use tokio::task::LocalSet;
+
+use super::core::{CoreLimits, CoreStats, ShardCore};
+use super::ShardInbox;
+use crate::auth::validate::Validator;
+use crate::feeds::Catalog;
+use crate::metrics::Metrics;
+
+/// Most ticks dispatched before the loop yields to the writers: bounds the time writers
+/// wait and is what turns bursts into one batch per connection.
+const MAX_TICKS_PER_CYCLE: usize = 8192;
+
+/// How often local counters are added to the shared Prometheus metrics.
+const STATS_FLUSH: Duration = Duration::from_millis(100);
+
+/// Requests to a shard from other threads.
+#[derive(Debug)]
+pub enum ShardCtl {
+    /// Begin shutdown: `shutdown` + close 1001 to every connection.
+    Shutdown {
+        /// Upper bound of the jittered reconnect delay.
+        reconnect_after_max_ms: u64,
+    },
+    /// Stop the shard's runtime.
+    Stop,
+}
+
+/// Builds the future that serves one accepted socket on the shard (HTTP, then maybe a
+/// stream). Provided by the server so the engine stays free of HTTP concerns.
+pub type ServeFn =
+    Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
+
+/// The shard-local context that connection tasks reach through [`current`].
+#[derive(Debug)]
+pub struct ShardLocal {
+    /// Shard number.
+    pub id: usize,
+    /// The state.
+    pub core: RefCell<ShardCore>,
+    /// The cross-thread side.
+    pub inbox: Arc<ShardInbox>,
+    /// Fan-out latency observations, flushed with the counters.
+    pub latency: LocalHistogram,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<ShardLocal>>> = const { RefCell::new(None) };
+}
+
+/// The shard that owns the calling thread, if it is a shard thread.
+pub fn current() -> Option<Rc<ShardLocal>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Everything a shard thread needs at start.
+pub struct ShardSpec {
+    /// Shard number.
+    pub id: usize,
+    /// Inbound queue.
+    pub inbox: Arc<ShardInbox>,
+    /// Control requests.
+    pub ctl: mpsc::Receiver<ShardCtl>,
+    /// Sockets placed on this shard.
+    pub sockets: mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
+    /// The feeds.
+    pub catalog: Arc<Catalog>,
+    /// Token validator for in-band refresh.
+    pub validator: Option<Arc<Validator>>,
+    /// Limits.
+    pub limits: CoreLimits,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Serves an accepted socket.
+    pub serve: ServeFn,
+}
+
+/// Starts a shard thread.
+pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("tickgate-shard-{}", spec.id))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(shard = spec.id, error = %e, "cannot build shard runtime");
+                    return;
+                }
+            };
+            let local = LocalSet::new();
+            local.block_on(&rt, run(spec));
+            // Dropping the runtime cancels whatever connection tasks outlived the drain.
+        })
+}
+
+async fn run(spec: ShardSpec) {
+    let ShardSpec {
+        id,
+        inbox,
+        mut ctl,
+        mut sockets,
+        catalog,
+        validator,
+        limits,
+        metrics,
+        serve,
+    } = spec;
+    let shard = Rc::new(ShardLocal {
+        id,
+        core: RefCell::new(ShardCore::new(catalog.clone(), validator, limits)),
+        inbox: inbox.clone(),
+        latency: metrics.fanout_latency.local(),
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+
+    // Accept loop: sockets handed over by the listener are re-registered with this
+    // thread's reactor, so their readiness events are handled here.
+    let accept_serve = serve.clone();
+    tokio::task::spawn_local(async move {
+        while let Some((std_stream, peer)) = sockets.recv().await {
+            match tokio::net::TcpStream::from_std(std_stream) {
+                Ok(stream) => {
+                    tokio::task::spawn_local((accept_serve)(stream, peer));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
+            }
+        }
+    });
+
+    // Stats flusher.
+    let flush_shard = shard.clone();
+    let flush_metrics = metrics.clone();
+    tokio::task::spawn_local(async move {
+        let mut last = CoreStats::default();
+        let mut tick = tokio::time::interval(STATS_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            flush_stats(&flush_shard, &flush_metrics, &mut last);
+        }
+    });
+
+    // Dispatch loop.
+    loop {
+        let mut n = 0;
+        {
+            let mut core = shard.core.borrow_mut();
+            while n < MAX_TICKS_PER_CYCLE {
+                let Some(t) = inbox.queue.pop() else { break };
+                core.dispatch(&t);
+                n += 1;
+            }
+            core.end_cycle();
+        }
+        match ctl.try_recv() {
+            Ok(ShardCtl::Stop) => break,
+            Ok(ShardCtl::Shutdown {
+                reconnect_after_max_ms,
+            }) => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
+            Err(_) => {}
+        }
+        if n > 0 {
+            // Let the writers woken by this cycle take their batches; ticks arriving
+            // meanwhile form the next cycle, which is what batches under load.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            _ = inbox.notify.notified() => {}
+            msg = ctl.recv() => match msg {
+                None | Some(ShardCtl::Stop) => break,
+                Some(ShardCtl::Shutdown { reconnect_after_max_ms }) => {
+                    shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms)
+                }
+            },
+        }
+    }
+    let mut last = CoreStats::default();
+    flush_stats(&shard, &metrics, &mut last);
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// Adds the counters' growth since `last` to the shared metrics.
+fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
+    let core = shard.core.borrow();
+    let now = core.stats.clone();
+    for (fi, feed) in core.catalog().feeds().iter().enumerate() {
+        let d = now.delivered[fi] - last.delivered.get(fi).copied().unwrap_or(0);
+        if d > 0 {
+            metrics.records_delivered.with_label_values(&[feed.name()]).inc_by(d);
+        }
+    }
+    metrics.frames_sent.inc_by(now.frames - last.frames);
+    metrics.bytes_sent.inc_by(now.bytes - last.bytes);
+    let slow = now.slow_disconnects - last.slow_disconnects;
+    if slow > 0 {
+        metrics
+            .slow_consumer_events
+            .with_label_values(&["disconnect"])
+            .inc_by(slow);
+    }
+    for (code, n) in &now.control_errors {
+        let before = last
+            .control_errors
+            .iter()
+            .find(|(c, _)| c == code)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        if *n > before {
+            metrics.control_errors.with_label_values(&[code.as_str()]).inc_by(n - before);
+        }
+    }
+    let ok = now.refresh_ok - last.refresh_ok;
+    if ok > 0 {
+        metrics.token_refreshes.with_label_values(&["ok"]).inc_by(ok);
+    }
+    let refused = now.refresh_refused - last.refresh_refused;
+    if refused > 0 {
+        metrics.token_refreshes.with_label_values(&["refused"]).inc_by(refused);
+    }
+    metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
+    shard
+        .inbox
+        .subscriptions
+        .store(core.subscription_count(), Ordering::Relaxed);
+    drop(core);
+    shard.latency.flush();
+    *last = now;
+}

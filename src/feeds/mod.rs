@@ -1,0 +1,358 @@
+//! Feed definitions (`feeds/*.toml`) and the sources that produce ticks.
+//!
+//! A feed is loaded once at start into the read-only [`Catalog`]: names, numeric ids and
+//! the dense instrument table that the shards index by position. Sources (today the
+//! [`synthetic`] random walk) encode each tick once and hand it to the engine.
+
+pub mod synthetic;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The demo feed definition, compiled in so `serve` works from any directory.
+pub const EMBEDDED_DEMO: &str = include_str!("../../feeds/demo.toml");
+
+/// A feed definition that could not be loaded.
+#[derive(Debug, Error)]
+pub enum FeedError {
+    /// The folder or a file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not a valid feed definition.
+    #[error("invalid feed definition {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a feed's ticks come from.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Seeded random walk generated in-process.
+    Synthetic,
+}
+
+/// What happens to a client whose outbound budget is exhausted.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close with 4008.
+    #[default]
+    Disconnect,
+}
+
+/// `[synthetic]` section of a feed file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticDef {
+    /// RNG seed: the same seed gives the same tick sequence.
+    pub seed: u64,
+    /// Ticks per second over all instruments.
+    pub rate_per_s: f64,
+    /// Fraction of ticks that are quotes (the rest are trades).
+    #[serde(default = "default_quote_ratio")]
+    pub quote_ratio: f64,
+    /// Starting mid price of every instrument (they then walk independently).
+    #[serde(default = "default_start_price")]
+    pub start_price: f64,
+}
+
+fn default_quote_ratio() -> f64 {
+    0.75
+}
+
+fn default_start_price() -> f64 {
+    100.0
+}
+
+/// One feed file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedDef {
+    /// Feed name used in scopes and control messages.
+    pub name: String,
+    /// Numeric id used in records (1..=65535, unique).
+    pub id: u16,
+    /// The source kind.
+    pub source: SourceKind,
+    /// Slow-consumer policy.
+    #[serde(default)]
+    pub policy: SlowConsumerPolicy,
+    /// Instrument symbols; instrument ids are their 1-based positions.
+    pub symbols: Vec<String>,
+    /// Settings of a synthetic source.
+    #[serde(default)]
+    pub synthetic: Option<SyntheticDef>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl FeedDef {
+    /// Parses and checks one definition.
+    pub fn parse(path: &str, text: &str) -> Result<FeedDef, FeedError> {
+        let invalid = |message: String| FeedError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let def: FeedDef = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if !valid_name(&def.name) || def.name == "*" {
+            return Err(invalid(format!(
+                "feed name `{}` must be 1-32 characters of A-Z a-z 0-9 _ - .",
+                def.name
+            )));
+        }
+        if def.id == 0 {
+            return Err(invalid("feed id must be between 1 and 65535".into()));
+        }
+        if def.symbols.is_empty() || def.symbols.len() > 100_000 {
+            return Err(invalid("a feed needs between 1 and 100000 symbols".into()));
+        }
+        let mut seen = HashSet::new();
+        for s in &def.symbols {
+            if !valid_name(s) {
+                return Err(invalid(format!("symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - .")));
+            }
+            if !seen.insert(s.as_str()) {
+                return Err(invalid(format!("symbol `{s}` appears twice")));
+            }
+        }
+        match (def.source, &def.synthetic) {
+            (SourceKind::Synthetic, None) => {
+                return Err(invalid("source = \"synthetic\" needs a [synthetic] section".into()))
+            }
+            (SourceKind::Synthetic, Some(s)) => {
+                if !(s.rate_per_s > 0.0 && s.rate_per_s <= 10_000_000.0) {
+                    return Err(invalid("synthetic.rate_per_s must be in (0, 10000000]".into()));
+                }
+                if !(0.0..=1.0).contains(&s.quote_ratio) {
+                    return Err(invalid("synthetic.quote_ratio must be in [0, 1]".into()));
+                }
+                if !(s.start_price > 0.0 && s.start_price < 1e9) {
+                    return Err(invalid("synthetic.start_price must be in (0, 1e9)".into()));
+                }
+            }
+        }
+        Ok(def)
+    }
+}
+
+/// A loaded feed: its definition plus the lookup tables the server needs.
+#[derive(Debug)]
+pub struct Feed {
+    /// Dense index of the feed in the catalog (shards index arrays by it).
+    pub idx: usize,
+    /// The definition.
+    pub def: FeedDef,
+    /// Current epoch of the feed's numbering.
+    epoch: AtomicU64,
+    symbol_idx: HashMap<String, u32>,
+}
+
+impl Feed {
+    /// Feed name.
+    pub fn name(&self) -> &str {
+        &self.def.name
+    }
+
+    /// Feed id in records.
+    pub fn id(&self) -> u16 {
+        self.def.id
+    }
+
+    /// Current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Number of instruments.
+    pub fn instrument_count(&self) -> usize {
+        self.def.symbols.len()
+    }
+
+    /// Dense instrument index of a symbol.
+    pub fn instrument_index(&self, symbol: &str) -> Option<u32> {
+        self.symbol_idx.get(symbol).copied()
+    }
+
+    /// Symbol of a dense instrument index.
+    pub fn symbol(&self, idx: u32) -> &str {
+        self.def
+            .symbols
+            .get(idx as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// Instrument id on the wire for a dense index (1-based position).
+    pub fn instrument_id(idx: u32) -> u32 {
+        idx + 1
+    }
+}
+
+/// Every feed the server serves, fixed at start-up.
+#[derive(Debug)]
+pub struct Catalog {
+    feeds: Vec<Feed>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Catalog {
+    /// Builds the catalog; names and ids must be unique. `epoch` is the starting epoch of
+    /// every feed (the server uses its start time, so a restarted node never reuses one).
+    pub fn new(defs: Vec<FeedDef>, epoch: u64) -> Result<Catalog, FeedError> {
+        let mut feeds = Vec::with_capacity(defs.len());
+        let mut by_name = HashMap::new();
+        let mut ids = HashSet::new();
+        for (idx, def) in defs.into_iter().enumerate() {
+            if by_name.insert(def.name.clone(), idx).is_some() {
+                return Err(FeedError::Invalid {
+                    path: def.name.clone(),
+                    message: "feed name defined twice".into(),
+                });
+            }
+            if !ids.insert(def.id) {
+                return Err(FeedError::Invalid {
+                    path: def.name.clone(),
+                    message: format!("feed id {} used twice", def.id),
+                });
+            }
+            let symbol_idx = def
+                .symbols
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.clone(), i as u32))
+                .collect();
+            feeds.push(Feed {
+                idx,
+                def,
+                epoch: AtomicU64::new(epoch),
+                symbol_idx,
+            });
+        }
+        if feeds.is_empty() {
+            return Err(FeedError::Invalid {
+                path: "<catalog>".into(),
+                message: "no feed defined".into(),
+            });
+        }
+        Ok(Catalog { feeds, by_name })
+    }
+
+    /// All feeds in index order.
+    pub fn feeds(&self) -> &[Feed] {
+        &self.feeds
+    }
+
+    /// A feed by dense index.
+    pub fn get(&self, idx: usize) -> Option<&Feed> {
+        self.feeds.get(idx)
+    }
+
+    /// A feed by name.
+    pub fn by_name(&self, name: &str) -> Option<&Feed> {
+        self.by_name.get(name).and_then(|&i| self.feeds.get(i))
+    }
+}
+
+/// Where the definitions came from, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DefsOrigin {
+    /// Files in this folder.
+    Folder(String),
+    /// The compiled-in demo feed (no `feeds/` folder).
+    Embedded,
+}
+
+/// Loads every `*.toml` of `dir` in name order. When `dir` does not exist and
+/// `allow_embedded` is set (the default `feeds` folder), the compiled-in demo feed is
+/// used instead.
+pub fn load_defs(dir: &Path, allow_embedded: bool) -> Result<(Vec<FeedDef>, DefsOrigin), FeedError> {
+    if !dir.exists() && allow_embedded {
+        let def = FeedDef::parse("<embedded demo.toml>", EMBEDDED_DEMO)?;
+        return Ok((vec![def], DefsOrigin::Embedded));
+    }
+    let read_err = |source| FeedError::Read {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    let mut defs = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|source| FeedError::Read {
+            path: f.display().to_string(),
+            source,
+        })?;
+        defs.push(FeedDef::parse(&f.display().to_string(), &text)?);
+    }
+    if defs.is_empty() {
+        return Err(FeedError::Invalid {
+            path: dir.display().to_string(),
+            message: "no *.toml feed definition in this folder".into(),
+        });
+    }
+    Ok((defs, DefsOrigin::Folder(dir.display().to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_demo_is_valid() {
+        let d = FeedDef::parse("demo", EMBEDDED_DEMO).expect("demo parses");
+        assert_eq!(d.name, "DEMO");
+        assert!(d.symbols.len() >= 40);
+        let c = Catalog::new(vec![d], 1).expect("catalog");
+        let f = c.by_name("DEMO").expect("feed");
+        assert_eq!(f.instrument_index(&f.def.symbols[3]), Some(3));
+        assert_eq!(Feed::instrument_id(3), 4);
+    }
+
+    #[test]
+    fn bad_definitions_are_explained() {
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 0\nsource = \"synthetic\"\nsymbols = [\"X\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("id"), "{e}");
+        let e = FeedDef::parse(
+            "x",
+            "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\", \"X\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\"]\n").unwrap_err();
+        assert!(e.to_string().contains("[synthetic]"), "{e}");
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"nope\"\nsymbols = [\"X\"]\n").unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn missing_folder_falls_back_only_when_allowed() {
+        let p = Path::new("/nonexistent/tickgate-feeds");
+        let (defs, origin) = load_defs(p, true).expect("embedded");
+        assert_eq!(origin, DefsOrigin::Embedded);
+        assert_eq!(defs[0].name, "DEMO");
+        assert!(load_defs(p, false).is_err());
+    }
+}

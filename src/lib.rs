@@ -1,0 +1,365 @@
+//! tickgate: a market-data streaming server. Trading clients hold WebSocket connections
+//! and receive binary batches of trades and quotes for the instruments they subscribe
+//! to, gated by OAuth2 JWT access tokens validated once at the handshake.
+//!
+//! # Layout
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`config`] | TOML configuration, defaults, validation |
+//! | [`auth`] | key cache, token validation, scopes, the embedded OAuth2 issuer |
+//! | [`engine`] | shard threads, subscription index, per-connection outbound queues |
+//! | [`protocol`] | the binary record codec and the JSON control messages |
+//! | [`feeds`] | feed definitions and sources (synthetic random walk) |
+//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, admin |
+//! | [`metrics`] | Prometheus metrics |
+//! | [`client`] | the Rust client used by `tickgate token`, `subscribe` and `load` |
+//!
+//! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
+//! gives tests and embedders the bound addresses and an explicit graceful shutdown.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod feeds;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::issuer::{EmbeddedIssuer, DEMO_SECRET_ENV};
+use crate::auth::keys::KeyStore;
+use crate::auth::validate::Validator;
+use crate::config::{Config, IssuerMode};
+use crate::engine::core::CoreLimits;
+use crate::engine::shard::{self, ShardCtl, ShardSpec};
+use crate::engine::{Ingest, ShardInbox};
+use crate::feeds::{Catalog, DefsOrigin, SourceKind};
+use crate::metrics::Metrics;
+use crate::server::AppState;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Bad feed definitions.
+    #[error(transparent)]
+    Feeds(#[from] feeds::FeedError),
+    /// The embedded issuer could not be built.
+    #[error(transparent)]
+    Issuer(#[from] auth::issuer::IssuerError),
+    /// A listener could not be bound, or a thread not started.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A mode that this build does not serve yet.
+    #[error("unsupported configuration: {0}")]
+    Unsupported(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    app: Arc<AppState>,
+    issuer: Option<Arc<EmbeddedIssuer>>,
+    generated_demo_secret: Option<String>,
+    accept_cancel: CancellationToken,
+    feeds_cancel: CancellationToken,
+    admin_cancel: CancellationToken,
+    shard_ctl: Vec<mpsc::Sender<ShardCtl>>,
+    shard_threads: Vec<std::thread::JoinHandle<()>>,
+    background: TaskTracker,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds the listeners, starts the shards, the feeds and the admin listener. Must be
+    /// called inside a tokio runtime (the main runtime: acceptors, feeds, admin).
+    pub async fn start(config: Config) -> Result<Server, Error> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(io_err(format!("cannot bind listen address {}", config.listen)))?;
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(io_err(format!("cannot bind admin_listen address {}", config.admin_listen)))?;
+        let addr = listener.local_addr().map_err(io_err("listen address"))?;
+        let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
+
+        // Feeds.
+        let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
+        let (defs, origin) = feeds::load_defs(&config.feeds_dir, allow_embedded)?;
+        match &origin {
+            DefsOrigin::Embedded => tracing::warn!(
+                "no feeds/ folder here: streaming the compiled-in DEMO feed (set feeds_dir to use your own)"
+            ),
+            DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
+        }
+        // The epoch is the start time in seconds: a restarted node never reuses one.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1);
+        let catalog = Arc::new(Catalog::new(defs, epoch)?);
+
+        // Auth.
+        let keys = Arc::new(KeyStore::new());
+        let (issuer, generated_demo_secret, iss_name) = match config.issuer.mode {
+            IssuerMode::Embedded => {
+                let iss_name = config
+                    .issuer
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{addr}"));
+                let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
+                let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
+                (Some(Arc::new(iss)), generated, iss_name)
+            }
+            IssuerMode::External => {
+                return Err(Error::Unsupported(
+                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build".into(),
+                ))
+            }
+        };
+        let validator = Arc::new(Validator::new(
+            keys,
+            iss_name,
+            config.issuer.audience.clone(),
+            &config.auth,
+        ));
+
+        let metrics = Metrics::new();
+        let n_shards = config.shard_count();
+        let inboxes: Arc<[Arc<ShardInbox>]> = (0..n_shards)
+            .map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity)))
+            .collect();
+        let app = Arc::new(AppState {
+            config: config.clone(),
+            validator: validator.clone(),
+            metrics: metrics.clone(),
+            draining: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            shards: inboxes.clone(),
+        });
+
+        let mut router = server::public_router(app.clone());
+        if let Some(iss) = &issuer {
+            router = router.merge(iss.clone().router());
+        }
+        let router = router.fallback(server::not_found);
+        let serve = server::serve_fn(app.clone(), router);
+
+        let limits = CoreLimits {
+            max_outbound_bytes: config.limits.max_outbound_bytes,
+            max_batch_bytes: config.engine.max_batch_bytes,
+            max_subscriptions: config.limits.max_subscriptions,
+            heartbeat_ms: config.server.heartbeat_ms,
+        };
+        let mut shard_ctl = Vec::new();
+        let mut sock_tx = Vec::new();
+        let mut shard_threads = Vec::new();
+        for (id, inbox) in inboxes.iter().enumerate() {
+            let (ctl_tx, ctl_rx) = mpsc::channel(64);
+            let (s_tx, s_rx) = mpsc::channel(4096);
+            shard_ctl.push(ctl_tx);
+            sock_tx.push(s_tx);
+            let handle = shard::spawn(ShardSpec {
+                id,
+                inbox: inbox.clone(),
+                ctl: ctl_rx,
+                sockets: s_rx,
+                catalog: catalog.clone(),
+                validator: Some(validator.clone()),
+                limits: limits.clone(),
+                metrics: metrics.clone(),
+                serve: serve.clone(),
+            })
+            .map_err(io_err("cannot start shard thread"))?;
+            shard_threads.push(handle);
+        }
+
+        let background = TaskTracker::new();
+        let accept_cancel = CancellationToken::new();
+        background.spawn(server::accept_loop(
+            listener,
+            inboxes.clone(),
+            sock_tx,
+            accept_cancel.clone(),
+        ));
+
+        let feeds_cancel = CancellationToken::new();
+        let ingested: Arc<[prometheus::IntCounter]> = catalog
+            .feeds()
+            .iter()
+            .map(|f| metrics.ticks_ingested.with_label_values(&[f.name()]))
+            .collect();
+        let ingest = Ingest::new(inboxes.clone(), ingested);
+        for feed in catalog.feeds() {
+            match (feed.def.source, &feed.def.synthetic) {
+                (SourceKind::Synthetic, Some(def)) => {
+                    let generator =
+                        feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
+                    background.spawn(feeds::synthetic::run(
+                        def.clone(),
+                        generator,
+                        ingest.clone(),
+                        feeds_cancel.clone(),
+                    ));
+                }
+                (SourceKind::Synthetic, None) => {}
+            }
+        }
+
+        let admin_cancel = CancellationToken::new();
+        let admin = server::admin::router(app.clone());
+        let admin_stop = admin_cancel.clone();
+        background.spawn(async move {
+            let r = axum::serve(admin_listener, admin)
+                .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+
+        tracing::info!(listen = %addr, admin = %admin_addr, shards = n_shards,
+            feeds = catalog.feeds().len(), "tickgate serving");
+        Ok(Server {
+            addr,
+            admin_addr,
+            app,
+            issuer,
+            generated_demo_secret,
+            accept_cancel,
+            feeds_cancel,
+            admin_cancel,
+            shard_ctl,
+            shard_threads,
+            background,
+        })
+    }
+
+    /// The bound public address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The embedded issuer, when enabled.
+    pub fn issuer(&self) -> Option<&Arc<EmbeddedIssuer>> {
+        self.issuer.as_ref()
+    }
+
+    /// The demo client's secret when it was generated at start (not taken from the
+    /// environment): the caller prints it once.
+    pub fn generated_demo_secret(&self) -> Option<&str> {
+        self.generated_demo_secret.as_deref()
+    }
+
+    /// Open stream connections.
+    pub fn connections(&self) -> usize {
+        self.app.open_connections.load(Ordering::Acquire)
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.app.metrics
+    }
+
+    /// Graceful shutdown: stop accepting, send `shutdown` + close 1001 to every stream,
+    /// wait for them up to `server.drain_ms`, then stop the shards, feeds and admin.
+    pub async fn shutdown(self) {
+        let drain = Duration::from_millis(self.app.config.server.drain_ms);
+        self.app.draining.store(true, Ordering::Release);
+        self.accept_cancel.cancel();
+        let reconnect_after_max_ms = self.app.config.server.reconnect_after_max_ms;
+        for ctl in &self.shard_ctl {
+            let _ = ctl
+                .send(ShardCtl::Shutdown {
+                    reconnect_after_max_ms,
+                })
+                .await;
+        }
+        self.app.tracker.close();
+        if tokio::time::timeout(drain, self.app.tracker.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = self.app.open_connections.load(Ordering::Acquire),
+                "drain time over; dropping remaining connections"
+            );
+        }
+        self.app.cancel.cancel();
+        self.feeds_cancel.cancel();
+        for ctl in &self.shard_ctl {
+            let _ = ctl.send(ShardCtl::Stop).await;
+        }
+        let threads = self.shard_threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        self.admin_cancel.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;
+        tracing::info!("tickgate stopped");
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then shuts down gracefully. A generated
+/// demo secret is printed once on standard output (never logged).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let server = Server::start(config).await?;
+    if let Some(secret) = server.generated_demo_secret() {
+        println!(
+            "embedded issuer: client `demo`, secret {secret} (set {DEMO_SECRET_ENV} to choose it)"
+        );
+    }
+    println!(
+        "tickgate: stream ws://{}/v1/stream  issuer http://{}/oauth2/token  admin http://{}/metrics",
+        server.addr(),
+        server.addr(),
+        server.admin_addr()
+    );
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The `tickgate` command line: `serve`, `token`, `subscribe`, `load`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tickgate::client::{self, ConnectOptions, Event, Subscriber};
+use tickgate::config::{Config, LogFormat};
+use tickgate::protocol::codec::Body;
+
+#[derive(Parser)]
+#[command(name = "tickgate", version, about = "Market-data streaming server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Public listener address (overrides the file).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener address (overrides the file).
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+        /// Feed definitions folder (overrides the file).
+        #[arg(long)]
+        feeds_dir: Option<PathBuf>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Get an access token with the client credentials grant and print it.
+    Token {
+        /// Issuer base URL.
+        #[arg(long)]
+        issuer: String,
+        /// Client id.
+        #[arg(long)]
+        client_id: String,
+        /// Client secret.
+        #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: String,
+        /// Space-separated scopes.
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Subscribe and print one JSON line per record or message.
+    Subscribe {
+        /// Stream URL (ws://host:port/v1/stream).
+        #[arg(long)]
+        url: String,
+        /// Access token.
+        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Feed name.
+        #[arg(long)]
+        feed: String,
+        /// Comma-separated symbols, or '*'.
+        #[arg(long)]
+        symbols: String,
+        /// Ask for the last trade and quote first.
+        #[arg(long)]
+        snapshot: bool,
+        /// JSON lines (the only output format; kept for the documented command line).
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Load generator: N subscribers, latency histogram, delivered records/s.
+    Load {
+        /// Stream URL.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/v1/stream")]
+        url: String,
+        /// Access token (or give --issuer with client credentials).
+        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Issuer base URL to fetch a token from.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Client id for --issuer.
+        #[arg(long, default_value = "demo")]
+        client_id: String,
+        /// Client secret for --issuer.
+        #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: Option<String>,
+        /// Subscribers.
+        #[arg(long, default_value_t = 100)]
+        connections: usize,
+        /// Feed.
+        #[arg(long, default_value = "DEMO")]
+        feed: String,
+        /// Comma-separated symbols, or '*'.
+        #[arg(long, default_value = "*")]
+        symbols: String,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up seconds.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Source addresses 127.0.0.1 ..= 127.0.0.N.
+        #[arg(long, default_value_t = 8)]
+        source_ips: u8,
+        /// Admin base URL of the server (for CPU and frame counters).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn split_symbols(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The main runtime runs acceptors, feeds and the admin listener; the shards run on
+    // threads of their own, so one worker is enough and leaves the cores to the shards.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(match &cli.cmd {
+            Cmd::Serve { .. } => 1,
+            _ => 2,
+        })
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            listen,
+            admin_listen,
+            feeds_dir,
+            log_json,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => Config::from_file(p)?,
+                None => Config::default(),
+            };
+            if let Some(a) = listen {
+                cfg.listen = a;
+            }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            if let Some(d) = feeds_dir {
+                cfg.feeds_dir = d;
+            }
+            init_logs(log_json || cfg.log.format == LogFormat::Json);
+            tickgate::run(cfg, shutdown_signal()).await?;
+        }
+        Cmd::Token {
+            issuer,
+            client_id,
+            client_secret,
+            scope,
+        } => {
+            let t = client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
+            println!("{t}");
+        }
+        Cmd::Subscribe {
+            url,
+            token,
+            feed,
+            symbols,
+            snapshot,
+            json: _,
+            limit,
+        } => subscribe(&url, &token, &feed, &symbols, snapshot, limit).await?,
+        Cmd::Load {
+            url,
+            token,
+            issuer,
+            client_id,
+            client_secret,
+            connections,
+            feed,
+            symbols,
+            seconds,
+            warmup,
+            source_ips,
+            admin,
+        } => {
+            let token = match (token, issuer) {
+                (Some(t), _) => t,
+                (None, Some(iss)) => {
+                    let secret = client_secret.context("--issuer needs --client-secret")?;
+                    client::fetch_token(&iss, &client_id, &secret, None).await?
+                }
+                (None, None) => bail!("give --token or --issuer with --client-secret"),
+            };
+            let summary = client::load::run(client::load::LoadOptions {
+                url,
+                token,
+                connections,
+                feed,
+                symbols: split_symbols(&symbols),
+                duration: Duration::from_secs(seconds),
+                warmup: Duration::from_secs(warmup),
+                source_ips,
+                admin,
+                progress: true,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+    }
+    Ok(())
+}
+
+async fn subscribe(
+    url: &str,
+    token: &str,
+    feed: &str,
+    symbols: &str,
+    snapshot: bool,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut sub = Subscriber::connect(url, token, &ConnectOptions::default()).await?;
+    sub.send_json(&json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": split_symbols(symbols), "snapshot": snapshot}))
+        .await?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut n = 0u64;
+    let mut violations = 0u64;
+    loop {
+        match sub.next_event().await? {
+            Event::Control(m) => {
+                writeln!(out, "{}", serde_json::to_string(&m)?)?;
+            }
+            Event::Batch {
+                send_ts_ns,
+                records,
+                anomalies,
+            } => {
+                for r in &records {
+                    let f = r.feed_id();
+                    let mut v = json!({
+                        "type": if r.rtype() == 1 { "trade" } else { "quote" },
+                        "feed": sub.tracker.feed_name(f),
+                        "symbol": sub.tracker.symbol(f, r.instrument_id()),
+                        "instrument_id": r.instrument_id(),
+                        "seq": r.seq(),
+                        "ts_event_ns": r.ts_event_ns(),
+                        "ts_recv_ns": r.ts_recv_ns(),
+                        "send_ts_ns": send_ts_ns,
+                        "flags": r.flags(),
+                    });
+                    match r.body() {
+                        Body::Trade(t) => {
+                            v["price"] = json!(t.price as f64 / 1e9);
+                            v["size"] = json!(t.size as f64 / 1e9);
+                            v["side"] = json!(t.side);
+                        }
+                        Body::Quote(q) => {
+                            v["bid_px"] = json!(q.bid_px as f64 / 1e9);
+                            v["bid_sz"] = json!(q.bid_sz as f64 / 1e9);
+                            v["ask_px"] = json!(q.ask_px as f64 / 1e9);
+                            v["ask_sz"] = json!(q.ask_sz as f64 / 1e9);
+                        }
+                    }
+                    writeln!(out, "{v}")?;
+                    n += 1;
+                }
+                for a in anomalies {
+                    violations += 1;
+                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
+                    eprintln!("DELIVERY VIOLATION: {a:?}");
+                }
+                if limit.is_some_and(|l| n >= l) {
+                    out.flush()?;
+                    sub.close().await;
+                    break;
+                }
+            }
+            Event::Closed { code, reason } => {
+                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
+                break;
+            }
+        }
+    }
+    out.flush()?;
+    if violations > 0 {
+        bail!("{violations} delivery violations");
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Prometheus metrics (spec §9).
+//!
+//! Hot-path counters are kept per shard in plain integers ([`crate::engine::core::CoreStats`])
+//! and added to these shared counters by each shard every 100 ms, so delivering a record
+//! never touches a contended atomic. Gauges that describe shard state (connections,
+//! queue depth, subscriptions) are read from the shards at scrape time.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Latency buckets from 10 µs to 10 s, roughly ×2.5 apart.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every metric the server exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Open stream connections.
+    pub connections: IntGauge,
+    /// Handshakes by result.
+    pub handshakes: IntCounterVec,
+    /// Refused tokens by reason.
+    pub auth_failures: IntCounterVec,
+    /// Ticks taken in, by feed.
+    pub ticks_ingested: IntCounterVec,
+    /// Records written to sockets, by feed.
+    pub records_delivered: IntCounterVec,
+    /// WebSocket messages written (binary batches and text).
+    pub frames_sent: IntCounter,
+    /// Payload bytes written.
+    pub bytes_sent: IntCounter,
+    /// Ingest to socket write, per batch (its oldest record).
+    pub fanout_latency: Histogram,
+    /// Slow-consumer actions.
+    pub slow_consumer_events: IntCounterVec,
+    /// Connections closed at token expiry.
+    pub token_expiries: IntCounter,
+    /// In-band refreshes by result.
+    pub token_refreshes: IntCounterVec,
+    /// Connections closed by revocation.
+    pub revocations: IntCounter,
+    /// JWKS fetches by result.
+    pub jwks_refreshes: IntCounterVec,
+    /// Keys in the verification cache.
+    pub jwks_keys: IntGauge,
+    /// Subscribed (connection, instrument) pairs.
+    pub subscriptions: IntGauge,
+    /// Ticks waiting in each shard's inbound queue.
+    pub shard_queue_depth: IntGaugeVec,
+    /// Control-message errors by code.
+    pub control_errors: IntCounterVec,
+    /// Connection closes by close code.
+    pub closes: IntCounterVec,
+    /// Ticks a source had to hold back because a shard queue was full.
+    pub ingest_backpressure: IntGauge,
+    /// Handshake duration (request head to 101 or refusal).
+    pub handshake_latency: HistogramVec,
+    /// Seq jumps observed in a source.
+    pub source_gaps: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric. Names and labels are constants, so a failure
+    /// here is a programming error caught by the first test, hence the panics.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = r.register(Box::new(pc));
+        }
+        let fanout_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "tickgate_fanout_latency_seconds",
+                "Time from ingest to the socket write of the batch carrying the record",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(fanout_latency.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        let handshake_latency = HistogramVec::new(
+            HistogramOpts::new("tickgate_handshake_duration_seconds", "Time to answer a stream handshake")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["result"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(handshake_latency.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        let shard_queue_depth = IntGaugeVec::new(
+            Opts::new("tickgate_shard_queue_depth", "Ticks waiting in a shard's inbound queue"),
+            &["shard"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(shard_queue_depth.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
+        Metrics {
+            connections: gauge(&r, "tickgate_connections", "Open stream connections"),
+            handshakes: counter_vec(&r, "tickgate_handshakes_total", "Stream handshakes by result", &["result"]),
+            auth_failures: counter_vec(&r, "tickgate_auth_failures_total", "Refused tokens by reason", &["reason"]),
+            ticks_ingested: counter_vec(&r, "tickgate_ticks_ingested_total", "Ticks ingested by feed", &["feed"]),
+            records_delivered: counter_vec(
+                &r,
+                "tickgate_records_delivered_total",
+                "Records written to client sockets by feed",
+                &["feed"],
+            ),
+            frames_sent: counter(&r, "tickgate_frames_sent_total", "WebSocket messages written"),
+            bytes_sent: counter(&r, "tickgate_bytes_sent_total", "WebSocket payload bytes written"),
+            fanout_latency,
+            slow_consumer_events: counter_vec(
+                &r,
+                "tickgate_slow_consumer_events_total",
+                "Slow-consumer actions",
+                &["action"],
+            ),
+            token_expiries: counter(&r, "tickgate_token_expiries_total", "Connections closed at token expiry"),
+            token_refreshes: counter_vec(
+                &r,
+                "tickgate_token_refreshes_total",
+                "In-band token refreshes by result",
+                &["result"],
+            ),
+            revocations: counter(&r, "tickgate_revocations_total", "Connections closed by revocation"),
+            jwks_refreshes: counter_vec(&r, "tickgate_jwks_refreshes_total", "JWKS fetches by result", &["result"]),
+            jwks_keys: gauge(&r, "tickgate_jwks_keys", "Keys in the verification cache"),
+            subscriptions: gauge(&r, "tickgate_subscriptions", "Subscribed (connection, instrument) pairs"),
+            shard_queue_depth,
+            control_errors: counter_vec(
+                &r,
+                "tickgate_control_errors_total",
+                "Control messages answered with an error, by code",
+                &["code"],
+            ),
+            closes: counter_vec(&r, "tickgate_closes_total", "Stream closes by close code", &["code"]),
+            ingest_backpressure: gauge(
+                &r,
+                "tickgate_ingest_backpressure_waits",
+                "Times a source waited for space in a full shard queue",
+            ),
+            handshake_latency,
+            source_gaps: counter(&r, "tickgate_source_gaps_total", "Seq jumps seen in a source"),
+            registry: r,
+        }
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,483 @@
+//! The binary record layout of spec §5: one WebSocket binary message is one batch,
+//! a 16-byte batch header followed by `count` records, each a 32-byte header plus a
+//! body, every record a multiple of 8 bytes long. All integers are little-endian.
+//!
+//! Encoding happens once per tick, at ingest ([`Record`] holds the finished bytes);
+//! the shards only copy those bytes into per-connection batches.
+
+use thiserror::Error;
+
+/// Protocol version carried in byte 0 of every batch.
+pub const VERSION: u8 = 1;
+/// Size of the batch header.
+pub const BATCH_HEADER_LEN: usize = 16;
+/// Size of every record's common header.
+pub const RECORD_HEADER_LEN: usize = 32;
+/// `rtype` of a trade.
+pub const RTYPE_TRADE: u8 = 1;
+/// `rtype` of a top-of-book quote.
+pub const RTYPE_QUOTE: u8 = 2;
+/// Total length of a trade record.
+pub const TRADE_LEN: usize = 56;
+/// Total length of a quote record.
+pub const QUOTE_LEN: usize = 72;
+/// The longest record this server writes; sizes the fixed record buffer.
+pub const MAX_RECORD_LEN: usize = QUOTE_LEN;
+/// Most records one batch can carry (the count field is a u16).
+pub const MAX_BATCH_RECORDS: usize = u16::MAX as usize;
+
+/// Record flag: last value sent on subscribe.
+pub const FLAG_SNAPSHOT: u8 = 1 << 0;
+/// Record flag: sent from the resume buffer.
+pub const FLAG_REPLAY: u8 = 1 << 1;
+/// Record flag: earlier quotes of this instrument were skipped.
+pub const FLAG_CONFLATED: u8 = 1 << 2;
+
+/// Fixed-point scale of prices and sizes: 9 decimals.
+pub const FIXED_SCALE: i64 = 1_000_000_000;
+
+/// Byte offset of the `flags` field inside a trade record.
+const TRADE_FLAGS_AT: usize = 49;
+/// Byte offset of the `flags` field inside a quote record.
+const QUOTE_FLAGS_AT: usize = 64;
+
+/// Why a batch or record could not be decoded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the structure needs.
+    #[error("truncated: need {need} bytes at offset {at}, have {have}")]
+    Truncated {
+        /// Offset where the structure starts.
+        at: usize,
+        /// Bytes the structure needs.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// Batch version is not 1.
+    #[error("unsupported batch version {0}")]
+    Version(u8),
+    /// A record length below the header size or not a multiple of 8.
+    #[error("bad record length {len} at offset {at}")]
+    BadLength {
+        /// Offset of the record.
+        at: usize,
+        /// Its declared length.
+        len: u8,
+    },
+    /// Known `rtype` with the wrong length.
+    #[error("record type {rtype} must be {expected} bytes, got {len}")]
+    WrongLengthForType {
+        /// The record type.
+        rtype: u8,
+        /// The length the layout requires.
+        expected: usize,
+        /// The length found.
+        len: usize,
+    },
+    /// Bytes left over after `count` records.
+    #[error("{0} trailing bytes after the last record")]
+    Trailing(usize),
+}
+
+/// The fields of a trade body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trade {
+    /// Price, 9 decimals.
+    pub price: i64,
+    /// Size, 9 decimals.
+    pub size: u64,
+    /// 0 unknown, 1 buy aggressor, 2 sell aggressor.
+    pub side: u8,
+}
+
+/// The fields of a quote body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quote {
+    /// Best bid price.
+    pub bid_px: i64,
+    /// Size at the best bid.
+    pub bid_sz: u64,
+    /// Best ask price.
+    pub ask_px: i64,
+    /// Size at the best ask.
+    pub ask_sz: u64,
+}
+
+/// Body of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// A trade print.
+    Trade(Trade),
+    /// A top-of-book quote.
+    Quote(Quote),
+}
+
+/// An encoded record: the exact bytes that go on the wire, in a fixed buffer so a tick
+/// moves through the lock-free shard queues without a heap allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    buf: [u8; MAX_RECORD_LEN],
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("rtype", &self.rtype())
+            .field("feed_id", &self.feed_id())
+            .field("instrument_id", &self.instrument_id())
+            .field("seq", &self.seq())
+            .finish()
+    }
+}
+
+impl Record {
+    /// Encodes a record. `flags` is the record's flag byte (SNAPSHOT/REPLAY/CONFLATED).
+    pub fn encode(
+        feed_id: u16,
+        instrument_id: u32,
+        seq: u64,
+        ts_event_ns: i64,
+        ts_recv_ns: i64,
+        body: &Body,
+        flags: u8,
+    ) -> Record {
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        let (len, rtype) = match body {
+            Body::Trade(_) => (TRADE_LEN, RTYPE_TRADE),
+            Body::Quote(_) => (QUOTE_LEN, RTYPE_QUOTE),
+        };
+        // Lengths are compile-time constants below 256.
+        buf[0] = len as u8;
+        buf[1] = rtype;
+        buf[2..4].copy_from_slice(&feed_id.to_le_bytes());
+        buf[4..8].copy_from_slice(&instrument_id.to_le_bytes());
+        buf[8..16].copy_from_slice(&seq.to_le_bytes());
+        buf[16..24].copy_from_slice(&ts_event_ns.to_le_bytes());
+        buf[24..32].copy_from_slice(&ts_recv_ns.to_le_bytes());
+        match body {
+            Body::Trade(t) => {
+                buf[32..40].copy_from_slice(&t.price.to_le_bytes());
+                buf[40..48].copy_from_slice(&t.size.to_le_bytes());
+                buf[48] = t.side;
+                buf[TRADE_FLAGS_AT] = flags;
+            }
+            Body::Quote(q) => {
+                buf[32..40].copy_from_slice(&q.bid_px.to_le_bytes());
+                buf[40..48].copy_from_slice(&q.bid_sz.to_le_bytes());
+                buf[48..56].copy_from_slice(&q.ask_px.to_le_bytes());
+                buf[56..64].copy_from_slice(&q.ask_sz.to_le_bytes());
+                buf[QUOTE_FLAGS_AT] = flags;
+            }
+        }
+        Record { buf }
+    }
+
+    /// The wire bytes of this record (`len` bytes).
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len()]
+    }
+
+    /// Record length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.buf[0] as usize
+    }
+
+    /// Always false: a record has at least its header. Present for API symmetry.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Record type.
+    #[inline]
+    pub fn rtype(&self) -> u8 {
+        self.buf[1]
+    }
+
+    /// Feed id.
+    #[inline]
+    pub fn feed_id(&self) -> u16 {
+        u16::from_le_bytes([self.buf[2], self.buf[3]])
+    }
+
+    /// Instrument id.
+    #[inline]
+    pub fn instrument_id(&self) -> u32 {
+        u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]])
+    }
+
+    /// Sequence number.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        read_u64(&self.buf, 8)
+    }
+
+    /// Source timestamp.
+    #[inline]
+    pub fn ts_event_ns(&self) -> i64 {
+        read_u64(&self.buf, 16) as i64
+    }
+
+    /// Gateway ingest timestamp.
+    #[inline]
+    pub fn ts_recv_ns(&self) -> i64 {
+        read_u64(&self.buf, 24) as i64
+    }
+
+    /// The record's flag byte.
+    #[inline]
+    pub fn flags(&self) -> u8 {
+        match self.rtype() {
+            RTYPE_TRADE => self.buf[TRADE_FLAGS_AT],
+            _ => self.buf[QUOTE_FLAGS_AT],
+        }
+    }
+
+    /// A copy of this record with `flags` or-ed into its flag byte.
+    #[inline]
+    pub fn with_flags(mut self, flags: u8) -> Record {
+        let at = match self.rtype() {
+            RTYPE_TRADE => TRADE_FLAGS_AT,
+            _ => QUOTE_FLAGS_AT,
+        };
+        self.buf[at] |= flags;
+        self
+    }
+
+    /// Decodes the body (trade or quote).
+    pub fn body(&self) -> Body {
+        match self.rtype() {
+            RTYPE_TRADE => Body::Trade(Trade {
+                price: read_u64(&self.buf, 32) as i64,
+                size: read_u64(&self.buf, 40),
+                side: self.buf[48],
+            }),
+            _ => Body::Quote(Quote {
+                bid_px: read_u64(&self.buf, 32) as i64,
+                bid_sz: read_u64(&self.buf, 40),
+                ask_px: read_u64(&self.buf, 48) as i64,
+                ask_sz: read_u64(&self.buf, 56),
+            }),
+        }
+    }
+
+    /// Parses one known record (trade or quote) from wire bytes that hold exactly it.
+    pub fn from_wire(bytes: &[u8]) -> Result<Record, DecodeError> {
+        if bytes.len() < RECORD_HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                at: 0,
+                need: RECORD_HEADER_LEN,
+                have: bytes.len(),
+            });
+        }
+        let rtype = bytes[1];
+        let expected = match rtype {
+            RTYPE_TRADE => TRADE_LEN,
+            RTYPE_QUOTE => QUOTE_LEN,
+            other => {
+                return Err(DecodeError::WrongLengthForType {
+                    rtype: other,
+                    expected: 0,
+                    len: bytes.len(),
+                })
+            }
+        };
+        if bytes.len() != expected || bytes[0] as usize != expected {
+            return Err(DecodeError::WrongLengthForType {
+                rtype,
+                expected,
+                len: bytes.len(),
+            });
+        }
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        buf[..expected].copy_from_slice(bytes);
+        Ok(Record { buf })
+    }
+}
+
+#[inline]
+fn read_u64(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Writes a batch header into the first 16 bytes of `out`.
+///
+/// # Panics
+/// Never on a buffer of at least [`BATCH_HEADER_LEN`] bytes; callers reserve it first.
+#[inline]
+pub fn write_batch_header(out: &mut [u8], count: u16, send_ts_ns: u64) {
+    out[0] = VERSION;
+    out[1] = 0;
+    out[2..4].copy_from_slice(&count.to_le_bytes());
+    out[4..8].copy_from_slice(&0u32.to_le_bytes());
+    out[8..16].copy_from_slice(&send_ts_ns.to_le_bytes());
+}
+
+/// A decoded batch: its header fields and the records it carried. Records of an unknown
+/// `rtype` are skipped by their length, as the spec requires of clients.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Server wall clock when the batch was written.
+    pub send_ts_ns: u64,
+    /// The known records, in order.
+    pub records: Vec<Record>,
+    /// How many records of an unknown type were skipped.
+    pub skipped_unknown: usize,
+}
+
+/// Decodes one binary WebSocket message.
+pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
+    if msg.len() < BATCH_HEADER_LEN {
+        return Err(DecodeError::Truncated {
+            at: 0,
+            need: BATCH_HEADER_LEN,
+            have: msg.len(),
+        });
+    }
+    if msg[0] != VERSION {
+        return Err(DecodeError::Version(msg[0]));
+    }
+    let count = u16::from_le_bytes([msg[2], msg[3]]) as usize;
+    let send_ts_ns = read_u64(msg, 8);
+    let mut records = Vec::with_capacity(count);
+    let mut skipped_unknown = 0;
+    let mut at = BATCH_HEADER_LEN;
+    for _ in 0..count {
+        if msg.len() < at + RECORD_HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                at,
+                need: RECORD_HEADER_LEN,
+                have: msg.len() - at,
+            });
+        }
+        let len = msg[at];
+        if (len as usize) < RECORD_HEADER_LEN || len % 8 != 0 {
+            return Err(DecodeError::BadLength { at, len });
+        }
+        let len = len as usize;
+        if msg.len() < at + len {
+            return Err(DecodeError::Truncated {
+                at,
+                need: len,
+                have: msg.len() - at,
+            });
+        }
+        match msg[at + 1] {
+            RTYPE_TRADE | RTYPE_QUOTE => records.push(Record::from_wire(&msg[at..at + len])?),
+            _ => skipped_unknown += 1,
+        }
+        at += len;
+    }
+    if at != msg.len() {
+        return Err(DecodeError::Trailing(msg.len() - at));
+    }
+    Ok(Batch {
+        send_ts_ns,
+        records,
+        skipped_unknown,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trade_layout_matches_spec_offsets() {
+        let r = Record::encode(
+            7,
+            0x0102_0304,
+            42,
+            -5,
+            99,
+            &Body::Trade(Trade {
+                price: 1_500_000_000,
+                size: 3 * FIXED_SCALE as u64,
+                side: 2,
+            }),
+            FLAG_SNAPSHOT,
+        );
+        let b = r.as_bytes();
+        assert_eq!(b.len(), 56);
+        assert_eq!(b[0], 56);
+        assert_eq!(b[1], RTYPE_TRADE);
+        assert_eq!(&b[2..4], &7u16.to_le_bytes());
+        assert_eq!(&b[4..8], &[4, 3, 2, 1]);
+        assert_eq!(&b[8..16], &42u64.to_le_bytes());
+        assert_eq!(&b[16..24], &(-5i64).to_le_bytes());
+        assert_eq!(&b[24..32], &99i64.to_le_bytes());
+        assert_eq!(&b[32..40], &1_500_000_000i64.to_le_bytes());
+        assert_eq!(&b[40..48], &3_000_000_000u64.to_le_bytes());
+        assert_eq!(b[48], 2);
+        assert_eq!(b[49], FLAG_SNAPSHOT);
+        assert_eq!(&b[50..56], &[0u8; 6]);
+    }
+
+    #[test]
+    fn quote_layout_matches_spec_offsets() {
+        let r = Record::encode(
+            1,
+            17,
+            1,
+            0,
+            0,
+            &Body::Quote(Quote {
+                bid_px: 10,
+                bid_sz: 20,
+                ask_px: 30,
+                ask_sz: 40,
+            }),
+            0,
+        )
+        .with_flags(FLAG_CONFLATED);
+        let b = r.as_bytes();
+        assert_eq!(b.len(), 72);
+        assert_eq!(b[1], RTYPE_QUOTE);
+        assert_eq!(&b[32..40], &10i64.to_le_bytes());
+        assert_eq!(&b[40..48], &20u64.to_le_bytes());
+        assert_eq!(&b[48..56], &30i64.to_le_bytes());
+        assert_eq!(&b[56..64], &40u64.to_le_bytes());
+        assert_eq!(b[64], FLAG_CONFLATED);
+        assert_eq!(&b[65..72], &[0u8; 7]);
+        assert_eq!(r.flags(), FLAG_CONFLATED);
+    }
+
+    #[test]
+    fn batch_round_trip_skips_unknown_rtype() {
+        let t = Record::encode(1, 1, 1, 0, 0, &Body::Trade(Trade::default()), 0);
+        let mut msg = vec![0u8; BATCH_HEADER_LEN];
+        write_batch_header(&mut msg, 3, 1234);
+        msg.extend_from_slice(t.as_bytes());
+        // An unknown record type of 40 bytes must be skipped by its length.
+        let mut unknown = [0u8; 40];
+        unknown[0] = 40;
+        unknown[1] = 9;
+        msg.extend_from_slice(&unknown);
+        msg.extend_from_slice(t.as_bytes());
+        let b = decode_batch(&msg).expect("valid batch");
+        assert_eq!(b.send_ts_ns, 1234);
+        assert_eq!(b.records.len(), 2);
+        assert_eq!(b.skipped_unknown, 1);
+    }
+
+    #[test]
+    fn decode_rejects_malformed() {
+        assert!(matches!(decode_batch(&[1, 0]), Err(DecodeError::Truncated { .. })));
+        let mut msg = vec![0u8; BATCH_HEADER_LEN];
+        write_batch_header(&mut msg, 1, 0);
+        msg.push(33);
+        msg.extend_from_slice(&[0u8; 40]);
+        assert!(matches!(decode_batch(&msg), Err(DecodeError::BadLength { .. })));
+        let mut msg = vec![0u8; BATCH_HEADER_LEN];
+        write_batch_header(&mut msg, 0, 0);
+        msg.push(0);
+        assert_eq!(decode_batch(&msg).unwrap_err(), DecodeError::Trailing(1));
+        msg[0] = 2;
+        assert_eq!(decode_batch(&msg).unwrap_err(), DecodeError::Version(2));
+    }
+}

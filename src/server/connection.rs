@@ -1,0 +1,308 @@
+//! One stream connection after the upgrade, running on its shard thread.
+//!
+//! The task reads control messages and moves the connection's outbound queue (filled by
+//! the shard's dispatch loop) to the socket. It never waits on the socket without also
+//! watching `kill`, so a stalled client cannot hold back a slow-consumer close or
+//! shutdown, and it never holds the shard's `RefCell` across an `.await`.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::handshake::ConnSlot;
+use super::AppState;
+use crate::auth::validate::Principal;
+use crate::engine::core::ConnHandles;
+use crate::engine::outbound::OutItem;
+use crate::engine::shard::ShardLocal;
+use crate::protocol::close;
+use crate::protocol::control::{parse_client_msg, ErrorCode};
+use crate::protocol::now_ns;
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// How long a close frame may take to reach a peer (it may sit behind a full socket).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the peer's close reply after ours.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Token bucket for control messages.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Bucket {
+        Bucket {
+            tokens: burst as f64,
+            rate: rate as f64,
+            burst: burst as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why the connection ended, for the log and `tickgate_closes_total`.
+struct Ended {
+    code: u16,
+    reason: &'static str,
+}
+
+fn ws_config(app: &AppState) -> WebSocketConfig {
+    let max = app.config.limits.max_control_bytes;
+    let mut c = WebSocketConfig::default();
+    c.max_message_size = Some(max);
+    c.max_frame_size = Some(max);
+    // Frames are flushed explicitly once per writer wake-up; this only bounds how much
+    // tungstenite buffers before it writes on its own.
+    c.write_buffer_size = 64 * 1024;
+    c.max_write_buffer_size = app.config.limits.max_outbound_bytes + app.config.engine.max_batch_bytes + (1 << 20);
+    c
+}
+
+/// Runs a connection to its end.
+pub(crate) async fn run(
+    shard: Rc<ShardLocal>,
+    app: Arc<AppState>,
+    on_upgrade: OnUpgrade,
+    principal: Principal,
+    peer: Option<SocketAddr>,
+    slot: ConnSlot,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&app))).await;
+    let session = format!("s-{:016x}", rand::random::<u64>());
+    let sub = principal.sub.clone();
+    let handles = shard.core.borrow_mut().add_conn(principal, session.clone());
+    shard
+        .inbox
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let opened = Instant::now();
+    tracing::info!(session = %session, sub = %sub, peer = ?peer, shard = shard.id, "stream opened");
+
+    let ended = drive(&shard, &app, ws, &handles).await;
+
+    shard.core.borrow_mut().remove_conn(handles.key);
+    shard
+        .inbox
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    app.metrics.closes.with_label_values(&[&ended.code.to_string()]).inc();
+    tracing::info!(session = %session, sub = %sub, code = ended.code, reason = ended.reason,
+        duration_s = opened.elapsed().as_secs_f64(), "stream closed");
+    drop(slot);
+}
+
+enum Flow {
+    Continue,
+    Closed(Ended),
+}
+
+async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
+    let limits = &app.config.limits;
+    let heartbeat = Duration::from_millis(app.config.server.heartbeat_ms);
+    let mut ping_timer = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_pong = Instant::now();
+    let mut bucket = Bucket::new(limits.control_rate_per_s, limits.control_burst);
+    let mut strikes: u32 = 0;
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = h.notify.notified() => {
+                if let Flow::Closed(e) = write_pending(shard, &mut ws, h).await {
+                    return e;
+                }
+            }
+            msg = ws.next() => {
+                let msg = match msg {
+                    None => return Ended { code: 1006, reason: "peer went away" },
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return fail(&mut ws, e).await,
+                };
+                match msg {
+                    Message::Text(text) => {
+                        if !bucket.take() {
+                            strikes += 1;
+                            shard.core.borrow_mut().send_error(h.key, None, ErrorCode::RateLimited,
+                                format!("more than {} control messages per second", limits.control_rate_per_s));
+                        } else {
+                            match parse_client_msg(text.as_str()) {
+                                Ok(m) => shard.core.borrow_mut().handle(h.key, m),
+                                Err(e) => {
+                                    strikes += 1;
+                                    shard.core.borrow_mut().send_error(h.key, e.id, ErrorCode::BadRequest, e.message);
+                                }
+                            }
+                        }
+                        if strikes > limits.max_strikes {
+                            shard.core.borrow_mut().close(h.key, close::POLICY, "too many bad or rate-limited messages");
+                        }
+                    }
+                    Message::Binary(_) => {
+                        shard.core.borrow_mut().close(h.key, close::UNSUPPORTED_DATA, "binary frames are not accepted");
+                    }
+                    Message::Pong(_) => last_pong = Instant::now(),
+                    Message::Close(frame) => {
+                        // tungstenite queued the close reply; flush it and stop.
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+                        let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                        return Ended { code, reason: "closed by client" };
+                    }
+                    Message::Ping(_) | Message::Frame(_) => {}
+                }
+            }
+            _ = ping_timer.tick() => {
+                if last_pong.elapsed() > heartbeat * 2 {
+                    shard.core.borrow_mut().close(h.key, close::POLICY, "heartbeat timeout");
+                } else if let Err(Some(e)) = with_kill(h, ws.send(Message::Ping(Vec::new().into()))).await {
+                    return fail(&mut ws, e).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a socket operation unless `kill` fires first. `Err(None)`: killed.
+async fn with_kill<F>(h: &ConnHandles, op: F) -> Result<(), Option<WsError>>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    tokio::select! {
+        r = op => r.map_err(Some),
+        _ = h.kill.notified() => Err(None),
+    }
+}
+
+/// Moves everything queued for the connection to the socket, in order.
+async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> Flow {
+    loop {
+        let item = shard.core.borrow_mut().pop(h.key);
+        let msg = match item {
+            None => {
+                return match with_kill(h, ws.flush()).await {
+                    Ok(()) => Flow::Continue,
+                    // Killed: the close item is now at the front of the queue.
+                    Err(None) => continue,
+                    Err(Some(e)) => Flow::Closed(io_end(e)),
+                };
+            }
+            Some(OutItem::Close { code, reason }) => {
+                close_ws(ws, code, reason).await;
+                return Flow::Closed(Ended { code, reason });
+            }
+            Some(OutItem::Text(s)) => {
+                let mut core = shard.core.borrow_mut();
+                core.stats.frames += 1;
+                core.stats.bytes += s.len() as u64;
+                Message::text(s)
+            }
+            Some(OutItem::Batch(b)) => {
+                let now = now_ns();
+                let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
+                shard.latency.observe(latency_ns as f64 / 1e9);
+                let mut core = shard.core.borrow_mut();
+                for &(f, n) in b.feed_counts() {
+                    if let Some(d) = core.stats.delivered.get_mut(f as usize) {
+                        *d += n as u64;
+                    }
+                }
+                let bytes = b.finish(now);
+                core.stats.frames += 1;
+                core.stats.bytes += bytes.len() as u64;
+                Message::Binary(bytes)
+            }
+        };
+        match with_kill(h, ws.feed(msg)).await {
+            Ok(()) => {}
+            Err(None) => continue,
+            Err(Some(e)) => return Flow::Closed(io_end(e)),
+        }
+    }
+}
+
+fn io_end(e: WsError) -> Ended {
+    tracing::debug!(error = %e, "socket write failed");
+    Ended {
+        code: 1006,
+        reason: "socket error",
+    }
+}
+
+/// Sends a close frame (behind whatever is already buffered) and waits briefly for the
+/// peer's reply, so the TCP close does not reset data the peer has yet to read.
+async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Maps a read error to the close the spec asks for, and sends it when the socket allows.
+async fn fail(ws: &mut Ws, e: WsError) -> Ended {
+    let (code, reason) = match &e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+        WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
+        WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            return Ended {
+                code: 1006,
+                reason: "peer reset",
+            }
+        }
+        WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
+            return Ended {
+                code: 1006,
+                reason: "socket error",
+            }
+        }
+        _ => (close::PROTOCOL_ERROR, "protocol error"),
+    };
+    close_ws(ws, code, reason).await;
+    Ended { code, reason }
+}

@@ -1,0 +1,331 @@
+//! `GET /v1/stream`: the stream handshake (spec §3).
+//!
+//! Every check happens before the upgrade and every refusal is an HTTP answer with a JSON
+//! body `{"error","error_description"}`; a 401 also carries `WWW-Authenticate` (RFC 6750).
+//! The token is validated exactly once, here; the connection keeps only the decoded
+//! [`Principal`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use super::connection;
+use super::AppState;
+use crate::auth::validate::{AuthError, Principal};
+use crate::engine::shard;
+use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
+
+/// The peer address of an accepted socket, put into request extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// A handshake refusal: status, OAuth-style error code, description, and metric labels.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// `error` field.
+    pub error: &'static str,
+    /// `error_description` field.
+    pub description: String,
+    /// `result` label of `tickgate_handshakes_total`.
+    pub result: &'static str,
+    /// `reason` label of `tickgate_auth_failures_total`, for token failures.
+    pub auth_reason: Option<&'static str>,
+}
+
+impl Refusal {
+    fn bad_request(description: impl Into<String>) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_request",
+            description: description.into(),
+            result: "bad_request",
+            auth_reason: None,
+        }
+    }
+
+    /// A 401 for a token failure.
+    pub fn invalid_token(e: &AuthError) -> Refusal {
+        Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            error: "invalid_token",
+            description: e.to_string(),
+            result: "invalid_token",
+            auth_reason: Some(e.reason()),
+        }
+    }
+
+    fn unavailable(description: &str) -> Refusal {
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "unavailable",
+            description: description.to_owned(),
+            result: "unavailable",
+            auth_reason: None,
+        }
+    }
+
+    /// Renders the JSON response.
+    pub fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(json!({"error": self.error, "error_description": self.description})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // The description is our own text (never token material); quotes are removed
+            // so it is a valid quoted-string.
+            let desc: String = self.description.chars().filter(|c| *c != '"' && *c != '\\').collect();
+            let v = format!("Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\"");
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        resp
+    }
+}
+
+/// How the token was presented.
+enum Credential {
+    Bearer(String),
+    None,
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Reads the WebSocket upgrade headers and the credential. Pure function of the request
+/// head, so every refusal path is easy to test.
+fn check_request(
+    app: &AppState,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(String, Credential), Refusal> {
+    if method != Method::GET {
+        return Err(Refusal::bad_request("the stream endpoint takes GET"));
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return Err(Refusal::bad_request("not a WebSocket upgrade request"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(Refusal::bad_request("Sec-WebSocket-Version must be 13"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| k.len() == 24)
+        .ok_or_else(|| Refusal::bad_request("missing or malformed Sec-WebSocket-Key"))?;
+
+    // Origin allowlist (browsers always send Origin; non-browser clients usually do not).
+    let allowed = &app.config.security.allowed_origins;
+    if !allowed.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let ok = origin
+                .to_str()
+                .map(|o| allowed.iter().any(|a| a == o))
+                .unwrap_or(false);
+            if !ok {
+                return Err(Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    error: "forbidden_origin",
+                    description: "Origin is not allowed".into(),
+                    result: "forbidden_origin",
+                    auth_reason: None,
+                });
+            }
+        }
+    }
+
+    if let Some(q) = query {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(q).map_err(|_| Refusal::bad_request("malformed query string"))?;
+        if pairs.iter().any(|(k, _)| k == "access_token") {
+            return Err(Refusal::bad_request(
+                "tokens in the URL are refused; use the Authorization header or the bearer subprotocol",
+            ));
+        }
+    }
+
+    // Subprotocols: `tickgate.v1` is required; at most one `bearer.<JWT>` entry.
+    let mut has_proto = false;
+    let mut proto_token: Option<String> = None;
+    let mut proto_tokens = 0;
+    for v in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let v = v
+            .to_str()
+            .map_err(|_| Refusal::bad_request("malformed Sec-WebSocket-Protocol header"))?;
+        for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if p == SUBPROTOCOL {
+                has_proto = true;
+            } else if let Some(t) = p.strip_prefix(BEARER_PROTOCOL_PREFIX) {
+                proto_tokens += 1;
+                proto_token = Some(t.to_owned());
+            }
+        }
+    }
+    if !has_proto {
+        return Err(Refusal::bad_request(format!(
+            "the `{SUBPROTOCOL}` subprotocol is required"
+        )));
+    }
+    if proto_tokens > 1 {
+        return Err(Refusal::bad_request("more than one bearer subprotocol"));
+    }
+
+    let header_token = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
+            let (scheme, rest) = v
+                .split_once(' ')
+                .ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
+            if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
+                return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
+            }
+            Some(rest.trim().to_owned())
+        }
+    };
+    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return Err(Refusal::bad_request("more than one Authorization header"));
+    }
+    let cred = match (header_token, proto_token) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::bad_request(
+                "two credentials at once (Authorization header and bearer subprotocol)",
+            ))
+        }
+        (Some(t), None) | (None, Some(t)) => Credential::Bearer(t),
+        (None, None) => Credential::None,
+    };
+    Ok((key.to_owned(), cred))
+}
+
+fn authorize(app: &AppState, cred: Credential) -> Result<Principal, Refusal> {
+    let token = match cred {
+        Credential::Bearer(t) => t,
+        Credential::None => return Err(Refusal::invalid_token(&AuthError::Missing)),
+    };
+    let p = app.validator.validate(&token).map_err(|e| Refusal::invalid_token(&e))?;
+    if !p.entitlements.has_any_read() {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            error: "insufficient_scope",
+            description: "token carries no md:read scope".into(),
+            result: "insufficient_scope",
+            auth_reason: None,
+        });
+    }
+    Ok(p)
+}
+
+/// Releases a connection slot when dropped, so a slot is freed on every exit path of the
+/// connection task, including a panic or the runtime dropping the task at shutdown.
+#[derive(Debug)]
+pub struct ConnSlot {
+    app: Arc<AppState>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.app.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.app.metrics.connections.dec();
+    }
+}
+
+fn take_slot(app: &Arc<AppState>) -> Result<ConnSlot, Refusal> {
+    let max = app.config.limits.max_connections;
+    let before = app.open_connections.fetch_add(1, Ordering::AcqRel);
+    if before >= max {
+        app.open_connections.fetch_sub(1, Ordering::AcqRel);
+        return Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            error: "too_many_connections",
+            description: format!("the server accepts at most {max} stream connections"),
+            result: "too_many_connections",
+            auth_reason: None,
+        });
+    }
+    app.metrics.connections.inc();
+    Ok(ConnSlot { app: app.clone() })
+}
+
+/// The `GET /v1/stream` handler.
+pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
+    let started = Instant::now();
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let outcome = (|| {
+        if app.draining.load(Ordering::Acquire) {
+            return Err(Refusal::unavailable("server is draining"));
+        }
+        if app.validator.keys().is_empty() {
+            return Err(Refusal::unavailable("signing keys not loaded yet"));
+        }
+        let (key, cred) = check_request(&app, req.method(), req.uri().query(), req.headers())?;
+        let principal = authorize(&app, cred)?;
+        let Some(shard) = shard::current() else {
+            return Err(Refusal::unavailable("no shard on this thread"));
+        };
+        if shard.core.borrow().is_draining() {
+            return Err(Refusal::unavailable("server is draining"));
+        }
+        let slot = take_slot(&app)?;
+        Ok((key, principal, shard, slot))
+    })();
+    match outcome {
+        Err(refusal) => {
+            app.metrics.handshakes.with_label_values(&[refusal.result]).inc();
+            if let Some(reason) = refusal.auth_reason {
+                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+            }
+            app.metrics
+                .handshake_latency
+                .with_label_values(&["refused"])
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(peer = ?peer, status = refusal.status.as_u16(), result = refusal.result,
+                reason = refusal.auth_reason.unwrap_or(""), "stream handshake refused");
+            refusal.into_response()
+        }
+        Ok((key, principal, shard, slot)) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            app.metrics.handshakes.with_label_values(&["ok"]).inc();
+            app.metrics
+                .handshake_latency
+                .with_label_values(&["ok"])
+                .observe(started.elapsed().as_secs_f64());
+            let task = connection::run(shard, app.clone(), on_upgrade, principal, peer, slot);
+            // The connection lives on this shard thread; the tracker lets shutdown wait
+            // for it (drop-counted: the token is released when the task ends or is dropped).
+            tokio::task::spawn_local(app.tracker.track_future(task));
+            let mut resp = Response::new(axum::body::Body::empty());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            // Only `tickgate.v1` is echoed, never the bearer entry.
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+            resp
+        }
+    }
+}
