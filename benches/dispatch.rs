@@ -1,1 +1,156 @@
-fn main(){}
+//! Criterion benches of the hot path: record encoding, batch decoding, and dispatch
+//! through one shard core to N in-memory connections (each cycle: dispatch the ticks,
+//! then drain every connection's queue the way its writer would, sealing each batch).
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tickgate::auth::scopes::Entitlements;
+use tickgate::auth::validate::Principal;
+use tickgate::engine::core::{CoreLimits, ShardCore};
+use tickgate::engine::outbound::OutItem;
+use tickgate::engine::Tick;
+use tickgate::feeds::{Catalog, FeedDef};
+use tickgate::protocol::codec::{decode_batch, Body, Quote, Record};
+use tickgate::protocol::control::ClientMsg;
+
+fn catalog(symbols: usize) -> Arc<Catalog> {
+    let syms: Vec<String> = (0..symbols).map(|i| format!("\"S{i}\"")).collect();
+    let text = format!(
+        "name = \"B\"\nid = 1\nsource = \"synthetic\"\nsymbols = [{}]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n",
+        syms.join(",")
+    );
+    Arc::new(Catalog::new(vec![FeedDef::parse("bench", &text).unwrap()], 1).unwrap())
+}
+
+fn quote(instr: u32, seq: u64) -> Tick {
+    Tick {
+        feed_idx: 0,
+        instr,
+        record: Record::encode(
+            1,
+            instr + 1,
+            seq,
+            1,
+            1,
+            &Body::Quote(Quote {
+                bid_px: 100,
+                bid_sz: 1,
+                ask_px: 101,
+                ask_sz: 2,
+            }),
+            0,
+        ),
+    }
+}
+
+fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
+    let mut core = ShardCore::new(
+        catalog(10),
+        None,
+        CoreLimits {
+            max_outbound_bytes: 1 << 30,
+            max_batch_bytes: 65536,
+            max_subscriptions: 100,
+            heartbeat_ms: 15000,
+        },
+    );
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let p = Principal {
+            sub: format!("c{i}"),
+            iss: "bench".into(),
+            jti: None,
+            client_id: None,
+            exp: u64::MAX,
+            iat: None,
+            entitlements: Entitlements::from_scopes(["md:read:*"]),
+        };
+        let h = core.add_conn(p, format!("s{i}"));
+        core.handle(
+            h.key,
+            ClientMsg::Subscribe {
+                id: None,
+                feed: "B".into(),
+                symbols: vec!["*".into()],
+                snapshot: false,
+                resume: None,
+            },
+        );
+        while core.pop(h.key).is_some() {}
+        keys.push(h.key);
+    }
+    (core, keys)
+}
+
+fn drain(core: &mut ShardCore, keys: &[usize]) -> usize {
+    let mut frames = 0;
+    for &k in keys {
+        while let Some(item) = core.pop(k) {
+            if let OutItem::Batch(b) = item {
+                black_box(b.finish(1));
+                frames += 1;
+            }
+        }
+    }
+    frames
+}
+
+fn bench_dispatch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dispatch");
+    for &conns in &[100usize, 1000] {
+        for &per_cycle in &[1usize, 16] {
+            let (mut core, keys) = core_with(conns);
+            let mut seq = 0u64;
+            g.throughput(Throughput::Elements((conns * per_cycle) as u64));
+            g.bench_with_input(
+                BenchmarkId::new(
+                    format!("{conns}_conns"),
+                    format!("{per_cycle}_ticks_per_cycle"),
+                ),
+                &per_cycle,
+                |b, &per_cycle| {
+                    b.iter(|| {
+                        for k in 0..per_cycle {
+                            seq += 1;
+                            core.dispatch(&quote((k % 10) as u32, seq));
+                        }
+                        core.end_cycle();
+                        black_box(drain(&mut core, &keys))
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+fn bench_codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode_quote", |b| {
+        let mut seq = 0;
+        b.iter(|| {
+            seq += 1;
+            black_box(quote(3, black_box(seq)))
+        })
+    });
+    let (mut core, keys) = core_with(1);
+    for s in 1..=500 {
+        core.dispatch(&quote(0, s));
+    }
+    let Some(OutItem::Batch(b)) = core.pop(keys[0]) else {
+        panic!("batch")
+    };
+    let msg = b.finish(1);
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("decode_batch_500", |b| {
+        b.iter(|| black_box(decode_batch(black_box(&msg)).unwrap()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_dispatch, bench_codec);
+criterion_main!(benches);

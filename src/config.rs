@@ -355,7 +355,9 @@ impl Config {
         match self.issuer.mode {
             IssuerMode::External => {
                 if self.issuer.jwks_url.is_none() || self.issuer.issuer.is_none() {
-                    return bad("issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer");
+                    return bad(
+                        "issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer",
+                    );
                 }
             }
             IssuerMode::Embedded => {
@@ -365,7 +367,8 @@ impl Config {
                     }
                     match (&c.secret, &c.secret_sha256) {
                         (Some(_), None) => {}
-                        (None, Some(h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+                        (None, Some(h))
+                            if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
                         (None, Some(_)) => {
                             return Err(ConfigError::Invalid(format!(
                                 "issuer.clients `{}`: secret_sha256 must be 64 hex digits",
@@ -427,5 +430,23 @@ mod tests {
         assert!(e.to_string().contains("max_outbound_bytes"), "{e}");
         let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();
         assert!(e.to_string().contains("exactly one"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn example_file_documents_every_key_and_parses() {
+        let text = include_str!("../tickgate.example.toml");
+        let c = Config::from_toml(text).expect("example config is valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        // Every key the example sets equals the default, so the file documents defaults.
+        let d = Config::default();
+        assert_eq!(c.limits.max_outbound_bytes, d.limits.max_outbound_bytes);
+        assert_eq!(c.server.heartbeat_ms, d.server.heartbeat_ms);
+        assert_eq!(c.engine.queue_capacity, d.engine.queue_capacity);
+        assert_eq!(c.auth.required_typ, d.auth.required_typ);
     }
 }

@@ -111,12 +111,20 @@ impl Server {
         let config = Arc::new(config);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(io_err(format!("cannot bind listen address {}", config.listen)))?;
+            .map_err(io_err(format!(
+                "cannot bind listen address {}",
+                config.listen
+            )))?;
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
-            .map_err(io_err(format!("cannot bind admin_listen address {}", config.admin_listen)))?;
+            .map_err(io_err(format!(
+                "cannot bind admin_listen address {}",
+                config.admin_listen
+            )))?;
         let addr = listener.local_addr().map_err(io_err("listen address"))?;
-        let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(io_err("admin address"))?;
 
         // Feeds.
         let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
@@ -144,12 +152,14 @@ impl Server {
                     .clone()
                     .unwrap_or_else(|| format!("http://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
-                let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
+                let (iss, generated) =
+                    EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
                 return Err(Error::Unsupported(
-                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build".into(),
+                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build"
+                        .into(),
                 ))
             }
         };
@@ -231,8 +241,12 @@ impl Server {
         for feed in catalog.feeds() {
             match (feed.def.source, &feed.def.synthetic) {
                 (SourceKind::Synthetic, Some(def)) => {
-                    let generator =
-                        feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
+                    let generator = feeds::synthetic::Generator::new(
+                        def,
+                        feed.idx,
+                        feed.id(),
+                        feed.instrument_count(),
+                    );
                     background.spawn(feeds::synthetic::run(
                         def.clone(),
                         generator,
@@ -319,7 +333,10 @@ impl Server {
                 .await;
         }
         self.app.tracker.close();
-        if tokio::time::timeout(drain, self.app.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(drain, self.app.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = self.app.open_connections.load(Ordering::Acquire),
                 "drain time over; dropping remaining connections"

@@ -121,7 +121,9 @@ enum Cmd {
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -152,7 +154,11 @@ async fn shutdown_signal() {
 }
 
 fn split_symbols(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -201,7 +207,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             client_secret,
             scope,
         } => {
-            let t = client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
+            let t =
+                client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
             println!("{t}");
         }
         Cmd::Subscribe {
@@ -310,7 +317,11 @@ async fn subscribe(
                 }
                 for a in anomalies {
                     violations += 1;
-                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"type": "delivery_violation", "detail": format!("{a:?}")})
+                    )?;
                     eprintln!("DELIVERY VIOLATION: {a:?}");
                 }
                 if limit.is_some_and(|l| n >= l) {
@@ -320,7 +331,11 @@ async fn subscribe(
                 }
             }
             Event::Closed { code, reason } => {
-                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"type": "closed", "code": code, "reason": reason})
+                )?;
                 break;
             }
         }

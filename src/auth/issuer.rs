@@ -68,8 +68,8 @@ impl SigningKey {
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
         let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
-        let decoding = DecodingKey::from_ec_components(&x, &y)
-            .map_err(|e| IssuerError::Key(e.to_string()))?;
+        let decoding =
+            DecodingKey::from_ec_components(&x, &y).map_err(|e| IssuerError::Key(e.to_string()))?;
         Ok(SigningKey {
             jwk: json!({"kty":"EC","crv":"P-256","x":x,"y":y,"kid":kid,"alg":"ES256","use":"sig"}),
             kid,
@@ -111,7 +111,10 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Hex SHA-256 of a client secret, the form `secret_sha256` takes in the config.
 pub fn hash_secret(secret: &str) -> String {
-    sha256(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sha256(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -172,8 +175,9 @@ impl EmbeddedIssuer {
             {
                 let digest = match (secret, secret_sha256) {
                     (Some(s), _) => sha256(s.as_bytes()),
-                    (None, Some(h)) => parse_hex32(h)
-                        .ok_or_else(|| IssuerError::Key(format!("client {id}: bad secret_sha256")))?,
+                    (None, Some(h)) => parse_hex32(h).ok_or_else(|| {
+                        IssuerError::Key(format!("client {id}: bad secret_sha256"))
+                    })?,
                     (None, None) => {
                         return Err(IssuerError::Key(format!("client {id}: no secret")));
                     }
@@ -285,7 +289,10 @@ async fn discovery(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse 
 }
 
 async fn jwks(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse {
-    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(iss.jwks()))
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(iss.jwks()),
+    )
 }
 
 #[derive(Deserialize)]
@@ -318,7 +325,10 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
         return Ok(None);
     };
     let v = v.to_str().map_err(|_| ())?;
-    let Some(b64) = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")) else {
+    let Some(b64) = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))
+    else {
         return Err(());
     };
     let raw = STANDARD.decode(b64.trim()).map_err(|_| ())?;
@@ -333,7 +343,20 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
     Ok(Some((decode(id)?, decode(secret)?)))
 }
 
-async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body: Bytes) -> Response {
+/// A requested scope is allowed when the client holds it exactly, or when it is a
+/// single-feed read scope and the client holds `md:read:*` (a token can be narrowed).
+fn scope_allowed(allowed: &[String], requested: &str) -> bool {
+    allowed.iter().any(|a| a == requested)
+        || (requested.starts_with(super::scopes::READ_PREFIX)
+            && requested.len() > super::scopes::READ_PREFIX.len()
+            && allowed.iter().any(|a| a == "md:read:*"))
+}
+
+async fn token(
+    State(iss): State<Arc<EmbeddedIssuer>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let form: TokenForm = match serde_urlencoded::from_bytes(&body) {
         Ok(f) => f,
         Err(_) => {
@@ -390,7 +413,7 @@ async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body:
         None | Some("") => client.scopes.clone(),
         Some(s) => {
             let requested: Vec<String> = split_scope(s).map(str::to_owned).collect();
-            if let Some(bad) = requested.iter().find(|r| !client.scopes.contains(r)) {
+            if let Some(bad) = requested.iter().find(|r| !scope_allowed(&client.scopes, r)) {
                 let shown: String = bad.chars().take(64).collect();
                 return oauth_error(
                     StatusCode::BAD_REQUEST,
@@ -409,7 +432,10 @@ async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body:
             body.insert("expires_in", json!(iss.ttl_s));
             body.insert("scope", json!(scopes.join(" ")));
             (
-                [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")],
+                [
+                    (header::CACHE_CONTROL, "no-store"),
+                    (header::PRAGMA, "no-cache"),
+                ],
                 Json(body),
             )
                 .into_response()
@@ -441,14 +467,21 @@ mod tests {
         )
         .expect("issuer");
         assert!(secret.is_none());
-        let v = Validator::new(keys, iss.issuer().to_owned(), "tickgate".into(), &AuthConfig::default());
+        let v = Validator::new(
+            keys,
+            iss.issuer().to_owned(),
+            "tickgate".into(),
+            &AuthConfig::default(),
+        );
         (iss, v)
     }
 
     #[test]
     fn issued_tokens_validate() {
         let (iss, v) = setup();
-        let t = iss.issue("demo", &["md:read:DEMO".into()], 60).expect("token");
+        let t = iss
+            .issue("demo", &["md:read:DEMO".into()], 60)
+            .expect("token");
         let p = v.validate(&t).expect("valid");
         assert_eq!(p.sub, "demo");
         assert!(p.entitlements.can_read("DEMO"));
@@ -464,13 +497,27 @@ mod tests {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now + 60, "iat": now});
         let jwt = iss.sign_raw("JWT", &claims).expect("sign");
-        assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::BadTyp("at+jwt".into()));
+        assert_eq!(
+            v.validate(&jwt).unwrap_err(),
+            AuthError::BadTyp("at+jwt".into())
+        );
         let old = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now - 120, "iat": now - 180});
         let jwt = iss.sign_raw("at+jwt", &old).expect("sign");
         assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::Expired);
         let wrong_aud = json!({"iss": iss.issuer(), "sub": "x", "aud": "other", "exp": now + 60});
         let jwt = iss.sign_raw("at+jwt", &wrong_aud).expect("sign");
         assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::WrongAudience);
+    }
+
+    #[test]
+    fn wildcard_read_can_be_narrowed_but_nothing_else() {
+        let allowed = vec!["md:read:*".to_owned(), "openid".to_owned()];
+        assert!(scope_allowed(&allowed, "md:read:DEMO"));
+        assert!(scope_allowed(&allowed, "md:read:*"));
+        assert!(scope_allowed(&allowed, "openid"));
+        assert!(!scope_allowed(&allowed, "md:read:"));
+        assert!(!scope_allowed(&allowed, "md:publish:DEMO"));
+        assert!(!scope_allowed(&allowed, "tickgate:admin"));
     }
 
     #[test]

@@ -207,11 +207,19 @@ impl Validator {
             return Err(AuthError::TooLarge(self.max_token_bytes));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(AuthError::Malformed("expected three dot-separated segments"));
+            return Err(AuthError::Malformed(
+                "expected three dot-separated segments",
+            ));
         };
-        let b64 = |seg: &str| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let b64 = |seg: &str| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
         if !b64(h) || !b64(p) || !b64(s) {
             return Err(AuthError::Malformed("segments must be non-empty base64url"));
         }
@@ -330,7 +338,9 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
         ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(sanitize(c)),
         ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaims(sanitize(c)),
-        ErrorKind::Json(_) => AuthError::BadClaims("claims do not match the access token schema".into()),
+        ErrorKind::Json(_) => {
+            AuthError::BadClaims("claims do not match the access token schema".into())
+        }
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
             AuthError::Malformed("undecodable segment")
         }

@@ -105,7 +105,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn scrape(admin: &str) -> Option<String> {
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().ok()?;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
     c.get(format!("{}/metrics", admin.trim_end_matches('/')))
         .send()
         .await
@@ -119,13 +122,21 @@ async fn scrape(admin: &str) -> Option<String> {
 pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     let shared = Arc::new(Shared::default());
     let mut tasks = Vec::with_capacity(opts.connections);
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(opts.connections.max(1));
+    let (ready_tx, mut ready_rx) =
+        tokio::sync::mpsc::channel::<Result<(), String>>(opts.connections.max(1));
     for i in 0..opts.connections {
         let o = opts.clone();
         let sh = shared.clone();
         let ready = ready_tx.clone();
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % o.source_ips.max(1) as usize) as u8));
-        tasks.push(tokio::spawn(async move { subscriber(i, o, ip, sh, ready).await }));
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % o.source_ips.max(1) as usize) as u8,
+        ));
+        tasks.push(tokio::spawn(async move {
+            subscriber(i, o, ip, sh, ready).await
+        }));
     }
     drop(ready_tx);
     let mut failed = 0;
@@ -145,7 +156,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         }
     }
     if opts.progress {
-        eprintln!("{ready} subscribers live ({failed} failed); warming up {:?}", opts.warmup);
+        eprintln!(
+            "{ready} subscribers live ({failed} failed); warming up {:?}",
+            opts.warmup
+        );
     }
     tokio::time::sleep(opts.warmup).await;
 
@@ -180,7 +194,8 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     };
     shared.stop.store(true, Ordering::Release);
 
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| ClientError::Control(e.to_string()))?;
     let mut early_closes = Vec::new();
     let mut completed = 0;
     for t in tasks {
@@ -238,7 +253,8 @@ async fn subscriber(
     sh: Arc<Shared>,
     ready: tokio::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(Histogram<u64>, Option<u16>), ClientError> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| ClientError::Control(e.to_string()))?;
     let opts = ConnectOptions {
         local_ip: Some(ip),
         ..ConnectOptions::default()
@@ -285,9 +301,12 @@ async fn subscriber(
                     _ => {}
                 }
             }
-            Ok(Event::Batch { records, anomalies, .. }) => {
+            Ok(Event::Batch {
+                records, anomalies, ..
+            }) => {
                 if !anomalies.is_empty() {
-                    sh.anomalies.fetch_add(anomalies.len() as u64, Ordering::Relaxed);
+                    sh.anomalies
+                        .fetch_add(anomalies.len() as u64, Ordering::Relaxed);
                 }
                 if sh.measuring.load(Ordering::Relaxed) {
                     let now = now_ns() as i64;
@@ -304,7 +323,9 @@ async fn subscriber(
             }
             Ok(Event::Closed { code, .. }) => {
                 if !announced {
-                    let _ = ready.send(Err(format!("#{i}: closed {code} before subscribing"))).await;
+                    let _ = ready
+                        .send(Err(format!("#{i}: closed {code} before subscribing")))
+                        .await;
                 }
                 return Ok((hist, Some(code)));
             }

@@ -75,7 +75,11 @@ pub async fn fetch_token(
             .json::<serde_json::Value>()
             .await
             .ok()
-            .and_then(|v| v.get("token_endpoint").and_then(|e| e.as_str()).map(str::to_owned))
+            .and_then(|v| {
+                v.get("token_endpoint")
+                    .and_then(|e| e.as_str())
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| format!("{base}/oauth2/token")),
         _ => format!("{base}/oauth2/token"),
     };
@@ -132,13 +136,22 @@ pub struct ConnectOptions {
 pub type ClientWs = WebSocketStream<TcpStream>;
 
 /// Opens a stream connection (`ws://` URLs).
-pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<ClientWs, ClientError> {
-    let uri: tokio_tungstenite::tungstenite::http::Uri =
-        url.parse().map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+pub async fn connect(
+    url: &str,
+    token: &str,
+    opts: &ConnectOptions,
+) -> Result<ClientWs, ClientError> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = url
+        .parse()
+        .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
     if uri.scheme_str() != Some("ws") {
-        return Err(ClientError::Url(format!("{url}: only ws:// URLs are supported by this client")));
+        return Err(ClientError::Url(format!(
+            "{url}: only ws:// URLs are supported by this client"
+        )));
     }
-    let host = uri.host().ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
     let port = uri.port_u16().unwrap_or(80);
     let addr: SocketAddr = tokio::net::lookup_host((host, port))
         .await?
@@ -162,12 +175,21 @@ pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Cl
     let bad = |_| ClientError::Url("token is not a valid header value".into());
     match opts.placement {
         TokenPlacement::Header => {
-            h.insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).map_err(bad)?);
-            h.insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+            h.insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(bad)?,
+            );
+            h.insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
         }
         TokenPlacement::Subprotocol => {
             let v = format!("{SUBPROTOCOL}, {BEARER_PROTOCOL_PREFIX}{token}");
-            h.insert("sec-websocket-protocol", HeaderValue::from_str(&v).map_err(bad)?);
+            h.insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(&v).map_err(bad)?,
+            );
         }
     }
     let (ws, _resp) = tokio_tungstenite::client_async(req, stream).await?;
@@ -242,8 +264,12 @@ impl SeqTracker {
                     self.ids.insert(f.id, f.name.clone());
                 }
             }
-            ServerMsg::Subscribed { feed, instruments, .. } => {
-                let Some(&fid) = self.feeds.get(feed) else { return };
+            ServerMsg::Subscribed {
+                feed, instruments, ..
+            } => {
+                let Some(&fid) = self.feeds.get(feed) else {
+                    return;
+                };
                 for i in instruments {
                     self.symbols.insert((fid, i.id), i.symbol.clone());
                     self.by_symbol.insert((fid, i.symbol.clone()), i.id);
@@ -255,7 +281,9 @@ impl SeqTracker {
                 }
             }
             ServerMsg::Unsubscribed { feed, symbols, .. } => {
-                let Some(&fid) = self.feeds.get(feed) else { return };
+                let Some(&fid) = self.feeds.get(feed) else {
+                    return;
+                };
                 for s in symbols {
                     if let Some(id) = self.by_symbol.get(&(fid, s.clone())) {
                         self.track.remove(&(fid, *id));
@@ -263,11 +291,19 @@ impl SeqTracker {
                 }
             }
             ServerMsg::Gap {
-                feed, symbol, from, to, ..
+                feed,
+                symbol,
+                from,
+                to,
+                ..
             } => {
                 self.gaps += 1;
-                let Some(&fid) = self.feeds.get(feed) else { return };
-                let Some(&iid) = self.by_symbol.get(&(fid, symbol.clone())) else { return };
+                let Some(&fid) = self.feeds.get(feed) else {
+                    return;
+                };
+                let Some(&iid) = self.by_symbol.get(&(fid, symbol.clone())) else {
+                    return;
+                };
                 if let Some(t) = self.track.get_mut(&(fid, iid)) {
                     if *from <= t.expected && *to >= t.expected {
                         self.gap_records += to - t.expected + 1;
@@ -340,7 +376,9 @@ impl SeqTracker {
 
     /// Symbol of an instrument id, once subscribed.
     pub fn symbol(&self, feed_id: u16, instrument_id: u32) -> Option<&str> {
-        self.symbols.get(&(feed_id, instrument_id)).map(String::as_str)
+        self.symbols
+            .get(&(feed_id, instrument_id))
+            .map(String::as_str)
     }
 
     /// Feed name of a feed id.
@@ -396,13 +434,19 @@ pub struct Subscriber {
 
 impl std::fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscriber").field("tracker", &self.tracker).finish()
+        f.debug_struct("Subscriber")
+            .field("tracker", &self.tracker)
+            .finish()
     }
 }
 
 impl Subscriber {
     /// Connects.
-    pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Subscriber, ClientError> {
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        opts: &ConnectOptions,
+    ) -> Result<Subscriber, ClientError> {
         Ok(Subscriber {
             ws: connect(url, token, opts).await?,
             tracker: SeqTracker::default(),
@@ -435,14 +479,18 @@ impl Subscriber {
             };
             match msg {
                 Message::Text(t) => {
-                    let m: ServerMsg =
-                        serde_json::from_str(t.as_str()).map_err(|e| ClientError::Control(format!("{e}: {t}")))?;
+                    let m: ServerMsg = serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::Control(format!("{e}: {t}")))?;
                     self.tracker.on_control(&m);
                     return Ok(Event::Control(m));
                 }
                 Message::Binary(b) => {
                     let batch = decode_batch(&b)?;
-                    let anomalies = batch.records.iter().filter_map(|r| self.tracker.on_record(r)).collect();
+                    let anomalies = batch
+                        .records
+                        .iter()
+                        .filter_map(|r| self.tracker.on_record(r))
+                        .collect();
                     return Ok(Event::Batch {
                         send_ts_ns: batch.send_ts_ns,
                         records: batch.records,

@@ -130,7 +130,11 @@ pub struct ConnHandles {
 
 impl ShardCore {
     /// A shard over the catalog. `validator` checks in-band refresh tokens.
-    pub fn new(catalog: Arc<Catalog>, validator: Option<Arc<Validator>>, limits: CoreLimits) -> ShardCore {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        validator: Option<Arc<Validator>>,
+        limits: CoreLimits,
+    ) -> ShardCore {
         let index = catalog
             .feeds()
             .iter()
@@ -238,7 +242,11 @@ impl ShardCore {
     }
 
     fn unindex(&mut self, key: ConnKey, f: u16, i: u32) {
-        if let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) {
+        if let Some(list) = self
+            .index
+            .get_mut(f as usize)
+            .and_then(|v| v.get_mut(i as usize))
+        {
             if let Some(pos) = list.iter().position(|&k| k == key) {
                 list.swap_remove(pos);
                 self.subscriptions -= 1;
@@ -301,7 +309,9 @@ impl ShardCore {
         let (conns, index, to_kill) = (&mut self.conns, &self.index, &mut self.to_kill);
         for &key in &index[f][i] {
             // Every key in the index is a live connection: removal unindexes first.
-            let Some(c) = conns.get_mut(key) else { continue };
+            let Some(c) = conns.get_mut(key) else {
+                continue;
+            };
             let was_empty = c.out.is_empty();
             c.out.push_record(tick.feed_idx, &tick.record, max_batch);
             if c.out.bytes() > budget {
@@ -320,13 +330,16 @@ impl ShardCore {
         }
         let kills = std::mem::take(&mut self.to_kill);
         for key in kills {
-            let Some(c) = self.conns.get_mut(key) else { continue };
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
             if c.out.is_closed() {
                 continue;
             }
             // Policy `disconnect`: the backlog is dropped, the close goes out as soon as
             // the socket takes it, and a writer stuck on the stalled socket is aborted.
-            c.out.discard_and_close(close::SLOW_CONSUMER, "slow consumer");
+            c.out
+                .discard_and_close(close::SLOW_CONSUMER, "slow consumer");
             c.notify.notify_one();
             c.kill.notify_one();
             self.stats.slow_disconnects += 1;
@@ -354,10 +367,9 @@ impl ShardCore {
                     reconnect_after_ms: jitter,
                 },
             );
+            // No kill here: the `shutdown` message must reach the client. A client stuck
+            // on a full socket is dropped when the drain time runs out instead.
             self.close(key, close::GOING_AWAY, "server shutting down");
-            if let Some(c) = self.conns.get(key) {
-                c.kill.notify_one();
-            }
         }
     }
 
@@ -372,7 +384,9 @@ impl ShardCore {
                 snapshot,
                 resume,
             } => self.subscribe(key, id, &feed, &symbols, snapshot, resume),
-            ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
+            ClientMsg::Unsubscribe { id, feed, symbols } => {
+                self.unsubscribe(key, id, &feed, &symbols)
+            }
             ClientMsg::Refresh { id, token } => self.refresh(key, id, &token.0),
             ClientMsg::Auth { .. } => self.send_error(
                 key,
@@ -389,9 +403,18 @@ impl ShardCore {
             return Ok((0..feed.instrument_count() as u32).collect());
         }
         let mut out = Vec::with_capacity(symbols.len());
+        let mut seen = HashSet::with_capacity(symbols.len());
         for s in symbols {
+            if s == "*" {
+                return Err("*` must be the only entry of `symbols".into());
+            }
             match feed.instrument_index(s) {
-                Some(i) => out.push(i),
+                // A repeated symbol is subscribed and reported once.
+                Some(i) => {
+                    if seen.insert(i) {
+                        out.push(i);
+                    }
+                }
                 None => {
                     let shown: String = s.chars().take(32).collect();
                     return Err(shown);
@@ -399,6 +422,24 @@ impl ShardCore {
             }
         }
         Ok(out)
+    }
+
+    fn resolve_error(&mut self, key: ConnKey, id: Option<i64>, feed: &Feed, e: String) {
+        if e.starts_with('*') {
+            self.send_error(
+                key,
+                id,
+                ErrorCode::BadRequest,
+                "`*` must be the only entry of `symbols`".into(),
+            )
+        } else {
+            self.send_error(
+                key,
+                id,
+                ErrorCode::UnknownSymbol,
+                format!("no symbol `{e}` in feed {}", feed.name()),
+            )
+        }
     }
 
     fn subscribe(
@@ -413,9 +454,16 @@ impl ShardCore {
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::UnknownFeed,
+                format!("no feed `{shown}`"),
+            );
         };
-        let Some(conn) = self.conns.get(key) else { return };
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         if conn.out.is_closed() {
             return;
         }
@@ -428,26 +476,16 @@ impl ShardCore {
             );
         }
         if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
-        }
-        if symbols.len() > 1 && symbols.iter().any(|s| s == "*") {
             return self.send_error(
                 key,
                 id,
                 ErrorCode::BadRequest,
-                "`*` must be the only entry of `symbols`".into(),
+                "`symbols` must not be empty".into(),
             );
         }
         let instruments = match Self::resolve(feed, symbols) {
             Ok(v) => v,
-            Err(sym) => {
-                return self.send_error(
-                    key,
-                    id,
-                    ErrorCode::UnknownSymbol,
-                    format!("no symbol `{sym}` in feed {}", feed.name()),
-                )
-            }
+            Err(e) => return self.resolve_error(key, id, feed, e),
         };
         if let Some(r) = &resume {
             if let Some(unknown) = r.keys().find(|s| feed.instrument_index(s).is_none()) {
@@ -461,14 +499,11 @@ impl ShardCore {
             }
         }
         let f = feed.idx as u16;
-        let new: Vec<u32> = {
-            let mut seen = HashSet::new();
-            instruments
-                .iter()
-                .copied()
-                .filter(|i| !conn.subs.contains(&(f, *i)) && seen.insert(*i))
-                .collect()
-        };
+        let new: Vec<u32> = instruments
+            .iter()
+            .copied()
+            .filter(|i| !conn.subs.contains(&(f, *i)))
+            .collect();
         if conn.subs.len() + new.len() > self.limits.max_subscriptions {
             return self.send_error(
                 key,
@@ -515,7 +550,10 @@ impl ShardCore {
                 None => snapshot,
             };
             if want_snapshot {
-                let mut recs: Vec<Record> = [st.last_trade, st.last_quote].into_iter().flatten().collect();
+                let mut recs: Vec<Record> = [st.last_trade, st.last_quote]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 recs.sort_by_key(Record::seq);
                 snap.extend(recs.into_iter().map(|r| r.with_flags(FLAG_SNAPSHOT)));
             }
@@ -527,7 +565,9 @@ impl ShardCore {
             instruments: infos,
         };
         let max_batch = self.limits.max_batch_bytes;
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let was_empty = conn.out.is_empty();
         conn.out.push_text(reply.to_json());
         for m in &prelude {
@@ -552,21 +592,24 @@ impl ShardCore {
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::UnknownFeed,
+                format!("no feed `{shown}`"),
+            );
         };
         if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::BadRequest,
+                "`symbols` must not be empty".into(),
+            );
         }
         let instruments = match Self::resolve(feed, symbols) {
             Ok(v) => v,
-            Err(sym) => {
-                return self.send_error(
-                    key,
-                    id,
-                    ErrorCode::UnknownSymbol,
-                    format!("no symbol `{sym}` in feed {}", feed.name()),
-                )
-            }
+            Err(e) => return self.resolve_error(key, id, feed, e),
         };
         let f = feed.idx as u16;
         let removed = self.drop_subs(key, f, &instruments);
@@ -584,7 +627,9 @@ impl ShardCore {
 
     /// Removes the given subscriptions of a connection; returns those that existed.
     fn drop_subs(&mut self, key: ConnKey, f: u16, instruments: &[u32]) -> Vec<u32> {
-        let Some(conn) = self.conns.get_mut(key) else { return Vec::new() };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Vec::new();
+        };
         let removed: Vec<u32> = instruments
             .iter()
             .copied()
@@ -598,9 +643,16 @@ impl ShardCore {
 
     fn refresh(&mut self, key: ConnKey, id: Option<i64>, token: &str) {
         let Some(validator) = self.validator.clone() else {
-            return self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
+            return self.send_error(
+                key,
+                id,
+                ErrorCode::InvalidToken,
+                "token refresh is not available".into(),
+            );
         };
-        let Some(conn) = self.conns.get(key) else { return };
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         let p = match validator.validate(token) {
             Ok(p) => p,
             Err(e) => {
@@ -625,7 +677,12 @@ impl ShardCore {
             .filter(|f| !p.entitlements.can_read(f.name()))
             .map(|f| {
                 let fi = f.idx as u16;
-                let mut is: Vec<u32> = conn.subs.iter().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
+                let mut is: Vec<u32> = conn
+                    .subs
+                    .iter()
+                    .filter(|(cf, _)| *cf == fi)
+                    .map(|(_, i)| *i)
+                    .collect();
                 is.sort_unstable();
                 (fi, is)
             })

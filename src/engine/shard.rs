@@ -47,8 +47,9 @@ pub enum ShardCtl {
 
 /// Builds the future that serves one accepted socket on the shard (HTTP, then maybe a
 /// stream). Provided by the server so the engine stays free of HTTP concerns.
-pub type ServeFn =
-    Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
+pub type ServeFn = Arc<
+    dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync,
+>;
 
 /// The shard-local context that connection tasks reach through [`current`].
 #[derive(Debug)]
@@ -99,7 +100,10 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("tickgate-shard-{}", spec.id))
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(shard = spec.id, error = %e, "cannot build shard runtime");
@@ -206,7 +210,10 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     for (fi, feed) in core.catalog().feeds().iter().enumerate() {
         let d = now.delivered[fi] - last.delivered.get(fi).copied().unwrap_or(0);
         if d > 0 {
-            metrics.records_delivered.with_label_values(&[feed.name()]).inc_by(d);
+            metrics
+                .records_delivered
+                .with_label_values(&[feed.name()])
+                .inc_by(d);
         }
     }
     metrics.frames_sent.inc_by(now.frames - last.frames);
@@ -226,18 +233,29 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
             .map(|(_, n)| *n)
             .unwrap_or(0);
         if *n > before {
-            metrics.control_errors.with_label_values(&[code.as_str()]).inc_by(n - before);
+            metrics
+                .control_errors
+                .with_label_values(&[code.as_str()])
+                .inc_by(n - before);
         }
     }
     let ok = now.refresh_ok - last.refresh_ok;
     if ok > 0 {
-        metrics.token_refreshes.with_label_values(&["ok"]).inc_by(ok);
+        metrics
+            .token_refreshes
+            .with_label_values(&["ok"])
+            .inc_by(ok);
     }
     let refused = now.refresh_refused - last.refresh_refused;
     if refused > 0 {
-        metrics.token_refreshes.with_label_values(&["refused"]).inc_by(refused);
+        metrics
+            .token_refreshes
+            .with_label_values(&["refused"])
+            .inc_by(refused);
     }
-    metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
+    metrics
+        .source_gaps
+        .inc_by(now.source_gaps - last.source_gaps);
     shard
         .inbox
         .subscriptions

@@ -101,7 +101,8 @@ pub struct FeedDef {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 impl FeedDef {
@@ -127,7 +128,9 @@ impl FeedDef {
         let mut seen = HashSet::new();
         for s in &def.symbols {
             if !valid_name(s) {
-                return Err(invalid(format!("symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - .")));
+                return Err(invalid(format!(
+                    "symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - ."
+                )));
             }
             if !seen.insert(s.as_str()) {
                 return Err(invalid(format!("symbol `{s}` appears twice")));
@@ -135,11 +138,15 @@ impl FeedDef {
         }
         match (def.source, &def.synthetic) {
             (SourceKind::Synthetic, None) => {
-                return Err(invalid("source = \"synthetic\" needs a [synthetic] section".into()))
+                return Err(invalid(
+                    "source = \"synthetic\" needs a [synthetic] section".into(),
+                ))
             }
             (SourceKind::Synthetic, Some(s)) => {
                 if !(s.rate_per_s > 0.0 && s.rate_per_s <= 10_000_000.0) {
-                    return Err(invalid("synthetic.rate_per_s must be in (0, 10000000]".into()));
+                    return Err(invalid(
+                        "synthetic.rate_per_s must be in (0, 10000000]".into(),
+                    ));
                 }
                 if !(0.0..=1.0).contains(&s.quote_ratio) {
                     return Err(invalid("synthetic.quote_ratio must be in [0, 1]".into()));
@@ -283,7 +290,10 @@ pub enum DefsOrigin {
 /// Loads every `*.toml` of `dir` in name order. When `dir` does not exist and
 /// `allow_embedded` is set (the default `feeds` folder), the compiled-in demo feed is
 /// used instead.
-pub fn load_defs(dir: &Path, allow_embedded: bool) -> Result<(Vec<FeedDef>, DefsOrigin), FeedError> {
+pub fn load_defs(
+    dir: &Path,
+    allow_embedded: bool,
+) -> Result<(Vec<FeedDef>, DefsOrigin), FeedError> {
     if !dir.exists() && allow_embedded {
         let def = FeedDef::parse("<embedded demo.toml>", EMBEDDED_DEMO)?;
         return Ok((vec![def], DefsOrigin::Embedded));
@@ -332,8 +342,11 @@ mod tests {
 
     #[test]
     fn bad_definitions_are_explained() {
-        let e = FeedDef::parse("x", "name = \"A\"\nid = 0\nsource = \"synthetic\"\nsymbols = [\"X\"]\n")
-            .unwrap_err();
+        let e = FeedDef::parse(
+            "x",
+            "name = \"A\"\nid = 0\nsource = \"synthetic\"\nsymbols = [\"X\"]\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("id"), "{e}");
         let e = FeedDef::parse(
             "x",
@@ -341,9 +354,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
-        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\"]\n").unwrap_err();
+        let e = FeedDef::parse(
+            "x",
+            "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\"]\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("[synthetic]"), "{e}");
-        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"nope\"\nsymbols = [\"X\"]\n").unwrap_err();
+        let e = FeedDef::parse(
+            "x",
+            "name = \"A\"\nid = 1\nsource = \"nope\"\nsymbols = [\"X\"]\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }
 

@@ -89,7 +89,11 @@ impl Generator {
         } else {
             let ticks = ((book.ask - book.bid) / TICK).max(0);
             let price = book.bid + rng.random_range(0..=ticks) * TICK;
-            let side = if price * 2 >= book.bid + book.ask { 1 } else { 2 };
+            let side = if price * 2 >= book.bid + book.ask {
+                1
+            } else {
+                2
+            };
             Body::Trade(Trade {
                 price,
                 size: rng.random_range(1u64..=10) * LOT,
@@ -127,7 +131,9 @@ pub async fn run(
     let mut emitted: u64 = 0;
     loop {
         let elapsed = start.elapsed().as_nanos() as f64;
-        let due = ((elapsed / period_ns) as u64).saturating_sub(emitted).min(MAX_BURST);
+        let due = ((elapsed / period_ns) as u64)
+            .saturating_sub(emitted)
+            .min(MAX_BURST);
         if due == 0 {
             let next_at = start + Duration::from_nanos(((emitted + 1) as f64 * period_ns) as u64);
             tokio::select! {
@@ -176,7 +182,11 @@ mod tests {
             assert_eq!(ta.record.as_bytes(), tb.record.as_bytes());
             let i = ta.instr as usize;
             seqs[i] += 1;
-            assert_eq!(ta.record.seq(), seqs[i], "seq per instrument is 1, 2, 3, ...");
+            assert_eq!(
+                ta.record.seq(),
+                seqs[i],
+                "seq per instrument is 1, 2, 3, ..."
+            );
             match ta.record.body() {
                 Body::Quote(q) => {
                     quotes += 1;
@@ -190,13 +200,19 @@ mod tests {
                     trades += 1;
                     assert_eq!(ta.record.rtype(), RTYPE_TRADE);
                     if bids[i] > 0 {
-                        assert!(t.price >= bids[i] && t.price <= asks[i], "trade outside the spread");
+                        assert!(
+                            t.price >= bids[i] && t.price <= asks[i],
+                            "trade outside the spread"
+                        );
                     }
                     assert_eq!(t.size % LOT, 0);
                     assert!(t.side == 1 || t.side == 2);
                 }
             }
         }
-        assert!(quotes > 5000 && trades > 3000, "quotes {quotes} trades {trades}");
+        assert!(
+            quotes > 5000 && trades > 3000,
+            "quotes {quotes} trades {trades}"
+        );
     }
 }

@@ -467,12 +467,18 @@ mod tests {
 
     #[test]
     fn decode_rejects_malformed() {
-        assert!(matches!(decode_batch(&[1, 0]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decode_batch(&[1, 0]),
+            Err(DecodeError::Truncated { .. })
+        ));
         let mut msg = vec![0u8; BATCH_HEADER_LEN];
         write_batch_header(&mut msg, 1, 0);
         msg.push(33);
         msg.extend_from_slice(&[0u8; 40]);
-        assert!(matches!(decode_batch(&msg), Err(DecodeError::BadLength { .. })));
+        assert!(matches!(
+            decode_batch(&msg),
+            Err(DecodeError::BadLength { .. })
+        ));
         let mut msg = vec![0u8; BATCH_HEADER_LEN];
         write_batch_header(&mut msg, 0, 0);
         msg.push(0);

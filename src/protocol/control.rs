@@ -93,7 +93,10 @@ pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ParseError> {
         message: "a control message must be a JSON object".to_owned(),
     })?;
     let id = obj.get("id").and_then(serde_json::Value::as_i64);
-    if obj.get("id").is_some_and(|v| !v.is_null() && v.as_i64().is_none()) {
+    if obj
+        .get("id")
+        .is_some_and(|v| !v.is_null() && v.as_i64().is_none())
+    {
         return Err(ParseError {
             id: None,
             message: "`id` must be an integer".to_owned(),

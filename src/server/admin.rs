@@ -41,7 +41,10 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     app.metrics.ingest_backpressure.set(waits as i64);
     app.metrics.jwks_keys.set(app.validator.keys().len() as i64);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         app.metrics.render(),
     )
 }
@@ -52,9 +55,15 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     if app.draining.load(Ordering::Acquire) {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
     } else if app.validator.keys().is_empty() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "keys not loaded"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "keys not loaded"})),
+        )
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }

@@ -56,7 +56,8 @@ impl Bucket {
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -81,7 +82,8 @@ fn ws_config(app: &AppState) -> WebSocketConfig {
     // Frames are flushed explicitly once per writer wake-up; this only bounds how much
     // tungstenite buffers before it writes on its own.
     c.write_buffer_size = 64 * 1024;
-    c.max_write_buffer_size = app.config.limits.max_outbound_bytes + app.config.engine.max_batch_bytes + (1 << 20);
+    c.max_write_buffer_size =
+        app.config.limits.max_outbound_bytes + app.config.engine.max_batch_bytes + (1 << 20);
     c
 }
 
@@ -101,7 +103,12 @@ pub(crate) async fn run(
             return;
         }
     };
-    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&app))).await;
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(ws_config(&app)),
+    )
+    .await;
     let session = format!("s-{:016x}", rand::random::<u64>());
     let sub = principal.sub.clone();
     let handles = shard.core.borrow_mut().add_conn(principal, session.clone());
@@ -119,7 +126,10 @@ pub(crate) async fn run(
         .inbox
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    app.metrics.closes.with_label_values(&[&ended.code.to_string()]).inc();
+    app.metrics
+        .closes
+        .with_label_values(&[&ended.code.to_string()])
+        .inc();
     tracing::info!(session = %session, sub = %sub, code = ended.code, reason = ended.reason,
         duration_s = opened.elapsed().as_secs_f64(), "stream closed");
     drop(slot);
@@ -133,7 +143,8 @@ enum Flow {
 async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
     let limits = &app.config.limits;
     let heartbeat = Duration::from_millis(app.config.server.heartbeat_ms);
-    let mut ping_timer = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut ping_timer =
+        tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pong = Instant::now();
     let mut bucket = Bucket::new(limits.control_rate_per_s, limits.control_burst);
@@ -202,6 +213,9 @@ where
     F: std::future::Future<Output = Result<(), WsError>>,
 {
     tokio::select! {
+        // An operation that can finish now always wins over a pending kill, so a kill
+        // only ever abandons a write the socket is not taking.
+        biased;
         r = op => r.map_err(Some),
         _ = h.kill.notified() => Err(None),
     }
@@ -269,7 +283,10 @@ async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
         code: CloseCode::from(code),
         reason: reason.into(),
     };
-    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await.is_err() {
+    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame)))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
@@ -285,7 +302,9 @@ async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
 /// Maps a read error to the close the spec asks for, and sends it when the socket allows.
 async fn fail(ws: &mut Ws, e: WsError) -> Ended {
     let (code, reason) = match &e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            (close::TOO_BIG, "message too big")
+        }
         WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
         WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {

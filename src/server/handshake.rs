@@ -84,8 +84,14 @@ impl Refusal {
         if self.status == StatusCode::UNAUTHORIZED {
             // The description is our own text (never token material); quotes are removed
             // so it is a valid quoted-string.
-            let desc: String = self.description.chars().filter(|c| *c != '"' && *c != '\\').collect();
-            let v = format!("Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\"");
+            let desc: String = self
+                .description
+                .chars()
+                .filter(|c| *c != '"' && *c != '\\')
+                .collect();
+            let v = format!(
+                "Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\""
+            );
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
@@ -124,7 +130,11 @@ fn check_request(
     {
         return Err(Refusal::bad_request("not a WebSocket upgrade request"));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
         return Err(Refusal::bad_request("Sec-WebSocket-Version must be 13"));
     }
     let key = headers
@@ -154,8 +164,8 @@ fn check_request(
     }
 
     if let Some(q) = query {
-        let pairs: Vec<(String, String)> =
-            serde_urlencoded::from_str(q).map_err(|_| Refusal::bad_request("malformed query string"))?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+            .map_err(|_| Refusal::bad_request("malformed query string"))?;
         if pairs.iter().any(|(k, _)| k == "access_token") {
             return Err(Refusal::bad_request(
                 "tokens in the URL are refused; use the Authorization header or the bearer subprotocol",
@@ -199,7 +209,9 @@ fn check_request(
                 .split_once(' ')
                 .ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
             if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
-                return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
+                return Err(Refusal::bad_request(
+                    "Authorization must use the Bearer scheme",
+                ));
             }
             Some(rest.trim().to_owned())
         }
@@ -224,7 +236,10 @@ fn authorize(app: &AppState, cred: Credential) -> Result<Principal, Refusal> {
         Credential::Bearer(t) => t,
         Credential::None => return Err(Refusal::invalid_token(&AuthError::Missing)),
     };
-    let p = app.validator.validate(&token).map_err(|e| Refusal::invalid_token(&e))?;
+    let p = app
+        .validator
+        .validate(&token)
+        .map_err(|e| Refusal::invalid_token(&e))?;
     if !p.entitlements.has_any_read() {
         return Err(Refusal {
             status: StatusCode::FORBIDDEN,
@@ -292,7 +307,10 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
     })();
     match outcome {
         Err(refusal) => {
-            app.metrics.handshakes.with_label_values(&[refusal.result]).inc();
+            app.metrics
+                .handshakes
+                .with_label_values(&[refusal.result])
+                .inc();
             if let Some(reason) = refusal.auth_reason {
                 app.metrics.auth_failures.with_label_values(&[reason]).inc();
             }
@@ -324,7 +342,10 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
             // Only `tickgate.v1` is echoed, never the bearer entry.
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
             resp
         }
     }

@@ -91,7 +91,9 @@ pub fn serve_fn(app: Arc<AppState>, router: Router) -> ServeFn {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(app.config.server.handshake_timeout_ms))
+                .header_read_timeout(Duration::from_millis(
+                    app.config.server.handshake_timeout_ms,
+                ))
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
@@ -138,7 +140,9 @@ pub async fn accept_loop(
         let mut best = next % n;
         for k in 0..n {
             let i = (next + k) % n;
-            if shards[i].connections.load(Ordering::Relaxed) < shards[best].connections.load(Ordering::Relaxed) {
+            if shards[i].connections.load(Ordering::Relaxed)
+                < shards[best].connections.load(Ordering::Relaxed)
+            {
                 best = i;
             }
         }

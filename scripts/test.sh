@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test. On a fresh Debian machine it first installs what the tests need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+# Tools the test suite drives for real (added as the suite grows).
+for tool in curl; do
+  command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "installing: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# The tests open about 2,000 sockets at once.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo test --all-targets --locked "$@"

@@ -1,0 +1,265 @@
+//! Shared harness: a real server on 127.0.0.1:0 with real tokens from its embedded issuer.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tickgate::client::{ConnectOptions, Event, Subscriber, TokenPlacement};
+use tickgate::config::{ClientConfig, Config};
+use tickgate::protocol::control::ServerMsg;
+use tickgate::Server;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "s3cret-for-tests";
+
+/// A feed file for tests.
+pub fn feed_toml(name: &str, id: u16, symbols: usize, rate: f64) -> String {
+    let syms: Vec<String> = (0..symbols).map(|i| format!("\"S{i}\"")).collect();
+    format!(
+        "name = \"{name}\"\nid = {id}\nsource = \"synthetic\"\nsymbols = [{}]\n[synthetic]\nseed = 7\nrate_per_s = {rate}\nquote_ratio = 0.6\n",
+        syms.join(", ")
+    )
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub url: String,
+    pub base: String,
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with feed `T` (id 1, 5 symbols at `rate` ticks/s) and feed `OTHER`
+    /// (id 2, 3 symbols, 50/s), after letting the caller adjust the config.
+    pub async fn start(rate: f64, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.toml"), feed_toml("T", 1, 5, rate)).unwrap();
+        std::fs::write(
+            dir.path().join("other.toml"),
+            feed_toml("OTHER", 2, 3, 50.0),
+        )
+        .unwrap();
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            feeds_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        cfg.engine.shards = 2;
+        cfg.server.drain_ms = 3000;
+        cfg.issuer.clients = vec![ClientConfig {
+            id: "demo".into(),
+            secret: Some(SECRET.into()),
+            secret_sha256: None,
+            scopes: vec![
+                "md:read:*".into(),
+                "md:read:T".into(),
+                "md:read:OTHER".into(),
+                "openid".into(),
+            ],
+        }];
+        tweak(&mut cfg);
+        let server = Server::start(cfg).await.expect("server starts");
+        let url = format!("ws://{}/v1/stream", server.addr());
+        let base = format!("http://{}", server.addr());
+        let admin = format!("http://{}", server.admin_addr());
+        TestServer {
+            server: Some(server),
+            url,
+            base,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    /// A real token from the embedded issuer.
+    pub fn token(&self, scopes: &[&str]) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        self.server()
+            .issuer()
+            .unwrap()
+            .issue("tester", &scopes, 300)
+            .unwrap()
+    }
+
+    pub async fn subscriber(&self, token: &str) -> Subscriber {
+        Subscriber::connect(&self.url, token, &ConnectOptions::default())
+            .await
+            .expect("connects")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Value of one series (`name{labels}` exactly as rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// Waits until `series` reaches at least `want` (counters are flushed every 100 ms).
+    pub async fn wait_metric(&self, series: &str, want: f64) -> f64 {
+        let mut v = 0.0;
+        for _ in 0..100 {
+            v = self.metric(series).await;
+            if v >= want {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        v
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits for the next control message, skipping data.
+pub async fn next_control(sub: &mut Subscriber) -> ServerMsg {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await {
+            Ok(Ok(Event::Control(m))) => return m,
+            Ok(Ok(Event::Batch { anomalies, .. })) => {
+                assert!(anomalies.is_empty(), "{anomalies:?}")
+            }
+            Ok(Ok(Event::Closed { code, reason })) => {
+                panic!("closed {code} {reason} while waiting for a control message")
+            }
+            Ok(Err(e)) => panic!("client error: {e}"),
+            Err(_) => panic!("no control message within 10 s"),
+        }
+    }
+}
+
+/// Waits for the close, skipping everything else; returns the close code.
+pub async fn wait_close(sub: &mut Subscriber, within: Duration) -> u16 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next_event()).await {
+            Ok(Ok(Event::Closed { code, .. })) => return code,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("client error before close: {e}"),
+            Err(_) => panic!("no close within {within:?}"),
+        }
+    }
+}
+
+/// Connects with a welcome already consumed and subscribes; returns the `subscribed` reply.
+pub async fn subscribed(
+    ts: &TestServer,
+    token: &str,
+    feed: &str,
+    symbols: Value,
+    snapshot: bool,
+) -> (Subscriber, ServerMsg) {
+    let mut sub = ts.subscriber(token).await;
+    let w = next_control(&mut sub).await;
+    assert!(matches!(w, ServerMsg::Welcome { .. }), "{w:?}");
+    sub.send_json(&json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": symbols, "snapshot": snapshot}))
+        .await
+        .unwrap();
+    let r = next_control(&mut sub).await;
+    (sub, r)
+}
+
+/// The HTTP answer to a raw handshake with the given extra headers (and URL suffix).
+pub async fn handshake_status(
+    ts: &TestServer,
+    suffix: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value, Option<String>) {
+    let url = format!("{}{}", ts.url, suffix);
+    let mut req = url.as_str().into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let tcp = tokio::net::TcpStream::connect(ts.server().addr())
+        .await
+        .unwrap();
+    match tokio_tungstenite::client_async(req, tcp).await {
+        Ok((mut ws, resp)) => {
+            let _ = ws.close(None).await;
+            (resp.status().as_u16(), Value::Null, None)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let www = resp
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            (status, body, www)
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+/// Sends a raw WebSocket message on a subscriber.
+pub async fn send_raw(sub: &mut Subscriber, m: Message) {
+    sub.ws_mut().send(m).await.unwrap();
+}
+
+/// Drains events for a while and returns (records, anomalies).
+pub async fn drain_for(sub: &mut Subscriber, d: Duration) -> (u64, usize) {
+    let deadline = tokio::time::Instant::now() + d;
+    let (mut n, mut a) = (0, 0);
+    while let Ok(ev) = tokio::time::timeout_at(deadline, sub.next_event()).await {
+        match ev.unwrap() {
+            Event::Batch {
+                records, anomalies, ..
+            } => {
+                n += records.len() as u64;
+                a += anomalies.len();
+            }
+            Event::Control(_) => {}
+            Event::Closed { code, reason } => panic!("closed {code} {reason}"),
+        }
+    }
+    (n, a)
+}
+
+pub fn placement_subprotocol() -> ConnectOptions {
+    ConnectOptions {
+        placement: TokenPlacement::Subprotocol,
+        ..ConnectOptions::default()
+    }
+}

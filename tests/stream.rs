@@ -1,0 +1,376 @@
+//! Streaming behaviour against a real server: wire layout, fan-out, snapshot fence, slow
+//! consumers, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::json;
+use tickgate::client::{ConnectOptions, Event, Subscriber};
+use tickgate::protocol::codec::{FLAG_SNAPSHOT, QUOTE_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN};
+use tickgate::protocol::control::ServerMsg;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_match_the_spec_byte_for_byte() {
+    let ts = TestServer::start(2000.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let (mut sub, reply) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
+    let ServerMsg::Subscribed {
+        instruments, feed, ..
+    } = reply
+    else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(feed, "T");
+    assert_eq!(instruments.len(), 5);
+    let ids: Vec<u32> = instruments.iter().map(|i| i.id).collect();
+    let before = tickgate::protocol::now_ns();
+    let mut checked = 0;
+    while checked < 200 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.ws_mut().next())
+            .await
+            .expect("data within 5 s")
+            .expect("open")
+            .expect("ok");
+        let Message::Binary(b) = msg else { continue };
+        assert_eq!(b[0], 1, "version");
+        assert_eq!(b[1], 0, "batch flags reserved");
+        let count = u16::from_le_bytes([b[2], b[3]]) as usize;
+        assert!(count >= 1);
+        assert_eq!(&b[4..8], &[0, 0, 0, 0], "reserved u32");
+        let send_ts = u64::from_le_bytes(b[8..16].try_into().unwrap());
+        assert!(send_ts >= before && send_ts <= tickgate::protocol::now_ns());
+        let mut at = 16;
+        for _ in 0..count {
+            let len = b[at] as usize;
+            assert_eq!(len % 8, 0);
+            let rtype = b[at + 1];
+            match rtype {
+                RTYPE_TRADE => {
+                    assert_eq!(len, TRADE_LEN);
+                    assert!(matches!(b[at + 48], 1 | 2), "side");
+                    assert_eq!(b[at + 49], 0, "flags");
+                    assert_eq!(&b[at + 50..at + 56], &[0; 6]);
+                }
+                RTYPE_QUOTE => {
+                    assert_eq!(len, QUOTE_LEN);
+                    let bid = i64::from_le_bytes(b[at + 32..at + 40].try_into().unwrap());
+                    let ask = i64::from_le_bytes(b[at + 48..at + 56].try_into().unwrap());
+                    assert!(bid < ask && bid > 0, "bid {bid} ask {ask}");
+                    assert_eq!(b[at + 64], 0, "flags");
+                    assert_eq!(&b[at + 65..at + 72], &[0; 7]);
+                }
+                other => panic!("unknown rtype {other}"),
+            }
+            assert_eq!(u16::from_le_bytes([b[at + 2], b[at + 3]]), 1, "feed id");
+            let iid = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap());
+            assert!(ids.contains(&iid), "instrument id {iid}");
+            let seq = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
+            assert!(seq >= 1);
+            let ev = i64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap());
+            let rv = i64::from_le_bytes(b[at + 24..at + 32].try_into().unwrap());
+            assert!(ev > 0 && rv > 0 && rv as u64 <= send_ts);
+            at += len;
+            checked += 1;
+        }
+        assert_eq!(at, b.len(), "records fill the message exactly");
+    }
+    ts.shutdown().await;
+}
+
+/// 1,000 subscribers of the same instruments receive identical, gap-free sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_subscribers_get_identical_gap_free_streams() {
+    const N: usize = 1000;
+    let ts = TestServer::start(400.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let url = ts.url.clone();
+    // Each subscriber starts reading as soon as it is subscribed (a client that does not
+    // read cannot answer heartbeats) and collects (instrument, seq) -> bytes until `stop`.
+    let stop = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(N);
+    let stop_at = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    for _ in 0..N {
+        let (url, token, ready, stop_at, gate) = (
+            url.clone(),
+            token.clone(),
+            ready_tx.clone(),
+            stop_at.clone(),
+            gate.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default())
+                .await
+                .unwrap();
+            sub.send_json(&json!({"op":"subscribe","feed":"T","symbols":["S0","S1","S2"]}))
+                .await
+                .unwrap();
+            let mut seen: HashMap<(u32, u64), Vec<u8>> = HashMap::new();
+            let mut anomalies = 0;
+            let mut announced = false;
+            let stopped = stop_at.notified();
+            tokio::pin!(stopped);
+            let mut permit = Some(permit);
+            loop {
+                let ev = tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep_until(stop) => panic!("never stopped"),
+                    ev = sub.next_event() => ev.unwrap(),
+                };
+                match ev {
+                    Event::Batch {
+                        records,
+                        anomalies: a,
+                        ..
+                    } => {
+                        anomalies += a.len();
+                        for r in records {
+                            seen.insert((r.instrument_id(), r.seq()), r.as_bytes().to_vec());
+                        }
+                    }
+                    Event::Control(ServerMsg::Subscribed { .. }) if !announced => {
+                        announced = true;
+                        permit.take();
+                        ready.send(()).await.unwrap();
+                    }
+                    Event::Control(ServerMsg::Welcome { .. }) => {}
+                    Event::Control(m) => panic!("unexpected {m:?}"),
+                    Event::Closed { code, .. } => panic!("closed {code}"),
+                }
+            }
+            sub.close().await;
+            (seen, anomalies)
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..N {
+        ready_rx.recv().await.expect("every subscriber subscribes");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_at.notify_waiters();
+    let mut all = Vec::new();
+    for t in tasks {
+        let (seen, anomalies) = t.await.unwrap();
+        assert_eq!(anomalies, 0, "a subscriber saw a gap or duplicate");
+        all.push(seen);
+    }
+    // Every record two subscribers both hold is byte-identical, and the windows overlap.
+    let reference = &all[N - 1];
+    assert!(
+        reference.len() > 100,
+        "too few records: {}",
+        reference.len()
+    );
+    let mut compared = 0;
+    for other in &all[..N - 1] {
+        for (k, v) in other {
+            if let Some(r) = reference.get(k) {
+                assert_eq!(r, v, "record {k:?} differs between subscribers");
+                compared += 1;
+            }
+        }
+    }
+    assert!(
+        compared > (N - 1) * 100,
+        "windows barely overlap: {compared}"
+    );
+    ts.shutdown().await;
+}
+
+/// Subscribing with a snapshot while the feed runs at full rate: snapshot records first,
+/// then live at exactly subscribed.seq + 1, no duplicate and no hole, many times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_fence_holds_at_full_rate() {
+    let ts = TestServer::start(20_000.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let url = ts.url.clone();
+        let token = token.clone();
+        workers.push(tokio::spawn(async move {
+            let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
+            let _welcome = next_control(&mut sub).await;
+            for round in 0..25 {
+                sub.send_json(&json!({"op":"subscribe","id": round,"feed":"T","symbols":["*"],"snapshot":true}))
+                    .await
+                    .unwrap();
+                let ServerMsg::Subscribed { instruments, .. } = next_control(&mut sub).await else {
+                    panic!("expected subscribed")
+                };
+                let sub_seq: HashMap<u32, u64> = instruments.iter().map(|i| (i.id, i.seq)).collect();
+                let mut first_live: HashMap<u32, u64> = HashMap::new();
+                let mut snap_done = false;
+                let mut snapshots = 0;
+                // Read until every instrument has shown its first live record.
+                while first_live.len() < sub_seq.len() {
+                    match tokio::time::timeout(Duration::from_secs(5), sub.next_event()).await.unwrap().unwrap() {
+                        Event::Batch { records, anomalies, .. } => {
+                            assert!(anomalies.is_empty(), "worker {w} round {round}: {anomalies:?}");
+                            for r in records {
+                                let id = r.instrument_id();
+                                if r.flags() & FLAG_SNAPSHOT != 0 {
+                                    assert!(!snap_done, "snapshot record after live data");
+                                    assert!(r.seq() <= sub_seq[&id]);
+                                    snapshots += 1;
+                                } else {
+                                    snap_done = true;
+                                    first_live.entry(id).or_insert_with(|| {
+                                        assert_eq!(r.seq(), sub_seq[&id] + 1, "live continues at the next seq");
+                                        r.seq()
+                                    });
+                                }
+                            }
+                        }
+                        Event::Control(m) => panic!("unexpected {m:?}"),
+                        Event::Closed { code, .. } => panic!("closed {code}"),
+                    }
+                }
+                assert!(snapshots >= 5, "one snapshot record per instrument at least");
+                sub.send_json(&json!({"op":"unsubscribe","id": 1000 + round,"feed":"T","symbols":["*"]}))
+                    .await
+                    .unwrap();
+                match next_control(&mut sub).await {
+                    ServerMsg::Unsubscribed { symbols, reason, .. } => {
+                        assert_eq!(symbols.len(), 5);
+                        assert_eq!(reason, "request");
+                    }
+                    m => panic!("expected unsubscribed, got {m:?}"),
+                }
+            }
+            sub.close().await;
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    ts.shutdown().await;
+}
+
+/// A client that stops reading is closed with 4008; the others keep a gap-free stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
+    let ts = TestServer::start(20_000.0, |c| {
+        c.limits.max_outbound_bytes = 65_536;
+        c.server.send_buffer_bytes = 16_384;
+    })
+    .await;
+    let token = ts.token(&["md:read:T"]);
+    let (mut healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
+    let healthy_task = tokio::spawn(async move {
+        let r = drain_for(&mut healthy, Duration::from_secs(3)).await;
+        (healthy, r)
+    });
+    let opts = ConnectOptions {
+        recv_buffer: Some(4096),
+        ..ConnectOptions::default()
+    };
+    let mut slow = Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
+    slow.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]}))
+        .await
+        .unwrap();
+    // Stop reading long enough for the server's budget to overflow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let code = wait_close(&mut slow, Duration::from_secs(10)).await;
+    assert_eq!(code, 4008);
+    let (mut healthy, (records, anomalies)) = healthy_task.await.unwrap();
+    assert_eq!(anomalies, 0);
+    assert!(records > 10_000, "healthy client starved: {records}");
+    // And it still streams after the slow one is gone.
+    let (more, anomalies) = drain_for(&mut healthy, Duration::from_millis(500)).await;
+    assert!(more > 0 && anomalies == 0);
+    assert!(
+        ts.wait_metric(
+            "tickgate_slow_consumer_events_total{action=\"disconnect\"}",
+            1.0
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        ts.wait_metric("tickgate_closes_total{code=\"4008\"}", 1.0)
+            .await
+            >= 1.0
+    );
+    ts.shutdown().await;
+}
+
+/// Shutdown sends `shutdown` then close 1001 to every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reaches_every_client() {
+    let ts = TestServer::start(1000.0, |c| c.server.reconnect_after_max_ms = 3000).await;
+    let token = ts.token(&["md:read:*"]);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (mut sub, _) = subscribed(&ts, &token, "T", json!(["S1"]), true).await;
+        tasks.push(tokio::spawn(async move {
+            let mut got_shutdown = None;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), sub.next_event())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                {
+                    Event::Control(ServerMsg::Shutdown { reconnect_after_ms }) => {
+                        got_shutdown = Some(reconnect_after_ms)
+                    }
+                    Event::Control(_) => {}
+                    Event::Batch { anomalies, .. } => {
+                        assert!(anomalies.is_empty());
+                        assert!(got_shutdown.is_none(), "data after the shutdown message");
+                    }
+                    Event::Closed { code, .. } => return (got_shutdown, code),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ts.server().connections(), 50);
+    let started = std::time::Instant::now();
+    ts.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "clients answered the close, no need to wait out the drain"
+    );
+    for t in tasks {
+        let (shutdown, code) = t.await.unwrap();
+        let after = shutdown.expect("shutdown message before the close");
+        assert!((1000..=3000).contains(&after), "reconnect_after_ms {after}");
+        assert_eq!(code, 1001);
+    }
+}
+
+/// The browser path: the token in the `bearer.` subprotocol, only `tickgate.v1` echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_subprotocol_is_accepted_and_not_echoed() {
+    let ts = TestServer::start(500.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let mut sub = Subscriber::connect(&ts.url, &token, &placement_subprotocol())
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_control(&mut sub).await,
+        ServerMsg::Welcome { .. }
+    ));
+    // Check the response header on a raw handshake too.
+    let proto = format!("tickgate.v1, bearer.{token}");
+    let (status, _, _) = handshake_status(&ts, "", &[("sec-websocket-protocol", &proto)]).await;
+    assert_eq!(status, 101);
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = ts.url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", proto.parse().unwrap());
+    let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "tickgate.v1"
+    );
+    ts.shutdown().await;
+}
