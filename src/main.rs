@@ -8,6 +8,12 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tickgate::client::{self, ConnectOptions, Event, Subscriber};
+
+// mimalloc instead of glibc malloc: the dispatch path allocates one batch per connection per
+// cycle and frees them all once written; glibc trims and re-faults those pages every cycle
+// (page faults were the top of the dispatch profile), mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tickgate::config::{Config, LogFormat};
 use tickgate::protocol::codec::Body;
 

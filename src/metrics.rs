@@ -35,6 +35,8 @@ pub struct Metrics {
     pub frames_sent: IntCounter,
     /// Payload bytes written.
     pub bytes_sent: IntCounter,
+    /// Socket flushes: one per writer wake-up, however many messages it wrote.
+    pub socket_flushes: IntCounter,
     /// Ingest to socket write, per batch (its oldest record).
     pub fanout_latency: Histogram,
     /// Slow-consumer actions.
@@ -164,6 +166,11 @@ impl Metrics {
                 &r,
                 "tickgate_bytes_sent_total",
                 "WebSocket payload bytes written",
+            ),
+            socket_flushes: counter(
+                &r,
+                "tickgate_socket_flushes_total",
+                "Socket flushes (one per writer wake-up, covering all messages it wrote)",
             ),
             fanout_latency,
             slow_consumer_events: counter_vec(

@@ -73,8 +73,23 @@ pub struct LoadSummary {
     pub server_cpu_s_per_million: Option<f64>,
     /// Records per WebSocket message, server side.
     pub records_per_frame: Option<f64>,
+    /// WebSocket messages per socket flush (write), server side.
+    pub frames_per_write: Option<f64>,
     /// Server resident memory at the end (bytes).
     pub server_rss_bytes: Option<f64>,
+    /// CPU seconds this load generator used during the measured window.
+    pub client_cpu_s: Option<f64>,
+}
+
+/// This process's user + system CPU seconds, from /proc (Linux; clock ticks of 1/100 s).
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 #[derive(Default)]
@@ -83,7 +98,7 @@ struct Shared {
     gaps: AtomicU64,
     anomalies: AtomicU64,
     measuring: AtomicBool,
-    stop: AtomicBool,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 /// Reads `name` (with an optional exact label set) from Prometheus text, summing series.
@@ -169,6 +184,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     };
     shared.records.store(0, Ordering::Relaxed);
     shared.measuring.store(true, Ordering::Release);
+    let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let mut last = 0;
     while started.elapsed() < opts.duration {
@@ -187,12 +203,16 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     }
     shared.measuring.store(false, Ordering::Release);
     let seconds = started.elapsed().as_secs_f64();
+    let client_cpu_s = match (cpu_before, own_cpu_seconds()) {
+        (Some(b), Some(a)) => Some(a - b),
+        _ => None,
+    };
     let records = shared.records.load(Ordering::Relaxed);
     let after = match &opts.admin {
         Some(a) => scrape(a).await,
         None => None,
     };
-    shared.stop.store(true, Ordering::Release);
+    shared.stop.cancel();
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| ClientError::Control(e.to_string()))?;
@@ -207,12 +227,13 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
             }
         }
     }
-    let (cpu, per_frame, rss) = match (&before, &after) {
+    let (cpu, per_frame, per_write, rss) = match (&before, &after) {
         (Some(b), Some(a)) => {
             let d = |n: &str| Some(metric(a, n)? - metric(b, n)?);
             let delivered = d("tickgate_records_delivered_total");
             let cpu = d("process_cpu_seconds_total");
             let frames = d("tickgate_frames_sent_total");
+            let flushes = d("tickgate_socket_flushes_total");
             (
                 match (cpu, delivered) {
                     (Some(c), Some(n)) if n > 0.0 => Some(c / (n / 1e6)),
@@ -222,10 +243,14 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
                     (Some(f), Some(n)) if f > 0.0 => Some(n / f),
                     _ => None,
                 },
+                match (frames, flushes) {
+                    (Some(f), Some(w)) if w > 0.0 => Some(f / w),
+                    _ => None,
+                },
                 metric(a, "process_resident_memory_bytes"),
             )
         }
-        _ => (None, None, None),
+        _ => (None, None, None, None),
     };
     Ok(LoadSummary {
         connections: completed,
@@ -242,7 +267,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         early_closes,
         server_cpu_s_per_million: cpu,
         records_per_frame: per_frame,
+        frames_per_write: per_write,
         server_rss_bytes: rss,
+        client_cpu_s,
     })
 }
 
@@ -274,14 +301,18 @@ async fn subscriber(
         return Err(e);
     }
     let mut announced = false;
+    // Created once: a per-event timer or future would cost more than the decoding.
+    let stop = sh.stop.clone();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        if sh.stop.load(Ordering::Acquire) {
-            sub.close().await;
-            return Ok((hist, None));
-        }
         let ev = tokio::select! {
+            biased;
             ev = sub.next_event() => ev,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            _ = &mut stopped => {
+                sub.close().await;
+                return Ok((hist, None));
+            }
         };
         match ev {
             Ok(Event::Control(m)) => {

@@ -192,7 +192,11 @@ pub async fn connect(
             );
         }
     }
-    let (ws, _resp) = tokio_tungstenite::client_async(req, stream).await?;
+    // tungstenite zero-fills its read buffer up to this size on every read attempt; the
+    // 128 KiB default dominates a load generator's profile.
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 4096;
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
     Ok(ws)
 }
 

@@ -79,6 +79,8 @@ pub struct CoreStats {
     pub frames: u64,
     /// Bytes of binary and text frames written.
     pub bytes: u64,
+    /// Socket flushes (one per writer wake-up that wrote something).
+    pub flushes: u64,
     /// Slow-consumer disconnects.
     pub slow_disconnects: u64,
     /// Control errors by code.

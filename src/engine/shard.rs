@@ -218,6 +218,7 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     }
     metrics.frames_sent.inc_by(now.frames - last.frames);
     metrics.bytes_sent.inc_by(now.bytes - last.bytes);
+    metrics.socket_flushes.inc_by(now.flushes - last.flushes);
     let slow = now.slow_disconnects - last.slow_disconnects;
     if slow > 0 {
         metrics
