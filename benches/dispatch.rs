@@ -60,7 +60,7 @@ fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
             max_outbound_bytes: 1 << 30,
             max_batch_bytes: 65536,
             max_subscriptions: 100,
-            heartbeat_ms: 15000,
+            ..CoreLimits::default()
         },
     );
     let mut keys = Vec::new();
@@ -144,7 +144,10 @@ fn bench_broadcast_peer(c: &mut Criterion) {
             let mut seq = 0u64;
             g.throughput(Throughput::Elements((conns * per_cycle) as u64));
             g.bench_with_input(
-                BenchmarkId::new(format!("{conns}_conns"), format!("{per_cycle}_ticks_per_cycle")),
+                BenchmarkId::new(
+                    format!("{conns}_conns"),
+                    format!("{per_cycle}_ticks_per_cycle"),
+                ),
                 &per_cycle,
                 |b, &per_cycle| {
                     b.iter(|| {

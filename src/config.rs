@@ -158,6 +158,13 @@ pub struct AuthConfig {
     pub max_lifetime_s: u64,
     /// Required JWT `typ` header (RFC 9068: `at+jwt`). Empty: not checked.
     pub required_typ: String,
+    /// Minimum time between two in-band refreshes on one connection.
+    pub min_refresh_interval_ms: u64,
+    /// Revoked `jti`s and subjects remembered at most (each until it can no longer matter).
+    pub max_revocations: usize,
+    /// Benchmark only: accept streams without any token. Refused unless `listen` is a
+    /// loopback address; exists to measure what authorization costs.
+    pub insecure_no_auth: bool,
 }
 
 impl Default for AuthConfig {
@@ -169,6 +176,9 @@ impl Default for AuthConfig {
             max_token_bytes: 8192,
             max_lifetime_s: 24 * 3600,
             required_typ: "at+jwt".to_owned(),
+            min_refresh_interval_ms: 1_000,
+            max_revocations: 100_000,
+            insecure_no_auth: false,
         }
     }
 }
@@ -225,6 +235,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// A batch is sealed at this size and a new one begun (bounded frame size).
     pub max_batch_bytes: usize,
+    /// Resolution of the per-shard timer wheel (token expiry), 10-50 ms.
+    pub timer_tick_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -233,6 +245,7 @@ impl Default for EngineConfig {
             shards: 0,
             queue_capacity: 65_536,
             max_batch_bytes: 65_536,
+            timer_tick_ms: 10,
         }
     }
 }
@@ -334,6 +347,17 @@ impl Config {
         if self.engine.max_batch_bytes < 1024 || self.engine.max_batch_bytes > 16 << 20 {
             return bad("engine.max_batch_bytes must be between 1024 and 16777216");
         }
+        if !(10..=50).contains(&self.engine.timer_tick_ms) {
+            return bad("engine.timer_tick_ms must be between 10 and 50");
+        }
+        if self.auth.max_revocations == 0 {
+            return bad("auth.max_revocations must be positive");
+        }
+        if self.auth.insecure_no_auth && !self.listen.ip().is_loopback() {
+            return bad(
+                "auth.insecure_no_auth is for benchmarks only and needs a loopback listen address",
+            );
+        }
         if self.server.heartbeat_ms < 100 {
             return bad("server.heartbeat_ms must be at least 100");
         }
@@ -428,6 +452,15 @@ mod tests {
         assert!(e.to_string().contains("jwks_url"), "{e}");
         let e = Config::from_toml("[limits]\nmax_outbound_bytes = 10\n").unwrap_err();
         assert!(e.to_string().contains("max_outbound_bytes"), "{e}");
+        let e = Config::from_toml("listen = \"0.0.0.0:8080\"\n[auth]\ninsecure_no_auth = true\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        assert!(Config::from_toml(
+            "listen = \"127.0.0.1:8080\"\n[auth]\ninsecure_no_auth = true\n"
+        )
+        .is_ok());
+        let e = Config::from_toml("[engine]\ntimer_tick_ms = 100\n").unwrap_err();
+        assert!(e.to_string().contains("timer_tick_ms"), "{e}");
         let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();
         assert!(e.to_string().contains("exactly one"), "{e}");
     }

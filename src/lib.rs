@@ -175,7 +175,15 @@ impl Server {
         let inboxes: Arc<[Arc<ShardInbox>]> = (0..n_shards)
             .map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity)))
             .collect();
+        let mut shard_ctl = Vec::new();
+        let mut ctl_rx = Vec::new();
+        for _ in 0..n_shards {
+            let (tx, rx) = mpsc::channel(64);
+            shard_ctl.push(tx);
+            ctl_rx.push(rx);
+        }
         let app = Arc::new(AppState {
+            shard_ctl: shard_ctl.clone(),
             config: config.clone(),
             validator: validator.clone(),
             metrics: metrics.clone(),
@@ -198,14 +206,14 @@ impl Server {
             max_batch_bytes: config.engine.max_batch_bytes,
             max_subscriptions: config.limits.max_subscriptions,
             heartbeat_ms: config.server.heartbeat_ms,
+            expiry_grace_ms: config.auth.expiry_grace_ms,
+            min_refresh_interval_ms: config.auth.min_refresh_interval_ms,
+            timer_tick_ms: config.engine.timer_tick_ms,
         };
-        let mut shard_ctl = Vec::new();
         let mut sock_tx = Vec::new();
         let mut shard_threads = Vec::new();
-        for (id, inbox) in inboxes.iter().enumerate() {
-            let (ctl_tx, ctl_rx) = mpsc::channel(64);
+        for ((id, inbox), ctl_rx) in inboxes.iter().enumerate().zip(ctl_rx) {
             let (s_tx, s_rx) = mpsc::channel(4096);
-            shard_ctl.push(ctl_tx);
             sock_tx.push(s_tx);
             let handle = shard::spawn(ShardSpec {
                 id,
@@ -270,6 +278,9 @@ impl Server {
             }
         });
 
+        if config.auth.insecure_no_auth {
+            tracing::warn!("auth.insecure_no_auth: streams are accepted WITHOUT tokens (benchmark mode, loopback only)");
+        }
         tracing::info!(listen = %addr, admin = %admin_addr, shards = n_shards,
             feeds = catalog.feeds().len(), "tickgate serving");
         Ok(Server {

@@ -43,6 +43,9 @@ enum Cmd {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Benchmark only: accept streams without a token (refused unless listening on loopback).
+        #[arg(long)]
+        insecure_no_auth: bool,
     },
     /// Get an access token with the client credentials grant and print it.
     Token {
@@ -190,6 +193,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             admin_listen,
             feeds_dir,
             log_json,
+            insecure_no_auth,
         } => {
             let mut cfg = match &config {
                 Some(p) => Config::from_file(p)?,
@@ -203,6 +207,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(d) = feeds_dir {
                 cfg.feeds_dir = d;
+            }
+            if insecure_no_auth {
+                cfg.auth.insecure_no_auth = true;
             }
             init_logs(log_json || cfg.log.format == LogFormat::Json);
             tickgate::run(cfg, shutdown_signal()).await?;

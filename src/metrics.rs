@@ -65,6 +65,10 @@ pub struct Metrics {
     pub handshake_latency: HistogramVec,
     /// Seq jumps observed in a source.
     pub source_gaps: IntCounter,
+    /// Entries in each shard's timer wheel.
+    pub timer_wheel_entries: IntGaugeVec,
+    /// Entries in the revocation list.
+    pub revocation_entries: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,7 +135,23 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("metric: {e}"));
         r.register(Box::new(shard_queue_depth.clone()))
             .unwrap_or_else(|e| panic!("register: {e}"));
+        let timer_wheel_entries = IntGaugeVec::new(
+            Opts::new(
+                "tickgate_timer_wheel_entries",
+                "Entries in a shard's timer wheel (token expiry)",
+            ),
+            &["shard"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(timer_wheel_entries.clone()))
+            .unwrap_or_else(|e| panic!("register: {e}"));
         Metrics {
+            timer_wheel_entries,
+            revocation_entries: gauge(
+                &r,
+                "tickgate_revocation_entries",
+                "Entries in the revocation list",
+            ),
             connections: gauge(&r, "tickgate_connections", "Open stream connections"),
             handshakes: counter_vec(
                 &r,

@@ -6,5 +6,6 @@
 
 pub mod issuer;
 pub mod keys;
+pub mod revocation;
 pub mod scopes;
 pub mod validate;

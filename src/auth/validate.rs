@@ -16,6 +16,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::keys::KeyStore;
+use super::revocation::RevocationList;
 use super::scopes::{split_scope, Entitlements};
 
 /// Algorithms accepted with asymmetric keys. `none` and HS* never are.
@@ -161,6 +162,7 @@ struct Claims {
 #[derive(Debug, Clone)]
 pub struct Validator {
     keys: Arc<KeyStore>,
+    revocations: Arc<RevocationList>,
     issuer: String,
     audience: String,
     leeway_s: u64,
@@ -177,8 +179,13 @@ impl Validator {
         audience: String,
         auth: &crate::config::AuthConfig,
     ) -> Validator {
+        let revocations = Arc::new(RevocationList::new(
+            auth.max_revocations,
+            auth.max_lifetime_s + auth.leeway_s,
+        ));
         Validator {
             keys,
+            revocations,
             issuer,
             audience,
             leeway_s: auth.leeway_s,
@@ -186,6 +193,11 @@ impl Validator {
             max_lifetime_s: auth.max_lifetime_s,
             required_typ: auth.required_typ.clone(),
         }
+    }
+
+    /// The revocation list consulted after every successful validation.
+    pub fn revocations(&self) -> &Arc<RevocationList> {
+        &self.revocations
     }
 
     /// The key cache this validator reads.
@@ -282,6 +294,12 @@ impl Validator {
             (None, Some(list)) => Entitlements::from_scopes(list.iter().map(String::as_str)),
             (None, None) => Entitlements::default(),
         };
+        if self
+            .revocations
+            .is_revoked(&c.sub, c.jti.as_deref(), c.iat, now)
+        {
+            return Err(AuthError::Revoked);
+        }
         Ok(Principal {
             sub: c.sub,
             iss: c.iss,

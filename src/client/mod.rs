@@ -196,7 +196,8 @@ pub async fn connect(
     // 128 KiB default dominates a load generator's profile.
     let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     config.read_buffer_size = 4096;
-    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
+    let (ws, _resp) =
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
     Ok(ws)
 }
 

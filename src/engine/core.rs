@@ -7,11 +7,16 @@
 use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
+
+// tokio's Instant follows the runtime's clock, so tests can drive expiry with paused time.
+use tokio::time::Instant;
 
 use slab::Slab;
 use tokio::sync::Notify;
 
 use super::outbound::{OutItem, Outbound};
+use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{Principal, Validator};
@@ -35,6 +40,44 @@ pub struct CoreLimits {
     pub max_subscriptions: usize,
     /// Heartbeat interval announced in `welcome`.
     pub heartbeat_ms: u64,
+    /// Grace after a token's `exp` before its connection is closed with 4001.
+    pub expiry_grace_ms: u64,
+    /// Minimum time between two in-band refreshes on one connection.
+    pub min_refresh_interval_ms: u64,
+    /// Timer wheel resolution.
+    pub timer_tick_ms: u64,
+}
+
+impl Default for CoreLimits {
+    fn default() -> Self {
+        CoreLimits {
+            max_outbound_bytes: 1 << 20,
+            max_batch_bytes: 65_536,
+            max_subscriptions: 10_000,
+            heartbeat_ms: 15_000,
+            expiry_grace_ms: 0,
+            min_refresh_interval_ms: 1_000,
+            timer_tick_ms: 10,
+        }
+    }
+}
+
+/// What a timer entry does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    /// Send `token_expiring`.
+    Expiring,
+    /// Close with 4001.
+    Expire,
+}
+
+/// A timer entry: which connection (by key and serial, so a reused key is never hit) and
+/// what to do.
+#[derive(Debug, Clone, Copy)]
+struct TimerEvent {
+    key: ConnKey,
+    serial: u64,
+    kind: TimerKind,
 }
 
 /// Per-instrument state every shard keeps: the last seq it dispatched and the last trade
@@ -60,6 +103,11 @@ pub struct Conn {
     /// The validated identity.
     pub principal: Principal,
     subs: HashSet<(u16, u32)>,
+    /// Unique per shard for the connection's life (slab keys are reused).
+    serial: u64,
+    expire_timer: Option<TimerId>,
+    expiring_timer: Option<TimerId>,
+    last_refresh: Option<Instant>,
 }
 
 impl Conn {
@@ -91,6 +139,12 @@ pub struct CoreStats {
     pub refresh_refused: u64,
     /// Source gaps observed (a seq jump in the feed itself).
     pub source_gaps: u64,
+    /// Connections closed at token expiry.
+    pub expiries: u64,
+    /// Connections closed by revocation.
+    pub revocations: u64,
+    /// Refreshes refused for coming too often.
+    pub refresh_rate_limited: u64,
 }
 
 impl CoreStats {
@@ -115,6 +169,12 @@ pub struct ShardCore {
     to_kill: Vec<ConnKey>,
     subscriptions: usize,
     draining: bool,
+    /// Expiry and `token_expiring` timers: after the handshake, the only reader of `exp`.
+    wheel: TimerWheel<TimerEvent>,
+    /// Monotonic origin of the wheel's clock.
+    origin: Instant,
+    next_serial: u64,
+    fired: Vec<TimerEvent>,
     /// Local counters.
     pub stats: CoreStats,
 }
@@ -137,6 +197,7 @@ impl ShardCore {
         validator: Option<Arc<Validator>>,
         limits: CoreLimits,
     ) -> ShardCore {
+        let tick_ms = limits.timer_tick_ms.clamp(1, 1000);
         let index = catalog
             .feeds()
             .iter()
@@ -161,6 +222,10 @@ impl ShardCore {
             to_kill: Vec::new(),
             subscriptions: 0,
             draining: false,
+            wheel: TimerWheel::new(tick_ms),
+            origin: Instant::now(),
+            next_serial: 0,
+            fired: Vec::new(),
             stats,
         }
     }
@@ -222,6 +287,7 @@ impl ShardCore {
         };
         let mut out = Outbound::default();
         out.push_text(welcome.to_json());
+        self.next_serial += 1;
         let key = self.conns.insert(Conn {
             out,
             notify: notify.clone(),
@@ -229,13 +295,164 @@ impl ShardCore {
             session,
             principal,
             subs: HashSet::new(),
+            serial: self.next_serial,
+            expire_timer: None,
+            expiring_timer: None,
+            last_refresh: None,
         });
         notify.notify_one();
+        self.schedule_token_timers(key);
         ConnHandles { key, notify, kill }
+    }
+
+    /// Milliseconds on the wheel's clock.
+    fn wheel_now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Schedules the connection's expiry (exp + grace: close 4001) and its
+    /// `token_expiring` notice (a jittered 80-90 % of the token's lifetime). Wall-clock
+    /// times from the token are turned into offsets from now once, here.
+    fn schedule_token_timers(&mut self, key: ConnKey) {
+        let now_wall_ms = now_ns() / 1_000_000;
+        let now_ms = self.wheel_now_ms();
+        let grace = self.limits.expiry_grace_ms;
+        let Some(c) = self.conns.get(key) else { return };
+        let p = &c.principal;
+        if p.exp == u64::MAX {
+            return; // a principal that never expires (the benchmark-only no-auth mode)
+        }
+        let serial = c.serial;
+        let exp_ms = p.exp.saturating_mul(1000);
+        let deadline_wall = exp_ms.saturating_add(grace);
+        let expire_at = now_ms + deadline_wall.saturating_sub(now_wall_ms);
+        let issued_ms = p
+            .iat
+            .map(|i| i.saturating_mul(1000))
+            .unwrap_or(now_wall_ms)
+            .min(exp_ms);
+        let fraction = rand::random_range(0.80..0.90);
+        let notice_wall = issued_ms + ((exp_ms - issued_ms) as f64 * fraction) as u64;
+        let notice_at = now_ms + notice_wall.saturating_sub(now_wall_ms);
+        let expire = self.wheel.schedule(
+            expire_at,
+            TimerEvent {
+                key,
+                serial,
+                kind: TimerKind::Expire,
+            },
+        );
+        let expiring = (notice_wall < exp_ms).then(|| {
+            self.wheel.schedule(
+                notice_at,
+                TimerEvent {
+                    key,
+                    serial,
+                    kind: TimerKind::Expiring,
+                },
+            )
+        });
+        if let Some(c) = self.conns.get_mut(key) {
+            c.expire_timer = Some(expire);
+            c.expiring_timer = expiring;
+        }
+    }
+
+    fn cancel_token_timers(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let (a, b) = (c.expire_timer.take(), c.expiring_timer.take());
+        for t in [a, b].into_iter().flatten() {
+            self.wheel.cancel(t);
+        }
+    }
+
+    /// Timers scheduled on this shard.
+    pub fn timer_count(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// The wheel's resolution while it holds anything (how often the loop must advance it).
+    pub fn timer_tick(&self) -> Option<Duration> {
+        (!self.wheel.is_empty()).then(|| Duration::from_millis(self.wheel.tick_ms()))
+    }
+
+    /// Fires every timer due by now: `token_expiring` notices, and closes with 4001 at
+    /// the deadline. Runs on the shard loop, between dispatches.
+    pub fn advance_timers(&mut self) {
+        if self.wheel.is_empty() {
+            return;
+        }
+        let now_ms = self.wheel_now_ms();
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(now_ms, &mut fired);
+        for ev in fired.drain(..) {
+            let Some(c) = self.conns.get_mut(ev.key) else {
+                continue;
+            };
+            if c.serial != ev.serial || c.out.is_closed() {
+                continue;
+            }
+            match ev.kind {
+                TimerKind::Expiring => {
+                    c.expiring_timer = None;
+                    let exp = c.principal.exp;
+                    self.send(ev.key, &ServerMsg::TokenExpiring { exp });
+                }
+                TimerKind::Expire => {
+                    c.expire_timer = None;
+                    self.stats.expiries += 1;
+                    self.terminate(ev.key, close::TOKEN_EXPIRED, "token expired");
+                }
+            }
+        }
+        self.fired = fired;
+    }
+
+    /// Ends a connection now: whatever is queued and not yet handed to the socket is
+    /// dropped (no data after the decision), the close is queued, a writer blocked on a
+    /// stalled socket is aborted, and the connection leaves the index.
+    fn terminate(&mut self, key: ConnKey, code: u16, reason: &'static str) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.out.is_closed() {
+            return;
+        }
+        c.out.discard_and_close(code, reason);
+        c.notify.notify_one();
+        c.kill.notify_one();
+        let subs: Vec<(u16, u32)> = c.subs.drain().collect();
+        for (f, i) in subs {
+            self.unindex(key, f, i);
+        }
+        self.cancel_token_timers(key);
+    }
+
+    /// Closes every connection of `sub` (when given) or carrying `jti` (when given) with
+    /// 4003. Returns how many were closed.
+    pub fn revoke(&mut self, sub: Option<&str>, jti: Option<&str>) -> usize {
+        let keys: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.out.is_closed())
+            .filter(|(_, c)| {
+                sub.is_some_and(|s| c.principal.sub == s)
+                    || jti.is_some_and(|j| c.principal.jti.as_deref() == Some(j))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for &k in &keys {
+            self.terminate(k, close::TOKEN_REVOKED, "token revoked");
+        }
+        self.stats.revocations += keys.len() as u64;
+        keys.len()
     }
 
     /// Forgets a connection and its subscriptions.
     pub fn remove_conn(&mut self, key: ConnKey) {
+        self.cancel_token_timers(key);
         if let Some(conn) = self.conns.try_remove(key) {
             for (f, i) in conn.subs {
                 self.unindex(key, f, i);
@@ -332,22 +549,11 @@ impl ShardCore {
         }
         let kills = std::mem::take(&mut self.to_kill);
         for key in kills {
-            let Some(c) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if c.out.is_closed() {
-                continue;
-            }
             // Policy `disconnect`: the backlog is dropped, the close goes out as soon as
             // the socket takes it, and a writer stuck on the stalled socket is aborted.
-            c.out
-                .discard_and_close(close::SLOW_CONSUMER, "slow consumer");
-            c.notify.notify_one();
-            c.kill.notify_one();
-            self.stats.slow_disconnects += 1;
-            let subs: Vec<(u16, u32)> = c.subs.drain().collect();
-            for (f, i) in subs {
-                self.unindex(key, f, i);
+            if self.conns.get(key).is_some_and(|c| !c.out.is_closed()) {
+                self.stats.slow_disconnects += 1;
+                self.terminate(key, close::SLOW_CONSUMER, "slow consumer");
             }
         }
     }
@@ -652,9 +858,20 @@ impl ShardCore {
                 "token refresh is not available".into(),
             );
         };
-        let Some(conn) = self.conns.get(key) else {
+        let min_gap = Duration::from_millis(self.limits.min_refresh_interval_ms);
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        if conn.last_refresh.is_some_and(|t| t.elapsed() < min_gap) {
+            self.stats.refresh_rate_limited += 1;
+            let msg = format!(
+                "at most one refresh per {} ms; the current token stays in force",
+                self.limits.min_refresh_interval_ms
+            );
+            return self.send_error(key, id, ErrorCode::RateLimited, msg);
+        }
+        conn.last_refresh = Some(Instant::now());
+        let (iss, sub) = (conn.principal.iss.clone(), conn.principal.sub.clone());
         let p = match validator.validate(token) {
             Ok(p) => p,
             Err(e) => {
@@ -662,7 +879,7 @@ impl ShardCore {
                 return self.send_error(key, id, ErrorCode::InvalidToken, e.to_string());
             }
         };
-        if p.iss != conn.principal.iss || p.sub != conn.principal.sub {
+        if p.iss != iss || p.sub != sub {
             self.stats.refresh_refused += 1;
             return self.send_error(
                 key,
@@ -673,43 +890,45 @@ impl ShardCore {
         }
         // Feeds the new token no longer covers are unsubscribed, the rest stream on.
         let catalog = self.catalog.clone();
-        let lost: Vec<(u16, Vec<u32>)> = catalog
+        for feed in catalog
             .feeds()
             .iter()
             .filter(|f| !p.entitlements.can_read(f.name()))
-            .map(|f| {
-                let fi = f.idx as u16;
-                let mut is: Vec<u32> = conn
-                    .subs
-                    .iter()
-                    .filter(|(cf, _)| *cf == fi)
-                    .map(|(_, i)| *i)
-                    .collect();
-                is.sort_unstable();
-                (fi, is)
-            })
-            .filter(|(_, is)| !is.is_empty())
-            .collect();
-        for (fi, is) in lost {
-            let removed = self.drop_subs(key, fi, &is);
-            if let Some(feed) = catalog.get(fi as usize) {
-                let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
-                self.send(
-                    key,
-                    &ServerMsg::Unsubscribed {
-                        id: None,
-                        feed: feed.name().to_owned(),
-                        symbols,
-                        reason: "scope_revoked".into(),
-                    },
-                );
+        {
+            let fi = feed.idx as u16;
+            let Some(conn) = self.conns.get(key) else {
+                return;
+            };
+            let mut is: Vec<u32> = conn
+                .subs
+                .iter()
+                .filter(|(cf, _)| *cf == fi)
+                .map(|(_, i)| *i)
+                .collect();
+            if is.is_empty() {
+                continue;
             }
+            is.sort_unstable();
+            let removed = self.drop_subs(key, fi, &is);
+            let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
+            self.send(
+                key,
+                &ServerMsg::Unsubscribed {
+                    id: None,
+                    feed: feed.name().to_owned(),
+                    symbols,
+                    reason: "scope_revoked".into(),
+                },
+            );
         }
         let feeds = self.feeds_for(&p.entitlements);
         let exp = p.exp;
         if let Some(conn) = self.conns.get_mut(key) {
             conn.principal = p;
         }
+        // The new token's exp replaces the deadline (and re-arms token_expiring).
+        self.cancel_token_timers(key);
+        self.schedule_token_timers(key);
         self.stats.refresh_ok += 1;
         self.send(key, &ServerMsg::Refreshed { id, exp, feeds });
     }

@@ -14,6 +14,7 @@
 pub mod core;
 pub mod outbound;
 pub mod shard;
+pub mod timer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct ShardInbox {
     pub connections: AtomicUsize,
     /// Subscribed (connection, instrument) pairs on this shard.
     pub subscriptions: AtomicUsize,
+    /// Entries in this shard's timer wheel.
+    pub timers: AtomicUsize,
     /// Ticks that had to wait for queue space (the shard was behind).
     pub backpressure_waits: AtomicUsize,
 }
@@ -60,6 +63,7 @@ impl ShardInbox {
             notify: Notify::new(),
             connections: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
+            timers: AtomicUsize::new(0),
             backpressure_waits: AtomicUsize::new(0),
         }
     }

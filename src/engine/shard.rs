@@ -41,8 +41,35 @@ pub enum ShardCtl {
         /// Upper bound of the jittered reconnect delay.
         reconnect_after_max_ms: u64,
     },
+    /// Close the connections of a subject or token id with 4003; replies with the count.
+    Revoke {
+        /// Subject to revoke.
+        sub: Option<String>,
+        /// Token id to revoke.
+        jti: Option<String>,
+        /// How many connections this shard closed.
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
     /// Stop the shard's runtime.
     Stop,
+}
+
+/// Applies a control request; returns false on `Stop`.
+fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
+    match msg {
+        ShardCtl::Stop => return false,
+        ShardCtl::Shutdown {
+            reconnect_after_max_ms,
+        } => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
+        ShardCtl::Revoke { sub, jti, reply } => {
+            let n = shard
+                .core
+                .borrow_mut()
+                .revoke(sub.as_deref(), jti.as_deref());
+            let _ = reply.send(n);
+        }
+    }
+    true
 }
 
 /// Builds the future that serves one accepted socket on the shard (HTTP, then maybe a
@@ -163,7 +190,11 @@ async fn run(spec: ShardSpec) {
         }
     });
 
-    // Dispatch loop.
+    // Dispatch loop. Timers (token expiry) are advanced here too, between dispatch cycles,
+    // so an expiry and a batch can never interleave: a close decided at a tick discards
+    // what was queued before it, and nothing is queued for the connection after it.
+    let mut timer_tick = tokio::time::interval(Duration::from_millis(10));
+    timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let mut n = 0;
         {
@@ -174,13 +205,12 @@ async fn run(spec: ShardSpec) {
                 n += 1;
             }
             core.end_cycle();
+            core.advance_timers();
         }
-        match ctl.try_recv() {
-            Ok(ShardCtl::Stop) => break,
-            Ok(ShardCtl::Shutdown {
-                reconnect_after_max_ms,
-            }) => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
-            Err(_) => {}
+        if let Ok(msg) = ctl.try_recv() {
+            if !control(&shard, msg) {
+                break;
+            }
         }
         if n > 0 {
             // Let the writers woken by this cycle take their batches; ticks arriving
@@ -188,12 +218,16 @@ async fn run(spec: ShardSpec) {
             tokio::task::yield_now().await;
             continue;
         }
+        let timers = shard.core.borrow().timer_tick().is_some();
         tokio::select! {
             _ = inbox.notify.notified() => {}
+            _ = timer_tick.tick(), if timers => {}
             msg = ctl.recv() => match msg {
-                None | Some(ShardCtl::Stop) => break,
-                Some(ShardCtl::Shutdown { reconnect_after_max_ms }) => {
-                    shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms)
+                None => break,
+                Some(msg) => {
+                    if !control(&shard, msg) {
+                        break;
+                    }
                 }
             },
         }
@@ -257,6 +291,21 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     metrics
         .source_gaps
         .inc_by(now.source_gaps - last.source_gaps);
+    metrics.token_expiries.inc_by(now.expiries - last.expiries);
+    metrics
+        .revocations
+        .inc_by(now.revocations - last.revocations);
+    let limited = now.refresh_rate_limited - last.refresh_rate_limited;
+    if limited > 0 {
+        metrics
+            .token_refreshes
+            .with_label_values(&["rate_limited"])
+            .inc_by(limited);
+    }
+    shard
+        .inbox
+        .timers
+        .store(core.timer_count(), Ordering::Relaxed);
     shard
         .inbox
         .subscriptions

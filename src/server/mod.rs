@@ -52,6 +52,8 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// The shards' cross-thread sides.
     pub shards: Arc<[Arc<ShardInbox>]>,
+    /// Control channels to the shards (revocation, shutdown).
+    pub shard_ctl: Vec<mpsc::Sender<crate::engine::shard::ShardCtl>>,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
