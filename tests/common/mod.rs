@@ -96,6 +96,14 @@ impl TestServer {
             .unwrap()
     }
 
+    /// A token with chosen claims, signed by the server's issuer.
+    pub fn token_with(&self, sub: &str, scopes: &str, iat: u64, exp: u64, jti: &str) -> String {
+        let iss = self.server().issuer().unwrap();
+        let claims = json!({"iss": iss.issuer(), "sub": sub, "aud": "tickgate", "iat": iat, "exp": exp,
+            "jti": jti, "scope": scopes, "client_id": sub});
+        iss.sign_raw("at+jwt", &claims).unwrap()
+    }
+
     pub async fn subscriber(&self, token: &str) -> Subscriber {
         Subscriber::connect(&self.url, token, &ConnectOptions::default())
             .await
@@ -262,4 +270,17 @@ pub fn placement_subprotocol() -> ConnectOptions {
         placement: TokenPlacement::Subprotocol,
         ..ConnectOptions::default()
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> u64 {
+    tickgate::protocol::now_ns()
 }

@@ -1,0 +1,138 @@
+//! 10,000 connections with staggered token expiries all close with 4001 on time. The
+//! server runs as its own process (the `tickgate` binary) so that neither side needs more
+//! than 10,000 of the 20,000 file descriptors a process may open.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tickgate::client::{self, ConnectOptions, Event, Subscriber};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_staggered_expiries_close_on_time() {
+    // A token per 50 connections, fetched as the connections are made: expiries spread
+    // over as many seconds as the set-up takes, as when real clients arrive over time.
+    const BATCHES: usize = 200;
+    const PER_BATCH: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("feeds")).unwrap();
+    std::fs::write(
+        dir.path().join("feeds/t.toml"),
+        "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\", \"C\", \"D\", \"E\"]\n[synthetic]\nseed = 1\nrate_per_s = 20.0\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nfeeds_dir = \"{}\"\n\
+             [issuer]\ntoken_ttl_s = 6\nclients = [{{ id = \"load\", secret = \"x\", scopes = [\"md:read:*\"] }}]\n\
+             [limits]\nmax_connections = 20000\n",
+            dir.path().join("feeds").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let _guard = Kill(child);
+    let line = stdout
+        .lines()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("tickgate: stream "))
+        .expect("start-up line");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let url = words[2].to_owned();
+    let issuer = words[4].trim_end_matches("/oauth2/token").to_owned();
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for b in 0..BATCHES {
+        let token = client::fetch_token(&issuer, "load", "x", None)
+            .await
+            .unwrap();
+        let exp = {
+            use base64::Engine as _;
+            let claims = token.split('.').nth(1).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(claims)
+                    .unwrap(),
+            )
+            .unwrap();
+            v["exp"].as_u64().unwrap()
+        };
+        for i in 0..PER_BATCH {
+            let (url, token, gate) = (url.clone(), token.clone(), gate.clone());
+            let sym = ["A", "B", "C", "D", "E"][(b * PER_BATCH + i) % 5];
+            tasks.push(tokio::spawn(async move {
+                let permit = gate.acquire_owned().await.unwrap();
+                let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default())
+                    .await
+                    .unwrap();
+                sub.send_json(&json!({"op": "subscribe", "feed": "T", "symbols": [sym]}))
+                    .await
+                    .unwrap();
+                drop(permit);
+                loop {
+                    match sub.next_event().await.unwrap() {
+                        Event::Closed { code, .. } => {
+                            return (exp, code, tickgate::protocol::now_ns())
+                        }
+                        Event::Batch { anomalies, .. } => assert!(anomalies.is_empty()),
+                        Event::Control(_) => {}
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut late = Vec::new();
+    let mut exps = std::collections::BTreeSet::new();
+    for t in tasks {
+        let (exp, code, at) = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert_eq!(code, 4001);
+        exps.insert(exp);
+        let deadline = exp * 1_000_000_000;
+        assert!(
+            at + 30_000_000 >= deadline,
+            "closed {} ms before exp",
+            (deadline - at) / 1_000_000
+        );
+        late.push(at.saturating_sub(deadline) / 1_000_000);
+    }
+    late.sort_unstable();
+    assert!(exps.len() >= 3, "expiries not staggered: {exps:?}");
+    let worst = *late.last().unwrap();
+    eprintln!(
+        "{} connections over {} expiry seconds: close after exp median {} ms, p99 {} ms, max {worst} ms",
+        late.len(),
+        exps.len(),
+        late[late.len() / 2],
+        late[late.len() * 99 / 100]
+    );
+    assert!(
+        worst <= 250,
+        "latest close {worst} ms after exp (median {} ms)",
+        late[late.len() / 2]
+    );
+}
