@@ -41,12 +41,7 @@ fn quote(instr: u32, seq: u64) -> Tick {
             seq,
             1,
             1,
-            &Body::Quote(Quote {
-                bid_px: 100,
-                bid_sz: 1,
-                ask_px: 101,
-                ask_sz: 2,
-            }),
+            &Body::Quote(Quote { bid_px: 100, bid_sz: 1, ask_px: 101, ask_sz: 2 }),
             0,
         ),
     }
@@ -112,10 +107,7 @@ fn bench_dispatch(c: &mut Criterion) {
             let mut seq = 0u64;
             g.throughput(Throughput::Elements((conns * per_cycle) as u64));
             g.bench_with_input(
-                BenchmarkId::new(
-                    format!("{conns}_conns"),
-                    format!("{per_cycle}_ticks_per_cycle"),
-                ),
+                BenchmarkId::new(format!("{conns}_conns"), format!("{per_cycle}_ticks_per_cycle")),
                 &per_cycle,
                 |b, &per_cycle| {
                     b.iter(|| {
@@ -144,10 +136,7 @@ fn bench_broadcast_peer(c: &mut Criterion) {
             let mut seq = 0u64;
             g.throughput(Throughput::Elements((conns * per_cycle) as u64));
             g.bench_with_input(
-                BenchmarkId::new(
-                    format!("{conns}_conns"),
-                    format!("{per_cycle}_ticks_per_cycle"),
-                ),
+                BenchmarkId::new(format!("{conns}_conns"), format!("{per_cycle}_ticks_per_cycle")),
                 &per_cycle,
                 |b, &per_cycle| {
                     b.iter(|| {
@@ -188,14 +177,10 @@ fn bench_codec(c: &mut Criterion) {
     for s in 1..=500 {
         core.dispatch(&quote(0, s));
     }
-    let Some(OutItem::Batch(b)) = core.pop(keys[0]) else {
-        panic!("batch")
-    };
+    let Some(OutItem::Batch(b)) = core.pop(keys[0]) else { panic!("batch") };
     let msg = b.finish(1);
     g.throughput(Throughput::Elements(500));
-    g.bench_function("decode_batch_500", |b| {
-        b.iter(|| black_box(decode_batch(black_box(&msg)).unwrap()))
-    });
+    g.bench_function("decode_batch_500", |b| b.iter(|| black_box(decode_batch(black_box(&msg)).unwrap())));
     g.finish();
 }
 

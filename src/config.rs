@@ -104,10 +104,7 @@ pub struct ClientConfig {
 impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("ClientConfig")
-            .field("id", &self.id)
-            .field("scopes", &self.scopes)
-            .finish_non_exhaustive()
+        f.debug_struct("ClientConfig").field("id", &self.id).field("scopes", &self.scopes).finish_non_exhaustive()
     }
 }
 
@@ -241,12 +238,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig {
-            shards: 0,
-            queue_capacity: 65_536,
-            max_batch_bytes: 65_536,
-            timer_tick_ms: 10,
-        }
+        EngineConfig { shards: 0, queue_capacity: 65_536, max_batch_bytes: 65_536, timer_tick_ms: 10 }
     }
 }
 
@@ -300,25 +292,18 @@ pub struct LogConfig {
 impl Config {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
         })
     }
 
     /// Parses TOML text and validates it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<string>"),
-            source: Box::new(e),
-        })?;
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::from("<string>"), source: Box::new(e) })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -354,9 +339,7 @@ impl Config {
             return bad("auth.max_revocations must be positive");
         }
         if self.auth.insecure_no_auth && !self.listen.ip().is_loopback() {
-            return bad(
-                "auth.insecure_no_auth is for benchmarks only and needs a loopback listen address",
-            );
+            return bad("auth.insecure_no_auth is for benchmarks only and needs a loopback listen address");
         }
         if self.server.heartbeat_ms < 100 {
             return bad("server.heartbeat_ms must be at least 100");
@@ -379,9 +362,7 @@ impl Config {
         match self.issuer.mode {
             IssuerMode::External => {
                 if self.issuer.jwks_url.is_none() || self.issuer.issuer.is_none() {
-                    return bad(
-                        "issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer",
-                    );
+                    return bad("issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer");
                 }
             }
             IssuerMode::Embedded => {
@@ -391,8 +372,7 @@ impl Config {
                     }
                     match (&c.secret, &c.secret_sha256) {
                         (Some(_), None) => {}
-                        (None, Some(h))
-                            if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+                        (None, Some(h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
                         (None, Some(_)) => {
                             return Err(ConfigError::Invalid(format!(
                                 "issuer.clients `{}`: secret_sha256 must be 64 hex digits",
@@ -417,9 +397,7 @@ impl Config {
         if self.engine.shards > 0 {
             self.engine.shards
         } else {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         }
     }
 }
@@ -452,13 +430,9 @@ mod tests {
         assert!(e.to_string().contains("jwks_url"), "{e}");
         let e = Config::from_toml("[limits]\nmax_outbound_bytes = 10\n").unwrap_err();
         assert!(e.to_string().contains("max_outbound_bytes"), "{e}");
-        let e = Config::from_toml("listen = \"0.0.0.0:8080\"\n[auth]\ninsecure_no_auth = true\n")
-            .unwrap_err();
+        let e = Config::from_toml("listen = \"0.0.0.0:8080\"\n[auth]\ninsecure_no_auth = true\n").unwrap_err();
         assert!(e.to_string().contains("loopback"), "{e}");
-        assert!(Config::from_toml(
-            "listen = \"127.0.0.1:8080\"\n[auth]\ninsecure_no_auth = true\n"
-        )
-        .is_ok());
+        assert!(Config::from_toml("listen = \"127.0.0.1:8080\"\n[auth]\ninsecure_no_auth = true\n").is_ok());
         let e = Config::from_toml("[engine]\ntimer_tick_ms = 100\n").unwrap_err();
         assert!(e.to_string().contains("timer_tick_ms"), "{e}");
         let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();

@@ -96,10 +96,7 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("addr", &self.addr)
-            .field("admin_addr", &self.admin_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("Server").field("addr", &self.addr).field("admin_addr", &self.admin_addr).finish_non_exhaustive()
     }
 }
 
@@ -111,20 +108,12 @@ impl Server {
         let config = Arc::new(config);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(io_err(format!(
-                "cannot bind listen address {}",
-                config.listen
-            )))?;
+            .map_err(io_err(format!("cannot bind listen address {}", config.listen)))?;
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
-            .map_err(io_err(format!(
-                "cannot bind admin_listen address {}",
-                config.admin_listen
-            )))?;
+            .map_err(io_err(format!("cannot bind admin_listen address {}", config.admin_listen)))?;
         let addr = listener.local_addr().map_err(io_err("listen address"))?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(io_err("admin address"))?;
+        let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
 
         // Feeds.
         let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
@@ -136,45 +125,31 @@ impl Server {
             DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
         }
         // The epoch is the start time in seconds: a restarted node never reuses one.
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(1);
+        let epoch =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1);
         let catalog = Arc::new(Catalog::new(defs, epoch)?);
 
         // Auth.
         let keys = Arc::new(KeyStore::new());
         let (issuer, generated_demo_secret, iss_name) = match config.issuer.mode {
             IssuerMode::Embedded => {
-                let iss_name = config
-                    .issuer
-                    .issuer
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{addr}"));
+                let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("http://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
-                let (iss, generated) =
-                    EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
+                let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
                 return Err(Error::Unsupported(
-                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build"
-                        .into(),
+                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build".into(),
                 ))
             }
         };
-        let validator = Arc::new(Validator::new(
-            keys,
-            iss_name,
-            config.issuer.audience.clone(),
-            &config.auth,
-        ));
+        let validator = Arc::new(Validator::new(keys, iss_name, config.issuer.audience.clone(), &config.auth));
 
         let metrics = Metrics::new();
         let n_shards = config.shard_count();
-        let inboxes: Arc<[Arc<ShardInbox>]> = (0..n_shards)
-            .map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity)))
-            .collect();
+        let inboxes: Arc<[Arc<ShardInbox>]> =
+            (0..n_shards).map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity))).collect();
         let mut shard_ctl = Vec::new();
         let mut ctl_rx = Vec::new();
         for _ in 0..n_shards {
@@ -232,29 +207,16 @@ impl Server {
 
         let background = TaskTracker::new();
         let accept_cancel = CancellationToken::new();
-        background.spawn(server::accept_loop(
-            listener,
-            inboxes.clone(),
-            sock_tx,
-            accept_cancel.clone(),
-        ));
+        background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
 
         let feeds_cancel = CancellationToken::new();
-        let ingested: Arc<[prometheus::IntCounter]> = catalog
-            .feeds()
-            .iter()
-            .map(|f| metrics.ticks_ingested.with_label_values(&[f.name()]))
-            .collect();
+        let ingested: Arc<[prometheus::IntCounter]> =
+            catalog.feeds().iter().map(|f| metrics.ticks_ingested.with_label_values(&[f.name()])).collect();
         let ingest = Ingest::new(inboxes.clone(), ingested);
         for feed in catalog.feeds() {
             match (feed.def.source, &feed.def.synthetic) {
                 (SourceKind::Synthetic, Some(def)) => {
-                    let generator = feeds::synthetic::Generator::new(
-                        def,
-                        feed.idx,
-                        feed.id(),
-                        feed.instrument_count(),
-                    );
+                    let generator = feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
                     background.spawn(feeds::synthetic::run(
                         def.clone(),
                         generator,
@@ -279,7 +241,9 @@ impl Server {
         });
 
         if config.auth.insecure_no_auth {
-            tracing::warn!("auth.insecure_no_auth: streams are accepted WITHOUT tokens (benchmark mode, loopback only)");
+            tracing::warn!(
+                "auth.insecure_no_auth: streams are accepted WITHOUT tokens (benchmark mode, loopback only)"
+            );
         }
         tracing::info!(listen = %addr, admin = %admin_addr, shards = n_shards,
             feeds = catalog.feeds().len(), "tickgate serving");
@@ -337,17 +301,10 @@ impl Server {
         self.accept_cancel.cancel();
         let reconnect_after_max_ms = self.app.config.server.reconnect_after_max_ms;
         for ctl in &self.shard_ctl {
-            let _ = ctl
-                .send(ShardCtl::Shutdown {
-                    reconnect_after_max_ms,
-                })
-                .await;
+            let _ = ctl.send(ShardCtl::Shutdown { reconnect_after_max_ms }).await;
         }
         self.app.tracker.close();
-        if tokio::time::timeout(drain, self.app.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(drain, self.app.tracker.wait()).await.is_err() {
             tracing::warn!(
                 remaining = self.app.open_connections.load(Ordering::Acquire),
                 "drain time over; dropping remaining connections"
@@ -377,9 +334,7 @@ impl Server {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let server = Server::start(config).await?;
     if let Some(secret) = server.generated_demo_secret() {
-        println!(
-            "embedded issuer: client `demo`, secret {secret} (set {DEMO_SECRET_ENV} to choose it)"
-        );
+        println!("embedded issuer: client `demo`, secret {secret} (set {DEMO_SECRET_ENV} to choose it)");
     }
     println!(
         "tickgate: stream ws://{}/v1/stream  issuer http://{}/oauth2/token  admin http://{}/metrics",

@@ -124,15 +124,25 @@ enum Cmd {
         /// Admin base URL of the server (for CPU and frame counters).
         #[arg(long)]
         admin: Option<String>,
+        /// Connection i subscribes only to the i-th symbol (round robin) of --symbols.
+        #[arg(long)]
+        spread: bool,
+        /// Refresh every connection's token in-band every SECS seconds (needs --issuer).
+        #[arg(long, value_name = "SECS")]
+        refresh_every: Option<u64>,
+        /// Present no token (for a server in the benchmark-only --insecure-no-auth mode).
+        #[arg(long)]
+        no_token: bool,
+        /// Handshakes in flight at once while connecting.
+        #[arg(long, default_value_t = 256)]
+        connect_concurrency: usize,
     },
 }
 
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -163,11 +173,7 @@ async fn shutdown_signal() {
 }
 
 fn split_symbols(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -187,14 +193,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve {
-            config,
-            listen,
-            admin_listen,
-            feeds_dir,
-            log_json,
-            insecure_no_auth,
-        } => {
+        Cmd::Serve { config, listen, admin_listen, feeds_dir, log_json, insecure_no_auth } => {
             let mut cfg = match &config {
                 Some(p) => Config::from_file(p)?,
                 None => Config::default(),
@@ -214,25 +213,13 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             init_logs(log_json || cfg.log.format == LogFormat::Json);
             tickgate::run(cfg, shutdown_signal()).await?;
         }
-        Cmd::Token {
-            issuer,
-            client_id,
-            client_secret,
-            scope,
-        } => {
-            let t =
-                client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
+        Cmd::Token { issuer, client_id, client_secret, scope } => {
+            let t = client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
             println!("{t}");
         }
-        Cmd::Subscribe {
-            url,
-            token,
-            feed,
-            symbols,
-            snapshot,
-            json: _,
-            limit,
-        } => subscribe(&url, &token, &feed, &symbols, snapshot, limit).await?,
+        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit } => {
+            subscribe(&url, &token, &feed, &symbols, snapshot, limit).await?
+        }
         Cmd::Load {
             url,
             token,
@@ -246,14 +233,43 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             warmup,
             source_ips,
             admin,
+            spread,
+            refresh_every,
+            no_token,
+            connect_concurrency,
         } => {
-            let token = match (token, issuer) {
+            let token = match (token, &issuer) {
+                _ if no_token => String::new(),
                 (Some(t), _) => t,
                 (None, Some(iss)) => {
-                    let secret = client_secret.context("--issuer needs --client-secret")?;
-                    client::fetch_token(&iss, &client_id, &secret, None).await?
+                    let secret = client_secret.clone().context("--issuer needs --client-secret")?;
+                    client::fetch_token(iss, &client_id, &secret, None).await?
                 }
-                (None, None) => bail!("give --token or --issuer with --client-secret"),
+                (None, None) => bail!("give --token, --issuer with --client-secret, or --no-token"),
+            };
+            // For refreshes: a task fetches a new token every half period and publishes it.
+            let refresh_tokens = match (refresh_every, &issuer) {
+                (Some(secs), Some(iss)) => {
+                    let secret = client_secret.clone().context("--refresh-every needs --client-secret")?;
+                    let (tx, rx) = tokio::sync::watch::channel(token.clone());
+                    let (iss, id) = (iss.clone(), client_id.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs((secs / 2).max(1))).await;
+                            match client::fetch_token(&iss, &id, &secret, None).await {
+                                Ok(t) => {
+                                    if tx.send(t).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => eprintln!("token refresh fetch failed: {e}"),
+                            }
+                        }
+                    });
+                    Some(rx)
+                }
+                (Some(_), None) => bail!("--refresh-every needs --issuer"),
+                _ => None,
             };
             let summary = client::load::run(client::load::LoadOptions {
                 url,
@@ -266,6 +282,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 source_ips,
                 admin,
                 progress: true,
+                spread,
+                refresh_every: refresh_every.map(Duration::from_secs),
+                refresh_tokens,
+                connect_concurrency,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -283,8 +303,10 @@ async fn subscribe(
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut sub = Subscriber::connect(url, token, &ConnectOptions::default()).await?;
-    sub.send_json(&json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": split_symbols(symbols), "snapshot": snapshot}))
-        .await?;
+    sub.send_json(
+        &json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": split_symbols(symbols), "snapshot": snapshot}),
+    )
+    .await?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut n = 0u64;
@@ -294,11 +316,7 @@ async fn subscribe(
             Event::Control(m) => {
                 writeln!(out, "{}", serde_json::to_string(&m)?)?;
             }
-            Event::Batch {
-                send_ts_ns,
-                records,
-                anomalies,
-            } => {
+            Event::Batch { send_ts_ns, records, anomalies } => {
                 for r in &records {
                     let f = r.feed_id();
                     let mut v = json!({
@@ -330,11 +348,7 @@ async fn subscribe(
                 }
                 for a in anomalies {
                     violations += 1;
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"type": "delivery_violation", "detail": format!("{a:?}")})
-                    )?;
+                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
                     eprintln!("DELIVERY VIOLATION: {a:?}");
                 }
                 if limit.is_some_and(|l| n >= l) {
@@ -344,11 +358,7 @@ async fn subscribe(
                 }
             }
             Event::Closed { code, reason } => {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"type": "closed", "code": code, "reason": reason})
-                )?;
+                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
                 break;
             }
         }

@@ -6,14 +6,13 @@
 //! queue depth, subscriptions) are read from the shards at scrape time.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Latency buckets from 10 µs to 10 s, roughly ×2.5 apart.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// Every metric the server exports.
@@ -72,24 +71,20 @@ pub struct Metrics {
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone()))
-        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
     c
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone()))
-        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone()))
-        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
     g
 }
 
@@ -112,81 +107,41 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(fanout_latency.clone()))
-            .unwrap_or_else(|e| panic!("register: {e}"));
+        r.register(Box::new(fanout_latency.clone())).unwrap_or_else(|e| panic!("register: {e}"));
         let handshake_latency = HistogramVec::new(
-            HistogramOpts::new(
-                "tickgate_handshake_duration_seconds",
-                "Time to answer a stream handshake",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("tickgate_handshake_duration_seconds", "Time to answer a stream handshake")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["result"],
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(handshake_latency.clone()))
-            .unwrap_or_else(|e| panic!("register: {e}"));
+        r.register(Box::new(handshake_latency.clone())).unwrap_or_else(|e| panic!("register: {e}"));
         let shard_queue_depth = IntGaugeVec::new(
-            Opts::new(
-                "tickgate_shard_queue_depth",
-                "Ticks waiting in a shard's inbound queue",
-            ),
+            Opts::new("tickgate_shard_queue_depth", "Ticks waiting in a shard's inbound queue"),
             &["shard"],
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(shard_queue_depth.clone()))
-            .unwrap_or_else(|e| panic!("register: {e}"));
+        r.register(Box::new(shard_queue_depth.clone())).unwrap_or_else(|e| panic!("register: {e}"));
         let timer_wheel_entries = IntGaugeVec::new(
-            Opts::new(
-                "tickgate_timer_wheel_entries",
-                "Entries in a shard's timer wheel (token expiry)",
-            ),
+            Opts::new("tickgate_timer_wheel_entries", "Entries in a shard's timer wheel (token expiry)"),
             &["shard"],
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(timer_wheel_entries.clone()))
-            .unwrap_or_else(|e| panic!("register: {e}"));
+        r.register(Box::new(timer_wheel_entries.clone())).unwrap_or_else(|e| panic!("register: {e}"));
         Metrics {
             timer_wheel_entries,
-            revocation_entries: gauge(
-                &r,
-                "tickgate_revocation_entries",
-                "Entries in the revocation list",
-            ),
+            revocation_entries: gauge(&r, "tickgate_revocation_entries", "Entries in the revocation list"),
             connections: gauge(&r, "tickgate_connections", "Open stream connections"),
-            handshakes: counter_vec(
-                &r,
-                "tickgate_handshakes_total",
-                "Stream handshakes by result",
-                &["result"],
-            ),
-            auth_failures: counter_vec(
-                &r,
-                "tickgate_auth_failures_total",
-                "Refused tokens by reason",
-                &["reason"],
-            ),
-            ticks_ingested: counter_vec(
-                &r,
-                "tickgate_ticks_ingested_total",
-                "Ticks ingested by feed",
-                &["feed"],
-            ),
+            handshakes: counter_vec(&r, "tickgate_handshakes_total", "Stream handshakes by result", &["result"]),
+            auth_failures: counter_vec(&r, "tickgate_auth_failures_total", "Refused tokens by reason", &["reason"]),
+            ticks_ingested: counter_vec(&r, "tickgate_ticks_ingested_total", "Ticks ingested by feed", &["feed"]),
             records_delivered: counter_vec(
                 &r,
                 "tickgate_records_delivered_total",
                 "Records written to client sockets by feed",
                 &["feed"],
             ),
-            frames_sent: counter(
-                &r,
-                "tickgate_frames_sent_total",
-                "WebSocket messages written",
-            ),
-            bytes_sent: counter(
-                &r,
-                "tickgate_bytes_sent_total",
-                "WebSocket payload bytes written",
-            ),
+            frames_sent: counter(&r, "tickgate_frames_sent_total", "WebSocket messages written"),
+            bytes_sent: counter(&r, "tickgate_bytes_sent_total", "WebSocket payload bytes written"),
             socket_flushes: counter(
                 &r,
                 "tickgate_socket_flushes_total",
@@ -199,34 +154,17 @@ impl Metrics {
                 "Slow-consumer actions",
                 &["action"],
             ),
-            token_expiries: counter(
-                &r,
-                "tickgate_token_expiries_total",
-                "Connections closed at token expiry",
-            ),
+            token_expiries: counter(&r, "tickgate_token_expiries_total", "Connections closed at token expiry"),
             token_refreshes: counter_vec(
                 &r,
                 "tickgate_token_refreshes_total",
                 "In-band token refreshes by result",
                 &["result"],
             ),
-            revocations: counter(
-                &r,
-                "tickgate_revocations_total",
-                "Connections closed by revocation",
-            ),
-            jwks_refreshes: counter_vec(
-                &r,
-                "tickgate_jwks_refreshes_total",
-                "JWKS fetches by result",
-                &["result"],
-            ),
+            revocations: counter(&r, "tickgate_revocations_total", "Connections closed by revocation"),
+            jwks_refreshes: counter_vec(&r, "tickgate_jwks_refreshes_total", "JWKS fetches by result", &["result"]),
             jwks_keys: gauge(&r, "tickgate_jwks_keys", "Keys in the verification cache"),
-            subscriptions: gauge(
-                &r,
-                "tickgate_subscriptions",
-                "Subscribed (connection, instrument) pairs",
-            ),
+            subscriptions: gauge(&r, "tickgate_subscriptions", "Subscribed (connection, instrument) pairs"),
             shard_queue_depth,
             control_errors: counter_vec(
                 &r,
@@ -234,23 +172,14 @@ impl Metrics {
                 "Control messages answered with an error, by code",
                 &["code"],
             ),
-            closes: counter_vec(
-                &r,
-                "tickgate_closes_total",
-                "Stream closes by close code",
-                &["code"],
-            ),
+            closes: counter_vec(&r, "tickgate_closes_total", "Stream closes by close code", &["code"]),
             ingest_backpressure: gauge(
                 &r,
                 "tickgate_ingest_backpressure_waits",
                 "Times a source waited for space in a full shard queue",
             ),
             handshake_latency,
-            source_gaps: counter(
-                &r,
-                "tickgate_source_gaps_total",
-                "Seq jumps seen in a source",
-            ),
+            source_gaps: counter(&r, "tickgate_source_gaps_total", "Seq jumps seen in a source"),
             registry: r,
         }
     }

@@ -52,11 +52,7 @@ async fn ten_thousand_staggered_expiries_close_on_time() {
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let _guard = Kill(child);
-    let line = stdout
-        .lines()
-        .map(|l| l.unwrap())
-        .find(|l| l.starts_with("tickgate: stream "))
-        .expect("start-up line");
+    let line = stdout.lines().map(|l| l.unwrap()).find(|l| l.starts_with("tickgate: stream ")).expect("start-up line");
     let words: Vec<&str> = line.split_whitespace().collect();
     let url = words[2].to_owned();
     let issuer = words[4].trim_end_matches("/oauth2/token").to_owned();
@@ -64,18 +60,13 @@ async fn ten_thousand_staggered_expiries_close_on_time() {
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::new();
     for b in 0..BATCHES {
-        let token = client::fetch_token(&issuer, "load", "x", None)
-            .await
-            .unwrap();
+        let token = client::fetch_token(&issuer, "load", "x", None).await.unwrap();
         let exp = {
             use base64::Engine as _;
             let claims = token.split('.').nth(1).unwrap();
-            let v: serde_json::Value = serde_json::from_slice(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(claims)
-                    .unwrap(),
-            )
-            .unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap())
+                    .unwrap();
             v["exp"].as_u64().unwrap()
         };
         for i in 0..PER_BATCH {
@@ -83,18 +74,12 @@ async fn ten_thousand_staggered_expiries_close_on_time() {
             let sym = ["A", "B", "C", "D", "E"][(b * PER_BATCH + i) % 5];
             tasks.push(tokio::spawn(async move {
                 let permit = gate.acquire_owned().await.unwrap();
-                let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default())
-                    .await
-                    .unwrap();
-                sub.send_json(&json!({"op": "subscribe", "feed": "T", "symbols": [sym]}))
-                    .await
-                    .unwrap();
+                let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
+                sub.send_json(&json!({"op": "subscribe", "feed": "T", "symbols": [sym]})).await.unwrap();
                 drop(permit);
                 loop {
                     match sub.next_event().await.unwrap() {
-                        Event::Closed { code, .. } => {
-                            return (exp, code, tickgate::protocol::now_ns())
-                        }
+                        Event::Closed { code, .. } => return (exp, code, tickgate::protocol::now_ns()),
                         Event::Batch { anomalies, .. } => assert!(anomalies.is_empty()),
                         Event::Control(_) => {}
                     }
@@ -106,18 +91,11 @@ async fn ten_thousand_staggered_expiries_close_on_time() {
     let mut late = Vec::new();
     let mut exps = std::collections::BTreeSet::new();
     for t in tasks {
-        let (exp, code, at) = tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .expect("closed in time")
-            .unwrap();
+        let (exp, code, at) = tokio::time::timeout(Duration::from_secs(30), t).await.expect("closed in time").unwrap();
         assert_eq!(code, 4001);
         exps.insert(exp);
         let deadline = exp * 1_000_000_000;
-        assert!(
-            at + 30_000_000 >= deadline,
-            "closed {} ms before exp",
-            (deadline - at) / 1_000_000
-        );
+        assert!(at + 30_000_000 >= deadline, "closed {} ms before exp", (deadline - at) / 1_000_000);
         late.push(at.saturating_sub(deadline) / 1_000_000);
     }
     late.sort_unstable();
@@ -130,9 +108,5 @@ async fn ten_thousand_staggered_expiries_close_on_time() {
         late[late.len() / 2],
         late[late.len() * 99 / 100]
     );
-    assert!(
-        worst <= 250,
-        "latest close {worst} ms after exp (median {} ms)",
-        late[late.len() / 2]
-    );
+    assert!(worst <= 250, "latest close {worst} ms after exp (median {} ms)", late[late.len() / 2]);
 }

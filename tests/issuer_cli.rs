@@ -17,35 +17,15 @@ async fn token_endpoint_follows_rfc6749() {
     let ep = format!("{}/oauth2/token", ts.base);
 
     // Discovery and JWKS.
-    let d: Value = http
-        .get(format!("{}/.well-known/openid-configuration", ts.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d: Value =
+        http.get(format!("{}/.well-known/openid-configuration", ts.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(d["issuer"], ts.base);
     assert_eq!(d["token_endpoint"], ep);
-    assert_eq!(
-        d["grant_types_supported"],
-        serde_json::json!(["client_credentials"])
-    );
-    let jwks: Value = http
-        .get(d["jwks_uri"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(d["grant_types_supported"], serde_json::json!(["client_credentials"]));
+    let jwks: Value = http.get(d["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
     let key = &jwks["keys"][0];
     assert_eq!(
-        (
-            key["alg"].as_str(),
-            key["use"].as_str(),
-            key["kty"].as_str()
-        ),
+        (key["alg"].as_str(), key["use"].as_str(), key["kty"].as_str()),
         (Some("ES256"), Some("sig"), Some("EC"))
     );
     assert!(key["kid"].as_str().unwrap().len() >= 40);
@@ -69,36 +49,19 @@ async fn token_endpoint_follows_rfc6749() {
     use base64::Engine as _;
     let part = |i: usize| -> Value {
         let seg = token.split('.').nth(i).unwrap();
-        serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(seg)
-                .unwrap(),
-        )
-        .unwrap()
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(seg).unwrap()).unwrap()
     };
     assert_eq!(part(0)["typ"], "at+jwt");
     assert_eq!(part(0)["alg"], "ES256");
     assert_eq!(part(0)["kid"], key["kid"]);
     let claims = part(1);
-    for c in [
-        "iss",
-        "sub",
-        "aud",
-        "exp",
-        "iat",
-        "jti",
-        "client_id",
-        "scope",
-    ] {
+    for c in ["iss", "sub", "aud", "exp", "iat", "jti", "client_id", "scope"] {
         assert!(claims.get(c).is_some(), "claim {c} missing");
     }
     assert_eq!(claims["aud"], "tickgate");
     // The token opens a stream.
     let mut sub = ts.subscriber(token).await;
-    assert!(matches!(
-        next_control(&mut sub).await,
-        tickgate::protocol::control::ServerMsg::Welcome { .. }
-    ));
+    assert!(matches!(next_control(&mut sub).await, tickgate::protocol::control::ServerMsg::Welcome { .. }));
 
     // Form credentials with a narrower scope.
     let r = http
@@ -128,37 +91,21 @@ async fn token_endpoint_follows_rfc6749() {
         (r.status().as_u16(), r.json().await.unwrap())
     }
     err(401, "invalid_client")(
-        call(
-            http.post(&ep)
-                .basic_auth("demo", Some("wrong"))
-                .form(&[("grant_type", "client_credentials")]),
-        )
-        .await,
+        call(http.post(&ep).basic_auth("demo", Some("wrong")).form(&[("grant_type", "client_credentials")])).await,
     );
     err(401, "invalid_client")(
-        call(
-            http.post(&ep)
-                .basic_auth("nobody", Some(SECRET))
-                .form(&[("grant_type", "client_credentials")]),
-        )
-        .await,
+        call(http.post(&ep).basic_auth("nobody", Some(SECRET)).form(&[("grant_type", "client_credentials")])).await,
     );
-    err(401, "invalid_client")(
-        call(http.post(&ep).form(&[("grant_type", "client_credentials")])).await,
-    );
+    err(401, "invalid_client")(call(http.post(&ep).form(&[("grant_type", "client_credentials")])).await);
     err(400, "unsupported_grant_type")(
+        call(http.post(&ep).basic_auth("demo", Some(SECRET)).form(&[("grant_type", "password")])).await,
+    );
+    err(400, "invalid_scope")(
         call(
             http.post(&ep)
                 .basic_auth("demo", Some(SECRET))
-                .form(&[("grant_type", "password")]),
+                .form(&[("grant_type", "client_credentials"), ("scope", "tickgate:admin")]),
         )
-        .await,
-    );
-    err(400, "invalid_scope")(
-        call(http.post(&ep).basic_auth("demo", Some(SECRET)).form(&[
-            ("grant_type", "client_credentials"),
-            ("scope", "tickgate:admin"),
-        ]))
         .await,
     );
     err(400, "invalid_request")(
@@ -186,13 +133,7 @@ fn bin() -> &'static str {
 fn serve_token_subscribe_from_an_empty_folder() {
     let dir = tempfile::tempdir().unwrap();
     let mut serve = Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("TICKGATE_DEMO_SECRET")
         .env("RUST_LOG", "info")
@@ -216,28 +157,12 @@ fn serve_token_subscribe_from_an_empty_folder() {
             break;
         }
     }
-    let (secret, url, issuer) = (
-        secret.expect("secret printed"),
-        url.unwrap(),
-        issuer.unwrap(),
-    );
+    let (secret, url, issuer) = (secret.expect("secret printed"), url.unwrap(), issuer.unwrap());
     let token = Command::new(bin())
-        .args([
-            "token",
-            "--issuer",
-            &issuer,
-            "--client-id",
-            "demo",
-            "--client-secret",
-            &secret,
-        ])
+        .args(["token", "--issuer", &issuer, "--client-id", "demo", "--client-secret", &secret])
         .output()
         .unwrap();
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
     assert_eq!(token.split('.').count(), 3);
     let sub = Command::new(bin())
@@ -258,56 +183,31 @@ fn serve_token_subscribe_from_an_empty_folder() {
         ])
         .output()
         .unwrap();
-    assert!(
-        sub.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sub.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(sub.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(sub.status.success(), "{}", String::from_utf8_lossy(&sub.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8(sub.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[0]["type"], "welcome");
     assert_eq!(lines[1]["type"], "subscribed");
-    let records: Vec<&Value> = lines
-        .iter()
-        .filter(|l| l["type"] == "trade" || l["type"] == "quote")
-        .collect();
+    let records: Vec<&Value> = lines.iter().filter(|l| l["type"] == "trade" || l["type"] == "quote").collect();
     assert!(records.len() >= 50);
-    assert!(records
-        .iter()
-        .all(|r| r["symbol"] == "AAPL" || r["symbol"] == "MSFT"));
+    assert!(records.iter().all(|r| r["symbol"] == "AAPL" || r["symbol"] == "MSFT"));
     assert!(lines.iter().all(|l| l["type"] != "delivery_violation"));
     // A wrong secret fails with a clear message.
     let bad = Command::new(bin())
-        .args([
-            "token",
-            "--issuer",
-            &issuer,
-            "--client-id",
-            "demo",
-            "--client-secret",
-            "nope",
-        ])
+        .args(["token", "--issuer", &issuer, "--client-id", "demo", "--client-secret", "nope"])
         .output()
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid_client"));
 
     // Graceful stop on SIGTERM.
-    let _ = Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-TERM", &serve.id().to_string()]).status();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = serve.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "serve did not stop on SIGTERM"
-        );
+        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success());
@@ -323,10 +223,7 @@ fn bad_config_is_a_clear_start_up_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[limits]\nmax_outbound_byte = 5\n").unwrap();
-    let out = Command::new(bin())
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_outbound_byte"), "{err}");

@@ -24,21 +24,13 @@ async fn expiry_closes_4001_on_time_and_no_data_after() {
     let mut notices = Vec::new();
     let mut last_send_ts = 0;
     let (code, closed_at) = loop {
-        match tokio::time::timeout(Duration::from_secs(10), sub.next_event())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
             Event::Control(ServerMsg::TokenExpiring { exp: e }) => {
                 assert_eq!(e, exp);
                 notices.push(unix_now_ns());
             }
             Event::Control(m) => panic!("unexpected {m:?}"),
-            Event::Batch {
-                send_ts_ns,
-                anomalies,
-                ..
-            } => {
+            Event::Batch { send_ts_ns, anomalies, .. } => {
                 assert!(anomalies.is_empty());
                 last_send_ts = send_ts_ns;
             }
@@ -48,34 +40,19 @@ async fn expiry_closes_4001_on_time_and_no_data_after() {
     assert_eq!(code, 4001);
     // The wheel decides the close up to two ticks (20 ms) before the deadline so that no
     // batch can be written after it.
-    assert!(
-        closed_at + 30_000_000 >= deadline_ns,
-        "closed {} ms early",
-        (deadline_ns - closed_at) / 1_000_000
-    );
+    assert!(closed_at + 30_000_000 >= deadline_ns, "closed {} ms early", (deadline_ns - closed_at) / 1_000_000);
     assert!(
         closed_at <= deadline_ns + 250_000_000,
         "closed {} ms after exp",
         (closed_at.saturating_sub(deadline_ns)) / 1_000_000
     );
-    assert!(
-        last_send_ts > 0 && last_send_ts <= deadline_ns,
-        "a batch was written after the deadline"
-    );
+    assert!(last_send_ts > 0 && last_send_ts <= deadline_ns, "a batch was written after the deadline");
     assert_eq!(notices.len(), 1, "token_expiring exactly once");
     let life_ns = (exp - iat) * 1_000_000_000;
     let at = notices[0] - iat * 1_000_000_000;
-    assert!(
-        at >= life_ns * 8 / 10 && at <= life_ns * 9 / 10 + 100_000_000,
-        "notice at {} ms",
-        at / 1_000_000
-    );
+    assert!(at >= life_ns * 8 / 10 && at <= life_ns * 9 / 10 + 100_000_000, "notice at {} ms", at / 1_000_000);
     assert!(ts.wait_metric("tickgate_token_expiries_total", 1.0).await >= 1.0);
-    assert_eq!(
-        ts.wait_metric("tickgate_closes_total{code=\"4001\"}", 1.0)
-            .await,
-        1.0
-    );
+    assert_eq!(ts.wait_metric("tickgate_closes_total{code=\"4001\"}", 1.0).await, 1.0);
     ts.shutdown().await;
 }
 
@@ -93,16 +70,11 @@ async fn refresh_keeps_the_stream_alive_across_lifetimes() {
     for round in 1..=4u64 {
         // Read for ~1.2 s, then refresh with a token that lives 2-3 s from now.
         let (records, anomalies) = drain_for(&mut sub, Duration::from_millis(1200)).await;
-        assert!(
-            records > 0 && anomalies == 0,
-            "round {round}: {records} records, {anomalies} anomalies"
-        );
+        assert!(records > 0 && anomalies == 0, "round {round}: {records} records, {anomalies} anomalies");
         let n = unix_now();
         last_exp = n + 3;
         let t = ts.token_with("refresher", "md:read:T", n, last_exp, &format!("r{round}"));
-        sub.send_json(&json!({"op": "refresh", "id": round, "token": t}))
-            .await
-            .unwrap();
+        sub.send_json(&json!({"op": "refresh", "id": round, "token": t})).await.unwrap();
         match next_control(&mut sub).await {
             ServerMsg::Refreshed { id, exp, feeds } => {
                 assert_eq!((id, exp), (Some(round as i64), last_exp));
@@ -111,19 +83,12 @@ async fn refresh_keeps_the_stream_alive_across_lifetimes() {
             m => panic!("expected refreshed, got {m:?}"),
         }
     }
-    assert!(
-        started.elapsed() > Duration::from_secs(4),
-        "outlived the first token"
-    );
+    assert!(started.elapsed() > Duration::from_secs(4), "outlived the first token");
     // Stop refreshing: closed at the last token's exp.
     let code = wait_close(&mut sub, Duration::from_secs(5)).await;
     assert_eq!(code, 4001);
     assert!(unix_now_ns() + 30_000_000 >= last_exp * 1_000_000_000);
-    assert!(
-        ts.wait_metric("tickgate_token_refreshes_total{result=\"ok\"}", 4.0)
-            .await
-            >= 4.0
-    );
+    assert!(ts.wait_metric("tickgate_token_refreshes_total{result=\"ok\"}", 4.0).await >= 4.0);
     ts.shutdown().await;
 }
 
@@ -138,39 +103,20 @@ async fn refused_refreshes_keep_the_old_deadline() {
 
     let refresh = |id: i64, t: String| json!({"op": "refresh", "id": id, "token": t});
     let expect_refused = |m: ServerMsg, id: i64, code: ErrorCode| match m {
-        ServerMsg::Error {
-            id: got,
-            code: c,
-            message,
-        } => {
+        ServerMsg::Error { id: got, code: c, message } => {
             assert_eq!((got, c), (Some(id), code), "{message}");
         }
         m => panic!("expected refusal, got {m:?}"),
     };
     // Another subject.
-    sub.send_json(&refresh(
-        1,
-        ts.token_with("mallory", "md:read:T", now, now + 60, "m"),
-    ))
-    .await
-    .unwrap();
+    sub.send_json(&refresh(1, ts.token_with("mallory", "md:read:T", now, now + 60, "m"))).await.unwrap();
     expect_refused(next_control(&mut sub).await, 1, ErrorCode::InvalidToken);
     // Too soon after the previous attempt.
-    sub.send_json(&refresh(
-        2,
-        ts.token_with("alice", "md:read:T", now, now + 60, "a1"),
-    ))
-    .await
-    .unwrap();
+    sub.send_json(&refresh(2, ts.token_with("alice", "md:read:T", now, now + 60, "a1"))).await.unwrap();
     expect_refused(next_control(&mut sub).await, 2, ErrorCode::RateLimited);
     tokio::time::sleep(Duration::from_millis(1050)).await;
     // Expired.
-    sub.send_json(&refresh(
-        3,
-        ts.token_with("alice", "md:read:T", now - 100, now - 50, "a2"),
-    ))
-    .await
-    .unwrap();
+    sub.send_json(&refresh(3, ts.token_with("alice", "md:read:T", now - 100, now - 50, "a2"))).await.unwrap();
     expect_refused(next_control(&mut sub).await, 3, ErrorCode::InvalidToken);
     tokio::time::sleep(Duration::from_millis(1050)).await;
     // Bad signature.
@@ -184,19 +130,9 @@ async fn refused_refreshes_keep_the_old_deadline() {
     let code = wait_close(&mut sub, Duration::from_secs(5)).await;
     assert_eq!(code, 4001);
     let closed = unix_now_ns();
-    assert!(
-        closed + 30_000_000 >= exp * 1_000_000_000 && closed <= exp * 1_000_000_000 + 250_000_000
-    );
-    assert!(
-        ts.wait_metric("tickgate_token_refreshes_total{result=\"refused\"}", 3.0)
-            .await
-            >= 3.0
-    );
-    assert_eq!(
-        ts.metric("tickgate_token_refreshes_total{result=\"rate_limited\"}")
-            .await,
-        1.0
-    );
+    assert!(closed + 30_000_000 >= exp * 1_000_000_000 && closed <= exp * 1_000_000_000 + 250_000_000);
+    assert!(ts.wait_metric("tickgate_token_refreshes_total{result=\"refused\"}", 3.0).await >= 3.0);
+    assert_eq!(ts.metric("tickgate_token_refreshes_total{result=\"rate_limited\"}").await, 1.0);
     ts.shutdown().await;
 }
 
@@ -209,25 +145,13 @@ async fn scope_downgrade_and_upgrade_on_refresh() {
     let token = ts.token_with("bob", "md:read:T md:read:OTHER", now, now + 60, "b0");
     let (mut sub, r) = subscribed(&ts, &token, "T", json!(["S0", "S1"]), false).await;
     assert!(matches!(r, ServerMsg::Subscribed { .. }));
-    sub.send_json(&json!({"op": "subscribe", "id": 2, "feed": "OTHER", "symbols": ["*"]}))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_control(&mut sub).await,
-        ServerMsg::Subscribed { id: Some(2), .. }
-    ));
+    sub.send_json(&json!({"op": "subscribe", "id": 2, "feed": "OTHER", "symbols": ["*"]})).await.unwrap();
+    assert!(matches!(next_control(&mut sub).await, ServerMsg::Subscribed { id: Some(2), .. }));
 
     let down = ts.token_with("bob", "md:read:OTHER", now, now + 60, "b1");
-    sub.send_json(&json!({"op": "refresh", "id": 3, "token": down}))
-        .await
-        .unwrap();
+    sub.send_json(&json!({"op": "refresh", "id": 3, "token": down})).await.unwrap();
     match next_control(&mut sub).await {
-        ServerMsg::Unsubscribed {
-            feed,
-            mut symbols,
-            reason,
-            ..
-        } => {
+        ServerMsg::Unsubscribed { feed, mut symbols, reason, .. } => {
             symbols.sort();
             assert_eq!((feed.as_str(), reason.as_str()), ("T", "scope_revoked"));
             assert_eq!(symbols, vec!["S0", "S1"]);
@@ -237,10 +161,7 @@ async fn scope_downgrade_and_upgrade_on_refresh() {
     match next_control(&mut sub).await {
         ServerMsg::Refreshed { id, feeds, .. } => {
             assert_eq!(id, Some(3));
-            assert_eq!(
-                feeds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
-                vec!["OTHER"]
-            );
+            assert_eq!(feeds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), vec!["OTHER"]);
         }
         m => panic!("expected refreshed, got {m:?}"),
     }
@@ -248,22 +169,14 @@ async fn scope_downgrade_and_upgrade_on_refresh() {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
     let mut other = 0;
     while let Ok(ev) = tokio::time::timeout_at(deadline, sub.next_event()).await {
-        if let Event::Batch {
-            records, anomalies, ..
-        } = ev.unwrap()
-        {
+        if let Event::Batch { records, anomalies, .. } = ev.unwrap() {
             assert!(anomalies.is_empty(), "{anomalies:?}");
-            assert!(
-                records.iter().all(|r| r.feed_id() == 2),
-                "a T record after scope_revoked"
-            );
+            assert!(records.iter().all(|r| r.feed_id() == 2), "a T record after scope_revoked");
             other += records.len();
         }
     }
     assert!(other > 0, "OTHER stopped streaming");
-    sub.send_json(&json!({"op": "subscribe", "id": 4, "feed": "T", "symbols": ["S0"]}))
-        .await
-        .unwrap();
+    sub.send_json(&json!({"op": "subscribe", "id": 4, "feed": "T", "symbols": ["S0"]})).await.unwrap();
     match next_control(&mut sub).await {
         ServerMsg::Error { id, code, .. } => {
             assert_eq!((id, code), (Some(4), ErrorCode::InsufficientScope))
@@ -272,20 +185,10 @@ async fn scope_downgrade_and_upgrade_on_refresh() {
     }
     tokio::time::sleep(Duration::from_millis(1050)).await;
     let up = ts.token_with("bob", "md:read:*", now, now + 60, "b2");
-    sub.send_json(&json!({"op": "refresh", "id": 5, "token": up}))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_control(&mut sub).await,
-        ServerMsg::Refreshed { id: Some(5), .. }
-    ));
-    sub.send_json(&json!({"op": "subscribe", "id": 6, "feed": "T", "symbols": ["S0"]}))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_control(&mut sub).await,
-        ServerMsg::Subscribed { id: Some(6), .. }
-    ));
+    sub.send_json(&json!({"op": "refresh", "id": 5, "token": up})).await.unwrap();
+    assert!(matches!(next_control(&mut sub).await, ServerMsg::Refreshed { id: Some(5), .. }));
+    sub.send_json(&json!({"op": "subscribe", "id": 6, "feed": "T", "symbols": ["S0"]})).await.unwrap();
+    assert!(matches!(next_control(&mut sub).await, ServerMsg::Subscribed { id: Some(6), .. }));
     ts.shutdown().await;
 }
 
@@ -297,10 +200,7 @@ async fn revoke(ts: &TestServer, admin: &str, body: serde_json::Value) -> (u16, 
         .send()
         .await
         .unwrap();
-    (
-        r.status().as_u16(),
-        r.json().await.unwrap_or(serde_json::Value::Null),
-    )
+    (r.status().as_u16(), r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 /// Revocation by jti and by sub: matching connections close with 4003 within 1 s, others
@@ -338,16 +238,10 @@ async fn revocation_by_jti_and_sub() {
     let (s, b, _) = handshake_status(
         &ts,
         "",
-        &[
-            ("authorization", &format!("Bearer {carol1}")),
-            ("sec-websocket-protocol", "tickgate.v1"),
-        ],
+        &[("authorization", &format!("Bearer {carol1}")), ("sec-websocket-protocol", "tickgate.v1")],
     )
     .await;
-    assert_eq!(
-        (s, b["error_description"].as_str()),
-        (401, Some("token revoked"))
-    );
+    assert_eq!((s, b["error_description"].as_str()), (401, Some("token revoked")));
 
     let (s, b) = revoke(&ts, &admin, json!({"sub": "carol"})).await;
     assert_eq!((s, b["connections_closed"].as_u64()), (200, Some(1)));
@@ -357,10 +251,7 @@ async fn revocation_by_jti_and_sub() {
     let (s, _, _) = handshake_status(
         &ts,
         "",
-        &[
-            ("authorization", &format!("Bearer {carol2}")),
-            ("sec-websocket-protocol", "tickgate.v1"),
-        ],
+        &[("authorization", &format!("Bearer {carol2}")), ("sec-websocket-protocol", "tickgate.v1")],
     )
     .await;
     assert_eq!(s, 401);
@@ -370,25 +261,14 @@ async fn revocation_by_jti_and_sub() {
     let (s, _, _) = handshake_status(
         &ts,
         "",
-        &[
-            ("authorization", &format!("Bearer {fresh}")),
-            ("sec-websocket-protocol", "tickgate.v1"),
-        ],
+        &[("authorization", &format!("Bearer {fresh}")), ("sec-websocket-protocol", "tickgate.v1")],
     )
     .await;
     assert_eq!(s, 101);
     assert!(ts.wait_metric("tickgate_revocations_total", 2.0).await >= 2.0);
     let m = ts.metrics().await;
-    assert_eq!(
-        metric_value(&m, "tickgate_auth_failures_total{reason=\"revoked\"}"),
-        2.0,
-        "{m}"
-    );
+    assert_eq!(metric_value(&m, "tickgate_auth_failures_total{reason=\"revoked\"}"), 2.0, "{m}");
     // Counted when each connection task ends (after the close handshake or its linger).
-    assert_eq!(
-        ts.wait_metric("tickgate_closes_total{code=\"4003\"}", 2.0)
-            .await,
-        2.0
-    );
+    assert_eq!(ts.wait_metric("tickgate_closes_total{code=\"4003\"}", 2.0).await, 2.0);
     ts.shutdown().await;
 }

@@ -20,12 +20,7 @@ async fn batches_match_the_spec_byte_for_byte() {
     let ts = TestServer::start(2000.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);
     let (mut sub, reply) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
-    let ServerMsg::Subscribed {
-        instruments, feed, ..
-    } = reply
-    else {
-        panic!("{reply:?}")
-    };
+    let ServerMsg::Subscribed { instruments, feed, .. } = reply else { panic!("{reply:?}") };
     assert_eq!(feed, "T");
     assert_eq!(instruments.len(), 5);
     let ids: Vec<u32> = instruments.iter().map(|i| i.id).collect();
@@ -98,21 +93,12 @@ async fn thousand_subscribers_get_identical_gap_free_streams() {
     let mut tasks = Vec::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     for _ in 0..N {
-        let (url, token, ready, stop_at, gate) = (
-            url.clone(),
-            token.clone(),
-            ready_tx.clone(),
-            stop_at.clone(),
-            gate.clone(),
-        );
+        let (url, token, ready, stop_at, gate) =
+            (url.clone(), token.clone(), ready_tx.clone(), stop_at.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
-            let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default())
-                .await
-                .unwrap();
-            sub.send_json(&json!({"op":"subscribe","feed":"T","symbols":["S0","S1","S2"]}))
-                .await
-                .unwrap();
+            let mut sub = Subscriber::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
+            sub.send_json(&json!({"op":"subscribe","feed":"T","symbols":["S0","S1","S2"]})).await.unwrap();
             let mut seen: HashMap<(u32, u64), Vec<u8>> = HashMap::new();
             let mut anomalies = 0;
             let mut announced = false;
@@ -126,11 +112,7 @@ async fn thousand_subscribers_get_identical_gap_free_streams() {
                     ev = sub.next_event() => ev.unwrap(),
                 };
                 match ev {
-                    Event::Batch {
-                        records,
-                        anomalies: a,
-                        ..
-                    } => {
+                    Event::Batch { records, anomalies: a, .. } => {
                         anomalies += a.len();
                         for r in records {
                             seen.insert((r.instrument_id(), r.seq()), r.as_bytes().to_vec());
@@ -164,11 +146,7 @@ async fn thousand_subscribers_get_identical_gap_free_streams() {
     }
     // Every record two subscribers both hold is byte-identical, and the windows overlap.
     let reference = &all[N - 1];
-    assert!(
-        reference.len() > 100,
-        "too few records: {}",
-        reference.len()
-    );
+    assert!(reference.len() > 100, "too few records: {}", reference.len());
     let mut compared = 0;
     for other in &all[..N - 1] {
         for (k, v) in other {
@@ -178,10 +156,7 @@ async fn thousand_subscribers_get_identical_gap_free_streams() {
             }
         }
     }
-    assert!(
-        compared > (N - 1) * 100,
-        "windows barely overlap: {compared}"
-    );
+    assert!(compared > (N - 1) * 100, "windows barely overlap: {compared}");
     ts.shutdown().await;
 }
 
@@ -268,14 +243,9 @@ async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
         let r = drain_for(&mut healthy, Duration::from_secs(3)).await;
         (healthy, r)
     });
-    let opts = ConnectOptions {
-        recv_buffer: Some(4096),
-        ..ConnectOptions::default()
-    };
+    let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
     let mut slow = Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
-    slow.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]}))
-        .await
-        .unwrap();
+    slow.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
     // Stop reading long enough for the server's budget to overflow.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let code = wait_close(&mut slow, Duration::from_secs(10)).await;
@@ -286,19 +256,8 @@ async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
     // And it still streams after the slow one is gone.
     let (more, anomalies) = drain_for(&mut healthy, Duration::from_millis(500)).await;
     assert!(more > 0 && anomalies == 0);
-    assert!(
-        ts.wait_metric(
-            "tickgate_slow_consumer_events_total{action=\"disconnect\"}",
-            1.0
-        )
-        .await
-            >= 1.0
-    );
-    assert!(
-        ts.wait_metric("tickgate_closes_total{code=\"4008\"}", 1.0)
-            .await
-            >= 1.0
-    );
+    assert!(ts.wait_metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}", 1.0).await >= 1.0);
+    assert!(ts.wait_metric("tickgate_closes_total{code=\"4008\"}", 1.0).await >= 1.0);
     ts.shutdown().await;
 }
 
@@ -313,11 +272,7 @@ async fn shutdown_reaches_every_client() {
         tasks.push(tokio::spawn(async move {
             let mut got_shutdown = None;
             loop {
-                match tokio::time::timeout(Duration::from_secs(10), sub.next_event())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                {
+                match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
                     Event::Control(ServerMsg::Shutdown { reconnect_after_ms }) => {
                         got_shutdown = Some(reconnect_after_ms)
                     }
@@ -335,10 +290,7 @@ async fn shutdown_reaches_every_client() {
     assert_eq!(ts.server().connections(), 50);
     let started = std::time::Instant::now();
     ts.shutdown().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "clients answered the close, no need to wait out the drain"
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "clients answered the close, no need to wait out the drain");
     for t in tasks {
         let (shutdown, code) = t.await.unwrap();
         let after = shutdown.expect("shutdown message before the close");
@@ -352,25 +304,16 @@ async fn shutdown_reaches_every_client() {
 async fn bearer_subprotocol_is_accepted_and_not_echoed() {
     let ts = TestServer::start(500.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);
-    let mut sub = Subscriber::connect(&ts.url, &token, &placement_subprotocol())
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_control(&mut sub).await,
-        ServerMsg::Welcome { .. }
-    ));
+    let mut sub = Subscriber::connect(&ts.url, &token, &placement_subprotocol()).await.unwrap();
+    assert!(matches!(next_control(&mut sub).await, ServerMsg::Welcome { .. }));
     // Check the response header on a raw handshake too.
     let proto = format!("tickgate.v1, bearer.{token}");
     let (status, _, _) = handshake_status(&ts, "", &[("sec-websocket-protocol", &proto)]).await;
     assert_eq!(status, 101);
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = ts.url.as_str().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", proto.parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", proto.parse().unwrap());
     let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(
-        resp.headers().get("sec-websocket-protocol").unwrap(),
-        "tickgate.v1"
-    );
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "tickgate.v1");
     ts.shutdown().await;
 }

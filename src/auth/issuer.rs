@@ -68,8 +68,7 @@ impl SigningKey {
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
         let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
-        let decoding =
-            DecodingKey::from_ec_components(&x, &y).map_err(|e| IssuerError::Key(e.to_string()))?;
+        let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| IssuerError::Key(e.to_string()))?;
         Ok(SigningKey {
             jwk: json!({"kty":"EC","crv":"P-256","x":x,"y":y,"kid":kid,"alg":"ES256","use":"sig"}),
             kid,
@@ -111,10 +110,7 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Hex SHA-256 of a client secret, the form `secret_sha256` takes in the config.
 pub fn hash_secret(secret: &str) -> String {
-    sha256(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -132,9 +128,7 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 /// A fresh random secret (32 bytes, base64url).
 pub fn random_secret() -> Result<String, IssuerError> {
     let mut b = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|e| IssuerError::Key(e.to_string()))?;
+    SystemRandom::new().fill(&mut b).map_err(|e| IssuerError::Key(e.to_string()))?;
     Ok(URL_SAFE_NO_PAD.encode(b))
 }
 
@@ -166,37 +160,21 @@ impl EmbeddedIssuer {
                 scopes: vec!["md:read:*".to_owned()],
             });
         } else {
-            for ClientConfig {
-                id,
-                secret,
-                secret_sha256,
-                scopes,
-            } in &cfg.clients
-            {
+            for ClientConfig { id, secret, secret_sha256, scopes } in &cfg.clients {
                 let digest = match (secret, secret_sha256) {
                     (Some(s), _) => sha256(s.as_bytes()),
-                    (None, Some(h)) => parse_hex32(h).ok_or_else(|| {
-                        IssuerError::Key(format!("client {id}: bad secret_sha256"))
-                    })?,
+                    (None, Some(h)) => {
+                        parse_hex32(h).ok_or_else(|| IssuerError::Key(format!("client {id}: bad secret_sha256")))?
+                    }
                     (None, None) => {
                         return Err(IssuerError::Key(format!("client {id}: no secret")));
                     }
                 };
-                clients.push(Client {
-                    id: id.clone(),
-                    secret_sha256: digest,
-                    scopes: scopes.clone(),
-                });
+                clients.push(Client { id: id.clone(), secret_sha256: digest, scopes: scopes.clone() });
             }
         }
         let key = SigningKey::generate()?;
-        let issuer = EmbeddedIssuer {
-            issuer,
-            audience: cfg.audience.clone(),
-            ttl_s: cfg.token_ttl_s,
-            clients,
-            key,
-        };
+        let issuer = EmbeddedIssuer { issuer, audience: cfg.audience.clone(), ttl_s: cfg.token_ttl_s, clients, key };
         keys.replace(issuer.key_set());
         Ok((issuer, generated))
     }
@@ -204,13 +182,7 @@ impl EmbeddedIssuer {
     /// The verification keys this issuer signs with.
     pub fn key_set(&self) -> KeySet {
         let mut set = KeySet::new();
-        set.insert(
-            self.key.kid.clone(),
-            VerifyKey {
-                alg: Algorithm::ES256,
-                key: self.key.decoding.clone(),
-            },
-        );
+        set.insert(self.key.kid.clone(), VerifyKey { alg: Algorithm::ES256, key: self.key.decoding.clone() });
         set
     }
 
@@ -234,11 +206,7 @@ impl EmbeddedIssuer {
     fn authenticate(&self, id: &str, secret: &str) -> Option<&Client> {
         let presented = sha256(secret.as_bytes());
         let client = self.clients.iter().find(|c| c.id == id)?;
-        let diff = client
-            .secret_sha256
-            .iter()
-            .zip(presented.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = client.secret_sha256.iter().zip(presented.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         (diff == 0).then_some(client)
     }
 
@@ -289,10 +257,7 @@ async fn discovery(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse 
 }
 
 async fn jwks(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse {
-    (
-        [(header::CACHE_CONTROL, "public, max-age=300")],
-        Json(iss.jwks()),
-    )
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(iss.jwks()))
 }
 
 #[derive(Deserialize)]
@@ -312,10 +277,8 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     )
         .into_response();
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Basic realm=\"tickgate\""),
-        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"tickgate\""));
     }
     resp
 }
@@ -325,10 +288,7 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
         return Ok(None);
     };
     let v = v.to_str().map_err(|_| ())?;
-    let Some(b64) = v
-        .strip_prefix("Basic ")
-        .or_else(|| v.strip_prefix("basic "))
-    else {
+    let Some(b64) = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")) else {
         return Err(());
     };
     let raw = STANDARD.decode(b64.trim()).map_err(|_| ())?;
@@ -336,8 +296,7 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
     let (id, secret) = raw.split_once(':').ok_or(())?;
     // RFC 6749 §2.3.1: both parts are form-urlencoded inside Basic.
     let decode = |s: &str| -> Result<String, ()> {
-        let pairs: Vec<(String, String)> =
-            serde_urlencoded::from_str(&format!("v={s}")).map_err(|_| ())?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&format!("v={s}")).map_err(|_| ())?;
         pairs.into_iter().next().map(|(_, v)| v).ok_or(())
     };
     Ok(Some((decode(id)?, decode(secret)?)))
@@ -352,11 +311,7 @@ fn scope_allowed(allowed: &[String], requested: &str) -> bool {
             && allowed.iter().any(|a| a == "md:read:*"))
 }
 
-async fn token(
-    State(iss): State<Arc<EmbeddedIssuer>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body: Bytes) -> Response {
     let form: TokenForm = match serde_urlencoded::from_bytes(&body) {
         Ok(f) => f,
         Err(_) => {
@@ -376,13 +331,7 @@ async fn token(
     }
     let basic = match basic_credentials(&headers) {
         Ok(b) => b,
-        Err(()) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "malformed Authorization header",
-            )
-        }
+        Err(()) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed Authorization header"),
     };
     let (id, secret) = match (basic, form.client_id, form.client_secret) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
@@ -394,20 +343,10 @@ async fn token(
         }
         (Some(b), None, None) => b,
         (None, Some(id), Some(secret)) => (id, secret),
-        _ => {
-            return oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "client authentication required",
-            )
-        }
+        _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication required"),
     };
     let Some(client) = iss.authenticate(&id, &secret) else {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "unknown client or wrong secret",
-        );
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
     };
     let scopes: Vec<String> = match form.scope.as_deref() {
         None | Some("") => client.scopes.clone(),
@@ -431,22 +370,11 @@ async fn token(
             body.insert("token_type", json!("Bearer"));
             body.insert("expires_in", json!(iss.ttl_s));
             body.insert("scope", json!(scopes.join(" ")));
-            (
-                [
-                    (header::CACHE_CONTROL, "no-store"),
-                    (header::PRAGMA, "no-cache"),
-                ],
-                Json(body),
-            )
-                .into_response()
+            ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response()
         }
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
-            oauth_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "token signing failed",
-            )
+            oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
         }
     }
 }
@@ -459,29 +387,18 @@ mod tests {
 
     fn setup() -> (EmbeddedIssuer, Validator) {
         let keys = Arc::new(KeyStore::new());
-        let (iss, secret) = EmbeddedIssuer::new(
-            &IssuerConfig::default(),
-            "http://127.0.0.1:1".into(),
-            &keys,
-            Some("s3cret".into()),
-        )
-        .expect("issuer");
+        let (iss, secret) =
+            EmbeddedIssuer::new(&IssuerConfig::default(), "http://127.0.0.1:1".into(), &keys, Some("s3cret".into()))
+                .expect("issuer");
         assert!(secret.is_none());
-        let v = Validator::new(
-            keys,
-            iss.issuer().to_owned(),
-            "tickgate".into(),
-            &AuthConfig::default(),
-        );
+        let v = Validator::new(keys, iss.issuer().to_owned(), "tickgate".into(), &AuthConfig::default());
         (iss, v)
     }
 
     #[test]
     fn issued_tokens_validate() {
         let (iss, v) = setup();
-        let t = iss
-            .issue("demo", &["md:read:DEMO".into()], 60)
-            .expect("token");
+        let t = iss.issue("demo", &["md:read:DEMO".into()], 60).expect("token");
         let p = v.validate(&t).expect("valid");
         assert_eq!(p.sub, "demo");
         assert!(p.entitlements.can_read("DEMO"));
@@ -497,10 +414,7 @@ mod tests {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now + 60, "iat": now});
         let jwt = iss.sign_raw("JWT", &claims).expect("sign");
-        assert_eq!(
-            v.validate(&jwt).unwrap_err(),
-            AuthError::BadTyp("at+jwt".into())
-        );
+        assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::BadTyp("at+jwt".into()));
         let old = json!({"iss": iss.issuer(), "sub": "x", "aud": "tickgate", "exp": now - 120, "iat": now - 180});
         let jwt = iss.sign_raw("at+jwt", &old).expect("sign");
         assert_eq!(v.validate(&jwt).unwrap_err(), AuthError::Expired);

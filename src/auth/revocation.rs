@@ -36,11 +36,7 @@ pub struct RevocationList {
 impl RevocationList {
     /// A list holding at most `max_entries`, each kept `horizon_s` seconds.
     pub fn new(max_entries: usize, horizon_s: u64) -> RevocationList {
-        RevocationList {
-            inner: Mutex::new(Inner::default()),
-            max_entries,
-            horizon_s,
-        }
+        RevocationList { inner: Mutex::new(Inner::default()), max_entries, horizon_s }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -66,9 +62,7 @@ impl RevocationList {
     pub fn revoke_jti(&self, jti: &str, exp: Option<u64>, now: u64) -> Result<(), RevocationFull> {
         let mut g = self.lock();
         Self::make_room(&mut g, now, self.max_entries)?;
-        let until = exp
-            .unwrap_or(now + self.horizon_s)
-            .min(now + self.horizon_s);
+        let until = exp.unwrap_or(now + self.horizon_s).min(now + self.horizon_s);
         g.jtis.insert(jti.to_owned(), until);
         Ok(())
     }
@@ -117,17 +111,11 @@ mod tests {
         let r = RevocationList::new(10, 100);
         r.revoke_jti("j1", Some(1_050), 1_000).expect("room");
         assert!(r.is_revoked("a", Some("j1"), Some(990), 1_010));
-        assert!(
-            !r.is_revoked("a", Some("j1"), Some(990), 1_050),
-            "forgotten at its exp"
-        );
+        assert!(!r.is_revoked("a", Some("j1"), Some(990), 1_050), "forgotten at its exp");
         r.revoke_sub("bob", 2_000).expect("room");
         assert!(r.is_revoked("bob", None, Some(1_999), 2_001));
         assert!(r.is_revoked("bob", None, None, 2_001));
-        assert!(
-            !r.is_revoked("bob", None, Some(2_001), 2_002),
-            "a token issued later is fine"
-        );
+        assert!(!r.is_revoked("bob", None, Some(2_001), 2_002), "a token issued later is fine");
         assert!(!r.is_revoked("alice", None, Some(1), 2_001));
     }
 
@@ -138,8 +126,7 @@ mod tests {
         r.revoke_jti("b", None, 0).expect("room");
         assert_eq!(r.revoke_jti("c", None, 5), Err(RevocationFull(2)));
         // Once the first two can no longer matter, there is room again.
-        r.revoke_jti("c", None, 10)
-            .expect("expired entries make room");
+        r.revoke_jti("c", None, 10).expect("expired entries make room");
         assert_eq!(r.len(), 1);
     }
 }

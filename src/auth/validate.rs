@@ -20,13 +20,8 @@ use super::revocation::RevocationList;
 use super::scopes::{split_scope, Entitlements};
 
 /// Algorithms accepted with asymmetric keys. `none` and HS* never are.
-pub const ALLOWED_ALGS: [Algorithm; 5] = [
-    Algorithm::RS256,
-    Algorithm::PS256,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
+pub const ALLOWED_ALGS: [Algorithm; 5] =
+    [Algorithm::RS256, Algorithm::PS256, Algorithm::ES256, Algorithm::ES384, Algorithm::EdDSA];
 
 /// Why a token was refused. Each variant has a stable metric `reason` label and a
 /// precise `error_description`; none of them ever includes the token.
@@ -173,16 +168,8 @@ pub struct Validator {
 
 impl Validator {
     /// A validator for tokens of `issuer` meant for `audience`.
-    pub fn new(
-        keys: Arc<KeyStore>,
-        issuer: String,
-        audience: String,
-        auth: &crate::config::AuthConfig,
-    ) -> Validator {
-        let revocations = Arc::new(RevocationList::new(
-            auth.max_revocations,
-            auth.max_lifetime_s + auth.leeway_s,
-        ));
+    pub fn new(keys: Arc<KeyStore>, issuer: String, audience: String, auth: &crate::config::AuthConfig) -> Validator {
+        let revocations = Arc::new(RevocationList::new(auth.max_revocations, auth.max_lifetime_s + auth.leeway_s));
         Validator {
             keys,
             revocations,
@@ -219,27 +206,17 @@ impl Validator {
             return Err(AuthError::TooLarge(self.max_token_bytes));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AuthError::Malformed(
-                "expected three dot-separated segments",
-            ));
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(AuthError::Malformed("expected three dot-separated segments"));
         };
-        let b64 = |seg: &str| {
-            !seg.is_empty()
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
+        let b64 =
+            |seg: &str| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !b64(h) || !b64(p) || !b64(s) {
             return Err(AuthError::Malformed("segments must be non-empty base64url"));
         }
-        let header_json = URL_SAFE_NO_PAD
-            .decode(h)
-            .map_err(|_| AuthError::Malformed("header is not base64url"))?;
-        let header: RawHeader = serde_json::from_slice(&header_json)
-            .map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
+        let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed("header is not base64url"))?;
+        let header: RawHeader =
+            serde_json::from_slice(&header_json).map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
         if header.crit.is_some() {
             return Err(AuthError::Crit);
         }
@@ -294,10 +271,7 @@ impl Validator {
             (None, Some(list)) => Entitlements::from_scopes(list.iter().map(String::as_str)),
             (None, None) => Entitlements::default(),
         };
-        if self
-            .revocations
-            .is_revoked(&c.sub, c.jti.as_deref(), c.iat, now)
-        {
+        if self.revocations.is_revoked(&c.sub, c.jti.as_deref(), c.iat, now) {
             return Err(AuthError::Revoked);
         }
         Ok(Principal {
@@ -321,10 +295,7 @@ fn typ_matches(typ: &str, required: &str) -> bool {
 
 /// A short, printable excerpt of attacker-controlled text for an error description.
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .take(16)
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect()
+    s.chars().take(16).filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect()
 }
 
 /// The JOSE name of an algorithm.
@@ -356,9 +327,7 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
         ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(sanitize(c)),
         ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaims(sanitize(c)),
-        ErrorKind::Json(_) => {
-            AuthError::BadClaims("claims do not match the access token schema".into())
-        }
+        ErrorKind::Json(_) => AuthError::BadClaims("claims do not match the access token schema".into()),
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
             AuthError::Malformed("undecodable segment")
         }

@@ -40,6 +40,14 @@ pub struct LoadOptions {
     pub admin: Option<String>,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Give connection i only `symbols[i % len]` instead of all of them.
+    pub spread: bool,
+    /// Refresh each connection's token in-band this often (tokens come from `refresh_tokens`).
+    pub refresh_every: Option<Duration>,
+    /// Where fresh tokens for refreshes come from (updated by the caller's token task).
+    pub refresh_tokens: Option<tokio::sync::watch::Receiver<String>>,
+    /// Handshakes in flight at once while connecting.
+    pub connect_concurrency: usize,
 }
 
 /// The JSON summary.
@@ -79,6 +87,10 @@ pub struct LoadSummary {
     pub server_rss_bytes: Option<f64>,
     /// CPU seconds this load generator used during the measured window.
     pub client_cpu_s: Option<f64>,
+    /// In-band refreshes answered `refreshed`.
+    pub refreshes_ok: u64,
+    /// In-band refreshes answered with an error.
+    pub refreshes_refused: u64,
 }
 
 /// This process's user + system CPU seconds, from /proc (Linux; clock ticks of 1/100 s).
@@ -99,6 +111,8 @@ struct Shared {
     anomalies: AtomicU64,
     measuring: AtomicBool,
     stop: tokio_util::sync::CancellationToken,
+    refreshes_ok: AtomicU64,
+    refreshes_refused: AtomicU64,
 }
 
 /// Reads `name` (with an optional exact label set) from Prometheus text, summing series.
@@ -120,38 +134,23 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn scrape(admin: &str) -> Option<String> {
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok()?;
-    c.get(format!("{}/metrics", admin.trim_end_matches('/')))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().ok()?;
+    c.get(format!("{}/metrics", admin.trim_end_matches('/'))).send().await.ok()?.text().await.ok()
 }
 
 /// Runs a load test and returns its summary.
 pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     let shared = Arc::new(Shared::default());
     let mut tasks = Vec::with_capacity(opts.connections);
-    let (ready_tx, mut ready_rx) =
-        tokio::sync::mpsc::channel::<Result<(), String>>(opts.connections.max(1));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(opts.connections.max(1));
+    let gate = Arc::new(tokio::sync::Semaphore::new(opts.connect_concurrency.max(1)));
     for i in 0..opts.connections {
         let o = opts.clone();
         let sh = shared.clone();
         let ready = ready_tx.clone();
-        let ip = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % o.source_ips.max(1) as usize) as u8,
-        ));
-        tasks.push(tokio::spawn(async move {
-            subscriber(i, o, ip, sh, ready).await
-        }));
+        let gate = gate.clone();
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % o.source_ips.max(1) as usize) as u8));
+        tasks.push(tokio::spawn(async move { subscriber(i, o, ip, sh, ready, gate).await }));
     }
     drop(ready_tx);
     let mut failed = 0;
@@ -171,10 +170,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         }
     }
     if opts.progress {
-        eprintln!(
-            "{ready} subscribers live ({failed} failed); warming up {:?}",
-            opts.warmup
-        );
+        eprintln!("{ready} subscribers live ({failed} failed); warming up {:?}", opts.warmup);
     }
     tokio::time::sleep(opts.warmup).await;
 
@@ -214,8 +210,8 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
     };
     shared.stop.cancel();
 
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| ClientError::Control(e.to_string()))?;
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
     let mut early_closes = Vec::new();
     let mut completed = 0;
     for t in tasks {
@@ -270,6 +266,8 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         frames_per_write: per_write,
         server_rss_bytes: rss,
         client_cpu_s,
+        refreshes_ok: shared.refreshes_ok.load(Ordering::Relaxed),
+        refreshes_refused: shared.refreshes_refused.load(Ordering::Relaxed),
     })
 }
 
@@ -279,13 +277,12 @@ async fn subscriber(
     ip: IpAddr,
     sh: Arc<Shared>,
     ready: tokio::sync::mpsc::Sender<Result<(), String>>,
+    gate: Arc<tokio::sync::Semaphore>,
 ) -> Result<(Histogram<u64>, Option<u16>), ClientError> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| ClientError::Control(e.to_string()))?;
-    let opts = ConnectOptions {
-        local_ip: Some(ip),
-        ..ConnectOptions::default()
-    };
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::Control(e.to_string()))?;
+    let opts = ConnectOptions { local_ip: Some(ip), ..ConnectOptions::default() };
+    let mut permit = gate.acquire_owned().await.ok();
     let mut sub = match Subscriber::connect(&o.url, &o.token, &opts).await {
         Ok(s) => s,
         Err(e) => {
@@ -293,10 +290,12 @@ async fn subscriber(
             return Err(e);
         }
     };
-    if let Err(e) = sub
-        .send_json(&json!({"op": "subscribe", "id": 1, "feed": o.feed, "symbols": o.symbols}))
-        .await
-    {
+    let symbols = if o.spread && !o.symbols.is_empty() {
+        vec![o.symbols[i % o.symbols.len()].clone()]
+    } else {
+        o.symbols.clone()
+    };
+    if let Err(e) = sub.send_json(&json!({"op": "subscribe", "id": 1, "feed": o.feed, "symbols": symbols})).await {
         let _ = ready.send(Err(format!("#{i}: {e}"))).await;
         return Err(e);
     }
@@ -305,10 +304,25 @@ async fn subscriber(
     let stop = sh.stop.clone();
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    // Refreshes start at a random offset so the fleet does not refresh in one burst.
+    let every = o.refresh_every.unwrap_or(Duration::from_secs(3600 * 24 * 365));
+    let refresh = tokio::time::sleep(every.mul_f64(rand::random_range(0.0..1.0)));
+    tokio::pin!(refresh);
+    let mut refresh_tokens = o.refresh_tokens.clone();
+    let mut refresh_id = 100;
     loop {
         let ev = tokio::select! {
             biased;
             ev = sub.next_event() => ev,
+            _ = &mut refresh, if refresh_tokens.is_some() => {
+                refresh.as_mut().reset(tokio::time::Instant::now() + every);
+                if let Some(rx) = refresh_tokens.as_mut() {
+                    let token = rx.borrow_and_update().clone();
+                    refresh_id += 1;
+                    sub.send_json(&json!({"op": "refresh", "id": refresh_id, "token": token})).await?;
+                }
+                continue;
+            }
             _ = &mut stopped => {
                 sub.close().await;
                 return Ok((hist, None));
@@ -320,7 +334,14 @@ async fn subscriber(
                 match m {
                     ServerMsg::Subscribed { .. } if !announced => {
                         announced = true;
+                        drop(permit.take());
                         let _ = ready.send(Ok(())).await;
+                    }
+                    ServerMsg::Refreshed { .. } => {
+                        sh.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ServerMsg::Error { id: Some(id), .. } if id > 100 => {
+                        sh.refreshes_refused.fetch_add(1, Ordering::Relaxed);
                     }
                     ServerMsg::Error { message, .. } if !announced => {
                         announced = true;
@@ -332,12 +353,9 @@ async fn subscriber(
                     _ => {}
                 }
             }
-            Ok(Event::Batch {
-                records, anomalies, ..
-            }) => {
+            Ok(Event::Batch { records, anomalies, .. }) => {
                 if !anomalies.is_empty() {
-                    sh.anomalies
-                        .fetch_add(anomalies.len() as u64, Ordering::Relaxed);
+                    sh.anomalies.fetch_add(anomalies.len() as u64, Ordering::Relaxed);
                 }
                 if sh.measuring.load(Ordering::Relaxed) {
                     let now = now_ns() as i64;
@@ -354,9 +372,7 @@ async fn subscriber(
             }
             Ok(Event::Closed { code, .. }) => {
                 if !announced {
-                    let _ = ready
-                        .send(Err(format!("#{i}: closed {code} before subscribing")))
-                        .await;
+                    let _ = ready.send(Err(format!("#{i}: closed {code} before subscribing"))).await;
                 }
                 return Ok((hist, Some(code)));
             }

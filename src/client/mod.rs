@@ -62,24 +62,14 @@ pub async fn fetch_token(
     client_secret: &str,
     scope: Option<&str>,
 ) -> Result<String, ClientError> {
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()?;
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build()?;
     let base = issuer.trim_end_matches('/');
-    let endpoint = match http
-        .get(format!("{base}/.well-known/openid-configuration"))
-        .send()
-        .await
-    {
+    let endpoint = match http.get(format!("{base}/.well-known/openid-configuration")).send().await {
         Ok(r) if r.status().is_success() => r
             .json::<serde_json::Value>()
             .await
             .ok()
-            .and_then(|v| {
-                v.get("token_endpoint")
-                    .and_then(|e| e.as_str())
-                    .map(str::to_owned)
-            })
+            .and_then(|v| v.get("token_endpoint").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_else(|| format!("{base}/oauth2/token")),
         _ => format!("{base}/oauth2/token"),
     };
@@ -87,28 +77,18 @@ pub async fn fetch_token(
     if let Some(s) = scope {
         form.push(("scope", s));
     }
-    let resp = http
-        .post(endpoint)
-        .basic_auth(client_id, Some(client_secret))
-        .form(&form)
-        .send()
-        .await?;
+    let resp = http.post(endpoint).basic_auth(client_id, Some(client_secret)).form(&form).send().await?;
     let status = resp.status().as_u16();
     let body = resp.text().await?;
     if status != 200 {
         return Err(ClientError::Refused { status, body });
     }
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| ClientError::Refused {
-        status,
-        body: format!("not JSON: {e}"),
-    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| ClientError::Refused { status, body: format!("not JSON: {e}") })?;
     v.get("access_token")
         .and_then(|t| t.as_str())
         .map(str::to_owned)
-        .ok_or(ClientError::Refused {
-            status,
-            body: "no access_token in the response".into(),
-        })
+        .ok_or(ClientError::Refused { status, body: "no access_token in the response".into() })
 }
 
 /// How the token is presented at the handshake.
@@ -136,32 +116,19 @@ pub struct ConnectOptions {
 pub type ClientWs = WebSocketStream<TcpStream>;
 
 /// Opens a stream connection (`ws://` URLs).
-pub async fn connect(
-    url: &str,
-    token: &str,
-    opts: &ConnectOptions,
-) -> Result<ClientWs, ClientError> {
-    let uri: tokio_tungstenite::tungstenite::http::Uri = url
-        .parse()
-        .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<ClientWs, ClientError> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri =
+        url.parse().map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
     if uri.scheme_str() != Some("ws") {
-        return Err(ClientError::Url(format!(
-            "{url}: only ws:// URLs are supported by this client"
-        )));
+        return Err(ClientError::Url(format!("{url}: only ws:// URLs are supported by this client")));
     }
-    let host = uri
-        .host()
-        .ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
+    let host = uri.host().ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
     let port = uri.port_u16().unwrap_or(80);
     let addr: SocketAddr = tokio::net::lookup_host((host, port))
         .await?
         .next()
         .ok_or_else(|| ClientError::Url(format!("{url}: host does not resolve")))?;
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(n) = opts.recv_buffer {
         socket.set_recv_buffer_size(n)?;
     }
@@ -174,30 +141,25 @@ pub async fn connect(
     let h = req.headers_mut();
     let bad = |_| ClientError::Url("token is not a valid header value".into());
     match opts.placement {
+        // An empty token presents no credential (servers in the benchmark-only no-auth
+        // mode, or in-band `auth`).
+        _ if token.is_empty() => {
+            h.insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+        }
         TokenPlacement::Header => {
-            h.insert(
-                "authorization",
-                HeaderValue::from_str(&format!("Bearer {token}")).map_err(bad)?,
-            );
-            h.insert(
-                "sec-websocket-protocol",
-                HeaderValue::from_static(SUBPROTOCOL),
-            );
+            h.insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).map_err(bad)?);
+            h.insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
         }
         TokenPlacement::Subprotocol => {
             let v = format!("{SUBPROTOCOL}, {BEARER_PROTOCOL_PREFIX}{token}");
-            h.insert(
-                "sec-websocket-protocol",
-                HeaderValue::from_str(&v).map_err(bad)?,
-            );
+            h.insert("sec-websocket-protocol", HeaderValue::from_str(&v).map_err(bad)?);
         }
     }
     // tungstenite zero-fills its read buffer up to this size on every read attempt; the
     // 128 KiB default dominates a load generator's profile.
     let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     config.read_buffer_size = 4096;
-    let (ws, _resp) =
-        tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
     Ok(ws)
 }
 
@@ -269,9 +231,7 @@ impl SeqTracker {
                     self.ids.insert(f.id, f.name.clone());
                 }
             }
-            ServerMsg::Subscribed {
-                feed, instruments, ..
-            } => {
+            ServerMsg::Subscribed { feed, instruments, .. } => {
                 let Some(&fid) = self.feeds.get(feed) else {
                     return;
                 };
@@ -279,10 +239,7 @@ impl SeqTracker {
                     self.symbols.insert((fid, i.id), i.symbol.clone());
                     self.by_symbol.insert((fid, i.symbol.clone()), i.id);
                     // An instrument subscribed before keeps its tracking.
-                    self.track.entry((fid, i.id)).or_insert(InstrTrack {
-                        expected: i.seq + 1,
-                        snapshot_upto: i.seq,
-                    });
+                    self.track.entry((fid, i.id)).or_insert(InstrTrack { expected: i.seq + 1, snapshot_upto: i.seq });
                 }
             }
             ServerMsg::Unsubscribed { feed, symbols, .. } => {
@@ -295,13 +252,7 @@ impl SeqTracker {
                     }
                 }
             }
-            ServerMsg::Gap {
-                feed,
-                symbol,
-                from,
-                to,
-                ..
-            } => {
+            ServerMsg::Gap { feed, symbol, from, to, .. } => {
                 self.gaps += 1;
                 let Some(&fid) = self.feeds.get(feed) else {
                     return;
@@ -339,21 +290,13 @@ impl SeqTracker {
         self.records += 1;
         let key = (r.feed_id(), r.instrument_id());
         let Some(t) = self.track.get_mut(&key) else {
-            return Some(Anomaly::Unsubscribed {
-                feed_id: key.0,
-                instrument_id: key.1,
-            });
+            return Some(Anomaly::Unsubscribed { feed_id: key.0, instrument_id: key.1 });
         };
         let seq = r.seq();
         if r.flags() & FLAG_SNAPSHOT != 0 {
             // Snapshot records carry their own (older) seq and never move `expected`.
             if seq > t.snapshot_upto {
-                return Some(Anomaly::Duplicate {
-                    feed_id: key.0,
-                    instrument_id: key.1,
-                    seq,
-                    expected: t.expected,
-                });
+                return Some(Anomaly::Duplicate { feed_id: key.0, instrument_id: key.1, seq, expected: t.expected });
             }
             return None;
         }
@@ -362,28 +305,16 @@ impl SeqTracker {
             t.expected += 1;
             None
         } else if seq < expected {
-            Some(Anomaly::Duplicate {
-                feed_id: key.0,
-                instrument_id: key.1,
-                seq,
-                expected,
-            })
+            Some(Anomaly::Duplicate { feed_id: key.0, instrument_id: key.1, seq, expected })
         } else {
             t.expected = seq + 1;
-            Some(Anomaly::SilentGap {
-                feed_id: key.0,
-                instrument_id: key.1,
-                from: expected,
-                to: seq - 1,
-            })
+            Some(Anomaly::SilentGap { feed_id: key.0, instrument_id: key.1, from: expected, to: seq - 1 })
         }
     }
 
     /// Symbol of an instrument id, once subscribed.
     pub fn symbol(&self, feed_id: u16, instrument_id: u32) -> Option<&str> {
-        self.symbols
-            .get(&(feed_id, instrument_id))
-            .map(String::as_str)
+        self.symbols.get(&(feed_id, instrument_id)).map(String::as_str)
     }
 
     /// Feed name of a feed id.
@@ -397,11 +328,7 @@ impl SeqTracker {
         self.track
             .iter()
             .filter_map(|(&(f, i), t)| {
-                Some((
-                    self.ids.get(&f)?.clone(),
-                    self.symbols.get(&(f, i))?.clone(),
-                    t.expected.saturating_sub(1),
-                ))
+                Some((self.ids.get(&f)?.clone(), self.symbols.get(&(f, i))?.clone(), t.expected.saturating_sub(1)))
             })
             .collect()
     }
@@ -439,23 +366,14 @@ pub struct Subscriber {
 
 impl std::fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscriber")
-            .field("tracker", &self.tracker)
-            .finish()
+        f.debug_struct("Subscriber").field("tracker", &self.tracker).finish()
     }
 }
 
 impl Subscriber {
     /// Connects.
-    pub async fn connect(
-        url: &str,
-        token: &str,
-        opts: &ConnectOptions,
-    ) -> Result<Subscriber, ClientError> {
-        Ok(Subscriber {
-            ws: connect(url, token, opts).await?,
-            tracker: SeqTracker::default(),
-        })
+    pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Subscriber, ClientError> {
+        Ok(Subscriber { ws: connect(url, token, opts).await?, tracker: SeqTracker::default() })
     }
 
     /// Sends a control message.
@@ -468,44 +386,27 @@ impl Subscriber {
     pub async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
             let msg = match self.ws.next().await {
-                None => {
-                    return Ok(Event::Closed {
-                        code: 1006,
-                        reason: "connection dropped".into(),
-                    })
-                }
+                None => return Ok(Event::Closed { code: 1006, reason: "connection dropped".into() }),
                 Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) => {
-                    return Ok(Event::Closed {
-                        code: 1006,
-                        reason: "connection closed".into(),
-                    })
+                    return Ok(Event::Closed { code: 1006, reason: "connection closed".into() })
                 }
                 Some(m) => m?,
             };
             match msg {
                 Message::Text(t) => {
-                    let m: ServerMsg = serde_json::from_str(t.as_str())
-                        .map_err(|e| ClientError::Control(format!("{e}: {t}")))?;
+                    let m: ServerMsg =
+                        serde_json::from_str(t.as_str()).map_err(|e| ClientError::Control(format!("{e}: {t}")))?;
                     self.tracker.on_control(&m);
                     return Ok(Event::Control(m));
                 }
                 Message::Binary(b) => {
                     let batch = decode_batch(&b)?;
-                    let anomalies = batch
-                        .records
-                        .iter()
-                        .filter_map(|r| self.tracker.on_record(r))
-                        .collect();
-                    return Ok(Event::Batch {
-                        send_ts_ns: batch.send_ts_ns,
-                        records: batch.records,
-                        anomalies,
-                    });
+                    let anomalies = batch.records.iter().filter_map(|r| self.tracker.on_record(r)).collect();
+                    return Ok(Event::Batch { send_ts_ns: batch.send_ts_ns, records: batch.records, anomalies });
                 }
                 Message::Close(f) => {
-                    let (code, reason) = f
-                        .map(|f| (u16::from(f.code), f.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
+                    let (code, reason) =
+                        f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                     return Ok(Event::Closed { code, reason });
                 }
                 _ => continue,

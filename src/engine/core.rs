@@ -192,26 +192,11 @@ pub struct ConnHandles {
 
 impl ShardCore {
     /// A shard over the catalog. `validator` checks in-band refresh tokens.
-    pub fn new(
-        catalog: Arc<Catalog>,
-        validator: Option<Arc<Validator>>,
-        limits: CoreLimits,
-    ) -> ShardCore {
+    pub fn new(catalog: Arc<Catalog>, validator: Option<Arc<Validator>>, limits: CoreLimits) -> ShardCore {
         let tick_ms = limits.timer_tick_ms.clamp(1, 1000);
-        let index = catalog
-            .feeds()
-            .iter()
-            .map(|f| vec![Vec::new(); f.instrument_count()])
-            .collect();
-        let instr = catalog
-            .feeds()
-            .iter()
-            .map(|f| vec![InstrState::default(); f.instrument_count()])
-            .collect();
-        let stats = CoreStats {
-            delivered: vec![0; catalog.feeds().len()],
-            ..CoreStats::default()
-        };
+        let index = catalog.feeds().iter().map(|f| vec![Vec::new(); f.instrument_count()]).collect();
+        let instr = catalog.feeds().iter().map(|f| vec![InstrState::default(); f.instrument_count()]).collect();
+        let stats = CoreStats { delivered: vec![0; catalog.feeds().len()], ..CoreStats::default() };
         ShardCore {
             catalog,
             validator,
@@ -265,11 +250,7 @@ impl ShardCore {
             .feeds()
             .iter()
             .filter(|f| ent.can_read(f.name()))
-            .map(|f| FeedInfo {
-                name: f.name().to_owned(),
-                id: f.id(),
-                epoch: f.epoch(),
-            })
+            .map(|f| FeedInfo { name: f.name().to_owned(), id: f.id(), epoch: f.epoch() })
             .collect()
     }
 
@@ -330,36 +311,14 @@ impl ShardCore {
         // batch sealed by then is stamped before the deadline, and after the decision the
         // connection's queue is discarded, so no data frame is written after exp + grace.
         let early = 2 * self.wheel.tick_ms();
-        let expire_at = now_ms
-            + deadline_wall
-                .saturating_sub(now_wall_ms)
-                .saturating_sub(early);
-        let issued_ms = p
-            .iat
-            .map(|i| i.saturating_mul(1000))
-            .unwrap_or(now_wall_ms)
-            .min(exp_ms);
+        let expire_at = now_ms + deadline_wall.saturating_sub(now_wall_ms).saturating_sub(early);
+        let issued_ms = p.iat.map(|i| i.saturating_mul(1000)).unwrap_or(now_wall_ms).min(exp_ms);
         let fraction = rand::random_range(0.80..0.90);
         let notice_wall = issued_ms + ((exp_ms - issued_ms) as f64 * fraction) as u64;
         let notice_at = now_ms + notice_wall.saturating_sub(now_wall_ms);
-        let expire = self.wheel.schedule(
-            expire_at,
-            TimerEvent {
-                key,
-                serial,
-                kind: TimerKind::Expire,
-            },
-        );
-        let expiring = (notice_wall < exp_ms).then(|| {
-            self.wheel.schedule(
-                notice_at,
-                TimerEvent {
-                    key,
-                    serial,
-                    kind: TimerKind::Expiring,
-                },
-            )
-        });
+        let expire = self.wheel.schedule(expire_at, TimerEvent { key, serial, kind: TimerKind::Expire });
+        let expiring = (notice_wall < exp_ms)
+            .then(|| self.wheel.schedule(notice_at, TimerEvent { key, serial, kind: TimerKind::Expiring }));
         if let Some(c) = self.conns.get_mut(key) {
             c.expire_timer = Some(expire);
             c.expiring_timer = expiring;
@@ -446,8 +405,7 @@ impl ShardCore {
             .iter()
             .filter(|(_, c)| !c.out.is_closed())
             .filter(|(_, c)| {
-                sub.is_some_and(|s| c.principal.sub == s)
-                    || jti.is_some_and(|j| c.principal.jti.as_deref() == Some(j))
+                sub.is_some_and(|s| c.principal.sub == s) || jti.is_some_and(|j| c.principal.jti.as_deref() == Some(j))
             })
             .map(|(k, _)| k)
             .collect();
@@ -469,11 +427,7 @@ impl ShardCore {
     }
 
     fn unindex(&mut self, key: ConnKey, f: u16, i: u32) {
-        if let Some(list) = self
-            .index
-            .get_mut(f as usize)
-            .and_then(|v| v.get_mut(i as usize))
-        {
+        if let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) {
             if let Some(pos) = list.iter().position(|&k| k == key) {
                 list.swap_remove(pos);
                 self.subscriptions -= 1;
@@ -577,12 +531,7 @@ impl ShardCore {
             } else {
                 reconnect_after_max_ms
             };
-            self.send(
-                key,
-                &ServerMsg::Shutdown {
-                    reconnect_after_ms: jitter,
-                },
-            );
+            self.send(key, &ServerMsg::Shutdown { reconnect_after_ms: jitter });
             // No kill here: the `shutdown` message must reach the client. A client stuck
             // on a full socket is dropped when the drain time runs out instead.
             self.close(key, close::GOING_AWAY, "server shutting down");
@@ -593,16 +542,10 @@ impl ShardCore {
     pub fn handle(&mut self, key: ConnKey, msg: ClientMsg) {
         match msg {
             ClientMsg::Ping { id } => self.send(key, &ServerMsg::Pong { id, ts: now_ns() }),
-            ClientMsg::Subscribe {
-                id,
-                feed,
-                symbols,
-                snapshot,
-                resume,
-            } => self.subscribe(key, id, &feed, &symbols, snapshot, resume),
-            ClientMsg::Unsubscribe { id, feed, symbols } => {
-                self.unsubscribe(key, id, &feed, &symbols)
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume } => {
+                self.subscribe(key, id, &feed, &symbols, snapshot, resume)
             }
+            ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
             ClientMsg::Refresh { id, token } => self.refresh(key, id, &token.0),
             ClientMsg::Auth { .. } => self.send_error(
                 key,
@@ -642,19 +585,9 @@ impl ShardCore {
 
     fn resolve_error(&mut self, key: ConnKey, id: Option<i64>, feed: &Feed, e: String) {
         if e.starts_with('*') {
-            self.send_error(
-                key,
-                id,
-                ErrorCode::BadRequest,
-                "`*` must be the only entry of `symbols`".into(),
-            )
+            self.send_error(key, id, ErrorCode::BadRequest, "`*` must be the only entry of `symbols`".into())
         } else {
-            self.send_error(
-                key,
-                id,
-                ErrorCode::UnknownSymbol,
-                format!("no symbol `{e}` in feed {}", feed.name()),
-            )
+            self.send_error(key, id, ErrorCode::UnknownSymbol, format!("no symbol `{e}` in feed {}", feed.name()))
         }
     }
 
@@ -670,12 +603,7 @@ impl ShardCore {
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::UnknownFeed,
-                format!("no feed `{shown}`"),
-            );
+            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
         };
         let Some(conn) = self.conns.get(key) else {
             return;
@@ -692,12 +620,7 @@ impl ShardCore {
             );
         }
         if symbols.is_empty() {
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::BadRequest,
-                "`symbols` must not be empty".into(),
-            );
+            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
         }
         let instruments = match Self::resolve(feed, symbols) {
             Ok(v) => v,
@@ -715,20 +638,13 @@ impl ShardCore {
             }
         }
         let f = feed.idx as u16;
-        let new: Vec<u32> = instruments
-            .iter()
-            .copied()
-            .filter(|i| !conn.subs.contains(&(f, *i)))
-            .collect();
+        let new: Vec<u32> = instruments.iter().copied().filter(|i| !conn.subs.contains(&(f, *i))).collect();
         if conn.subs.len() + new.len() > self.limits.max_subscriptions {
             return self.send_error(
                 key,
                 id,
                 ErrorCode::LimitExceeded,
-                format!(
-                    "at most {} subscribed instruments per connection",
-                    self.limits.max_subscriptions
-                ),
+                format!("at most {} subscribed instruments per connection", self.limits.max_subscriptions),
             );
         }
 
@@ -766,20 +682,12 @@ impl ShardCore {
                 None => snapshot,
             };
             if want_snapshot {
-                let mut recs: Vec<Record> = [st.last_trade, st.last_quote]
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let mut recs: Vec<Record> = [st.last_trade, st.last_quote].into_iter().flatten().collect();
                 recs.sort_by_key(Record::seq);
                 snap.extend(recs.into_iter().map(|r| r.with_flags(FLAG_SNAPSHOT)));
             }
         }
-        let reply = ServerMsg::Subscribed {
-            id,
-            feed: feed.name().to_owned(),
-            epoch: feed.epoch(),
-            instruments: infos,
-        };
+        let reply = ServerMsg::Subscribed { id, feed: feed.name().to_owned(), epoch: feed.epoch(), instruments: infos };
         let max_batch = self.limits.max_batch_bytes;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -808,20 +716,10 @@ impl ShardCore {
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::UnknownFeed,
-                format!("no feed `{shown}`"),
-            );
+            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
         };
         if symbols.is_empty() {
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::BadRequest,
-                "`symbols` must not be empty".into(),
-            );
+            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
         }
         let instruments = match Self::resolve(feed, symbols) {
             Ok(v) => v,
@@ -832,12 +730,7 @@ impl ShardCore {
         let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
         self.send(
             key,
-            &ServerMsg::Unsubscribed {
-                id,
-                feed: feed.name().to_owned(),
-                symbols,
-                reason: "request".into(),
-            },
+            &ServerMsg::Unsubscribed { id, feed: feed.name().to_owned(), symbols, reason: "request".into() },
         );
     }
 
@@ -846,11 +739,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(key) else {
             return Vec::new();
         };
-        let removed: Vec<u32> = instruments
-            .iter()
-            .copied()
-            .filter(|&i| conn.subs.remove(&(f, i)))
-            .collect();
+        let removed: Vec<u32> = instruments.iter().copied().filter(|&i| conn.subs.remove(&(f, i))).collect();
         for &i in &removed {
             self.unindex(key, f, i);
         }
@@ -859,12 +748,7 @@ impl ShardCore {
 
     fn refresh(&mut self, key: ConnKey, id: Option<i64>, token: &str) {
         let Some(validator) = self.validator.clone() else {
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::InvalidToken,
-                "token refresh is not available".into(),
-            );
+            return self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
         };
         let min_gap = Duration::from_millis(self.limits.min_refresh_interval_ms);
         let Some(conn) = self.conns.get_mut(key) else {
@@ -898,21 +782,12 @@ impl ShardCore {
         }
         // Feeds the new token no longer covers are unsubscribed, the rest stream on.
         let catalog = self.catalog.clone();
-        for feed in catalog
-            .feeds()
-            .iter()
-            .filter(|f| !p.entitlements.can_read(f.name()))
-        {
+        for feed in catalog.feeds().iter().filter(|f| !p.entitlements.can_read(f.name())) {
             let fi = feed.idx as u16;
             let Some(conn) = self.conns.get(key) else {
                 return;
             };
-            let mut is: Vec<u32> = conn
-                .subs
-                .iter()
-                .filter(|(cf, _)| *cf == fi)
-                .map(|(_, i)| *i)
-                .collect();
+            let mut is: Vec<u32> = conn.subs.iter().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
             if is.is_empty() {
                 continue;
             }
@@ -955,9 +830,7 @@ mod tests {
 
     fn core() -> ShardCore {
         let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(
-            Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"),
-        );
+        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
         ShardCore::new(catalog, None, CoreLimits::default())
     }
 
@@ -974,11 +847,7 @@ mod tests {
     }
 
     fn tick(seq: u64) -> Tick {
-        Tick {
-            feed_idx: 0,
-            instr: 0,
-            record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0),
-        }
+        Tick { feed_idx: 0, instr: 0, record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0) }
     }
 
     fn drain(core: &mut ShardCore, key: ConnKey) -> Vec<OutItem> {
@@ -1048,10 +917,7 @@ mod tests {
                 assert_eq!(core.stats.expiries, 1);
                 return;
             }
-            assert!(
-                items.iter().all(|i| !matches!(i, OutItem::Close { .. })),
-                "close before the deadline"
-            );
+            assert!(items.iter().all(|i| !matches!(i, OutItem::Close { .. })), "close before the deadline");
         }
         panic!("never closed");
     }
@@ -1090,19 +956,9 @@ mod tests {
             drain(&mut core, k);
         }
         assert_eq!(core.revoke(None, Some("j")), 1);
-        assert!(matches!(
-            drain(&mut core, a.key).as_slice(),
-            [OutItem::Close { code: 4003, .. }]
-        ));
-        assert_eq!(
-            core.revoke(Some("s"), None),
-            1,
-            "a is already closing; b matches by sub"
-        );
-        assert!(matches!(
-            drain(&mut core, b.key).as_slice(),
-            [OutItem::Close { code: 4003, .. }]
-        ));
+        assert!(matches!(drain(&mut core, a.key).as_slice(), [OutItem::Close { code: 4003, .. }]));
+        assert_eq!(core.revoke(Some("s"), None), 1, "a is already closing; b matches by sub");
+        assert!(matches!(drain(&mut core, b.key).as_slice(), [OutItem::Close { code: 4003, .. }]));
         assert!(drain(&mut core, c.key).is_empty());
         assert_eq!(core.stats.revocations, 2);
     }

@@ -34,13 +34,7 @@ impl BatchBuf {
     fn new(capacity: usize) -> BatchBuf {
         let mut buf = BytesMut::with_capacity(capacity.max(BATCH_HEADER_LEN + 128));
         buf.resize(BATCH_HEADER_LEN, 0);
-        BatchBuf {
-            buf,
-            count: 0,
-            oldest_recv_ns: i64::MAX,
-            feeds: [(0, 0); FEEDS_PER_BATCH],
-            nfeeds: 0,
-        }
+        BatchBuf { buf, count: 0, oldest_recv_ns: i64::MAX, feeds: [(0, 0); FEEDS_PER_BATCH], nfeeds: 0 }
     }
 
     /// Appends a record if it fits; returns false when the batch must be sealed first.
@@ -50,10 +44,7 @@ impl BatchBuf {
         if self.count >= MAX_BATCH_RECORDS || self.buf.len() + bytes.len() > max_bytes {
             return false;
         }
-        match self.feeds[..self.nfeeds]
-            .iter_mut()
-            .find(|(f, _)| *f == feed_idx)
-        {
+        match self.feeds[..self.nfeeds].iter_mut().find(|(f, _)| *f == feed_idx) {
             Some((_, n)) => *n += 1,
             None if self.nfeeds < FEEDS_PER_BATCH => {
                 self.feeds[self.nfeeds] = (feed_idx, 1);
@@ -85,11 +76,7 @@ impl BatchBuf {
     /// Seals the batch: writes the header with the send time and returns the message.
     pub fn finish(mut self, send_ts_ns: u64) -> Bytes {
         // count <= MAX_BATCH_RECORDS (u16::MAX) is enforced by try_push.
-        write_batch_header(
-            &mut self.buf[..BATCH_HEADER_LEN],
-            self.count as u16,
-            send_ts_ns,
-        );
+        write_batch_header(&mut self.buf[..BATCH_HEADER_LEN], self.count as u16, send_ts_ns);
         self.buf.freeze()
     }
 }
@@ -163,10 +150,8 @@ impl Outbound {
         // grows by doubling: with thousands of connections, touching a large fresh
         // buffer per connection per cycle costs more in cache misses than the copy.
         // The size of this connection's previous batch is the best guess for the next.
-        let mut b = BatchBuf::new(self.size_hint.clamp(
-            INITIAL_BATCH_CAPACITY,
-            max_batch_bytes.max(INITIAL_BATCH_CAPACITY),
-        ));
+        let mut b =
+            BatchBuf::new(self.size_hint.clamp(INITIAL_BATCH_CAPACITY, max_batch_bytes.max(INITIAL_BATCH_CAPACITY)));
         let pushed = b.try_push(feed_idx, rec, max_batch_bytes.max(BATCH_HEADER_LEN + len));
         debug_assert!(pushed);
         self.bytes += b.buf.len();
@@ -229,18 +214,13 @@ mod tests {
         o.push_text("{}".into());
         o.push_record(0, &rec(3), 65536);
         assert_eq!(o.bytes(), 16 + 112 + 2 + 16 + 56);
-        let Some(OutItem::Batch(b)) = o.pop() else {
-            panic!("batch first")
-        };
+        let Some(OutItem::Batch(b)) = o.pop() else { panic!("batch first") };
         assert_eq!(b.count(), 2);
         assert_eq!(b.oldest_recv_ns(), 1);
         let msg = b.finish(99);
         let d = decode_batch(&msg).expect("decodes");
         assert_eq!(d.send_ts_ns, 99);
-        assert_eq!(
-            d.records.iter().map(Record::seq).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
+        assert_eq!(d.records.iter().map(Record::seq).collect::<Vec<_>>(), vec![1, 2]);
         assert!(matches!(o.pop(), Some(OutItem::Text(_))));
         assert!(matches!(o.pop(), Some(OutItem::Batch(_))));
         assert_eq!(o.bytes(), 0);

@@ -58,14 +58,9 @@ pub enum ShardCtl {
 fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
     match msg {
         ShardCtl::Stop => return false,
-        ShardCtl::Shutdown {
-            reconnect_after_max_ms,
-        } => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
+        ShardCtl::Shutdown { reconnect_after_max_ms } => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
         ShardCtl::Revoke { sub, jti, reply } => {
-            let n = shard
-                .core
-                .borrow_mut()
-                .revoke(sub.as_deref(), jti.as_deref());
+            let n = shard.core.borrow_mut().revoke(sub.as_deref(), jti.as_deref());
             let _ = reply.send(n);
         }
     }
@@ -74,9 +69,7 @@ fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
 
 /// Builds the future that serves one accepted socket on the shard (HTTP, then maybe a
 /// stream). Provided by the server so the engine stays free of HTTP concerns.
-pub type ServeFn = Arc<
-    dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync,
->;
+pub type ServeFn = Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
 /// The shard-local context that connection tasks reach through [`current`].
 #[derive(Debug)]
@@ -124,37 +117,22 @@ pub struct ShardSpec {
 
 /// Starts a shard thread.
 pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("tickgate-shard-{}", spec.id))
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(shard = spec.id, error = %e, "cannot build shard runtime");
-                    return;
-                }
-            };
-            let local = LocalSet::new();
-            local.block_on(&rt, run(spec));
-            // Dropping the runtime cancels whatever connection tasks outlived the drain.
-        })
+    std::thread::Builder::new().name(format!("tickgate-shard-{}", spec.id)).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(shard = spec.id, error = %e, "cannot build shard runtime");
+                return;
+            }
+        };
+        let local = LocalSet::new();
+        local.block_on(&rt, run(spec));
+        // Dropping the runtime cancels whatever connection tasks outlived the drain.
+    })
 }
 
 async fn run(spec: ShardSpec) {
-    let ShardSpec {
-        id,
-        inbox,
-        mut ctl,
-        mut sockets,
-        catalog,
-        validator,
-        limits,
-        metrics,
-        serve,
-    } = spec;
+    let ShardSpec { id, inbox, mut ctl, mut sockets, catalog, validator, limits, metrics, serve } = spec;
     let shard = Rc::new(ShardLocal {
         id,
         core: RefCell::new(ShardCore::new(catalog.clone(), validator, limits)),
@@ -244,10 +222,7 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     for (fi, feed) in core.catalog().feeds().iter().enumerate() {
         let d = now.delivered[fi] - last.delivered.get(fi).copied().unwrap_or(0);
         if d > 0 {
-            metrics
-                .records_delivered
-                .with_label_values(&[feed.name()])
-                .inc_by(d);
+            metrics.records_delivered.with_label_values(&[feed.name()]).inc_by(d);
         }
     }
     metrics.frames_sent.inc_by(now.frames - last.frames);
@@ -255,61 +230,31 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     metrics.socket_flushes.inc_by(now.flushes - last.flushes);
     let slow = now.slow_disconnects - last.slow_disconnects;
     if slow > 0 {
-        metrics
-            .slow_consumer_events
-            .with_label_values(&["disconnect"])
-            .inc_by(slow);
+        metrics.slow_consumer_events.with_label_values(&["disconnect"]).inc_by(slow);
     }
     for (code, n) in &now.control_errors {
-        let before = last
-            .control_errors
-            .iter()
-            .find(|(c, _)| c == code)
-            .map(|(_, n)| *n)
-            .unwrap_or(0);
+        let before = last.control_errors.iter().find(|(c, _)| c == code).map(|(_, n)| *n).unwrap_or(0);
         if *n > before {
-            metrics
-                .control_errors
-                .with_label_values(&[code.as_str()])
-                .inc_by(n - before);
+            metrics.control_errors.with_label_values(&[code.as_str()]).inc_by(n - before);
         }
     }
     let ok = now.refresh_ok - last.refresh_ok;
     if ok > 0 {
-        metrics
-            .token_refreshes
-            .with_label_values(&["ok"])
-            .inc_by(ok);
+        metrics.token_refreshes.with_label_values(&["ok"]).inc_by(ok);
     }
     let refused = now.refresh_refused - last.refresh_refused;
     if refused > 0 {
-        metrics
-            .token_refreshes
-            .with_label_values(&["refused"])
-            .inc_by(refused);
+        metrics.token_refreshes.with_label_values(&["refused"]).inc_by(refused);
     }
-    metrics
-        .source_gaps
-        .inc_by(now.source_gaps - last.source_gaps);
+    metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
     metrics.token_expiries.inc_by(now.expiries - last.expiries);
-    metrics
-        .revocations
-        .inc_by(now.revocations - last.revocations);
+    metrics.revocations.inc_by(now.revocations - last.revocations);
     let limited = now.refresh_rate_limited - last.refresh_rate_limited;
     if limited > 0 {
-        metrics
-            .token_refreshes
-            .with_label_values(&["rate_limited"])
-            .inc_by(limited);
+        metrics.token_refreshes.with_label_values(&["rate_limited"]).inc_by(limited);
     }
-    shard
-        .inbox
-        .timers
-        .store(core.timer_count(), Ordering::Relaxed);
-    shard
-        .inbox
-        .subscriptions
-        .store(core.subscription_count(), Ordering::Relaxed);
+    shard.inbox.timers.store(core.timer_count(), Ordering::Relaxed);
+    shard.inbox.subscriptions.store(core.subscription_count(), Ordering::Relaxed);
     drop(core);
     shard.latency.flush();
     *last = now;

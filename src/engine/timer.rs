@@ -44,6 +44,10 @@ pub struct TimerWheel<T> {
     occupied: [u64; LEVELS],
     entries: Slab<Entry<T>>,
     next_generation: u32,
+    /// Cancelled pairs still sitting in slots. When they outnumber the live entries the
+    /// slots are compacted, so cancel-heavy use (a client refreshing as often as it may)
+    /// cannot grow the wheel's memory without bound between sweeps of a slow level.
+    stale: usize,
 }
 
 impl<T> TimerWheel<T> {
@@ -56,6 +60,7 @@ impl<T> TimerWheel<T> {
             occupied: [0; LEVELS],
             entries: Slab::new(),
             next_generation: 0,
+            stale: 0,
         }
     }
 
@@ -83,17 +88,10 @@ impl<T> TimerWheel<T> {
     /// already past fires at the next tick. Deadlines are rounded up to the tick, so an
     /// entry never fires early.
     pub fn schedule(&mut self, at_ms: u64, value: T) -> TimerId {
-        let deadline = at_ms
-            .div_ceil(self.tick_ms)
-            .max(self.now + 1)
-            .min(self.now + MAX_DELTA);
+        let deadline = at_ms.div_ceil(self.tick_ms).max(self.now + 1).min(self.now + MAX_DELTA);
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
-        let id = self.entries.insert(Entry {
-            deadline,
-            generation,
-            value,
-        }) as u32;
+        let id = self.entries.insert(Entry { deadline, generation, value }) as u32;
         self.place(id, generation, deadline);
         TimerId { id, generation }
     }
@@ -102,10 +100,28 @@ impl<T> TimerWheel<T> {
     pub fn cancel(&mut self, t: TimerId) -> Option<T> {
         match self.entries.get(t.id as usize) {
             Some(e) if e.generation == t.generation => {
-                Some(self.entries.remove(t.id as usize).value)
+                let value = self.entries.remove(t.id as usize).value;
+                self.stale += 1;
+                if self.stale > 1024 && self.stale > 2 * self.entries.len() {
+                    self.compact();
+                }
+                Some(value)
             }
             _ => None,
         }
+    }
+
+    /// Drops every cancelled pair from the slots. O(slots + pairs), run only when the
+    /// stale pairs outnumber the live entries twice over, so amortised O(1) per cancel.
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            slot.retain(|&(id, g)| matches!(entries.get(id as usize), Some(e) if e.generation == g));
+            if slot.is_empty() {
+                self.occupied[i / SLOTS] &= !(1 << (i % SLOTS));
+            }
+        }
+        self.stale = 0;
     }
 
     fn place(&mut self, id: u32, generation: u32, deadline: u64) {
@@ -157,20 +173,21 @@ impl<T> TimerWheel<T> {
                 let slot = ((t >> shift) as usize) & (SLOTS - 1);
                 let moved = self.take_slot(level, slot);
                 for (id, generation) in moved {
-                    if let Some(e) = self.entries.get(id as usize) {
-                        if e.generation == generation {
+                    match self.entries.get(id as usize) {
+                        Some(e) if e.generation == generation => {
                             let d = e.deadline;
                             self.place(id, generation, d);
                         }
+                        _ => self.stale = self.stale.saturating_sub(1),
                     }
                 }
             }
             let idx = (t as usize) & (SLOTS - 1);
             let due = self.take_slot(0, idx);
             for (id, generation) in due {
-                let live =
-                    matches!(self.entries.get(id as usize), Some(e) if e.generation == generation);
+                let live = matches!(self.entries.get(id as usize), Some(e) if e.generation == generation);
                 if !live {
+                    self.stale = self.stale.saturating_sub(1);
                     continue;
                 }
                 let deadline = self.entries[id as usize].deadline;
@@ -228,9 +245,7 @@ mod tests {
         for start in [0u64, 7, 63, 64, 4095, 4096, 262_143] {
             let mut w = TimerWheel::new(1);
             assert!(run_to(&mut w, start).is_empty());
-            let deltas: Vec<u64> = (1..300)
-                .chain([4095, 4096, 4097, 262_143, 262_144, 262_145])
-                .collect();
+            let deltas: Vec<u64> = (1..300).chain([4095, 4096, 4097, 262_143, 262_144, 262_145]).collect();
             for (i, d) in deltas.iter().enumerate() {
                 w.schedule(start + d, i as u32);
             }
@@ -239,16 +254,9 @@ mod tests {
             for (i, d) in deltas.iter().enumerate() {
                 let at = start + d;
                 if at > now + 1 {
-                    assert!(
-                        run_to(&mut w, at - 1).is_empty(),
-                        "start {start} delta {d} early"
-                    );
+                    assert!(run_to(&mut w, at - 1).is_empty(), "start {start} delta {d} early");
                 }
-                assert_eq!(
-                    run_to(&mut w, at),
-                    vec![i as u32],
-                    "start {start} delta {d}"
-                );
+                assert_eq!(run_to(&mut w, at), vec![i as u32], "start {start} delta {d}");
                 now = at;
                 seen += 1;
             }
@@ -283,11 +291,7 @@ mod tests {
             w.schedule(500, i);
         }
         w.schedule(0, 99_999);
-        assert_eq!(
-            run_to(&mut w, 10),
-            vec![99_999],
-            "a past deadline fires at the next tick"
-        );
+        assert_eq!(run_to(&mut w, 10), vec![99_999], "a past deadline fires at the next tick");
         let fired = run_to(&mut w, 500);
         assert_eq!(fired.len(), 10_000);
         assert_eq!(fired[..3], [0, 1, 2], "scheduling order within a tick");
@@ -311,8 +315,7 @@ mod tests {
         let mut w = TimerWheel::new(10);
         // Reference: value -> deadline tick; the wheel must fire each value exactly at
         // its deadline tick (rounded up), never earlier, never twice.
-        let mut live: std::collections::HashMap<u32, (u64, TimerId)> =
-            std::collections::HashMap::new();
+        let mut live: std::collections::HashMap<u32, (u64, TimerId)> = std::collections::HashMap::new();
         let mut now_ms = 0u64;
         for v in 0..20_000u32 {
             match rng.random_range(0..10) {
@@ -341,14 +344,29 @@ mod tests {
                         let (tick, _) = live.remove(&f).expect("fired once, and only if live");
                         assert!(tick <= now_ms / 10, "fired early");
                     }
-                    assert!(
-                        live.values().all(|(tick, _)| *tick > now_ms / 10),
-                        "an entry is overdue"
-                    );
+                    assert!(live.values().all(|(tick, _)| *tick > now_ms / 10), "an entry is overdue");
                 }
             }
             assert_eq!(w.len(), live.len());
         }
+    }
+
+    #[test]
+    fn cancelled_pairs_do_not_accumulate() {
+        let mut w = TimerWheel::new(10);
+        let keep = w.schedule(3_600_000, 0u32);
+        // A client refreshing over and over: each refresh cancels a far deadline.
+        for i in 0..100_000u32 {
+            let id = w.schedule(3_000_000 + u64::from(i), i);
+            assert_eq!(w.cancel(id), Some(i));
+        }
+        let pairs: usize = w.slots.iter().map(Vec::len).sum();
+        assert!(pairs <= 2 * 1024 + 2, "{pairs} pairs held for 1 live entry");
+        assert_eq!(w.len(), 1);
+        let mut fired = Vec::new();
+        w.advance(3_600_000, &mut fired);
+        assert_eq!(fired, vec![0]);
+        assert_eq!(w.cancel(keep), None);
     }
 
     #[test]

@@ -101,23 +101,16 @@ pub struct FeedDef {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 impl FeedDef {
     /// Parses and checks one definition.
     pub fn parse(path: &str, text: &str) -> Result<FeedDef, FeedError> {
-        let invalid = |message: String| FeedError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
+        let invalid = |message: String| FeedError::Invalid { path: path.to_owned(), message };
         let def: FeedDef = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if !valid_name(&def.name) || def.name == "*" {
-            return Err(invalid(format!(
-                "feed name `{}` must be 1-32 characters of A-Z a-z 0-9 _ - .",
-                def.name
-            )));
+            return Err(invalid(format!("feed name `{}` must be 1-32 characters of A-Z a-z 0-9 _ - .", def.name)));
         }
         if def.id == 0 {
             return Err(invalid("feed id must be between 1 and 65535".into()));
@@ -128,9 +121,7 @@ impl FeedDef {
         let mut seen = HashSet::new();
         for s in &def.symbols {
             if !valid_name(s) {
-                return Err(invalid(format!(
-                    "symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - ."
-                )));
+                return Err(invalid(format!("symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - .")));
             }
             if !seen.insert(s.as_str()) {
                 return Err(invalid(format!("symbol `{s}` appears twice")));
@@ -138,15 +129,11 @@ impl FeedDef {
         }
         match (def.source, &def.synthetic) {
             (SourceKind::Synthetic, None) => {
-                return Err(invalid(
-                    "source = \"synthetic\" needs a [synthetic] section".into(),
-                ))
+                return Err(invalid("source = \"synthetic\" needs a [synthetic] section".into()))
             }
             (SourceKind::Synthetic, Some(s)) => {
                 if !(s.rate_per_s > 0.0 && s.rate_per_s <= 10_000_000.0) {
-                    return Err(invalid(
-                        "synthetic.rate_per_s must be in (0, 10000000]".into(),
-                    ));
+                    return Err(invalid("synthetic.rate_per_s must be in (0, 10000000]".into()));
                 }
                 if !(0.0..=1.0).contains(&s.quote_ratio) {
                     return Err(invalid("synthetic.quote_ratio must be in [0, 1]".into()));
@@ -200,11 +187,7 @@ impl Feed {
 
     /// Symbol of a dense instrument index.
     pub fn symbol(&self, idx: u32) -> &str {
-        self.def
-            .symbols
-            .get(idx as usize)
-            .map(String::as_str)
-            .unwrap_or("")
+        self.def.symbols.get(idx as usize).map(String::as_str).unwrap_or("")
     }
 
     /// Instrument id on the wire for a dense index (1-based position).
@@ -229,10 +212,7 @@ impl Catalog {
         let mut ids = HashSet::new();
         for (idx, def) in defs.into_iter().enumerate() {
             if by_name.insert(def.name.clone(), idx).is_some() {
-                return Err(FeedError::Invalid {
-                    path: def.name.clone(),
-                    message: "feed name defined twice".into(),
-                });
+                return Err(FeedError::Invalid { path: def.name.clone(), message: "feed name defined twice".into() });
             }
             if !ids.insert(def.id) {
                 return Err(FeedError::Invalid {
@@ -240,24 +220,11 @@ impl Catalog {
                     message: format!("feed id {} used twice", def.id),
                 });
             }
-            let symbol_idx = def
-                .symbols
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.clone(), i as u32))
-                .collect();
-            feeds.push(Feed {
-                idx,
-                def,
-                epoch: AtomicU64::new(epoch),
-                symbol_idx,
-            });
+            let symbol_idx = def.symbols.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
+            feeds.push(Feed { idx, def, epoch: AtomicU64::new(epoch), symbol_idx });
         }
         if feeds.is_empty() {
-            return Err(FeedError::Invalid {
-                path: "<catalog>".into(),
-                message: "no feed defined".into(),
-            });
+            return Err(FeedError::Invalid { path: "<catalog>".into(), message: "no feed defined".into() });
         }
         Ok(Catalog { feeds, by_name })
     }
@@ -290,18 +257,12 @@ pub enum DefsOrigin {
 /// Loads every `*.toml` of `dir` in name order. When `dir` does not exist and
 /// `allow_embedded` is set (the default `feeds` folder), the compiled-in demo feed is
 /// used instead.
-pub fn load_defs(
-    dir: &Path,
-    allow_embedded: bool,
-) -> Result<(Vec<FeedDef>, DefsOrigin), FeedError> {
+pub fn load_defs(dir: &Path, allow_embedded: bool) -> Result<(Vec<FeedDef>, DefsOrigin), FeedError> {
     if !dir.exists() && allow_embedded {
         let def = FeedDef::parse("<embedded demo.toml>", EMBEDDED_DEMO)?;
         return Ok((vec![def], DefsOrigin::Embedded));
     }
-    let read_err = |source| FeedError::Read {
-        path: dir.display().to_string(),
-        source,
-    };
+    let read_err = |source| FeedError::Read { path: dir.display().to_string(), source };
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -310,10 +271,8 @@ pub fn load_defs(
     files.sort();
     let mut defs = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|source| FeedError::Read {
-            path: f.display().to_string(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(&f).map_err(|source| FeedError::Read { path: f.display().to_string(), source })?;
         defs.push(FeedDef::parse(&f.display().to_string(), &text)?);
     }
     if defs.is_empty() {
@@ -342,11 +301,7 @@ mod tests {
 
     #[test]
     fn bad_definitions_are_explained() {
-        let e = FeedDef::parse(
-            "x",
-            "name = \"A\"\nid = 0\nsource = \"synthetic\"\nsymbols = [\"X\"]\n",
-        )
-        .unwrap_err();
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 0\nsource = \"synthetic\"\nsymbols = [\"X\"]\n").unwrap_err();
         assert!(e.to_string().contains("id"), "{e}");
         let e = FeedDef::parse(
             "x",
@@ -354,17 +309,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
-        let e = FeedDef::parse(
-            "x",
-            "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\"]\n",
-        )
-        .unwrap_err();
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"X\"]\n").unwrap_err();
         assert!(e.to_string().contains("[synthetic]"), "{e}");
-        let e = FeedDef::parse(
-            "x",
-            "name = \"A\"\nid = 1\nsource = \"nope\"\nsymbols = [\"X\"]\n",
-        )
-        .unwrap_err();
+        let e = FeedDef::parse("x", "name = \"A\"\nid = 1\nsource = \"nope\"\nsymbols = [\"X\"]\n").unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }
 

@@ -49,20 +49,10 @@ impl Generator {
             .map(|_| {
                 // Spread the instruments' prices out so they are told apart at a glance.
                 let mid = (start + rng.random_range(-2000..=2000) * TICK).max(10 * TICK);
-                Book {
-                    bid: mid - TICK,
-                    ask: mid + TICK,
-                    seq: 0,
-                }
+                Book { bid: mid - TICK, ask: mid + TICK, seq: 0 }
             })
             .collect();
-        Generator {
-            rng,
-            books,
-            quote_ratio: def.quote_ratio,
-            feed_idx,
-            feed_id,
-        }
+        Generator { rng, books, quote_ratio: def.quote_ratio, feed_idx, feed_id }
     }
 
     /// Produces the next tick, stamped with the given times.
@@ -89,16 +79,8 @@ impl Generator {
         } else {
             let ticks = ((book.ask - book.bid) / TICK).max(0);
             let price = book.bid + rng.random_range(0..=ticks) * TICK;
-            let side = if price * 2 >= book.bid + book.ask {
-                1
-            } else {
-                2
-            };
-            Body::Trade(Trade {
-                price,
-                size: rng.random_range(1u64..=10) * LOT,
-                side,
-            })
+            let side = if price * 2 >= book.bid + book.ask { 1 } else { 2 };
+            Body::Trade(Trade { price, size: rng.random_range(1u64..=10) * LOT, side })
         };
         book.seq += 1;
         let instr = i as u32;
@@ -119,21 +101,14 @@ impl Generator {
 }
 
 /// Runs a synthetic feed until `cancel` fires.
-pub async fn run(
-    def: SyntheticDef,
-    mut generator: Generator,
-    ingest: Ingest,
-    cancel: CancellationToken,
-) {
+pub async fn run(def: SyntheticDef, mut generator: Generator, ingest: Ingest, cancel: CancellationToken) {
     let start = tokio::time::Instant::now();
     let start_wall = now_ns() as i64;
     let period_ns = 1e9 / def.rate_per_s;
     let mut emitted: u64 = 0;
     loop {
         let elapsed = start.elapsed().as_nanos() as f64;
-        let due = ((elapsed / period_ns) as u64)
-            .saturating_sub(emitted)
-            .min(MAX_BURST);
+        let due = ((elapsed / period_ns) as u64).saturating_sub(emitted).min(MAX_BURST);
         if due == 0 {
             let next_at = start + Duration::from_nanos(((emitted + 1) as f64 * period_ns) as u64);
             tokio::select! {
@@ -160,12 +135,7 @@ mod tests {
     use crate::protocol::codec::{Body, RTYPE_QUOTE, RTYPE_TRADE};
 
     fn def() -> SyntheticDef {
-        SyntheticDef {
-            seed: 7,
-            rate_per_s: 1000.0,
-            quote_ratio: 0.6,
-            start_price: 50.0,
-        }
+        SyntheticDef { seed: 7, rate_per_s: 1000.0, quote_ratio: 0.6, start_price: 50.0 }
     }
 
     #[test]
@@ -182,11 +152,7 @@ mod tests {
             assert_eq!(ta.record.as_bytes(), tb.record.as_bytes());
             let i = ta.instr as usize;
             seqs[i] += 1;
-            assert_eq!(
-                ta.record.seq(),
-                seqs[i],
-                "seq per instrument is 1, 2, 3, ..."
-            );
+            assert_eq!(ta.record.seq(), seqs[i], "seq per instrument is 1, 2, 3, ...");
             match ta.record.body() {
                 Body::Quote(q) => {
                     quotes += 1;
@@ -200,19 +166,13 @@ mod tests {
                     trades += 1;
                     assert_eq!(ta.record.rtype(), RTYPE_TRADE);
                     if bids[i] > 0 {
-                        assert!(
-                            t.price >= bids[i] && t.price <= asks[i],
-                            "trade outside the spread"
-                        );
+                        assert!(t.price >= bids[i] && t.price <= asks[i], "trade outside the spread");
                     }
                     assert_eq!(t.size % LOT, 0);
                     assert!(t.side == 1 || t.side == 2);
                 }
             }
         }
-        assert!(
-            quotes > 5000 && trades > 3000,
-            "quotes {quotes} trades {trades}"
-        );
+        assert!(quotes > 5000 && trades > 3000, "quotes {quotes} trades {trades}");
     }
 }

@@ -267,30 +267,16 @@ impl Record {
     /// Parses one known record (trade or quote) from wire bytes that hold exactly it.
     pub fn from_wire(bytes: &[u8]) -> Result<Record, DecodeError> {
         if bytes.len() < RECORD_HEADER_LEN {
-            return Err(DecodeError::Truncated {
-                at: 0,
-                need: RECORD_HEADER_LEN,
-                have: bytes.len(),
-            });
+            return Err(DecodeError::Truncated { at: 0, need: RECORD_HEADER_LEN, have: bytes.len() });
         }
         let rtype = bytes[1];
         let expected = match rtype {
             RTYPE_TRADE => TRADE_LEN,
             RTYPE_QUOTE => QUOTE_LEN,
-            other => {
-                return Err(DecodeError::WrongLengthForType {
-                    rtype: other,
-                    expected: 0,
-                    len: bytes.len(),
-                })
-            }
+            other => return Err(DecodeError::WrongLengthForType { rtype: other, expected: 0, len: bytes.len() }),
         };
         if bytes.len() != expected || bytes[0] as usize != expected {
-            return Err(DecodeError::WrongLengthForType {
-                rtype,
-                expected,
-                len: bytes.len(),
-            });
+            return Err(DecodeError::WrongLengthForType { rtype, expected, len: bytes.len() });
         }
         let mut buf = [0u8; MAX_RECORD_LEN];
         buf[..expected].copy_from_slice(bytes);
@@ -333,11 +319,7 @@ pub struct Batch {
 /// Decodes one binary WebSocket message.
 pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
     if msg.len() < BATCH_HEADER_LEN {
-        return Err(DecodeError::Truncated {
-            at: 0,
-            need: BATCH_HEADER_LEN,
-            have: msg.len(),
-        });
+        return Err(DecodeError::Truncated { at: 0, need: BATCH_HEADER_LEN, have: msg.len() });
     }
     if msg[0] != VERSION {
         return Err(DecodeError::Version(msg[0]));
@@ -349,11 +331,7 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
     let mut at = BATCH_HEADER_LEN;
     for _ in 0..count {
         if msg.len() < at + RECORD_HEADER_LEN {
-            return Err(DecodeError::Truncated {
-                at,
-                need: RECORD_HEADER_LEN,
-                have: msg.len() - at,
-            });
+            return Err(DecodeError::Truncated { at, need: RECORD_HEADER_LEN, have: msg.len() - at });
         }
         let len = msg[at];
         if (len as usize) < RECORD_HEADER_LEN || len % 8 != 0 {
@@ -361,11 +339,7 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
         }
         let len = len as usize;
         if msg.len() < at + len {
-            return Err(DecodeError::Truncated {
-                at,
-                need: len,
-                have: msg.len() - at,
-            });
+            return Err(DecodeError::Truncated { at, need: len, have: msg.len() - at });
         }
         match msg[at + 1] {
             RTYPE_TRADE | RTYPE_QUOTE => records.push(Record::from_wire(&msg[at..at + len])?),
@@ -376,11 +350,7 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
     if at != msg.len() {
         return Err(DecodeError::Trailing(msg.len() - at));
     }
-    Ok(Batch {
-        send_ts_ns,
-        records,
-        skipped_unknown,
-    })
+    Ok(Batch { send_ts_ns, records, skipped_unknown })
 }
 
 #[cfg(test)]
@@ -395,11 +365,7 @@ mod tests {
             42,
             -5,
             99,
-            &Body::Trade(Trade {
-                price: 1_500_000_000,
-                size: 3 * FIXED_SCALE as u64,
-                side: 2,
-            }),
+            &Body::Trade(Trade { price: 1_500_000_000, size: 3 * FIXED_SCALE as u64, side: 2 }),
             FLAG_SNAPSHOT,
         );
         let b = r.as_bytes();
@@ -420,21 +386,9 @@ mod tests {
 
     #[test]
     fn quote_layout_matches_spec_offsets() {
-        let r = Record::encode(
-            1,
-            17,
-            1,
-            0,
-            0,
-            &Body::Quote(Quote {
-                bid_px: 10,
-                bid_sz: 20,
-                ask_px: 30,
-                ask_sz: 40,
-            }),
-            0,
-        )
-        .with_flags(FLAG_CONFLATED);
+        let r =
+            Record::encode(1, 17, 1, 0, 0, &Body::Quote(Quote { bid_px: 10, bid_sz: 20, ask_px: 30, ask_sz: 40 }), 0)
+                .with_flags(FLAG_CONFLATED);
         let b = r.as_bytes();
         assert_eq!(b.len(), 72);
         assert_eq!(b[1], RTYPE_QUOTE);
@@ -467,18 +421,12 @@ mod tests {
 
     #[test]
     fn decode_rejects_malformed() {
-        assert!(matches!(
-            decode_batch(&[1, 0]),
-            Err(DecodeError::Truncated { .. })
-        ));
+        assert!(matches!(decode_batch(&[1, 0]), Err(DecodeError::Truncated { .. })));
         let mut msg = vec![0u8; BATCH_HEADER_LEN];
         write_batch_header(&mut msg, 1, 0);
         msg.push(33);
         msg.extend_from_slice(&[0u8; 40]);
-        assert!(matches!(
-            decode_batch(&msg),
-            Err(DecodeError::BadLength { .. })
-        ));
+        assert!(matches!(decode_batch(&msg), Err(DecodeError::BadLength { .. })));
         let mut msg = vec![0u8; BATCH_HEADER_LEN];
         write_batch_header(&mut msg, 0, 0);
         msg.push(0);

@@ -84,43 +84,21 @@ pub struct ParseError {
 
 /// Parses one control text frame.
 pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ParseError> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ParseError {
-        id: None,
-        message: format!("malformed JSON: {e}"),
-    })?;
-    let obj = value.as_object().ok_or_else(|| ParseError {
-        id: None,
-        message: "a control message must be a JSON object".to_owned(),
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ParseError { id: None, message: format!("malformed JSON: {e}") })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ParseError { id: None, message: "a control message must be a JSON object".to_owned() })?;
     let id = obj.get("id").and_then(serde_json::Value::as_i64);
-    if obj
-        .get("id")
-        .is_some_and(|v| !v.is_null() && v.as_i64().is_none())
-    {
-        return Err(ParseError {
-            id: None,
-            message: "`id` must be an integer".to_owned(),
-        });
+    if obj.get("id").is_some_and(|v| !v.is_null() && v.as_i64().is_none()) {
+        return Err(ParseError { id: None, message: "`id` must be an integer".to_owned() });
     }
     match obj.get("op").and_then(serde_json::Value::as_str) {
-        None => {
-            return Err(ParseError {
-                id,
-                message: "missing string field `op`".to_owned(),
-            })
-        }
+        None => return Err(ParseError { id, message: "missing string field `op`".to_owned() }),
         Some("subscribe" | "unsubscribe" | "refresh" | "ping" | "auth") => {}
-        Some(other) => {
-            return Err(ParseError {
-                id,
-                message: format!("unknown op `{}`", truncate(other, 32)),
-            })
-        }
+        Some(other) => return Err(ParseError { id, message: format!("unknown op `{}`", truncate(other, 32)) }),
     }
-    serde_json::from_value(value).map_err(|e| ParseError {
-        id,
-        message: format!("invalid message: {e}"),
-    })
+    serde_json::from_value(value).map_err(|e| ParseError { id, message: format!("invalid message: {e}") })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -297,8 +275,7 @@ impl ServerMsg {
         // Serializing these plain structs cannot fail: no maps with non-string keys, no
         // fallible Serialize impls. Fall back to a fixed error text rather than panic.
         serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"bad_request","message":"internal encoding error"}"#
-                .to_owned()
+            r#"{"type":"error","code":"bad_request","message":"internal encoding error"}"#.to_owned()
         })
     }
 }
@@ -314,13 +291,7 @@ mod tests {
         )
         .expect("valid");
         match m {
-            ClientMsg::Subscribe {
-                id,
-                feed,
-                symbols,
-                snapshot,
-                resume,
-            } => {
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume } => {
                 assert_eq!(id, Some(1));
                 assert_eq!(feed, "XNAS");
                 assert_eq!(symbols, vec!["AAPL", "MSFT"]);
@@ -329,10 +300,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(
-            parse_client_msg(r#"{"op":"ping","id":4}"#),
-            Ok(ClientMsg::Ping { id: Some(4) })
-        );
+        assert_eq!(parse_client_msg(r#"{"op":"ping","id":4}"#), Ok(ClientMsg::Ping { id: Some(4) }));
     }
 
     #[test]
@@ -362,15 +330,8 @@ mod tests {
     fn server_messages_match_spec_shape() {
         let m = ServerMsg::Pong { id: Some(4), ts: 5 };
         assert_eq!(m.to_json(), r#"{"type":"pong","id":4,"ts":5}"#);
-        let m = ServerMsg::Error {
-            id: None,
-            code: ErrorCode::InsufficientScope,
-            message: "x".into(),
-        };
-        assert_eq!(
-            m.to_json(),
-            r#"{"type":"error","code":"insufficient_scope","message":"x"}"#
-        );
+        let m = ServerMsg::Error { id: None, code: ErrorCode::InsufficientScope, message: "x".into() };
+        assert_eq!(m.to_json(), r#"{"type":"error","code":"insufficient_scope","message":"x"}"#);
         let m = ServerMsg::TokenExpiring { exp: 7 };
         assert_eq!(m.to_json(), r#"{"type":"token_expiring","exp":7}"#);
     }

@@ -31,10 +31,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     let mut subs = 0;
     let mut waits = 0;
     for (i, s) in app.shards.iter().enumerate() {
-        app.metrics
-            .shard_queue_depth
-            .with_label_values(&[&i.to_string()])
-            .set(s.queue.len() as i64);
+        app.metrics.shard_queue_depth.with_label_values(&[&i.to_string()]).set(s.queue.len() as i64);
         app.metrics
             .timer_wheel_entries
             .with_label_values(&[&i.to_string()])
@@ -45,16 +42,8 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     app.metrics.subscriptions.set(subs as i64);
     app.metrics.ingest_backpressure.set(waits as i64);
     app.metrics.jwks_keys.set(app.validator.keys().len() as i64);
-    app.metrics
-        .revocation_entries
-        .set(app.validator.revocations().len() as i64);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
+    app.metrics.revocation_entries.set(app.validator.revocations().len() as i64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render())
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -63,15 +52,9 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     if app.draining.load(Ordering::Acquire) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
     } else if app.validator.keys().is_empty() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "keys not loaded"})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "keys not loaded"})))
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }
@@ -89,13 +72,8 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> 
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
     let Some(token) = token else {
-        app.metrics
-            .auth_failures
-            .with_label_values(&["missing"])
-            .inc();
-        return Err(Box::new(
-            Refusal::invalid_token(&AuthError::Missing).into_response(),
-        ));
+        app.metrics.auth_failures.with_label_values(&["missing"]).inc();
+        return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));
     };
     match app.validator.validate(token) {
         Err(e) => {
@@ -105,7 +83,9 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> 
         Ok(p) if !p.entitlements.is_admin() => Err(Box::new(
             (
                 StatusCode::FORBIDDEN,
-                Json(json!({"error": "insufficient_scope", "error_description": "the tickgate:admin scope is required"})),
+                Json(
+                    json!({"error": "insufficient_scope", "error_description": "the tickgate:admin scope is required"}),
+                ),
             )
                 .into_response(),
         )),
@@ -114,33 +94,21 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> 
 }
 
 fn bad_request(description: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": "invalid_request", "error_description": description})),
-    )
+    (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_request", "error_description": description})))
         .into_response()
 }
 
 /// `POST /admin/revoke` with `{"sub": "..."}` or `{"jti": "..."}`: remembers the
 /// revocation (later handshakes and refreshes are refused) and closes the matching live
 /// connections with 4003.
-async fn revoke(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if let Err(r) = admin_auth(&app, &headers) {
         return *r;
     }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return bad_request("body must be a JSON object");
     };
-    let field = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
     let (sub, jti) = (field("sub"), field("jti"));
     if sub.is_some() == jti.is_some() {
         return bad_request("give exactly one of `sub` and `jti` (non-empty strings)");
@@ -161,11 +129,7 @@ async fn revoke(
     let mut replies = Vec::new();
     for ctl in &app.shard_ctl {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let msg = crate::engine::shard::ShardCtl::Revoke {
-            sub: sub.clone(),
-            jti: jti.clone(),
-            reply: tx,
-        };
+        let msg = crate::engine::shard::ShardCtl::Revoke { sub: sub.clone(), jti: jti.clone(), reply: tx };
         if ctl.send(msg).await.is_ok() {
             replies.push(rx);
         }
@@ -177,8 +141,5 @@ async fn revoke(
         }
     }
     tracing::info!(by_sub = sub.is_some(), closed, "revocation applied");
-    Json(
-        json!({"revoked": if sub.is_some() { "sub" } else { "jti" }, "connections_closed": closed}),
-    )
-    .into_response()
+    Json(json!({"revoked": if sub.is_some() { "sub" } else { "jti" }, "connections_closed": closed})).into_response()
 }

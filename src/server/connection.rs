@@ -46,18 +46,12 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u32, burst: u32) -> Bucket {
-        Bucket {
-            tokens: burst as f64,
-            rate: rate as f64,
-            burst: burst as f64,
-            at: Instant::now(),
-        }
+        Bucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, at: Instant::now() }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -86,8 +80,7 @@ fn ws_config(app: &AppState) -> WebSocketConfig {
     // Frames are flushed explicitly once per writer wake-up; this only bounds how much
     // tungstenite buffers before it writes on its own.
     c.write_buffer_size = 64 * 1024;
-    c.max_write_buffer_size =
-        app.config.limits.max_outbound_bytes + app.config.engine.max_batch_bytes + (1 << 20);
+    c.max_write_buffer_size = app.config.limits.max_outbound_bytes + app.config.engine.max_batch_bytes + (1 << 20);
     c
 }
 
@@ -107,33 +100,19 @@ pub(crate) async fn run(
             return;
         }
     };
-    let ws = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(ws_config(&app)),
-    )
-    .await;
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&app))).await;
     let session = format!("s-{:016x}", rand::random::<u64>());
     let sub = principal.sub.clone();
     let handles = shard.core.borrow_mut().add_conn(principal, session.clone());
-    shard
-        .inbox
-        .connections
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shard.inbox.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let opened = Instant::now();
     tracing::info!(session = %session, sub = %sub, peer = ?peer, shard = shard.id, "stream opened");
 
     let ended = drive(&shard, &app, ws, &handles).await;
 
     shard.core.borrow_mut().remove_conn(handles.key);
-    shard
-        .inbox
-        .connections
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    app.metrics
-        .closes
-        .with_label_values(&[&ended.code.to_string()])
-        .inc();
+    shard.inbox.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    app.metrics.closes.with_label_values(&[&ended.code.to_string()]).inc();
     tracing::info!(session = %session, sub = %sub, code = ended.code, reason = ended.reason,
         duration_s = opened.elapsed().as_secs_f64(), "stream closed");
     drop(slot);
@@ -147,8 +126,7 @@ enum Flow {
 async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
     let limits = &app.config.limits;
     let heartbeat = Duration::from_millis(app.config.server.heartbeat_ms);
-    let mut ping_timer =
-        tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut ping_timer = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pong = Instant::now();
     let mut bucket = Bucket::new(limits.control_rate_per_s, limits.control_burst);
@@ -280,23 +258,14 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
 
 fn io_end(e: WsError) -> Ended {
     tracing::debug!(error = %e, "socket write failed");
-    Ended {
-        code: 1006,
-        reason: "socket error",
-    }
+    Ended { code: 1006, reason: "socket error" }
 }
 
 /// Sends a close frame (behind whatever is already buffered) and waits briefly for the
 /// peer's reply, so the TCP close does not reset data the peer has yet to read.
 async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
-    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame)))
-        .await
-        .is_err()
-    {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
@@ -312,23 +281,15 @@ async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
 /// Maps a read error to the close the spec asks for, and sends it when the socket allows.
 async fn fail(ws: &mut Ws, e: WsError) -> Ended {
     let (code, reason) = match &e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            (close::TOO_BIG, "message too big")
-        }
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
         WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
         WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            return Ended {
-                code: 1006,
-                reason: "peer reset",
-            }
+            return Ended { code: 1006, reason: "peer reset" }
         }
         WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
-            return Ended {
-                code: 1006,
-                reason: "socket error",
-            }
+            return Ended { code: 1006, reason: "socket error" }
         }
         _ => (close::PROTOCOL_ERROR, "protocol error"),
     };

@@ -84,14 +84,8 @@ impl Refusal {
         if self.status == StatusCode::UNAUTHORIZED {
             // The description is our own text (never token material); quotes are removed
             // so it is a valid quoted-string.
-            let desc: String = self
-                .description
-                .chars()
-                .filter(|c| *c != '"' && *c != '\\')
-                .collect();
-            let v = format!(
-                "Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\""
-            );
+            let desc: String = self.description.chars().filter(|c| *c != '"' && *c != '\\').collect();
+            let v = format!("Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\"");
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
@@ -107,11 +101,10 @@ enum Credential {
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token))).unwrap_or(false))
 }
 
 /// Reads the WebSocket upgrade headers and the credential. Pure function of the request
@@ -130,11 +123,7 @@ fn check_request(
     {
         return Err(Refusal::bad_request("not a WebSocket upgrade request"));
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return Err(Refusal::bad_request("Sec-WebSocket-Version must be 13"));
     }
     let key = headers
@@ -147,10 +136,7 @@ fn check_request(
     let allowed = &app.config.security.allowed_origins;
     if !allowed.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let ok = origin
-                .to_str()
-                .map(|o| allowed.iter().any(|a| a == o))
-                .unwrap_or(false);
+            let ok = origin.to_str().map(|o| allowed.iter().any(|a| a == o)).unwrap_or(false);
             if !ok {
                 return Err(Refusal {
                     status: StatusCode::FORBIDDEN,
@@ -164,8 +150,8 @@ fn check_request(
     }
 
     if let Some(q) = query {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
-            .map_err(|_| Refusal::bad_request("malformed query string"))?;
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(q).map_err(|_| Refusal::bad_request("malformed query string"))?;
         if pairs.iter().any(|(k, _)| k == "access_token") {
             return Err(Refusal::bad_request(
                 "tokens in the URL are refused; use the Authorization header or the bearer subprotocol",
@@ -178,9 +164,7 @@ fn check_request(
     let mut proto_token: Option<String> = None;
     let mut proto_tokens = 0;
     for v in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
-        let v = v
-            .to_str()
-            .map_err(|_| Refusal::bad_request("malformed Sec-WebSocket-Protocol header"))?;
+        let v = v.to_str().map_err(|_| Refusal::bad_request("malformed Sec-WebSocket-Protocol header"))?;
         for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if p == SUBPROTOCOL {
                 has_proto = true;
@@ -191,9 +175,7 @@ fn check_request(
         }
     }
     if !has_proto {
-        return Err(Refusal::bad_request(format!(
-            "the `{SUBPROTOCOL}` subprotocol is required"
-        )));
+        return Err(Refusal::bad_request(format!("the `{SUBPROTOCOL}` subprotocol is required")));
     }
     if proto_tokens > 1 {
         return Err(Refusal::bad_request("more than one bearer subprotocol"));
@@ -202,16 +184,11 @@ fn check_request(
     let header_token = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(v) => {
-            let v = v
-                .to_str()
-                .map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
-            let (scheme, rest) = v
-                .split_once(' ')
-                .ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
+            let v = v.to_str().map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
+            let (scheme, rest) =
+                v.split_once(' ').ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
             if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
-                return Err(Refusal::bad_request(
-                    "Authorization must use the Bearer scheme",
-                ));
+                return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
             }
             Some(rest.trim().to_owned())
         }
@@ -221,9 +198,7 @@ fn check_request(
     }
     let cred = match (header_token, proto_token) {
         (Some(_), Some(_)) => {
-            return Err(Refusal::bad_request(
-                "two credentials at once (Authorization header and bearer subprotocol)",
-            ))
+            return Err(Refusal::bad_request("two credentials at once (Authorization header and bearer subprotocol)"))
         }
         (Some(t), None) | (None, Some(t)) => Credential::Bearer(t),
         (None, None) => Credential::None,
@@ -249,10 +224,7 @@ fn authorize(app: &AppState, cred: Credential) -> Result<Principal, Refusal> {
         Credential::Bearer(t) => t,
         Credential::None => return Err(Refusal::invalid_token(&AuthError::Missing)),
     };
-    let p = app
-        .validator
-        .validate(&token)
-        .map_err(|e| Refusal::invalid_token(&e))?;
+    let p = app.validator.validate(&token).map_err(|e| Refusal::invalid_token(&e))?;
     if !p.entitlements.has_any_read() {
         return Err(Refusal {
             status: StatusCode::FORBIDDEN,
@@ -320,17 +292,11 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
     })();
     match outcome {
         Err(refusal) => {
-            app.metrics
-                .handshakes
-                .with_label_values(&[refusal.result])
-                .inc();
+            app.metrics.handshakes.with_label_values(&[refusal.result]).inc();
             if let Some(reason) = refusal.auth_reason {
                 app.metrics.auth_failures.with_label_values(&[reason]).inc();
             }
-            app.metrics
-                .handshake_latency
-                .with_label_values(&["refused"])
-                .observe(started.elapsed().as_secs_f64());
+            app.metrics.handshake_latency.with_label_values(&["refused"]).observe(started.elapsed().as_secs_f64());
             tracing::debug!(peer = ?peer, status = refusal.status.as_u16(), result = refusal.result,
                 reason = refusal.auth_reason.unwrap_or(""), "stream handshake refused");
             refusal.into_response()
@@ -338,10 +304,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         Ok((key, principal, shard, slot)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
             app.metrics.handshakes.with_label_values(&["ok"]).inc();
-            app.metrics
-                .handshake_latency
-                .with_label_values(&["ok"])
-                .observe(started.elapsed().as_secs_f64());
+            app.metrics.handshake_latency.with_label_values(&["ok"]).observe(started.elapsed().as_secs_f64());
             let task = connection::run(shard, app.clone(), on_upgrade, principal, peer, slot);
             // The connection lives on this shard thread; the tracker lets shutdown wait
             // for it (drop-counted: the token is released when the task ends or is dropped).
@@ -355,10 +318,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
             // Only `tickgate.v1` is echoed, never the bearer entry.
-            h.insert(
-                header::SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(SUBPROTOCOL),
-            );
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
             resp
         }
     }

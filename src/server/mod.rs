@@ -68,10 +68,7 @@ pub fn public_router(app: Arc<AppState>) -> Router {
 
 /// The JSON 404 for unknown paths.
 pub async fn not_found() -> impl IntoResponse {
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({"error": "not_found", "error_description": "no such endpoint"})),
-    )
+    (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "error_description": "no such endpoint"})))
 }
 
 /// Builds the function shards use to serve an accepted socket: HTTP/1.1 with upgrades,
@@ -93,9 +90,7 @@ pub fn serve_fn(app: Arc<AppState>, router: Router) -> ServeFn {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(
-                    app.config.server.handshake_timeout_ms,
-                ))
+                .header_read_timeout(Duration::from_millis(app.config.server.handshake_timeout_ms))
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
@@ -142,9 +137,7 @@ pub async fn accept_loop(
         let mut best = next % n;
         for k in 0..n {
             let i = (next + k) % n;
-            if shards[i].connections.load(Ordering::Relaxed)
-                < shards[best].connections.load(Ordering::Relaxed)
-            {
+            if shards[i].connections.load(Ordering::Relaxed) < shards[best].connections.load(Ordering::Relaxed) {
                 best = i;
             }
         }

@@ -1,11 +1,5 @@
 //! Shared harness: a real server on 127.0.0.1:0 with real tokens from its embedded issuer.
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    missing_docs,
-    unreachable_pub
-)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
 
 use std::time::Duration;
 
@@ -44,11 +38,7 @@ impl TestServer {
     pub async fn start(rate: f64, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("t.toml"), feed_toml("T", 1, 5, rate)).unwrap();
-        std::fs::write(
-            dir.path().join("other.toml"),
-            feed_toml("OTHER", 2, 3, 50.0),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("other.toml"), feed_toml("OTHER", 2, 3, 50.0)).unwrap();
         let mut cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
@@ -61,25 +51,14 @@ impl TestServer {
             id: "demo".into(),
             secret: Some(SECRET.into()),
             secret_sha256: None,
-            scopes: vec![
-                "md:read:*".into(),
-                "md:read:T".into(),
-                "md:read:OTHER".into(),
-                "openid".into(),
-            ],
+            scopes: vec!["md:read:*".into(), "md:read:T".into(), "md:read:OTHER".into(), "openid".into()],
         }];
         tweak(&mut cfg);
         let server = Server::start(cfg).await.expect("server starts");
         let url = format!("ws://{}/v1/stream", server.addr());
         let base = format!("http://{}", server.addr());
         let admin = format!("http://{}", server.admin_addr());
-        TestServer {
-            server: Some(server),
-            url,
-            base,
-            admin,
-            _dir: dir,
-        }
+        TestServer { server: Some(server), url, base, admin, _dir: dir }
     }
 
     pub fn server(&self) -> &Server {
@@ -89,11 +68,7 @@ impl TestServer {
     /// A real token from the embedded issuer.
     pub fn token(&self, scopes: &[&str]) -> String {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        self.server()
-            .issuer()
-            .unwrap()
-            .issue("tester", &scopes, 300)
-            .unwrap()
+        self.server().issuer().unwrap().issue("tester", &scopes, 300).unwrap()
     }
 
     /// A token with chosen claims, signed by the server's issuer.
@@ -105,18 +80,11 @@ impl TestServer {
     }
 
     pub async fn subscriber(&self, token: &str) -> Subscriber {
-        Subscriber::connect(&self.url, token, &ConnectOptions::default())
-            .await
-            .expect("connects")
+        Subscriber::connect(&self.url, token, &ConnectOptions::default()).await.expect("connects")
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
     }
 
     /// Value of one series (`name{labels}` exactly as rendered), 0 when absent.
@@ -146,10 +114,7 @@ impl TestServer {
 
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
@@ -203,11 +168,7 @@ pub async fn subscribed(
 }
 
 /// The HTTP answer to a raw handshake with the given extra headers (and URL suffix).
-pub async fn handshake_status(
-    ts: &TestServer,
-    suffix: &str,
-    headers: &[(&str, &str)],
-) -> (u16, Value, Option<String>) {
+pub async fn handshake_status(ts: &TestServer, suffix: &str, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
     let url = format!("{}{}", ts.url, suffix);
     let mut req = url.as_str().into_client_request().unwrap();
     for (k, v) in headers {
@@ -216,9 +177,7 @@ pub async fn handshake_status(
             HeaderValue::from_str(v).unwrap(),
         );
     }
-    let tcp = tokio::net::TcpStream::connect(ts.server().addr())
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
     match tokio_tungstenite::client_async(req, tcp).await {
         Ok((mut ws, resp)) => {
             let _ = ws.close(None).await;
@@ -226,15 +185,9 @@ pub async fn handshake_status(
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
-            let www = resp
-                .headers()
-                .get("www-authenticate")
-                .map(|v| v.to_str().unwrap().to_owned());
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
-                .unwrap_or(Value::Null);
+            let www = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
+            let body =
+                resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).unwrap_or(Value::Null);
             (status, body, www)
         }
         Err(e) => panic!("unexpected handshake error: {e}"),
@@ -252,9 +205,7 @@ pub async fn drain_for(sub: &mut Subscriber, d: Duration) -> (u64, usize) {
     let (mut n, mut a) = (0, 0);
     while let Ok(ev) = tokio::time::timeout_at(deadline, sub.next_event()).await {
         match ev.unwrap() {
-            Event::Batch {
-                records, anomalies, ..
-            } => {
+            Event::Batch { records, anomalies, .. } => {
                 n += records.len() as u64;
                 a += anomalies.len();
             }
@@ -266,18 +217,12 @@ pub async fn drain_for(sub: &mut Subscriber, d: Duration) -> (u64, usize) {
 }
 
 pub fn placement_subprotocol() -> ConnectOptions {
-    ConnectOptions {
-        placement: TokenPlacement::Subprotocol,
-        ..ConnectOptions::default()
-    }
+    ConnectOptions { placement: TokenPlacement::Subprotocol, ..ConnectOptions::default() }
 }
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// Nanoseconds since the Unix epoch.
