@@ -206,6 +206,16 @@ pub struct LimitsConfig {
     pub control_burst: u32,
     /// Bad or rate-limited control messages tolerated before close 1008.
     pub max_strikes: u32,
+    /// Open stream connections per token subject.
+    pub max_connections_per_subject: usize,
+    /// Open stream connections per source IP address.
+    pub max_connections_per_ip: usize,
+    /// Stream handshakes per second per source IP (token bucket rate).
+    pub connect_rate_per_ip: u32,
+    /// Stream handshake burst per source IP (token bucket size).
+    pub connect_burst_per_ip: u32,
+    /// One-time tickets outstanding at once.
+    pub max_tickets: usize,
 }
 
 impl Default for LimitsConfig {
@@ -218,6 +228,11 @@ impl Default for LimitsConfig {
             control_rate_per_s: 20,
             control_burst: 50,
             max_strikes: 20,
+            max_connections_per_subject: 20_000,
+            max_connections_per_ip: 20_000,
+            connect_rate_per_ip: 2_000,
+            connect_burst_per_ip: 5_000,
+            max_tickets: 100_000,
         }
     }
 }
@@ -319,6 +334,14 @@ impl Config {
         }
         if self.limits.max_connections == 0 || self.limits.max_subscriptions == 0 {
             return bad("limits.max_connections and limits.max_subscriptions must be positive");
+        }
+        if self.limits.max_connections_per_subject == 0
+            || self.limits.max_connections_per_ip == 0
+            || self.limits.connect_rate_per_ip == 0
+            || self.limits.connect_burst_per_ip == 0
+            || self.limits.max_tickets == 0
+        {
+            return bad("limits.max_connections_per_subject, max_connections_per_ip, connect_rate_per_ip, connect_burst_per_ip and max_tickets must be positive");
         }
         if self.limits.control_rate_per_s == 0 || self.limits.control_burst == 0 {
             return bad("limits.control_rate_per_s and limits.control_burst must be positive");

@@ -158,6 +158,8 @@ impl Server {
             ctl_rx.push(rx);
         }
         let app = Arc::new(AppState {
+            admission: server::limits::Admission::new(&config.limits),
+            tickets: auth::tickets::TicketStore::new(config.limits.max_tickets),
             shard_ctl: shard_ctl.clone(),
             config: config.clone(),
             validator: validator.clone(),

@@ -8,4 +8,5 @@ pub mod issuer;
 pub mod keys;
 pub mod revocation;
 pub mod scopes;
+pub mod tickets;
 pub mod validate;

@@ -26,7 +26,7 @@ use crate::engine::core::ConnHandles;
 use crate::engine::outbound::OutItem;
 use crate::engine::shard::ShardLocal;
 use crate::protocol::close;
-use crate::protocol::control::{parse_client_msg, ErrorCode};
+use crate::protocol::control::{parse_client_msg, ClientMsg, ErrorCode};
 use crate::protocol::now_ns;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -89,9 +89,9 @@ pub(crate) async fn run(
     shard: Rc<ShardLocal>,
     app: Arc<AppState>,
     on_upgrade: OnUpgrade,
-    principal: Principal,
+    principal: Option<Principal>,
     peer: Option<SocketAddr>,
-    slot: ConnSlot,
+    mut slot: ConnSlot,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -100,7 +100,20 @@ pub(crate) async fn run(
             return;
         }
     };
-    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&app))).await;
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&app))).await;
+    let principal = match principal {
+        Some(p) => p,
+        None => match inband_auth(&app, &mut ws, &mut slot).await {
+            Ok(p) => p,
+            Err(Some((code, reason))) => {
+                close_ws(&mut ws, code, &reason).await;
+                app.metrics.closes.with_label_values(&[&code.to_string()]).inc();
+                tracing::info!(peer = ?peer, code, reason = %reason, "in-band auth failed");
+                return;
+            }
+            Err(None) => return,
+        },
+    };
     let session = format!("s-{:016x}", rand::random::<u64>());
     let sub = principal.sub.clone();
     let handles = shard.core.borrow_mut().add_conn(principal, session.clone());
@@ -121,6 +134,48 @@ pub(crate) async fn run(
 enum Flow {
     Continue,
     Closed(Ended),
+}
+
+/// The in-band `auth` step for a connection upgraded without a credential: the first
+/// message must be `{"op":"auth","token":...}` within `auth.inband_timeout_ms`.
+/// `Err(Some((code, reason)))`: close with that code; `Err(None)`: the peer went away.
+async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result<Principal, Option<(u16, String)>> {
+    let window = Duration::from_millis(app.config.auth.inband_timeout_ms);
+    let refuse = |reason: String| Err(Some((close::AUTH_REFUSED, reason)));
+    let first = match tokio::time::timeout(window, ws.next()).await {
+        Err(_) => {
+            app.metrics.auth_failures.with_label_values(&["inband_timeout"]).inc();
+            return Err(Some((close::AUTH_TIMEOUT, "no in-band auth in time".into())));
+        }
+        Ok(None) | Ok(Some(Err(_))) => return Err(None),
+        Ok(Some(Ok(m))) => m,
+    };
+    let token = match &first {
+        Message::Text(t) => match parse_client_msg(t.as_str()) {
+            Ok(ClientMsg::Auth { token }) => token.0,
+            _ => {
+                app.metrics.auth_failures.with_label_values(&["inband_not_auth"]).inc();
+                return refuse("the first message must be {\"op\":\"auth\",\"token\":...}".into());
+            }
+        },
+        _ => {
+            app.metrics.auth_failures.with_label_values(&["inband_not_auth"]).inc();
+            return refuse("the first message must be a text auth message".into());
+        }
+    };
+    let p = match super::handshake::authorize_token(app, &token) {
+        Ok(p) => p,
+        Err(r) => {
+            if let Some(reason) = r.auth_reason {
+                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+            }
+            return refuse(format!("{}: {}", r.error, r.description));
+        }
+    };
+    if slot.bind_subject(&p.sub).is_err() {
+        return Err(Some((close::POLICY, "too many connections for this subject".into())));
+    }
+    Ok(p)
 }
 
 async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
@@ -263,8 +318,13 @@ fn io_end(e: WsError) -> Ended {
 
 /// Sends a close frame (behind whatever is already buffered) and waits briefly for the
 /// peer's reply, so the TCP close does not reset data the peer has yet to read.
-async fn close_ws(ws: &mut Ws, code: u16, reason: &'static str) {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
+    // A close reason is at most 123 bytes (RFC 6455 §5.5: control frames carry 125).
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_owned().into() };
     if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await.is_err() {
         return;
     }

@@ -5,7 +5,7 @@
 //! The token is validated exactly once, here; the connection keeps only the decoded
 //! [`Principal`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::connection;
 use super::AppState;
+
+use super::limits::Refused;
+use crate::auth::tickets::{TicketError, TICKET_TTL};
 use crate::auth::validate::{AuthError, Principal};
 use crate::engine::shard;
 use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
@@ -63,7 +66,7 @@ impl Refusal {
         }
     }
 
-    fn unavailable(description: &str) -> Refusal {
+    pub(crate) fn unavailable(description: &str) -> Refusal {
         Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             error: "unavailable",
@@ -97,6 +100,7 @@ impl Refusal {
 /// How the token was presented.
 enum Credential {
     Bearer(String),
+    Ticket(String),
     None,
 }
 
@@ -149,13 +153,19 @@ fn check_request(
         }
     }
 
+    let mut ticket = None;
     if let Some(q) = query {
         let pairs: Vec<(String, String)> =
             serde_urlencoded::from_str(q).map_err(|_| Refusal::bad_request("malformed query string"))?;
         if pairs.iter().any(|(k, _)| k == "access_token") {
             return Err(Refusal::bad_request(
-                "tokens in the URL are refused; use the Authorization header or the bearer subprotocol",
+                "tokens in the URL are refused; use the Authorization header, the bearer subprotocol or a ticket",
             ));
+        }
+        let mut tickets = pairs.into_iter().filter(|(k, _)| k == "ticket").map(|(_, v)| v);
+        ticket = tickets.next();
+        if tickets.next().is_some() {
+            return Err(Refusal::bad_request("more than one ticket"));
         }
     }
 
@@ -196,76 +206,173 @@ fn check_request(
     if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
         return Err(Refusal::bad_request("more than one Authorization header"));
     }
-    let cred = match (header_token, proto_token) {
-        (Some(_), Some(_)) => {
-            return Err(Refusal::bad_request("two credentials at once (Authorization header and bearer subprotocol)"))
-        }
-        (Some(t), None) | (None, Some(t)) => Credential::Bearer(t),
+    let presented =
+        usize::from(header_token.is_some()) + usize::from(proto_token.is_some()) + usize::from(ticket.is_some());
+    if presented > 1 {
+        return Err(Refusal::bad_request(
+            "two credentials at once (Authorization header, bearer subprotocol, ticket: use exactly one)",
+        ));
+    }
+    let cred = match (header_token.or(proto_token), ticket) {
+        (Some(t), _) => Credential::Bearer(t),
+        (None, Some(t)) => Credential::Ticket(t),
         (None, None) => Credential::None,
     };
     Ok((key.to_owned(), cred))
 }
 
-fn authorize(app: &AppState, cred: Credential) -> Result<Principal, Refusal> {
-    if app.config.auth.insecure_no_auth {
-        // Benchmark-only mode (loopback enforced by config validation): no token is
-        // needed or checked; the principal reads everything and never expires.
-        return Ok(Principal {
-            sub: "anonymous".into(),
-            iss: "insecure-no-auth".into(),
-            jti: None,
-            client_id: None,
-            exp: u64::MAX,
-            iat: None,
-            entitlements: crate::auth::scopes::Entitlements::from_scopes(["md:read:*"]),
-        });
+/// The principal a benchmark-only no-auth server gives every stream.
+fn anonymous() -> Principal {
+    Principal {
+        sub: "anonymous".into(),
+        iss: "insecure-no-auth".into(),
+        jti: None,
+        client_id: None,
+        exp: u64::MAX,
+        iat: None,
+        entitlements: crate::auth::scopes::Entitlements::from_scopes(["md:read:*"]),
     }
-    let token = match cred {
-        Credential::Bearer(t) => t,
-        Credential::None => return Err(Refusal::invalid_token(&AuthError::Missing)),
-    };
-    let p = app.validator.validate(&token).map_err(|e| Refusal::invalid_token(&e))?;
+}
+
+fn insufficient_scope() -> Refusal {
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        error: "insufficient_scope",
+        description: "token carries no md:read scope".into(),
+        result: "insufficient_scope",
+        auth_reason: None,
+    }
+}
+
+/// Validates a bearer token and checks it may read something.
+pub(crate) fn authorize_token(app: &AppState, token: &str) -> Result<Principal, Refusal> {
+    let p = app.validator.validate(token).map_err(|e| Refusal::invalid_token(&e))?;
     if !p.entitlements.has_any_read() {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            error: "insufficient_scope",
-            description: "token carries no md:read scope".into(),
-            result: "insufficient_scope",
-            auth_reason: None,
-        });
+        return Err(insufficient_scope());
     }
     Ok(p)
 }
 
-/// Releases a connection slot when dropped, so a slot is freed on every exit path of the
-/// connection task, including a panic or the runtime dropping the task at shutdown.
+/// Resolves the credential to a principal; `None` means in-band `auth` will follow.
+fn authorize(app: &AppState, cred: Credential) -> Result<Option<Principal>, Refusal> {
+    if app.config.auth.insecure_no_auth {
+        // Benchmark-only mode (loopback enforced by config validation): no token is
+        // needed or checked; the principal reads everything and never expires.
+        return Ok(Some(anonymous()));
+    }
+    match cred {
+        Credential::Bearer(t) => authorize_token(app, &t).map(Some),
+        Credential::Ticket(t) => {
+            let ticket_refusal = |description: String, reason: &'static str| Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                error: "invalid_token",
+                description,
+                result: "invalid_token",
+                auth_reason: Some(reason),
+            };
+            let p = app.tickets.redeem(&t).map_err(|e| match e {
+                TicketError::Expired => ticket_refusal(e.to_string(), "ticket_expired"),
+                _ => ticket_refusal(e.to_string(), "bad_ticket"),
+            })?;
+            // The token behind the ticket may have expired since the ticket was issued.
+            let now = jsonwebtoken::get_current_timestamp();
+            if p.exp.saturating_add(app.config.auth.leeway_s) < now {
+                return Err(Refusal::invalid_token(&AuthError::Expired));
+            }
+            Ok(Some(p))
+        }
+        Credential::None if app.config.auth.inband_timeout_ms > 0 => Ok(None),
+        Credential::None => Err(Refusal::invalid_token(&AuthError::Missing)),
+    }
+}
+
+/// `POST /v1/ticket`: exchanges a bearer token for a one-time ticket (single use, 30 s).
+pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let token = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => match v.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => Some(t.trim()),
+            _ => return Refusal::bad_request("Authorization must use the Bearer scheme").into_response(),
+        },
+        Some(Err(_)) => return Refusal::bad_request("malformed Authorization header").into_response(),
+    };
+    let outcome = match token {
+        None => Err(Refusal::invalid_token(&AuthError::Missing)),
+        Some(t) => authorize_token(&app, t),
+    };
+    let principal = match outcome {
+        Ok(p) => p,
+        Err(r) => {
+            if let Some(reason) = r.auth_reason {
+                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+            }
+            return r.into_response();
+        }
+    };
+    match app.tickets.issue(principal) {
+        Ok(ticket) => (
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()})),
+        )
+            .into_response(),
+        Err(e) => Refusal::unavailable(&e.to_string()).into_response(),
+    }
+}
+
+/// Holds a connection's place in the server-wide, per-subject and per-IP counts and
+/// releases it when dropped, so every exit path of the connection task (a panic, or the
+/// runtime dropping the task at shutdown) gives the place back.
 #[derive(Debug)]
 pub struct ConnSlot {
     app: Arc<AppState>,
+    sub: Option<String>,
+    ip: Option<IpAddr>,
+}
+
+impl ConnSlot {
+    /// Counts the slot against `sub` once in-band `auth` has named it.
+    pub(crate) fn bind_subject(&mut self, sub: &str) -> Result<(), Refused> {
+        self.app.admission.acquire(Some(sub), None)?;
+        self.sub = Some(sub.to_owned());
+        Ok(())
+    }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
+        self.app.admission.release(self.sub.as_deref(), self.ip);
         self.app.open_connections.fetch_sub(1, Ordering::AcqRel);
         self.app.metrics.connections.dec();
     }
 }
 
-fn take_slot(app: &Arc<AppState>) -> Result<ConnSlot, Refusal> {
+fn too_many(description: String) -> Refusal {
+    Refusal {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        error: "too_many_connections",
+        description,
+        result: "too_many_connections",
+        auth_reason: None,
+    }
+}
+
+fn take_slot(app: &Arc<AppState>, sub: Option<&str>, ip: Option<IpAddr>) -> Result<ConnSlot, Refusal> {
     let max = app.config.limits.max_connections;
     let before = app.open_connections.fetch_add(1, Ordering::AcqRel);
     if before >= max {
         app.open_connections.fetch_sub(1, Ordering::AcqRel);
-        return Err(Refusal {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            error: "too_many_connections",
-            description: format!("the server accepts at most {max} stream connections"),
-            result: "too_many_connections",
-            auth_reason: None,
-        });
+        return Err(too_many(format!("the server accepts at most {max} stream connections")));
+    }
+    if let Err(r) = app.admission.acquire(sub, ip) {
+        app.open_connections.fetch_sub(1, Ordering::AcqRel);
+        return Err(too_many(match r {
+            Refused::Subject(n) => format!("at most {n} stream connections per subject"),
+            Refused::Ip(n) => format!("at most {n} stream connections per source address"),
+            Refused::Rate => "connection rate limit".into(),
+        }));
     }
     app.metrics.connections.inc();
-    Ok(ConnSlot { app: app.clone() })
+    Ok(ConnSlot { app: app.clone(), sub: sub.map(str::to_owned), ip })
 }
 
 /// The `GET /v1/stream` handler.
@@ -279,6 +386,16 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         if app.validator.keys().is_empty() {
             return Err(Refusal::unavailable("signing keys not loaded yet"));
         }
+        let ip = peer.map(|p| p.ip());
+        // The rate limit comes before any token work, so a flood costs no signature checks.
+        if let Some(ip) = ip {
+            if app.admission.check_rate(ip).is_err() {
+                return Err(too_many(format!(
+                    "connection rate limit: at most {} handshakes per second from one address",
+                    app.config.limits.connect_rate_per_ip
+                )));
+            }
+        }
         let (key, cred) = check_request(&app, req.method(), req.uri().query(), req.headers())?;
         let principal = authorize(&app, cred)?;
         let Some(shard) = shard::current() else {
@@ -287,7 +404,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         if shard.core.borrow().is_draining() {
             return Err(Refusal::unavailable("server is draining"));
         }
-        let slot = take_slot(&app)?;
+        let slot = take_slot(&app, principal.as_ref().map(|p| p.sub.as_str()), ip)?;
         Ok((key, principal, shard, slot))
     })();
     match outcome {

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod connection;
 pub mod handshake;
+pub mod limits;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -54,6 +55,10 @@ pub struct AppState {
     pub shards: Arc<[Arc<ShardInbox>]>,
     /// Control channels to the shards (revocation, shutdown).
     pub shard_ctl: Vec<mpsc::Sender<crate::engine::shard::ShardCtl>>,
+    /// Per-subject and per-IP admission limits.
+    pub admission: limits::Admission,
+    /// One-time stream tickets.
+    pub tickets: crate::auth::tickets::TicketStore,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -62,6 +67,7 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 pub fn public_router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/stream", get(handshake::stream))
+        .route("/v1/ticket", axum::routing::post(handshake::ticket))
         .route("/", get(|| async { Html(DEMO_PAGE) }))
         .with_state(app)
 }

@@ -1,0 +1,156 @@
+//! Admission limits checked at the handshake, before any token work where possible:
+//! a connection-rate limit per source IP, and open-connection limits per subject and per
+//! source IP (the server-wide `limits.max_connections` is an atomic in `AppState`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::config::LimitsConfig;
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Counts {
+    by_sub: HashMap<String, usize>,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// Per-subject and per-IP accounting. Touched once per handshake and once per close.
+pub struct Admission {
+    counts: Mutex<Counts>,
+    rate: Mutex<HashMap<IpAddr, Bucket>>,
+    per_sub: usize,
+    per_ip: usize,
+    rate_per_s: f64,
+    burst: f64,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("per_sub", &self.per_sub).field("per_ip", &self.per_ip).finish()
+    }
+}
+
+/// Which limit refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many handshakes per second from this IP.
+    Rate,
+    /// Too many open connections of this subject.
+    Subject(usize),
+    /// Too many open connections from this IP.
+    Ip(usize),
+}
+
+/// Most source addresses tracked by the rate limiter before idle ones are dropped.
+const MAX_RATE_ENTRIES: usize = 100_000;
+
+impl Admission {
+    /// Limits from the configuration.
+    pub fn new(l: &LimitsConfig) -> Admission {
+        Admission {
+            counts: Mutex::new(Counts::default()),
+            rate: Mutex::new(HashMap::new()),
+            per_sub: l.max_connections_per_subject,
+            per_ip: l.max_connections_per_ip,
+            rate_per_s: l.connect_rate_per_ip as f64,
+            burst: l.connect_burst_per_ip as f64,
+        }
+    }
+
+    /// Takes one handshake from `ip`'s token bucket.
+    pub fn check_rate(&self, ip: IpAddr) -> Result<(), Refused> {
+        let now = Instant::now();
+        let mut map = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_RATE_ENTRIES && !map.contains_key(&ip) {
+            // Forget addresses whose bucket has refilled: they are indistinguishable from new.
+            let (rate, burst) = (self.rate_per_s, self.burst);
+            map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let b = map.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate_per_s).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Refused::Rate)
+        }
+    }
+
+    /// Counts a connection of `sub` from `ip`, unless either is at its limit.
+    pub fn acquire(&self, sub: Option<&str>, ip: Option<IpAddr>) -> Result<(), Refused> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sub {
+            if c.by_sub.get(s).copied().unwrap_or(0) >= self.per_sub {
+                return Err(Refused::Subject(self.per_sub));
+            }
+        }
+        if let Some(ip) = ip {
+            if c.by_ip.get(&ip).copied().unwrap_or(0) >= self.per_ip {
+                return Err(Refused::Ip(self.per_ip));
+            }
+        }
+        if let Some(s) = sub {
+            *c.by_sub.entry(s.to_owned()).or_insert(0) += 1;
+        }
+        if let Some(ip) = ip {
+            *c.by_ip.entry(ip).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// Releases what [`Admission::acquire`] counted.
+    pub fn release(&self, sub: Option<&str>, ip: Option<IpAddr>) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sub {
+            if let Some(n) = c.by_sub.get_mut(s) {
+                *n -= 1;
+                if *n == 0 {
+                    c.by_sub.remove(s);
+                }
+            }
+        }
+        if let Some(ip) = ip {
+            if let Some(n) = c.by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    c.by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_and_release() {
+        let l = LimitsConfig {
+            max_connections_per_subject: 2,
+            max_connections_per_ip: 3,
+            connect_rate_per_ip: 1,
+            connect_burst_per_ip: 2,
+            ..LimitsConfig::default()
+        };
+        let a = Admission::new(&l);
+        let ip: IpAddr = "127.0.0.9".parse().expect("ip");
+        assert!(a.check_rate(ip).is_ok());
+        assert!(a.check_rate(ip).is_ok());
+        assert_eq!(a.check_rate(ip), Err(Refused::Rate));
+        a.acquire(Some("x"), Some(ip)).expect("1");
+        a.acquire(Some("x"), Some(ip)).expect("2");
+        assert_eq!(a.acquire(Some("x"), Some(ip)), Err(Refused::Subject(2)));
+        a.acquire(Some("y"), Some(ip)).expect("3");
+        assert_eq!(a.acquire(Some("z"), Some(ip)), Err(Refused::Ip(3)));
+        a.release(Some("x"), Some(ip));
+        a.acquire(Some("x"), Some(ip)).expect("room again");
+    }
+}

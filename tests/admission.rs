@@ -1,0 +1,218 @@
+//! Handshake paths beyond the bearer header: one-time tickets, in-band `auth`, and the
+//! per-subject, per-IP and connection-rate limits.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tickgate::client::{ConnectOptions, Subscriber};
+use tickgate::protocol::control::ServerMsg;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn get_ticket(ts: &TestServer, bearer: Option<&str>) -> (u16, Value) {
+    let mut rb = reqwest::Client::new().post(format!("{}/v1/ticket", ts.base));
+    if let Some(b) = bearer {
+        rb = rb.bearer_auth(b);
+    }
+    let r = rb.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_single_use_and_bound_to_the_token() {
+    let ts = TestServer::start(500.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let (s, t) = get_ticket(&ts, Some(&token)).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t["expires_in"], 30);
+    let ticket = t["ticket"].as_str().unwrap().to_owned();
+
+    // The ticket opens a stream with the token's identity and scopes, without any header.
+    let mut sub =
+        Subscriber::connect(&format!("{}?ticket={ticket}", ts.url), "", &ConnectOptions::default()).await.unwrap();
+    match next_control(&mut sub).await {
+        ServerMsg::Welcome { sub: who, feeds, .. } => {
+            assert_eq!(who, "tester");
+            assert_eq!(feeds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), vec!["T"]);
+        }
+        m => panic!("{m:?}"),
+    }
+    // Reuse is refused.
+    let (s, b, www) =
+        handshake_status(&ts, &format!("?ticket={ticket}"), &[("sec-websocket-protocol", "tickgate.v1")]).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")));
+    assert!(www.is_some());
+    assert!(b["error_description"].as_str().unwrap().contains("used"));
+    // A made-up ticket too.
+    let fake = "A".repeat(43);
+    let (s, _, _) =
+        handshake_status(&ts, &format!("?ticket={fake}"), &[("sec-websocket-protocol", "tickgate.v1")]).await;
+    assert_eq!(s, 401);
+    // A ticket plus another credential is two credentials.
+    let (_, t2) = get_ticket(&ts, Some(&token)).await;
+    let t2 = t2["ticket"].as_str().unwrap().to_owned();
+    let (s, b, _) = handshake_status(
+        &ts,
+        &format!("?ticket={t2}"),
+        &[("authorization", &format!("Bearer {token}")), ("sec-websocket-protocol", "tickgate.v1")],
+    )
+    .await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
+
+    // The ticket endpoint itself needs a valid token that can read something.
+    let (s, b) = get_ticket(&ts, None).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")));
+    let (s, b) = get_ticket(&ts, Some("garbage")).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")));
+    let (s, b) = get_ticket(&ts, Some(&ts.token(&["openid"]))).await;
+    assert_eq!((s, b["error"].as_str()), (403, Some("insufficient_scope")));
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"bad_ticket\"}").await, 2.0);
+    ts.shutdown().await;
+}
+
+async fn raw_inband(ts: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = ts.url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> (u16, String) {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inband_auth_success_timeout_and_refusal() {
+    use futures_util::SinkExt;
+    let ts = TestServer::start(500.0, |c| c.auth.inband_timeout_ms = 500).await;
+    let token = ts.token(&["md:read:T"]);
+
+    // Success: auth first, then the usual welcome.
+    let mut ws = raw_inband(&ts).await;
+    ws.send(Message::text(json!({"op": "auth", "token": token}).to_string())).await.unwrap();
+    let mut sub_ok = false;
+    {
+        use futures_util::StreamExt;
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let m: ServerMsg = serde_json::from_str(t.as_str()).unwrap();
+            sub_ok = matches!(m, ServerMsg::Welcome { ref sub, .. } if sub == "tester");
+        }
+    }
+    assert!(sub_ok, "welcome after in-band auth");
+
+    // Nothing within the window: 4002.
+    let mut ws = raw_inband(&ts).await;
+    let t0 = std::time::Instant::now();
+    assert_eq!(close_code(&mut ws).await.0, 4002);
+    assert!(t0.elapsed() >= Duration::from_millis(450));
+
+    // A bad token: 4004, with the reason in the close frame.
+    let mut ws = raw_inband(&ts).await;
+    ws.send(Message::text(json!({"op": "auth", "token": "a.b.c"}).to_string())).await.unwrap();
+    let (code, reason) = close_code(&mut ws).await;
+    assert_eq!(code, 4004);
+    assert!(reason.starts_with("invalid_token"), "{reason}");
+    // Something other than auth first: 4004.
+    let mut ws = raw_inband(&ts).await;
+    ws.send(Message::text(r#"{"op":"ping","id":1}"#)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await.0, 4004);
+    // No md:read scope: 4004.
+    let mut ws = raw_inband(&ts).await;
+    ws.send(Message::text(json!({"op": "auth", "token": ts.token(&["openid"])}).to_string())).await.unwrap();
+    let (code, reason) = close_code(&mut ws).await;
+    assert_eq!((code, reason.starts_with("insufficient_scope")), (4004, true));
+
+    assert!(ts.wait_metric("tickgate_closes_total{code=\"4002\"}", 1.0).await >= 1.0);
+    assert!(ts.wait_metric("tickgate_closes_total{code=\"4004\"}", 3.0).await >= 3.0);
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"inband_timeout\"}").await, 1.0);
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"inband_not_auth\"}").await, 1.0);
+    ts.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_inband_auth_a_bare_upgrade_is_401() {
+    let ts = TestServer::start(100.0, |_| {}).await;
+    let (s, b, _) = handshake_status(&ts, "", &[("sec-websocket-protocol", "tickgate.v1")]).await;
+    assert_eq!((s, b["error_description"].as_str()), (401, Some("no access token presented")));
+    ts.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_subject_per_ip_and_rate_limits_answer_429() {
+    let ts = TestServer::start(100.0, |c| {
+        c.limits.max_connections_per_subject = 2;
+        c.limits.max_connections_per_ip = 3;
+    })
+    .await;
+    let now = unix_now();
+    let a = ts.token_with("sub-a", "md:read:T", now, now + 60, "a");
+    let b = ts.token_with("sub-b", "md:read:T", now, now + 60, "b");
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = ts.subscriber(&a).await;
+        let _ = next_control(&mut s).await;
+        open.push(s);
+    }
+    let hs = |t: &str| format!("Bearer {t}");
+    let (s, body, _) =
+        handshake_status(&ts, "", &[("authorization", &hs(&a)), ("sec-websocket-protocol", "tickgate.v1")]).await;
+    assert_eq!((s, body["error"].as_str()), (429, Some("too_many_connections")));
+    assert!(body["error_description"].as_str().unwrap().contains("per subject"));
+    // Another subject from the same address: allowed once (3 per IP).
+    let mut s3 = ts.subscriber(&b).await;
+    let _ = next_control(&mut s3).await;
+    let (s, body, _) =
+        handshake_status(&ts, "", &[("authorization", &hs(&b)), ("sec-websocket-protocol", "tickgate.v1")]).await;
+    assert_eq!(s, 429);
+    assert!(body["error_description"].as_str().unwrap().contains("per source address"));
+    // From another loopback address the IP limit is separate.
+    let opts = ConnectOptions { local_ip: Some("127.0.0.2".parse().unwrap()), ..ConnectOptions::default() };
+    let mut other = Subscriber::connect(&ts.url, &b, &opts).await.unwrap();
+    assert!(matches!(next_control(&mut other).await, ServerMsg::Welcome { .. }));
+    // Closing frees the places.
+    open.pop().unwrap().close().await;
+    let mut ok = false;
+    for _ in 0..50 {
+        let (s, _, _) =
+            handshake_status(&ts, "", &[("authorization", &hs(&a)), ("sec-websocket-protocol", "tickgate.v1")]).await;
+        if s == 101 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "place not released");
+    ts.shutdown().await;
+
+    // Connection rate per IP: a burst of 5, then refusals, before any token work.
+    let ts = TestServer::start(100.0, |c| {
+        c.limits.connect_rate_per_ip = 1;
+        c.limits.connect_burst_per_ip = 5;
+    })
+    .await;
+    let token = ts.token(&["md:read:T"]);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let (s, _, _) =
+            handshake_status(&ts, "", &[("authorization", &hs(&token)), ("sec-websocket-protocol", "tickgate.v1")])
+                .await;
+        statuses.push(s);
+    }
+    assert_eq!(statuses[..5], [101; 5]);
+    assert!(statuses[5..].iter().all(|&s| s == 429), "{statuses:?}");
+    assert!(ts.metric("tickgate_handshakes_total{result=\"too_many_connections\"}").await >= 3.0);
+    ts.shutdown().await;
+}
