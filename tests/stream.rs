@@ -19,12 +19,13 @@ use tokio_tungstenite::tungstenite::Message;
 async fn batches_match_the_spec_byte_for_byte() {
     let ts = TestServer::start(2000.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);
+    // Every batch of this subscription is stamped after this instant.
+    let before = tickgate::protocol::now_ns();
     let (mut sub, reply) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
     let ServerMsg::Subscribed { instruments, feed, .. } = reply else { panic!("{reply:?}") };
     assert_eq!(feed, "T");
     assert_eq!(instruments.len(), 5);
     let ids: Vec<u32> = instruments.iter().map(|i| i.id).collect();
-    let before = tickgate::protocol::now_ns();
     let mut checked = 0;
     while checked < 200 {
         let msg = tokio::time::timeout(Duration::from_secs(5), sub.ws_mut().next())
