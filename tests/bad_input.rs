@@ -127,7 +127,8 @@ async fn ping_flood_is_rate_limited_then_closed_1008() {
         }
     };
     assert_eq!(code, 1008);
-    assert!((50..=60).contains(&pongs), "burst of 50 answered, got {pongs}");
+    // The burst of 50, plus whatever the 20/s refill adds while the flood is being read.
+    assert!((50..=90).contains(&pongs), "burst of 50 answered, got {pongs}");
     assert!(limited > 20, "rate_limited errors before the close: {limited}");
     assert!(ts.wait_metric("tickgate_control_errors_total{code=\"rate_limited\"}", 21.0).await >= 21.0);
     assert_eq!(ts.wait_metric("tickgate_closes_total{code=\"1008\"}", 1.0).await, 1.0);
