@@ -124,6 +124,16 @@ pub struct IssuerConfig {
     pub audience: String,
     /// External: where the JWK Set is fetched.
     pub jwks_url: Option<String>,
+    /// External: regular JWKS refresh period (seconds).
+    pub jwks_refresh_s: u64,
+    /// External: least time between two refetches triggered by unknown `kid`s (seconds).
+    pub jwks_cooldown_s: u64,
+    /// External: keys are dropped (not ready) after this long without a good fetch (seconds).
+    pub jwks_max_stale_s: u64,
+    /// External: timeout of one JWKS request (1000-5000 ms).
+    pub jwks_timeout_ms: u64,
+    /// External: largest JWKS body accepted (bytes).
+    pub jwks_max_bytes: usize,
 }
 
 impl Default for IssuerConfig {
@@ -135,6 +145,11 @@ impl Default for IssuerConfig {
             issuer: None,
             audience: "tickgate".to_owned(),
             jwks_url: None,
+            jwks_refresh_s: 600,
+            jwks_cooldown_s: 30,
+            jwks_max_stale_s: 86_400,
+            jwks_timeout_ms: 3_000,
+            jwks_max_bytes: 1 << 20,
         }
     }
 }
@@ -386,6 +401,20 @@ impl Config {
             IssuerMode::External => {
                 if self.issuer.jwks_url.is_none() || self.issuer.issuer.is_none() {
                     return bad("issuer.mode = \"external\" needs issuer.jwks_url and issuer.issuer");
+                }
+                if let Some(u) = &self.issuer.jwks_url {
+                    if !(u.starts_with("https://") || u.starts_with("http://")) {
+                        return bad("issuer.jwks_url must be an http(s) URL");
+                    }
+                }
+                if !(1_000..=5_000).contains(&self.issuer.jwks_timeout_ms) {
+                    return bad("issuer.jwks_timeout_ms must be between 1000 and 5000");
+                }
+                if !(1_024..=16 << 20).contains(&self.issuer.jwks_max_bytes) {
+                    return bad("issuer.jwks_max_bytes must be between 1024 and 16777216");
+                }
+                if self.issuer.jwks_refresh_s == 0 || self.issuer.jwks_max_stale_s < self.issuer.jwks_refresh_s {
+                    return bad("issuer.jwks_refresh_s must be positive and at most issuer.jwks_max_stale_s");
                 }
             }
             IssuerMode::Embedded => {

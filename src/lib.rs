@@ -139,14 +139,38 @@ impl Server {
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
-                return Err(Error::Unsupported(
-                    "issuer.mode = \"external\" (JWKS fetching) is not available in this build".into(),
-                ))
+                let iss_name = config.issuer.issuer.clone().unwrap_or_default();
+                (None, None, iss_name)
             }
         };
-        let validator = Arc::new(Validator::new(keys, iss_name, config.issuer.audience.clone(), &config.auth));
-
         let metrics = Metrics::new();
+        let jwks = match (config.issuer.mode, &config.issuer.jwks_url) {
+            (IssuerMode::External, Some(url)) => {
+                let settings = auth::jwks::JwksSettings {
+                    url: url.clone(),
+                    refresh: Duration::from_secs(config.issuer.jwks_refresh_s),
+                    cooldown: Duration::from_secs(config.issuer.jwks_cooldown_s),
+                    max_stale: Duration::from_secs(config.issuer.jwks_max_stale_s),
+                    timeout: Duration::from_millis(config.issuer.jwks_timeout_ms),
+                    max_bytes: config.issuer.jwks_max_bytes,
+                };
+                let cache = auth::jwks::JwksCache::new(settings, keys.clone(), metrics.clone())
+                    .map_err(|e| Error::Unsupported(format!("JWKS client: {e}")))?;
+                Some(Arc::new(cache))
+            }
+            _ => None,
+        };
+        let mut validator = Validator::new(keys, iss_name, config.issuer.audience.clone(), &config.auth);
+        if let Some(cache) = &jwks {
+            let cache = Arc::downgrade(cache);
+            validator = validator.with_unknown_kid_hook(auth::validate::UnknownKidHook(Arc::new(move |kid: &str| {
+                if let Some(c) = cache.upgrade() {
+                    c.note_unknown_kid(kid);
+                }
+            })));
+        }
+        let validator = Arc::new(validator);
+
         let n_shards = config.shard_count();
         let inboxes: Arc<[Arc<ShardInbox>]> =
             (0..n_shards).map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity))).collect();
@@ -161,6 +185,7 @@ impl Server {
             admission: server::limits::Admission::new(&config.limits),
             tickets: auth::tickets::TicketStore::new(config.limits.max_tickets),
             shard_ctl: shard_ctl.clone(),
+            jwks: jwks.clone(),
             config: config.clone(),
             validator: validator.clone(),
             metrics: metrics.clone(),
@@ -212,6 +237,9 @@ impl Server {
         background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
 
         let feeds_cancel = CancellationToken::new();
+        if let Some(cache) = &jwks {
+            background.spawn(cache.clone().run(feeds_cancel.clone()));
+        }
         let ingested: Arc<[prometheus::IntCounter]> =
             catalog.feeds().iter().map(|f| metrics.ticks_ingested.with_label_values(&[f.name()])).collect();
         let ingest = Ingest::new(inboxes.clone(), ingested);

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub timer_wheel_entries: IntGaugeVec,
     /// Entries in the revocation list.
     pub revocation_entries: IntGauge,
+    /// Seconds since the last good JWKS fetch (external issuer).
+    pub jwks_age: prometheus::Gauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -127,7 +129,11 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
         r.register(Box::new(timer_wheel_entries.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let jwks_age = prometheus::Gauge::new("tickgate_jwks_age_seconds", "Seconds since the last good JWKS fetch")
+            .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(jwks_age.clone())).unwrap_or_else(|e| panic!("register: {e}"));
         Metrics {
+            jwks_age,
             timer_wheel_entries,
             revocation_entries: gauge(&r, "tickgate_revocation_entries", "Entries in the revocation list"),
             connections: gauge(&r, "tickgate_connections", "Open stream connections"),

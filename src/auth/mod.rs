@@ -5,6 +5,7 @@
 //! [`validate::Principal`], is all the connection keeps; the delivery path never sees it.
 
 pub mod issuer;
+pub mod jwks;
 pub mod keys;
 pub mod revocation;
 pub mod scopes;

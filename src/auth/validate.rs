@@ -136,27 +136,73 @@ struct RawHeader {
     crit: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
+/// The claims this server reads, taken from the validated JSON object. jsonwebtoken
+/// checks presence of the required claims first (so a missing one is `missing_claim`);
+/// the types are checked here (a wrong one is `bad_claims`).
 struct Claims {
     sub: String,
     iss: String,
     exp: u64,
-    #[serde(default)]
     iat: Option<u64>,
-    #[serde(default)]
     jti: Option<String>,
-    #[serde(default)]
     client_id: Option<String>,
-    #[serde(default)]
     scope: Option<String>,
-    #[serde(default)]
     scp: Option<Vec<String>>,
+}
+
+impl Claims {
+    fn from_value(v: &serde_json::Value) -> Result<Claims, AuthError> {
+        let bad = |c: &str| AuthError::BadClaims(format!("{c} has the wrong type"));
+        let string = |k: &str| -> Result<Option<String>, AuthError> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(k)),
+            }
+        };
+        let number = |k: &str| -> Result<Option<u64>, AuthError> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(n) => n.as_u64().map(Some).ok_or_else(|| bad(k)),
+            }
+        };
+        let missing = |k: &str| AuthError::MissingClaim(k.to_owned());
+        let scp = match v.get("scp") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Array(a)) => Some(
+                a.iter().map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad("scp"))).collect::<Result<_, _>>()?,
+            ),
+            Some(_) => return Err(bad("scp")),
+        };
+        Ok(Claims {
+            sub: string("sub")?.ok_or_else(|| missing("sub"))?,
+            iss: string("iss")?.ok_or_else(|| missing("iss"))?,
+            exp: number("exp")?.ok_or_else(|| missing("exp"))?,
+            iat: number("iat")?,
+            jti: string("jti")?,
+            client_id: string("client_id")?,
+            scope: string("scope")?,
+            scp,
+        })
+    }
+}
+
+/// Called with the `kid` of a token whose key is not in the cache.
+#[derive(Clone)]
+pub struct UnknownKidHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for UnknownKidHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnknownKidHook")
+    }
 }
 
 /// Validation settings plus the key cache.
 #[derive(Debug, Clone)]
 pub struct Validator {
     keys: Arc<KeyStore>,
+    /// Told about every unknown `kid` (the JWKS cache uses it to refetch, rate-limited).
+    unknown_kid_hook: Option<UnknownKidHook>,
     revocations: Arc<RevocationList>,
     issuer: String,
     audience: String,
@@ -172,6 +218,7 @@ impl Validator {
         let revocations = Arc::new(RevocationList::new(auth.max_revocations, auth.max_lifetime_s + auth.leeway_s));
         Validator {
             keys,
+            unknown_kid_hook: None,
             revocations,
             issuer,
             audience,
@@ -180,6 +227,12 @@ impl Validator {
             max_lifetime_s: auth.max_lifetime_s,
             required_typ: auth.required_typ.clone(),
         }
+    }
+
+    /// Installs the unknown-`kid` hook.
+    pub fn with_unknown_kid_hook(mut self, hook: UnknownKidHook) -> Validator {
+        self.unknown_kid_hook = Some(hook);
+        self
     }
 
     /// The revocation list consulted after every successful validation.
@@ -206,13 +259,12 @@ impl Validator {
             return Err(AuthError::TooLarge(self.max_token_bytes));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(AuthError::Malformed("expected three dot-separated segments"));
         };
-        let b64 =
-            |seg: &str| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !b64(h) || !b64(p) || !b64(s) {
-            return Err(AuthError::Malformed("segments must be non-empty base64url"));
+        let b64 = |seg: &str| seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if h.is_empty() || !b64(h) {
+            return Err(AuthError::Malformed("header must be non-empty base64url"));
         }
         let header_json = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed("header is not base64url"))?;
         let header: RawHeader =
@@ -238,12 +290,22 @@ impl Validator {
                 return Err(AuthError::BadTyp(self.required_typ.clone()));
             }
         }
+        // Only now the other segments: an `alg: none` token with an empty signature is
+        // reported as the algorithm attack it is, not as a formatting problem.
+        if p.is_empty() || sig.is_empty() || !b64(p) || !b64(sig) {
+            return Err(AuthError::Malformed("payload and signature must be non-empty base64url"));
+        }
         let kid = match &header.kid {
             Some(serde_json::Value::String(k)) => k.as_str(),
             None => return Err(AuthError::MissingKid),
             _ => return Err(AuthError::Malformed("header kid must be a string")),
         };
-        let key = self.keys.get(kid).ok_or(AuthError::UnknownKid)?;
+        let Some(key) = self.keys.get(kid) else {
+            if let Some(hook) = &self.unknown_kid_hook {
+                (hook.0)(kid);
+            }
+            return Err(AuthError::UnknownKid);
+        };
         if key.alg != alg {
             return Err(AuthError::AlgMismatch);
         }
@@ -255,8 +317,26 @@ impl Validator {
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v.set_issuer(&[self.issuer.as_str()]);
         v.set_audience(&[self.audience.as_str()]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &v).map_err(map_jwt_error)?;
-        let c = data.claims;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &v).map_err(|e| {
+            // jsonwebtoken reports a required claim of the wrong type (`"exp": "123"`) as
+            // missing. The signature is verified by then, so look at the payload to tell
+            // the two apart.
+            if let ErrorKind::MissingRequiredClaim(c) = e.kind() {
+                let present = URL_SAFE_NO_PAD
+                    .decode(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v.get(c).is_some_and(|x| !x.is_null()));
+                if present {
+                    return AuthError::BadClaims(format!("{} has the wrong type", sanitize(c)));
+                }
+            }
+            map_jwt_error(e)
+        })?;
+        if !data.claims.is_object() {
+            return Err(AuthError::BadClaims("claims must be a JSON object".into()));
+        }
+        let c = Claims::from_value(&data.claims)?;
 
         let now = jsonwebtoken::get_current_timestamp();
         let lifetime = match c.iat {

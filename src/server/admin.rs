@@ -42,6 +42,9 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     app.metrics.subscriptions.set(subs as i64);
     app.metrics.ingest_backpressure.set(waits as i64);
     app.metrics.jwks_keys.set(app.validator.keys().len() as i64);
+    if let Some(age) = app.jwks.as_ref().and_then(|j| j.age()) {
+        app.metrics.jwks_age.set(age.as_secs_f64());
+    }
     app.metrics.revocation_entries.set(app.validator.revocations().len() as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render())
 }

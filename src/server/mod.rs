@@ -59,6 +59,8 @@ pub struct AppState {
     pub admission: limits::Admission,
     /// One-time stream tickets.
     pub tickets: crate::auth::tickets::TicketStore,
+    /// The JWKS cache, with an external issuer.
+    pub jwks: Option<Arc<crate::auth::jwks::JwksCache>>,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");

@@ -1,0 +1,386 @@
+//! External issuer mode against a real JWKS HTTP server on loopback: the cache's
+//! behaviour on good, bad and hostile responses, key rotation, kid floods, and the token
+//! attacks of RFC 8725, each with its exact status and metric reason.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tickgate::config::IssuerMode;
+
+const ISS: &str = "https://idp.example.test/realms/markets";
+
+/// A signing key of the test issuer.
+struct Signer {
+    kid: String,
+    enc: EncodingKey,
+    jwk: Value,
+    raw_public: Vec<u8>,
+}
+
+impl Signer {
+    fn new(kid: &str) -> Signer {
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new()).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+        let p = pair.public_key().as_ref().to_vec();
+        let jwk = json!({"kty":"EC","crv":"P-256","kid":kid,"use":"sig","alg":"ES256",
+            "x":URL_SAFE_NO_PAD.encode(&p[1..33]),"y":URL_SAFE_NO_PAD.encode(&p[33..65])});
+        Signer { kid: kid.into(), enc: EncodingKey::from_ec_der(pkcs8.as_ref()), jwk, raw_public: p }
+    }
+
+    fn sign_with(&self, header: Header, claims: &Value) -> String {
+        jsonwebtoken::encode(&header, claims, &self.enc).unwrap()
+    }
+
+    fn header(&self) -> Header {
+        let mut h = Header::new(Algorithm::ES256);
+        h.typ = Some("at+jwt".into());
+        h.kid = Some(self.kid.clone());
+        h
+    }
+
+    fn token(&self, claims: &Value) -> String {
+        self.sign_with(self.header(), claims)
+    }
+}
+
+fn claims() -> Value {
+    let now = unix_now();
+    json!({"iss": ISS, "sub": "svc-1", "aud": "tickgate", "iat": now, "exp": now + 300, "jti": "j1",
+        "scope": "md:read:T"})
+}
+
+#[derive(Clone)]
+enum Mode {
+    Keys(Value),
+    Status(u16),
+    Html,
+    Hang,
+    HugeWithLength,
+    HugeChunked,
+    Redirect,
+}
+
+#[derive(Clone)]
+struct Idp {
+    mode: Arc<Mutex<Mode>>,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn jwks_handler(axum::extract::State(idp): axum::extract::State<Idp>) -> Response {
+    idp.hits.fetch_add(1, Ordering::SeqCst);
+    let mode = idp.mode.lock().unwrap().clone();
+    match mode {
+        Mode::Keys(v) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
+        Mode::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
+        Mode::Html => ([(header::CONTENT_TYPE, "text/html")], "<html>login</html>").into_response(),
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            StatusCode::OK.into_response()
+        }
+        Mode::HugeWithLength => ([(header::CONTENT_TYPE, "application/json")], vec![b' '; 50 << 20]).into_response(),
+        Mode::HugeChunked => {
+            let chunks = futures_util::stream::iter(
+                (0..800).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 64 << 10]))),
+            );
+            ([(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(chunks)).into_response()
+        }
+        Mode::Redirect => (StatusCode::FOUND, [(header::LOCATION, "/other")]).into_response(),
+    }
+}
+
+async fn start_idp(mode: Mode) -> (Idp, String) {
+    let idp = Idp { mode: Arc::new(Mutex::new(mode)), hits: Arc::new(AtomicUsize::new(0)) };
+    let app = axum::Router::new().route("/certs", axum::routing::get(jwks_handler)).with_state(idp.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/certs", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (idp, url)
+}
+
+async fn external(url: &str, refresh_s: u64, cooldown_s: u64) -> TestServer {
+    let url = url.to_owned();
+    TestServer::start(200.0, move |c| {
+        c.issuer.mode = IssuerMode::External;
+        c.issuer.issuer = Some(ISS.into());
+        c.issuer.jwks_url = Some(url);
+        c.issuer.jwks_refresh_s = refresh_s;
+        c.issuer.jwks_cooldown_s = cooldown_s;
+        c.issuer.jwks_timeout_ms = 1000;
+        c.issuer.clients.clear();
+    })
+    .await
+}
+
+async fn status_of(ts: &TestServer, token: &str) -> (u16, Value) {
+    let (s, b, _) = handshake_status(
+        ts,
+        "",
+        &[("authorization", &format!("Bearer {token}")), ("sec-websocket-protocol", "tickgate.v1")],
+    )
+    .await;
+    (s, b)
+}
+
+async fn wait_ready(ts: &TestServer) -> bool {
+    for _ in 0..100 {
+        let r = reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap();
+        if r.status().as_u16() == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Waits until the IdP has seen `n` requests in total, then a little for the answer to land.
+async fn wait_hits(idp: &Idp, n: usize) {
+    for _ in 0..100 {
+        if idp.hits.load(Ordering::SeqCst) >= n {
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("IdP not asked again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jwks_answers_never_replace_the_last_good_keys() {
+    let a = Signer::new("key-a");
+    let (idp, url) = start_idp(Mode::Hang).await;
+    let ts = external(&url, 1, 1).await;
+    // Not ready, and streams refused with 503, until a first good fetch.
+    assert_eq!(reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16(), 503);
+    let tok = a.token(&claims());
+    let (s, b) = status_of(&ts, &tok).await;
+    assert_eq!((s, b["error"].as_str()), (503, Some("unavailable")));
+    *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk]}));
+    assert!(wait_ready(&ts).await, "ready after the first good fetch");
+    assert_eq!(status_of(&ts, &tok).await.0, 101);
+
+    let cases = [
+        (Mode::Status(500), "http_status"),
+        (Mode::Html, "not_json"),
+        (Mode::Keys(json!({"keys": []})), "empty"),
+        (Mode::Keys(json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]})), "empty"),
+        (Mode::Keys(json!("not a set")), "bad_json"),
+        (Mode::HugeWithLength, "too_large"),
+        (Mode::HugeChunked, "too_large"),
+        (Mode::Redirect, "http_status"),
+        (Mode::Hang, "transport"),
+    ];
+    for (mode, label) in cases {
+        let before = ts.metric(&format!("tickgate_jwks_refreshes_total{{result=\"{label}\"}}")).await;
+        let hits = idp.hits.load(Ordering::SeqCst);
+        *idp.mode.lock().unwrap() = mode;
+        wait_hits(&idp, hits + 1).await;
+        let after = ts.wait_metric(&format!("tickgate_jwks_refreshes_total{{result=\"{label}\"}}"), before + 1.0).await;
+        assert!(after > before, "{label} not counted");
+        // The last good key still verifies, and the server stays ready.
+        assert_eq!(status_of(&ts, &tok).await.0, 101, "after a {label} answer");
+        assert_eq!(reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16(), 200);
+    }
+    // One bad key next to a good one: the good one is used.
+    let b2 = Signer::new("key-b");
+    *idp.mode.lock().unwrap() =
+        Mode::Keys(json!({"keys": [{"kty": "RSA", "kid": "weak", "n": "AQAB", "e": "AQAB"}, b2.jwk]}));
+    let hits = idp.hits.load(Ordering::SeqCst);
+    wait_hits(&idp, hits + 1).await;
+    assert_eq!(status_of(&ts, &b2.token(&claims())).await.0, 101);
+    // The whole set was replaced: key A is gone (a removed key is a revoked key).
+    let (s, b) = status_of(&ts, &tok).await;
+    assert_eq!((s, b["error_description"].as_str()), (401, Some("unknown signing key")));
+    assert_eq!(ts.metric("tickgate_jwks_keys").await, 1.0);
+    ts.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_is_picked_up_by_one_refetch_and_kid_floods_cost_one_fetch() {
+    let a = Signer::new("key-a");
+    let b = Signer::new("key-b");
+    let (idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
+    // Regular refresh far away; refetch cooldown 2 s.
+    let ts = external(&url, 600, 2).await;
+    assert!(wait_ready(&ts).await);
+    let base = idp.hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The IdP rotates: B is published. A token signed with B fails once (unknown kid) and
+    // triggers one refetch; shortly after, B is accepted.
+    *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
+    let tb = b.token(&claims());
+    let (s, body) = status_of(&ts, &tb).await;
+    assert_eq!((s, body["error_description"].as_str()), (401, Some("unknown signing key")));
+    let mut accepted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if status_of(&ts, &tb).await.0 == 101 {
+            accepted = true;
+            break;
+        }
+    }
+    assert!(accepted, "rotated key not picked up");
+    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
+
+    // A flood of random kids within one cooldown: every handshake fails fast, at most one
+    // fetch results.
+    let before = idp.hits.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let mut h = a.header();
+        h.kid = Some(format!("random-{i}-{}", rand_suffix(i)));
+        let (s, _) = status_of(&ts, &a.sign_with(h, &claims())).await;
+        assert_eq!(s, 401);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "handshakes waited for fetches");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let fetched = idp.hits.load(Ordering::SeqCst) - before;
+    assert!(fetched <= 2, "{fetched} fetches for 200 random kids (at most one per 2 s cooldown)");
+    assert!(ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await >= 201.0);
+    ts.shutdown().await;
+}
+
+fn rand_suffix(i: usize) -> u64 {
+    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A loopback "canary" that counts any request: `jku`/`x5u` must never be followed.
+async fn canary() -> (Arc<AtomicUsize>, String) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/keys", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (hits, url)
+}
+
+fn b64(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_attacks_are_refused_with_exact_reasons() {
+    let a = Signer::new("key-a");
+    let (_idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
+    let ts = external(&url, 600, 30).await;
+    assert!(wait_ready(&ts).await);
+    let (canary_hits, canary_url) = canary().await;
+    let now = unix_now();
+    let good = claims();
+    assert_eq!(status_of(&ts, &a.token(&good)).await.0, 101);
+
+    let with = |k: &str, v: Value| {
+        let mut c = claims();
+        c[k] = v;
+        c
+    };
+    let without = |k: &str| {
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove(k);
+        c
+    };
+    let sig_of = |t: &str| t.rsplit('.').next().unwrap().to_owned();
+    let good_tok = a.token(&good);
+
+    // alg none: header {"alg":"none"} and an empty signature.
+    let none = format!("{}.{}.", b64(&json!({"alg":"none","typ":"at+jwt","kid":"key-a"})), b64(&good));
+    // none with a signature segment (some libraries accept any).
+    let none2 =
+        format!("{}.{}.{}", b64(&json!({"alg":"none","typ":"at+jwt","kid":"key-a"})), b64(&good), sig_of(&good_tok));
+    // HS256 "signed" with the public key as the HMAC secret (key confusion).
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.typ = Some("at+jwt".into());
+    hs.kid = Some("key-a".into());
+    let confused = jsonwebtoken::encode(&hs, &good, &EncodingKey::from_secret(&a.raw_public).unwrap()).unwrap();
+    // ES256 key presented as ES384.
+    let es384 =
+        format!("{}.{}.{}", b64(&json!({"alg":"ES384","typ":"at+jwt","kid":"key-a"})), b64(&good), sig_of(&good_tok));
+    // Tampered payload (scope widened) under the original signature.
+    let parts: Vec<&str> = good_tok.split('.').collect();
+    let tampered = format!("{}.{}.{}", parts[0], b64(&with("scope", json!("md:read:*"))), parts[2]);
+    let mut kid_trav = a.header();
+    kid_trav.kid = Some("../../../../etc/passwd".into());
+    let mut jku = a.header();
+    jku.jku = Some(canary_url.clone());
+    let mut x5u = a.header();
+    x5u.x5u = Some(canary_url.clone());
+    x5u.kid = Some("not-in-the-set".into());
+    let mut typ_jwt = a.header();
+    typ_jwt.typ = Some("JWT".into());
+    let mut crit = a.header();
+    crit.crit = Some(vec!["exp".into()]);
+    let id_token = {
+        let mut h = a.header();
+        h.typ = Some("JWT".into());
+        a.sign_with(h, &with("aud", json!("web-client")))
+    };
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("alg none", none, 401, "alg_not_allowed"),
+        ("alg none with a signature", none2, 401, "alg_not_allowed"),
+        ("HS256 with the public key", confused, 401, "alg_not_allowed"),
+        ("key used with another alg", es384, 401, "alg_mismatch"),
+        ("tampered payload", tampered, 401, "bad_signature"),
+        ("kid path traversal", a.sign_with(kid_trav, &good), 401, "unknown_kid"),
+        ("x5u to a canary, unknown kid", a.sign_with(x5u, &good), 401, "unknown_kid"),
+        ("typ JWT", a.sign_with(typ_jwt, &good), 401, "bad_typ"),
+        ("crit", a.sign_with(crit, &good), 401, "crit"),
+        ("ID token instead of access token", id_token, 401, "bad_typ"),
+        ("missing aud", a.token(&without("aud")), 401, "missing_claim"),
+        ("wrong aud", a.token(&with("aud", json!("other-api"))), 401, "wrong_aud"),
+        ("missing iss", a.token(&without("iss")), 401, "missing_claim"),
+        ("iss with a trailing slash", a.token(&with("iss", json!(format!("{ISS}/")))), 401, "wrong_iss"),
+        ("expired", a.token(&with("exp", json!(now - 120))), 401, "expired"),
+        ("nbf in the future", a.token(&with("nbf", json!(now + 300))), 401, "not_yet_valid"),
+        ("lifetime too long", a.token(&with("exp", json!(now + 90_000))), 401, "lifetime_too_long"),
+        ("exp as a string", a.token(&with("exp", json!(format!("{}", now + 300)))), 401, "bad_claims"),
+        ("four segments", format!("{good_tok}.AAAA"), 401, "malformed"),
+        ("scope prefix", a.token(&with("scope", json!("md:read:"))), 403, ""),
+        ("oversized (9 KB)", format!("{}.{}.{}", parts[0], "A".repeat(9000), parts[2]), 401, "too_large"),
+    ];
+    for (name, token, status, reason) in cases {
+        let before = if reason.is_empty() {
+            0.0
+        } else {
+            ts.metric(&format!("tickgate_auth_failures_total{{reason=\"{reason}\"}}")).await
+        };
+        let (s, body) = status_of(&ts, &token).await;
+        assert_eq!(s, status, "{name}: {body}");
+        if !reason.is_empty() {
+            assert_eq!(body["error"], "invalid_token", "{name}");
+            let after = ts.metric(&format!("tickgate_auth_failures_total{{reason=\"{reason}\"}}")).await;
+            assert_eq!(after, before + 1.0, "{name}: reason {reason} not counted");
+        }
+    }
+    // At the leeway boundary (30 s): expired 20 s ago is accepted, 40 s ago is not.
+    assert_eq!(status_of(&ts, &a.token(&with("exp", json!(now - 20)))).await.0, 101);
+    assert_eq!(status_of(&ts, &a.token(&with("exp", json!(now - 40)))).await.0, 401);
+    // A jku header is ignored, not followed: the token verifies against the cached key.
+    assert_eq!(status_of(&ts, &a.sign_with(jku, &good)).await.0, 101);
+    // A 100 KB token cannot even be sent: the request head limit answers 431.
+    let huge = format!("{}.{}.{}", parts[0], "A".repeat(100_000), parts[2]);
+    let (s, _) = status_of(&ts, &huge).await;
+    assert_eq!(s, 431);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(canary_hits.load(Ordering::SeqCst), 0, "a jku/x5u URL was fetched");
+    ts.shutdown().await;
+}
