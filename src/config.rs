@@ -56,6 +56,27 @@ pub struct Config {
     pub server: ServerConfig,
     /// Logging.
     pub log: LogConfig,
+    /// TLS (off unless `cert` and `key` are set).
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the public listener (`wss://`, `https://`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key matching `cert`.
+    pub key: Option<PathBuf>,
+    /// Serve the admin listener over TLS too, with the same certificate.
+    pub admin: bool,
+}
+
+impl TlsConfig {
+    /// Whether the public listener uses TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 impl Default for Config {
@@ -71,6 +92,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -369,6 +391,12 @@ impl Config {
         }
         if self.engine.max_batch_bytes < 1024 || self.engine.max_batch_bytes > 16 << 20 {
             return bad("engine.max_batch_bytes must be between 1024 and 16777216");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key go together");
+        }
+        if self.tls.admin && self.tls.cert.is_none() {
+            return bad("tls.admin needs tls.cert and tls.key");
         }
         if !(10..=50).contains(&self.engine.timer_tick_ms) {
             return bad("engine.timer_tick_ms must be between 10 and 50");

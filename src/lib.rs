@@ -69,9 +69,12 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A mode that this build does not serve yet.
+    /// A mode that this build does not serve yet, or a client that could not be built.
     #[error("unsupported configuration: {0}")]
     Unsupported(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] server::tls::TlsError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -92,6 +95,7 @@ pub struct Server {
     shard_ctl: Vec<mpsc::Sender<ShardCtl>>,
     shard_threads: Vec<std::thread::JoinHandle<()>>,
     background: TaskTracker,
+    tls: Option<Arc<server::tls::TlsState>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -133,7 +137,8 @@ impl Server {
         let keys = Arc::new(KeyStore::new());
         let (issuer, generated_demo_secret, iss_name) = match config.issuer.mode {
             IssuerMode::Embedded => {
-                let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("http://{addr}"));
+                let scheme = if config.tls.enabled() { "https" } else { "http" };
+                let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
                 let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
                 (Some(Arc::new(iss)), generated, iss_name)
@@ -201,7 +206,11 @@ impl Server {
             router = router.merge(iss.clone().router());
         }
         let router = router.fallback(server::not_found);
-        let serve = server::serve_fn(app.clone(), router);
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(c), Some(k)) => Some(Arc::new(server::tls::TlsState::load(c, k)?)),
+            _ => None,
+        };
+        let serve = server::serve_fn(app.clone(), router, tls.clone());
 
         let limits = CoreLimits {
             max_outbound_bytes: config.limits.max_outbound_bytes,
@@ -260,15 +269,13 @@ impl Server {
 
         let admin_cancel = CancellationToken::new();
         let admin = server::admin::router(app.clone());
-        let admin_stop = admin_cancel.clone();
-        background.spawn(async move {
-            let r = axum::serve(admin_listener, admin)
-                .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "admin listener failed");
-            }
-        });
+        background.spawn(server::serve_listener(
+            admin_listener,
+            admin,
+            if config.tls.admin { tls.clone() } else { None },
+            Duration::from_millis(config.server.handshake_timeout_ms),
+            admin_cancel.clone(),
+        ));
 
         if config.auth.insecure_no_auth {
             tracing::warn!(
@@ -289,7 +296,26 @@ impl Server {
             shard_ctl,
             shard_threads,
             background,
+            tls,
         })
+    }
+
+    /// Re-reads the TLS certificate and key (what SIGHUP does). New handshakes use them;
+    /// established connections are kept. On error the previous certificate stays.
+    pub fn reload_tls(&self) -> Result<bool, Error> {
+        match &self.tls {
+            Some(t) => {
+                t.reload()?;
+                tracing::info!("TLS certificate reloaded");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the public listener serves TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The bound public address.
@@ -366,13 +392,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(secret) = server.generated_demo_secret() {
         println!("embedded issuer: client `demo`, secret {secret} (set {DEMO_SECRET_ENV} to choose it)");
     }
+    let (ws, http) = if server.tls_enabled() { ("wss", "https") } else { ("ws", "http") };
+    let admin = if server.app.config.tls.admin { "https" } else { "http" };
     println!(
-        "tickgate: stream ws://{}/v1/stream  issuer http://{}/oauth2/token  admin http://{}/metrics",
+        "tickgate: stream {ws}://{}/v1/stream  issuer {http}://{}/oauth2/token  admin {admin}://{}/metrics",
         server.addr(),
         server.addr(),
         server.admin_addr()
     );
-    shutdown.await;
+    // SIGHUP re-reads the TLS certificate and key.
+    #[cfg(unix)]
+    let reload = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => loop {
+                hup.recv().await;
+                if let Err(e) = server.reload_tls() {
+                    tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use");
+                }
+            },
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let reload = std::future::pending::<()>();
+    tokio::select! {
+        _ = shutdown => {}
+        _ = reload => {}
+    }
     server.shutdown().await;
     Ok(())
 }

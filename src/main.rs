@@ -61,6 +61,9 @@ enum Cmd {
         /// Space-separated scopes.
         #[arg(long)]
         scope: Option<String>,
+        /// Trust this CA certificate (PEM) for an https:// issuer.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
     },
     /// Subscribe and print one JSON line per record or message.
     Subscribe {
@@ -85,6 +88,9 @@ enum Cmd {
         /// Stop after this many records.
         #[arg(long)]
         limit: Option<u64>,
+        /// Trust this CA certificate (PEM) for a wss:// URL.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
     },
     /// Load generator: N subscribers, latency histogram, delivered records/s.
     Load {
@@ -213,12 +219,14 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             init_logs(log_json || cfg.log.format == LogFormat::Json);
             tickgate::run(cfg, shutdown_signal()).await?;
         }
-        Cmd::Token { issuer, client_id, client_secret, scope } => {
-            let t = client::fetch_token(&issuer, &client_id, &client_secret, scope.as_deref()).await?;
+        Cmd::Token { issuer, client_id, client_secret, scope, ca_cert } => {
+            let t =
+                client::fetch_token_with_ca(&issuer, &client_id, &client_secret, scope.as_deref(), ca_cert.as_deref())
+                    .await?;
             println!("{t}");
         }
-        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit } => {
-            subscribe(&url, &token, &feed, &symbols, snapshot, limit).await?
+        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit, ca_cert } => {
+            subscribe(&url, &token, &feed, &symbols, snapshot, limit, ca_cert).await?
         }
         Cmd::Load {
             url,
@@ -301,8 +309,10 @@ async fn subscribe(
     symbols: &str,
     snapshot: bool,
     limit: Option<u64>,
+    ca_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut sub = Subscriber::connect(url, token, &ConnectOptions::default()).await?;
+    let opts = ConnectOptions { ca_file, ..ConnectOptions::default() };
+    let mut sub = Subscriber::connect(url, token, &opts).await?;
     sub.send_json(
         &json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": split_symbols(symbols), "snapshot": snapshot}),
     )

@@ -9,6 +9,8 @@ pub mod load;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
@@ -16,7 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::codec::{decode_batch, DecodeError, Record, FLAG_SNAPSHOT};
 use crate::protocol::control::ServerMsg;
@@ -62,7 +64,24 @@ pub async fn fetch_token(
     client_secret: &str,
     scope: Option<&str>,
 ) -> Result<String, ClientError> {
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build()?;
+    fetch_token_with_ca(issuer, client_id, client_secret, scope, None).await
+}
+
+/// [`fetch_token`] trusting an extra CA certificate (PEM) for an `https://` issuer.
+pub async fn fetch_token_with_ca(
+    issuer: &str,
+    client_id: &str,
+    client_secret: &str,
+    scope: Option<&str>,
+    ca_file: Option<&Path>,
+) -> Result<String, ClientError> {
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca)?;
+        let cert = reqwest::Certificate::from_pem(&pem)?;
+        builder = builder.add_root_certificate(cert);
+    }
+    let http = builder.build()?;
     let base = issuer.trim_end_matches('/');
     let endpoint = match http.get(format!("{base}/.well-known/openid-configuration")).send().await {
         Ok(r) if r.status().is_success() => r
@@ -110,20 +129,50 @@ pub struct ConnectOptions {
     pub recv_buffer: Option<u32>,
     /// Where the token goes.
     pub placement: TokenPlacement,
+    /// For `wss://`: trust this CA certificate (PEM) instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A raw client WebSocket.
-pub type ClientWs = WebSocketStream<TcpStream>;
+pub type ClientWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Opens a stream connection (`ws://` URLs).
+fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls_err = |e: rustls::Error| ClientError::Url(format!("TLS client: {e}"));
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls_err)?;
+    let config = match ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+                .map_err(|e| ClientError::Url(format!("{}: {e}", ca.display())))?
+            {
+                let cert = cert.map_err(|e| ClientError::Url(format!("{}: {e}", ca.display())))?;
+                roots.add(cert).map_err(tls_err)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => {
+            let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(tls_err)?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+        }
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens a stream connection (`ws://` or `wss://` URLs).
 pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<ClientWs, ClientError> {
     let uri: tokio_tungstenite::tungstenite::http::Uri =
         url.parse().map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
-    if uri.scheme_str() != Some("ws") {
-        return Err(ClientError::Url(format!("{url}: only ws:// URLs are supported by this client")));
-    }
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(ClientError::Url(format!("{url}: the URL must be ws:// or wss://"))),
+    };
     let host = uri.host().ok_or_else(|| ClientError::Url(format!("{url}: no host")))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let addr: SocketAddr = tokio::net::lookup_host((host, port))
         .await?
         .next()
@@ -135,8 +184,16 @@ pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Cl
     if let Some(ip) = opts.local_ip {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let stream = if tls {
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .map_err(|e| ClientError::Url(format!("{url}: {e}")))?;
+        MaybeTlsStream::Rustls(tls_connector(opts.ca_file.as_deref())?.connect(name, tcp).await?)
+    } else {
+        MaybeTlsStream::Plain(tcp)
+    };
     let mut req = url.into_client_request()?;
     let h = req.headers_mut();
     let bad = |_| ClientError::Url("token is not a valid header value".into());

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod connection;
 pub mod handshake;
 pub mod limits;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -79,43 +80,101 @@ pub async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "error_description": "no such endpoint"})))
 }
 
-/// Builds the function shards use to serve an accepted socket: HTTP/1.1 with upgrades,
-/// a bounded header section and a deadline for the request head (slow headers are cut).
-pub fn serve_fn(app: Arc<AppState>, router: Router) -> ServeFn {
+/// Serves HTTP/1.1 (with upgrades) on one connection until it ends or the server stops:
+/// a bounded request head (16 KiB) that must arrive within `server.handshake_timeout_ms`.
+pub async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    handshake_timeout: Duration,
+    cancel: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(handshake::PeerAddr(peer));
+        let router = router.clone();
+        async move { router.oneshot(req.map(axum::body::Body::new)).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %peer, error = %e, "http connection ended with an error");
+            }
+        }
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
+/// Builds the function shards use to serve an accepted socket: TLS first when configured
+/// (the TLS handshake shares the request-head deadline), then HTTP.
+pub fn serve_fn(app: Arc<AppState>, router: Router, tls: Option<Arc<tls::TlsState>>) -> ServeFn {
     Arc::new(move |stream: tokio::net::TcpStream, peer: SocketAddr| {
         let app = app.clone();
         let router = router.clone();
+        let tls = tls.clone();
         Box::pin(async move {
             let _ = stream.set_nodelay(true);
             let sndbuf = app.config.server.send_buffer_bytes;
             if sndbuf > 0 {
                 let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf);
             }
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(handshake::PeerAddr(peer));
-                let router = router.clone();
-                async move { router.oneshot(req.map(axum::body::Body::new)).await }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(app.config.server.handshake_timeout_ms))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(peer = %peer, error = %e, "http connection ended with an error");
-                    }
-                }
-                _ = app.cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
+            let deadline = Duration::from_millis(app.config.server.handshake_timeout_ms);
+            match tls {
+                None => serve_http(stream, peer, router, deadline, app.cancel.clone()).await,
+                Some(tls) => match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
+                    Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, router, deadline, app.cancel.clone()).await,
+                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                },
             }
         })
     })
+}
+
+/// Serves a router on a listener of the main runtime (the admin listener), over TLS when
+/// given, until `cancel` fires.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<tls::TlsState>>,
+    handshake_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (router, tls, cancel) = (router.clone(), tls.clone(), cancel.clone());
+        tokio::spawn(async move {
+            match tls {
+                None => serve_http(stream, peer, router, handshake_timeout, cancel).await,
+                Some(tls) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream)).await {
+                        serve_http(s, peer, router, handshake_timeout, cancel).await;
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Accepts sockets and places each on the shard with the fewest connections.
