@@ -229,3 +229,14 @@ pub fn unix_now() -> u64 {
 pub fn unix_now_ns() -> u64 {
     tickgate::protocol::now_ns()
 }
+
+/// The token with one signature character changed. A middle character is used: the last
+/// one of a base64url segment may carry only padding bits, so changing it can leave the
+/// decoded signature intact.
+pub fn forge_signature(token: &str) -> String {
+    let dot = token.rfind('.').unwrap();
+    let mut bytes = token.as_bytes().to_vec();
+    let i = dot + 10;
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(bytes).unwrap()
+}
