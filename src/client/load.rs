@@ -87,6 +87,8 @@ pub struct LoadSummary {
     pub server_rss_bytes: Option<f64>,
     /// CPU seconds this load generator used during the measured window.
     pub client_cpu_s: Option<f64>,
+    /// Seconds from the first connect to the last `subscribed` (a reconnect storm's length).
+    pub connect_s: f64,
     /// In-band refreshes answered `refreshed`.
     pub refreshes_ok: u64,
     /// In-band refreshes answered with an error.
@@ -153,6 +155,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         tasks.push(tokio::spawn(async move { subscriber(i, o, ip, sh, ready, gate).await }));
     }
     drop(ready_tx);
+    let connect_started = Instant::now();
     let mut failed = 0;
     let mut ready = 0;
     while let Some(r) = ready_rx.recv().await {
@@ -169,8 +172,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
             break;
         }
     }
+    let connect_s = connect_started.elapsed().as_secs_f64();
     if opts.progress {
-        eprintln!("{ready} subscribers live ({failed} failed); warming up {:?}", opts.warmup);
+        eprintln!("{ready} subscribers live ({failed} failed) in {connect_s:.2} s; warming up {:?}", opts.warmup);
     }
     tokio::time::sleep(opts.warmup).await;
 
@@ -266,6 +270,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, ClientError> {
         frames_per_write: per_write,
         server_rss_bytes: rss,
         client_cpu_s,
+        connect_s,
         refreshes_ok: shared.refreshes_ok.load(Ordering::Relaxed),
         refreshes_refused: shared.refreshes_refused.load(Ordering::Relaxed),
     })

@@ -1,0 +1,10 @@
+//! Control-message parsing on arbitrary input: must never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = tickgate::protocol::control::parse_client_msg(s);
+    }
+});
