@@ -27,7 +27,7 @@ fn bench_validate(c: &mut Criterion) {
     g.bench_function("tickgate_validate_es256", |b| {
         b.iter(|| black_box(validator.validate(black_box(&token)).is_ok()))
     });
-    let key = keys.get(iss.kid()).unwrap();
+    let key = keys.get(&iss.kid()).unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.set_audience(&["tickgate"]);
     g.bench_function("peer_jsonwebtoken_decode_es256", |b| {

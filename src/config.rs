@@ -146,6 +146,10 @@ pub struct IssuerConfig {
     pub audience: String,
     /// External: where the JWK Set is fetched.
     pub jwks_url: Option<String>,
+    /// Embedded: rotate the signing key this often (seconds; 0: never).
+    pub key_rotation_s: u64,
+    /// Embedded: a new key is published this long before it signs (seconds).
+    pub key_publish_ahead_s: u64,
     /// External: regular JWKS refresh period (seconds).
     pub jwks_refresh_s: u64,
     /// External: least time between two refetches triggered by unknown `kid`s (seconds).
@@ -167,6 +171,8 @@ impl Default for IssuerConfig {
             issuer: None,
             audience: "tickgate".to_owned(),
             jwks_url: None,
+            key_rotation_s: 86_400,
+            key_publish_ahead_s: 300,
             jwks_refresh_s: 600,
             jwks_cooldown_s: 30,
             jwks_max_stale_s: 86_400,
@@ -446,6 +452,9 @@ impl Config {
                 }
             }
             IssuerMode::Embedded => {
+                if self.issuer.key_rotation_s > 0 && self.issuer.key_rotation_s <= self.issuer.key_publish_ahead_s {
+                    return bad("issuer.key_rotation_s must be 0 (never) or longer than issuer.key_publish_ahead_s");
+                }
                 for c in &self.issuer.clients {
                     if c.id.is_empty() {
                         return bad("issuer.clients[].id must not be empty");

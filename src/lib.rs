@@ -141,6 +141,7 @@ impl Server {
                 let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
                 let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
+                let iss = iss.with_retire_margin(Duration::from_secs(config.auth.leeway_s));
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
@@ -246,6 +247,30 @@ impl Server {
         background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
 
         let feeds_cancel = CancellationToken::new();
+        if let Some(iss) = &issuer {
+            // Key rotation and retirement of keys whose tokens have all expired.
+            let (iss, cancel) = (iss.clone(), feeds_cancel.clone());
+            let every = (config.issuer.key_rotation_s > 0).then(|| Duration::from_secs(config.issuer.key_rotation_s));
+            background.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut next_rotation = every.map(|e| tokio::time::Instant::now() + e);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    iss.retire_expired();
+                    if let (Some(at), Some(e)) = (next_rotation, every) {
+                        if tokio::time::Instant::now() >= at {
+                            if let Err(err) = iss.rotate() {
+                                tracing::error!(error = %err, "issuer key rotation failed");
+                            }
+                            next_rotation = Some(at + e);
+                        }
+                    }
+                }
+            });
+        }
         if let Some(cache) = &jwks {
             background.spawn(cache.clone().run(feeds_cancel.clone()));
         }

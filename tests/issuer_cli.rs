@@ -122,6 +122,68 @@ async fn token_endpoint_follows_rfc6749() {
     ts.shutdown().await;
 }
 
+/// Key rotation: the new key is in the JWKS before it signs; the old one stays until its
+/// tokens have expired, and tokens it signed keep working meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_key_rotation_publishes_first_and_retires_late() {
+    let ts = TestServer::start(100.0, |c| {
+        c.issuer.token_ttl_s = 2;
+        c.issuer.key_rotation_s = 0;
+        c.issuer.key_publish_ahead_s = 1;
+        c.auth.leeway_s = 0;
+    })
+    .await;
+    let iss = ts.server().issuer().unwrap().clone();
+    let jwks_kids = || async {
+        let v: Value = reqwest::get(format!("{}/oauth2/jwks", ts.base)).await.unwrap().json().await.unwrap();
+        let mut kids: Vec<String> =
+            v["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
+        kids.sort();
+        kids
+    };
+    let kid_of = |t: &str| -> String {
+        use base64::Engine as _;
+        let h = t.split('.').next().unwrap();
+        let v: Value =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
+        v["kid"].as_str().unwrap().to_owned()
+    };
+    let old_kid = iss.kid();
+    let t_old = ts.token(&["md:read:T"]);
+    assert_eq!(kid_of(&t_old), old_kid);
+    let new_kid = iss.rotate().unwrap();
+    // Published at once, not signing yet.
+    let mut both = vec![old_kid.clone(), new_kid.clone()];
+    both.sort();
+    assert_eq!(jwks_kids().await, both);
+    assert_eq!(kid_of(&ts.token(&["md:read:T"])), old_kid, "the new key signed before its lead time");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t_new = ts.token(&["md:read:T"]);
+    assert_eq!(kid_of(&t_new), new_kid);
+    // Tokens of both keys open streams while both are published.
+    for t in [&t_old, &t_new] {
+        let (s, _, _) = handshake_status(
+            &ts,
+            "",
+            &[("authorization", &format!("Bearer {t}")), ("sec-websocket-protocol", "tickgate.v1")],
+        )
+        .await;
+        assert_eq!(s, 101);
+    }
+    // The old key leaves once its last token (2 s lifetime, no leeway) has expired.
+    let mut kids = Vec::new();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kids = jwks_kids().await;
+        if kids.len() == 1 {
+            break;
+        }
+    }
+    assert_eq!(kids, vec![new_kid.clone()]);
+    assert_eq!(ts.metric("tickgate_jwks_keys").await, 1.0);
+    ts.shutdown().await;
+}
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tickgate")
 }
@@ -159,7 +221,7 @@ fn serve_token_subscribe_from_an_empty_folder() {
     }
     let (secret, url, issuer) = (secret.expect("secret printed"), url.unwrap(), issuer.unwrap());
     let token = Command::new(bin())
-        .args(["token", "--issuer", &issuer, "--client-id", "demo", "--client-secret", &secret])
+        .args(["token", "--issuer", &issuer, "--client-id", "demo", &format!("--client-secret={secret}")])
         .output()
         .unwrap();
     assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));

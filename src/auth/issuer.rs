@@ -4,7 +4,8 @@
 //! the handshake validates embedded tokens exactly like external ones, without HTTP.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
@@ -84,15 +85,24 @@ pub struct EmbeddedIssuer {
     audience: String,
     ttl_s: u64,
     clients: Vec<Client>,
-    key: SigningKey,
+    /// Published keys, oldest first. The newest one whose `signs_from` has passed signs;
+    /// the others stay published until `retire_at`, so tokens they signed keep verifying.
+    ring: RwLock<Vec<KeyEntry>>,
+    store: Arc<KeyStore>,
+    publish_ahead: Duration,
+    retire_after: Duration,
+}
+
+/// A key of the issuer's ring.
+struct KeyEntry {
+    key: Arc<SigningKey>,
+    signs_from: Instant,
+    retire_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for EmbeddedIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedIssuer")
-            .field("issuer", &self.issuer)
-            .field("kid", &self.key.kid)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedIssuer").field("issuer", &self.issuer).field("kid", &self.kid()).finish_non_exhaustive()
     }
 }
 
@@ -125,11 +135,18 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// A fresh random secret (32 bytes, base64url).
+/// A fresh random secret (32 bytes, base64url). It never starts with `-`, so it can be
+/// passed as a command-line value (`--client-secret <secret>`) without being read as a flag.
 pub fn random_secret() -> Result<String, IssuerError> {
-    let mut b = [0u8; 32];
-    SystemRandom::new().fill(&mut b).map_err(|e| IssuerError::Key(e.to_string()))?;
-    Ok(URL_SAFE_NO_PAD.encode(b))
+    let rng = SystemRandom::new();
+    loop {
+        let mut b = [0u8; 32];
+        rng.fill(&mut b).map_err(|e| IssuerError::Key(e.to_string()))?;
+        let s = URL_SAFE_NO_PAD.encode(b);
+        if !s.starts_with('-') {
+            return Ok(s);
+        }
+    }
 }
 
 impl EmbeddedIssuer {
@@ -140,7 +157,7 @@ impl EmbeddedIssuer {
     pub fn new(
         cfg: &IssuerConfig,
         issuer: String,
-        keys: &KeyStore,
+        keys: &Arc<KeyStore>,
         demo_secret: Option<String>,
     ) -> Result<(EmbeddedIssuer, Option<String>), IssuerError> {
         let mut clients = Vec::new();
@@ -173,17 +190,89 @@ impl EmbeddedIssuer {
                 clients.push(Client { id: id.clone(), secret_sha256: digest, scopes: scopes.clone() });
             }
         }
-        let key = SigningKey::generate()?;
-        let issuer = EmbeddedIssuer { issuer, audience: cfg.audience.clone(), ttl_s: cfg.token_ttl_s, clients, key };
+        let key = Arc::new(SigningKey::generate()?);
+        let issuer = EmbeddedIssuer {
+            issuer,
+            audience: cfg.audience.clone(),
+            ttl_s: cfg.token_ttl_s,
+            clients,
+            ring: RwLock::new(vec![KeyEntry { key, signs_from: Instant::now(), retire_at: None }]),
+            store: keys.clone(),
+            publish_ahead: Duration::from_secs(cfg.key_publish_ahead_s),
+            // A key that stopped signing retires once the last token it signed has expired,
+            // plus the largest validation leeway a server may be configured with (300 s).
+            retire_after: Duration::from_secs(cfg.token_ttl_s + 300),
+        };
         keys.replace(issuer.key_set());
         Ok((issuer, generated))
     }
 
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, Vec<KeyEntry>> {
+        // Every update replaces whole entries; the vector is consistent after a panic.
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key that signs now: the newest whose publication lead time has passed.
+    fn signing_key(&self) -> Arc<SigningKey> {
+        let now = Instant::now();
+        let ring = self.ring();
+        ring.iter().rev().find(|e| e.signs_from <= now).or(ring.first()).map(|e| e.key.clone()).unwrap_or_else(|| {
+            // The ring is never empty: rotation adds before it retires, and the entry that
+            // signs has no retirement time.
+            unreachable!("issuer key ring is empty")
+        })
+    }
+
+    /// Starts a key rotation: a new key is published at once (JWKS and the verification
+    /// cache) but signs only after `issuer.key_publish_ahead_s`, so clients and peers that
+    /// cache the JWKS see it before any token carries its kid. The keys signing until then
+    /// stay published until their last tokens have expired. Returns the new `kid`.
+    pub fn rotate(&self) -> Result<String, IssuerError> {
+        let key = Arc::new(SigningKey::generate()?);
+        let kid = key.kid.clone();
+        let now = Instant::now();
+        let signs_from = now + self.publish_ahead;
+        {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            for e in ring.iter_mut().filter(|e| e.retire_at.is_none()) {
+                e.retire_at = Some(signs_from + self.retire_after);
+            }
+            ring.push(KeyEntry { key, signs_from, retire_at: None });
+        }
+        self.store.replace(self.key_set());
+        tracing::info!(kid = %kid, "issuer key rotation started");
+        Ok(kid)
+    }
+
+    /// Sets how long after a key stops signing it stays published: the token lifetime plus
+    /// this margin (the server passes its validation leeway; the default is 300 s, the
+    /// largest leeway allowed).
+    pub fn with_retire_margin(mut self, margin: Duration) -> EmbeddedIssuer {
+        self.retire_after = Duration::from_secs(self.ttl_s) + margin;
+        self
+    }
+
+    /// Drops keys whose tokens have all expired. Called periodically.
+    pub fn retire_expired(&self) {
+        let now = Instant::now();
+        let removed = {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            let before = ring.len();
+            ring.retain(|e| e.retire_at.is_none_or(|t| t > now));
+            before - ring.len()
+        };
+        if removed > 0 {
+            self.store.replace(self.key_set());
+            tracing::info!(retired = removed, "issuer keys retired");
+        }
+    }
+
     /// The verification keys this issuer signs with.
     pub fn key_set(&self) -> KeySet {
-        let mut set = KeySet::new();
-        set.insert(self.key.kid.clone(), VerifyKey { alg: Algorithm::ES256, key: self.key.decoding.clone() });
-        set
+        self.ring()
+            .iter()
+            .map(|e| (e.key.kid.clone(), VerifyKey { alg: Algorithm::ES256, key: e.key.decoding.clone() }))
+            .collect()
     }
 
     /// The `iss` value.
@@ -192,13 +281,14 @@ impl EmbeddedIssuer {
     }
 
     /// The `kid` of the current signing key.
-    pub fn kid(&self) -> &str {
-        &self.key.kid
+    pub fn kid(&self) -> String {
+        self.signing_key().kid.clone()
     }
 
     /// The JWK Set document.
     pub fn jwks(&self) -> serde_json::Value {
-        json!({ "keys": [self.key.jwk.clone()] })
+        let keys: Vec<serde_json::Value> = self.ring().iter().map(|e| e.key.jwk.clone()).collect();
+        json!({ "keys": keys })
     }
 
     /// Checks a client's credentials in constant time with respect to the secret: both
@@ -231,8 +321,9 @@ impl EmbeddedIssuer {
     pub fn sign_raw(&self, typ: &str, claims: &serde_json::Value) -> Result<String, IssuerError> {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = Some(typ.to_owned());
-        header.kid = Some(self.key.kid.clone());
-        Ok(jsonwebtoken::encode(&header, claims, &self.key.encoding)?)
+        let key = self.signing_key();
+        header.kid = Some(key.kid.clone());
+        Ok(jsonwebtoken::encode(&header, claims, &key.encoding)?)
     }
 
     /// Routes of the issuer, mounted on the public listener.
