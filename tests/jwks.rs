@@ -384,3 +384,88 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     assert_eq!(canary_hits.load(Ordering::SeqCst), 0, "a jku/x5u URL was fetched");
     ts.shutdown().await;
 }
+
+/// Minimal DER reader for the test's RSA keys: returns (tag, content, rest).
+fn der(input: &[u8]) -> (u8, &[u8], &[u8]) {
+    let tag = input[0];
+    let (len, hdr) = if input[1] < 0x80 {
+        (input[1] as usize, 2)
+    } else {
+        let n = (input[1] & 0x7f) as usize;
+        (input[2..2 + n].iter().fold(0usize, |a, b| (a << 8) | *b as usize), 2 + n)
+    };
+    (tag, &input[hdr..hdr + len], &input[hdr + len..])
+}
+
+/// An RSA-2048 signer (rcgen on aws-lc-rs): PKCS#1 private key for jsonwebtoken, n/e for the JWK.
+struct RsaSigner {
+    enc: EncodingKey,
+    jwk: Value,
+    public_der: Vec<u8>,
+}
+
+fn rsa_signer(kid: &str, alg: Option<&str>) -> RsaSigner {
+    let kp = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+    // PKCS#8 PrivateKeyInfo: SEQUENCE { version, algorithm, OCTET STRING { RSAPrivateKey } }.
+    let pkcs8 = kp.serialize_der();
+    let (_, info, _) = der(&pkcs8);
+    let (_, _, rest) = der(info);
+    let (_, _, rest) = der(rest);
+    let (tag, pkcs1, _) = der(rest);
+    assert_eq!(tag, 0x04);
+    // RSAPublicKey: SEQUENCE { INTEGER n, INTEGER e }.
+    let public_der = kp.public_key_raw().to_vec();
+    let (_, seq, _) = der(&public_der);
+    let (_, n, rest) = der(seq);
+    let (_, e, _) = der(rest);
+    let n = if n[0] == 0 { &n[1..] } else { n };
+    let mut jwk =
+        json!({"kty":"RSA","kid":kid,"use":"sig","n":URL_SAFE_NO_PAD.encode(n),"e":URL_SAFE_NO_PAD.encode(e)});
+    if let Some(a) = alg {
+        jwk["alg"] = json!(a);
+    }
+    RsaSigner { enc: EncodingKey::from_rsa_der(pkcs1), jwk, public_der }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_key_confusion_attacks_are_refused() {
+    // An RSA key published without `alg` (as Entra ID does) is pinned to RS256.
+    let rsa = rsa_signer("rsa-1", None);
+    let (_idp, url) = start_idp(Mode::Keys(json!({"keys": [rsa.jwk.clone()]}))).await;
+    let ts = external(&url, 600, 30).await;
+    assert!(wait_ready(&ts).await);
+    let header = |alg: Algorithm| {
+        let mut h = Header::new(alg);
+        h.typ = Some("at+jwt".into());
+        h.kid = Some("rsa-1".into());
+        h
+    };
+    let good = jsonwebtoken::encode(&header(Algorithm::RS256), &claims(), &rsa.enc).unwrap();
+    assert_eq!(status_of(&ts, &good).await.0, 101, "a genuine RS256 token");
+    // PS256 with the same RSA key: the key is pinned to RS256.
+    let ps = jsonwebtoken::encode(&header(Algorithm::PS256), &claims(), &rsa.enc).unwrap();
+    let (s, b) = status_of(&ts, &ps).await;
+    assert_eq!((s, b["error_description"].as_str()), (401, Some("algorithm does not match the signing key")));
+    // HS256 "signed" with the RSA public key (DER, and the JWK's n) as the HMAC secret.
+    for secret in [rsa.public_der.clone(), rsa.jwk["n"].as_str().unwrap().as_bytes().to_vec()] {
+        let hs =
+            jsonwebtoken::encode(&header(Algorithm::HS256), &claims(), &EncodingKey::from_secret(&secret).unwrap())
+                .unwrap();
+        let (s, b) = status_of(&ts, &hs).await;
+        assert_eq!((s, b["error_description"].as_str()), (401, Some("algorithm HS256 is not allowed")));
+    }
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"alg_mismatch\"}").await, 1.0);
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"alg_not_allowed\"}").await, 2.0);
+    ts.shutdown().await;
+
+    // A key published as PS256 verifies PS256 and refuses RS256.
+    let pss = rsa_signer("rsa-1", Some("PS256"));
+    let (_idp, url) = start_idp(Mode::Keys(json!({"keys": [pss.jwk.clone()]}))).await;
+    let ts = external(&url, 600, 30).await;
+    assert!(wait_ready(&ts).await);
+    let ok = jsonwebtoken::encode(&header(Algorithm::PS256), &claims(), &pss.enc).unwrap();
+    assert_eq!(status_of(&ts, &ok).await.0, 101);
+    let rs = jsonwebtoken::encode(&header(Algorithm::RS256), &claims(), &pss.enc).unwrap();
+    assert_eq!(status_of(&ts, &rs).await.0, 401);
+    ts.shutdown().await;
+}
