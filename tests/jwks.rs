@@ -277,8 +277,37 @@ fn b64(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
+/// Everything logged by this test binary, at debug level (installed once).
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(sub);
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_attacks_are_refused_with_exact_reasons() {
+    let logs = captured_logs();
     let a = Signer::new("key-a");
     let (_idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
     let ts = external(&url, 600, 30).await;
@@ -334,6 +363,7 @@ async fn token_attacks_are_refused_with_exact_reasons() {
         a.sign_with(h, &with("aud", json!("web-client")))
     };
 
+    let all_tokens: std::cell::RefCell<Vec<String>> = Default::default();
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("alg none", none, 401, "alg_not_allowed"),
         ("alg none with a signature", none2, 401, "alg_not_allowed"),
@@ -357,6 +387,7 @@ async fn token_attacks_are_refused_with_exact_reasons() {
         ("scope prefix", a.token(&with("scope", json!("md:read:"))), 403, ""),
         ("oversized (9 KB)", format!("{}.{}.{}", parts[0], "A".repeat(9000), parts[2]), 401, "too_large"),
     ];
+    all_tokens.borrow_mut().extend(cases.iter().map(|c| c.1.clone()));
     for (name, token, status, reason) in cases {
         let before = if reason.is_empty() {
             0.0
@@ -382,7 +413,27 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     assert_eq!(s, 431);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(canary_hits.load(Ordering::SeqCst), 0, "a jku/x5u URL was fetched");
+    // Scope matching is exact: `md:read:OTH` opens a stream (it is a read scope) but does not
+    // grant feed OTHER.
+    let prefix = a.token(&with("scope", json!("md:read:OTH")));
+    let mut sub = ts.subscriber(&prefix).await;
+    let _ = next_control(&mut sub).await;
+    sub.send_json(&json!({"op":"subscribe","id":1,"feed":"OTHER","symbols":["*"]})).await.unwrap();
+    match next_control(&mut sub).await {
+        tickgate::protocol::control::ServerMsg::Error { code, .. } => {
+            assert_eq!(code, tickgate::protocol::control::ErrorCode::InsufficientScope)
+        }
+        m => panic!("{m:?}"),
+    }
     ts.shutdown().await;
+    // No token, nor any of its segments, ever reached a log line (debug level included).
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("stream handshake refused"), "the refusals were logged");
+    for t in all_tokens.borrow().iter().chain([&good_tok, &prefix]) {
+        for seg in t.split('.').filter(|s| s.len() >= 16) {
+            assert!(!text.contains(seg), "a token segment was logged");
+        }
+    }
 }
 
 /// Minimal DER reader for the test's RSA keys: returns (tag, content, rest).
