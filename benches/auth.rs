@@ -12,6 +12,9 @@ use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;
 use tickgate::config::{AuthConfig, IssuerConfig};
 
+#[path = "../tests/common/rsa.rs"]
+mod rsa;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -35,22 +38,12 @@ fn bench_validate(c: &mut Criterion) {
     });
 
     // RS256 (RSA-2048), the algorithm most external issuers use, through the same code path.
-    let kp = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
-    let pkcs8 = kp.serialize_der();
-    let (_, info, _) = der(&pkcs8);
-    let (_, _, rest) = der(info);
-    let (_, _, rest) = der(rest);
-    let (_, pkcs1, _) = der(rest);
-    let public = kp.public_key_raw().to_vec();
-    let (_, seq, _) = der(&public);
-    let (_, n, rest) = der(seq);
-    let (_, e, _) = der(rest);
-    let n = if n[0] == 0 { &n[1..] } else { n };
+    let k = rsa::rsa_key();
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let rsa_keys = Arc::new(KeyStore::new());
     let mut set = tickgate::auth::keys::KeySet::new();
-    let jwk = serde_json::json!({"kty":"RSA","kid":"r1","n":b64.encode(n),"e":b64.encode(e)});
+    let jwk = serde_json::json!({"kty":"RSA","kid":"r1","n":b64.encode(&k.n),"e":b64.encode(&k.e)});
     let (kid, vk) = tickgate::auth::jwks::parse_jwk(&jwk).unwrap();
     set.insert(kid, vk);
     rsa_keys.replace(set);
@@ -61,7 +54,7 @@ fn bench_validate(c: &mut Criterion) {
     h.typ = Some("at+jwt".into());
     h.kid = Some("r1".into());
     let claims = serde_json::json!({"iss":"http://bench","sub":"c","aud":"tickgate","iat":now,"exp":now+900,"scope":"md:read:*"});
-    let rsa_token = jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_rsa_der(pkcs1)).unwrap();
+    let rsa_token = jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_rsa_der(&k.pkcs1)).unwrap();
     assert!(rsa_validator.validate(&rsa_token).is_ok());
     g.bench_function("tickgate_validate_rs256", |b| {
         b.iter(|| black_box(rsa_validator.validate(black_box(&rsa_token)).is_ok()))
@@ -73,18 +66,6 @@ fn bench_validate(c: &mut Criterion) {
         b.iter(|| black_box(jsonwebtoken::decode::<serde_json::Value>(black_box(&rsa_token), &rkey.key, &rv).is_ok()))
     });
     g.finish();
-}
-
-/// Minimal DER reader: (tag, content, rest).
-fn der(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    let tag = input[0];
-    let (len, hdr) = if input[1] < 0x80 {
-        (input[1] as usize, 2)
-    } else {
-        let n = (input[1] & 0x7f) as usize;
-        (input[2..2 + n].iter().fold(0usize, |a, b| (a << 8) | *b as usize), 2 + n)
-    };
-    (tag, &input[hdr..hdr + len], &input[hdr + len..])
 }
 
 criterion_group!(benches, bench_validate);

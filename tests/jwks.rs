@@ -436,19 +436,7 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     }
 }
 
-/// Minimal DER reader for the test's RSA keys: returns (tag, content, rest).
-fn der(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    let tag = input[0];
-    let (len, hdr) = if input[1] < 0x80 {
-        (input[1] as usize, 2)
-    } else {
-        let n = (input[1] & 0x7f) as usize;
-        (input[2..2 + n].iter().fold(0usize, |a, b| (a << 8) | *b as usize), 2 + n)
-    };
-    (tag, &input[hdr..hdr + len], &input[hdr + len..])
-}
-
-/// An RSA-2048 signer (rcgen on aws-lc-rs): PKCS#1 private key for jsonwebtoken, n/e for the JWK.
+/// An RSA-2048 signer: PKCS#1 private key for jsonwebtoken, n/e for the JWK.
 struct RsaSigner {
     enc: EncodingKey,
     jwk: Value,
@@ -456,26 +444,13 @@ struct RsaSigner {
 }
 
 fn rsa_signer(kid: &str, alg: Option<&str>) -> RsaSigner {
-    let kp = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
-    // PKCS#8 PrivateKeyInfo: SEQUENCE { version, algorithm, OCTET STRING { RSAPrivateKey } }.
-    let pkcs8 = kp.serialize_der();
-    let (_, info, _) = der(&pkcs8);
-    let (_, _, rest) = der(info);
-    let (_, _, rest) = der(rest);
-    let (tag, pkcs1, _) = der(rest);
-    assert_eq!(tag, 0x04);
-    // RSAPublicKey: SEQUENCE { INTEGER n, INTEGER e }.
-    let public_der = kp.public_key_raw().to_vec();
-    let (_, seq, _) = der(&public_der);
-    let (_, n, rest) = der(seq);
-    let (_, e, _) = der(rest);
-    let n = if n[0] == 0 { &n[1..] } else { n };
+    let k = common::rsa::rsa_key();
     let mut jwk =
-        json!({"kty":"RSA","kid":kid,"use":"sig","n":URL_SAFE_NO_PAD.encode(n),"e":URL_SAFE_NO_PAD.encode(e)});
+        json!({"kty":"RSA","kid":kid,"use":"sig","n":URL_SAFE_NO_PAD.encode(&k.n),"e":URL_SAFE_NO_PAD.encode(&k.e)});
     if let Some(a) = alg {
         jwk["alg"] = json!(a);
     }
-    RsaSigner { enc: EncodingKey::from_rsa_der(pkcs1), jwk, public_der }
+    RsaSigner { enc: EncodingKey::from_rsa_der(&k.pkcs1), jwk, public_der: k.public_der }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub mod rsa;
+
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tickgate::client::{ConnectOptions, Event, Subscriber, TokenPlacement};
