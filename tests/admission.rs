@@ -216,3 +216,63 @@ async fn per_subject_per_ip_and_rate_limits_answer_429() {
     assert!(ts.metric("tickgate_handshakes_total{result=\"too_many_connections\"}").await >= 3.0);
     ts.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_view_is_paginated_and_guarded() {
+    let ts = TestServer::start(200.0, |_| {}).await;
+    let now = unix_now();
+    let mut subs = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        let t = ts.token_with(&format!("client-{i}"), "md:read:T", now, now + 120, &format!("j{i}"));
+        let (s, _) = subscribed(&ts, &t, "T", json!(["S0", "S1"]), false).await;
+        subs.push(s);
+        tokens.push(t);
+    }
+    let admin = ts.token(&["tickgate:admin"]);
+    let get = |q: String, bearer: Option<String>| {
+        let url = format!("{}/admin/connections{q}", ts.admin);
+        async move {
+            let mut rb = reqwest::Client::new().get(url);
+            if let Some(b) = bearer {
+                rb = rb.bearer_auth(b);
+            }
+            let r = rb.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let q = if after.is_empty() { "?limit=2".to_owned() } else { format!("?limit=2&after={after}") };
+        let (s, body) = get(q, Some(admin.clone())).await;
+        assert_eq!(s, 200, "{body}");
+        for t in &tokens {
+            assert!(!body.contains(t.as_str()), "a token in the admin view");
+        }
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["total"], 5);
+        let items = v["connections"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        for c in items {
+            assert_eq!(c["subscriptions"], 2);
+            assert!(c["sub"].as_str().unwrap().starts_with("client-"));
+            assert_eq!(c["token_exp"], now + 120);
+            assert!(c["shard"].as_u64().unwrap() < 2);
+            assert!(c["queued_bytes"].is_u64());
+            seen.push(c["session"].as_str().unwrap().to_owned());
+        }
+        match v["next"].as_str() {
+            Some(n) => after = n.to_owned(),
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (5, 5), "every connection exactly once");
+    assert_eq!(get("".into(), None).await.0, 401);
+    assert_eq!(get("".into(), Some(tokens[0].clone())).await.0, 403);
+    assert_eq!(get("?limit=0".into(), Some(admin.clone())).await.0, 400);
+    ts.shutdown().await;
+}

@@ -179,6 +179,25 @@ pub struct ShardCore {
     pub stats: CoreStats,
 }
 
+/// One connection as `GET /admin/connections` shows it (no token, no per-symbol detail).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnInfo {
+    /// Session id (as in `welcome`).
+    pub session: String,
+    /// Token subject.
+    pub sub: String,
+    /// Shard the connection lives on.
+    pub shard: usize,
+    /// Subscribed instruments.
+    pub subscriptions: usize,
+    /// Outbound bytes queued, not yet taken by the socket.
+    pub queued_bytes: usize,
+    /// Token expiry (seconds since the epoch); absent in the no-auth bench mode.
+    pub token_exp: Option<u64>,
+    /// A close has been decided (expiry, revocation, slow consumer, shutdown).
+    pub closing: bool,
+}
+
 /// What the connection task needs after registering.
 #[derive(Debug, Clone)]
 pub struct ConnHandles {
@@ -395,6 +414,22 @@ impl ShardCore {
             self.unindex(key, f, i);
         }
         self.cancel_token_timers(key);
+    }
+
+    /// A snapshot of every connection for the admin view.
+    pub fn connection_infos(&self, shard: usize) -> Vec<ConnInfo> {
+        self.conns
+            .iter()
+            .map(|(_, c)| ConnInfo {
+                session: c.session.clone(),
+                sub: c.principal.sub.clone(),
+                shard,
+                subscriptions: c.subs.len(),
+                queued_bytes: c.out.bytes(),
+                token_exp: (c.principal.exp != u64::MAX).then_some(c.principal.exp),
+                closing: c.out.is_closed(),
+            })
+            .collect()
     }
 
     /// Closes every connection of `sub` (when given) or carrying `jti` (when given) with

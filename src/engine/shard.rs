@@ -50,6 +50,11 @@ pub enum ShardCtl {
         /// How many connections this shard closed.
         reply: tokio::sync::oneshot::Sender<usize>,
     },
+    /// Lists the shard's connections for the admin view.
+    ListConnections {
+        /// The shard's connections.
+        reply: tokio::sync::oneshot::Sender<Vec<super::core::ConnInfo>>,
+    },
     /// Stop the shard's runtime.
     Stop,
 }
@@ -62,6 +67,9 @@ fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
         ShardCtl::Revoke { sub, jti, reply } => {
             let n = shard.core.borrow_mut().revoke(sub.as_deref(), jti.as_deref());
             let _ = reply.send(n);
+        }
+        ShardCtl::ListConnections { reply } => {
+            let _ = reply.send(shard.core.borrow().connection_infos(shard.id));
         }
     }
     true

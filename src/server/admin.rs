@@ -22,6 +22,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/revoke", axum::routing::post(revoke))
+        .route("/admin/connections", get(connections))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not_found"}))) })
         .with_state(app)
 }
@@ -145,4 +146,51 @@ async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum
     }
     tracing::info!(by_sub = sub.is_some(), closed, "revocation applied");
     Json(json!({"revoked": if sub.is_some() { "sub" } else { "jti" }, "connections_closed": closed})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    /// Entries per page (1-1000, default 100).
+    limit: Option<usize>,
+    /// Return sessions after this one (the previous page's `next`).
+    after: Option<String>,
+}
+
+/// `GET /admin/connections?limit=N&after=SESSION`: every stream connection (subject,
+/// shard, subscriptions, queued bytes, token expiry), ordered by session id, paginated with
+/// a cursor. Requires `tickgate:admin`.
+async fn connections(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Response {
+    if let Err(r) = admin_auth(&app, &headers) {
+        return *r;
+    }
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return bad_request("limit must be between 1 and 1000");
+    }
+    let mut replies = Vec::new();
+    for ctl in &app.shard_ctl {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if ctl.send(crate::engine::shard::ShardCtl::ListConnections { reply: tx }).await.is_ok() {
+            replies.push(rx);
+        }
+    }
+    let mut all = Vec::new();
+    for rx in replies {
+        if let Ok(Ok(mut v)) = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
+            all.append(&mut v);
+        }
+    }
+    all.sort_by(|a, b| a.session.cmp(&b.session));
+    let total = all.len();
+    let start = match &page.after {
+        Some(after) => all.partition_point(|c| c.session.as_str() <= after.as_str()),
+        None => 0,
+    };
+    let items: Vec<_> = all.into_iter().skip(start).take(limit).collect();
+    let next = (start + items.len() < total).then(|| items.last().map(|c| c.session.clone())).flatten();
+    Json(json!({"total": total, "connections": items, "next": next})).into_response()
 }
