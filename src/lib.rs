@@ -178,6 +178,8 @@ impl Server {
         let validator = Arc::new(validator);
 
         let n_shards = config.shard_count();
+        let feed_names: Vec<&str> = catalog.feeds().iter().map(|f| f.name()).collect();
+        metrics.init_known_series(&feed_names, n_shards);
         let inboxes: Arc<[Arc<ShardInbox>]> =
             (0..n_shards).map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity))).collect();
         let mut shard_ctl = Vec::new();

@@ -190,6 +190,80 @@ impl Metrics {
         }
     }
 
+    /// Creates every series whose label values are known up front, at zero, so dashboards
+    /// and alerts see a series (and a rate of 0) before the first event rather than "no data".
+    pub fn init_known_series(&self, feeds: &[&str], shards: usize) {
+        for r in [
+            "ok",
+            "bad_request",
+            "invalid_token",
+            "insufficient_scope",
+            "forbidden_origin",
+            "too_many_connections",
+            "unavailable",
+        ] {
+            self.handshakes.with_label_values(&[r]);
+        }
+        for r in [
+            "missing",
+            "too_large",
+            "malformed",
+            "alg_not_allowed",
+            "crit",
+            "bad_typ",
+            "missing_kid",
+            "unknown_kid",
+            "alg_mismatch",
+            "bad_signature",
+            "expired",
+            "not_yet_valid",
+            "wrong_iss",
+            "wrong_aud",
+            "missing_claim",
+            "bad_claims",
+            "lifetime_too_long",
+            "revoked",
+            "bad_ticket",
+            "ticket_expired",
+            "inband_timeout",
+            "inband_not_auth",
+        ] {
+            self.auth_failures.with_label_values(&[r]);
+        }
+        self.slow_consumer_events.with_label_values(&["disconnect"]);
+        for r in ["ok", "refused", "rate_limited"] {
+            self.token_refreshes.with_label_values(&[r]);
+        }
+        for r in ["ok", "transport", "http_status", "not_json", "too_large", "bad_json", "empty"] {
+            self.jwks_refreshes.with_label_values(&[r]);
+        }
+        for c in [
+            "bad_request",
+            "unknown_feed",
+            "unknown_symbol",
+            "insufficient_scope",
+            "invalid_token",
+            "rate_limited",
+            "limit_exceeded",
+        ] {
+            self.control_errors.with_label_values(&[c]);
+        }
+        for c in ["1000", "1001", "1006", "1008", "4001", "4003", "4008"] {
+            self.closes.with_label_values(&[c]);
+        }
+        for r in ["ok", "refused"] {
+            self.handshake_latency.with_label_values(&[r]);
+        }
+        for f in feeds {
+            self.ticks_ingested.with_label_values(&[f]);
+            self.records_delivered.with_label_values(&[f]);
+        }
+        for i in 0..shards {
+            self.shard_queue_depth.with_label_values(&[&i.to_string()]);
+            self.timer_wheel_entries.with_label_values(&[&i.to_string()]);
+        }
+    }
+
     /// Renders the registry in the Prometheus text format.
     pub fn render(&self) -> String {
         use prometheus::Encoder;
