@@ -287,6 +287,7 @@ impl Server {
                         def.clone(),
                         generator,
                         ingest.clone(),
+                        metrics.ingest_lag.with_label_values(&[feed.name()]),
                         feeds_cancel.clone(),
                     ));
                 }

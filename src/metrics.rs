@@ -70,6 +70,16 @@ pub struct Metrics {
     pub revocation_entries: IntGauge,
     /// Seconds since the last good JWKS fetch (external issuer).
     pub jwks_age: prometheus::Gauge,
+    /// Records per binary message written.
+    pub batch_records: Histogram,
+    /// Duration of a shard dispatch cycle that dispatched at least one tick.
+    pub dispatch_cycle: HistogramVec,
+    /// Outbound bytes queued (not yet taken by sockets), per shard.
+    pub outbound_queued_bytes: IntGaugeVec,
+    /// Source lag: ingest time minus the tick's source (scheduled) time, per feed.
+    pub ingest_lag: HistogramVec,
+    /// Constant 1, labelled with the version.
+    pub build_info: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -132,7 +142,42 @@ impl Metrics {
         let jwks_age = prometheus::Gauge::new("tickgate_jwks_age_seconds", "Seconds since the last good JWKS fetch")
             .unwrap_or_else(|e| panic!("metric: {e}"));
         r.register(Box::new(jwks_age.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let batch_records = Histogram::with_opts(
+            HistogramOpts::new("tickgate_batch_records", "Records per binary message written")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0]),
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(batch_records.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let dispatch_cycle = HistogramVec::new(
+            HistogramOpts::new("tickgate_dispatch_cycle_seconds", "Duration of a shard dispatch cycle")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["shard"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(dispatch_cycle.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let outbound_queued_bytes = IntGaugeVec::new(
+            Opts::new("tickgate_outbound_queued_bytes", "Outbound bytes queued for sockets, per shard"),
+            &["shard"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(outbound_queued_bytes.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let ingest_lag = HistogramVec::new(
+            HistogramOpts::new("tickgate_ingest_lag_seconds", "Ingest time minus the tick's source time, per feed")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["feed"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(ingest_lag.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let build_info = IntGaugeVec::new(Opts::new("tickgate_build_info", "Build information"), &["version"])
+            .unwrap_or_else(|e| panic!("metric: {e}"));
+        r.register(Box::new(build_info.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
+            batch_records,
+            dispatch_cycle,
+            outbound_queued_bytes,
+            ingest_lag,
+            build_info,
             jwks_age,
             timer_wheel_entries,
             revocation_entries: gauge(&r, "tickgate_revocation_entries", "Entries in the revocation list"),
@@ -255,12 +300,15 @@ impl Metrics {
             self.handshake_latency.with_label_values(&[r]);
         }
         for f in feeds {
+            self.ingest_lag.with_label_values(&[f]);
             self.ticks_ingested.with_label_values(&[f]);
             self.records_delivered.with_label_values(&[f]);
         }
         for i in 0..shards {
             self.shard_queue_depth.with_label_values(&[&i.to_string()]);
             self.timer_wheel_entries.with_label_values(&[&i.to_string()]);
+            self.dispatch_cycle.with_label_values(&[&i.to_string()]);
+            self.outbound_queued_bytes.with_label_values(&[&i.to_string()]);
         }
     }
 

@@ -354,6 +354,11 @@ impl ShardCore {
         }
     }
 
+    /// Outbound bytes queued on this shard's connections (sampled every 100 ms; O(conns)).
+    pub fn queued_bytes(&self) -> usize {
+        self.conns.iter().map(|(_, c)| c.out.bytes()).sum()
+    }
+
     /// Timers scheduled on this shard.
     pub fn timer_count(&self) -> usize {
         self.wheel.len()

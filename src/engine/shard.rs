@@ -90,6 +90,10 @@ pub struct ShardLocal {
     pub inbox: Arc<ShardInbox>,
     /// Fan-out latency observations, flushed with the counters.
     pub latency: LocalHistogram,
+    /// Records per batch written, flushed with the counters.
+    pub batch_records: LocalHistogram,
+    /// Dispatch cycle durations, flushed with the counters.
+    pub cycle: LocalHistogram,
 }
 
 thread_local! {
@@ -146,6 +150,8 @@ async fn run(spec: ShardSpec) {
         core: RefCell::new(ShardCore::new(catalog.clone(), validator, limits)),
         inbox: inbox.clone(),
         latency: metrics.fanout_latency.local(),
+        batch_records: metrics.batch_records.local(),
+        cycle: metrics.dispatch_cycle.with_label_values(&[&id.to_string()]).local(),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
 
@@ -183,6 +189,7 @@ async fn run(spec: ShardSpec) {
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let mut n = 0;
+        let cycle_started = std::time::Instant::now();
         {
             let mut core = shard.core.borrow_mut();
             while n < MAX_TICKS_PER_CYCLE {
@@ -199,6 +206,7 @@ async fn run(spec: ShardSpec) {
             }
         }
         if n > 0 {
+            shard.cycle.observe(cycle_started.elapsed().as_secs_f64());
             // Let the writers woken by this cycle take their batches; ticks arriving
             // meanwhile form the next cycle, which is what batches under load.
             tokio::task::yield_now().await;
@@ -262,8 +270,11 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
         metrics.token_refreshes.with_label_values(&["rate_limited"]).inc_by(limited);
     }
     shard.inbox.timers.store(core.timer_count(), Ordering::Relaxed);
+    metrics.outbound_queued_bytes.with_label_values(&[&shard.id.to_string()]).set(core.queued_bytes() as i64);
     shard.inbox.subscriptions.store(core.subscription_count(), Ordering::Relaxed);
     drop(core);
     shard.latency.flush();
+    shard.batch_records.flush();
+    shard.cycle.flush();
     *last = now;
 }

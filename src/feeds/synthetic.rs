@@ -100,8 +100,15 @@ impl Generator {
     }
 }
 
-/// Runs a synthetic feed until `cancel` fires.
-pub async fn run(def: SyntheticDef, mut generator: Generator, ingest: Ingest, cancel: CancellationToken) {
+/// Runs a synthetic feed until `cancel` fires. `lag` receives, once per burst, how late the
+/// oldest tick of the burst is against its schedule.
+pub async fn run(
+    def: SyntheticDef,
+    mut generator: Generator,
+    ingest: Ingest,
+    lag: prometheus::Histogram,
+    cancel: CancellationToken,
+) {
     let start = tokio::time::Instant::now();
     let start_wall = now_ns() as i64;
     let period_ns = 1e9 / def.rate_per_s;
@@ -117,6 +124,8 @@ pub async fn run(def: SyntheticDef, mut generator: Generator, ingest: Ingest, ca
             }
         }
         let recv = now_ns() as i64;
+        let oldest = start_wall + ((emitted + 1) as f64 * period_ns) as i64;
+        lag.observe((recv - oldest).max(0) as f64 / 1e9);
         for _ in 0..due {
             emitted += 1;
             let scheduled = start_wall + (emitted as f64 * period_ns) as i64;

@@ -290,6 +290,7 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
                 let now = now_ns();
                 let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
                 shard.latency.observe(latency_ns as f64 / 1e9);
+                shard.batch_records.observe(b.count() as f64);
                 let mut core = shard.core.borrow_mut();
                 for &(f, n) in b.feed_counts() {
                     if let Some(d) = core.stats.delivered.get_mut(f as usize) {
