@@ -383,6 +383,18 @@ impl Server {
         let drain = Duration::from_millis(self.app.config.server.drain_ms);
         self.app.draining.store(true, Ordering::Release);
         self.accept_cancel.cancel();
+        // Stop the sources first and let the shards dispatch what was already ingested, so
+        // every tick taken in reaches its subscribers before their `shutdown` message.
+        self.feeds_cancel.cancel();
+        let flushed = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.app.shards.iter().any(|s| !s.queue.is_empty()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if flushed.is_err() {
+            tracing::warn!("shard queues not drained within 1 s; shutting down anyway");
+        }
         let reconnect_after_max_ms = self.app.config.server.reconnect_after_max_ms;
         for ctl in &self.shard_ctl {
             let _ = ctl.send(ShardCtl::Shutdown { reconnect_after_max_ms }).await;
@@ -395,7 +407,6 @@ impl Server {
             );
         }
         self.app.cancel.cancel();
-        self.feeds_cancel.cancel();
         for ctl in &self.shard_ctl {
             let _ = ctl.send(ShardCtl::Stop).await;
         }

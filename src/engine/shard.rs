@@ -172,13 +172,16 @@ async fn run(spec: ShardSpec) {
     // Stats flusher.
     let flush_shard = shard.clone();
     let flush_metrics = metrics.clone();
+    // What was already added to the shared metrics: one record for the periodic flusher and
+    // the final flush at stop, so nothing is ever counted twice.
+    let flushed = Rc::new(RefCell::new(CoreStats::default()));
+    let flushed_periodic = flushed.clone();
     tokio::task::spawn_local(async move {
-        let mut last = CoreStats::default();
         let mut tick = tokio::time::interval(STATS_FLUSH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            flush_stats(&flush_shard, &flush_metrics, &mut last);
+            flush_stats(&flush_shard, &flush_metrics, &mut flushed_periodic.borrow_mut());
         }
     });
 
@@ -226,8 +229,7 @@ async fn run(spec: ShardSpec) {
             },
         }
     }
-    let mut last = CoreStats::default();
-    flush_stats(&shard, &metrics, &mut last);
+    flush_stats(&shard, &metrics, &mut flushed.borrow_mut());
     CURRENT.with(|c| *c.borrow_mut() = None);
 }
 
