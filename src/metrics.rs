@@ -82,22 +82,23 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
+/// Registers a metric, panicking on a programming error (a bad name or a duplicate).
+fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: prometheus::Result<M>) -> M {
+    let m = m.unwrap_or_else(|e| panic!("metric definition: {e}"));
+    r.register(Box::new(m.clone())).unwrap_or_else(|e| panic!("metric registration: {e}"));
+    m
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
-    c
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
-    c
+    reg(r, IntCounter::new(name, help))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
-    g
+    reg(r, IntGauge::new(name, help))
 }
 
 impl Metrics {
@@ -111,66 +112,38 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = r.register(Box::new(pc));
         }
-        let fanout_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "tickgate_fanout_latency_seconds",
-                "Time from ingest to the socket write of the batch carrying the record",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(fanout_latency.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let handshake_latency = HistogramVec::new(
-            HistogramOpts::new("tickgate_handshake_duration_seconds", "Time to answer a stream handshake")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["result"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(handshake_latency.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let shard_queue_depth = IntGaugeVec::new(
-            Opts::new("tickgate_shard_queue_depth", "Ticks waiting in a shard's inbound queue"),
-            &["shard"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(shard_queue_depth.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let timer_wheel_entries = IntGaugeVec::new(
-            Opts::new("tickgate_timer_wheel_entries", "Entries in a shard's timer wheel (token expiry)"),
-            &["shard"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(timer_wheel_entries.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let jwks_age = prometheus::Gauge::new("tickgate_jwks_age_seconds", "Seconds since the last good JWKS fetch")
-            .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(jwks_age.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let batch_records = Histogram::with_opts(
-            HistogramOpts::new("tickgate_batch_records", "Records per binary message written")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0]),
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(batch_records.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let dispatch_cycle = HistogramVec::new(
-            HistogramOpts::new("tickgate_dispatch_cycle_seconds", "Duration of a shard dispatch cycle")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["shard"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(dispatch_cycle.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let outbound_queued_bytes = IntGaugeVec::new(
-            Opts::new("tickgate_outbound_queued_bytes", "Outbound bytes queued for sockets, per shard"),
-            &["shard"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(outbound_queued_bytes.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let ingest_lag = HistogramVec::new(
-            HistogramOpts::new("tickgate_ingest_lag_seconds", "Ingest time minus the tick's source time, per feed")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["feed"],
-        )
-        .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(ingest_lag.clone())).unwrap_or_else(|e| panic!("register: {e}"));
-        let build_info = IntGaugeVec::new(Opts::new("tickgate_build_info", "Build information"), &["version"])
-            .unwrap_or_else(|e| panic!("metric: {e}"));
-        r.register(Box::new(build_info.clone())).unwrap_or_else(|e| panic!("register: {e}"));
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)))
+        };
+        let hist_vec = |name: &str, help: &str, label: &str| {
+            reg(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &[label]))
+        };
+        let gauge_vec =
+            |name: &str, help: &str, label: &str| reg(&r, IntGaugeVec::new(Opts::new(name, help), &[label]));
+        let fanout_latency = hist(
+            "tickgate_fanout_latency_seconds",
+            "Time from ingest to the socket write of the batch carrying the record",
+            LATENCY_BUCKETS.to_vec(),
+        );
+        let handshake_latency =
+            hist_vec("tickgate_handshake_duration_seconds", "Time to answer a stream handshake", "result");
+        let shard_queue_depth =
+            gauge_vec("tickgate_shard_queue_depth", "Ticks waiting in a shard's inbound queue", "shard");
+        let timer_wheel_entries =
+            gauge_vec("tickgate_timer_wheel_entries", "Entries in a shard's timer wheel (token expiry)", "shard");
+        let jwks_age =
+            reg(&r, prometheus::Gauge::new("tickgate_jwks_age_seconds", "Seconds since the last good JWKS fetch"));
+        let batch_records = hist(
+            "tickgate_batch_records",
+            "Records per binary message written",
+            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0],
+        );
+        let dispatch_cycle = hist_vec("tickgate_dispatch_cycle_seconds", "Duration of a shard dispatch cycle", "shard");
+        let outbound_queued_bytes =
+            gauge_vec("tickgate_outbound_queued_bytes", "Outbound bytes queued for sockets, per shard", "shard");
+        let ingest_lag =
+            hist_vec("tickgate_ingest_lag_seconds", "Ingest time minus the tick's source time, per feed", "feed");
+        let build_info = gauge_vec("tickgate_build_info", "Build information", "version");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
             batch_records,

@@ -242,3 +242,13 @@ pub fn forge_signature(token: &str) -> String {
     bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
     String::from_utf8(bytes).unwrap()
 }
+
+/// Kills and reaps a child process when dropped (a test's server or Prometheus).
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
