@@ -95,6 +95,7 @@ pub struct Server {
     shard_ctl: Vec<mpsc::Sender<ShardCtl>>,
     shard_threads: Vec<std::thread::JoinHandle<()>>,
     background: TaskTracker,
+    feed_tasks: TaskTracker,
     tls: Option<Arc<server::tls::TlsState>>,
 }
 
@@ -249,6 +250,8 @@ impl Server {
         background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
 
         let feeds_cancel = CancellationToken::new();
+        // The sources, tracked apart so shutdown can wait for them to have stopped.
+        let feed_tasks = TaskTracker::new();
         if let Some(iss) = &issuer {
             // Key rotation and retirement of keys whose tokens have all expired.
             let (iss, cancel) = (iss.clone(), feeds_cancel.clone());
@@ -283,7 +286,7 @@ impl Server {
             match (feed.def.source, &feed.def.synthetic) {
                 (SourceKind::Synthetic, Some(def)) => {
                     let generator = feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
-                    background.spawn(feeds::synthetic::run(
+                    feed_tasks.spawn(feeds::synthetic::run(
                         def.clone(),
                         generator,
                         ingest.clone(),
@@ -320,6 +323,7 @@ impl Server {
             generated_demo_secret,
             accept_cancel,
             feeds_cancel,
+            feed_tasks,
             admin_cancel,
             shard_ctl,
             shard_threads,
@@ -386,7 +390,11 @@ impl Server {
         // Stop the sources first and let the shards dispatch what was already ingested, so
         // every tick taken in reaches its subscribers before their `shutdown` message.
         self.feeds_cancel.cancel();
+        self.feed_tasks.close();
         let flushed = tokio::time::timeout(Duration::from_secs(1), async {
+            // First the sources must have stopped (no tick is ingested after this), then
+            // the shards must have taken every queued tick.
+            self.feed_tasks.wait().await;
             while self.app.shards.iter().any(|s| !s.queue.is_empty()) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

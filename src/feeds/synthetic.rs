@@ -114,6 +114,11 @@ pub async fn run(
     let period_ns = 1e9 / def.rate_per_s;
     let mut emitted: u64 = 0;
     loop {
+        // Checked every round: a generator that is behind schedule never sleeps, and must
+        // still stop promptly when asked.
+        if cancel.is_cancelled() {
+            return;
+        }
         let elapsed = start.elapsed().as_nanos() as f64;
         let due = ((elapsed / period_ns) as u64).saturating_sub(emitted).min(MAX_BURST);
         if due == 0 {
