@@ -69,12 +69,8 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     use super::handshake::Refusal;
     use crate::auth::validate::AuthError;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim());
+    // Anything but one well-formed Bearer header counts as no token here (401).
+    let token = super::handshake::bearer_token(headers).ok().flatten();
     let Some(token) = token else {
         app.metrics.auth_failures.with_label_values(&["missing"]).inc();
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));

@@ -191,21 +191,7 @@ fn check_request(
         return Err(Refusal::bad_request("more than one bearer subprotocol"));
     }
 
-    let header_token = match headers.get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => {
-            let v = v.to_str().map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
-            let (scheme, rest) =
-                v.split_once(' ').ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
-            if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
-                return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
-            }
-            Some(rest.trim().to_owned())
-        }
-    };
-    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
-        return Err(Refusal::bad_request("more than one Authorization header"));
-    }
+    let header_token = bearer_token(headers)?.map(str::to_owned);
     let presented =
         usize::from(header_token.is_some()) + usize::from(proto_token.is_some()) + usize::from(ticket.is_some());
     if presented > 1 {
@@ -253,6 +239,21 @@ pub(crate) fn authorize_token(app: &AppState, token: &str) -> Result<Principal, 
     Ok(p)
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one. Malformed,
+/// repeated or non-Bearer headers are 400 `invalid_request`.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return Err(Refusal::bad_request("more than one Authorization header"));
+    }
+    let v = v.to_str().map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
+    let (scheme, rest) = v.split_once(' ').ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
+        return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
+    }
+    Ok(Some(rest.trim()))
+}
+
 /// Resolves the credential to a principal; `None` means in-band `auth` will follow.
 fn authorize(app: &AppState, cred: Credential) -> Result<Option<Principal>, Refusal> {
     if app.config.auth.insecure_no_auth {
@@ -288,13 +289,9 @@ fn authorize(app: &AppState, cred: Credential) -> Result<Option<Principal>, Refu
 
 /// `POST /v1/ticket`: exchanges a bearer token for a one-time ticket (single use, 30 s).
 pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let token = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) => match v.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => Some(t.trim()),
-            _ => return Refusal::bad_request("Authorization must use the Bearer scheme").into_response(),
-        },
-        Some(Err(_)) => return Refusal::bad_request("malformed Authorization header").into_response(),
+    let token = match bearer_token(&headers) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
     };
     let outcome = match token {
         None => Err(Refusal::invalid_token(&AuthError::Missing)),
