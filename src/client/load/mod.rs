@@ -584,6 +584,11 @@ async fn subscriber(
                 return Ok((hist, None));
             }
         };
+        // A socket that is always readable would starve the stop branch of the biased select.
+        if stop.is_cancelled() {
+            sub.close().await;
+            return Ok((hist, None));
+        }
         match ev {
             Ok(Event::Control(m)) => {
                 use crate::protocol::control::ServerMsg;

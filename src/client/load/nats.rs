@@ -123,6 +123,10 @@ pub(super) async fn subscriber(
             m = messages.next() => m,
             _ = &mut stopped => break,
         };
+        // A stream that is always ready would starve the stop branch of a biased select.
+        if stop.is_cancelled() {
+            break;
+        }
         let Some(msg) = msg else {
             // Every subscription ended: the client is gone.
             return Ok((hist, Some(1006)));
