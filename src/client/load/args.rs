@@ -152,7 +152,7 @@ pub fn default_publish_url(stream_url: &str, feed: &str) -> String {
 }
 
 /// Resolves the access token: none, the given one, or one from the issuer.
-async fn token(a: &LoadArgs, scope: Option<&str>) -> Result<String, LoadError> {
+async fn token(a: &LoadArgs) -> Result<String, LoadError> {
     if a.no_token {
         return Ok(String::new());
     }
@@ -161,7 +161,7 @@ async fn token(a: &LoadArgs, scope: Option<&str>) -> Result<String, LoadError> {
         (None, Some(iss)) => {
             let secret =
                 a.client_secret.clone().ok_or_else(|| LoadError::Args("--issuer needs --client-secret".into()))?;
-            Ok(client::fetch_token(iss, &a.client_id, &secret, scope).await?)
+            Ok(client::fetch_token(iss, &a.client_id, &secret, None).await?)
         }
         (None, None) => Err(LoadError::Args("give --token, --issuer with --client-secret, or --no-token".into())),
     }
@@ -204,13 +204,12 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
     if a.role == Role::Publisher {
         let sink = match a.target {
             Target::Nats => PublishSink::Nats { url: a.nats_url.clone() },
-            Target::Tickgate => {
-                let scope = format!("md:publish:{}", a.feed);
-                PublishSink::Tickgate {
-                    url: a.publish_url.clone().unwrap_or_else(|| default_publish_url(&a.url, &a.feed)),
-                    token: token(&a, Some(&scope)).await?,
-                }
-            }
+            // The token (--token, or from --issuer with every scope the client is allowed)
+            // must carry md:publish:<FEED>.
+            Target::Tickgate => PublishSink::Tickgate {
+                url: a.publish_url.clone().unwrap_or_else(|| default_publish_url(&a.url, &a.feed)),
+                token: token(&a).await?,
+            },
         };
         let summary = super::publish::run(PublishOptions {
             sink,
@@ -250,7 +249,7 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
     let (target, token, refresh) = match a.target {
         Target::Nats => (SubscribeTarget::Nats { url: a.nats_url.clone() }, String::new(), None),
         Target::Tickgate => {
-            let t = token(&a, None).await?;
+            let t = token(&a).await?;
             let r = refresh_tokens(&a, &t)?;
             (SubscribeTarget::Tickgate, t, r)
         }
