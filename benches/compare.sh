@@ -106,6 +106,7 @@ admin_listen = "127.0.0.1:$TG_ADMIN"
 feeds_dir = "$work/feeds"
 
 [limits]
+max_outbound_bytes = 1048576
 max_connections = 100000
 max_connections_per_ip = 100000
 max_connections_per_subject = 100000
@@ -117,6 +118,9 @@ EOF
   cat > "$work/nats.conf" <<EOF
 listen: "127.0.0.1:$NATS_PORT"
 max_payload: 1MB
+# The same outbound budget per connection as tickgate's limits.max_outbound_bytes (1 MiB):
+# a subscriber further behind is a slow consumer and is disconnected on both servers.
+max_pending: 1MB
 websocket { listen: "127.0.0.1:$NATS_WS", no_tls: true }
 EOF
   "${PIN_SRV[@]}" nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
@@ -244,6 +248,9 @@ def cpu_share(s):
     c = s.get("client_cpu_s")
     return None if c is None or not s["seconds"] else c / s["seconds"]
 def fmt_pct(v): return "-" if v is None else f"{v * 100:.0f} %"
+def drops(s):
+    d = (s or {}).get("client_drops", 0)
+    return f" ({d:,} dropped by the load generator)" if d else ""
 def gaps(s): return None if s is None else s["gap_messages"] + s["anomalies"]
 def pair(t, n, f, ratio=True):
     a = f(t) if t is not None else "-"
@@ -287,7 +294,7 @@ for key in sorted(grid):
         pair(g(t, lambda s: s["p99_us"]), g(a, lambda s: s["p99_us"]), fmt_us),
         pair(g(t, lambda s: s["p999_us"]), g(a, lambda s: s["p999_us"]), fmt_us),
         pair(g(t, lambda s: s["max_us"]), g(a, lambda s: s["max_us"]), fmt_us),
-        pair(gaps(t), gaps(a), str, ratio=False),
+        pair(gaps(t), gaps(a), str, ratio=False) + drops(a),
         pair(g(t, lambda s: s["failed"] + len(s["early_closes"])), g(a, lambda s: s["failed"] + len(s["early_closes"])), str, ratio=False),
         pair(g(t, lambda s: s.get("server_cpu_s_per_million")), g(a, lambda s: s.get("server_cpu_s_per_million")), fmt_num),
         pair(g(t, lambda s: s.get("server_rss_per_conn_bytes")), g(a, lambda s: s.get("server_rss_per_conn_bytes")), fmt_kib),

@@ -163,6 +163,10 @@ pub struct LoadSummary {
     /// Records known missing: announced by `gap` messages or skipped by seq jumps.
     #[serde(default)]
     pub missing_records: u64,
+    /// Messages the load generator itself dropped because it fell behind (NATS: the
+    /// client's slow-consumer events; their seq jumps are also in `anomalies`).
+    #[serde(default)]
+    pub client_drops: u64,
     /// Close codes seen before the end, if any (NATS: 1006 per disconnect).
     pub early_closes: Vec<u16>,
     /// Server CPU seconds per million records delivered (admin metrics for tickgate, else
@@ -230,6 +234,7 @@ struct Shared {
     gaps: AtomicU64,
     anomalies: AtomicU64,
     missing: AtomicU64,
+    client_drops: AtomicU64,
     measuring: AtomicBool,
     stop: tokio_util::sync::CancellationToken,
     refreshes_ok: AtomicU64,
@@ -514,6 +519,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, LoadError> {
         gap_messages: shared.gaps.load(Ordering::Relaxed),
         anomalies: shared.anomalies.load(Ordering::Relaxed),
         missing_records: shared.missing.load(Ordering::Relaxed),
+        client_drops: shared.client_drops.load(Ordering::Relaxed),
         early_closes,
         server_cpu_s_per_million: server.cpu_s_per_million,
         server_cpu_s: server.cpu_s,

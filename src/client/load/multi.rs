@@ -100,6 +100,7 @@ pub fn merge(parts: Vec<LoadSummary>) -> Result<LoadSummary, LoadError> {
                 m.gap_messages += p.gap_messages;
                 m.anomalies += p.anomalies;
                 m.missing_records += p.missing_records;
+                m.client_drops += p.client_drops;
                 m.early_closes.extend(p.early_closes);
                 m.client_cpu_s = match (m.client_cpu_s, p.client_cpu_s) {
                     (Some(a), Some(b)) => Some(a + b),

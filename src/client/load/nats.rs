@@ -72,16 +72,25 @@ pub(super) async fn subscriber(
     let permit = gate.acquire_owned().await.ok();
     let disconnects = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = disconnects.clone();
+    let shared = sh.clone();
     // Note: async-nats binds no source address on ws:// connections, so every NATS
     // subscriber connects from 127.0.0.1 (28k ephemeral ports are enough for this grid).
     let connected = async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 16)
+        // About a second of messages at the grid's rates; when the load generator falls
+        // further behind, async-nats drops messages and says so (counted as client drops).
+        .subscription_capacity(1024)
         .connection_timeout(std::time::Duration::from_secs(20))
         .event_callback(move |e| {
-            let seen = seen.clone();
+            let (seen, shared) = (seen.clone(), shared.clone());
             async move {
-                if matches!(e, async_nats::Event::Disconnected) {
-                    seen.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    async_nats::Event::Disconnected => {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        shared.client_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
             }
         })
