@@ -59,6 +59,11 @@ for t in jq python3 curl; do command -v $t >/dev/null || { echo "$t is missing" 
 
 if [ "$QUICK" = 1 ]; then SECS=${SECS:-3}; WARMUP=1; else SECS=${SECS:-5}; WARMUP=2; fi
 OUT_DIR=${OUT_DIR:-docs}
+# Cells asking for more deliveries/s than this are not run (0: no cap). One core of load
+# generator takes in about 1M records/s from tickgate and fewer NATS messages; far beyond
+# that a cell only measures a pile-up (minutes to connect, gigabytes of socket buffers).
+MAX_DEMAND=${MAX_DEMAND:-$((5000000 * ($(nproc) + 1) / 2))}
+RUN_TIMEOUT=${RUN_TIMEOUT:-90}
 TG_PORT=${TG_PORT:-9380}; TG_ADMIN=${TG_ADMIN:-9381}; NATS_PORT=${NATS_PORT:-9382}; NATS_WS=${NATS_WS:-9383}
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -137,7 +142,6 @@ start_publisher() {
   "${PIN_LOAD[@]}" "$BIN" load --role publisher "${target[@]}" --feed CMP --feed-id 100 \
     --symbols "$(symbols "$k")" --rate "$rate" --seconds 0 >"$work/pub.json" 2>"$work/pub.err" &
   PUB_PID=$!
-  sleep 0.5
 }
 
 stop_publisher() {
@@ -162,18 +166,39 @@ run_cell() {
     args+=(--target nats --nats-url "ws://127.0.0.1:$NATS_WS" --server-pid "$NATS_PID")
     feeder=nats-publisher
   fi
-  if [ "$feeder" != synthetic ]; then start_publisher "$server" "$k" "$rate"; fi
-  if out=$(timeout 180 env -u TICKGATE_TOKEN -u TICKGATE_CLIENT_SECRET "${PIN_LOAD[@]}" "$BIN" load "${args[@]}" 2>"$work/load.err" | jq -c .) \
-     && [ -n "$out" ]; then :; else
-    out=null; echo "load run failed ($server N=$n M=$rate K=$k):" >&2; tail -5 "$work/load.err" >&2
+  local demand=$((n * rate * (per > 0 ? per : k) / k)) status=ok
+  if [ "$MAX_DEMAND" -gt 0 ] && [ "$demand" -gt "$MAX_DEMAND" ]; then
+    # Beyond what this machine's load generator can take in: not run (see MAX_DEMAND).
+    out=null; status=skipped
+  else
+    timeout "$RUN_TIMEOUT" env -u TICKGATE_TOKEN -u TICKGATE_CLIENT_SECRET "${PIN_LOAD[@]}" "$BIN" load "${args[@]}" \
+      >"$work/load.out" 2>"$work/load.err" &
+    local lp=$! rc=0
+    # The publisher starts once every subscriber is live (during the warm-up), so that
+    # connecting does not happen under load; tickgate's synthetic source cannot wait.
+    if [ "$feeder" != synthetic ]; then
+      while kill -0 "$lp" 2>/dev/null && ! grep -q "subscribers live" "$work/load.err"; do sleep 0.05; done
+      start_publisher "$server" "$k" "$rate"
+    fi
+    wait "$lp" || rc=$?
+    if [ "$rc" = 124 ]; then
+      out=null; status=timed_out; echo "  $server: no result within ${RUN_TIMEOUT} s (overloaded)" >&2
+    elif [ "$rc" != 0 ] || ! out=$(jq -c . "$work/load.out" 2>/dev/null) || [ -z "$out" ]; then
+      out=null; status=failed; echo "load run failed ($server N=$n M=$rate K=$k):" >&2; tail -5 "$work/load.err" >&2
+    fi
   fi
   if [ "$feeder" != synthetic ]; then pub=$(stop_publisher); fi
   jq -cn --arg server "$server" --arg phase "$phase" --arg feeder "$feeder" --argjson n "$n" --argjson rate "$rate" \
      --argjson k "$k" --argjson per "$per" --argjson procs "$procs" --argjson summary "$out" --argjson publisher "$pub" \
-     '{server: $server, phase: $phase, subscribers: $n, ticks_per_s: $rate, instruments: $k,
-       symbols_per_subscriber: (if $per > 0 then $per else $k end), processes: $procs, feeder: $feeder,
-       summary: $summary, publisher: $publisher}' >> "$RESULTS"
-  if [ "$out" = null ]; then echo "  $server: FAILED"; return 2; fi
+     --arg status "$status" --argjson demand "$demand" \
+     '{server: $server, phase: $phase, status: $status, subscribers: $n, ticks_per_s: $rate, instruments: $k,
+       symbols_per_subscriber: (if $per > 0 then $per else $k end), deliveries_per_s_asked: $demand, processes: $procs,
+       feeder: $feeder, summary: $summary, publisher: $publisher}' >> "$RESULTS"
+  case $status in
+    skipped) echo "  $server: skipped ($demand deliveries/s asked, MAX_DEMAND=$MAX_DEMAND)"; return 3 ;;
+    timed_out) [ "$QUICK" = 1 ] && return 2; return 3 ;;
+    failed) echo "  $server: FAILED"; return 2 ;;
+  esac
   jq -r --arg s "$server" '"  \($s): \(.records_per_s | floor) rec/s  p50 \(.p50_us)us  p99 \(.p99_us)us  max \(.max_us)us  gaps \(.gap_messages + .anomalies)  failed \(.failed)  closed \(.early_closes | length)  cpu/M \(.server_cpu_s_per_million // "-")"' <<<"$out"
   jq -e '.gap_messages + .anomalies + .missing_records == 0 and .failed == 0 and (.early_closes | length) == 0 and .p99_us < 10000' \
     <<<"$out" >/dev/null
@@ -251,6 +276,8 @@ def fmt_pct(v): return "-" if v is None else f"{v * 100:.0f} %"
 def drops(s):
     d = (s or {}).get("client_drops", 0)
     return f" ({d:,} dropped by the load generator)" if d else ""
+def status(r):
+    return {"skipped": "not run (demand)", "timed_out": "timed out", "failed": "FAILED"}.get(r.get("status"), "-")
 def gaps(s): return None if s is None else s["gap_messages"] + s["anomalies"]
 def pair(t, n, f, ratio=True):
     a = f(t) if t is not None else "-"
@@ -262,7 +289,7 @@ grid = {}
 for r in rows:
     if r["phase"] != "grid": continue
     key = (r["instruments"], r["ticks_per_s"], r["subscribers"], r["symbols_per_subscriber"])
-    grid.setdefault(key, {})[r["server"]] = r["summary"]
+    grid.setdefault(key, {})[r["server"]] = r
 out = []
 out.append("# tickgate vs nats-server (WebSocket): side by side\n")
 out.append("Generated by `benches/compare.sh%s` on %s UTC (commit %s). Do not edit by hand: rerun the script.\n"
@@ -280,16 +307,20 @@ out.append("- CPU s/M: server CPU seconds (/proc/PID/stat) in the window per mil
 out.append("- gaps: tickgate `gap` messages + silent seq gaps; NATS: seq jumps/repeats per subject")
 out.append("- load generator CPU: CPU of all subscriber processes in the window, in cores (100 % = one core busy): "
            "near the cores it has, the load generator and not the server bounds that cell\n")
+out.append("- not run (demand): the cell asks for more deliveries/s than MAX_DEMAND (default 2.5M per core of this machine); "
+           "timed out: no summary within RUN_TIMEOUT (the load generator could not even connect under that load)\n")
 out.append("Each cell: **tickgate / NATS (tickgate÷NATS)**. Lower is better for latency, CPU and memory; higher for records/s.\n")
 out.append("| subscribers | ticks/s | instruments (per sub) | delivered records/s | p50 | p99 | p99.9 | max | gaps | failed+closed | CPU s/M | RSS/conn | load generator CPU |")
 out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted(grid):
     k, m, n, per = key
-    t, a = grid[key].get("tickgate"), grid[key].get("nats")
+    rt, ra = grid[key].get("tickgate") or {}, grid[key].get("nats") or {}
+    t, a = rt.get("summary"), ra.get("summary")
     g = lambda s, f: None if s is None else f(s)
+    rate = lambda s, r: fmt_rate(s["records_per_s"]) if s else status(r)
     out.append("| " + " | ".join([
         f"{n:,}", f"{m:,}", f"{k} ({per})",
-        pair(g(t, lambda s: s["records_per_s"]), g(a, lambda s: s["records_per_s"]), fmt_rate),
+        f"{rate(t, rt)} / {rate(a, ra)}" + (f" ({t['records_per_s'] / a['records_per_s']:.3g}×)" if t and a and a["records_per_s"] else ""),
         pair(g(t, lambda s: s["p50_us"]), g(a, lambda s: s["p50_us"]), fmt_us),
         pair(g(t, lambda s: s["p99_us"]), g(a, lambda s: s["p99_us"]), fmt_us),
         pair(g(t, lambda s: s["p999_us"]), g(a, lambda s: s["p999_us"]), fmt_us),
@@ -315,7 +346,7 @@ if ramp:
         why = "-"
         if bad:
             s = bad[0]["summary"]
-            why = f"N={bad[0]['subscribers']:,}: " + ("load run failed" if s is None else
+            why = f"N={bad[0]['subscribers']:,}: " + (status(bad[0]) if s is None else
                   f"p99 {fmt_us(s['p99_us'])}, gaps {gaps(s)}, failed {s['failed']}, closed {len(s['early_closes'])}")
         out.append(f"| {server} | {best['subscribers']:,} | {fmt_rate(best['summary']['records_per_s'])} | {fmt_us(best['summary']['p99_us'])} | {why} |"
                    if best else f"| {server} | none | - | - | {why} |")
