@@ -242,6 +242,8 @@ else
     for n in 250 500 1000 2000 4000 8000 16000; do
       echo "ramp $server: N=$n"
       rc=0; run_cell "$server" "$n" 1000 1 0 ramp || rc=$?
+      # One retry: on a shared machine a single stall should not end the ramp.
+      if [ "$rc" = 1 ]; then echo "ramp $server: N=$n again"; rc=0; run_cell "$server" "$n" 1000 1 0 ramp || rc=$?; fi
       if [ "$rc" = 2 ]; then ERRORS=$((ERRORS + 1)); fi
       if [ "$rc" != 0 ]; then break; fi
     done
@@ -334,7 +336,7 @@ for key in sorted(grid):
 ramp = [r for r in rows if r["phase"] == "ramp"]
 if ramp:
     out.append("\n## Ramp: highest load held (p99 < 10 ms, zero gaps, no failed or closed subscriber)\n")
-    out.append("1,000 ticks/s on one instrument, subscribers doubling from 250 (at most 16,000).\n")
+    out.append("1,000 ticks/s on one instrument, subscribers doubling from 250 (at most 16,000, and MAX_DEMAND); a step that fails is run once more.\n")
     out.append("| server | highest subscribers held | deliveries/s | p99 there | first failing step |")
     out.append("|---|---|---|---|---|")
     for server in ("tickgate", "nats"):
@@ -342,7 +344,8 @@ if ramp:
         ok = [r for r in steps if r["summary"] and gaps(r["summary"]) == 0 and r["summary"]["failed"] == 0
               and not r["summary"]["early_closes"] and r["summary"]["missing_records"] == 0 and r["summary"]["p99_us"] < 10000]
         best = max(ok, key=lambda r: r["subscribers"]) if ok else None
-        bad = [r for r in steps if r not in ok]
+        held = {r["subscribers"] for r in ok}
+        bad = [r for r in steps if r["subscribers"] not in held]
         why = "-"
         if bad:
             s = bad[0]["summary"]

@@ -87,7 +87,9 @@ pub(super) async fn subscriber(
                     async_nats::Event::Disconnected => {
                         seen.fetch_add(1, Ordering::Relaxed);
                     }
-                    async_nats::Event::SlowConsumer(_) => {
+                    // After the stop the subscriptions are no longer read: drops then are
+                    // the teardown's, not the run's.
+                    async_nats::Event::SlowConsumer(_) if !shared.stop.is_cancelled() => {
                         shared.client_drops.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {}
