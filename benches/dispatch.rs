@@ -78,6 +78,7 @@ fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
                 symbols: vec!["*".into()],
                 snapshot: false,
                 resume: None,
+                epoch: None,
             },
         );
         while core.pop(h.key).is_some() {}

@@ -239,6 +239,8 @@ pub struct LimitsConfig {
     pub max_outbound_bytes: usize,
     /// Largest control message accepted (bytes).
     pub max_control_bytes: usize,
+    /// Largest binary message a publisher may send on `/v1/publish` (bytes).
+    pub max_publish_bytes: usize,
     /// Subscribed instruments per connection.
     pub max_subscriptions: usize,
     /// Open stream connections, server-wide.
@@ -266,6 +268,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_outbound_bytes: 1_048_576,
             max_control_bytes: 65_536,
+            max_publish_bytes: 1_048_576,
             max_subscriptions: 10_000,
             max_connections: 50_000,
             control_rate_per_s: 20,
@@ -374,6 +377,9 @@ impl Config {
         }
         if self.limits.max_control_bytes < 256 || self.limits.max_control_bytes > 1 << 20 {
             return bad("limits.max_control_bytes must be between 256 and 1048576");
+        }
+        if self.limits.max_publish_bytes < 4096 || self.limits.max_publish_bytes > 16 << 20 {
+            return bad("limits.max_publish_bytes must be between 4096 and 16777216");
         }
         if self.limits.max_connections == 0 || self.limits.max_subscriptions == 0 {
             return bad("limits.max_connections and limits.max_subscriptions must be positive");

@@ -190,7 +190,17 @@ impl Server {
             shard_ctl.push(tx);
             ctl_rx.push(rx);
         }
+        let feeds_cancel = CancellationToken::new();
+        // The sources (generators, replays and publisher connections), tracked apart so
+        // shutdown can wait for them to have stopped.
+        let feed_tasks = TaskTracker::new();
+        let ingested: Arc<[prometheus::IntCounter]> =
+            catalog.feeds().iter().map(|f| metrics.ticks_ingested.with_label_values(&[f.name()])).collect();
+        let ingest = Ingest::new(inboxes.clone(), catalog.clone(), ingested);
         let app = Arc::new(AppState {
+            ingest: ingest.clone(),
+            sources: feed_tasks.clone(),
+            sources_cancel: feeds_cancel.clone(),
             admission: server::limits::Admission::new(&config.limits),
             tickets: auth::tickets::TicketStore::new(config.limits.max_tickets),
             shard_ctl: shard_ctl.clone(),
@@ -249,9 +259,6 @@ impl Server {
         let accept_cancel = CancellationToken::new();
         background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
 
-        let feeds_cancel = CancellationToken::new();
-        // The sources, tracked apart so shutdown can wait for them to have stopped.
-        let feed_tasks = TaskTracker::new();
         if let Some(iss) = &issuer {
             // Key rotation and retirement of keys whose tokens have all expired.
             let (iss, cancel) = (iss.clone(), feeds_cancel.clone());
@@ -279,12 +286,9 @@ impl Server {
         if let Some(cache) = &jwks {
             background.spawn(cache.clone().run(feeds_cancel.clone()));
         }
-        let ingested: Arc<[prometheus::IntCounter]> =
-            catalog.feeds().iter().map(|f| metrics.ticks_ingested.with_label_values(&[f.name()])).collect();
-        let ingest = Ingest::new(inboxes.clone(), ingested);
         for feed in catalog.feeds() {
-            match (feed.def.source, &feed.def.synthetic) {
-                (SourceKind::Synthetic, Some(def)) => {
+            match (feed.def.source, &feed.def.synthetic, &feed.def.replay) {
+                (SourceKind::Synthetic, Some(def), _) => {
                     let generator = feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
                     feed_tasks.spawn(feeds::synthetic::run(
                         def.clone(),
@@ -294,7 +298,17 @@ impl Server {
                         feeds_cancel.clone(),
                     ));
                 }
-                (SourceKind::Synthetic, None) => {}
+                (SourceKind::Replay, _, Some(def)) => {
+                    feed_tasks.spawn(feeds::replay::run(
+                        def.clone(),
+                        feed.idx as u16,
+                        ingest.clone(),
+                        metrics.ingest_lag.with_label_values(&[feed.name()]),
+                        feeds_cancel.clone(),
+                    ));
+                }
+                // Publish feeds are fed by `GET /v1/publish` connections.
+                _ => {}
             }
         }
 

@@ -1,12 +1,11 @@
-//! The `tickgate` command line: `serve`, `token`, `subscribe`, `load`.
+//! The `tickgate` command line: `serve`, `token`, `subscribe`, `record`, `load`.
 
-use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use serde_json::json;
-use tickgate::client::{self, ConnectOptions, Event, Subscriber};
+use tickgate::client;
 
 // mimalloc instead of glibc malloc: the dispatch path allocates one batch per connection per
 // cycle and frees them all once written; glibc trims and re-faults those pages every cycle
@@ -14,7 +13,6 @@ use tickgate::client::{self, ConnectOptions, Event, Subscriber};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tickgate::config::{Config, LogFormat};
-use tickgate::protocol::codec::Body;
 
 #[derive(Parser)]
 #[command(name = "tickgate", version, about = "Market-data streaming server")]
@@ -84,6 +82,37 @@ enum Cmd {
         /// JSON lines (the only output format; kept for the documented command line).
         #[arg(long)]
         json: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Trust this CA certificate (PEM) for a wss:// URL.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Resume from the last seqs stored in this file (if it exists and is for this
+        /// feed), and keep it up to date after every message.
+        #[arg(long)]
+        resume_file: Option<PathBuf>,
+    },
+    /// Capture a live stream into a recording file (the format `replay` feeds play).
+    Record {
+        /// Stream URL (ws://host:port/v1/stream).
+        #[arg(long)]
+        url: String,
+        /// Access token.
+        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Feed name.
+        #[arg(long)]
+        feed: String,
+        /// Comma-separated symbols, or '*'.
+        #[arg(long, default_value = "*")]
+        symbols: String,
+        /// Output file (*.tgrec).
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<f64>,
         /// Stop after this many records.
         #[arg(long)]
         limit: Option<u64>,
@@ -175,92 +204,50 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                     .await?;
             println!("{t}");
         }
-        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit, ca_cert } => {
-            subscribe(&url, &token, &feed, &symbols, snapshot, limit, ca_cert).await?
+        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit, ca_cert, resume_file } => {
+            let opts = client::tools::SubscribeOptions {
+                url,
+                token,
+                feed,
+                symbols: split_symbols(&symbols),
+                snapshot,
+                limit,
+                ca_file: ca_cert,
+                resume_file,
+            };
+            let summary = client::tools::subscribe(&opts, std::io::stdout().lock()).await?;
+            if summary.violations > 0 {
+                bail!("{} delivery violations", summary.violations);
+            }
+        }
+        Cmd::Record { url, token, feed, symbols, out, seconds, limit, ca_cert } => {
+            if seconds.is_none() && limit.is_none() {
+                bail!("give --seconds or --limit (a recording must end)");
+            }
+            let opts = client::tools::RecordOptions {
+                url,
+                token,
+                feed,
+                symbols: split_symbols(&symbols),
+                out,
+                duration: seconds.map(Duration::from_secs_f64),
+                limit,
+                ca_file: ca_cert,
+            };
+            let summary = client::tools::record(&opts).await?;
+            if summary.gaps_seen > 0 || summary.resets_seen > 0 {
+                eprintln!(
+                    "warning: {} gaps and {} resets while recording: the capture is not the whole stream",
+                    summary.gaps_seen, summary.resets_seen
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&summary)?);
         }
         Cmd::Load(args) => {
             let argv: Vec<String> = std::env::args().skip(1).collect();
             let report = client::load::execute(*args, argv).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-    }
-    Ok(())
-}
-
-async fn subscribe(
-    url: &str,
-    token: &str,
-    feed: &str,
-    symbols: &str,
-    snapshot: bool,
-    limit: Option<u64>,
-    ca_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let opts = ConnectOptions { ca_file, ..ConnectOptions::default() };
-    let mut sub = Subscriber::connect(url, token, &opts).await?;
-    sub.send_json(
-        &json!({"op": "subscribe", "id": 1, "feed": feed, "symbols": split_symbols(symbols), "snapshot": snapshot}),
-    )
-    .await?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut n = 0u64;
-    let mut violations = 0u64;
-    loop {
-        match sub.next_event().await? {
-            Event::Control(m) => {
-                writeln!(out, "{}", serde_json::to_string(&m)?)?;
-            }
-            Event::Batch { send_ts_ns, records, anomalies } => {
-                for r in &records {
-                    let f = r.feed_id();
-                    let mut v = json!({
-                        "type": if r.rtype() == 1 { "trade" } else { "quote" },
-                        "feed": sub.tracker.feed_name(f),
-                        "symbol": sub.tracker.symbol(f, r.instrument_id()),
-                        "instrument_id": r.instrument_id(),
-                        "seq": r.seq(),
-                        "ts_event_ns": r.ts_event_ns(),
-                        "ts_recv_ns": r.ts_recv_ns(),
-                        "send_ts_ns": send_ts_ns,
-                        "flags": r.flags(),
-                    });
-                    match r.body() {
-                        Body::Trade(t) => {
-                            v["price"] = json!(t.price as f64 / 1e9);
-                            v["size"] = json!(t.size as f64 / 1e9);
-                            v["side"] = json!(t.side);
-                        }
-                        Body::Quote(q) => {
-                            v["bid_px"] = json!(q.bid_px as f64 / 1e9);
-                            v["bid_sz"] = json!(q.bid_sz as f64 / 1e9);
-                            v["ask_px"] = json!(q.ask_px as f64 / 1e9);
-                            v["ask_sz"] = json!(q.ask_sz as f64 / 1e9);
-                        }
-                    }
-                    writeln!(out, "{v}")?;
-                    n += 1;
-                }
-                for a in anomalies {
-                    violations += 1;
-                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
-                    eprintln!("DELIVERY VIOLATION: {a:?}");
-                }
-                if limit.is_some_and(|l| n >= l) {
-                    out.flush()?;
-                    sub.close().await;
-                    break;
-                }
-            }
-            Event::Closed { code, reason } => {
-                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
-                break;
-            }
-        }
-    }
-    out.flush()?;
-    if violations > 0 {
-        bail!("{violations} delivery violations");
     }
     Ok(())
 }

@@ -80,6 +80,24 @@ pub struct Metrics {
     pub ingest_lag: HistogramVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
+    /// Records not queued to a conflating connection (replaced quotes, dropped trades).
+    pub conflated_records: IntCounter,
+    /// `gap` messages sent, by reason.
+    pub gaps_sent: IntCounterVec,
+    /// Records sent from the resume buffer.
+    pub replayed_records: IntCounter,
+    /// Resume requests per instrument, by result (`replayed`, `unavailable`).
+    pub resumes: IntCounterVec,
+    /// Epoch resets dispatched (per shard).
+    pub epoch_resets: IntCounter,
+    /// Connections closed for not answering pings.
+    pub heartbeat_timeouts: IntCounter,
+    /// Publish batches refused, by reason.
+    pub publish_rejects: IntCounterVec,
+    /// Publish handshakes by result.
+    pub publish_handshakes: IntCounterVec,
+    /// Connected publishers.
+    pub publishers: IntGauge,
 }
 
 /// Registers a metric, panicking on a programming error (a bad name or a duplicate).
@@ -204,6 +222,33 @@ impl Metrics {
             ),
             handshake_latency,
             source_gaps: counter(&r, "tickgate_source_gaps_total", "Seq jumps seen in a source"),
+            conflated_records: counter(
+                &r,
+                "tickgate_conflated_records_total",
+                "Records not queued to a conflating connection (replaced quotes, dropped trades)",
+            ),
+            gaps_sent: counter_vec(&r, "tickgate_gaps_sent_total", "gap messages sent, by reason", &["reason"]),
+            replayed_records: counter(&r, "tickgate_replayed_records_total", "Records sent from the resume buffer"),
+            resumes: counter_vec(&r, "tickgate_resumes_total", "Resumed instruments by result", &["result"]),
+            epoch_resets: counter(&r, "tickgate_epoch_resets_total", "Feed epoch resets applied (per shard)"),
+            heartbeat_timeouts: counter(
+                &r,
+                "tickgate_heartbeat_timeouts_total",
+                "Connections closed for not answering pings within two intervals",
+            ),
+            publish_rejects: counter_vec(
+                &r,
+                "tickgate_publish_rejects_total",
+                "Publish batches refused, by reason",
+                &["reason"],
+            ),
+            publish_handshakes: counter_vec(
+                &r,
+                "tickgate_publish_handshakes_total",
+                "Publish handshakes by result",
+                &["result"],
+            ),
+            publishers: gauge(&r, "tickgate_publishers", "Connected publishers"),
             registry: r,
         }
     }
@@ -249,6 +294,20 @@ impl Metrics {
             self.auth_failures.with_label_values(&[r]);
         }
         self.slow_consumer_events.with_label_values(&["disconnect"]);
+        self.slow_consumer_events.with_label_values(&["conflate"]);
+        for r in crate::engine::core::GAP_REASONS {
+            self.gaps_sent.with_label_values(&[r]);
+        }
+        for r in ["replayed", "unavailable"] {
+            self.resumes.with_label_values(&[r]);
+        }
+        for r in crate::server::publish::REJECT_REASONS {
+            self.publish_rejects.with_label_values(&[r]);
+        }
+        for r in ["ok", "bad_request", "invalid_token", "insufficient_scope", "unknown_feed", "conflict", "unavailable"]
+        {
+            self.publish_handshakes.with_label_values(&[r]);
+        }
         for r in ["ok", "refused", "rate_limited"] {
             self.token_refreshes.with_label_values(&[r]);
         }
@@ -263,6 +322,7 @@ impl Metrics {
             "invalid_token",
             "rate_limited",
             "limit_exceeded",
+            "bad_record",
         ] {
             self.control_errors.with_label_values(&[c]);
         }

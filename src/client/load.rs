@@ -17,7 +17,7 @@ pub mod multi;
 pub mod nats;
 pub mod publish;
 
-pub use args::{default_publish_url, execute, LoadArgs, LoadReport, Role, Target};
+pub use args::{execute, LoadArgs, LoadReport, Role, Target};
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -6,8 +6,10 @@
 //! [`Anomaly`], which `tickgate subscribe` prints loudly and `tickgate load` counts.
 
 pub mod load;
+pub mod publisher;
+pub mod tools;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::codec::{decode_batch, DecodeError, Record, FLAG_SNAPSHOT};
+use crate::protocol::codec::{decode_batch, DecodeError, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
 use crate::protocol::control::ServerMsg;
 use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
@@ -41,8 +43,8 @@ pub enum ClientError {
     /// Bad URL.
     #[error("bad URL: {0}")]
     Url(String),
-    /// TCP failure.
-    #[error("connect: {0}")]
+    /// TCP or file failure.
+    #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     /// WebSocket failure, including a refused handshake (its status is in the message).
     #[error("websocket: {0}")]
@@ -270,8 +272,17 @@ pub struct SeqTracker {
     symbols: HashMap<(u16, u32), String>,
     by_symbol: HashMap<(u16, String), u32>,
     track: HashMap<(u16, u32), InstrTrack>,
+    epochs: HashMap<String, u64>,
+    /// Resume points announced for the next `subscribed` of a feed: (epoch, symbol → seq).
+    resuming: HashMap<String, (Option<u64>, BTreeMap<String, u64>)>,
     /// Records checked.
     pub records: u64,
+    /// Records flagged CONFLATED (earlier quotes of the instrument were skipped).
+    pub conflated: u64,
+    /// Records flagged REPLAY.
+    pub replayed: u64,
+    /// `reset` messages received.
+    pub resets: u64,
     /// Gap messages received.
     pub gaps: u64,
     /// Records missed as announced by gap messages.
@@ -284,19 +295,30 @@ impl SeqTracker {
         match m {
             ServerMsg::Welcome { feeds, .. } | ServerMsg::Refreshed { feeds, .. } => {
                 for f in feeds {
+                    self.epochs.insert(f.name.clone(), f.epoch);
                     self.feeds.insert(f.name.clone(), f.id);
                     self.ids.insert(f.id, f.name.clone());
                 }
             }
-            ServerMsg::Subscribed { feed, instruments, .. } => {
+            ServerMsg::Subscribed { feed, instruments, epoch, .. } => {
+                self.epochs.insert(feed.clone(), *epoch);
                 let Some(&fid) = self.feeds.get(feed) else {
                     return;
                 };
+                // Resume seqs count only in the epoch they were taken in.
+                let resume = self
+                    .resuming
+                    .remove(feed)
+                    .filter(|(e, _)| e.is_none_or(|e| e == *epoch))
+                    .map(|(_, r)| r)
+                    .unwrap_or_default();
                 for i in instruments {
                     self.symbols.insert((fid, i.id), i.symbol.clone());
                     self.by_symbol.insert((fid, i.symbol.clone()), i.id);
-                    // An instrument subscribed before keeps its tracking.
-                    self.track.entry((fid, i.id)).or_insert(InstrTrack { expected: i.seq + 1, snapshot_upto: i.seq });
+                    // An instrument subscribed before keeps its tracking; a resumed one
+                    // continues after the client's own last seq (replay or gap follow).
+                    let start = resume.get(&i.symbol).copied().unwrap_or(i.seq);
+                    self.track.entry((fid, i.id)).or_insert(InstrTrack { expected: start + 1, snapshot_upto: i.seq });
                 }
             }
             ServerMsg::Unsubscribed { feed, symbols, .. } => {
@@ -328,7 +350,9 @@ impl SeqTracker {
                     }
                 }
             }
-            ServerMsg::Reset { feed, .. } => {
+            ServerMsg::Reset { feed, epoch } => {
+                self.resets += 1;
+                self.epochs.insert(feed.clone(), *epoch);
                 if let Some(&fid) = self.feeds.get(feed) {
                     for ((f, _), t) in self.track.iter_mut() {
                         if *f == fid {
@@ -358,8 +382,18 @@ impl SeqTracker {
             return None;
         }
         let expected = t.expected;
+        if r.flags() & FLAG_REPLAY != 0 {
+            self.replayed += 1;
+        }
+        if r.flags() & FLAG_CONFLATED != 0 {
+            self.conflated += 1;
+        }
         if seq == expected {
             t.expected += 1;
+            None
+        } else if seq > expected && r.flags() & FLAG_CONFLATED != 0 {
+            // A conflated quote stands for the quotes skipped before it.
+            t.expected = seq + 1;
             None
         } else if seq < expected {
             Some(Anomaly::Duplicate { feed_id: key.0, instrument_id: key.1, seq, expected })
@@ -367,6 +401,22 @@ impl SeqTracker {
             t.expected = seq + 1;
             Some(Anomaly::SilentGap { feed_id: key.0, instrument_id: key.1, from: expected, to: seq - 1 })
         }
+    }
+
+    /// Announces a `resume` about to be sent for `feed` (taken in `epoch`, when known),
+    /// so the next `subscribed` of that feed starts checking after those seqs.
+    pub fn expect_resume(&mut self, feed: &str, epoch: Option<u64>, resume: BTreeMap<String, u64>) {
+        self.resuming.insert(feed.to_owned(), (epoch, resume));
+    }
+
+    /// The epoch of a feed's numbering as last announced (welcome, subscribed, reset).
+    pub fn epoch(&self, feed: &str) -> Option<u64> {
+        self.epochs.get(feed).copied()
+    }
+
+    /// The numeric id of a feed, from `welcome`.
+    pub fn feed_id_of(&self, feed: &str) -> Option<u16> {
+        self.feeds.get(feed).copied()
     }
 
     /// Symbol of an instrument id, once subscribed.
@@ -431,6 +481,28 @@ impl Subscriber {
     /// Connects.
     pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Subscriber, ClientError> {
         Ok(Subscriber { ws: connect(url, token, opts).await?, tracker: SeqTracker::default() })
+    }
+
+    /// Subscribes to `symbols` of `feed`; with `resume` (epoch, symbol → last seq seen)
+    /// the tracker continues from the client's own seqs.
+    pub async fn subscribe(
+        &mut self,
+        id: i64,
+        feed: &str,
+        symbols: &[&str],
+        snapshot: bool,
+        resume: Option<(Option<u64>, BTreeMap<String, u64>)>,
+    ) -> Result<(), ClientError> {
+        let mut msg =
+            serde_json::json!({"op": "subscribe", "id": id, "feed": feed, "symbols": symbols, "snapshot": snapshot});
+        if let Some((epoch, seqs)) = resume {
+            msg["resume"] = serde_json::json!(seqs);
+            if let Some(e) = epoch {
+                msg["epoch"] = serde_json::json!(e);
+            }
+            self.tracker.expect_resume(feed, epoch, seqs);
+        }
+        self.send_json(&msg).await
     }
 
     /// Sends a control message.

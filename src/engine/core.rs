@@ -4,7 +4,7 @@
 //! to the sockets. Keeping it synchronous makes the ordering guarantees (snapshot fence,
 //! close-after-data) easy to reason about and lets benches drive it without sockets.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +15,16 @@ use tokio::time::Instant;
 use slab::Slab;
 use tokio::sync::Notify;
 
+use super::conflate::{Conflation, Emit};
 use super::outbound::{OutItem, Outbound};
+use super::resume::Availability;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{Principal, Validator};
-use crate::feeds::{Catalog, Feed};
+use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
 use crate::protocol::close;
-use crate::protocol::codec::{Record, FLAG_SNAPSHOT, RTYPE_TRADE};
+use crate::protocol::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};
 use crate::protocol::control::{ClientMsg, ErrorCode, FeedInfo, InstrumentInfo, ServerMsg};
 use crate::protocol::now_ns;
 
@@ -60,6 +62,21 @@ impl Default for CoreLimits {
             timer_tick_ms: 10,
         }
     }
+}
+
+/// How a newly subscribed instrument starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Live from the next seq.
+    Live,
+    /// Last trade and quote first (SNAPSHOT), then live.
+    Snapshot,
+    /// Records after this seq from the resume buffer (REPLAY), then live.
+    Replay(u64),
+    /// The buffer no longer holds what follows this seq: `gap` + snapshot.
+    Unavailable(u64),
+    /// The client is ahead of this node: live records up to this seq are not sent.
+    Skip(u64),
 }
 
 /// What a timer entry does when it fires.
@@ -103,6 +120,11 @@ pub struct Conn {
     /// The validated identity.
     pub principal: Principal,
     subs: HashSet<(u16, u32)>,
+    /// Set while the connection is behind on a `conflate` feed (see [`super::conflate`]).
+    conflation: Option<Box<Conflation>>,
+    /// Live records to skip per instrument: a `resume` that named a seq this node had not
+    /// dispatched yet (a client coming from a node further ahead). Checked only when set.
+    skip_upto: Option<HashMap<(u16, u32), u64>>,
     /// Unique per shard for the connection's life (slab keys are reused).
     serial: u64,
     expire_timer: Option<TimerId>,
@@ -145,7 +167,25 @@ pub struct CoreStats {
     pub revocations: u64,
     /// Refreshes refused for coming too often.
     pub refresh_rate_limited: u64,
+    /// Times a connection started conflating.
+    pub conflate_episodes: u64,
+    /// Records not queued because their connection was conflating.
+    pub conflated_records: u64,
+    /// `gap` messages sent, by reason: slow_consumer, replay_unavailable, source_gap.
+    pub gaps: [u64; 3],
+    /// Records sent from the resume buffer.
+    pub replayed_records: u64,
+    /// Resumes served from the buffer / answered with a gap and a snapshot.
+    pub resumes: [u64; 2],
+    /// Epoch resets applied.
+    pub resets: u64,
 }
+
+/// Reasons of `gap` messages, in [`CoreStats::gaps`] order.
+pub const GAP_REASONS: [&str; 3] = ["slow_consumer", "replay_unavailable", "source_gap"];
+const GAP_SLOW: usize = 0;
+const GAP_REPLAY: usize = 1;
+const GAP_SOURCE: usize = 2;
 
 impl CoreStats {
     fn error(&mut self, code: ErrorCode) {
@@ -166,6 +206,10 @@ pub struct ShardCore {
     /// `index[feed][instrument]` → subscribed connections.
     index: Vec<Vec<Vec<ConnKey>>>,
     instr: Vec<Vec<InstrState>>,
+    /// The epoch this shard is in, per feed (changes when a `Reset` is dispatched).
+    epochs: Vec<u64>,
+    /// Whether a feed's slow-consumer policy is `conflate`.
+    conflate: Vec<bool>,
     to_kill: Vec<ConnKey>,
     subscriptions: usize,
     draining: bool,
@@ -216,6 +260,8 @@ impl ShardCore {
         let index = catalog.feeds().iter().map(|f| vec![Vec::new(); f.instrument_count()]).collect();
         let instr = catalog.feeds().iter().map(|f| vec![InstrState::default(); f.instrument_count()]).collect();
         let stats = CoreStats { delivered: vec![0; catalog.feeds().len()], ..CoreStats::default() };
+        let epochs = catalog.feeds().iter().map(|f| f.epoch()).collect();
+        let conflate = catalog.feeds().iter().map(|f| f.policy() == SlowConsumerPolicy::Conflate).collect();
         ShardCore {
             catalog,
             validator,
@@ -223,6 +269,8 @@ impl ShardCore {
             conns: Slab::new(),
             index,
             instr,
+            epochs,
+            conflate,
             to_kill: Vec::new(),
             subscriptions: 0,
             draining: false,
@@ -295,6 +343,8 @@ impl ShardCore {
             session,
             principal,
             subs: HashSet::new(),
+            conflation: None,
+            skip_upto: None,
             serial: self.next_serial,
             expire_timer: None,
             expiring_timer: None,
@@ -412,6 +462,8 @@ impl ShardCore {
             return;
         }
         c.out.discard_and_close(code, reason);
+        c.conflation = None;
+        c.skip_upto = None;
         c.notify.notify_one();
         c.kill.notify_one();
         let subs: Vec<(u16, u32)> = c.subs.drain().collect();
@@ -516,28 +568,147 @@ impl ShardCore {
             return;
         };
         let seq = tick.record.seq();
-        if st.last_seq != 0 && seq != st.last_seq + 1 {
-            self.stats.source_gaps += 1;
-        }
+        let expected = st.last_seq + 1;
         st.last_seq = seq;
         if tick.record.rtype() == RTYPE_TRADE {
             st.last_trade = Some(tick.record);
         } else {
             st.last_quote = Some(tick.record);
         }
+        if seq != expected {
+            // The source skipped seqs (an upstream publisher lost them, or started its
+            // numbering above 1): subscribers are told before the record.
+            self.source_gap(tick, expected, seq);
+        }
         let max_batch = self.limits.max_batch_bytes;
         let budget = self.limits.max_outbound_bytes;
-        let (conns, index, to_kill) = (&mut self.conns, &self.index, &mut self.to_kill);
+        let conflate = self.conflate.get(f).copied().unwrap_or(false);
+        let len = tick.record.len();
+        let (conns, index, to_kill, stats) = (&mut self.conns, &self.index, &mut self.to_kill, &mut self.stats);
         for &key in &index[f][i] {
             // Every key in the index is a live connection: removal unindexes first.
             let Some(c) = conns.get_mut(key) else {
                 continue;
             };
+            // Rare states first, each one branch for a client that keeps up.
+            if let Some(skip) = c.skip_upto.as_mut() {
+                if Self::skipped(skip, tick.feed_idx, tick.instr, seq) {
+                    if skip.is_empty() {
+                        c.skip_upto = None;
+                    }
+                    continue;
+                }
+            }
+            if conflate {
+                if let Some(cf) = c.conflation.as_deref_mut() {
+                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
+                    stats.conflated_records += 1;
+                    continue;
+                }
+                if c.out.bytes() + len > budget {
+                    // Policy `conflate`: stop queueing this feed's records for the
+                    // connection until the writer has drained its queue (see `pop`).
+                    let mut cf = Box::<Conflation>::default();
+                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
+                    c.conflation = Some(cf);
+                    stats.conflate_episodes += 1;
+                    stats.conflated_records += 1;
+                    continue;
+                }
+            }
             let was_empty = c.out.is_empty();
             c.out.push_record(tick.feed_idx, &tick.record, max_batch);
             if c.out.bytes() > budget {
                 to_kill.push(key);
             } else if was_empty {
+                c.notify.notify_one();
+            }
+        }
+    }
+
+    /// True when the record must not be sent (the client already has it); forgets the
+    /// instrument once its live seqs pass the resume point.
+    #[cold]
+    fn skipped(skip: &mut HashMap<(u16, u32), u64>, f: u16, i: u32, seq: u64) -> bool {
+        match skip.get(&(f, i)) {
+            Some(&upto) if seq <= upto => {
+                if seq == upto {
+                    skip.remove(&(f, i));
+                }
+                true
+            }
+            Some(_) => {
+                skip.remove(&(f, i));
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Sends `gap` (reason `source_gap`) for the seqs `from..seq` the source never
+    /// delivered, to every subscriber of the tick's instrument, before the record.
+    /// A conflating connection with something pending for the instrument is skipped (its
+    /// pending range already spans them), and a resuming connection is told only about
+    /// the part after its resume point.
+    #[cold]
+    fn source_gap(&mut self, tick: &Tick, from: u64, seq: u64) {
+        self.stats.source_gaps += 1;
+        if seq < from {
+            return; // a source going backwards is refused at ingest; nothing to name
+        }
+        let Some(feed) = self.catalog.get(tick.feed_idx as usize) else { return };
+        let (f, i) = (tick.feed_idx, tick.instr);
+        let keys = self.index[f as usize][i as usize].clone();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            if c.out.is_closed() || c.conflation.as_ref().is_some_and(|cf| cf.has(f, i)) {
+                continue;
+            }
+            let start = match c.skip_upto.as_ref().and_then(|s| s.get(&(f, i))) {
+                Some(&upto) if upto >= seq - 1 => continue,
+                Some(&upto) => from.max(upto + 1),
+                None => from,
+            };
+            let msg = ServerMsg::Gap {
+                feed: feed.name().to_owned(),
+                symbol: feed.symbol(i).to_owned(),
+                from: start,
+                to: seq - 1,
+                reason: GAP_REASONS[GAP_SOURCE].into(),
+            };
+            let was_empty = c.out.is_empty();
+            c.out.push_text(msg.to_json());
+            self.stats.gaps[GAP_SOURCE] += 1;
+            if was_empty {
+                c.notify.notify_one();
+            }
+        }
+    }
+
+    /// Applies an epoch reset of a feed: numbering restarts, the last values are
+    /// forgotten, and every connection subscribed to the feed gets `reset` before any
+    /// record of the new epoch.
+    pub fn reset(&mut self, feed_idx: u16, epoch: u64) {
+        let f = feed_idx as usize;
+        let (Some(states), Some(e)) = (self.instr.get_mut(f), self.epochs.get_mut(f)) else { return };
+        *e = epoch;
+        states.iter_mut().for_each(|st| *st = InstrState::default());
+        self.stats.resets += 1;
+        let Some(feed) = self.catalog.get(f) else { return };
+        let msg = ServerMsg::Reset { feed: feed.name().to_owned(), epoch }.to_json();
+        for (_, c) in self.conns.iter_mut() {
+            if c.out.is_closed() || !c.subs.iter().any(|(cf, _)| *cf == feed_idx) {
+                continue;
+            }
+            if let Some(cf) = c.conflation.as_deref_mut() {
+                cf.forget_feed(feed_idx);
+            }
+            if let Some(skip) = c.skip_upto.as_mut() {
+                skip.retain(|(sf, _), _| *sf != feed_idx);
+            }
+            let was_empty = c.out.is_empty();
+            c.out.push_text(msg.clone());
+            if was_empty {
                 c.notify.notify_one();
             }
         }
@@ -582,8 +753,8 @@ impl ShardCore {
     pub fn handle(&mut self, key: ConnKey, msg: ClientMsg) {
         match msg {
             ClientMsg::Ping { id } => self.send(key, &ServerMsg::Pong { id, ts: now_ns() }),
-            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume } => {
-                self.subscribe(key, id, &feed, &symbols, snapshot, resume)
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch } => {
+                self.subscribe(key, id, &feed, &symbols, snapshot, (resume, epoch))
             }
             ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
             ClientMsg::Refresh { id, token } => self.refresh(key, id, &token.0),
@@ -638,8 +809,9 @@ impl ShardCore {
         feed_name: &str,
         symbols: &[String],
         snapshot: bool,
-        resume: Option<std::collections::BTreeMap<String, u64>>,
+        resume: (Option<BTreeMap<String, u64>>, Option<u64>),
     ) {
+        let (resume, client_epoch) = resume;
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
@@ -688,10 +860,12 @@ impl ShardCore {
             );
         }
 
-        // The reply, the snapshot and the index update happen in one synchronous step on
-        // the shard thread, between two dispatches: the snapshot is exactly the state
-        // after the last dispatched tick, and the next tick dispatched is the next seq.
+        // The reply, the snapshot/replay and the index update happen in one synchronous
+        // step on the shard thread, between two dispatches: the snapshot is exactly the
+        // state after the last dispatched tick, a replay ends exactly at the last
+        // dispatched seq, and the next tick dispatched is the next seq.
         let fi = feed.idx;
+        let shard_epoch = self.epochs[fi];
         let infos: Vec<InstrumentInfo> = instruments
             .iter()
             .map(|&i| InstrumentInfo {
@@ -700,45 +874,123 @@ impl ShardCore {
                 seq: self.instr[fi][i as usize].last_seq,
             })
             .collect();
-        let mut prelude: Vec<ServerMsg> = Vec::new();
-        let mut snap: Vec<Record> = Vec::new();
+        // Seqs of another epoch mean nothing here: those instruments get a snapshot, and
+        // the reply's `epoch` tells the client why. (No `reset` message: it would also
+        // void the tracking of the connection's other instruments of this feed.)
+        let epoch_mismatch = resume.is_some() && client_epoch.is_some_and(|e| e != shard_epoch);
+        let mut plans: BTreeMap<u32, Plan> = BTreeMap::new();
+        let mut wants: HashMap<u32, (u64, u64)> = HashMap::new();
         for &i in &new {
-            let st = &self.instr[fi][i as usize];
-            let resumed_from = resume.as_ref().and_then(|r| r.get(feed.symbol(i)).copied());
-            let want_snapshot = match resumed_from {
-                // No resume buffer holds these records on this node: the client is told
-                // exactly which range it will not get, then gets the snapshot instead.
-                Some(n) if n < st.last_seq => {
-                    prelude.push(ServerMsg::Gap {
-                        feed: feed.name().to_owned(),
-                        symbol: feed.symbol(i).to_owned(),
-                        from: n + 1,
-                        to: st.last_seq,
-                        reason: "replay_unavailable".into(),
-                    });
-                    true
+            let last = self.instr[fi][i as usize].last_seq;
+            let plan = match resume.as_ref().and_then(|r| r.get(feed.symbol(i)).copied()) {
+                None if snapshot => Plan::Snapshot,
+                None => Plan::Live,
+                Some(_) if epoch_mismatch => Plan::Snapshot,
+                Some(n) if n == last => Plan::Live,
+                Some(n) if n > last => Plan::Skip(n),
+                Some(n) => {
+                    wants.insert(i, (n, last));
+                    Plan::Replay(n)
                 }
-                Some(_) => false,
-                None => snapshot,
             };
-            if want_snapshot {
+            plans.insert(i, plan);
+        }
+        let mut replay: Vec<(u32, Record)> = Vec::new();
+        if !wants.is_empty() {
+            let log = feed.log();
+            wants.retain(|&i, &mut (after, upto)| {
+                let ok = log.availability(shard_epoch, i, after, upto) == Availability::Replay;
+                if !ok {
+                    plans.insert(i, Plan::Unavailable(after));
+                }
+                ok
+            });
+            log.collect(&wants, &mut replay);
+        }
+        // A replay is bounded to half the outbound budget; a longer one is answered like
+        // an expired one (gap + snapshot) rather than pushing the client over its budget.
+        let replay_bytes: usize = replay.iter().map(|(_, r)| r.len()).sum();
+        if replay_bytes > self.limits.max_outbound_bytes / 2 {
+            replay.clear();
+            for p in plans.values_mut() {
+                if let Plan::Replay(n) = *p {
+                    *p = Plan::Unavailable(n);
+                }
+            }
+        }
+
+        let mut prelude: Vec<String> = Vec::new();
+        let mut snap: Vec<Record> = Vec::new();
+        let mut skips: Vec<(u32, u64)> = Vec::new();
+        for (&i, plan) in &plans {
+            let st = &self.instr[fi][i as usize];
+            match *plan {
+                Plan::Live => {}
+                Plan::Replay(_) => self.stats.resumes[0] += 1,
+                Plan::Skip(n) => skips.push((i, n)),
+                Plan::Unavailable(n) => {
+                    // The client is told exactly which range it will not get, then gets
+                    // the snapshot instead.
+                    self.stats.resumes[1] += 1;
+                    self.stats.gaps[GAP_REPLAY] += 1;
+                    prelude.push(
+                        ServerMsg::Gap {
+                            feed: feed.name().to_owned(),
+                            symbol: feed.symbol(i).to_owned(),
+                            from: n + 1,
+                            to: st.last_seq,
+                            reason: GAP_REASONS[GAP_REPLAY].into(),
+                        }
+                        .to_json(),
+                    );
+                }
+                Plan::Snapshot => {}
+            }
+            if matches!(plan, Plan::Snapshot | Plan::Unavailable(_)) {
                 let mut recs: Vec<Record> = [st.last_trade, st.last_quote].into_iter().flatten().collect();
                 recs.sort_by_key(Record::seq);
                 snap.extend(recs.into_iter().map(|r| r.with_flags(FLAG_SNAPSHOT)));
             }
         }
-        let reply = ServerMsg::Subscribed { id, feed: feed.name().to_owned(), epoch: feed.epoch(), instruments: infos };
+        self.stats.replayed_records += replay.len() as u64;
+        let reply = ServerMsg::Subscribed { id, feed: feed.name().to_owned(), epoch: shard_epoch, instruments: infos };
         let max_batch = self.limits.max_batch_bytes;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let was_empty = conn.out.is_empty();
         conn.out.push_text(reply.to_json());
-        for m in &prelude {
-            conn.out.push_text(m.to_json());
+        for m in prelude {
+            conn.out.push_text(m);
         }
         for r in &snap {
             conn.out.push_record(f, r, max_batch);
+        }
+        // Replayed records in ingest order; a seq the source itself never delivered is
+        // named by a `source_gap` before the record, as it was on the live path.
+        let mut next: HashMap<u32, u64> = wants.iter().map(|(&i, &(after, _))| (i, after + 1)).collect();
+        for (i, r) in &replay {
+            if let Some(exp) = next.get_mut(i) {
+                if r.seq() > *exp {
+                    let gap = ServerMsg::Gap {
+                        feed: feed.name().to_owned(),
+                        symbol: feed.symbol(*i).to_owned(),
+                        from: *exp,
+                        to: r.seq() - 1,
+                        reason: GAP_REASONS[GAP_SOURCE].into(),
+                    };
+                    conn.out.push_text(gap.to_json());
+                    self.stats.gaps[GAP_SOURCE] += 1;
+                }
+                *exp = r.seq() + 1;
+            }
+            conn.out.push_record(f, &r.with_flags(FLAG_REPLAY), max_batch);
+        }
+        if !skips.is_empty() {
+            let map = conn.skip_upto.get_or_insert_with(Default::default);
+            for (i, n) in skips {
+                map.insert((f, i), n);
+            }
         }
         for &i in &new {
             conn.subs.insert((f, i));
@@ -780,6 +1032,14 @@ impl ShardCore {
             return Vec::new();
         };
         let removed: Vec<u32> = instruments.iter().copied().filter(|&i| conn.subs.remove(&(f, i))).collect();
+        for &i in &removed {
+            if let Some(cf) = conn.conflation.as_deref_mut() {
+                cf.forget(f, i);
+            }
+            if let Some(skip) = conn.skip_upto.as_mut() {
+                skip.remove(&(f, i));
+            }
+        }
         for &i in &removed {
             self.unindex(key, f, i);
         }
@@ -857,8 +1117,56 @@ impl ShardCore {
     }
 
     /// Takes the next outbound item of a connection.
+    ///
+    /// This is also where a conflating connection goes back to full rate: once its
+    /// writer has drained the queue to a quarter of the budget, what conflation kept
+    /// (gaps for dropped trades, the latest quotes flagged CONFLATED) is queued, and the
+    /// next dispatch queues live records again.
     pub fn pop(&mut self, key: ConnKey) -> Option<OutItem> {
-        self.conns.get_mut(key).and_then(|c| c.out.pop())
+        let c = self.conns.get_mut(key)?;
+        let item = c.out.pop();
+        if c.conflation.is_some() && c.out.bytes() <= self.limits.max_outbound_bytes / 4 && !c.out.is_closed() {
+            self.end_conflation(key);
+            if item.is_none() {
+                return self.conns.get_mut(key).and_then(|c| c.out.pop());
+            }
+        }
+        item
+    }
+
+    /// Queues what a conflating connection's state stands for and returns it to live
+    /// delivery.
+    #[cold]
+    fn end_conflation(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(cf) = c.conflation.take() else { return };
+        let max_batch = self.limits.max_batch_bytes;
+        for (f, i, emit) in cf.drain() {
+            match emit {
+                Emit::Gap { from, to } => {
+                    let Some(feed) = self.catalog.get(f as usize) else { continue };
+                    let msg = ServerMsg::Gap {
+                        feed: feed.name().to_owned(),
+                        symbol: feed.symbol(i).to_owned(),
+                        from,
+                        to,
+                        reason: GAP_REASONS[GAP_SLOW].into(),
+                    };
+                    c.out.push_text(msg.to_json());
+                    self.stats.gaps[GAP_SLOW] += 1;
+                }
+                Emit::Quote { record, conflated } => {
+                    let r = if conflated { record.with_flags(FLAG_CONFLATED) } else { record };
+                    c.out.push_record(f, &r, max_batch);
+                }
+            }
+        }
+        c.notify.notify_one();
+    }
+
+    /// True while the connection is conflating (a test and admin aid).
+    pub fn is_conflating(&self, key: ConnKey) -> bool {
+        self.conns.get(key).is_some_and(|c| c.conflation.is_some())
     }
 }
 
@@ -920,6 +1228,7 @@ mod tests {
                 symbols: vec!["A".into()],
                 snapshot: false,
                 resume: None,
+                epoch: None,
             },
         );
         drain(&mut core, h.key);

@@ -11,8 +11,10 @@
 //! Ticks cross threads exactly once, through a bounded lock-free queue per shard.
 //! See `docs/architecture.md` for the whole path.
 
+pub mod conflate;
 pub mod core;
 pub mod outbound;
+pub mod resume;
 pub mod shard;
 pub mod timer;
 
@@ -24,6 +26,7 @@ use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::feeds::Catalog;
 use crate::protocol::codec::Record;
 
 /// One tick on its way to the shards: the encoded record plus the dense indices the
@@ -38,11 +41,26 @@ pub struct Tick {
     pub record: Record,
 }
 
+/// What travels through a shard's inbound queue, in source order.
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound {
+    /// A tick to dispatch.
+    Tick(Tick),
+    /// The feed restarted its numbering: subscribers get `reset` before any record of the
+    /// new epoch (queue order guarantees "before").
+    Reset {
+        /// Dense feed index.
+        feed_idx: u16,
+        /// The new epoch.
+        epoch: u64,
+    },
+}
+
 /// The cross-thread side of a shard: its inbound tick queue and wake-up signal.
 #[derive(Debug)]
 pub struct ShardInbox {
-    /// Bounded lock-free queue of ticks.
-    pub queue: ArrayQueue<Tick>,
+    /// Bounded lock-free queue of ticks and epoch resets.
+    pub queue: ArrayQueue<Inbound>,
     /// Wakes the shard's dispatch loop when it sleeps on an empty queue.
     pub notify: Notify,
     /// Open stream connections on this shard (for placement and the gauge).
@@ -73,27 +91,84 @@ impl ShardInbox {
 #[derive(Debug, Clone)]
 pub struct Ingest {
     shards: Arc<[Arc<ShardInbox>]>,
+    catalog: Arc<Catalog>,
     ingested: Arc<[prometheus::IntCounter]>,
 }
 
 impl Ingest {
     /// A handle over the given shard inboxes; `ingested[feed_idx]` counts ticks per feed.
-    pub fn new(shards: Arc<[Arc<ShardInbox>]>, ingested: Arc<[prometheus::IntCounter]>) -> Ingest {
-        Ingest { shards, ingested }
+    pub fn new(
+        shards: Arc<[Arc<ShardInbox>]>,
+        catalog: Arc<Catalog>,
+        ingested: Arc<[prometheus::IntCounter]>,
+    ) -> Ingest {
+        Ingest { shards, catalog, ingested }
     }
 
-    /// Queues a tick for every shard. A full queue means that shard is behind: the
-    /// source waits (backpressure) rather than dropping, so the engine itself never
-    /// creates a gap. Returns false when cancelled while waiting.
+    /// The catalog (each feed carries its log).
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Publishes one tick: see [`Ingest::publish_burst`].
+    pub async fn publish(&self, tick: Tick, cancel: &CancellationToken) -> bool {
+        self.publish_burst(std::slice::from_ref(&tick), cancel).await
+    }
+
+    /// Appends ticks (whose seqs are final) to their feed's log, then queues them for
+    /// every shard. The log comes first so a shard never dispatches a seq the resume
+    /// buffer has not seen. Returns false when cancelled while waiting for queue space.
+    pub async fn publish_burst(&self, ticks: &[Tick], cancel: &CancellationToken) -> bool {
+        self.append(ticks);
+        self.enqueue(ticks, cancel).await
+    }
+
+    /// Appends ticks to their feeds' logs, one lock per run of ticks of the same feed.
+    pub fn append(&self, ticks: &[Tick]) {
+        let mut rest = ticks;
+        while let Some(first) = rest.first() {
+            let n = rest.iter().take_while(|t| t.feed_idx == first.feed_idx).count();
+            if let Some(feed) = self.catalog.get(first.feed_idx as usize) {
+                let mut log = feed.log_mut();
+                for t in &rest[..n] {
+                    log.append(t.instr, t.record);
+                }
+            }
+            rest = &rest[n..];
+        }
+    }
+
+    /// Queues ticks already appended to their log for every shard. A full queue means
+    /// that shard is behind: the source waits (backpressure) rather than dropping, so the
+    /// engine itself never creates a gap. Returns false when cancelled while waiting.
     ///
     /// Shards are not woken here; call [`Ingest::flush`] after a burst so a burst of
     /// ticks costs one wake-up per shard, not one per tick.
-    pub async fn publish(&self, tick: Tick, cancel: &CancellationToken) -> bool {
-        if let Some(c) = self.ingested.get(tick.feed_idx as usize) {
-            c.inc();
+    pub async fn enqueue(&self, ticks: &[Tick], cancel: &CancellationToken) -> bool {
+        for tick in ticks {
+            if let Some(c) = self.ingested.get(tick.feed_idx as usize) {
+                c.inc();
+            }
+            if !self.push_all(Inbound::Tick(*tick), cancel).await {
+                return false;
+            }
         }
+        true
+    }
+
+    /// Starts a new epoch for a feed: its log is emptied and every shard sends `reset`
+    /// to the feed's subscribers before any record of the new epoch.
+    pub async fn reset(&self, feed_idx: u16, epoch: u64, cancel: &CancellationToken) -> bool {
+        let Some(feed) = self.catalog.get(feed_idx as usize) else { return true };
+        feed.start_epoch(epoch);
+        let ok = self.push_all(Inbound::Reset { feed_idx, epoch }, cancel).await;
+        self.flush();
+        ok
+    }
+
+    async fn push_all(&self, item: Inbound, cancel: &CancellationToken) -> bool {
         for shard in self.shards.iter() {
-            let mut t = tick;
+            let mut t = item;
             loop {
                 match shard.queue.push(t) {
                     Ok(()) => break,

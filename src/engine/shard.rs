@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use super::core::{CoreLimits, CoreStats, ShardCore};
-use super::ShardInbox;
+use super::{Inbound, ShardInbox};
 use crate::auth::validate::Validator;
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
@@ -196,8 +196,11 @@ async fn run(spec: ShardSpec) {
         {
             let mut core = shard.core.borrow_mut();
             while n < MAX_TICKS_PER_CYCLE {
-                let Some(t) = inbox.queue.pop() else { break };
-                core.dispatch(&t);
+                match inbox.queue.pop() {
+                    Some(Inbound::Tick(t)) => core.dispatch(&t),
+                    Some(Inbound::Reset { feed_idx, epoch }) => core.reset(feed_idx, epoch),
+                    None => break,
+                }
                 n += 1;
             }
             core.end_cycle();
@@ -250,6 +253,25 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     if slow > 0 {
         metrics.slow_consumer_events.with_label_values(&["disconnect"]).inc_by(slow);
     }
+    let conflates = now.conflate_episodes - last.conflate_episodes;
+    if conflates > 0 {
+        metrics.slow_consumer_events.with_label_values(&["conflate"]).inc_by(conflates);
+    }
+    metrics.conflated_records.inc_by(now.conflated_records - last.conflated_records);
+    for (k, reason) in super::core::GAP_REASONS.iter().enumerate() {
+        let d = now.gaps[k] - last.gaps[k];
+        if d > 0 {
+            metrics.gaps_sent.with_label_values(&[reason]).inc_by(d);
+        }
+    }
+    metrics.replayed_records.inc_by(now.replayed_records - last.replayed_records);
+    for (k, result) in ["replayed", "unavailable"].iter().enumerate() {
+        let d = now.resumes[k] - last.resumes[k];
+        if d > 0 {
+            metrics.resumes.with_label_values(&[result]).inc_by(d);
+        }
+    }
+    metrics.epoch_resets.inc_by(now.resets - last.resets);
     for (code, n) in &now.control_errors {
         let before = last.control_errors.iter().find(|(c, _)| c == code).map(|(_, n)| *n).unwrap_or(0);
         if *n > before {

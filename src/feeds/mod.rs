@@ -1,17 +1,25 @@
 //! Feed definitions (`feeds/*.toml`) and the sources that produce ticks.
 //!
 //! A feed is loaded once at start into the read-only [`Catalog`]: names, numeric ids and
-//! the dense instrument table that the shards index by position. Sources (today the
-//! [`synthetic`] random walk) encode each tick once and hand it to the engine.
+//! the dense instrument table that the shards index by position, plus the feed's
+//! [`FeedLog`] (epoch, last seqs, resume buffer). Sources encode each tick once and hand
+//! it to the engine: the [`synthetic`] random walk, the [`replay`] of a [`recording`], or
+//! upstream publishers on `GET /v1/publish` (`source = "publish"`, see
+//! `server::publish`).
 
+pub mod recording;
+pub mod replay;
 pub mod synthetic;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Deserialize;
 use thiserror::Error;
+
+use crate::engine::resume::{FeedLog, RingBounds};
 
 /// The demo feed definition, compiled in so `serve` works from any directory.
 pub const EMBEDDED_DEMO: &str = include_str!("../../feeds/demo.toml");
@@ -43,6 +51,10 @@ pub enum FeedError {
 pub enum SourceKind {
     /// Seeded random walk generated in-process.
     Synthetic,
+    /// A recording played back (`[replay]`).
+    Replay,
+    /// Upstream publishers connect to `GET /v1/publish` (scope `md:publish:<FEED>`).
+    Publish,
 }
 
 /// What happens to a client whose outbound budget is exhausted.
@@ -52,6 +64,58 @@ pub enum SlowConsumerPolicy {
     /// Close with 4008.
     #[default]
     Disconnect,
+    /// Keep only the latest quote per instrument (flag CONFLATED) and turn trades that
+    /// cannot be queued into a `gap` until the client has caught up.
+    Conflate,
+}
+
+/// `[replay]` section of a feed file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayDef {
+    /// The recording, relative to the feed file's folder (or absolute).
+    pub file: PathBuf,
+    /// Pace: 1.0 is the original pace, 10.0 ten times faster, 0 as fast as the engine
+    /// takes it.
+    #[serde(default = "default_speed")]
+    pub speed: f64,
+    /// Start over at the end (each pass is a new epoch: subscribers get `reset`).
+    #[serde(default = "default_true", rename = "loop")]
+    pub looping: bool,
+}
+
+fn default_speed() -> f64 {
+    1.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[resume]` section of a feed file: the resume buffer's bounds.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeDef {
+    /// Most records kept (0 turns resume off for the feed: every resume gets a gap).
+    #[serde(default = "default_resume_records")]
+    pub records: usize,
+    /// Records older than this many seconds are dropped.
+    #[serde(default = "default_resume_age")]
+    pub max_age_s: u64,
+}
+
+fn default_resume_records() -> usize {
+    100_000
+}
+
+fn default_resume_age() -> u64 {
+    300
+}
+
+impl Default for ResumeDef {
+    fn default() -> Self {
+        ResumeDef { records: default_resume_records(), max_age_s: default_resume_age() }
+    }
 }
 
 /// `[synthetic]` section of a feed file.
@@ -91,11 +155,19 @@ pub struct FeedDef {
     /// Slow-consumer policy.
     #[serde(default)]
     pub policy: SlowConsumerPolicy,
-    /// Instrument symbols; instrument ids are their 1-based positions.
+    /// Instrument symbols; instrument ids are their 1-based positions. A replay feed
+    /// may leave it out to take the recording's.
+    #[serde(default)]
     pub symbols: Vec<String>,
     /// Settings of a synthetic source.
     #[serde(default)]
     pub synthetic: Option<SyntheticDef>,
+    /// Settings of a replay source.
+    #[serde(default)]
+    pub replay: Option<ReplayDef>,
+    /// Resume-buffer bounds.
+    #[serde(default)]
+    pub resume: ResumeDef,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -115,23 +187,21 @@ impl FeedDef {
         if def.id == 0 {
             return Err(invalid("feed id must be between 1 and 65535".into()));
         }
-        if def.symbols.is_empty() || def.symbols.len() > 100_000 {
+        if def.symbols.is_empty() && def.source != SourceKind::Replay {
             return Err(invalid("a feed needs between 1 and 100000 symbols".into()));
         }
-        let mut seen = HashSet::new();
-        for s in &def.symbols {
-            if !valid_name(s) {
-                return Err(invalid(format!("symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - .")));
-            }
-            if !seen.insert(s.as_str()) {
-                return Err(invalid(format!("symbol `{s}` appears twice")));
-            }
+        def.check_symbols().map_err(invalid)?;
+        if def.resume.records > 10_000_000 {
+            return Err(invalid("resume.records must be at most 10000000".into()));
         }
-        match (def.source, &def.synthetic) {
-            (SourceKind::Synthetic, None) => {
+        if def.resume.max_age_s == 0 || def.resume.max_age_s > 86_400 {
+            return Err(invalid("resume.max_age_s must be in 1..=86400".into()));
+        }
+        match (def.source, &def.synthetic, &def.replay) {
+            (SourceKind::Synthetic, None, _) => {
                 return Err(invalid("source = \"synthetic\" needs a [synthetic] section".into()))
             }
-            (SourceKind::Synthetic, Some(s)) => {
+            (SourceKind::Synthetic, Some(s), _) => {
                 if !(s.rate_per_s > 0.0 && s.rate_per_s <= 10_000_000.0) {
                     return Err(invalid("synthetic.rate_per_s must be in (0, 10000000]".into()));
                 }
@@ -142,8 +212,61 @@ impl FeedDef {
                     return Err(invalid("synthetic.start_price must be in (0, 1e9)".into()));
                 }
             }
+            (SourceKind::Replay, _, None) => {
+                return Err(invalid("source = \"replay\" needs a [replay] section".into()))
+            }
+            (SourceKind::Replay, _, Some(r)) => {
+                if !(r.speed >= 0.0 && r.speed <= 1_000_000.0) {
+                    return Err(invalid("replay.speed must be in [0, 1000000] (0: as fast as possible)".into()));
+                }
+            }
+            (SourceKind::Publish, _, _) => {}
+        }
+        if def.source != SourceKind::Synthetic && def.synthetic.is_some() {
+            return Err(invalid("a [synthetic] section needs source = \"synthetic\"".into()));
+        }
+        if def.source != SourceKind::Replay && def.replay.is_some() {
+            return Err(invalid("a [replay] section needs source = \"replay\"".into()));
         }
         Ok(def)
+    }
+
+    fn check_symbols(&self) -> Result<(), String> {
+        if self.symbols.len() > 100_000 {
+            return Err("a feed needs between 1 and 100000 symbols".into());
+        }
+        let mut seen = HashSet::new();
+        for s in &self.symbols {
+            if !valid_name(s) {
+                return Err(format!("symbol `{s}` must be 1-32 characters of A-Z a-z 0-9 _ - ."));
+            }
+            if !seen.insert(s.as_str()) {
+                return Err(format!("symbol `{s}` appears twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a replay feed's recording against the folder of its definition, checks
+    /// its header and, when the definition lists no symbols, takes the recording's.
+    pub fn resolve_replay(&mut self, path: &str, base: &Path) -> Result<(), FeedError> {
+        let Some(r) = self.replay.as_mut() else { return Ok(()) };
+        if r.file.is_relative() {
+            r.file = base.join(&r.file);
+        }
+        let meta = recording::read_meta(&r.file).map_err(|e| FeedError::Invalid {
+            path: path.to_owned(),
+            message: format!("replay.file {}: {e}", r.file.display()),
+        })?;
+        if self.symbols.is_empty() {
+            self.symbols = meta.symbols;
+        } else if self.symbols != meta.symbols {
+            return Err(FeedError::Invalid {
+                path: path.to_owned(),
+                message: "symbols differ from the recording's (leave `symbols` out to use the recording's)".into(),
+            });
+        }
+        self.check_symbols().map_err(|message| FeedError::Invalid { path: path.to_owned(), message })
     }
 }
 
@@ -154,9 +277,15 @@ pub struct Feed {
     pub idx: usize,
     /// The definition.
     pub def: FeedDef,
-    /// Current epoch of the feed's numbering.
+    /// Current epoch of the feed's numbering (a lock-free copy of the log's, for
+    /// `welcome`).
     epoch: AtomicU64,
     symbol_idx: HashMap<String, u32>,
+    /// Sequencing state and resume buffer: written by the feed's source, read by shards
+    /// serving `resume`.
+    log: RwLock<FeedLog>,
+    /// Set while a publisher is connected (one at a time, so seqs have one writer).
+    publisher: AtomicBool,
 }
 
 impl Feed {
@@ -173,6 +302,39 @@ impl Feed {
     /// Current epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The slow-consumer policy.
+    pub fn policy(&self) -> SlowConsumerPolicy {
+        self.def.policy
+    }
+
+    /// Reads the log. A writer that panicked cannot leave it half-updated in a way that
+    /// matters (every update is a few plain stores), so a poisoned lock is used as is.
+    pub fn log(&self) -> RwLockReadGuard<'_, FeedLog> {
+        self.log.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the log (the feed's source only).
+    pub fn log_mut(&self) -> RwLockWriteGuard<'_, FeedLog> {
+        self.log.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a new epoch in the log and in the copy `welcome` reads.
+    pub fn start_epoch(&self, epoch: u64) {
+        let mut log = self.log_mut();
+        log.reset(epoch);
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Claims the publisher slot; false when a publisher is already connected.
+    pub fn claim_publisher(&self) -> bool {
+        self.publisher.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Gives the publisher slot back.
+    pub fn release_publisher(&self) {
+        self.publisher.store(false, Ordering::Release);
     }
 
     /// Number of instruments.
@@ -221,7 +383,19 @@ impl Catalog {
                 });
             }
             let symbol_idx = def.symbols.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
-            feeds.push(Feed { idx, def, epoch: AtomicU64::new(epoch), symbol_idx });
+            let bounds = RingBounds {
+                records: def.resume.records,
+                max_age_ns: (def.resume.max_age_s as i64).saturating_mul(1_000_000_000),
+            };
+            let log = RwLock::new(FeedLog::new(def.symbols.len(), epoch, bounds));
+            feeds.push(Feed {
+                idx,
+                def,
+                epoch: AtomicU64::new(epoch),
+                symbol_idx,
+                log,
+                publisher: AtomicBool::new(false),
+            });
         }
         if feeds.is_empty() {
             return Err(FeedError::Invalid { path: "<catalog>".into(), message: "no feed defined".into() });
@@ -273,7 +447,10 @@ pub fn load_defs(dir: &Path, allow_embedded: bool) -> Result<(Vec<FeedDef>, Defs
     for f in files {
         let text =
             std::fs::read_to_string(&f).map_err(|source| FeedError::Read { path: f.display().to_string(), source })?;
-        defs.push(FeedDef::parse(&f.display().to_string(), &text)?);
+        let path = f.display().to_string();
+        let mut def = FeedDef::parse(&path, &text)?;
+        def.resolve_replay(&path, dir)?;
+        defs.push(def);
     }
     if defs.is_empty() {
         return Err(FeedError::Invalid {

@@ -113,6 +113,7 @@ pub async fn run(
     let start_wall = now_ns() as i64;
     let period_ns = 1e9 / def.rate_per_s;
     let mut emitted: u64 = 0;
+    let mut burst: Vec<Tick> = Vec::new();
     loop {
         // Checked every round: a generator that is behind schedule never sleeps, and must
         // still stop promptly when asked.
@@ -131,13 +132,15 @@ pub async fn run(
         let recv = now_ns() as i64;
         let oldest = start_wall + ((emitted + 1) as f64 * period_ns) as i64;
         lag.observe((recv - oldest).max(0) as f64 / 1e9);
+        burst.clear();
         for _ in 0..due {
             emitted += 1;
             let scheduled = start_wall + (emitted as f64 * period_ns) as i64;
-            let tick = generator.next_tick(scheduled, recv);
-            if !ingest.publish(tick, &cancel).await {
-                return;
-            }
+            burst.push(generator.next_tick(scheduled, recv));
+        }
+        // One log lock per burst; the ticks then go to the shard queues.
+        if !ingest.publish_burst(&burst, &cancel).await {
+            return;
         }
         ingest.flush();
     }

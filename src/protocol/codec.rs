@@ -247,6 +247,38 @@ impl Record {
         self
     }
 
+    /// A copy with another seq (the server assigning one).
+    #[inline]
+    pub fn with_seq(mut self, seq: u64) -> Record {
+        self.buf[8..16].copy_from_slice(&seq.to_le_bytes());
+        self
+    }
+
+    /// A copy with another feed id (a replay into a feed of another id).
+    #[inline]
+    pub fn with_feed_id(mut self, feed_id: u16) -> Record {
+        self.buf[2..4].copy_from_slice(&feed_id.to_le_bytes());
+        self
+    }
+
+    /// A copy stamped with the gateway's ingest time.
+    #[inline]
+    pub fn with_recv_ts(mut self, ts_recv_ns: i64) -> Record {
+        self.buf[24..32].copy_from_slice(&ts_recv_ns.to_le_bytes());
+        self
+    }
+
+    /// A copy with its flag byte cleared.
+    #[inline]
+    pub fn without_flags(mut self) -> Record {
+        let at = match self.rtype() {
+            RTYPE_TRADE => TRADE_FLAGS_AT,
+            _ => QUOTE_FLAGS_AT,
+        };
+        self.buf[at] = 0;
+        self
+    }
+
     /// Decodes the body (trade or quote).
     pub fn body(&self) -> Body {
         match self.rtype() {

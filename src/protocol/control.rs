@@ -41,6 +41,10 @@ pub enum ClientMsg {
         /// Replay from the resume buffer: symbol → last seq seen.
         #[serde(default)]
         resume: Option<BTreeMap<String, u64>>,
+        /// Extension: the epoch the `resume` seqs belong to. When it is not the feed's
+        /// current epoch the seqs are ignored and those instruments get a snapshot.
+        #[serde(default)]
+        epoch: Option<u64>,
     },
     /// Stop receiving instruments.
     Unsubscribe {
@@ -149,6 +153,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A configured limit (subscriptions per connection, ...) would be exceeded.
     LimitExceeded,
+    /// Publish endpoint: a batch was refused (the message names the record and rule).
+    BadRecord,
 }
 
 impl ErrorCode {
@@ -162,6 +168,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::BadRecord => "bad_record",
         }
     }
 }
@@ -291,7 +298,8 @@ mod tests {
         )
         .expect("valid");
         match m {
-            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume } => {
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch } => {
+                assert_eq!(epoch, None);
                 assert_eq!(id, Some(1));
                 assert_eq!(feed, "XNAS");
                 assert_eq!(symbols, vec!["AAPL", "MSFT"]);

@@ -235,6 +235,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
             }
             _ = ping_timer.tick() => {
                 if last_pong.elapsed() > heartbeat * 2 {
+                    app.metrics.heartbeat_timeouts.inc();
                     shard.core.borrow_mut().close(h.key, close::POLICY, "heartbeat timeout");
                 } else if let Err(Some(e)) = with_kill(h, ws.send(Message::Ping(Vec::new().into()))).await {
                     return fail(&mut ws, e).await;

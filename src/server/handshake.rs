@@ -45,7 +45,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn bad_request(description: impl Into<String>) -> Refusal {
+    pub(crate) fn bad_request(description: impl Into<String>) -> Refusal {
         Refusal {
             status: StatusCode::BAD_REQUEST,
             error: "invalid_request",
@@ -98,7 +98,7 @@ impl Refusal {
 }
 
 /// How the token was presented.
-enum Credential {
+pub(crate) enum Credential {
     Bearer(String),
     Ticket(String),
     None,
@@ -113,7 +113,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// Reads the WebSocket upgrade headers and the credential. Pure function of the request
 /// head, so every refusal path is easy to test.
-fn check_request(
+pub(crate) fn check_request(
     app: &AppState,
     method: &Method,
     query: Option<&str>,
@@ -255,14 +255,16 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Refusal>
 }
 
 /// Resolves the credential to a principal; `None` means in-band `auth` will follow.
-fn authorize(app: &AppState, cred: Credential) -> Result<Option<Principal>, Refusal> {
+/// `need_read`: the token must carry an `md:read` scope (the stream endpoint).
+pub(crate) fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Result<Option<Principal>, Refusal> {
     if app.config.auth.insecure_no_auth {
         // Benchmark-only mode (loopback enforced by config validation): no token is
         // needed or checked; the principal reads everything and never expires.
         return Ok(Some(anonymous()));
     }
     match cred {
-        Credential::Bearer(t) => authorize_token(app, &t).map(Some),
+        Credential::Bearer(t) if need_read => authorize_token(app, &t).map(Some),
+        Credential::Bearer(t) => app.validator.validate(&t).map(Some).map_err(|e| Refusal::invalid_token(&e)),
         Credential::Ticket(t) => {
             let ticket_refusal = |description: String, reason: &'static str| Refusal {
                 status: StatusCode::UNAUTHORIZED,
@@ -282,7 +284,7 @@ fn authorize(app: &AppState, cred: Credential) -> Result<Option<Principal>, Refu
             }
             Ok(Some(p))
         }
-        Credential::None if app.config.auth.inband_timeout_ms > 0 => Ok(None),
+        Credential::None if need_read && app.config.auth.inband_timeout_ms > 0 => Ok(None),
         Credential::None => Err(Refusal::invalid_token(&AuthError::Missing)),
     }
 }
@@ -394,7 +396,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
             }
         }
         let (key, cred) = check_request(&app, req.method(), req.uri().query(), req.headers())?;
-        let principal = authorize(&app, cred)?;
+        let principal = authorize(&app, cred, true)?;
         let Some(shard) = shard::current() else {
             return Err(Refusal::unavailable("no shard on this thread"));
         };
@@ -423,17 +425,22 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
             // The connection lives on this shard thread; the tracker lets shutdown wait
             // for it (drop-counted: the token is released when the task ends or is dropped).
             tokio::task::spawn_local(app.tracker.track_future(task));
-            let mut resp = Response::new(axum::body::Body::empty());
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = resp.headers_mut();
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-            }
-            // Only `tickgate.v1` is echoed, never the bearer entry.
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-            resp
+            switching_protocols(&key)
         }
     }
+}
+
+/// The 101 answer to an accepted WebSocket upgrade.
+pub(crate) fn switching_protocols(key: &str) -> Response {
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    // Only `tickgate.v1` is echoed, never the bearer entry.
+    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    resp
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod connection;
 pub mod handshake;
 pub mod limits;
+pub mod publish;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -62,6 +63,12 @@ pub struct AppState {
     pub tickets: crate::auth::tickets::TicketStore,
     /// The JWKS cache, with an external issuer.
     pub jwks: Option<Arc<crate::auth::jwks::JwksCache>>,
+    /// Where publishers' records go.
+    pub ingest: crate::engine::Ingest,
+    /// Tracks the sources (publisher connections included) so shutdown waits for them.
+    pub sources: TaskTracker,
+    /// Stops the sources.
+    pub sources_cancel: CancellationToken,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -71,6 +78,7 @@ pub fn public_router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/stream", get(handshake::stream))
         .route("/v1/ticket", axum::routing::post(handshake::ticket))
+        .route("/v1/publish", get(publish::handshake))
         .route("/", get(|| async { Html(DEMO_PAGE) }))
         .with_state(app)
 }

@@ -26,6 +26,15 @@ pub fn feed_toml(name: &str, id: u16, symbols: usize, rate: f64) -> String {
     )
 }
 
+/// A `publish` feed file for tests.
+pub fn publish_toml(name: &str, id: u16, symbols: usize, policy: &str, resume_records: usize) -> String {
+    let syms: Vec<String> = (0..symbols).map(|i| format!("\"S{i}\"")).collect();
+    format!(
+        "name = \"{name}\"\nid = {id}\nsource = \"publish\"\npolicy = \"{policy}\"\nsymbols = [{}]\n[resume]\nrecords = {resume_records}\n",
+        syms.join(", ")
+    )
+}
+
 pub struct TestServer {
     pub server: Option<Server>,
     pub url: String,
@@ -38,7 +47,15 @@ impl TestServer {
     /// Starts a server with feed `T` (id 1, 5 symbols at `rate` ticks/s) and feed `OTHER`
     /// (id 2, 3 symbols, 50/s), after letting the caller adjust the config.
     pub async fn start(rate: f64, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_with_feeds(rate, &[], tweak).await
+    }
+
+    /// Like [`TestServer::start`], with extra feed files (file name, contents).
+    pub async fn start_with_feeds(rate: f64, extra: &[(&str, String)], tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in extra {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         std::fs::write(dir.path().join("t.toml"), feed_toml("T", 1, 5, rate)).unwrap();
         std::fs::write(dir.path().join("other.toml"), feed_toml("OTHER", 2, 3, 50.0)).unwrap();
         let mut cfg = Config {

@@ -144,13 +144,6 @@ fn split_symbols(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
-/// The default publish endpoint: `--url`'s scheme, host and port with `/v1/publish?feed=FEED`.
-pub fn default_publish_url(stream_url: &str, feed: &str) -> String {
-    let (scheme, rest) = stream_url.split_once("://").unwrap_or(("ws", stream_url));
-    let authority = rest.split('/').next().unwrap_or(rest);
-    format!("{scheme}://{authority}/v1/publish?feed={feed}")
-}
-
 /// Resolves the access token: none, the given one, or one from the issuer.
 async fn token(a: &LoadArgs) -> Result<String, LoadError> {
     if a.no_token {
@@ -207,7 +200,7 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
             // The token (--token, or from --issuer with every scope the client is allowed)
             // must carry md:publish:<FEED>.
             Target::Tickgate => PublishSink::Tickgate {
-                url: a.publish_url.clone().unwrap_or_else(|| default_publish_url(&a.url, &a.feed)),
+                url: a.publish_url.clone().unwrap_or_else(|| client::publisher::publish_url(&a.url, &a.feed, None)),
                 token: token(&a).await?,
             },
         };
@@ -277,18 +270,4 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
     })
     .await?;
     Ok(LoadReport::Subscribers(Box::new(summary)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn publish_url_follows_the_stream_url() {
-        assert_eq!(
-            default_publish_url("ws://127.0.0.1:9080/v1/stream", "BENCH"),
-            "ws://127.0.0.1:9080/v1/publish?feed=BENCH"
-        );
-        assert_eq!(default_publish_url("wss://h:1", "X"), "wss://h:1/v1/publish?feed=X");
-    }
 }

@@ -1,0 +1,293 @@
+//! The `subscribe` and `record` commands, as library functions the binary calls.
+//!
+//! `subscribe` prints one JSON line per record or control message (gaps, resets and
+//! conflated/replayed records included, so what the delivery guarantees promise is
+//! visible) and can keep a resume file: after every message it records the last seq
+//! seen per symbol and the feed's epoch, and at start it resumes from them, so a client
+//! that reconnects gets exactly what it missed.
+//!
+//! `record` captures a live stream into a [`crate::feeds::recording`] file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ClientError, ConnectOptions, Event, Subscriber};
+use crate::feeds::recording::{Meta, Writer};
+use crate::protocol::codec::{Body, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
+use crate::protocol::control::ServerMsg;
+use crate::protocol::now_ns;
+
+/// `tickgate subscribe` settings.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Stream URL.
+    pub url: String,
+    /// Access token.
+    pub token: String,
+    /// Feed name.
+    pub feed: String,
+    /// Symbols, or `["*"]`.
+    pub symbols: Vec<String>,
+    /// Ask for a snapshot first.
+    pub snapshot: bool,
+    /// Stop after this many records.
+    pub limit: Option<u64>,
+    /// CA certificate for wss://.
+    pub ca_file: Option<PathBuf>,
+    /// Resume from / keep the last seqs in this file.
+    pub resume_file: Option<PathBuf>,
+}
+
+/// What a resume file holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResumeState {
+    /// Feed name.
+    pub feed: String,
+    /// Epoch the seqs belong to.
+    pub epoch: Option<u64>,
+    /// Last seq seen per symbol.
+    pub seqs: BTreeMap<String, u64>,
+}
+
+impl ResumeState {
+    /// Reads a resume file; a missing file is an empty state.
+    pub fn load(path: &Path) -> Result<Option<ResumeState>, ClientError> {
+        match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClientError::Io(e)),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| ClientError::Control(format!("resume file {}: {e}", path.display()))),
+        }
+    }
+
+    /// Writes the file atomically (temporary file + rename), so a client killed at any
+    /// moment leaves either the old or the new state, never half of one.
+    pub fn save(&self, path: &Path) -> Result<(), ClientError> {
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec(self).map_err(|e| ClientError::Control(e.to_string()))?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+/// How a `subscribe` run ended.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SubscribeSummary {
+    /// Records printed.
+    pub records: u64,
+    /// Delivery violations (silent gaps, duplicates, strays).
+    pub violations: u64,
+    /// Close code, if the server closed.
+    pub close_code: Option<u16>,
+}
+
+/// A record as one JSON object.
+pub fn record_json(r: &Record, feed: Option<&str>, symbol: Option<&str>, send_ts_ns: u64) -> serde_json::Value {
+    let flags = r.flags();
+    let mut v = json!({
+        "type": if r.rtype() == 1 { "trade" } else { "quote" },
+        "feed": feed,
+        "symbol": symbol,
+        "instrument_id": r.instrument_id(),
+        "seq": r.seq(),
+        "ts_event_ns": r.ts_event_ns(),
+        "ts_recv_ns": r.ts_recv_ns(),
+        "send_ts_ns": send_ts_ns,
+        "flags": flags,
+    });
+    for (bit, name) in [(FLAG_SNAPSHOT, "snapshot"), (FLAG_REPLAY, "replay"), (FLAG_CONFLATED, "conflated")] {
+        if flags & bit != 0 {
+            v[name] = json!(true);
+        }
+    }
+    match r.body() {
+        Body::Trade(t) => {
+            v["price"] = json!(t.price as f64 / 1e9);
+            v["size"] = json!(t.size as f64 / 1e9);
+            v["side"] = json!(t.side);
+        }
+        Body::Quote(q) => {
+            v["bid_px"] = json!(q.bid_px as f64 / 1e9);
+            v["bid_sz"] = json!(q.bid_sz as f64 / 1e9);
+            v["ask_px"] = json!(q.ask_px as f64 / 1e9);
+            v["ask_sz"] = json!(q.ask_sz as f64 / 1e9);
+        }
+    }
+    v
+}
+
+/// Runs `tickgate subscribe`, writing JSON lines to `out`.
+pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<SubscribeSummary, ClientError> {
+    let copts = ConnectOptions { ca_file: opts.ca_file.clone(), ..ConnectOptions::default() };
+    let mut sub = Subscriber::connect(&opts.url, &opts.token, &copts).await?;
+    let mut state = match &opts.resume_file {
+        Some(p) => ResumeState::load(p)?.filter(|s| s.feed == opts.feed),
+        None => None,
+    }
+    .unwrap_or(ResumeState { feed: opts.feed.clone(), ..ResumeState::default() });
+    let resume = (!state.seqs.is_empty()).then(|| (state.epoch, state.seqs.clone()));
+    let symbols: Vec<&str> = opts.symbols.iter().map(String::as_str).collect();
+    sub.subscribe(1, &opts.feed, &symbols, opts.snapshot, resume).await?;
+    let mut summary = SubscribeSummary::default();
+    loop {
+        let event = sub.next_event().await?;
+        match &event {
+            Event::Control(m) => {
+                writeln!(out, "{}", serde_json::to_string(m).map_err(|e| ClientError::Control(e.to_string()))?)?;
+            }
+            Event::Batch { send_ts_ns, records, anomalies } => {
+                for r in records {
+                    let f = r.feed_id();
+                    let v =
+                        record_json(r, sub.tracker.feed_name(f), sub.tracker.symbol(f, r.instrument_id()), *send_ts_ns);
+                    writeln!(out, "{v}")?;
+                    summary.records += 1;
+                }
+                for a in anomalies {
+                    summary.violations += 1;
+                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
+                }
+            }
+            Event::Closed { code, reason } => {
+                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
+                summary.close_code = Some(*code);
+            }
+        }
+        out.flush()?;
+        // Saved after the output: a client killed in between prints a record again
+        // after it resumes, never loses one.
+        if let Some(p) = &opts.resume_file {
+            state.epoch = sub.tracker.epoch(&opts.feed);
+            state.seqs = sub
+                .tracker
+                .last_seen()
+                .into_iter()
+                .filter(|(f, _, _)| *f == opts.feed)
+                .map(|(_, s, seq)| (s, seq))
+                .collect();
+            state.save(p)?;
+        }
+        if summary.close_code.is_some() {
+            break;
+        }
+        if opts.limit.is_some_and(|l| summary.records >= l) {
+            sub.close().await;
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+/// `tickgate record` settings.
+#[derive(Debug, Clone, Default)]
+pub struct RecordOptions {
+    /// Stream URL.
+    pub url: String,
+    /// Access token.
+    pub token: String,
+    /// Feed to capture.
+    pub feed: String,
+    /// Symbols, or `["*"]`.
+    pub symbols: Vec<String>,
+    /// Output file.
+    pub out: PathBuf,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Stop after this many records.
+    pub limit: Option<u64>,
+    /// CA certificate for wss://.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What `record` wrote.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecordSummary {
+    /// The file.
+    pub file: String,
+    /// Records written.
+    pub records: u64,
+    /// Instruments in the symbol table.
+    pub instruments: usize,
+    /// `gap` messages seen while capturing (the capture is then not the whole stream).
+    pub gaps_seen: u64,
+    /// `reset` messages seen while capturing.
+    pub resets_seen: u64,
+    /// Seconds captured.
+    pub seconds: f64,
+}
+
+/// Runs `tickgate record`: subscribes (live, no snapshot) and writes every record to a
+/// recording whose symbol table is the subscribed instruments, renumbered 1..k, and whose
+/// seqs run 1, 2, 3, ... per instrument from the first record captured.
+pub async fn record(opts: &RecordOptions) -> Result<RecordSummary, ClientError> {
+    let copts = ConnectOptions { ca_file: opts.ca_file.clone(), ..ConnectOptions::default() };
+    let mut sub = Subscriber::connect(&opts.url, &opts.token, &copts).await?;
+    let symbols: Vec<&str> = opts.symbols.iter().map(String::as_str).collect();
+    sub.subscribe(1, &opts.feed, &symbols, false, None).await?;
+    // Wait for the reply: it gives the symbol table.
+    let table = loop {
+        match sub.next_event().await? {
+            Event::Control(ServerMsg::Subscribed { instruments, .. }) => break instruments,
+            Event::Control(ServerMsg::Error { message, .. }) => return Err(ClientError::Control(message)),
+            Event::Closed { code, reason } => return Err(ClientError::Control(format!("closed {code}: {reason}"))),
+            _ => {}
+        }
+    };
+    let new_id: HashMap<u32, u32> = table.iter().enumerate().map(|(k, i)| (i.id, k as u32 + 1)).collect();
+    let meta = Meta {
+        feed: opts.feed.clone(),
+        feed_id: sub.tracker.feed_id_of(&opts.feed).unwrap_or(0),
+        symbols: table.iter().map(|i| i.symbol.clone()).collect(),
+        recorded_at_ns: now_ns(),
+    };
+    let file = std::io::BufWriter::new(std::fs::File::create(&opts.out)?);
+    let mut writer = Writer::new(file, &meta).map_err(|e| ClientError::Control(e.to_string()))?;
+    let mut seqs: HashMap<u32, u64> = HashMap::new();
+    let mut summary =
+        RecordSummary { file: opts.out.display().to_string(), instruments: table.len(), ..Default::default() };
+    let started = Instant::now();
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        let event = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, sub.next_event()).await {
+                Ok(e) => e?,
+                Err(_) => break,
+            },
+            None => sub.next_event().await?,
+        };
+        match event {
+            Event::Control(ServerMsg::Gap { .. }) => summary.gaps_seen += 1,
+            Event::Control(ServerMsg::Reset { .. }) => summary.resets_seen += 1,
+            Event::Control(_) => {}
+            Event::Closed { .. } => break,
+            Event::Batch { records, .. } => {
+                for r in records.iter().filter(|r| r.flags() & FLAG_SNAPSHOT == 0) {
+                    let Some(&id) = new_id.get(&r.instrument_id()) else { continue };
+                    let seq = seqs.entry(id).or_insert(0);
+                    *seq += 1;
+                    let out = Record::encode(r.feed_id(), id, *seq, r.ts_event_ns(), r.ts_recv_ns(), &r.body(), 0);
+                    writer.write(&out).map_err(|e| ClientError::Control(e.to_string()))?;
+                    summary.records += 1;
+                    if opts.limit.is_some_and(|l| summary.records >= l) {
+                        break;
+                    }
+                }
+                if opts.limit.is_some_and(|l| summary.records >= l) {
+                    break;
+                }
+            }
+        }
+    }
+    sub.close().await;
+    let mut file = writer.finish().map_err(|e| ClientError::Control(e.to_string()))?;
+    file.flush()?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,470 @@
+//! Feeds and delivery guarantees over real sockets: publish ingest (and its refusals),
+//! resume after a killed client, conflation for a slow reader, epochs, the shipped
+//! recording replayed record for record, heartbeats, and `subscribe --resume-file`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tickgate::client::publisher::{publish_url, Publisher};
+use tickgate::client::{ClientError, ConnectOptions, Event, Subscriber};
+use tickgate::feeds::recording::Reader;
+use tickgate::protocol::codec::{
+    write_batch_header, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY,
+};
+use tickgate::protocol::control::ServerMsg;
+
+fn trade(feed_id: u16, instr: u32, seq: u64, price: i64) -> Record {
+    Record::encode(feed_id, instr, seq, price, 0, &Body::Trade(Trade { price, size: 100, side: 1 }), 0)
+}
+
+fn quote(feed_id: u16, instr: u32, seq: u64, px: i64) -> Record {
+    Record::encode(
+        feed_id,
+        instr,
+        seq,
+        px,
+        0,
+        &Body::Quote(Quote { bid_px: px, bid_sz: 1, ask_px: px + 1, ask_sz: 1 }),
+        0,
+    )
+}
+
+async fn publisher(ts: &TestServer, feed: &str, token: &str, epoch: Option<u64>) -> Result<Publisher, ClientError> {
+    Publisher::connect(&publish_url(&ts.url, feed, epoch), token, &ConnectOptions::default()).await
+}
+
+/// The HTTP status and JSON body of a refused publish handshake.
+async fn refused(ts: &TestServer, feed_query: &str, token: &str) -> (u16, Value) {
+    let url = format!("{}/v1/publish{feed_query}", ts.base.replace("http://", "ws://"));
+    match tickgate::client::connect(&url, token, &ConnectOptions::default()).await {
+        Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
+            (resp.status().as_u16(), body)
+        }
+        Ok(_) => panic!("publish handshake for {feed_query} was accepted"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Reads a subscriber until `done` says every instrument reached its target, returning
+/// every record (anomalies fail the test).
+async fn read_until(sub: &mut Subscriber, mut done: impl FnMut(&Subscriber) -> bool) -> (Vec<Record>, Vec<ServerMsg>) {
+    let (mut recs, mut msgs) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done(sub) {
+        match tokio::time::timeout_at(deadline, sub.next_event()).await.expect("in time").unwrap() {
+            Event::Batch { records, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                recs.extend(records);
+            }
+            Event::Control(m) => msgs.push(m),
+            Event::Closed { code, reason } => panic!("closed {code} {reason}"),
+        }
+    }
+    (recs, msgs)
+}
+
+fn reached(sub: &Subscriber, feed: &str, last: &HashMap<String, u64>) -> bool {
+    let seen: HashMap<String, u64> =
+        sub.tracker.last_seen().into_iter().filter(|(f, _, _)| f == feed).map(|(_, s, n)| (s, n)).collect();
+    last.iter().all(|(s, n)| seen.get(s).is_some_and(|v| v >= n))
+}
+
+#[tokio::test]
+async fn publisher_handshake_and_batch_errors_are_precise_and_counted() {
+    let ts =
+        TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 3, "disconnect", 1000))], |_| {}).await;
+    let read_only = ts.token(&["md:read:*"]);
+    let publish = ts.token(&["md:publish:P", "md:publish:T"]);
+
+    // Handshake refusals, each with its status and error.
+    let (s, b) = refused(&ts, "?feed=P", &read_only).await;
+    assert_eq!((s, b["error"].as_str()), (403, Some("insufficient_scope")), "{b}");
+    let (s, b) = refused(&ts, "?feed=T", &publish).await;
+    assert_eq!((s, b["error"].as_str()), (409, Some("not_publishable")), "{b}");
+    let (s, b) = refused(&ts, "?feed=NOPE", &publish).await;
+    assert_eq!((s, b["error"].as_str()), (404, Some("unknown_feed")), "{b}");
+    let (s, b) = refused(&ts, "", &publish).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = refused(&ts, "?feed=P&epoch=x", &publish).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = refused(&ts, "?feed=P", &forge_signature(&publish)).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")), "{b}");
+
+    let (mut sub, _) = subscribed(&ts, &read_only, "P", json!(["*"]), false).await;
+    let mut p = publisher(&ts, "P", &publish, None).await.expect("publisher connects");
+    let (s, b) = refused(&ts, "?feed=P", &publish).await;
+    assert_eq!((s, b["error"].as_str()), (409, Some("publisher_active")), "one publisher per feed: {b}");
+
+    p.send(&[trade(9, 1, 0, 1), trade(9, 2, 0, 2), trade(9, 1, 5, 3)]).await.unwrap();
+    assert!(p.sync().await.unwrap().is_empty(), "a good batch is acknowledged without error");
+
+    // Each malformation: refused whole, named, counted; nothing of the batch reaches anyone.
+    let good = trade(9, 3, 0, 99);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let batch = |recs: &[Record]| {
+        let mut b = vec![0u8; BATCH_HEADER_LEN];
+        write_batch_header(&mut b, recs.len() as u16, 0);
+        recs.iter().for_each(|r| b.extend_from_slice(r.as_bytes()));
+        b
+    };
+    let mut bad_len = batch(&[good, good]);
+    bad_len[BATCH_HEADER_LEN + 56] = 48;
+    cases.push(("bad_length", bad_len));
+    let mut bad_type = batch(&[good]);
+    bad_type[BATCH_HEADER_LEN + 1] = 9;
+    cases.push(("unknown_rtype", bad_type));
+    cases.push(("wrong_feed", batch(&[good, trade(1, 1, 0, 4)])));
+    cases.push(("seq_backwards", batch(&[good, trade(9, 1, 4, 5)])));
+    cases.push(("unknown_instrument", batch(&[trade(9, 4, 0, 6)])));
+    cases.push(("malformed_batch", batch(&[good])[..40].to_vec()));
+    for (reason, bytes) in cases {
+        p.send_raw(bytes).await.unwrap();
+        let msgs = p.sync().await.unwrap();
+        match msgs.as_slice() {
+            [ServerMsg::Error { code, message, .. }] => {
+                assert_eq!(code.as_str(), "bad_record");
+                assert!(message.starts_with(reason), "{reason}: {message}");
+            }
+            other => panic!("{reason}: expected one error, got {other:?}"),
+        }
+        assert_eq!(ts.wait_metric(&format!("tickgate_publish_rejects_total{{reason=\"{reason}\"}}"), 1.0).await, 1.0);
+    }
+    // The publisher is still in business, and the subscriber saw exactly the good records
+    // (seq 1, then 5 after a source gap named 2..=4, and instrument 2's seq 1), in order.
+    p.send(&[trade(9, 1, 0, 7)]).await.unwrap();
+    p.sync().await.unwrap();
+    let (recs, msgs) =
+        read_until(&mut sub, |s| reached(s, "P", &HashMap::from([("S0".into(), 6), ("S1".into(), 1)]))).await;
+    let got: Vec<(u32, u64, i64)> = recs.iter().map(|r| (r.instrument_id(), r.seq(), r.ts_event_ns())).collect();
+    assert_eq!(got, vec![(1, 1, 1), (2, 1, 2), (1, 5, 3), (1, 6, 7)]);
+    assert!(
+        msgs.iter().any(|m| matches!(m, ServerMsg::Gap { from: 2, to: 4, reason, .. } if reason == "source_gap")),
+        "{msgs:?}"
+    );
+    p.close().await;
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_client_resumes_with_no_duplicate_and_no_hole() {
+    let ts =
+        TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 3, "disconnect", 100_000))], |_| {}).await;
+    let publish = ts.token(&["md:publish:P"]);
+    let read = ts.token(&["md:read:P"]);
+    let mut p = publisher(&ts, "P", &publish, None).await.unwrap();
+    // Session 1 is there from the start.
+    let (mut s1, _) = subscribed(&ts, &read, "P", json!(["*"]), false).await;
+
+    // The publisher: 3000 records over ~1.5 s; the server assigns seqs, so the expected
+    // sequence per instrument is known here: seq k of instrument i has price 1000*i + k.
+    let total = 3000u64;
+    let pubtask = tokio::spawn(async move {
+        let mut seq = [0u64; 3];
+        for b in 0..(total / 30) {
+            let recs: Vec<Record> = (0..30)
+                .map(|k| {
+                    let i = ((b * 30 + k) * 7 % 3) as usize;
+                    seq[i] += 1;
+                    let price = 1_000_000 * (i as i64 + 1) + seq[i] as i64;
+                    if k % 4 == 0 {
+                        trade(9, i as u32 + 1, 0, price)
+                    } else {
+                        quote(9, i as u32 + 1, 0, price)
+                    }
+                })
+                .collect();
+            p.send(&recs).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        assert!(p.sync().await.unwrap().is_empty());
+        seq
+    });
+
+    // Session 1: read a part, then die without a close.
+    let mut first = Vec::new();
+    while first.len() < 600 {
+        if let Event::Batch { records, anomalies, .. } = s1.next_event().await.unwrap() {
+            assert!(anomalies.is_empty());
+            first.extend(records);
+        }
+    }
+    let last_seen: BTreeMap<String, u64> = s1.tracker.last_seen().into_iter().map(|(_, s, n)| (s, n)).collect();
+    let epoch = s1.tracker.epoch("P");
+    drop(s1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Session 2 resumes from what session 1 saw.
+    let mut s2 = ts.subscriber(&read).await;
+    s2.subscribe(1, "P", &["*"], false, Some((epoch, last_seen))).await.unwrap();
+    let finals = pubtask.await.unwrap();
+    let want: HashMap<String, u64> = (0..3).map(|i| (format!("S{i}"), finals[i])).collect();
+    let (second, _) = read_until(&mut s2, |s| reached(s, "P", &want)).await;
+    assert!(second.iter().any(|r| r.flags() & FLAG_REPLAY != 0), "the missed part came from the resume buffer");
+
+    // The union is exactly the published sequence: every seq once, with its own body.
+    let mut per: HashMap<u32, Vec<(u64, i64)>> = HashMap::new();
+    for r in first.iter().chain(second.iter()) {
+        let price = match r.body() {
+            Body::Trade(t) => t.price,
+            Body::Quote(q) => q.bid_px,
+        };
+        per.entry(r.instrument_id()).or_default().push((r.seq(), price));
+    }
+    for i in 0..3u32 {
+        let got = &per[&(i + 1)];
+        let expect: Vec<(u64, i64)> =
+            (1..=finals[i as usize]).map(|k| (k, 1_000_000 * (i as i64 + 1) + k as i64)).collect();
+        let first_diff = got.iter().zip(&expect).position(|(a, b)| a != b);
+        assert!(
+            got.len() == expect.len() && first_diff.is_none(),
+            "instrument {i}: {} records for {} published; first difference at {first_diff:?}: {:?}",
+            got.len(),
+            expect.len(),
+            first_diff
+                .map(|k| (&got[k.saturating_sub(2)..(k + 3).min(got.len())], &expect[k.saturating_sub(2)..k + 3]))
+        );
+    }
+    assert!(ts.wait_metric("tickgate_resumes_total{result=\"replayed\"}", 1.0).await >= 1.0);
+    ts.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_under_conflate_gets_latest_quotes_and_explicit_gaps() {
+    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "conflate", 1000))], |c| {
+        c.limits.max_outbound_bytes = 65_536;
+        c.server.send_buffer_bytes = 4096;
+    })
+    .await;
+    let publish = ts.token(&["md:publish:P"]);
+    let read = ts.token(&["md:read:P"]);
+    let (mut fast, _) = subscribed(&ts, &read, "P", json!(["*"]), false).await;
+    let slow_opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
+    let mut slow = Subscriber::connect(&ts.url, &read, &slow_opts).await.unwrap();
+    slow.subscribe(1, "P", &["*"], false, None).await.unwrap();
+    // Let the subscription land, then stop reading the slow one.
+    let _ = next_control(&mut slow).await;
+    let _ = next_control(&mut slow).await;
+
+    let total = 20_000u64;
+    let mut published: HashMap<(u32, u64), Record> = HashMap::new();
+    let mut seq = [0u64; 2];
+    let fast_task = tokio::spawn(async move {
+        let want: HashMap<String, u64> = HashMap::from([("S0".into(), total / 2), ("S1".into(), total / 2)]);
+        let (recs, msgs) = read_until(&mut fast, |s| reached(s, "P", &want)).await;
+        (recs.len() as u64, msgs.iter().filter(|m| matches!(m, ServerMsg::Gap { .. })).count(), fast.tracker.conflated)
+    });
+    let mut p = publisher(&ts, "P", &publish, None).await.unwrap();
+    // Paced (50 records every 2 ms) so the client that keeps up does; the slow one
+    // stops reading entirely.
+    for b in 0..(total / 50) {
+        let recs: Vec<Record> = (0..50)
+            .map(|k| {
+                let i = (k % 2) as usize;
+                seq[i] += 1;
+                let r = if (b * 50 + k) % 5 == 0 {
+                    trade(9, i as u32 + 1, seq[i], seq[i] as i64)
+                } else {
+                    quote(9, i as u32 + 1, seq[i], seq[i] as i64)
+                };
+                published.insert((i as u32 + 1, seq[i]), r);
+                r
+            })
+            .collect();
+        p.send(&recs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(p.sync().await.unwrap().is_empty());
+
+    // The client that keeps up got everything, at full rate, without a gap.
+    let (n, gaps, conflated) = fast_task.await.unwrap();
+    assert_eq!((n, gaps, conflated), (total, 0, 0));
+    assert!(ts.wait_metric("tickgate_slow_consumer_events_total{action=\"conflate\"}", 1.0).await >= 1.0);
+
+    // The slow one catches up: no silent hole (the tracker checks), gaps for trades,
+    // CONFLATED quotes that are the real latest quotes, and it ends at the last seq.
+    let want: HashMap<String, u64> = HashMap::from([("S0".into(), seq[0]), ("S1".into(), seq[1])]);
+    let (recs, msgs) = read_until(&mut slow, |s| reached(s, "P", &want)).await;
+    let slow_gaps =
+        msgs.iter().filter(|m| matches!(m, ServerMsg::Gap { reason, .. } if reason == "slow_consumer")).count();
+    assert!(slow_gaps > 0, "dropped trades are named by gaps");
+    assert!(slow.tracker.conflated > 0, "quotes were conflated");
+    assert!((recs.len() as u64) < total, "the slow reader did not get everything one by one");
+    for r in recs.iter().filter(|r| r.flags() & FLAG_CONFLATED != 0) {
+        let orig = published[&(r.instrument_id(), r.seq())];
+        assert_eq!(r.body(), orig.body(), "a conflated quote is the published one");
+    }
+    // Back to full rate: after catching up, new records arrive one by one.
+    p.send(&[quote(9, 1, seq[0] + 1, 1), quote(9, 1, seq[0] + 2, 2)]).await.unwrap();
+    p.sync().await.unwrap();
+    let (after, _) = read_until(&mut slow, |s| reached(s, "P", &HashMap::from([("S0".to_string(), seq[0] + 2)]))).await;
+    assert_eq!(after.iter().map(|r| (r.seq(), r.flags())).collect::<Vec<_>>(), vec![(seq[0] + 1, 0), (seq[0] + 2, 0)]);
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn publisher_epochs_reset_subscribers_and_numbering_continues_otherwise() {
+    let ts =
+        TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 1, "disconnect", 1000))], |_| {}).await;
+    let publish = ts.token(&["md:publish:P"]);
+    let (mut sub, _) = subscribed(&ts, &ts.token(&["md:read:P"]), "P", json!(["S0"]), false).await;
+
+    let mut a = publisher(&ts, "P", &publish, Some(100)).await.unwrap();
+    a.send(&(0..3).map(|k| trade(9, 1, 0, k)).collect::<Vec<_>>()).await.unwrap();
+    a.sync().await.unwrap();
+    a.close().await;
+    // A reconnecting publisher without an epoch continues the numbering.
+    let mut b = publisher(&ts, "P", &publish, None).await.unwrap();
+    b.send(&[trade(9, 1, 0, 3)]).await.unwrap();
+    b.sync().await.unwrap();
+    b.close().await;
+    // A new epoch: subscribers hear `reset` before any record of it, and seqs start over.
+    let mut c = publisher(&ts, "P", &publish, Some(200)).await.unwrap();
+    c.send(&[trade(9, 1, 0, 4), trade(9, 1, 0, 5)]).await.unwrap();
+    c.sync().await.unwrap();
+
+    let mut events: Vec<String> = Vec::new();
+    while events.len() < 8 {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
+            Event::Batch { records, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                events.extend(records.iter().map(|r| format!("seq {}", r.seq())));
+            }
+            Event::Control(ServerMsg::Reset { epoch, .. }) => events.push(format!("reset {epoch}")),
+            Event::Control(_) => {}
+            Event::Closed { code, .. } => panic!("closed {code}"),
+        }
+    }
+    assert_eq!(events, ["reset 100", "seq 1", "seq 2", "seq 3", "seq 4", "reset 200", "seq 1", "seq 2"]);
+    ts.shutdown().await;
+}
+
+fn sample_path() -> String {
+    format!("{}/feeds/sample.tgrec", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn replay_toml(speed: f64, looping: bool) -> String {
+    format!(
+        "name = \"R\"\nid = 5\nsource = \"replay\"\n[replay]\nfile = \"{}\"\nspeed = {speed}\nloop = {looping}\n",
+        sample_path()
+    )
+}
+
+#[tokio::test]
+async fn the_shipped_recording_replays_record_for_record() {
+    let mut reader = Reader::open(std::path::Path::new(&sample_path())).unwrap();
+    let symbols = reader.meta().symbols.clone();
+    let mut file = Vec::new();
+    while let Some(r) = reader.next_record().unwrap() {
+        file.push(r);
+    }
+    assert!(file.len() > 1000, "the sample holds a real session");
+    let ts = TestServer::start_with_feeds(50.0, &[("r.toml", replay_toml(0.0, false))], |c| {
+        c.limits.max_outbound_bytes = 4 << 20;
+    })
+    .await;
+    // As fast as possible, once; then every record is in the resume buffer.
+    let n = file.len() as f64;
+    assert_eq!(ts.wait_metric("tickgate_ticks_ingested_total{feed=\"R\"}", n).await, n);
+    let read = ts.token(&["md:read:R"]);
+    let mut sub = ts.subscriber(&read).await;
+    let _ = next_control(&mut sub).await;
+    let from_zero: BTreeMap<String, u64> = symbols.iter().map(|s| (s.clone(), 0)).collect();
+    sub.subscribe(1, "R", &["*"], false, Some((None, from_zero))).await.unwrap();
+    let mut got: Vec<Record> = Vec::new();
+    while got.len() < file.len() {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
+            Event::Batch { records, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                got.extend(records);
+            }
+            Event::Control(m) => assert!(matches!(m, ServerMsg::Subscribed { .. }), "{m:?}"),
+            Event::Closed { code, .. } => panic!("closed {code}"),
+        }
+    }
+    for (k, (g, f)) in got.iter().zip(&file).enumerate() {
+        assert_eq!(g.flags(), FLAG_REPLAY, "record {k}");
+        assert_eq!(
+            (g.instrument_id(), g.seq(), g.rtype(), g.ts_event_ns(), g.body()),
+            (f.instrument_id(), f.seq(), f.rtype(), f.ts_event_ns(), f.body()),
+            "record {k}"
+        );
+    }
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_looping_replay_starts_each_pass_with_a_reset() {
+    let ts = TestServer::start_with_feeds(50.0, &[("r.toml", replay_toml(20.0, true))], |_| {}).await;
+    let (mut sub, _) = subscribed(&ts, &ts.token(&["md:read:R"]), "R", json!(["*"]), false).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut records = 0u64;
+    while sub.tracker.resets < 2 {
+        match tokio::time::timeout_at(deadline, sub.next_event()).await.expect("two passes in time").unwrap() {
+            Event::Batch { records: r, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                records += r.len() as u64;
+            }
+            Event::Control(_) => {}
+            Event::Closed { code, .. } => panic!("closed {code}"),
+        }
+    }
+    assert!(records > 1000, "{records}");
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed_and_counted() {
+    let ts = TestServer::start(50.0, |c| c.server.heartbeat_ms = 150).await;
+    let (mut sub, _) = subscribed(&ts, &ts.token(&["md:read:*"]), "T", json!(["S0"]), false).await;
+    // Not reading means not answering pings.
+    assert!(ts.wait_metric("tickgate_heartbeat_timeouts_total", 1.0).await >= 1.0);
+    assert_eq!(wait_close(&mut sub, Duration::from_secs(10)).await, 1008);
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_cli_resumes_from_its_resume_file() {
+    let ts = TestServer::start(300.0, |_| {}).await;
+    let token = ts.token(&["md:read:T"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("resume.json");
+    // The server's acceptor runs on this test's runtime: the child is awaited, not
+    // waited for with a blocking call.
+    let run = |limit: &'static str| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickgate"));
+        cmd.args(["subscribe", "--url", &ts.url, "--feed", "T", "--symbols", "*", "--json", "--limit", limit])
+            .arg("--resume-file")
+            .arg(&file)
+            .env("TICKGATE_TOKEN", &token);
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let first = run("60").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = run("200").await;
+    let mut per: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut replayed = 0;
+    for line in first.lines().chain(second.lines()) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_ne!(v["type"], "delivery_violation", "{line}");
+        if v["type"] == "trade" || v["type"] == "quote" {
+            per.entry(v["symbol"].as_str().unwrap().to_owned()).or_default().push(v["seq"].as_u64().unwrap());
+            replayed += usize::from(v["replay"] == true);
+        }
+    }
+    assert!(replayed > 0, "the second run started from the resume buffer");
+    for (sym, seqs) in per {
+        let start = seqs[0];
+        assert_eq!(seqs, (start..start + seqs.len() as u64).collect::<Vec<_>>(), "{sym}: no duplicate, no hole");
+    }
+    ts.shutdown().await;
+}
