@@ -15,22 +15,25 @@
 # plus 100 instruments at 10k ticks/s with 10 instruments per subscriber (N in {1k, 10k}),
 # plus a ramp (M = 1,000 ticks/s on one instrument, N doubling from 250) to the highest load
 # each server holds with p99 < 10 ms, zero gaps and no failed or closed subscriber.
-# --quick: three small cells and no ramp, in well under 2 minutes (after the release
-# build); it exits non-zero on gaps or errors only, never on timing. The full run takes
-# about 10-15 minutes; it exits non-zero on errors (a load run that failed), while gaps in
-# overloaded cells are results and go to the table.
+# --quick: three small cells (100 x 1k/s, 1k x 100/s, 100 x 1k/s over 100 instruments) and
+# no ramp, in well under 2 minutes (after the release build); it exits non-zero on gaps or
+# errors only, never on timing. The full run took about 4 minutes on a 2-core machine (cells
+# asking more than MAX_DEMAND deliveries/s are not run; each load run is cut at RUN_TIMEOUT);
+# it exits non-zero on errors (a load run that failed), while gaps in overloaded cells are
+# results and go to the table.
 #
-# Publisher (the one switch to flip once tickgate's publish endpoint exists):
-#   PUBLISHER=synthetic (default) - tickgate is fed by its own synthetic source (a feed file
-#     with rate M over the cell's instruments, open loop, ts_event_ns = scheduled time) and
-#     NATS by `tickgate load --role publisher` with the same schedule.
-#   PUBLISHER=tickgate-publish - both servers are fed by the same publisher process type:
-#     `tickgate load --role publisher --target tickgate` into GET /v1/publish?feed=CMP.
+# Publisher (--publisher or PUBLISHER=):
+#   tickgate-publish (default) - both servers are fed by the same publisher, `tickgate load
+#     --role publisher` with the same open-loop schedule (ts_event_ns = scheduled time):
+#     into tickgate's GET /v1/publish?feed=CMP (a `source = "publish"` feed; tickgate
+#     assigns the seqs) and into NATS with PUB over TCP. It starts once the subscribers are live.
+#   synthetic - tickgate is fed by its own synthetic source instead (a feed file with rate M
+#     over the cell's instruments, also open loop), which runs from the server's start.
 #
 # Cores: with 4+ cores the servers get the first half and the load generator the second
 # half (taskset); with 2-3 cores the servers get core 0 and the load generator the rest;
-# with 1 core nothing is pinned. Only the server under test has subscribers; the other one
-# is idle (tickgate's synthetic feed keeps generating while NATS is measured).
+# with 1 core nothing is pinned. Only the server under test has subscribers and a publisher;
+# the other one is idle (with --publisher synthetic, tickgate's feed keeps generating).
 #
 # Output: docs/benchmarks-compare.jsonl (one line per server and cell) and
 # docs/benchmarks-compare.md (the table with tickgate/NATS ratios). OUT_DIR=... to write elsewhere.
@@ -38,7 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=0
-PUBLISHER=${PUBLISHER:-synthetic}
+PUBLISHER=${PUBLISHER:-tickgate-publish}
 SECS=""
 CELLS=""
 while [ $# -gt 0 ]; do
@@ -138,7 +141,9 @@ EOF
 start_publisher() {
   local server=$1 k=$2 rate=$3 target url
   if [ "$server" = nats ]; then target=(--target nats --nats-url "nats://127.0.0.1:$NATS_PORT")
-  else target=(--target tickgate --url "ws://127.0.0.1:$TG_PORT/v1/stream" --no-token); fi
+  # tickgate numbers the ticks itself (seq 0): each cell's publisher is a new process
+  # whose own numbering would restart at 1, which the feed refuses as seq_backwards.
+  else target=(--target tickgate --url "ws://127.0.0.1:$TG_PORT/v1/stream" --no-token --server-seq); fi
   "${PIN_LOAD[@]}" "$BIN" load --role publisher "${target[@]}" --feed CMP --feed-id 100 \
     --symbols "$(symbols "$k")" --rate "$rate" --seconds 0 >"$work/pub.json" 2>"$work/pub.err" &
   PUB_PID=$!
@@ -146,7 +151,9 @@ start_publisher() {
 
 stop_publisher() {
   if [ -n "$PUB_PID" ]; then kill -TERM "$PUB_PID" 2>/dev/null || true; wait "$PUB_PID" 2>/dev/null || true; PUB_PID=""; fi
-  jq -c . "$work/pub.json" 2>/dev/null || echo null
+  local pub; pub=$(jq -c . "$work/pub.json" 2>/dev/null) || pub=""
+  if [ -z "$pub" ]; then echo "publisher failed:" >&2; tail -3 "$work/pub.err" >&2; pub=null; fi
+  echo "$pub"
 }
 
 RESULTS="$work/results.jsonl"; : > "$RESULTS"
@@ -226,7 +233,8 @@ if [ -n "$CELLS" ]; then
 elif [ "$QUICK" = 1 ]; then
   start_servers 1 1000
   cell 100 1000 1 0
-  cell 1000 1000 1 0
+  start_servers 1 100
+  cell 1000 100 1 0
   start_servers 100 1000
   cell 100 1000 100 10
 else

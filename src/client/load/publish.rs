@@ -209,8 +209,22 @@ impl std::fmt::Debug for TickgatePublisher {
 
 impl TickgatePublisher {
     /// Connects to the publish endpoint.
+    /// A feed takes one publisher at a time: while the previous one is still being let
+    /// go (409), this retries for up to 5 s.
     pub async fn connect(url: &str, token: &str) -> Result<TickgatePublisher, LoadError> {
-        let ws = crate::client::connect(url, token, &ConnectOptions::default()).await?;
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ws = loop {
+            match crate::client::connect(url, token, &ConnectOptions::default()).await {
+                Ok(ws) => break ws,
+                Err(crate::client::ClientError::Ws(WsError::Http(r)))
+                    if r.status().as_u16() == 409 && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let (tx, mut rx) = ws.split();
         let (pong_tx, pongs) = tokio::sync::mpsc::unbounded_channel();
         let errors = Arc::new(AtomicU64::new(0));
