@@ -1,7 +1,9 @@
-//! The NATS side of the comparison benchmark against a real nats-server: the publisher
-//! (`tickgate load --role publisher --target nats`) and the WebSocket subscribers
-//! (`tickgate load --target nats`), in one process and spread over two, must see every
-//! tick exactly once, in seq order, with latency measured.
+//! The load generator of the comparison benchmark (`benches/compare.sh`) end to end. NATS
+//! side, against a real nats-server: the publisher (`tickgate load --role publisher
+//! --target nats`) and the WebSocket subscribers (`tickgate load --target nats`), in one
+//! process and spread over two, must see every tick exactly once, in seq order, with
+//! latency measured. tickgate side: the same publisher into `/v1/publish` of a real
+//! `tickgate serve`, and the same subscribers.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -59,9 +61,18 @@ fn start_nats() -> Nats {
 /// Starts the subscribers, waits until they measure, publishes `count` ticks over
 /// `symbols`, and returns (subscriber summary, publisher summary).
 fn subscribe_and_publish(nats: &Nats, symbols: &str, count: u64, extra: &[&str]) -> (Value, Value) {
+    let sub = ["--target", "nats", "--nats-url", &format!("ws://127.0.0.1:{}", nats.ws_port)].map(String::from);
+    let publisher =
+        ["--target", "nats", "--nats-url", &format!("nats://127.0.0.1:{}", nats.client_port)].map(String::from);
+    run_pair(&sub, &publisher, symbols, count, extra)
+}
+
+/// The same against any server: `sub` and `publisher` name the target.
+fn run_pair(sub: &[String], publisher: &[String], symbols: &str, count: u64, extra: &[&str]) -> (Value, Value) {
     let mut sub = Kill(
         Command::new(BIN)
-            .args(["load", "--target", "nats", "--nats-url", &format!("ws://127.0.0.1:{}", nats.ws_port)])
+            .arg("load")
+            .args(sub)
             .args(["--feed", "TEST", "--symbols", symbols, "--warmup", "0", "--seconds", "4"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -82,9 +93,20 @@ fn subscribe_and_publish(nats: &Nats, symbols: &str, count: u64, extra: &[&str])
     rx.recv_timeout(Duration::from_secs(20)).expect("the subscribers never started measuring");
 
     let publisher = Command::new(BIN)
-        .args(["load", "--role", "publisher", "--target", "nats"])
-        .args(["--nats-url", &format!("nats://127.0.0.1:{}", nats.client_port)])
-        .args(["--feed", "TEST", "--symbols", symbols, "--rate", "1000", "--count", &count.to_string()])
+        .args(["load", "--role", "publisher"])
+        .args(publisher)
+        .args([
+            "--feed",
+            "TEST",
+            "--feed-id",
+            "7",
+            "--symbols",
+            symbols,
+            "--rate",
+            "1000",
+            "--count",
+            &count.to_string(),
+        ])
         .args(["--seconds", "0"])
         .output()
         .unwrap();
@@ -98,8 +120,9 @@ fn subscribe_and_publish(nats: &Nats, symbols: &str, count: u64, extra: &[&str])
     (serde_json::from_str(&out).unwrap(), published)
 }
 
-fn assert_clean(s: &Value, connections: u64, records: u64) {
-    assert_eq!(s["target"], "nats");
+fn assert_clean(s: &Value, target: &str, connections: u64, records: u64) {
+    assert_eq!(s["target"], target);
+    assert_eq!(s["gap_messages"], 0, "{s}");
     assert_eq!(s["connections"], connections, "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     assert_eq!(s["anomalies"], 0, "seq gaps or repeats: {s}");
@@ -123,7 +146,7 @@ fn nats_publisher_and_websocket_subscribers_see_every_tick() {
     assert_eq!(p["confirmed"], true, "{p}");
     assert_eq!(p["sink"], "nats");
     assert_eq!(s["processes"], 1);
-    assert_clean(&s, 4, 4 * 150);
+    assert_clean(&s, "nats", 4, 4 * 150);
 }
 
 #[test]
@@ -133,5 +156,53 @@ fn subscribers_over_two_processes_merge_their_histograms() {
     assert_eq!(p["ticks"], 240, "{p}");
     assert_eq!(s["processes"], 2, "{s}");
     assert!(s.get("histogram_v2").is_none(), "the merged summary carries no raw histogram");
-    assert_clean(&s, 5, 5 * 240);
+    assert_clean(&s, "nats", 5, 5 * 240);
+}
+
+#[test]
+fn tickgate_publish_endpoint_feeds_the_same_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    std::fs::create_dir(dir.path().join("feeds")).unwrap();
+    // Instrument ids are positions in the feed's symbol list, as the publisher numbers them.
+    std::fs::write(
+        dir.path().join("feeds/test.toml"),
+        "name = \"TEST\"\nid = 7\nsource = \"publish\"\npolicy = \"disconnect\"\nsymbols = [\"A\", \"B\", \"C\"]\n",
+    )
+    .unwrap();
+    let conf = dir.path().join("tickgate.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nfeeds_dir = \"{}\"\n",
+            dir.path().join("feeds").display()
+        ),
+    )
+    .unwrap();
+    let _server = Kill(
+        Command::new(BIN)
+            .args(["serve", "--insecure-no-auth", "--config"])
+            .arg(&conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "tickgate did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("ws://127.0.0.1:{port}/v1/stream");
+    let sub = ["--url", &url, "--no-token"].map(String::from);
+    // The publisher's own seqs (1, 2, 3, ... per instrument) are kept by the server.
+    let publisher = ["--target", "tickgate", "--url", &url, "--no-token"].map(String::from);
+    let (s, p) = run_pair(&sub, &publisher, "A,B,C", 270, &["--connections", "3", "--spread"]);
+    assert_eq!(p["sink"], "tickgate-publish");
+    assert_eq!(p["ticks"], 270, "{p}");
+    assert_eq!(p["errors"], 0, "{p}");
+    assert_eq!(p["confirmed"], true, "the final ping was not answered: {p}");
+    // One instrument per subscriber: 90 ticks each.
+    assert_clean(&s, "tickgate", 3, 3 * 90);
 }
