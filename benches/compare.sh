@@ -150,12 +150,19 @@ start_publisher() {
   PUB_PID=$!
 }
 
+# Stops the cell's publisher (SIGTERM: it confirms what it sent, prints its summary, exits)
+# and leaves that summary in PUB_SUMMARY. Runs in this shell, not in $( ): `wait` needs
+# the publisher to be this shell's child.
 stop_publisher() {
-  if [ -z "$PUB_PID" ]; then echo null; return; fi
-  kill -TERM "$PUB_PID" 2>/dev/null || true; wait "$PUB_PID" 2>/dev/null || true; PUB_PID=""
-  local pub; pub=$(jq -c . "$work/pub.json" 2>/dev/null) || pub=""
-  if [ -z "$pub" ]; then echo "publisher failed:" >&2; tail -3 "$work/pub.err" >&2; pub=null; fi
-  echo "$pub"
+  PUB_SUMMARY=null
+  [ -n "$PUB_PID" ] || return 0
+  kill -TERM "$PUB_PID" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$PUB_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$PUB_PID" 2>/dev/null || true
+  wait "$PUB_PID" 2>/dev/null || true
+  PUB_PID=""
+  PUB_SUMMARY=$(jq -c . "$work/pub.json" 2>/dev/null) || PUB_SUMMARY=""
+  if [ -z "$PUB_SUMMARY" ]; then echo "publisher failed:" >&2; tail -3 "$work/pub.err" >&2; PUB_SUMMARY=null; fi
 }
 
 RESULTS="$work/results.jsonl"; : > "$RESULTS"
@@ -196,7 +203,7 @@ run_cell() {
       out=null; status=failed; echo "load run failed ($server N=$n M=$rate K=$k):" >&2; tail -5 "$work/load.err" >&2
     fi
   fi
-  if [ "$feeder" != synthetic ]; then pub=$(stop_publisher); fi
+  if [ "$feeder" != synthetic ]; then stop_publisher; pub=$PUB_SUMMARY; fi
   jq -cn --arg server "$server" --arg phase "$phase" --arg feeder "$feeder" --argjson n "$n" --argjson rate "$rate" \
      --argjson k "$k" --argjson per "$per" --argjson procs "$procs" --argjson summary "$out" --argjson publisher "$pub" \
      --arg status "$status" --argjson demand "$demand" \
