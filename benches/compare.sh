@@ -326,7 +326,7 @@ out.append("- CPU s/M: server CPU seconds (/proc/PID/stat) in the window per mil
 out.append("- gaps: tickgate `gap` messages + silent seq gaps; NATS: seq jumps/repeats per subject")
 out.append("- load generator CPU: CPU of all subscriber processes in the window, in cores (100 % = one core busy): "
            "near the cores it has, the load generator and not the server bounds that cell\n")
-out.append("- not run (demand): the cell asks for more deliveries/s than MAX_DEMAND (default 2.5M per core of this machine); "
+out.append("- not run (demand): the cell asks for more deliveries/s than MAX_DEMAND (default 5M × (cores + 1) / 2: 7.5M on 2 cores); "
            "timed out: no summary within RUN_TIMEOUT (the load generator could not even connect under that load)\n")
 out.append("Each cell: **tickgate / NATS (tickgate÷NATS)**. Lower is better for latency, CPU and memory; higher for records/s.\n")
 out.append("| subscribers | ticks/s | instruments (per sub) | delivered records/s | p50 | p99 | p99.9 | max | gaps | failed+closed | CPU s/M | RSS/conn | load generator CPU |")
@@ -371,8 +371,8 @@ if ramp:
         out.append(f"| {server} | {best['subscribers']:,} | {fmt_rate(best['summary']['records_per_s'])} | {fmt_us(best['summary']['p99_us'])} | {why} |"
                    if best else f"| {server} | none | - | - | {why} |")
 out.append("\nRerun: `benches/compare.sh --quick` (three small cells, under 2 minutes after the build), `benches/compare.sh` "
-           "(the full grid and the ramp), `--cells \"N:M:K:PER ...\"` for chosen cells; `--publisher tickgate-publish` feeds tickgate "
-           "from the same publisher through `/v1/publish` instead of its synthetic source.")
+           "(the full grid and the ramp), `--cells \"N:M:K:PER ...\"` for chosen cells; `--publisher synthetic` feeds tickgate "
+           "from its own synthetic source instead of the shared publisher.")
 out.append(f"\nRun time: {elapsed} s. Raw results: `benchmarks-compare.jsonl` next to this file (one JSON line per server and cell, "
            "with the full load and publisher summaries).")
 open(md, "w").write("\n".join(out) + "\n")
