@@ -193,7 +193,7 @@ run_cell() {
     # The publisher starts once every subscriber is live (during the warm-up), so that
     # connecting does not happen under load; tickgate's synthetic source cannot wait.
     if [ "$feeder" != synthetic ]; then
-      while kill -0 "$lp" 2>/dev/null && ! grep -q "subscribers live" "$work/load.err"; do sleep 0.05; done
+      while kill -0 "$lp" 2>/dev/null && ! grep -qs "subscribers live" "$work/load.err"; do sleep 0.05; done
       start_publisher "$server" "$k" "$rate"
     fi
     wait "$lp" || rc=$?
