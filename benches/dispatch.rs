@@ -17,6 +17,7 @@ use tickgate::auth::scopes::Entitlements;
 use tickgate::auth::validate::Principal;
 use tickgate::engine::core::{CoreLimits, ShardCore};
 use tickgate::engine::outbound::OutItem;
+use tickgate::engine::resume::{FeedLog, RingBounds};
 use tickgate::engine::Tick;
 use tickgate::feeds::{Catalog, FeedDef};
 use tickgate::protocol::codec::{decode_batch, Body, Quote, Record};
@@ -105,7 +106,8 @@ fn bench_dispatch(c: &mut Criterion) {
     for &conns in &[100usize, 1000] {
         for &per_cycle in &[1usize, 16] {
             let (mut core, keys) = core_with(conns);
-            let mut seq = 0u64;
+            // Seqs per instrument, as a source numbers them (a jump would be a source gap).
+            let mut seqs = [0u64; 10];
             g.throughput(Throughput::Elements((conns * per_cycle) as u64));
             g.bench_with_input(
                 BenchmarkId::new(format!("{conns}_conns"), format!("{per_cycle}_ticks_per_cycle")),
@@ -113,8 +115,9 @@ fn bench_dispatch(c: &mut Criterion) {
                 |b, &per_cycle| {
                     b.iter(|| {
                         for k in 0..per_cycle {
-                            seq += 1;
-                            core.dispatch(&quote((k % 10) as u32, seq));
+                            let i = k % 10;
+                            seqs[i] += 1;
+                            core.dispatch(&quote(i as u32, seqs[i]));
                         }
                         core.end_cycle();
                         black_box(drain(&mut core, &keys))
@@ -185,5 +188,27 @@ fn bench_codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_dispatch, bench_broadcast_peer, bench_codec);
+/// What the resume buffer adds to every tick on the live path: one append (and one
+/// eviction, the ring being full) per tick, under the feed's lock taken once per burst.
+/// Compare with `dispatch/*` per delivered record.
+fn bench_resume_log(c: &mut Criterion) {
+    let mut g = c.benchmark_group("resume_log");
+    g.throughput(Throughput::Elements(1));
+    let mut log = FeedLog::new(10, 1, RingBounds::default());
+    let mut seq = 0u64;
+    for _ in 0..RingBounds::default().records {
+        seq += 1;
+        log.append((seq % 10) as u32, quote((seq % 10) as u32, seq).record);
+    }
+    g.bench_function("append_at_capacity", |b| {
+        b.iter(|| {
+            seq += 1;
+            let t = quote((seq % 10) as u32, seq);
+            log.append(t.instr, black_box(t.record));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_dispatch, bench_broadcast_peer, bench_codec, bench_resume_log);
 criterion_main!(benches);

@@ -8,12 +8,12 @@
 //! |---|---|
 //! | [`config`] | TOML configuration, defaults, validation |
 //! | [`auth`] | key cache, token validation, scopes, the embedded OAuth2 issuer |
-//! | [`engine`] | shard threads, subscription index, per-connection outbound queues |
+//! | [`engine`] | shard threads, subscription index, outbound queues, resume buffer, conflation, timer wheel |
 //! | [`protocol`] | the binary record codec and the JSON control messages |
-//! | [`feeds`] | feed definitions and sources (synthetic random walk) |
-//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, admin |
+//! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording) |
+//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, publish endpoint, admin |
 //! | [`metrics`] | Prometheus metrics |
-//! | [`client`] | the Rust client used by `tickgate token`, `subscribe` and `load` |
+//! | [`client`] | the Rust client used by `tickgate token`, `subscribe`, `record` and `load`; a publisher |
 //!
 //! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
 //! gives tests and embedders the bound addresses and an explicit graceful shutdown.

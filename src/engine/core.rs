@@ -106,6 +106,23 @@ struct InstrState {
     last_quote: Option<Record>,
 }
 
+/// State only a connection that fell behind or resumed ahead of this node needs. Boxed,
+/// so a connection that keeps up carries one pointer and the dispatch loop tests one.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Set while the connection is behind on a `conflate` feed (see [`super::conflate`]).
+    conflation: Option<Conflation>,
+    /// Live records to skip per instrument: a `resume` that named a seq this node had not
+    /// dispatched yet (a client coming from a node further ahead).
+    skip_upto: HashMap<(u16, u32), u64>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.conflation.is_none() && self.skip_upto.is_empty()
+    }
+}
+
 /// A stream connection as the shard sees it.
 #[derive(Debug)]
 pub struct Conn {
@@ -120,11 +137,8 @@ pub struct Conn {
     /// The validated identity.
     pub principal: Principal,
     subs: HashSet<(u16, u32)>,
-    /// Set while the connection is behind on a `conflate` feed (see [`super::conflate`]).
-    conflation: Option<Box<Conflation>>,
-    /// Live records to skip per instrument: a `resume` that named a seq this node had not
-    /// dispatched yet (a client coming from a node further ahead). Checked only when set.
-    skip_upto: Option<HashMap<(u16, u32), u64>>,
+    /// Conflation and resume-ahead state; `None` for a connection that keeps up.
+    rare: Option<Box<Rare>>,
     /// Unique per shard for the connection's life (slab keys are reused).
     serial: u64,
     expire_timer: Option<TimerId>,
@@ -343,8 +357,7 @@ impl ShardCore {
             session,
             principal,
             subs: HashSet::new(),
-            conflation: None,
-            skip_upto: None,
+            rare: None,
             serial: self.next_serial,
             expire_timer: None,
             expiring_timer: None,
@@ -462,8 +475,7 @@ impl ShardCore {
             return;
         }
         c.out.discard_and_close(code, reason);
-        c.conflation = None;
-        c.skip_upto = None;
+        c.rare = None;
         c.notify.notify_one();
         c.kill.notify_one();
         let subs: Vec<(u16, u32)> = c.subs.drain().collect();
@@ -590,31 +602,29 @@ impl ShardCore {
             let Some(c) = conns.get_mut(key) else {
                 continue;
             };
-            // Rare states first, each one branch for a client that keeps up.
-            if let Some(skip) = c.skip_upto.as_mut() {
-                if Self::skipped(skip, tick.feed_idx, tick.instr, seq) {
-                    if skip.is_empty() {
-                        c.skip_upto = None;
+            // Rare states first: one branch for a client that keeps up.
+            if let Some(r) = c.rare.as_deref_mut() {
+                if Self::skipped(&mut r.skip_upto, tick.feed_idx, tick.instr, seq) {
+                    if r.is_empty() {
+                        c.rare = None;
                     }
                     continue;
                 }
+                if let (true, Some(cf)) = (conflate, r.conflation.as_mut()) {
+                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
+                    stats.conflated_records += 1;
+                    continue;
+                }
             }
-            if conflate {
-                if let Some(cf) = c.conflation.as_deref_mut() {
-                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
-                    stats.conflated_records += 1;
-                    continue;
-                }
-                if c.out.bytes() + len > budget {
-                    // Policy `conflate`: stop queueing this feed's records for the
-                    // connection until the writer has drained its queue (see `pop`).
-                    let mut cf = Box::<Conflation>::default();
-                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
-                    c.conflation = Some(cf);
-                    stats.conflate_episodes += 1;
-                    stats.conflated_records += 1;
-                    continue;
-                }
+            if conflate && c.out.bytes() + len > budget {
+                // Policy `conflate`: stop queueing this feed's records for the connection
+                // until the writer has drained its queue (see `pop`).
+                let mut cf = Conflation::default();
+                cf.absorb(tick.feed_idx, tick.instr, &tick.record);
+                c.rare.get_or_insert_with(Default::default).conflation = Some(cf);
+                stats.conflate_episodes += 1;
+                stats.conflated_records += 1;
+                continue;
             }
             let was_empty = c.out.is_empty();
             c.out.push_record(tick.feed_idx, &tick.record, max_batch);
@@ -661,10 +671,11 @@ impl ShardCore {
         let keys = self.index[f as usize][i as usize].clone();
         for key in keys {
             let Some(c) = self.conns.get_mut(key) else { continue };
-            if c.out.is_closed() || c.conflation.as_ref().is_some_and(|cf| cf.has(f, i)) {
+            let rare = c.rare.as_deref();
+            if c.out.is_closed() || rare.and_then(|r| r.conflation.as_ref()).is_some_and(|cf| cf.has(f, i)) {
                 continue;
             }
-            let start = match c.skip_upto.as_ref().and_then(|s| s.get(&(f, i))) {
+            let start = match rare.and_then(|r| r.skip_upto.get(&(f, i))) {
                 Some(&upto) if upto >= seq - 1 => continue,
                 Some(&upto) => from.max(upto + 1),
                 None => from,
@@ -700,11 +711,11 @@ impl ShardCore {
             if c.out.is_closed() || !c.subs.iter().any(|(cf, _)| *cf == feed_idx) {
                 continue;
             }
-            if let Some(cf) = c.conflation.as_deref_mut() {
-                cf.forget_feed(feed_idx);
-            }
-            if let Some(skip) = c.skip_upto.as_mut() {
-                skip.retain(|(sf, _), _| *sf != feed_idx);
+            if let Some(r) = c.rare.as_deref_mut() {
+                if let Some(cf) = r.conflation.as_mut() {
+                    cf.forget_feed(feed_idx);
+                }
+                r.skip_upto.retain(|(sf, _), _| *sf != feed_idx);
             }
             let was_empty = c.out.is_empty();
             c.out.push_text(msg.clone());
@@ -987,9 +998,9 @@ impl ShardCore {
             conn.out.push_record(f, &r.with_flags(FLAG_REPLAY), max_batch);
         }
         if !skips.is_empty() {
-            let map = conn.skip_upto.get_or_insert_with(Default::default);
+            let r = conn.rare.get_or_insert_with(Default::default);
             for (i, n) in skips {
-                map.insert((f, i), n);
+                r.skip_upto.insert((f, i), n);
             }
         }
         for &i in &new {
@@ -1033,11 +1044,11 @@ impl ShardCore {
         };
         let removed: Vec<u32> = instruments.iter().copied().filter(|&i| conn.subs.remove(&(f, i))).collect();
         for &i in &removed {
-            if let Some(cf) = conn.conflation.as_deref_mut() {
-                cf.forget(f, i);
-            }
-            if let Some(skip) = conn.skip_upto.as_mut() {
-                skip.remove(&(f, i));
+            if let Some(r) = conn.rare.as_deref_mut() {
+                if let Some(cf) = r.conflation.as_mut() {
+                    cf.forget(f, i);
+                }
+                r.skip_upto.remove(&(f, i));
             }
         }
         for &i in &removed {
@@ -1125,7 +1136,8 @@ impl ShardCore {
     pub fn pop(&mut self, key: ConnKey) -> Option<OutItem> {
         let c = self.conns.get_mut(key)?;
         let item = c.out.pop();
-        if c.conflation.is_some() && c.out.bytes() <= self.limits.max_outbound_bytes / 4 && !c.out.is_closed() {
+        let conflating = c.rare.as_ref().is_some_and(|r| r.conflation.is_some());
+        if conflating && c.out.bytes() <= self.limits.max_outbound_bytes / 4 && !c.out.is_closed() {
             self.end_conflation(key);
             if item.is_none() {
                 return self.conns.get_mut(key).and_then(|c| c.out.pop());
@@ -1139,7 +1151,11 @@ impl ShardCore {
     #[cold]
     fn end_conflation(&mut self, key: ConnKey) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        let Some(cf) = c.conflation.take() else { return };
+        let Some(r) = c.rare.as_deref_mut() else { return };
+        let Some(cf) = r.conflation.take() else { return };
+        if r.is_empty() {
+            c.rare = None;
+        }
         let max_batch = self.limits.max_batch_bytes;
         for (f, i, emit) in cf.drain() {
             match emit {
@@ -1166,7 +1182,7 @@ impl ShardCore {
 
     /// True while the connection is conflating (a test and admin aid).
     pub fn is_conflating(&self, key: ConnKey) -> bool {
-        self.conns.get(key).is_some_and(|c| c.conflation.is_some())
+        self.conns.get(key).is_some_and(|c| c.rare.as_ref().is_some_and(|r| r.conflation.is_some()))
     }
 }
 
