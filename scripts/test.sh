@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 # Tools the test suite drives for real: "command:Debian package".
-for pair in curl:curl prometheus:prometheus promtool:prometheus; do
+for pair in curl:curl prometheus:prometheus promtool:prometheus nats-server:nats-server; do
   tool=${pair%%:*}; pkg=${pair##*:}
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -120,57 +120,8 @@ enum Cmd {
         #[arg(long)]
         ca_cert: Option<PathBuf>,
     },
-    /// Load generator: N subscribers, latency histogram, delivered records/s.
-    Load {
-        /// Stream URL.
-        #[arg(long, default_value = "ws://127.0.0.1:8080/v1/stream")]
-        url: String,
-        /// Access token (or give --issuer with client credentials).
-        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Issuer base URL to fetch a token from.
-        #[arg(long)]
-        issuer: Option<String>,
-        /// Client id for --issuer.
-        #[arg(long, default_value = "demo")]
-        client_id: String,
-        /// Client secret for --issuer.
-        #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
-        client_secret: Option<String>,
-        /// Subscribers.
-        #[arg(long, default_value_t = 100)]
-        connections: usize,
-        /// Feed.
-        #[arg(long, default_value = "DEMO")]
-        feed: String,
-        /// Comma-separated symbols, or '*'.
-        #[arg(long, default_value = "*")]
-        symbols: String,
-        /// Measured seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Warm-up seconds.
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// Source addresses 127.0.0.1 ..= 127.0.0.N.
-        #[arg(long, default_value_t = 8)]
-        source_ips: u8,
-        /// Admin base URL of the server (for CPU and frame counters).
-        #[arg(long)]
-        admin: Option<String>,
-        /// Connection i subscribes only to the i-th symbol (round robin) of --symbols.
-        #[arg(long)]
-        spread: bool,
-        /// Refresh every connection's token in-band every SECS seconds (needs --issuer).
-        #[arg(long, value_name = "SECS")]
-        refresh_every: Option<u64>,
-        /// Present no token (for a server in the benchmark-only --insecure-no-auth mode).
-        #[arg(long)]
-        no_token: bool,
-        /// Handshakes in flight at once while connecting.
-        #[arg(long, default_value_t = 256)]
-        connect_concurrency: usize,
-    },
+    /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
+    Load(Box<client::load::LoadArgs>),
 }
 
 fn init_logs(json: bool) {
@@ -292,75 +243,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
-        Cmd::Load {
-            url,
-            token,
-            issuer,
-            client_id,
-            client_secret,
-            connections,
-            feed,
-            symbols,
-            seconds,
-            warmup,
-            source_ips,
-            admin,
-            spread,
-            refresh_every,
-            no_token,
-            connect_concurrency,
-        } => {
-            let token = match (token, &issuer) {
-                _ if no_token => String::new(),
-                (Some(t), _) => t,
-                (None, Some(iss)) => {
-                    let secret = client_secret.clone().context("--issuer needs --client-secret")?;
-                    client::fetch_token(iss, &client_id, &secret, None).await?
-                }
-                (None, None) => bail!("give --token, --issuer with --client-secret, or --no-token"),
-            };
-            // For refreshes: a task fetches a new token every half period and publishes it.
-            let refresh_tokens = match (refresh_every, &issuer) {
-                (Some(secs), Some(iss)) => {
-                    let secret = client_secret.clone().context("--refresh-every needs --client-secret")?;
-                    let (tx, rx) = tokio::sync::watch::channel(token.clone());
-                    let (iss, id) = (iss.clone(), client_id.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(Duration::from_secs((secs / 2).max(1))).await;
-                            match client::fetch_token(&iss, &id, &secret, None).await {
-                                Ok(t) => {
-                                    if tx.send(t).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) => eprintln!("token refresh fetch failed: {e}"),
-                            }
-                        }
-                    });
-                    Some(rx)
-                }
-                (Some(_), None) => bail!("--refresh-every needs --issuer"),
-                _ => None,
-            };
-            let summary = client::load::run(client::load::LoadOptions {
-                url,
-                token,
-                connections,
-                feed,
-                symbols: split_symbols(&symbols),
-                duration: Duration::from_secs(seconds),
-                warmup: Duration::from_secs(warmup),
-                source_ips,
-                admin,
-                progress: true,
-                spread,
-                refresh_every: refresh_every.map(Duration::from_secs),
-                refresh_tokens,
-                connect_concurrency,
-            })
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+        Cmd::Load(args) => {
+            let argv: Vec<String> = std::env::args().skip(1).collect();
+            let report = client::load::execute(*args, argv).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }
     Ok(())

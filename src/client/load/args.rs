@@ -1,0 +1,273 @@
+//! The `tickgate load` command line and what it runs.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use super::publish::{PublishOptions, PublishSink, PublishSummary};
+use super::{multi, LoadError, LoadOptions, LoadSummary, SubscribeTarget};
+use crate::client;
+
+/// Which side of the benchmark this process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Open subscribers and measure (the default).
+    Subscriber,
+    /// Publish ticks on a fixed open-loop schedule.
+    Publisher,
+}
+
+/// Which server (and protocol) the role talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// tickgate: subscribers on `--url` (`/v1/stream`), the publisher on its publish
+    /// endpoint (`--publish-url`, default `/v1/publish?feed=FEED` on `--url`'s host).
+    Tickgate,
+    /// NATS: subscribers over WebSocket on `--nats-url` (ws://), the publisher on
+    /// `--nats-url` (nats:// or ws://). Subjects `md.<FEED>.<SYMBOL>`, one record per message.
+    Nats,
+}
+
+/// `tickgate load`: a load generator for tickgate and, for comparison, nats-server.
+///
+/// Subscriber role (default): N subscribers, HDR latency against each record's scheduled
+/// time, seq checks, delivered records/s; a progress line every second on stderr and the
+/// JSON summary on stdout. Publisher role (`--role publisher`): M ticks/s round robin over
+/// the `--symbols`, open loop, each tick stamped with its scheduled time; runs `--seconds`
+/// (0: until `--count` ticks or SIGINT/SIGTERM) and prints its JSON summary on stdout.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Subscriber (default) or publisher.
+    #[arg(long, value_enum, default_value_t = Role::Subscriber)]
+    pub role: Role,
+    /// Server to load: tickgate (default) or nats.
+    #[arg(long, value_enum, default_value_t = Target::Tickgate)]
+    pub target: Target,
+    /// Stream URL (tickgate).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/stream")]
+    pub url: String,
+    /// NATS server URL: ws://HOST:PORT for subscribers (WebSocket listener); the publisher
+    /// takes nats:// or ws://.
+    #[arg(long, default_value = "ws://127.0.0.1:4223")]
+    pub nats_url: String,
+    /// tickgate publish endpoint for `--role publisher --target tickgate` (default: `--url`'s
+    /// scheme, host and port with `/v1/publish?feed=FEED`).
+    #[arg(long)]
+    pub publish_url: Option<String>,
+    /// Access token (or give --issuer with client credentials).
+    #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Issuer base URL to fetch a token from.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Client id for --issuer.
+    #[arg(long, default_value = "demo")]
+    pub client_id: String,
+    /// Client secret for --issuer.
+    #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+    /// Subscribers (all processes together).
+    #[arg(long, default_value_t = 100)]
+    pub connections: usize,
+    /// Feed.
+    #[arg(long, default_value = "DEMO")]
+    pub feed: String,
+    /// Comma-separated symbols, or '*' (subscribers). The publisher needs an explicit list:
+    /// instrument id = position in the list + 1.
+    #[arg(long, default_value = "*")]
+    pub symbols: String,
+    /// Measured seconds (subscribers); run time of the publisher (0: until --count or a signal).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Warm-up seconds.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.N (tickgate subscribers; async-nats binds no
+    /// source address on WebSocket connections).
+    #[arg(long, default_value_t = 8)]
+    pub source_ips: u8,
+    /// Admin base URL of the server (for CPU and frame counters).
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Server process id on this machine: CPU seconds (/proc/PID/stat) over the window and
+    /// resident memory per connection (/proc/PID/status, before and after connecting).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Connection i subscribes only to the i-th symbol (round robin) of --symbols.
+    #[arg(long)]
+    pub spread: bool,
+    /// Connection i subscribes to K symbols of --symbols: (i*K + j) mod len, j < K.
+    #[arg(long, value_name = "K", conflicts_with = "spread")]
+    pub symbols_per_conn: Option<usize>,
+    /// Refresh every connection's token in-band every SECS seconds (needs --issuer).
+    #[arg(long, value_name = "SECS")]
+    pub refresh_every: Option<u64>,
+    /// Present no token (for a server in the benchmark-only --insecure-no-auth mode).
+    #[arg(long)]
+    pub no_token: bool,
+    /// Handshakes in flight at once while connecting.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Spread the subscribers over P child processes (each with connections/P subscribers
+    /// and its own slice of source addresses); their summaries are merged.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Publisher: ticks per second, all instruments together.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Publisher: stop after this many ticks.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Publisher: feed id written into the records.
+    #[arg(long, default_value_t = 100)]
+    pub feed_id: u16,
+    /// Publisher: send seq 0 and let the server assign sequence numbers (tickgate only).
+    #[arg(long)]
+    pub server_seq: bool,
+    /// Internal: this process is child INDEX/PROCESSES of a `--processes` run.
+    #[arg(long, hide = true, value_name = "INDEX/PROCESSES")]
+    pub child: Option<String>,
+}
+
+/// What `tickgate load` prints.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum LoadReport {
+    /// Subscriber role.
+    Subscribers(Box<LoadSummary>),
+    /// Publisher role.
+    Publisher(PublishSummary),
+}
+
+fn split_symbols(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// Resolves the access token: none, the given one, or one from the issuer.
+async fn token(a: &LoadArgs) -> Result<String, LoadError> {
+    if a.no_token {
+        return Ok(String::new());
+    }
+    match (&a.token, &a.issuer) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(iss)) => {
+            let secret =
+                a.client_secret.clone().ok_or_else(|| LoadError::Args("--issuer needs --client-secret".into()))?;
+            Ok(client::fetch_token(iss, &a.client_id, &secret, None).await?)
+        }
+        (None, None) => Err(LoadError::Args("give --token, --issuer with --client-secret, or --no-token".into())),
+    }
+}
+
+/// For refreshes: a task fetches a new token every half period and publishes it.
+fn refresh_tokens(a: &LoadArgs, first: &str) -> Result<Option<tokio::sync::watch::Receiver<String>>, LoadError> {
+    match (a.refresh_every, &a.issuer) {
+        (Some(secs), Some(iss)) => {
+            let secret = a
+                .client_secret
+                .clone()
+                .ok_or_else(|| LoadError::Args("--refresh-every needs --client-secret".into()))?;
+            let (tx, rx) = tokio::sync::watch::channel(first.to_owned());
+            let (iss, id) = (iss.clone(), a.client_id.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs((secs / 2).max(1))).await;
+                    match client::fetch_token(&iss, &id, &secret, None).await {
+                        Ok(t) => {
+                            if tx.send(t).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => eprintln!("token refresh fetch failed: {e}"),
+                    }
+                }
+            });
+            Ok(Some(rx))
+        }
+        (Some(_), None) => Err(LoadError::Args("--refresh-every needs --issuer".into())),
+        _ => Ok(None),
+    }
+}
+
+/// Runs `tickgate load` with its parsed arguments. `argv` is the process's own command line
+/// without the program name (re-used for the child processes of `--processes`).
+pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadError> {
+    let symbols = split_symbols(&a.symbols);
+    if a.role == Role::Publisher {
+        let sink = match a.target {
+            Target::Nats => PublishSink::Nats { url: a.nats_url.clone() },
+            // The token (--token, or from --issuer with every scope the client is allowed)
+            // must carry md:publish:<FEED>.
+            Target::Tickgate => PublishSink::Tickgate {
+                url: a.publish_url.clone().unwrap_or_else(|| client::publisher::publish_url(&a.url, &a.feed, None)),
+                token: token(&a).await?,
+            },
+        };
+        let summary = super::publish::run(PublishOptions {
+            sink,
+            feed: a.feed.clone(),
+            feed_id: a.feed_id,
+            symbols,
+            rate: a.rate,
+            duration: (a.seconds > 0).then(|| Duration::from_secs(a.seconds)),
+            count: a.count,
+            server_seq: a.server_seq,
+            progress: true,
+        })
+        .await?;
+        return Ok(LoadReport::Publisher(summary));
+    }
+
+    if a.processes > 1 && a.child.is_none() {
+        let summary = multi::run(multi::MultiOptions {
+            processes: a.processes,
+            argv,
+            admin: a.admin.clone(),
+            server_pid: a.server_pid,
+            progress: true,
+        })
+        .await?;
+        return Ok(LoadReport::Subscribers(Box::new(summary)));
+    }
+    let (child, connections, index_base, source_ip_base, source_ips) = match &a.child {
+        Some(c) => {
+            let (i, p) = multi::parse_child(c)?;
+            let (n, first) = multi::share(a.connections, p, i);
+            let (ip0, ips) = multi::ip_slice(a.source_ips, p, i);
+            (Some(i), n, first, ip0, ips)
+        }
+        None => (None, a.connections, 0, 1, a.source_ips),
+    };
+    let (target, token, refresh) = match a.target {
+        Target::Nats => (SubscribeTarget::Nats { url: a.nats_url.clone() }, String::new(), None),
+        Target::Tickgate => {
+            let t = token(&a).await?;
+            let r = refresh_tokens(&a, &t)?;
+            (SubscribeTarget::Tickgate, t, r)
+        }
+    };
+    let summary = super::run(LoadOptions {
+        target,
+        url: a.url.clone(),
+        token,
+        connections,
+        index_base,
+        feed: a.feed.clone(),
+        symbols,
+        duration: Duration::from_secs(a.seconds),
+        warmup: Duration::from_secs(a.warmup),
+        source_ips,
+        source_ip_base,
+        admin: a.admin.clone(),
+        server_pid: a.server_pid,
+        progress: true,
+        symbols_per_conn: if a.spread { Some(1) } else { a.symbols_per_conn },
+        refresh_every: a.refresh_every.map(Duration::from_secs),
+        refresh_tokens: refresh,
+        connect_concurrency: a.connect_concurrency,
+        child,
+    })
+    .await?;
+    Ok(LoadReport::Subscribers(Box::new(summary)))
+}
