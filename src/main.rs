@@ -64,15 +64,8 @@ enum Cmd {
     },
     /// Subscribe and print one JSON line per record or message.
     Subscribe {
-        /// Stream URL (ws://host:port/v1/stream).
-        #[arg(long)]
-        url: String,
-        /// Access token.
-        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Feed name.
-        #[arg(long)]
-        feed: String,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// Comma-separated symbols, or '*'.
         #[arg(long)]
         symbols: String,
@@ -85,9 +78,6 @@ enum Cmd {
         /// Stop after this many records.
         #[arg(long)]
         limit: Option<u64>,
-        /// Trust this CA certificate (PEM) for a wss:// URL.
-        #[arg(long)]
-        ca_cert: Option<PathBuf>,
         /// Resume from the last seqs stored in this file (if it exists and is for this
         /// feed), and keep it up to date after every message.
         #[arg(long)]
@@ -95,15 +85,8 @@ enum Cmd {
     },
     /// Capture a live stream into a recording file (the format `replay` feeds play).
     Record {
-        /// Stream URL (ws://host:port/v1/stream).
-        #[arg(long)]
-        url: String,
-        /// Access token.
-        #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Feed name.
-        #[arg(long)]
-        feed: String,
+        #[command(flatten)]
+        stream: StreamArgs,
         /// Comma-separated symbols, or '*'.
         #[arg(long, default_value = "*")]
         symbols: String,
@@ -116,12 +99,26 @@ enum Cmd {
         /// Stop after this many records.
         #[arg(long)]
         limit: Option<u64>,
-        /// Trust this CA certificate (PEM) for a wss:// URL.
-        #[arg(long)]
-        ca_cert: Option<PathBuf>,
     },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
     Load(Box<client::load::LoadArgs>),
+}
+
+/// Where `subscribe` and `record` connect, and as whom.
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// Stream URL (ws://host:port/v1/stream).
+    #[arg(long)]
+    url: String,
+    /// Access token.
+    #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Feed name.
+    #[arg(long)]
+    feed: String,
+    /// Trust this CA certificate (PEM) for a wss:// URL.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
 }
 
 fn init_logs(json: bool) {
@@ -204,7 +201,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                     .await?;
             println!("{t}");
         }
-        Cmd::Subscribe { url, token, feed, symbols, snapshot, json: _, limit, ca_cert, resume_file } => {
+        Cmd::Subscribe { stream, symbols, snapshot, json: _, limit, resume_file } => {
+            let StreamArgs { url, token, feed, ca_cert } = stream;
             let opts = client::tools::SubscribeOptions {
                 url,
                 token,
@@ -220,7 +218,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 bail!("{} delivery violations", summary.violations);
             }
         }
-        Cmd::Record { url, token, feed, symbols, out, seconds, limit, ca_cert } => {
+        Cmd::Record { stream, symbols, out, seconds, limit } => {
+            let StreamArgs { url, token, feed, ca_cert } = stream;
             if seconds.is_none() && limit.is_none() {
                 bail!("give --seconds or --limit (a recording must end)");
             }
