@@ -304,8 +304,16 @@ impl Metrics {
         for r in crate::server::publish::REJECT_REASONS {
             self.publish_rejects.with_label_values(&[r]);
         }
-        for r in ["ok", "bad_request", "invalid_token", "insufficient_scope", "unknown_feed", "conflict", "unavailable"]
-        {
+        for r in [
+            "ok",
+            "bad_request",
+            "invalid_token",
+            "insufficient_scope",
+            "unknown_feed",
+            "conflict",
+            "too_many_connections",
+            "unavailable",
+        ] {
             self.publish_handshakes.with_label_values(&[r]);
         }
         for r in ["ok", "refused", "rate_limited"] {

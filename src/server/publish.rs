@@ -223,7 +223,7 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_connections",
                     "connection rate limit".into(),
-                    "bad_request",
+                    "too_many_connections",
                 ));
             }
         }
