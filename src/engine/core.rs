@@ -580,7 +580,8 @@ impl ShardCore {
             return;
         };
         let seq = tick.record.seq();
-        let expected = st.last_seq + 1;
+        // Ingest refuses seqs that do not go up, so this never wraps in practice.
+        let expected = st.last_seq.wrapping_add(1);
         st.last_seq = seq;
         if tick.record.rtype() == RTYPE_TRADE {
             st.last_trade = Some(tick.record);

@@ -166,6 +166,12 @@ pub fn sequence(feed: &Feed, recs: &mut [(u32, Record)], recv_ns: i64) -> Result
     for (k, (instr, rec)) in recs.iter_mut().enumerate() {
         let prev = *last.entry(*instr).or_insert_with(|| log.last_seq(*instr));
         let seq = match rec.seq() {
+            0 if prev == u64::MAX => {
+                return Err(reject(
+                    "seq_backwards",
+                    format!("record {k}: the seq space of {} is used up", feed.symbol(*instr)),
+                ))
+            }
             0 => prev + 1,
             s if s > prev => s,
             s => {
