@@ -133,7 +133,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this without it, and
+    // then gets a smoke run (small and quick, same code paths).
+    let full = std::env::args().any(|a| a == "--bench");
+    let (n_records, runs, window) =
+        if full { (1_000_000, 3, Duration::from_secs(2)) } else { (20_000, 1, Duration::from_millis(300)) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -142,11 +146,11 @@ fn main() {
         let url = publish_url(&stream_url, "P", None);
         let peer = peer_sink().await;
         let peer_url = format!("ws://{peer}/v1/publish?feed=P");
-        let recs = records(1_000_000);
+        let recs = records(n_records);
         let mut rows = Vec::new();
         for batch in [64usize, 512] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
+            for _ in 0..runs {
                 ours.push(publish_run(&url, &recs, batch).await);
                 theirs.push(publish_run(&peer_url, &recs, batch).await);
             }
@@ -162,16 +166,16 @@ fn main() {
         let srv = server(dir.path(), true).await;
         let counter = srv.metrics().ticks_ingested.with_label_values(&["R"]);
         let mut ours = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..runs {
             let (c0, t0) = (counter.get(), Instant::now());
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(window).await;
             ours.push((counter.get() - c0) as f64 / t0.elapsed().as_secs_f64());
         }
         let mut theirs = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..runs {
             let t0 = Instant::now();
             let mut n = 0u64;
-            while t0.elapsed() < Duration::from_secs(1) {
+            while t0.elapsed() < window {
                 let mut r = Reader::open(&sample()).expect("sample");
                 while let Some(rec) = r.next_record().expect("record") {
                     std::hint::black_box(rec);
