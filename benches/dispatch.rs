@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tickgate::auth::scopes::Entitlements;
 use tickgate::auth::validate::Principal;
 use tickgate::engine::core::{CoreLimits, ShardCore};
-use tickgate::engine::outbound::OutItem;
+use tickgate::engine::outbound::{OutItem, Outbound};
 use tickgate::engine::resume::{FeedLog, RingBounds};
 use tickgate::engine::Tick;
 use tickgate::feeds::{Catalog, FeedDef};
@@ -210,5 +210,52 @@ fn bench_resume_log(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_dispatch, bench_broadcast_peer, bench_codec, bench_resume_log);
+/// Batch encoding: 64 records appended to a connection's outbound queue and sealed into one
+/// binary message (header with count and send time), as a writer takes it.
+fn bench_batch_encode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("batch_encode");
+    g.throughput(Throughput::Elements(64));
+    let recs: Vec<Record> = (1..=64).map(|s| quote((s % 10) as u32, s).record).collect();
+    g.bench_function("64_records_into_one_message", |b| {
+        b.iter(|| {
+            let mut out = Outbound::default();
+            for r in &recs {
+                out.push_record(0, r, 65536);
+            }
+            match out.pop() {
+                Some(OutItem::Batch(batch)) => black_box(batch.finish(1)),
+                _ => unreachable!("one batch"),
+            }
+        })
+    });
+    g.finish();
+}
+
+/// Subscription index lookup and last-value update for a tick nobody on this shard
+/// subscribes to (every shard sees every tick): the floor of the per-tick cost.
+fn bench_index_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("index_lookup");
+    g.throughput(Throughput::Elements(1));
+    let mut core = ShardCore::new(catalog(1000), None, CoreLimits::default());
+    let mut seqs = vec![0u64; 1000];
+    let mut k = 0usize;
+    g.bench_function("tick_without_subscribers", |b| {
+        b.iter(|| {
+            k = (k + 7) % 1000;
+            seqs[k] += 1;
+            core.dispatch(black_box(&quote(k as u32, seqs[k])));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_dispatch,
+    bench_broadcast_peer,
+    bench_codec,
+    bench_resume_log,
+    bench_batch_encode,
+    bench_index_lookup
+);
 criterion_main!(benches);
