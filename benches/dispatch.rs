@@ -249,8 +249,30 @@ fn bench_index_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// A mass disconnect: 10,000 connections subscribed to the same instrument all leave
+/// (load generator exits, a network partition). Removal is O(1) per subscription.
+fn bench_mass_disconnect(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mass_disconnect");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("10000_subscribers_of_one_instrument", |b| {
+        b.iter_batched(
+            || core_with(10_000),
+            |(mut core, keys)| {
+                for k in keys {
+                    core.remove_conn(k);
+                }
+                black_box(core.subscription_count())
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_mass_disconnect,
     bench_dispatch,
     bench_broadcast_peer,
     bench_codec,

@@ -136,7 +136,10 @@ pub struct Conn {
     pub session: String,
     /// The validated identity.
     pub principal: Principal,
-    subs: HashSet<(u16, u32)>,
+    /// Subscribed (feed, instrument) → this connection's position in that instrument's
+    /// index list, so unsubscribing is O(1) however many subscribers share the instrument
+    /// (a mass disconnect of N subscribers of one instrument is O(N), not O(N²)).
+    subs: HashMap<(u16, u32), u32>,
     /// Conflation and resume-ahead state; `None` for a connection that keeps up.
     rare: Option<Box<Rare>>,
     /// Unique per shard for the connection's life (slab keys are reused).
@@ -356,7 +359,7 @@ impl ShardCore {
             kill: kill.clone(),
             session,
             principal,
-            subs: HashSet::new(),
+            subs: HashMap::new(),
             rare: None,
             serial: self.next_serial,
             expire_timer: None,
@@ -478,9 +481,9 @@ impl ShardCore {
         c.rare = None;
         c.notify.notify_one();
         c.kill.notify_one();
-        let subs: Vec<(u16, u32)> = c.subs.drain().collect();
-        for (f, i) in subs {
-            self.unindex(key, f, i);
+        let subs: Vec<((u16, u32), u32)> = c.subs.drain().collect();
+        for ((f, i), pos) in subs {
+            self.unindex(key, f, i, pos);
         }
         self.cancel_token_timers(key);
     }
@@ -524,17 +527,26 @@ impl ShardCore {
     pub fn remove_conn(&mut self, key: ConnKey) {
         self.cancel_token_timers(key);
         if let Some(conn) = self.conns.try_remove(key) {
-            for (f, i) in conn.subs {
-                self.unindex(key, f, i);
+            for ((f, i), pos) in conn.subs {
+                self.unindex(key, f, i, pos);
             }
         }
     }
 
-    fn unindex(&mut self, key: ConnKey, f: u16, i: u32) {
-        if let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) {
-            if let Some(pos) = list.iter().position(|&k| k == key) {
-                list.swap_remove(pos);
-                self.subscriptions -= 1;
+    /// Removes `key` from the index list of (f, i), where it sits at `pos`; the entry moved
+    /// into its place has its recorded position updated.
+    fn unindex(&mut self, key: ConnKey, f: u16, i: u32, pos: u32) {
+        let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) else { return };
+        let pos = pos as usize;
+        debug_assert_eq!(list.get(pos), Some(&key), "index position out of date");
+        if list.get(pos) != Some(&key) {
+            return;
+        }
+        list.swap_remove(pos);
+        self.subscriptions -= 1;
+        if let Some(&moved) = list.get(pos) {
+            if let Some(p) = self.conns.get_mut(moved).and_then(|c| c.subs.get_mut(&(f, i))) {
+                *p = pos as u32;
             }
         }
     }
@@ -558,7 +570,7 @@ impl ShardCore {
 
     /// Queues a close (after what is queued) and stops data to the connection.
     pub fn close(&mut self, key: ConnKey, code: u16, reason: &'static str) {
-        let subs: Vec<(u16, u32)> = match self.conns.get_mut(key) {
+        let subs: Vec<((u16, u32), u32)> = match self.conns.get_mut(key) {
             Some(c) => {
                 c.out.push_close(code, reason);
                 c.notify.notify_one();
@@ -566,8 +578,8 @@ impl ShardCore {
             }
             None => return,
         };
-        for (f, i) in subs {
-            self.unindex(key, f, i);
+        for ((f, i), pos) in subs {
+            self.unindex(key, f, i, pos);
         }
     }
 
@@ -709,7 +721,7 @@ impl ShardCore {
         let Some(feed) = self.catalog.get(f) else { return };
         let msg = ServerMsg::Reset { feed: feed.name().to_owned(), epoch }.to_json();
         for (_, c) in self.conns.iter_mut() {
-            if c.out.is_closed() || !c.subs.iter().any(|(cf, _)| *cf == feed_idx) {
+            if c.out.is_closed() || !c.subs.keys().any(|(cf, _)| *cf == feed_idx) {
                 continue;
             }
             if let Some(r) = c.rare.as_deref_mut() {
@@ -862,7 +874,7 @@ impl ShardCore {
             }
         }
         let f = feed.idx as u16;
-        let new: Vec<u32> = instruments.iter().copied().filter(|i| !conn.subs.contains(&(f, *i))).collect();
+        let new: Vec<u32> = instruments.iter().copied().filter(|i| !conn.subs.contains_key(&(f, *i))).collect();
         if conn.subs.len() + new.len() > self.limits.max_subscriptions {
             return self.send_error(
                 key,
@@ -1005,13 +1017,12 @@ impl ShardCore {
             }
         }
         for &i in &new {
-            conn.subs.insert((f, i));
+            let list = &mut self.index[fi][i as usize];
+            conn.subs.insert((f, i), list.len() as u32);
+            list.push(key);
         }
         if was_empty {
             conn.notify.notify_one();
-        }
-        for &i in &new {
-            self.index[fi][i as usize].push(key);
         }
         self.subscriptions += new.len();
     }
@@ -1043,8 +1054,9 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(key) else {
             return Vec::new();
         };
-        let removed: Vec<u32> = instruments.iter().copied().filter(|&i| conn.subs.remove(&(f, i))).collect();
-        for &i in &removed {
+        let removed: Vec<(u32, u32)> =
+            instruments.iter().filter_map(|&i| conn.subs.remove(&(f, i)).map(|pos| (i, pos))).collect();
+        for &(i, _) in &removed {
             if let Some(r) = conn.rare.as_deref_mut() {
                 if let Some(cf) = r.conflation.as_mut() {
                     cf.forget(f, i);
@@ -1052,10 +1064,10 @@ impl ShardCore {
                 r.skip_upto.remove(&(f, i));
             }
         }
-        for &i in &removed {
-            self.unindex(key, f, i);
+        for &(i, pos) in &removed {
+            self.unindex(key, f, i, pos);
         }
-        removed
+        removed.into_iter().map(|(i, _)| i).collect()
     }
 
     fn refresh(&mut self, key: ConnKey, id: Option<i64>, token: &str) {
@@ -1099,7 +1111,7 @@ impl ShardCore {
             let Some(conn) = self.conns.get(key) else {
                 return;
             };
-            let mut is: Vec<u32> = conn.subs.iter().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
+            let mut is: Vec<u32> = conn.subs.keys().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
             if is.is_empty() {
                 continue;
             }
@@ -1303,6 +1315,50 @@ mod tests {
         core.advance_timers();
         let items = drain(&mut core, b.key);
         assert!(items.iter().all(|i| !matches!(i, OutItem::Close { .. })));
+    }
+
+    /// Index positions stay exact through removals in any order: after connections
+    /// leave, exactly the remaining ones get the next tick.
+    #[test]
+    fn index_positions_survive_removals_in_any_order() {
+        let mut core = core();
+        let now = now_ns() / 1_000_000_000;
+        let keys: Vec<ConnKey> =
+            (0..200).map(|k| core.add_conn(principal(now, now + 100), format!("c{k}")).key).collect();
+        for &k in &keys {
+            let msg = ClientMsg::Subscribe {
+                id: None,
+                feed: "T".into(),
+                symbols: vec!["A".into(), "B".into()],
+                snapshot: false,
+                resume: None,
+                epoch: None,
+            };
+            core.handle(k, msg);
+            drain(&mut core, k);
+        }
+        let mut gone = HashSet::new();
+        for (n, &k) in keys.iter().enumerate() {
+            match n % 3 {
+                0 => {
+                    core.remove_conn(k);
+                    gone.insert(k);
+                }
+                1 if n % 2 == 0 => {
+                    core.handle(k, ClientMsg::Unsubscribe { id: None, feed: "T".into(), symbols: vec!["A".into()] });
+                    drain(&mut core, k);
+                    gone.insert(k);
+                }
+                _ => {}
+            }
+        }
+        core.dispatch(&tick(1));
+        for &k in keys.iter().filter(|k| !gone.contains(k)) {
+            assert!(matches!(core.pop(k), Some(OutItem::Batch(_))), "connection {k} lost its subscription");
+        }
+        for &k in keys.iter().filter(|k| gone.contains(k)) {
+            assert!(core.pop(k).is_none(), "connection {k} still indexed");
+        }
     }
 
     /// Revocation closes matching connections with 4003 and discards their backlog.
