@@ -238,61 +238,42 @@ async fn run(spec: ShardSpec) {
 
 /// Adds the counters' growth since `last` to the shared metrics.
 fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
+    // Adds a labelled counter's growth; a label whose count did not move is not touched
+    // (looking a label up costs a hash and a lock in the prometheus crate).
+    fn bump(vec: &prometheus::IntCounterVec, label: &str, now: u64, before: u64) {
+        if now > before {
+            vec.with_label_values(&[label]).inc_by(now - before);
+        }
+    }
     let core = shard.core.borrow();
     let now = core.stats.clone();
     for (fi, feed) in core.catalog().feeds().iter().enumerate() {
-        let d = now.delivered[fi] - last.delivered.get(fi).copied().unwrap_or(0);
-        if d > 0 {
-            metrics.records_delivered.with_label_values(&[feed.name()]).inc_by(d);
-        }
+        bump(&metrics.records_delivered, feed.name(), now.delivered[fi], last.delivered.get(fi).copied().unwrap_or(0));
     }
     metrics.frames_sent.inc_by(now.frames - last.frames);
     metrics.bytes_sent.inc_by(now.bytes - last.bytes);
     metrics.socket_flushes.inc_by(now.flushes - last.flushes);
-    let slow = now.slow_disconnects - last.slow_disconnects;
-    if slow > 0 {
-        metrics.slow_consumer_events.with_label_values(&["disconnect"]).inc_by(slow);
-    }
-    let conflates = now.conflate_episodes - last.conflate_episodes;
-    if conflates > 0 {
-        metrics.slow_consumer_events.with_label_values(&["conflate"]).inc_by(conflates);
-    }
+    bump(&metrics.slow_consumer_events, "disconnect", now.slow_disconnects, last.slow_disconnects);
+    bump(&metrics.slow_consumer_events, "conflate", now.conflate_episodes, last.conflate_episodes);
     metrics.conflated_records.inc_by(now.conflated_records - last.conflated_records);
     for (k, reason) in super::core::GAP_REASONS.iter().enumerate() {
-        let d = now.gaps[k] - last.gaps[k];
-        if d > 0 {
-            metrics.gaps_sent.with_label_values(&[reason]).inc_by(d);
-        }
+        bump(&metrics.gaps_sent, reason, now.gaps[k], last.gaps[k]);
     }
     metrics.replayed_records.inc_by(now.replayed_records - last.replayed_records);
     for (k, result) in ["replayed", "unavailable"].iter().enumerate() {
-        let d = now.resumes[k] - last.resumes[k];
-        if d > 0 {
-            metrics.resumes.with_label_values(&[result]).inc_by(d);
-        }
+        bump(&metrics.resumes, result, now.resumes[k], last.resumes[k]);
     }
     metrics.epoch_resets.inc_by(now.resets - last.resets);
     for (code, n) in &now.control_errors {
         let before = last.control_errors.iter().find(|(c, _)| c == code).map(|(_, n)| *n).unwrap_or(0);
-        if *n > before {
-            metrics.control_errors.with_label_values(&[code.as_str()]).inc_by(n - before);
-        }
+        bump(&metrics.control_errors, code.as_str(), *n, before);
     }
-    let ok = now.refresh_ok - last.refresh_ok;
-    if ok > 0 {
-        metrics.token_refreshes.with_label_values(&["ok"]).inc_by(ok);
-    }
-    let refused = now.refresh_refused - last.refresh_refused;
-    if refused > 0 {
-        metrics.token_refreshes.with_label_values(&["refused"]).inc_by(refused);
-    }
+    bump(&metrics.token_refreshes, "ok", now.refresh_ok, last.refresh_ok);
+    bump(&metrics.token_refreshes, "refused", now.refresh_refused, last.refresh_refused);
+    bump(&metrics.token_refreshes, "rate_limited", now.refresh_rate_limited, last.refresh_rate_limited);
     metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
     metrics.token_expiries.inc_by(now.expiries - last.expiries);
     metrics.revocations.inc_by(now.revocations - last.revocations);
-    let limited = now.refresh_rate_limited - last.refresh_rate_limited;
-    if limited > 0 {
-        metrics.token_refreshes.with_label_values(&["rate_limited"]).inc_by(limited);
-    }
     shard.inbox.timers.store(core.timer_count(), Ordering::Relaxed);
     metrics.outbound_queued_bytes.with_label_values(&[&shard.id.to_string()]).set(core.queued_bytes() as i64);
     shard.inbox.subscriptions.store(core.subscription_count(), Ordering::Relaxed);
