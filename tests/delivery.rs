@@ -14,7 +14,7 @@ use tickgate::client::publisher::{publish_url, Publisher};
 use tickgate::client::{ClientError, ConnectOptions, Event, Subscriber};
 use tickgate::feeds::recording::Reader;
 use tickgate::protocol::codec::{
-    write_batch_header, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY,
+    encode_batch, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY,
 };
 use tickgate::protocol::control::ServerMsg;
 
@@ -108,9 +108,8 @@ async fn publisher_handshake_and_batch_errors_are_precise_and_counted() {
     let good = trade(9, 3, 0, 99);
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     let batch = |recs: &[Record]| {
-        let mut b = vec![0u8; BATCH_HEADER_LEN];
-        write_batch_header(&mut b, recs.len() as u16, 0);
-        recs.iter().for_each(|r| b.extend_from_slice(r.as_bytes()));
+        let mut b = Vec::new();
+        encode_batch(recs, 0, &mut b);
         b
     };
     let mut bad_len = batch(&[good, good]);

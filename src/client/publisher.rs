@@ -5,7 +5,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{connect, ClientError, ClientWs, ConnectOptions};
-use crate::protocol::codec::{write_batch_header, Record, BATCH_HEADER_LEN, MAX_BATCH_RECORDS};
+use crate::protocol::codec::{encode_batch, Record, MAX_BATCH_RECORDS};
 use crate::protocol::control::ServerMsg;
 use crate::protocol::now_ns;
 
@@ -41,12 +41,7 @@ impl Publisher {
     /// Sends records as one batch (more than 65535 are split).
     pub async fn send(&mut self, records: &[Record]) -> Result<(), ClientError> {
         for chunk in records.chunks(MAX_BATCH_RECORDS) {
-            self.buf.clear();
-            self.buf.resize(BATCH_HEADER_LEN, 0);
-            write_batch_header(&mut self.buf, chunk.len() as u16, now_ns());
-            for r in chunk {
-                self.buf.extend_from_slice(r.as_bytes());
-            }
+            encode_batch(chunk, now_ns(), &mut self.buf);
             self.ws.send(Message::binary(self.buf.clone())).await?;
         }
         Ok(())

@@ -110,11 +110,6 @@ impl Ingest {
         &self.catalog
     }
 
-    /// Publishes one tick: see [`Ingest::publish_burst`].
-    pub async fn publish(&self, tick: Tick, cancel: &CancellationToken) -> bool {
-        self.publish_burst(std::slice::from_ref(&tick), cancel).await
-    }
-
     /// Appends ticks (whose seqs are final) to their feed's log, then queues them for
     /// every shard. The log comes first so a shard never dispatches a seq the resume
     /// buffer has not seen. Returns false when cancelled while waiting for queue space.

@@ -336,6 +336,19 @@ pub fn write_batch_header(out: &mut [u8], count: u16, send_ts_ns: u64) {
     out[8..16].copy_from_slice(&send_ts_ns.to_le_bytes());
 }
 
+/// Encodes one whole batch (header and records) into `out`, replacing what it held. At
+/// most [`MAX_BATCH_RECORDS`] records are taken: callers split longer runs.
+pub fn encode_batch<'a>(records: impl IntoIterator<Item = &'a Record>, send_ts_ns: u64, out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(BATCH_HEADER_LEN, 0);
+    let mut count: u16 = 0;
+    for r in records.into_iter().take(MAX_BATCH_RECORDS) {
+        out.extend_from_slice(r.as_bytes());
+        count += 1;
+    }
+    write_batch_header(out, count, send_ts_ns);
+}
+
 /// A decoded batch: its header fields and the records it carried. Records of an unknown
 /// `rtype` are skipped by their length, as the spec requires of clients.
 #[derive(Debug, Clone)]
@@ -431,6 +444,19 @@ mod tests {
         assert_eq!(b[64], FLAG_CONFLATED);
         assert_eq!(&b[65..72], &[0u8; 7]);
         assert_eq!(r.flags(), FLAG_CONFLATED);
+    }
+
+    #[test]
+    fn encode_batch_round_trips_and_caps_the_count() {
+        let recs: Vec<Record> =
+            (1..=3).map(|s| Record::encode(2, 1, s, 0, 0, &Body::Trade(Trade::default()), 0)).collect();
+        let mut out = vec![9u8; 5];
+        encode_batch(&recs, 42, &mut out);
+        let b = decode_batch(&out).expect("decodes");
+        assert_eq!((b.send_ts_ns, b.records), (42, recs.clone()));
+        let many = vec![recs[0]; MAX_BATCH_RECORDS + 1];
+        encode_batch(&many, 0, &mut out);
+        assert_eq!(decode_batch(&out).expect("decodes").records.len(), MAX_BATCH_RECORDS);
     }
 
     #[test]

@@ -355,6 +355,18 @@ fn too_many(description: String) -> Refusal {
     }
 }
 
+/// The per-address handshake rate limit (streams and publishers). It comes before any
+/// token work, so a flood costs no signature checks.
+pub(crate) fn check_connect_rate(app: &AppState, ip: Option<IpAddr>) -> Result<(), Refusal> {
+    match ip {
+        Some(ip) if app.admission.check_rate(ip).is_err() => Err(too_many(format!(
+            "connection rate limit: at most {} handshakes per second from one address",
+            app.config.limits.connect_rate_per_ip
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn take_slot(app: &Arc<AppState>, sub: Option<&str>, ip: Option<IpAddr>) -> Result<ConnSlot, Refusal> {
     let max = app.config.limits.max_connections;
     let before = app.open_connections.fetch_add(1, Ordering::AcqRel);
@@ -386,15 +398,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
             return Err(Refusal::unavailable("signing keys not loaded yet"));
         }
         let ip = peer.map(|p| p.ip());
-        // The rate limit comes before any token work, so a flood costs no signature checks.
-        if let Some(ip) = ip {
-            if app.admission.check_rate(ip).is_err() {
-                return Err(too_many(format!(
-                    "connection rate limit: at most {} handshakes per second from one address",
-                    app.config.limits.connect_rate_per_ip
-                )));
-            }
-        }
+        check_connect_rate(&app, ip)?;
         let (key, cred) = check_request(&app, req.method(), req.uri().query(), req.headers())?;
         let principal = authorize(&app, cred, true)?;
         let Some(shard) = shard::current() else {

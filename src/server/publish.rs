@@ -33,7 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::handshake::{authorize, check_request, switching_protocols, PeerAddr, Refusal};
+use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
 use super::AppState;
 use crate::engine::Tick;
 use crate::feeds::{Feed, SourceKind};
@@ -223,16 +223,7 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
         if app.validator.keys().is_empty() && !app.config.auth.insecure_no_auth {
             return Err(Refusal::unavailable("signing keys not loaded yet"));
         }
-        if let Some(ip) = peer.map(|p| p.ip()) {
-            if app.admission.check_rate(ip).is_err() {
-                return Err(refusal(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    "connection rate limit".into(),
-                    "too_many_connections",
-                ));
-            }
-        }
+        check_connect_rate(&app, peer.map(|p| p.ip()))?;
         let query = req.uri().query();
         let (key, cred) = check_request(&app, req.method(), query, req.headers())?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
@@ -428,14 +419,11 @@ async fn run(
 mod tests {
     use super::*;
     use crate::feeds::{Catalog, FeedDef};
-    use crate::protocol::codec::{write_batch_header, Body, Quote, Trade};
+    use crate::protocol::codec::{encode_batch, Body, Quote, Trade};
 
     fn batch(recs: &[Record]) -> Vec<u8> {
-        let mut b = vec![0u8; BATCH_HEADER_LEN];
-        write_batch_header(&mut b, recs.len() as u16, 0);
-        for r in recs {
-            b.extend_from_slice(r.as_bytes());
-        }
+        let mut b = Vec::new();
+        encode_batch(recs, 0, &mut b);
         b
     }
 

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::LoadError;
 use crate::client::ConnectOptions;
-use crate::protocol::codec::{write_batch_header, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FIXED_SCALE};
+use crate::protocol::codec::{encode_batch, Body, Quote, Record, Trade, FIXED_SCALE, MAX_BATCH_RECORDS};
 use crate::protocol::now_ns;
 
 /// Where the ticks go.
@@ -253,14 +253,8 @@ impl TickgatePublisher {
     /// Sends ticks as batch messages (at most 65,535 records each); returns the messages sent.
     pub async fn send(&mut self, batch: &[(usize, Record)]) -> Result<u64, LoadError> {
         let mut sent = 0;
-        for chunk in batch.chunks(u16::MAX as usize) {
-            self.buf.clear();
-            self.buf.resize(BATCH_HEADER_LEN, 0);
-            // chunks() bounds the count to u16::MAX.
-            write_batch_header(&mut self.buf, chunk.len() as u16, now_ns());
-            for (_, r) in chunk {
-                self.buf.extend_from_slice(r.as_bytes());
-            }
+        for chunk in batch.chunks(MAX_BATCH_RECORDS) {
+            encode_batch(chunk.iter().map(|(_, r)| r), now_ns(), &mut self.buf);
             self.tx.send(Message::binary(self.buf.clone())).await.map_err(crate::client::ClientError::from)?;
             sent += 1;
         }
