@@ -8,12 +8,15 @@
 # connection (/proc/<pid>/status VmRSS before and after connecting).
 #
 #   benches/compare.sh [--quick] [--publisher synthetic|tickgate-publish] [--seconds S] [--cells "N:M:K:PER ..."]
+#                      [--write-delay-us D] [--ramp-only]
 #
+# --ramp-only runs only the ramp (no grid).
 # --cells runs only the given cells (N subscribers, M ticks/s, K instruments, PER instruments
 # per subscriber, 0 = all) and no ramp, e.g. --cells "10000:100:1:0 1000:10000:100:10".
 # Grid: subscribers N in {100, 1k, 5k, 10k} x M in {100, 1k, 10k} ticks/s on one instrument,
 # plus 100 instruments at 10k ticks/s with 10 instruments per subscriber (N in {1k, 10k}),
-# plus a ramp (M = 1,000 ticks/s on one instrument, N doubling from 50) to the highest load
+# plus a ramp (M = 1,000 ticks/s on one instrument, N from 100 in steps of x1.25-x1.5:
+# RAMP_STEPS="100 150 200 ..." to change them) to the highest load
 # each server holds with p99 < 10 ms, zero gaps and no failed or closed subscriber.
 # --quick: three small cells (100 x 1k/s, 1k x 100/s, 100 x 1k/s over 100 instruments) and
 # no ramp, in well under 2 minutes (after the release build); it exits non-zero on gaps or
@@ -30,6 +33,10 @@
 #   synthetic - tickgate is fed by its own synthetic source instead (a feed file with rate M
 #     over the cell's instruments, also open loop), which runs from the server's start.
 #
+# --write-delay-us D: run tickgate with `engine.write_delay_us = D` (default 0: every
+# connection is written as soon as it has something, tickgate's default). It is recorded
+# in every result line and in the table's header.
+#
 # Cores: with 4+ cores the servers get the first half and the load generator the second
 # half (taskset); with 2-3 cores the servers get core 0 and the load generator the rest;
 # with 1 core nothing is pinned. Only the server under test has subscribers and a publisher;
@@ -44,6 +51,8 @@ QUICK=0
 PUBLISHER=${PUBLISHER:-tickgate-publish}
 SECS=""
 CELLS=""
+WRITE_DELAY_US=${WRITE_DELAY_US:-0}
+RAMP_ONLY=0
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) QUICK=1 ;;
@@ -51,11 +60,14 @@ while [ $# -gt 0 ]; do
     --publisher=*) PUBLISHER=${1#*=} ;;
     --seconds) SECS=$2; shift ;;
     --cells) CELLS=$2; shift ;;
+    --write-delay-us) WRITE_DELAY_US=$2; shift ;;
+    --ramp-only) RAMP_ONLY=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+case $WRITE_DELAY_US in ''|*[!0-9]*) echo "--write-delay-us takes microseconds (0-100000)" >&2; exit 2 ;; esac
 case $PUBLISHER in synthetic|tickgate-publish) ;; *) echo "--publisher synthetic|tickgate-publish" >&2; exit 2 ;; esac
 command -v nats-server >/dev/null || { echo "nats-server is missing: apt-get install -y nats-server" >&2; exit 2; }
 for t in jq python3 curl; do command -v $t >/dev/null || { echo "$t is missing" >&2; exit 2; }; done
@@ -67,6 +79,7 @@ OUT_DIR=${OUT_DIR:-docs}
 # that a cell only measures a pile-up (minutes to connect, gigabytes of socket buffers).
 MAX_DEMAND=${MAX_DEMAND:-$((5000000 * ($(nproc) + 1) / 2))}
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}
+RAMP_STEPS=${RAMP_STEPS:-"100 150 200 250 300 400 500 600 800 1000 1250 1600 2000 2500 3200 4000 5000 6400 8000 10000 12800"}
 TG_PORT=${TG_PORT:-9380}; TG_ADMIN=${TG_ADMIN:-9381}; NATS_PORT=${NATS_PORT:-9382}; NATS_WS=${NATS_WS:-9383}
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -112,6 +125,9 @@ start_servers() {
 listen = "127.0.0.1:$TG_PORT"
 admin_listen = "127.0.0.1:$TG_ADMIN"
 feeds_dir = "$work/feeds"
+
+[engine]
+write_delay_us = $WRITE_DELAY_US
 
 [limits]
 max_outbound_bytes = 1048576
@@ -206,9 +222,10 @@ run_cell() {
   if [ "$feeder" != synthetic ]; then stop_publisher; pub=$PUB_SUMMARY; fi
   jq -cn --arg server "$server" --arg phase "$phase" --arg feeder "$feeder" --argjson n "$n" --argjson rate "$rate" \
      --argjson k "$k" --argjson per "$per" --argjson procs "$procs" --argjson summary "$out" --argjson publisher "$pub" \
-     --arg status "$status" --argjson demand "$demand" \
+     --arg status "$status" --argjson demand "$demand" --argjson wd "$WRITE_DELAY_US" \
      '{server: $server, phase: $phase, status: $status, subscribers: $n, ticks_per_s: $rate, instruments: $k,
        symbols_per_subscriber: (if $per > 0 then $per else $k end), deliveries_per_s_asked: $demand, processes: $procs,
+       tickgate_write_delay_us: (if $server == "tickgate" then $wd else null end),
        feeder: $feeder, summary: $summary, publisher: $publisher}' >> "$RESULTS"
   case $status in
     skipped) echo "  $server: skipped ($demand deliveries/s asked, MAX_DEMAND=$MAX_DEMAND)"; return 3 ;;
@@ -247,16 +264,19 @@ elif [ "$QUICK" = 1 ]; then
   start_servers 100 1000
   cell 100 1000 100 10
 else
-  for rate in 100 1000 10000; do
-    start_servers 1 "$rate"
-    for n in 100 1000 5000 10000; do cell "$n" "$rate" 1 0; done
-  done
-  start_servers 100 10000
-  for n in 1000 10000; do cell "$n" 10000 100 10; done
-  # Ramp: 1,000 ticks/s on one instrument, N doubling until a server no longer holds it.
+  if [ "$RAMP_ONLY" = 0 ]; then
+    for rate in 100 1000 10000; do
+      start_servers 1 "$rate"
+      for n in 100 1000 5000 10000; do cell "$n" "$rate" 1 0; done
+    done
+    start_servers 100 10000
+    for n in 1000 10000; do cell "$n" 10000 100 10; done
+  fi
+  # Ramp: 1,000 ticks/s on one instrument, N growing by a quarter to a half per step
+  # until a server no longer holds it.
   start_servers 1 1000
   for server in tickgate nats; do
-    for n in 50 100 200 400 800 1600 3200 6400 12800; do
+    for n in $RAMP_STEPS; do
       echo "ramp $server: N=$n"
       rc=0; run_cell "$server" "$n" 1000 1 0 ramp || rc=$?
       # One retry: on a shared machine a single stall should not end the ramp.
@@ -272,9 +292,9 @@ mkdir -p "$OUT_DIR"
 cp "$RESULTS" "$OUT_DIR/benchmarks-compare.jsonl"
 python3 - "$RESULTS" "$OUT_DIR/benchmarks-compare.md" "$QUICK" "$PUBLISHER" "$SECS" "$WARMUP" "$elapsed" \
   "${SRV_CORES:-none}" "${LOAD_CORES:-none}" "$(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-  "$(nats-server --version 2>/dev/null | head -1)" <<'PY'
+  "$(nats-server --version 2>/dev/null | head -1)" "$WRITE_DELAY_US" <<'PY'
 import json, sys, datetime, os
-res, md, quick, publisher, secs, warmup, elapsed, srv, load, commit, natsv = sys.argv[1:]
+res, md, quick, publisher, secs, warmup, elapsed, srv, load, commit, natsv, wdelay = sys.argv[1:]
 rows = [json.loads(l) for l in open(res) if l.strip()]
 cpu = "?"
 try:
@@ -312,9 +332,11 @@ for r in rows:
 out = []
 out.append("# tickgate vs nats-server (WebSocket): side by side\n")
 out.append("Generated by `benches/compare.sh%s` on %s UTC (commit %s). Do not edit by hand: rerun the script.\n"
-           % (" --quick" if quick == "1" else "", datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"), commit))
+           % ((" --quick" if quick == "1" else "") + (f" --write-delay-us {wdelay}" if wdelay != "0" else ""), datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"), commit))
 out.append(f"- machine: {os.cpu_count()} cores ({cpu}); servers pinned to cores `{srv}`, load generator to `{load}`")
-out.append(f"- {natsv}, WebSocket listener on loopback without TLS; tickgate: `serve --insecure-no-auth`, release build")
+out.append(f"- {natsv}, WebSocket listener on loopback without TLS; tickgate: `serve --insecure-no-auth`, release build, "
+           + (f"`engine.write_delay_us = {wdelay}` (at most one write per connection per {int(wdelay) / 1000:g} ms)" if wdelay != "0"
+              else "`engine.write_delay_us = 0` (the default: write as soon as there is something)"))
 feed = ("tickgate's own synthetic source (same open-loop schedule, rate and 3:1 quote:trade mix) for tickgate; "
         "`tickgate load --role publisher --target nats` (PUB over TCP) for NATS") if publisher == "synthetic" else \
        "the same `tickgate load --role publisher` for both (tickgate: `/v1/publish`; NATS: PUB over TCP)"
@@ -353,9 +375,11 @@ for key in sorted(grid):
 ramp = [r for r in rows if r["phase"] == "ramp"]
 if ramp:
     out.append("\n## Ramp: highest load held (p99 < 10 ms, zero gaps, no failed or closed subscriber)\n")
-    out.append("1,000 ticks/s on one instrument, subscribers doubling from 50 (at most 12,800, and MAX_DEMAND); a step that fails is run once more.\n")
+    out.append("1,000 ticks/s on one instrument, subscribers from 100 in steps of ×1.25-×1.5 (at most 12,800, and MAX_DEMAND); "
+               "a step that fails is run once more, and the ramp ends at the first step that fails twice.\n")
     out.append("| server | highest subscribers held | deliveries/s | p99 there | first failing step |")
     out.append("|---|---|---|---|---|")
+    held_rate = {}
     for server in ("tickgate", "nats"):
         steps = [r for r in ramp if r["server"] == server]
         ok = [r for r in steps if r["summary"] and gaps(r["summary"]) == 0 and r["summary"]["failed"] == 0
@@ -370,6 +394,11 @@ if ramp:
                   f"p99 {fmt_us(s['p99_us'])}, gaps {gaps(s)}, failed {s['failed']}, closed {len(s['early_closes'])}")
         out.append(f"| {server} | {best['subscribers']:,} | {fmt_rate(best['summary']['records_per_s'])} | {fmt_us(best['summary']['p99_us'])} | {why} |"
                    if best else f"| {server} | none | - | - | {why} |")
+        if best:
+            held_rate[server] = best["summary"]["records_per_s"]
+    if len(held_rate) == 2 and held_rate["nats"]:
+        out.append(f"\nHighest load held, tickgate ÷ NATS: **{held_rate['tickgate'] / held_rate['nats']:.2f}×** "
+                   f"({held_rate['tickgate']:,.0f} vs {held_rate['nats']:,.0f} deliveries/s).")
 out.append("\nRerun: `benches/compare.sh --quick` (three small cells, under 2 minutes after the build), `benches/compare.sh` "
            "(the full grid and the ramp), `--cells \"N:M:K:PER ...\"` for chosen cells; `--publisher synthetic` feeds tickgate "
            "from its own synthetic source instead of the shared publisher.")

@@ -283,6 +283,9 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Upper bound of `engine.write_delay_us`: beyond 100 ms a market-data stream is no longer live.
+pub const MAX_WRITE_DELAY_US: u64 = 100_000;
+
 /// `[engine]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -295,11 +298,23 @@ pub struct EngineConfig {
     pub max_batch_bytes: usize,
     /// Resolution of the per-shard timer wheel (token expiry), 10-50 ms.
     pub timer_tick_ms: u64,
+    /// Least time between two socket writes of one connection, in microseconds (0: write
+    /// as soon as there is something to send). Almost all of the fan-out's CPU is the
+    /// kernel's per-`send` cost (docs/benchmarks.md §9), so holding a busy connection's
+    /// records for a few milliseconds trades that much latency for fewer, larger writes.
+    /// An idle connection's first message is never held, and a close is never held.
+    pub write_delay_us: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { shards: 0, queue_capacity: 65_536, max_batch_bytes: 65_536, timer_tick_ms: 10 }
+        EngineConfig {
+            shards: 0,
+            queue_capacity: 65_536,
+            max_batch_bytes: 65_536,
+            timer_tick_ms: 10,
+            write_delay_us: 0,
+        }
     }
 }
 
@@ -403,6 +418,9 @@ impl Config {
         }
         if self.engine.max_batch_bytes < 1024 || self.engine.max_batch_bytes > 16 << 20 {
             return bad("engine.max_batch_bytes must be between 1024 and 16777216");
+        }
+        if self.engine.write_delay_us > MAX_WRITE_DELAY_US {
+            return bad("engine.write_delay_us must be at most 100000 (100 ms)");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
@@ -530,6 +548,12 @@ mod tests {
         assert!(Config::from_toml("listen = \"127.0.0.1:8080\"\n[auth]\ninsecure_no_auth = true\n").is_ok());
         let e = Config::from_toml("[engine]\ntimer_tick_ms = 100\n").unwrap_err();
         assert!(e.to_string().contains("timer_tick_ms"), "{e}");
+        let e = Config::from_toml("[engine]\nwrite_delay_us = 100001\n").unwrap_err();
+        assert!(e.to_string().contains("write_delay_us"), "{e}");
+        assert_eq!(
+            Config::from_toml("[engine]\nwrite_delay_us = 5000\n").map(|c| c.engine.write_delay_us).ok(),
+            Some(5000)
+        );
         let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();
         assert!(e.to_string().contains("exactly one"), "{e}");
     }
@@ -549,6 +573,7 @@ mod example_tests {
         assert_eq!(c.limits.max_outbound_bytes, d.limits.max_outbound_bytes);
         assert_eq!(c.server.heartbeat_ms, d.server.heartbeat_ms);
         assert_eq!(c.engine.queue_capacity, d.engine.queue_capacity);
+        assert_eq!(c.engine.write_delay_us, d.engine.write_delay_us);
         assert_eq!(c.auth.required_typ, d.auth.required_typ);
     }
 }

@@ -1,6 +1,7 @@
 //! Feeds and delivery guarantees over real sockets: publish ingest (and its refusals),
 //! resume after a killed client, conflation for a slow reader, epochs, the shipped
-//! recording replayed record for record, heartbeats, and `subscribe --resume-file`.
+//! recording replayed record for record, heartbeats, `subscribe --resume-file`, and the
+//! write delay (`engine.write_delay_us`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -340,6 +341,58 @@ async fn publisher_epochs_reset_subscribers_and_numbering_continues_otherwise() 
         }
     }
     assert_eq!(events, ["reset 100", "seq 1", "seq 2", "seq 3", "seq 4", "reset 200", "seq 1", "seq 2"]);
+    ts.shutdown().await;
+}
+
+/// `engine.write_delay_us`: a busy connection gets its records in few, larger writes, every
+/// one of them, in order; a revocation while a write may be held still closes it (4003).
+#[tokio::test]
+async fn write_delay_coalesces_writes_without_losing_or_reordering() {
+    // 100 ms (the maximum): far longer than the 40 publish round trips below take, so
+    // the assertion on frames does not depend on the machine's speed.
+    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 1, "disconnect", 1000))], |c| {
+        c.engine.write_delay_us = 100_000
+    })
+    .await;
+    let now = unix_now();
+    let (mut sub, _) =
+        subscribed(&ts, &ts.token_with("erin", "md:read:P", now, now + 60, "e1"), "P", json!(["S0"]), false).await;
+    let mut p = publisher(&ts, "P", &ts.token(&["md:publish:P"]), None).await.unwrap();
+    // One record per round trip: each is taken in, and so dispatched, on its own.
+    for k in 0..40 {
+        p.send(&[trade(9, 1, 0, k)]).await.unwrap();
+        p.sync().await.unwrap();
+    }
+    let (mut seqs, mut frames) = (Vec::new(), 0);
+    while seqs.len() < 40 {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
+            Event::Batch { records, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                frames += 1;
+                seqs.extend(records.iter().map(Record::seq));
+            }
+            Event::Control(m) => panic!("unexpected {m:?}"),
+            Event::Closed { code, .. } => panic!("closed {code}"),
+        }
+    }
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    // Without the delay each record is a frame of its own; with it, the first leaves at
+    // once and the rest wait for the delay, together.
+    assert!(frames <= 10, "{frames} frames for 40 records");
+
+    // A revocation while a record may be held closes the connection at once (a termination
+    // is never held behind the delay).
+    p.send(&[trade(9, 1, 0, 40)]).await.unwrap();
+    p.sync().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/admin/revoke", ts.admin))
+        .bearer_auth(ts.token(&["tickgate:admin"]))
+        .json(&json!({"jti": "e1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(wait_close(&mut sub, Duration::from_secs(10)).await, 4003);
     ts.shutdown().await;
 }
 

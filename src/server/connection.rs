@@ -131,8 +131,13 @@ pub(crate) async fn run(
     drop(slot);
 }
 
+/// What [`write_pending`] did.
 enum Flow {
-    Continue,
+    /// Nothing was queued.
+    Idle,
+    /// Wrote and flushed what was queued.
+    Wrote,
+    /// The connection ended.
     Closed(Ended),
 }
 
@@ -186,13 +191,46 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
     let mut last_pong = Instant::now();
     let mut bucket = Bucket::new(limits.control_rate_per_s, limits.control_burst);
     let mut strikes: u32 = 0;
+    // `engine.write_delay_us`: at most one write per delay. The timer is created once and
+    // only armed while a write is held, so a connection that keeps up costs no timer.
+    let write_delay = Duration::from_micros(app.config.engine.write_delay_us);
+    let hold = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(hold);
+    let mut holding = false;
+    let mut last_write: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
             biased;
-            _ = h.notify.notified() => {
+            _ = h.notify.notified(), if !holding => {
+                let due = last_write.map(|t| t + write_delay);
+                if let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) {
+                    // Written to less than a delay ago: hold what came in so it leaves
+                    // with what arrives meanwhile, in one write.
+                    hold.as_mut().reset(due);
+                    holding = true;
+                    continue;
+                }
+                match write_pending(shard, &mut ws, h).await {
+                    Flow::Closed(e) => return e,
+                    Flow::Wrote if !write_delay.is_zero() => last_write = Some(tokio::time::Instant::now()),
+                    Flow::Wrote | Flow::Idle => {}
+                }
+            }
+            // A termination (slow consumer, expiry, revocation) is never held; a graceful
+            // close (shutdown, heartbeat) waits at most one delay, like any message.
+            _ = h.kill.notified(), if holding => {
+                holding = false;
                 if let Flow::Closed(e) = write_pending(shard, &mut ws, h).await {
                     return e;
+                }
+            }
+            _ = &mut hold, if holding => {
+                holding = false;
+                match write_pending(shard, &mut ws, h).await {
+                    Flow::Closed(e) => return e,
+                    Flow::Wrote => last_write = Some(tokio::time::Instant::now()),
+                    Flow::Idle => {}
                 }
             }
             msg = ws.next() => {
@@ -267,11 +305,11 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
         let msg = match item {
             None => {
                 if !wrote {
-                    return Flow::Continue;
+                    return Flow::Idle;
                 }
                 shard.core.borrow_mut().stats.flushes += 1;
                 return match with_kill(h, ws.flush()).await {
-                    Ok(()) => Flow::Continue,
+                    Ok(()) => Flow::Wrote,
                     // Killed: the close item is now at the front of the queue.
                     Err(None) => continue,
                     Err(Some(e)) => Flow::Closed(io_end(e)),
