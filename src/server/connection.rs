@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::handshake::ConnSlot;
+use super::limits::Bucket;
 use super::AppState;
 use crate::auth::validate::Principal;
 use crate::engine::core::ConnHandles;
@@ -35,32 +36,6 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the peer's close reply after ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// Token bucket for control messages.
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Bucket {
-        Bucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, at: Instant::now() }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Why the connection ended, for the log and `tickgate_closes_total`.
 struct Ended {
@@ -189,7 +164,9 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
     let mut ping_timer = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pong = Instant::now();
-    let mut bucket = Bucket::new(limits.control_rate_per_s, limits.control_burst);
+    // Control messages: `control_rate_per_s` per second, bursts of `control_burst`.
+    let (rate, burst) = (limits.control_rate_per_s as f64, limits.control_burst as f64);
+    let mut bucket = Bucket::full(burst, Instant::now());
     let mut strikes: u32 = 0;
     // `engine.write_delay_us`: at most one write per delay. The timer is created once and
     // only armed while a write is held, so a connection that keeps up costs no timer.
@@ -241,7 +218,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                 };
                 match msg {
                     Message::Text(text) => {
-                        if !bucket.take() {
+                        if !bucket.take(Instant::now(), rate, burst) {
                             strikes += 1;
                             shard.core.borrow_mut().send_error(h.key, None, ErrorCode::RateLimited,
                                 format!("more than {} control messages per second", limits.control_rate_per_s));

@@ -9,9 +9,37 @@ use std::time::Instant;
 
 use crate::config::LimitsConfig;
 
-struct Bucket {
+/// A token bucket: `rate` tokens per second up to `burst`. The rate and burst are passed
+/// in rather than stored, so the per-address map of the connect-rate limit holds only
+/// what differs per address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub(crate) fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket { tokens: burst, at: now }
+    }
+
+    /// Tokens available at `now`.
+    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
+        (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst)
+    }
+
+    /// Takes one token if there is one.
+    pub(crate) fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.tokens = self.level(now, rate, burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,13 +98,10 @@ impl Admission {
         if map.len() >= MAX_RATE_ENTRIES && !map.contains_key(&ip) {
             // Forget addresses whose bucket has refilled: they are indistinguishable from new.
             let (rate, burst) = (self.rate_per_s, self.burst);
-            map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            map.retain(|_, b| b.level(now, rate, burst) < burst);
         }
-        let b = map.entry(ip).or_insert(Bucket { tokens: self.burst, at: now });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate_per_s).min(self.burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        let b = map.entry(ip).or_insert(Bucket::full(self.burst, now));
+        if b.take(now, self.rate_per_s, self.burst) {
             Ok(())
         } else {
             Err(Refused::Rate)
