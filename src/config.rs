@@ -302,7 +302,8 @@ pub struct EngineConfig {
     /// as soon as there is something to send). Almost all of the fan-out's CPU is the
     /// kernel's per-`send` cost (docs/benchmarks.md §9), so holding a busy connection's
     /// records for a few milliseconds trades that much latency for fewer, larger writes.
-    /// An idle connection's first message is never held, and a close is never held.
+    /// An idle connection's first message is never held, nor a close, nor a backlog of
+    /// `max_batch_bytes` (or a quarter of `limits.max_outbound_bytes`).
     pub write_delay_us: u64,
 }
 

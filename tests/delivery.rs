@@ -396,6 +396,39 @@ async fn write_delay_coalesces_writes_without_losing_or_reordering() {
     ts.shutdown().await;
 }
 
+/// A held write never turns a client that keeps up into a slow consumer: once a full batch
+/// waits, the writer is woken whatever the delay.
+#[tokio::test]
+async fn a_held_write_never_makes_a_slow_consumer() {
+    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 1, "disconnect", 1000))], |c| {
+        c.engine.write_delay_us = 100_000;
+        c.engine.max_batch_bytes = 4096;
+        c.limits.max_outbound_bytes = 65_536;
+    })
+    .await;
+    let (mut sub, _) = subscribed(&ts, &ts.token(&["md:read:P"]), "P", json!(["S0"]), false).await;
+    let mut p = publisher(&ts, "P", &ts.token(&["md:publish:P"]), None).await.unwrap();
+    // 168,000 bytes of records, well within one delay: two and a half budgets.
+    for round in 0..30 {
+        p.send(&(0..100).map(|k| trade(9, 1, 0, round * 100 + k)).collect::<Vec<_>>()).await.unwrap();
+        p.sync().await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 3000 {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
+            Event::Batch { records, anomalies, .. } => {
+                assert!(anomalies.is_empty(), "{anomalies:?}");
+                seqs.extend(records.iter().map(Record::seq));
+            }
+            Event::Control(m) => panic!("unexpected {m:?}"),
+            Event::Closed { code, reason } => panic!("closed {code} {reason} after {} records", seqs.len()),
+        }
+    }
+    assert_eq!(seqs, (1..=3000).collect::<Vec<u64>>());
+    assert_eq!(ts.metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}").await, 0.0);
+    ts.shutdown().await;
+}
+
 fn sample_path() -> String {
     format!("{}/feeds/sample.tgrec", env!("CARGO_MANIFEST_DIR"))
 }

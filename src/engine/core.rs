@@ -607,6 +607,7 @@ impl ShardCore {
         }
         let max_batch = self.limits.max_batch_bytes;
         let budget = self.limits.max_outbound_bytes;
+        let flush_at = max_batch.min(budget / 4);
         let conflate = self.conflate.get(f).copied().unwrap_or(false);
         let len = tick.record.len();
         let (conns, index, to_kill, stats) = (&mut self.conns, &self.index, &mut self.to_kill, &mut self.stats);
@@ -639,11 +640,16 @@ impl ShardCore {
                 stats.conflated_records += 1;
                 continue;
             }
+            let before = c.out.bytes();
             let was_empty = c.out.is_empty();
             c.out.push_record(tick.feed_idx, &tick.record, max_batch);
-            if c.out.bytes() > budget {
+            let after = c.out.bytes();
+            if after > budget {
                 to_kill.push(key);
-            } else if was_empty {
+            } else if was_empty || (before < flush_at && after >= flush_at) {
+                // Woken when the queue starts, and once more when it reaches `flush_at`:
+                // a writer holding its write (`engine.write_delay_us`) must not sit on a
+                // backlog until the slow-consumer budget closes a client that keeps up.
                 c.notify.notify_one();
             }
         }

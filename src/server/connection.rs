@@ -179,23 +179,26 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
     loop {
         tokio::select! {
             biased;
-            _ = h.notify.notified(), if !holding => {
+            // While a write is held the queue is not empty, so the core wakes the writer
+            // only for what must not wait: a close, or a backlog of a full batch (or a
+            // quarter of the slow-consumer budget). Either ends the hold.
+            _ = h.notify.notified() => {
                 let due = last_write.map(|t| t + write_delay);
-                if let Some(due) = due.filter(|d| *d > tokio::time::Instant::now()) {
+                if let Some(due) = due.filter(|d| !holding && *d > tokio::time::Instant::now()) {
                     // Written to less than a delay ago: hold what came in so it leaves
                     // with what arrives meanwhile, in one write.
                     hold.as_mut().reset(due);
                     holding = true;
                     continue;
                 }
+                holding = false;
                 match write_pending(shard, &mut ws, h).await {
                     Flow::Closed(e) => return e,
                     Flow::Wrote if !write_delay.is_zero() => last_write = Some(tokio::time::Instant::now()),
                     Flow::Wrote | Flow::Idle => {}
                 }
             }
-            // A termination (slow consumer, expiry, revocation) is never held; a graceful
-            // close (shutdown, heartbeat) waits at most one delay, like any message.
+            // A termination (slow consumer, expiry, revocation) is never held.
             _ = h.kill.notified(), if holding => {
                 holding = false;
                 if let Flow::Closed(e) = write_pending(shard, &mut ws, h).await {
