@@ -39,7 +39,7 @@
 #
 # Cores: with 4+ cores the servers get the first half and the load generator the second
 # half (taskset); with 2-3 cores the servers get core 0 and the load generator the rest;
-# with 1 core nothing is pinned. Only the server under test has subscribers and a publisher;
+# with 1 core, or PIN=0, nothing is pinned. Only the server under test has subscribers and a publisher;
 # the other one is idle (with --publisher synthetic, tickgate's feed keeps generating).
 #
 # Output: docs/benchmarks-compare.jsonl (one line per server and cell) and
@@ -96,6 +96,8 @@ elif [ "$cores" -eq 3 ]; then SRV_CORES=0; LOAD_CORES="1-2"
 elif [ "$cores" -eq 2 ]; then SRV_CORES=0; LOAD_CORES=1
 else SRV_CORES=""; LOAD_CORES=""; fi
 command -v taskset >/dev/null || { SRV_CORES=""; LOAD_CORES=""; }
+# PIN=0: no pinning at all (servers and load generator share every core as the scheduler likes).
+if [ "${PIN:-1}" = 0 ]; then SRV_CORES=""; LOAD_CORES=""; fi
 # Command prefixes (taskset execs its command, so $! is the server's own pid).
 PIN_SRV=(); PIN_LOAD=()
 [ -n "$SRV_CORES" ] && PIN_SRV=(taskset -c "$SRV_CORES") && PIN_LOAD=(taskset -c "$LOAD_CORES")
