@@ -583,13 +583,14 @@ impl ShardCore {
         }
     }
 
-    /// Dispatches one tick to every subscriber on this shard.
+    /// Dispatches one tick to every subscriber on this shard; returns how many subscribers
+    /// the instrument has here (the work it took, for the shard's cycle budget).
     #[inline]
-    pub fn dispatch(&mut self, tick: &Tick) {
+    pub fn dispatch(&mut self, tick: &Tick) -> usize {
         let f = tick.feed_idx as usize;
         let i = tick.instr as usize;
         let Some(st) = self.instr.get_mut(f).and_then(|v| v.get_mut(i)) else {
-            return;
+            return 0;
         };
         let seq = tick.record.seq();
         // Ingest refuses seqs that do not go up, so this never wraps in practice.
@@ -653,6 +654,7 @@ impl ShardCore {
                 c.notify.notify_one();
             }
         }
+        index[f][i].len()
     }
 
     /// True when the record must not be sent (the client already has it); forgets the

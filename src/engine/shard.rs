@@ -30,6 +30,13 @@ use crate::metrics::Metrics;
 /// wait and is what turns bursts into one batch per connection.
 const MAX_TICKS_PER_CYCLE: usize = 8192;
 
+/// Most deliveries (ticks × their subscribers on this shard) in one cycle. The tick bound
+/// alone let one cycle run for seconds on a shard with 10,000 subscribers of one
+/// instrument (8,192 ticks × 10,000 copies): the writers, the stats flusher and the timers,
+/// which share the thread, starved, and the subscribers got almost nothing while the core
+/// was busy. 2^20 copies take roughly 10-30 ms; below that load nothing changes.
+const MAX_DELIVERIES_PER_CYCLE: usize = 1 << 20;
+
 /// How often local counters are added to the shared Prometheus metrics.
 const STATS_FLUSH: Duration = Duration::from_millis(100);
 
@@ -191,21 +198,14 @@ async fn run(spec: ShardSpec) {
     let mut timer_tick = tokio::time::interval(Duration::from_millis(10));
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        let mut n = 0;
         let cycle_started = std::time::Instant::now();
-        {
+        let n = {
             let mut core = shard.core.borrow_mut();
-            while n < MAX_TICKS_PER_CYCLE {
-                match inbox.queue.pop() {
-                    Some(Inbound::Tick(t)) => core.dispatch(&t),
-                    Some(Inbound::Reset { feed_idx, epoch }) => core.reset(feed_idx, epoch),
-                    None => break,
-                }
-                n += 1;
-            }
+            let n = dispatch_cycle(&mut core, &inbox.queue);
             core.end_cycle();
             core.advance_timers();
-        }
+            n
+        };
         if let Ok(msg) = ctl.try_recv() {
             if !control(&shard, msg) {
                 break;
@@ -234,6 +234,21 @@ async fn run(spec: ShardSpec) {
     }
     flush_stats(&shard, &metrics, &mut flushed.borrow_mut());
     CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// One dispatch cycle: takes ticks and resets from the queue until it is empty or the
+/// cycle's bounds (ticks, deliveries) are reached; returns how many entries it took.
+fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbound>) -> usize {
+    let (mut n, mut deliveries) = (0, 0);
+    while n < MAX_TICKS_PER_CYCLE && deliveries < MAX_DELIVERIES_PER_CYCLE {
+        match queue.pop() {
+            Some(Inbound::Tick(t)) => deliveries += core.dispatch(&t),
+            Some(Inbound::Reset { feed_idx, epoch }) => core.reset(feed_idx, epoch),
+            None => break,
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Adds the counters' growth since `last` to the shared metrics.
@@ -282,4 +297,72 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     shard.batch_records.flush();
     shard.cycle.flush();
     *last = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::scopes::Entitlements;
+    use crate::auth::validate::Principal;
+    use crate::engine::Tick;
+    use crate::feeds::FeedDef;
+    use crate::protocol::codec::{Body, Quote, Record};
+    use crate::protocol::control::ClientMsg;
+
+    /// A shard core with `conns` subscribers of instrument A (and none of B).
+    fn core_with(conns: usize) -> ShardCore {
+        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
+        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
+        let limits = CoreLimits { max_outbound_bytes: 1 << 30, ..CoreLimits::default() };
+        let mut core = ShardCore::new(catalog, None, limits);
+        for i in 0..conns {
+            let p = Principal {
+                sub: format!("c{i}"),
+                iss: "i".into(),
+                jti: None,
+                client_id: None,
+                exp: u64::MAX,
+                iat: None,
+                entitlements: Entitlements::from_scopes(["md:read:*"]),
+            };
+            let h = core.add_conn(p, format!("s{i}"));
+            let subscribe = ClientMsg::Subscribe {
+                id: None,
+                feed: "T".into(),
+                symbols: vec!["A".into()],
+                snapshot: false,
+                resume: None,
+                epoch: None,
+            };
+            core.handle(h.key, subscribe);
+        }
+        core
+    }
+
+    fn fill(queue: &crossbeam_queue::ArrayQueue<Inbound>, instr: u32, ticks: u64) {
+        for seq in 1..=ticks {
+            let record = Record::encode(1, instr + 1, seq, 0, 0, &Body::Quote(Quote::default()), 0);
+            assert!(queue.push(Inbound::Tick(Tick { feed_idx: 0, instr, record })).is_ok());
+        }
+    }
+
+    /// A cycle ends at the delivery bound, however few ticks that is, so the writers, the
+    /// stats flusher and the timers on the shard's thread are never starved for long; ticks
+    /// nobody on the shard subscribes to cost no delivery and only the tick bound applies.
+    #[test]
+    fn a_cycle_is_bounded_by_deliveries_and_by_ticks() {
+        let mut core = core_with(1000);
+        let queue = crossbeam_queue::ArrayQueue::new(3 * MAX_TICKS_PER_CYCLE);
+        fill(&queue, 0, 3000);
+        // 1,049 ticks × 1,000 subscribers: the first cycle to reach 2^20 deliveries.
+        let per_cycle = MAX_DELIVERIES_PER_CYCLE.div_ceil(1000);
+        assert_eq!(dispatch_cycle(&mut core, &queue), per_cycle);
+        assert_eq!(queue.len(), 3000 - per_cycle);
+        while queue.pop().is_some() {}
+
+        fill(&queue, 1, 2 * MAX_TICKS_PER_CYCLE as u64);
+        assert_eq!(dispatch_cycle(&mut core, &queue), MAX_TICKS_PER_CYCLE);
+        assert_eq!(dispatch_cycle(&mut core, &queue), MAX_TICKS_PER_CYCLE);
+        assert_eq!(dispatch_cycle(&mut core, &queue), 0);
+    }
 }
