@@ -13,7 +13,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 // (page faults were the top of the dispatch profile), mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tickgate::auth::scopes::Entitlements;
 use tickgate::auth::validate::Principal;
 use tickgate::engine::core::{CoreLimits, ShardCore};
 use tickgate::engine::outbound::{OutItem, Outbound};
@@ -61,16 +60,7 @@ fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
     );
     let mut keys = Vec::new();
     for i in 0..n {
-        let p = Principal {
-            sub: format!("c{i}"),
-            iss: "bench".into(),
-            jti: None,
-            client_id: None,
-            exp: u64::MAX,
-            iat: None,
-            entitlements: Entitlements::from_scopes(["md:read:*"]),
-        };
-        let h = core.add_conn(p, format!("s{i}"));
+        let h = core.add_conn(Principal::unauthenticated(&format!("c{i}"), "bench"), format!("s{i}"));
         core.handle(
             h.key,
             ClientMsg::Subscribe {

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use tickgate::auth::scopes::Entitlements;
 use tickgate::auth::validate::Principal;
 use tickgate::engine::core::{ConnKey, CoreLimits, ShardCore};
 use tickgate::engine::outbound::OutItem;
@@ -167,16 +166,7 @@ fn run(policy: &str, ops: Vec<Op>) -> Result<(), String> {
     let feed = catalog.get(0).expect("feed");
     let mut clients: Vec<Client> = (0..CONNS)
         .map(|k| {
-            let p = Principal {
-                sub: format!("c{k}"),
-                iss: "i".into(),
-                jti: None,
-                client_id: None,
-                exp: u64::MAX,
-                iat: None,
-                entitlements: Entitlements::from_scopes(["md:read:*"]),
-            };
-            let h = core.add_conn(p, format!("s{k}"));
+            let h = core.add_conn(Principal::unauthenticated(&format!("c{k}"), "i"), format!("s{k}"));
             Client { key: h.key, epoch: 1, ..Client::default() }
         })
         .collect();

@@ -128,6 +128,23 @@ pub struct Principal {
     pub entitlements: Entitlements,
 }
 
+impl Principal {
+    /// A principal no token stands behind: reads every feed and never expires. What a
+    /// benchmark-only `--insecure-no-auth` server gives each stream, and what in-memory
+    /// benches and tests give the connections they add to a shard core.
+    pub fn unauthenticated(sub: &str, iss: &str) -> Principal {
+        Principal {
+            sub: sub.to_owned(),
+            iss: iss.to_owned(),
+            jti: None,
+            client_id: None,
+            exp: u64::MAX,
+            iat: None,
+            entitlements: Entitlements::from_scopes(["md:read:*"]),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RawHeader {
     alg: Option<serde_json::Value>,

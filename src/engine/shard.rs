@@ -302,7 +302,6 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::scopes::Entitlements;
     use crate::auth::validate::Principal;
     use crate::engine::Tick;
     use crate::feeds::FeedDef;
@@ -316,16 +315,7 @@ mod tests {
         let limits = CoreLimits { max_outbound_bytes: 1 << 30, ..CoreLimits::default() };
         let mut core = ShardCore::new(catalog, None, limits);
         for i in 0..conns {
-            let p = Principal {
-                sub: format!("c{i}"),
-                iss: "i".into(),
-                jti: None,
-                client_id: None,
-                exp: u64::MAX,
-                iat: None,
-                entitlements: Entitlements::from_scopes(["md:read:*"]),
-            };
-            let h = core.add_conn(p, format!("s{i}"));
+            let h = core.add_conn(Principal::unauthenticated(&format!("c{i}"), "i"), format!("s{i}"));
             let subscribe = ClientMsg::Subscribe {
                 id: None,
                 feed: "T".into(),

@@ -209,15 +209,7 @@ pub(crate) fn check_request(
 
 /// The principal a benchmark-only no-auth server gives every stream.
 fn anonymous() -> Principal {
-    Principal {
-        sub: "anonymous".into(),
-        iss: "insecure-no-auth".into(),
-        jti: None,
-        client_id: None,
-        exp: u64::MAX,
-        iat: None,
-        entitlements: crate::auth::scopes::Entitlements::from_scopes(["md:read:*"]),
-    }
+    Principal::unauthenticated("anonymous", "insecure-no-auth")
 }
 
 fn insufficient_scope() -> Refusal {
