@@ -11,7 +11,7 @@
 //! | [`engine`] | shard threads, subscription index, outbound queues, resume buffer, conflation, timer wheel |
 //! | [`protocol`] | the binary record codec and the JSON control messages |
 //! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording) |
-//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, publish endpoint, admin |
+//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, heartbeat, publish endpoint, admin |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`client`] | the Rust client used by `tickgate token`, `subscribe`, `record` and `load`; a publisher |
 //!

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tickgate::client::publisher::{publish_url, Publisher};
 use tickgate::client::{ClientError, ConnectOptions, Event, Subscriber};
@@ -18,6 +19,7 @@ use tickgate::protocol::codec::{
     encode_batch, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY,
 };
 use tickgate::protocol::control::ServerMsg;
+use tokio_tungstenite::tungstenite::Message;
 
 fn trade(feed_id: u16, instr: u32, seq: u64, price: i64) -> Record {
     Record::encode(feed_id, instr, seq, price, 0, &Body::Trade(Trade { price, size: 100, side: 1 }), 0)
@@ -510,6 +512,32 @@ async fn a_client_that_never_answers_pings_is_closed_and_counted() {
     // Not reading means not answering pings.
     assert!(ts.wait_metric("tickgate_heartbeat_timeouts_total", 1.0).await >= 1.0);
     assert_eq!(wait_close(&mut sub, Duration::from_secs(10)).await, 1008);
+    ts.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publisher_that_never_answers_pings_is_closed_and_counted() {
+    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 1, "disconnect", 1000))], |c| {
+        c.server.heartbeat_ms = 150
+    })
+    .await;
+    let publish = ts.token(&["md:publish:P"]);
+    let url = publish_url(&ts.url, "P", None);
+    let mut ws = tickgate::client::connect(&url, &publish, &ConnectOptions::default()).await.unwrap();
+    // Not reading means not answering pings.
+    assert!(ts.wait_metric("tickgate_heartbeat_timeouts_total", 1.0).await >= 1.0);
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(f))) => break f.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some((1008, "heartbeat timeout".to_string())));
+    // The feed's publisher slot is free again.
+    let mut again = publisher(&ts, "P", &publish, None).await.unwrap();
+    again.send(&[trade(9, 1, 0, 1)]).await.unwrap();
+    assert!(again.sync().await.unwrap().is_empty());
     ts.shutdown().await;
 }
 

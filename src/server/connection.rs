@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::handshake::ConnSlot;
+use super::heartbeat::{Beat, Heartbeat};
 use super::limits::Bucket;
 use super::AppState;
 use crate::auth::validate::Principal;
@@ -160,10 +161,7 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
 
 async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
     let limits = &app.config.limits;
-    let heartbeat = Duration::from_millis(app.config.server.heartbeat_ms);
-    let mut ping_timer = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ping_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_pong = Instant::now();
+    let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     // Control messages: `control_rate_per_s` per second, bursts of `control_burst`.
     let (rate, burst) = (limits.control_rate_per_s as f64, limits.control_burst as f64);
     let mut bucket = Bucket::full(burst, Instant::now());
@@ -241,7 +239,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                     Message::Binary(_) => {
                         shard.core.borrow_mut().close(h.key, close::UNSUPPORTED_DATA, "binary frames are not accepted");
                     }
-                    Message::Pong(_) => last_pong = Instant::now(),
+                    Message::Pong(_) => heartbeat.pong(),
                     Message::Close(frame) => {
                         // tungstenite queued the close reply; flush it and stop.
                         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
@@ -251,14 +249,17 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                     Message::Ping(_) | Message::Frame(_) => {}
                 }
             }
-            _ = ping_timer.tick() => {
-                if last_pong.elapsed() > heartbeat * 2 {
+            beat = heartbeat.tick() => match beat {
+                Beat::TimedOut => {
                     app.metrics.heartbeat_timeouts.inc();
                     shard.core.borrow_mut().close(h.key, close::POLICY, "heartbeat timeout");
-                } else if let Err(Some(e)) = with_kill(h, ws.send(Message::Ping(Vec::new().into()))).await {
-                    return fail(&mut ws, e).await;
                 }
-            }
+                Beat::Ping => {
+                    if let Err(Some(e)) = with_kill(h, ws.send(Message::Ping(Vec::new().into()))).await {
+                        return fail(&mut ws, e).await;
+                    }
+                }
+            },
         }
     }
 }

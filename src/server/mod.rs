@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod connection;
 pub mod handshake;
+mod heartbeat;
 pub mod limits;
 pub mod publish;
 pub mod tls;

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
+use super::heartbeat::{Beat, Heartbeat};
 use super::AppState;
 use crate::engine::Tick;
 use crate::feeds::{Feed, SourceKind};
@@ -321,9 +322,7 @@ async fn run(
         }
         tracing::info!(feed = feed.name(), epoch = e, "publisher started a new epoch");
     }
-    let heartbeat = Duration::from_millis(app.config.server.heartbeat_ms);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let mut last_pong = Instant::now();
+    let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     // The token's lifetime bounds the connection, as for subscribers.
     let expires_in = Duration::from_secs(exp.saturating_sub(now_ns() / 1_000_000_000).min(10 * 365 * 86_400))
         + Duration::from_millis(app.config.auth.expiry_grace_ms);
@@ -336,8 +335,8 @@ async fn run(
         let msg = tokio::select! {
             _ = cancel.cancelled() => break (close::GOING_AWAY, "server shutting down"),
             _ = &mut expiry => break (close::TOKEN_EXPIRED, "token expired"),
-            _ = ping.tick() => {
-                if last_pong.elapsed() > heartbeat * 2 {
+            beat = heartbeat.tick() => {
+                if beat == Beat::TimedOut {
                     app.metrics.heartbeat_timeouts.inc();
                     break (close::POLICY, "heartbeat timeout");
                 }
@@ -393,7 +392,7 @@ async fn run(
                 }
             },
             Some(Ok(Message::Pong(_))) => {
-                last_pong = Instant::now();
+                heartbeat.pong();
                 None
             }
             Some(Ok(Message::Close(_))) => break (1000, "closed by publisher"),
