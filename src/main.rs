@@ -121,6 +121,14 @@ struct StreamArgs {
     ca_cert: Option<PathBuf>,
 }
 
+impl StreamArgs {
+    /// The library's view of these arguments, with the comma-separated symbols.
+    fn target(self, symbols: &str) -> client::tools::StreamTarget {
+        let StreamArgs { url, token, feed, ca_cert } = self;
+        client::tools::StreamTarget { url, token, feed, symbols: split_symbols(symbols), ca_file: ca_cert }
+    }
+}
+
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -202,36 +210,22 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             println!("{t}");
         }
         Cmd::Subscribe { stream, symbols, snapshot, json: _, limit, resume_file } => {
-            let StreamArgs { url, token, feed, ca_cert } = stream;
-            let opts = client::tools::SubscribeOptions {
-                url,
-                token,
-                feed,
-                symbols: split_symbols(&symbols),
-                snapshot,
-                limit,
-                ca_file: ca_cert,
-                resume_file,
-            };
+            let opts =
+                client::tools::SubscribeOptions { stream: stream.target(&symbols), snapshot, limit, resume_file };
             let summary = client::tools::subscribe(&opts, std::io::stdout().lock()).await?;
             if summary.violations > 0 {
                 bail!("{} delivery violations", summary.violations);
             }
         }
         Cmd::Record { stream, symbols, out, seconds, limit } => {
-            let StreamArgs { url, token, feed, ca_cert } = stream;
             if seconds.is_none() && limit.is_none() {
                 bail!("give --seconds or --limit (a recording must end)");
             }
             let opts = client::tools::RecordOptions {
-                url,
-                token,
-                feed,
-                symbols: split_symbols(&symbols),
+                stream: stream.target(&symbols),
                 out,
                 duration: seconds.map(Duration::from_secs_f64),
                 limit,
-                ca_file: ca_cert,
             };
             let summary = client::tools::record(&opts).await?;
             if summary.gaps_seen > 0 || summary.resets_seen > 0 {

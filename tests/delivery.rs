@@ -541,6 +541,42 @@ async fn a_publisher_that_never_answers_pings_is_closed_and_counted() {
     ts.shutdown().await;
 }
 
+/// `tickgate record`: a capture of the subscribed instruments, renumbered 1..k with seqs
+/// 1, 2, 3, ... per instrument; a capture with no end is refused before connecting.
+#[tokio::test]
+async fn record_cli_captures_a_renumbered_recording() {
+    let ts = TestServer::start(300.0, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cap.tgrec");
+    let run = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickgate"));
+        cmd.args(["record", "--url", &ts.url, "--feed", "T", "--symbols", "S1,S0", "--out"])
+            .arg(&file)
+            .args(extra)
+            .env("TICKGATE_TOKEN", ts.token(&["md:read:T"]));
+        async move { tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.unwrap().unwrap() }
+    };
+    let endless = run(&[]).await;
+    assert!(!endless.status.success());
+    assert!(String::from_utf8_lossy(&endless.stderr).contains("give --seconds or --limit"));
+    assert!(!file.exists());
+
+    let out = run(&["--limit", "100"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut r = Reader::open(&file).unwrap();
+    assert_eq!((r.meta().feed.as_str(), r.meta().symbols.clone()), ("T", vec!["S1".to_owned(), "S0".to_owned()]));
+    let mut per: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        per.entry(rec.instrument_id()).or_default().push(rec.seq());
+    }
+    assert_eq!(per.values().map(Vec::len).sum::<usize>(), 100);
+    assert!(per.keys().all(|k| (1..=2).contains(k)), "{:?}", per.keys());
+    for seqs in per.values() {
+        assert_eq!(*seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+    ts.shutdown().await;
+}
+
 #[tokio::test]
 async fn subscribe_cli_resumes_from_its_resume_file() {
     let ts = TestServer::start(300.0, |_| {}).await;

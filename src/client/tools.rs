@@ -22,9 +22,9 @@ use crate::protocol::codec::{Body, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNA
 use crate::protocol::control::ServerMsg;
 use crate::protocol::now_ns;
 
-/// `tickgate subscribe` settings.
+/// What `subscribe` and `record` read: the stream, its credential and the subscription.
 #[derive(Debug, Clone, Default)]
-pub struct SubscribeOptions {
+pub struct StreamTarget {
     /// Stream URL.
     pub url: String,
     /// Access token.
@@ -33,12 +33,38 @@ pub struct SubscribeOptions {
     pub feed: String,
     /// Symbols, or `["*"]`.
     pub symbols: Vec<String>,
+    /// CA certificate for wss://.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl StreamTarget {
+    /// Connects to the stream.
+    async fn connect(&self) -> Result<Subscriber, ClientError> {
+        let copts = ConnectOptions { ca_file: self.ca_file.clone(), ..ConnectOptions::default() };
+        Subscriber::connect(&self.url, &self.token, &copts).await
+    }
+
+    /// Sends the one `subscribe` (id 1) for the target's feed and symbols.
+    async fn subscribe(
+        &self,
+        sub: &mut Subscriber,
+        snapshot: bool,
+        resume: Option<(Option<u64>, BTreeMap<String, u64>)>,
+    ) -> Result<(), ClientError> {
+        let symbols: Vec<&str> = self.symbols.iter().map(String::as_str).collect();
+        sub.subscribe(1, &self.feed, &symbols, snapshot, resume).await
+    }
+}
+
+/// `tickgate subscribe` settings.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// What to read.
+    pub stream: StreamTarget,
     /// Ask for a snapshot first.
     pub snapshot: bool,
     /// Stop after this many records.
     pub limit: Option<u64>,
-    /// CA certificate for wss://.
-    pub ca_file: Option<PathBuf>,
     /// Resume from / keep the last seqs in this file.
     pub resume_file: Option<PathBuf>,
 }
@@ -125,16 +151,15 @@ pub fn record_json(r: &Record, feed: Option<&str>, symbol: Option<&str>, send_ts
 
 /// Runs `tickgate subscribe`, writing JSON lines to `out`.
 pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<SubscribeSummary, ClientError> {
-    let copts = ConnectOptions { ca_file: opts.ca_file.clone(), ..ConnectOptions::default() };
-    let mut sub = Subscriber::connect(&opts.url, &opts.token, &copts).await?;
+    let feed = &opts.stream.feed;
+    let mut sub = opts.stream.connect().await?;
     let mut state = match &opts.resume_file {
-        Some(p) => ResumeState::load(p)?.filter(|s| s.feed == opts.feed),
+        Some(p) => ResumeState::load(p)?.filter(|s| &s.feed == feed),
         None => None,
     }
-    .unwrap_or(ResumeState { feed: opts.feed.clone(), ..ResumeState::default() });
+    .unwrap_or(ResumeState { feed: feed.clone(), ..ResumeState::default() });
     let resume = (!state.seqs.is_empty()).then(|| (state.epoch, state.seqs.clone()));
-    let symbols: Vec<&str> = opts.symbols.iter().map(String::as_str).collect();
-    sub.subscribe(1, &opts.feed, &symbols, opts.snapshot, resume).await?;
+    opts.stream.subscribe(&mut sub, opts.snapshot, resume).await?;
     let mut summary = SubscribeSummary::default();
     loop {
         let event = sub.next_event().await?;
@@ -164,14 +189,9 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
         // Saved after the output: a client killed in between prints a record again
         // after it resumes, never loses one.
         if let Some(p) = &opts.resume_file {
-            state.epoch = sub.tracker.epoch(&opts.feed);
-            state.seqs = sub
-                .tracker
-                .last_seen()
-                .into_iter()
-                .filter(|(f, _, _)| *f == opts.feed)
-                .map(|(_, s, seq)| (s, seq))
-                .collect();
+            state.epoch = sub.tracker.epoch(feed);
+            state.seqs =
+                sub.tracker.last_seen().into_iter().filter(|(f, _, _)| f == feed).map(|(_, s, seq)| (s, seq)).collect();
             state.save(p)?;
         }
         if summary.close_code.is_some() {
@@ -188,22 +208,14 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
 /// `tickgate record` settings.
 #[derive(Debug, Clone, Default)]
 pub struct RecordOptions {
-    /// Stream URL.
-    pub url: String,
-    /// Access token.
-    pub token: String,
-    /// Feed to capture.
-    pub feed: String,
-    /// Symbols, or `["*"]`.
-    pub symbols: Vec<String>,
+    /// What to capture.
+    pub stream: StreamTarget,
     /// Output file.
     pub out: PathBuf,
     /// Stop after this long.
     pub duration: Option<Duration>,
     /// Stop after this many records.
     pub limit: Option<u64>,
-    /// CA certificate for wss://.
-    pub ca_file: Option<PathBuf>,
 }
 
 /// What `record` wrote.
@@ -227,10 +239,9 @@ pub struct RecordSummary {
 /// recording whose symbol table is the subscribed instruments, renumbered 1..k, and whose
 /// seqs run 1, 2, 3, ... per instrument from the first record captured.
 pub async fn record(opts: &RecordOptions) -> Result<RecordSummary, ClientError> {
-    let copts = ConnectOptions { ca_file: opts.ca_file.clone(), ..ConnectOptions::default() };
-    let mut sub = Subscriber::connect(&opts.url, &opts.token, &copts).await?;
-    let symbols: Vec<&str> = opts.symbols.iter().map(String::as_str).collect();
-    sub.subscribe(1, &opts.feed, &symbols, false, None).await?;
+    let feed = &opts.stream.feed;
+    let mut sub = opts.stream.connect().await?;
+    opts.stream.subscribe(&mut sub, false, None).await?;
     // Wait for the reply: it gives the symbol table.
     let table = loop {
         match sub.next_event().await? {
@@ -242,8 +253,8 @@ pub async fn record(opts: &RecordOptions) -> Result<RecordSummary, ClientError> 
     };
     let new_id: HashMap<u32, u32> = table.iter().enumerate().map(|(k, i)| (i.id, k as u32 + 1)).collect();
     let meta = Meta {
-        feed: opts.feed.clone(),
-        feed_id: sub.tracker.feed_id_of(&opts.feed).unwrap_or(0),
+        feed: feed.clone(),
+        feed_id: sub.tracker.feed_id_of(feed).unwrap_or(0),
         symbols: table.iter().map(|i| i.symbol.clone()).collect(),
         recorded_at_ns: now_ns(),
     };
