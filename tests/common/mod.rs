@@ -269,3 +269,27 @@ impl Drop for Kill {
         let _ = self.0.wait();
     }
 }
+
+/// The generous bound `eventually` callers use: long enough that a slow or busy machine
+/// never fails a test on time, short enough that a real hang is reported.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// Polls `check` (every 20 ms) until it yields `Some(value)`, and returns that value; panics
+/// naming `what` when `timeout` passes first. Tests use this instead of sleeping for a
+/// guessed time: they wait for the condition itself.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{what}: not reached within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
