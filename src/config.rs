@@ -160,6 +160,11 @@ pub struct IssuerConfig {
     pub jwks_timeout_ms: u64,
     /// External: largest JWKS body accepted (bytes).
     pub jwks_max_bytes: usize,
+    /// Embedded: failed client authentications at `/oauth2/token` tolerated in a burst,
+    /// per source address and per client id, before 429.
+    pub client_auth_failure_burst: u32,
+    /// Embedded: failed client authentications per minute that the burst refills by.
+    pub client_auth_failures_per_min: u32,
 }
 
 impl Default for IssuerConfig {
@@ -178,6 +183,8 @@ impl Default for IssuerConfig {
             jwks_max_stale_s: 86_400,
             jwks_timeout_ms: 3_000,
             jwks_max_bytes: 1 << 20,
+            client_auth_failure_burst: 10,
+            client_auth_failures_per_min: 10,
         }
     }
 }
@@ -261,6 +268,8 @@ pub struct LimitsConfig {
     pub connect_burst_per_ip: u32,
     /// One-time tickets outstanding at once.
     pub max_tickets: usize,
+    /// One-time tickets outstanding at once for one token subject.
+    pub max_tickets_per_subject: usize,
 }
 
 impl Default for LimitsConfig {
@@ -279,6 +288,7 @@ impl Default for LimitsConfig {
             connect_rate_per_ip: 2_000,
             connect_burst_per_ip: 5_000,
             max_tickets: 100_000,
+            max_tickets_per_subject: 100,
         }
     }
 }
@@ -405,8 +415,9 @@ impl Config {
             || self.limits.connect_rate_per_ip == 0
             || self.limits.connect_burst_per_ip == 0
             || self.limits.max_tickets == 0
+            || self.limits.max_tickets_per_subject == 0
         {
-            return bad("limits.max_connections_per_subject, max_connections_per_ip, connect_rate_per_ip, connect_burst_per_ip and max_tickets must be positive");
+            return bad("limits.max_connections_per_subject, max_connections_per_ip, connect_rate_per_ip, connect_burst_per_ip, max_tickets and max_tickets_per_subject must be positive");
         }
         if self.limits.control_rate_per_s == 0 || self.limits.control_burst == 0 {
             return bad("limits.control_rate_per_s and limits.control_burst must be positive");
@@ -452,6 +463,9 @@ impl Config {
         }
         if self.issuer.audience.is_empty() {
             return bad("issuer.audience must not be empty");
+        }
+        if self.issuer.client_auth_failure_burst == 0 || self.issuer.client_auth_failures_per_min == 0 {
+            return bad("issuer.client_auth_failure_burst and issuer.client_auth_failures_per_min must be positive");
         }
         if self.issuer.token_ttl_s == 0 || self.issuer.token_ttl_s > self.auth.max_lifetime_s {
             return bad("issuer.token_ttl_s must be positive and at most auth.max_lifetime_s");

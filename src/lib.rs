@@ -13,6 +13,7 @@
 //! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording) |
 //! | [`server`] | listeners, HTTP on the shards, handshake, connection task, heartbeat, publish endpoint, admin |
 //! | [`metrics`] | Prometheus metrics |
+//! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
 //! | [`client`] | the Rust client used by `tickgate token`, `subscribe`, `record` and `load`; a publisher |
 //!
 //! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod feeds;
 pub mod metrics;
 pub mod protocol;
+mod ratelimit;
 pub mod server;
 
 use std::future::Future;
@@ -135,6 +137,7 @@ impl Server {
         let catalog = Arc::new(Catalog::new(defs, epoch)?);
 
         // Auth.
+        let metrics = Metrics::new();
         let keys = Arc::new(KeyStore::new());
         let (issuer, generated_demo_secret, iss_name) = match config.issuer.mode {
             IssuerMode::Embedded => {
@@ -142,7 +145,9 @@ impl Server {
                 let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
                 let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
-                let iss = iss.with_retire_margin(Duration::from_secs(config.auth.leeway_s));
+                let iss = iss
+                    .with_retire_margin(Duration::from_secs(config.auth.leeway_s))
+                    .with_request_counter(metrics.token_requests.clone());
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
@@ -150,7 +155,6 @@ impl Server {
                 (None, None, iss_name)
             }
         };
-        let metrics = Metrics::new();
         let jwks = match (config.issuer.mode, &config.issuer.jwks_url) {
             (IssuerMode::External, Some(url)) => {
                 let settings = auth::jwks::JwksSettings {
@@ -201,8 +205,13 @@ impl Server {
             ingest: ingest.clone(),
             sources: feed_tasks.clone(),
             sources_cancel: feeds_cancel.clone(),
+            publishers: server::publish::Publishers::default(),
             admission: server::limits::Admission::new(&config.limits),
-            tickets: auth::tickets::TicketStore::new(config.limits.max_tickets),
+            tickets: auth::tickets::TicketStore::new(
+                config.limits.max_tickets,
+                config.limits.max_tickets_per_subject,
+                validator.revocations().clone(),
+            ),
             shard_ctl: shard_ctl.clone(),
             jwks: jwks.clone(),
             config: config.clone(),

@@ -98,6 +98,12 @@ pub struct Metrics {
     pub publish_handshakes: IntCounterVec,
     /// Connected publishers.
     pub publishers: IntGauge,
+    /// `POST /v1/ticket` answers by result.
+    pub tickets: IntCounterVec,
+    /// `POST /oauth2/token` answers by result (embedded issuer).
+    pub token_requests: IntCounterVec,
+    /// `POST /admin/revoke` answers by result.
+    pub revoke_requests: IntCounterVec,
 }
 
 /// Registers a metric, panicking on a programming error (a bad name or a duplicate).
@@ -249,6 +255,19 @@ impl Metrics {
                 &["result"],
             ),
             publishers: gauge(&r, "tickgate_publishers", "Connected publishers"),
+            tickets: counter_vec(&r, "tickgate_tickets_total", "POST /v1/ticket answers by result", &["result"]),
+            token_requests: counter_vec(
+                &r,
+                "tickgate_token_requests_total",
+                "POST /oauth2/token answers by result (embedded issuer)",
+                &["result"],
+            ),
+            revoke_requests: counter_vec(
+                &r,
+                "tickgate_revoke_requests_total",
+                "POST /admin/revoke answers by result",
+                &["result"],
+            ),
             registry: r,
         }
     }
@@ -318,6 +337,23 @@ impl Metrics {
         }
         for r in ["ok", "refused", "rate_limited"] {
             self.token_refreshes.with_label_values(&[r]);
+        }
+        for r in ["issued", "invalid_token", "insufficient_scope", "bad_request", "subject_limit", "unavailable"] {
+            self.tickets.with_label_values(&[r]);
+        }
+        for r in crate::auth::issuer::TOKEN_RESULTS {
+            self.token_requests.with_label_values(&[r]);
+        }
+        for r in [
+            "ok",
+            "unauthorized",
+            "forbidden",
+            "bad_request",
+            "unsupported_media_type",
+            "too_large",
+            "unavailable",
+        ] {
+            self.revoke_requests.with_label_values(&[r]);
         }
         for r in ["ok", "transport", "http_status", "not_json", "too_large", "bad_json", "empty"] {
             self.jwks_refreshes.with_label_values(&[r]);

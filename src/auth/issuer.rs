@@ -4,12 +4,13 @@
 //! the handshake validates embedded tokens exactly like external ones, without HTTP.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +26,7 @@ use thiserror::Error;
 use super::keys::{KeySet, KeyStore, VerifyKey};
 use super::scopes::split_scope;
 use crate::config::{ClientConfig, IssuerConfig};
+use crate::ratelimit::KeyedBuckets;
 
 /// Errors building the issuer or signing a token.
 #[derive(Debug, Error)]
@@ -79,6 +81,58 @@ impl SigningKey {
     }
 }
 
+/// Source addresses whose failed client authentications are tracked at once.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// Every `result` label of `tickgate_token_requests_total`.
+pub const TOKEN_RESULTS: [&str; 7] =
+    ["ok", "invalid_request", "unsupported_grant_type", "invalid_client", "invalid_scope", "rate_limited", "server_error"];
+
+/// Limits guessing at `/oauth2/token`: failed client authentications are taken from a token
+/// bucket per source address and one per (known) client id. While either is empty the
+/// endpoint answers 429, even to the right secret, so a guesser learns nothing from it.
+/// Only failures cost tokens: a client that authenticates never notices the limit.
+struct FailureGuard {
+    by_ip: Mutex<KeyedBuckets<IpAddr>>,
+    by_client: Mutex<KeyedBuckets<String>>,
+}
+
+impl FailureGuard {
+    fn new(cfg: &IssuerConfig, clients: usize) -> FailureGuard {
+        let rate = f64::from(cfg.client_auth_failures_per_min) / 60.0;
+        let burst = f64::from(cfg.client_auth_failure_burst);
+        FailureGuard {
+            by_ip: Mutex::new(KeyedBuckets::new(rate, burst, MAX_TRACKED_ADDRESSES)),
+            // Only configured client ids are tracked, so this map is as small as the client list.
+            by_client: Mutex::new(KeyedBuckets::new(rate, burst, clients.max(1))),
+        }
+    }
+
+    /// How long the caller must wait before its next attempt; zero when it may try now.
+    fn wait(&self, ip: Option<IpAddr>, client: Option<&str>) -> Duration {
+        let now = Instant::now();
+        let by_ip = ip.map_or(Duration::ZERO, |ip| lock(&self.by_ip).wait(&ip, now));
+        let by_client = client.map_or(Duration::ZERO, |c| lock(&self.by_client).wait(&c.to_owned(), now));
+        by_ip.max(by_client)
+    }
+
+    /// Records one failed authentication.
+    fn failed(&self, ip: Option<IpAddr>, client: Option<&str>) {
+        let now = Instant::now();
+        if let Some(ip) = ip {
+            lock(&self.by_ip).take(ip, now);
+        }
+        if let Some(c) = client {
+            lock(&self.by_client).take(c.to_owned(), now);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A bucket map is consistent after any panic (each update is one insert).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The embedded issuer.
 pub struct EmbeddedIssuer {
     issuer: String,
@@ -91,6 +145,9 @@ pub struct EmbeddedIssuer {
     store: Arc<KeyStore>,
     publish_ahead: Duration,
     retire_after: Duration,
+    guard: FailureGuard,
+    /// `tickgate_token_requests_total`, once the server has handed it over.
+    requests: Option<prometheus::IntCounterVec>,
 }
 
 /// A key of the issuer's ring.
@@ -191,7 +248,10 @@ impl EmbeddedIssuer {
             }
         }
         let key = Arc::new(SigningKey::generate()?);
+        let guard = FailureGuard::new(cfg, clients.len());
         let issuer = EmbeddedIssuer {
+            guard,
+            requests: None,
             issuer,
             audience: cfg.audience.clone(),
             ttl_s: cfg.token_ttl_s,
@@ -249,6 +309,13 @@ impl EmbeddedIssuer {
     /// largest leeway allowed).
     pub fn with_retire_margin(mut self, margin: Duration) -> EmbeddedIssuer {
         self.retire_after = Duration::from_secs(self.ttl_s) + margin;
+        self
+    }
+
+    /// Counts every `/oauth2/token` answer by result in `counter`
+    /// (`tickgate_token_requests_total`).
+    pub fn with_request_counter(mut self, counter: prometheus::IntCounterVec) -> EmbeddedIssuer {
+        self.requests = Some(counter);
         self
     }
 
@@ -402,42 +469,93 @@ fn scope_allowed(allowed: &[String], requested: &str) -> bool {
             && allowed.iter().any(|a| a == "md:read:*"))
 }
 
-async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body: Bytes) -> Response {
-    let form: TokenForm = match serde_urlencoded::from_bytes(&body) {
+async fn token(
+    State(iss): State<Arc<EmbeddedIssuer>>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (result, resp) = token_answer(&iss, peer.map(|p| p.0 .0.ip()), &headers, &body);
+    if let Some(c) = &iss.requests {
+        c.with_label_values(&[result]).inc();
+    }
+    resp
+}
+
+/// The answer to one token request, with its `result` label.
+fn token_answer(
+    iss: &EmbeddedIssuer,
+    ip: Option<IpAddr>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (&'static str, Response) {
+    let form: TokenForm = match serde_urlencoded::from_bytes(body) {
         Ok(f) => f,
         Err(_) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
+            return (
                 "invalid_request",
-                "body must be application/x-www-form-urlencoded",
+                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "body must be application/x-www-form-urlencoded"),
             )
         }
     };
     if form.grant_type.as_deref() != Some("client_credentials") {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
+        return (
             "unsupported_grant_type",
-            "only grant_type=client_credentials is supported",
+            oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            ),
         );
     }
-    let basic = match basic_credentials(&headers) {
+    let basic = match basic_credentials(headers) {
         Ok(b) => b,
-        Err(()) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed Authorization header"),
+        Err(()) => {
+            return (
+                "invalid_request",
+                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed Authorization header"),
+            )
+        }
     };
     let (id, secret) = match (basic, form.client_id, form.client_secret) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
+            return (
                 "invalid_request",
-                "client credentials in both the header and the body",
+                oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "client credentials in both the header and the body",
+                ),
             )
         }
         (Some(b), None, None) => b,
         (None, Some(id), Some(secret)) => (id, secret),
-        _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication required"),
+        _ => {
+            return (
+                "invalid_client",
+                oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication required"),
+            )
+        }
     };
+    // Only configured ids have a bucket of their own; unknown ids are limited by address.
+    let known = iss.clients.iter().any(|c| c.id == id).then_some(id.as_str());
+    let wait = iss.guard.wait(ip, known);
+    if !wait.is_zero() {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut resp = oauth_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            &format!("too many failed client authentications; retry after {secs} s"),
+        );
+        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        return ("rate_limited", resp);
+    }
     let Some(client) = iss.authenticate(&id, &secret) else {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
+        iss.guard.failed(ip, known);
+        return (
+            "invalid_client",
+            oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret"),
+        );
     };
     let scopes: Vec<String> = match form.scope.as_deref() {
         None | Some("") => client.scopes.clone(),
@@ -445,10 +563,13 @@ async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body:
             let requested: Vec<String> = split_scope(s).map(str::to_owned).collect();
             if let Some(bad) = requested.iter().find(|r| !scope_allowed(&client.scopes, r)) {
                 let shown: String = bad.chars().take(64).collect();
-                return oauth_error(
-                    StatusCode::BAD_REQUEST,
+                return (
                     "invalid_scope",
-                    &format!("scope `{shown}` is not allowed for this client"),
+                    oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        &format!("scope `{shown}` is not allowed for this client"),
+                    ),
                 );
             }
             requested
@@ -461,11 +582,11 @@ async fn token(State(iss): State<Arc<EmbeddedIssuer>>, headers: HeaderMap, body:
             body.insert("token_type", json!("Bearer"));
             body.insert("expires_in", json!(iss.ttl_s));
             body.insert("scope", json!(scopes.join(" ")));
-            ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response()
+            ("ok", ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response())
         }
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
-            oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
+            ("server_error", oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed"))
         }
     }
 }

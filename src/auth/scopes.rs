@@ -57,6 +57,11 @@ impl Entitlements {
         self.publish.contains(feed)
     }
 
+    /// Whether the token carries any `md:publish:` scope.
+    pub fn has_any_publish(&self) -> bool {
+        !self.publish.is_empty()
+    }
+
     /// Whether the token grants the admin API.
     pub fn is_admin(&self) -> bool {
         self.admin

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::AppState;
+use crate::auth::validate::Principal;
 
 /// The admin routes.
 pub fn router(app: Arc<AppState>) -> Router {
@@ -64,9 +65,9 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     }
 }
 
-/// Checks the admin bearer token (scope `tickgate:admin`); refusals are the same JSON and
-/// `WWW-Authenticate` answers as the stream handshake's.
-fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+/// Checks the admin bearer token (scope `tickgate:admin`) and returns who it is; refusals
+/// are the same JSON and `WWW-Authenticate` answers as the stream handshake's.
+fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
     use super::handshake::Refusal;
     use crate::auth::validate::AuthError;
     // Anything but one well-formed Bearer header counts as no token here (401).
@@ -89,7 +90,7 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> 
             )
                 .into_response(),
         )),
-        Ok(_) => Ok(()),
+        Ok(p) => Ok(p),
     }
 }
 
@@ -98,20 +99,68 @@ fn bad_request(description: &str) -> Response {
         .into_response()
 }
 
+/// Largest `/admin/revoke` body accepted.
+pub const MAX_REVOKE_BODY: usize = 4096;
+/// Longest `sub` or `jti` a revocation may name (bytes).
+pub const MAX_REVOKE_ID: usize = 256;
+
+/// Whether the request says its body is JSON (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
 /// `POST /admin/revoke` with `{"sub": "..."}` or `{"jti": "..."}`: remembers the
-/// revocation (later handshakes and refreshes are refused) and closes the matching live
-/// connections with 4003.
+/// revocation (later handshakes, refreshes and ticket redemptions are refused), voids the
+/// matching outstanding tickets, and closes the matching live streams and publishers with
+/// 4003. Logs which admin revoked what (identifiers only, never a token).
 async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = admin_auth(&app, &headers) {
-        return *r;
-    }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return bad_request("body must be a JSON object");
+    let (result, resp) = revoke_answer(&app, &headers, &body).await;
+    app.metrics.revoke_requests.with_label_values(&[result]).inc();
+    resp
+}
+
+async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'static str, Response) {
+    let admin = match admin_auth(app, headers) {
+        Ok(p) => p,
+        Err(r) => {
+            let label = if r.status() == StatusCode::FORBIDDEN { "forbidden" } else { "unauthorized" };
+            return (label, *r);
+        }
     };
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
-    let (sub, jti) = (field("sub"), field("jti"));
+    if body.len() > MAX_REVOKE_BODY {
+        let d = format!("the body may be at most {MAX_REVOKE_BODY} bytes");
+        let resp = (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": "invalid_request", "error_description": d})));
+        return ("too_large", resp.into_response());
+    }
+    if !is_json(headers) {
+        let resp = (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"})),
+        );
+        return ("unsupported_media_type", resp.into_response());
+    }
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return ("bad_request", bad_request("body must be a JSON object"));
+    };
+    if let Some(k) = v.keys().find(|k| *k != "sub" && *k != "jti") {
+        let shown: String = k.chars().take(32).collect();
+        return ("bad_request", bad_request(&format!("unknown field `{shown}`: give `sub` or `jti`")));
+    }
+    let field = |k: &str| match v.get(k) {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_REVOKE_ID => Ok(Some(s.clone())),
+        Some(_) => Err(format!("`{k}` must be a non-empty string of at most {MAX_REVOKE_ID} bytes")),
+    };
+    let (sub, jti) = match (field("sub"), field("jti")) {
+        (Ok(s), Ok(j)) => (s, j),
+        (Err(e), _) | (_, Err(e)) => return ("bad_request", bad_request(&e)),
+    };
     if sub.is_some() == jti.is_some() {
-        return bad_request("give exactly one of `sub` and `jti` (non-empty strings)");
+        return ("bad_request", bad_request("give exactly one of `sub` and `jti`"));
     }
     let now = jsonwebtoken::get_current_timestamp();
     let stored = match (&sub, &jti) {
@@ -120,12 +169,16 @@ async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum
         _ => Ok(()),
     };
     if let Err(e) = stored {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "unavailable", "error_description": e.to_string()})),
-        )
-            .into_response();
+        tracing::warn!(admin = %admin.sub, error = %e, "revocation refused: list full");
+        let resp =
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "error_description": e.to_string()})));
+        return ("unavailable", resp.into_response());
     }
+    // Voided before the live connections are closed: a client cut off now cannot come
+    // straight back with a ticket it fetched a moment ago.
+    let tickets_voided = app.tickets.void(sub.as_deref(), jti.as_deref());
+    let publishers_closed = app.publishers.revoke(sub.as_deref(), jti.as_deref());
+    app.metrics.revocations.inc_by(publishers_closed as u64);
     let mut replies = Vec::new();
     for ctl in &app.shard_ctl {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -134,14 +187,22 @@ async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum
             replies.push(rx);
         }
     }
-    let mut closed = 0;
+    let mut streams_closed = 0;
     for rx in replies {
         if let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
-            closed += n;
+            streams_closed += n;
         }
     }
-    tracing::info!(by_sub = sub.is_some(), closed, "revocation applied");
-    Json(json!({"revoked": if sub.is_some() { "sub" } else { "jti" }, "connections_closed": closed})).into_response()
+    tracing::info!(admin = %admin.sub, target_sub = %sub.as_deref().unwrap_or(""), target_jti = %jti.as_deref().unwrap_or(""),
+        streams_closed, publishers_closed, tickets_voided, "revocation applied");
+    let body = json!({
+        "revoked": if sub.is_some() { "sub" } else { "jti" },
+        "connections_closed": streams_closed + publishers_closed,
+        "streams_closed": streams_closed,
+        "publishers_closed": publishers_closed,
+        "tickets_voided": tickets_voided,
+    });
+    ("ok", Json(body).into_response())
 }
 
 #[derive(serde::Deserialize)]

@@ -265,14 +265,22 @@ pub(crate) fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Re
                 result: "invalid_token",
                 auth_reason: Some(reason),
             };
-            let p = app.tickets.redeem(&t).map_err(|e| match e {
+            let now = jsonwebtoken::get_current_timestamp();
+            let p = app.tickets.redeem(&t, now).map_err(|e| match e {
                 TicketError::Expired => ticket_refusal(e.to_string(), "ticket_expired"),
+                TicketError::Revoked => Refusal::invalid_token(&AuthError::Revoked),
                 _ => ticket_refusal(e.to_string(), "bad_ticket"),
             })?;
-            // The token behind the ticket may have expired since the ticket was issued.
-            let now = jsonwebtoken::get_current_timestamp();
-            if p.exp.saturating_add(app.config.auth.leeway_s) < now {
+            // The token behind the ticket may have expired since the ticket was issued:
+            // its deadline is `exp` + grace, to the millisecond, as for a presented token.
+            let deadline_ms = p.exp.saturating_mul(1000).saturating_add(app.config.auth.expiry_grace_ms);
+            if crate::protocol::now_ns() / 1_000_000 >= deadline_ms {
                 return Err(Refusal::invalid_token(&AuthError::Expired));
+            }
+            // A ticket may stand for a publish-only token (publishers redeem tickets too);
+            // the stream still needs a read scope.
+            if need_read && !p.entitlements.has_any_read() {
+                return Err(insufficient_scope());
             }
             Ok(Some(p))
         }
@@ -282,14 +290,22 @@ pub(crate) fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Re
 }
 
 /// `POST /v1/ticket`: exchanges a bearer token for a one-time ticket (single use, 30 s).
+/// Any token that may read or publish something gets one: the stream and the publish
+/// endpoints both redeem tickets and check their own scope then.
 pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let token = match bearer_token(&headers) {
-        Ok(t) => t,
-        Err(r) => return r.into_response(),
-    };
-    let outcome = match token {
-        None => Err(Refusal::invalid_token(&AuthError::Missing)),
-        Some(t) => authorize_token(&app, t),
+    let outcome = match bearer_token(&headers) {
+        Err(r) => Err(r),
+        Ok(None) => Err(Refusal::invalid_token(&AuthError::Missing)),
+        Ok(Some(t)) => app.validator.validate(t).map_err(|e| Refusal::invalid_token(&e)).and_then(|p| {
+            if p.entitlements.has_any_read() || p.entitlements.has_any_publish() {
+                Ok(p)
+            } else {
+                Err(Refusal {
+                    description: "token carries no md:read or md:publish scope".into(),
+                    ..insufficient_scope()
+                })
+            }
+        }),
     };
     let principal = match outcome {
         Ok(p) => p,
@@ -297,16 +313,37 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
             if let Some(reason) = r.auth_reason {
                 app.metrics.auth_failures.with_label_values(&[reason]).inc();
             }
+            app.metrics.tickets.with_label_values(&[r.result]).inc();
             return r.into_response();
         }
     };
     match app.tickets.issue(principal) {
-        Ok(ticket) => (
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()})),
-        )
-            .into_response(),
-        Err(e) => Refusal::unavailable(&e.to_string()).into_response(),
+        Ok(ticket) => {
+            app.metrics.tickets.with_label_values(&["issued"]).inc();
+            (
+                [(header::CACHE_CONTROL, "no-store")],
+                axum::Json(json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()})),
+            )
+                .into_response()
+        }
+        Err(e @ TicketError::SubjectLimit(_)) => {
+            app.metrics.tickets.with_label_values(&["subject_limit"]).inc();
+            let mut resp = Refusal {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                error: "too_many_tickets",
+                description: format!("{e}; each expires {} s after it was issued", TICKET_TTL.as_secs()),
+                result: "subject_limit",
+                auth_reason: None,
+            }
+            .into_response();
+            // The oldest outstanding ticket is gone within one ticket lifetime.
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(TICKET_TTL.as_secs()));
+            resp
+        }
+        Err(e) => {
+            app.metrics.tickets.with_label_values(&["unavailable"]).inc();
+            Refusal::unavailable(&e.to_string()).into_response()
+        }
     }
 }
 

@@ -9,38 +9,9 @@ use std::time::Instant;
 
 use crate::config::LimitsConfig;
 
-/// A token bucket: `rate` tokens per second up to `burst`. The rate and burst are passed
-/// in rather than stored, so the per-address map of the connect-rate limit holds only
-/// what differs per address.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    /// A full bucket.
-    pub(crate) fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, at: now }
-    }
-
-    /// Tokens available at `now`.
-    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
-        (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst)
-    }
-
-    /// Takes one token if there is one.
-    pub(crate) fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
-        self.tokens = self.level(now, rate, burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// The connection task's per-connection control-message bucket lives with the other buckets.
+pub(crate) use crate::ratelimit::Bucket;
+use crate::ratelimit::KeyedBuckets;
 
 #[derive(Default)]
 struct Counts {
@@ -51,11 +22,9 @@ struct Counts {
 /// Per-subject and per-IP accounting. Touched once per handshake and once per close.
 pub struct Admission {
     counts: Mutex<Counts>,
-    rate: Mutex<HashMap<IpAddr, Bucket>>,
+    rate: Mutex<KeyedBuckets<IpAddr>>,
     per_sub: usize,
     per_ip: usize,
-    rate_per_s: f64,
-    burst: f64,
 }
 
 impl std::fmt::Debug for Admission {
@@ -83,25 +52,20 @@ impl Admission {
     pub fn new(l: &LimitsConfig) -> Admission {
         Admission {
             counts: Mutex::new(Counts::default()),
-            rate: Mutex::new(HashMap::new()),
+            rate: Mutex::new(KeyedBuckets::new(
+                l.connect_rate_per_ip as f64,
+                l.connect_burst_per_ip as f64,
+                MAX_RATE_ENTRIES,
+            )),
             per_sub: l.max_connections_per_subject,
             per_ip: l.max_connections_per_ip,
-            rate_per_s: l.connect_rate_per_ip as f64,
-            burst: l.connect_burst_per_ip as f64,
         }
     }
 
     /// Takes one handshake from `ip`'s token bucket.
     pub fn check_rate(&self, ip: IpAddr) -> Result<(), Refused> {
-        let now = Instant::now();
-        let mut map = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_RATE_ENTRIES && !map.contains_key(&ip) {
-            // Forget addresses whose bucket has refilled: they are indistinguishable from new.
-            let (rate, burst) = (self.rate_per_s, self.burst);
-            map.retain(|_, b| b.level(now, rate, burst) < burst);
-        }
-        let b = map.entry(ip).or_insert(Bucket::full(self.burst, now));
-        if b.take(now, self.rate_per_s, self.burst) {
+        let mut buckets = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.take(ip, Instant::now()) {
             Ok(())
         } else {
             Err(Refused::Rate)

@@ -70,6 +70,8 @@ pub struct AppState {
     pub sources: TaskTracker,
     /// Stops the sources.
     pub sources_cancel: CancellationToken,
+    /// Live publisher connections (for revocation).
+    pub publishers: publish::Publishers,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -102,6 +104,8 @@ pub async fn serve_http<I>(
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(handshake::PeerAddr(peer));
+        // The same address for handlers outside `server` (the embedded issuer's limits).
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
         let router = router.clone();
         async move { router.oneshot(req.map(axum::body::Body::new)).await }
     });

@@ -17,10 +17,13 @@
 //!
 //! `{"op":"ping","id":N}` is answered `{"type":"pong","id":N,...}` once every earlier
 //! batch is in the feed's log and queued for the shards: a publisher's acknowledgement.
+//!
+//! Publishers live outside the engine, so revocation reaches them through
+//! [`Publishers`]: `/admin/revoke` closes a matching publisher with 4003 like a stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -32,6 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
 
 use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
 use super::heartbeat::{Beat, Heartbeat};
@@ -199,10 +203,61 @@ fn refusal(status: StatusCode, error: &'static str, description: String, result:
     Refusal { status, error, description, result, auth_reason: None }
 }
 
-/// Releases the feed's publisher slot and the gauge however the connection ends.
+/// A live publisher as revocation sees it.
+#[derive(Debug)]
+struct LivePublisher {
+    sub: String,
+    jti: Option<String>,
+    /// Cancelled by a revocation: the connection closes with 4003.
+    revoked: CancellationToken,
+}
+
+/// The live publisher connections, by registration id. Touched once per publisher
+/// connect and close, and by `/admin/revoke`; never per batch.
+#[derive(Debug, Default)]
+pub struct Publishers {
+    live: Mutex<HashMap<u64, LivePublisher>>,
+    next_id: AtomicU64,
+}
+
+impl Publishers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LivePublisher>> {
+        // Each update is one insert or remove: the map is consistent after a panic.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, sub: String, jti: Option<String>) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.lock().insert(id, LivePublisher { sub, jti, revoked: revoked.clone() });
+        (id, revoked)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Closes (4003) every publisher of `sub` (when given) or whose token has `jti` (when
+    /// given). Returns how many were told to close.
+    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>) -> usize {
+        let live = self.lock();
+        let mut n = 0;
+        for p in live.values().filter(|p| !p.revoked.is_cancelled()) {
+            if sub.is_some_and(|s| p.sub == s) || jti.is_some_and(|j| p.jti.as_deref() == Some(j)) {
+                p.revoked.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Releases the feed's publisher slot, the registration and the gauge however the
+/// connection ends.
 struct PublisherSlot {
     app: Arc<AppState>,
     feed_idx: usize,
+    registration: u64,
 }
 
 impl Drop for PublisherSlot {
@@ -210,6 +265,7 @@ impl Drop for PublisherSlot {
         if let Some(f) = self.app.ingest.catalog().get(self.feed_idx) {
             f.release_publisher();
         }
+        self.app.publishers.remove(self.registration);
         self.app.metrics.publishers.dec();
     }
 }
@@ -272,8 +328,9 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
             ));
         }
         app.metrics.publishers.inc();
-        let slot = PublisherSlot { app: app.clone(), feed_idx: feed.idx };
-        Ok((key, feed.idx, epoch, principal.exp, slot))
+        let (registration, revoked) = app.publishers.register(principal.sub.clone(), principal.jti.clone());
+        let slot = PublisherSlot { app: app.clone(), feed_idx: feed.idx, registration };
+        Ok((key, feed.idx, epoch, principal.exp, slot, revoked))
     })();
     match outcome {
         Err(r) => {
@@ -284,10 +341,10 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
             tracing::debug!(peer = ?peer, status = r.status.as_u16(), result = r.result, "publish handshake refused");
             r.into_response()
         }
-        Ok((key, feed_idx, epoch, exp, slot)) => {
+        Ok((key, feed_idx, epoch, exp, slot, revoked)) => {
             app.metrics.publish_handshakes.with_label_values(&["ok"]).inc();
             let on_upgrade = hyper::upgrade::on(&mut req);
-            let task = run(app.clone(), on_upgrade, feed_idx, epoch, exp, slot);
+            let task = run(app.clone(), on_upgrade, feed_idx, epoch, exp, slot, revoked);
             // Tracked with the sources: shutdown stops publishers before it drains the
             // shards, so every record taken in reaches subscribers before `shutdown`.
             tokio::task::spawn_local(app.sources.track_future(task));
@@ -305,6 +362,7 @@ async fn run(
     epoch: Option<u64>,
     exp: u64,
     _slot: PublisherSlot,
+    revoked: CancellationToken,
 ) {
     let Ok(upgraded) = on_upgrade.await else { return };
     let mut cfg = WebSocketConfig::default();
@@ -334,6 +392,7 @@ async fn run(
     let (code, reason) = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break (close::GOING_AWAY, "server shutting down"),
+            _ = revoked.cancelled() => break (close::TOKEN_REVOKED, "token revoked"),
             _ = &mut expiry => break (close::TOKEN_EXPIRED, "token expired"),
             beat = heartbeat.tick() => {
                 if beat == Beat::TimedOut {
