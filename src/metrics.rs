@@ -344,15 +344,9 @@ impl Metrics {
         for r in crate::auth::issuer::TOKEN_RESULTS {
             self.token_requests.with_label_values(&[r]);
         }
-        for r in [
-            "ok",
-            "unauthorized",
-            "forbidden",
-            "bad_request",
-            "unsupported_media_type",
-            "too_large",
-            "unavailable",
-        ] {
+        for r in
+            ["ok", "unauthorized", "forbidden", "bad_request", "unsupported_media_type", "too_large", "unavailable"]
+        {
             self.revoke_requests.with_label_values(&[r]);
         }
         for r in ["ok", "transport", "http_status", "not_json", "too_large", "bad_json", "empty"] {

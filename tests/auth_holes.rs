@@ -14,14 +14,14 @@ use std::process::{Command, Stdio};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tickgate::client::ClientWs;
-use tickgate::protocol::codec::encode_batch;
-use tokio_tungstenite::tungstenite::Message;
 use tickgate::client::publisher::{publish_url, Publisher};
+use tickgate::client::ClientWs;
 use tickgate::client::{ConnectOptions, Subscriber};
 use tickgate::config::ClientConfig;
+use tickgate::protocol::codec::encode_batch;
 use tickgate::protocol::codec::{Body, Record, Trade};
 use tickgate::protocol::control::ServerMsg;
+use tokio_tungstenite::tungstenite::Message;
 
 const TICKGATE: [(&str, &str); 1] = [("sec-websocket-protocol", "tickgate.v1")];
 
@@ -79,7 +79,8 @@ async fn a_ticket_does_not_outlive_a_revocation() {
     }
     assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"revoked\"}").await, 3.0);
     // Another subject's ticket is untouched.
-    let mut sub = Subscriber::connect(&format!("{}?ticket={t4}", ts.url), "", &ConnectOptions::default()).await.unwrap();
+    let mut sub =
+        Subscriber::connect(&format!("{}?ticket={t4}", ts.url), "", &ConnectOptions::default()).await.unwrap();
     assert!(matches!(next_control(&mut sub).await, ServerMsg::Welcome { .. }));
     ts.shutdown().await;
 }
@@ -91,9 +92,8 @@ fn trade(feed: u16, instr: u32) -> Record {
 /// A publisher on a raw socket, so the test can read its close frame: connects, publishes
 /// one batch and waits for the acknowledgement.
 async fn live_publisher(ts: &TestServer, feed: &str, id: u16, token: &str) -> ClientWs {
-    let ws = tickgate::client::connect(&publish_url(&ts.url, feed, None), token, &ConnectOptions::default())
-        .await
-        .unwrap();
+    let ws =
+        tickgate::client::connect(&publish_url(&ts.url, feed, None), token, &ConnectOptions::default()).await.unwrap();
     proven(ws, id).await
 }
 
@@ -132,7 +132,10 @@ async fn close_frame(ws: &mut ClientWs) -> (u16, String) {
 /// never revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_closes_publishers() {
-    let feeds = [("p.toml", publish_toml("P", 9, 2, "disconnect", 100)), ("q.toml", publish_toml("Q", 10, 2, "disconnect", 100))];
+    let feeds = [
+        ("p.toml", publish_toml("P", 9, 2, "disconnect", 100)),
+        ("q.toml", publish_toml("Q", 10, 2, "disconnect", 100)),
+    ];
     let ts = TestServer::start_with_feeds(50.0, &feeds, |_| {}).await;
     let now = unix_now();
     let tok = ts.token_with("feed-handler", "md:publish:P", now, now + 300, "jti-pub-1");
@@ -255,13 +258,15 @@ async fn client_secrets_cannot_be_guessed_at_full_speed() {
 /// `insufficient_scope`. A token with neither scope family still gets 403.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_only_tokens_get_tickets() {
-    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "disconnect", 100))], |_| {}).await;
+    let ts =
+        TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "disconnect", 100))], |_| {}).await;
     let now = unix_now();
     let tok = ts.token_with("feed-handler", "md:publish:P", now, now + 300, "jti-p");
     let t = ticket(&ts, &tok).await;
-    let mut p = Publisher::connect(&format!("{}&ticket={t}", publish_url(&ts.url, "P", None)), "", &ConnectOptions::default())
-        .await
-        .unwrap();
+    let mut p =
+        Publisher::connect(&format!("{}&ticket={t}", publish_url(&ts.url, "P", None)), "", &ConnectOptions::default())
+            .await
+            .unwrap();
     p.send(&[trade(9, 1)]).await.unwrap();
     assert!(p.sync().await.unwrap().is_empty());
     let t = ticket(&ts, &tok).await;
@@ -284,8 +289,7 @@ async fn admin_revoke_bounds_its_input() {
     let send = |ctype: &'static str, body: String| {
         let (http, url, admin) = (http.clone(), url.clone(), admin.clone());
         async move {
-            let r =
-                http.post(url).bearer_auth(admin).header("content-type", ctype).body(body).send().await.unwrap();
+            let r = http.post(url).bearer_auth(admin).header("content-type", ctype).body(body).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
@@ -311,7 +315,9 @@ async fn admin_revoke_bounds_its_input() {
     // Not an admin.
     let r = http.post(&url).bearer_auth(ts.token(&["md:read:*"])).json(&json!({"sub": "x"})).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 403);
-    for (result, n) in [("unsupported_media_type", 1.0), ("too_large", 1.0), ("bad_request", 6.0), ("ok", 1.0), ("forbidden", 1.0)] {
+    for (result, n) in
+        [("unsupported_media_type", 1.0), ("too_large", 1.0), ("bad_request", 6.0), ("ok", 1.0), ("forbidden", 1.0)]
+    {
         assert_eq!(ts.metric(&format!("tickgate_revoke_requests_total{{result=\"{result}\"}}")).await, n, "{result}");
     }
     ts.shutdown().await;
@@ -378,7 +384,8 @@ fn revocations_are_audited_without_tokens() {
             plain.push(c);
         }
     }
-    let line = plain.lines().find(|l| l.contains("revocation applied")).unwrap_or_else(|| panic!("no audit line: {plain}"));
+    let line =
+        plain.lines().find(|l| l.contains("revocation applied")).unwrap_or_else(|| panic!("no audit line: {plain}"));
     assert!(line.contains("admin=ops-alice") && line.contains("target_sub=mallory"), "{line}");
     assert!(!logs.contains(&token), "the admin token was logged");
     assert!(!logs.contains(token.split('.').nth(2).unwrap()), "a token signature was logged");

@@ -85,8 +85,15 @@ impl SigningKey {
 const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
 /// Every `result` label of `tickgate_token_requests_total`.
-pub const TOKEN_RESULTS: [&str; 7] =
-    ["ok", "invalid_request", "unsupported_grant_type", "invalid_client", "invalid_scope", "rate_limited", "server_error"];
+pub const TOKEN_RESULTS: [&str; 7] = [
+    "ok",
+    "invalid_request",
+    "unsupported_grant_type",
+    "invalid_client",
+    "invalid_scope",
+    "rate_limited",
+    "server_error",
+];
 
 /// Limits guessing at `/oauth2/token`: failed client authentications are taken from a token
 /// bucket per source address and one per (known) client id. While either is empty the
@@ -494,7 +501,11 @@ fn token_answer(
         Err(_) => {
             return (
                 "invalid_request",
-                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "body must be application/x-www-form-urlencoded"),
+                oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "body must be application/x-www-form-urlencoded",
+                ),
             )
         }
     };

@@ -170,8 +170,10 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     };
     if let Err(e) = stored {
         tracing::warn!(admin = %admin.sub, error = %e, "revocation refused: list full");
-        let resp =
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "error_description": e.to_string()})));
+        let resp = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "unavailable", "error_description": e.to_string()})),
+        );
         return ("unavailable", resp.into_response());
     }
     // Voided before the live connections are closed: a client cut off now cannot come
