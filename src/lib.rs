@@ -169,12 +169,7 @@ impl Server {
         };
         let mut validator = Validator::new(keys, iss_name, config.issuer.audience.clone(), &config.auth);
         if let Some(cache) = &jwks {
-            let cache = Arc::downgrade(cache);
-            validator = validator.with_unknown_kid_hook(auth::validate::UnknownKidHook(Arc::new(move |kid: &str| {
-                if let Some(c) = cache.upgrade() {
-                    c.note_unknown_kid(kid);
-                }
-            })));
+            validator = validator.with_jwks(cache.clone());
         }
         let validator = Arc::new(validator);
 

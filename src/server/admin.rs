@@ -66,7 +66,7 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Checks the admin bearer token (scope `tickgate:admin`); refusals are the same JSON and
 /// `WWW-Authenticate` answers as the stream handshake's.
-fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     use super::handshake::Refusal;
     use crate::auth::validate::AuthError;
     // Anything but one well-formed Bearer header counts as no token here (401).
@@ -75,7 +75,7 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> 
         app.metrics.auth_failures.with_label_values(&["missing"]).inc();
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));
     };
-    match app.validator.validate(token) {
+    match app.validator.validate_async(token).await {
         Err(e) => {
             app.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
             Err(Box::new(Refusal::invalid_token(&e).into_response()))
@@ -102,7 +102,7 @@ fn bad_request(description: &str) -> Response {
 /// revocation (later handshakes and refreshes are refused) and closes the matching live
 /// connections with 4003.
 async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = admin_auth(&app, &headers) {
+    if let Err(r) = admin_auth(&app, &headers).await {
         return *r;
     }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
@@ -160,7 +160,7 @@ async fn connections(
     headers: HeaderMap,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Response {
-    if let Err(r) = admin_auth(&app, &headers) {
+    if let Err(r) = admin_auth(&app, &headers).await {
         return *r;
     }
     let limit = page.limit.unwrap_or(100);
