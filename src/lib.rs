@@ -142,7 +142,10 @@ impl Server {
                 let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
                 let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
-                let iss = iss.with_retire_margin(Duration::from_secs(config.auth.leeway_s));
+                // A token is accepted until exp + expiry_grace_ms: keep its key that long.
+                let margin =
+                    Duration::from_secs(config.auth.leeway_s) + Duration::from_millis(config.auth.expiry_grace_ms);
+                let iss = iss.with_retire_margin(margin);
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {

@@ -293,7 +293,10 @@ pub struct Validator {
 impl Validator {
     /// A validator for tokens of `issuer` meant for `audience`.
     pub fn new(keys: Arc<KeyStore>, issuer: String, audience: String, auth: &crate::config::AuthConfig) -> Validator {
-        let revocations = Arc::new(RevocationList::new(auth.max_revocations, auth.max_lifetime_s + auth.leeway_s));
+        // A revocation must outlive every token it can refuse: one issued (by its `iat`, up
+        // to the leeway ahead) now lives at most `max_lifetime_s`, plus the grace after exp.
+        let remember_s = auth.max_lifetime_s + auth.leeway_s + auth.expiry_grace_ms.div_ceil(1000);
+        let revocations = Arc::new(RevocationList::new(auth.max_revocations, remember_s));
         Validator {
             keys,
             jwks: None,
