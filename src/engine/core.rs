@@ -1115,7 +1115,9 @@ impl ShardCore {
     /// must have the same `iss` and `sub`; feeds it no longer covers are unsubscribed
     /// (`scope_revoked`) and its `exp` replaces the deadline.
     pub fn refresh_apply(&mut self, key: ConnKey, id: Option<i64>, validated: Result<Principal, AuthError>) {
-        let Some(conn) = self.conns.get(key) else {
+        // The validation may have waited (a JWKS refetch); a connection whose close was
+        // decided meanwhile (expiry, revocation) stays closed.
+        let Some(conn) = self.conns.get(key).filter(|c| !c.out.is_closed()) else {
             return;
         };
         let (iss, sub) = (conn.principal.iss.clone(), conn.principal.sub.clone());

@@ -218,7 +218,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                     Flow::Idle => {}
                 }
             }
-            (id, validated) = async { refreshing.as_mut().expect("guarded by is_some").await },
+            Some((id, validated)) = futures_util::future::OptionFuture::from(refreshing.as_mut()),
                 if refreshing.is_some() => {
                 refreshing = None;
                 shard.core.borrow_mut().refresh_apply(h.key, id, validated);
@@ -237,8 +237,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                                 format!("more than {} control messages per second", limits.control_rate_per_s));
                         } else {
                             match parse_client_msg(text.as_str()) {
-                                Ok(ClientMsg::Refresh { id, token }) if refreshing.is_some() => {
-                                    drop(token);
+                                Ok(ClientMsg::Refresh { id, .. }) if refreshing.is_some() => {
                                     shard.core.borrow_mut().send_error(h.key, id, ErrorCode::RateLimited,
                                         "a refresh is still being validated; the current token stays in force".into());
                                 }
