@@ -195,13 +195,14 @@ impl Default for IssuerConfig {
 pub struct AuthConfig {
     /// In-band `auth` window; 0 disables credential-less upgrades.
     pub inband_timeout_ms: u64,
-    /// Grace after `exp` before a connection is closed.
+    /// The only slack after `exp`: tokens are refused, and connections closed, from
+    /// `exp` + this (milliseconds) on.
     pub expiry_grace_ms: u64,
-    /// Clock-skew leeway for `exp` and `nbf`.
+    /// Clock-skew leeway for `nbf` and `iat` (never for `exp`).
     pub leeway_s: u64,
     /// Tokens longer than this are refused before any parsing.
     pub max_token_bytes: usize,
-    /// Longest accepted token lifetime (`exp - iat`, or `exp - now` without `iat`).
+    /// Longest accepted token lifetime (`exp - min(iat, now)`).
     pub max_lifetime_s: u64,
     /// Required JWT `typ` header (RFC 9068: `at+jwt`). Empty: not checked.
     pub required_typ: String,

@@ -145,9 +145,10 @@ impl Server {
                 let iss_name = config.issuer.issuer.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
                 let demo_secret = std::env::var(DEMO_SECRET_ENV).ok();
                 let (iss, generated) = EmbeddedIssuer::new(&config.issuer, iss_name.clone(), &keys, demo_secret)?;
-                let iss = iss
-                    .with_retire_margin(Duration::from_secs(config.auth.leeway_s))
-                    .with_request_counter(metrics.token_requests.clone());
+                // A token is accepted until exp + expiry_grace_ms: keep its key that long.
+                let margin =
+                    Duration::from_secs(config.auth.leeway_s) + Duration::from_millis(config.auth.expiry_grace_ms);
+                let iss = iss.with_retire_margin(margin).with_request_counter(metrics.token_requests.clone());
                 (Some(Arc::new(iss)), generated, iss_name)
             }
             IssuerMode::External => {
@@ -173,12 +174,7 @@ impl Server {
         };
         let mut validator = Validator::new(keys, iss_name, config.issuer.audience.clone(), &config.auth);
         if let Some(cache) = &jwks {
-            let cache = Arc::downgrade(cache);
-            validator = validator.with_unknown_kid_hook(auth::validate::UnknownKidHook(Arc::new(move |kid: &str| {
-                if let Some(c) = cache.upgrade() {
-                    c.note_unknown_kid(kid);
-                }
-            })));
+            validator = validator.with_jwks(cache.clone());
         }
         let validator = Arc::new(validator);
 

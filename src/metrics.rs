@@ -299,6 +299,7 @@ impl Metrics {
             "bad_signature",
             "expired",
             "not_yet_valid",
+            "iat_in_future",
             "wrong_iss",
             "wrong_aud",
             "missing_claim",

@@ -68,6 +68,8 @@ enum Mode {
     Status(u16),
     Html,
     Hang,
+    /// The key set, once the test opens `Idp::gate`: a slow IdP.
+    Held(Value),
     HugeWithLength,
     HugeChunked,
     Redirect,
@@ -77,6 +79,7 @@ enum Mode {
 struct Idp {
     mode: Arc<Mutex<Mode>>,
     hits: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 async fn jwks_handler(axum::extract::State(idp): axum::extract::State<Idp>) -> Response {
@@ -86,6 +89,10 @@ async fn jwks_handler(axum::extract::State(idp): axum::extract::State<Idp>) -> R
         Mode::Keys(v) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
         Mode::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
         Mode::Html => ([(header::CONTENT_TYPE, "text/html")], "<html>login</html>").into_response(),
+        Mode::Held(v) => {
+            idp.gate.acquire().await.unwrap().forget();
+            ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+        }
         Mode::Hang => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             StatusCode::OK.into_response()
@@ -102,7 +109,11 @@ async fn jwks_handler(axum::extract::State(idp): axum::extract::State<Idp>) -> R
 }
 
 async fn start_idp(mode: Mode) -> (Idp, String) {
-    let idp = Idp { mode: Arc::new(Mutex::new(mode)), hits: Arc::new(AtomicUsize::new(0)) };
+    let idp = Idp {
+        mode: Arc::new(Mutex::new(mode)),
+        hits: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
     let app = axum::Router::new().route("/certs", axum::routing::get(jwks_handler)).with_state(idp.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/certs", listener.local_addr().unwrap());
@@ -111,6 +122,10 @@ async fn start_idp(mode: Mode) -> (Idp, String) {
 }
 
 async fn external(url: &str, refresh_s: u64, cooldown_s: u64) -> TestServer {
+    external_with(url, refresh_s, cooldown_s, 1000).await
+}
+
+async fn external_with(url: &str, refresh_s: u64, cooldown_s: u64, timeout_ms: u64) -> TestServer {
     let url = url.to_owned();
     TestServer::start(200.0, move |c| {
         c.issuer.mode = IssuerMode::External;
@@ -118,7 +133,7 @@ async fn external(url: &str, refresh_s: u64, cooldown_s: u64) -> TestServer {
         c.issuer.jwks_url = Some(url);
         c.issuer.jwks_refresh_s = refresh_s;
         c.issuer.jwks_cooldown_s = cooldown_s;
-        c.issuer.jwks_timeout_ms = 1000;
+        c.issuer.jwks_timeout_ms = timeout_ms;
         c.issuer.clients.clear();
     })
     .await
@@ -135,26 +150,20 @@ async fn status_of(ts: &TestServer, token: &str) -> (u16, Value) {
 }
 
 async fn wait_ready(ts: &TestServer) -> bool {
-    for _ in 0..100 {
+    eventually("ready", EVENTUALLY, || async {
         let r = reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap();
-        if r.status().as_u16() == 200 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
+        (r.status().as_u16() == 200).then_some(true)
+    })
+    .await
 }
 
-/// Waits until the IdP has seen `n` requests in total, then a little for the answer to land.
-async fn wait_hits(idp: &Idp, n: usize) {
-    for _ in 0..100 {
-        if idp.hits.load(Ordering::SeqCst) >= n {
-            tokio::time::sleep(Duration::from_millis(1300)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("IdP not asked again");
+/// Waits until `series` has grown past `before`.
+async fn wait_counted(ts: &TestServer, series: &str, before: f64) -> f64 {
+    eventually(series, EVENTUALLY, || async {
+        let v = ts.metric(series).await;
+        (v > before).then_some(v)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,12 +192,11 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
         (Mode::Hang, "transport"),
     ];
     for (mode, label) in cases {
-        let before = ts.metric(&format!("tickgate_jwks_refreshes_total{{result=\"{label}\"}}")).await;
-        let hits = idp.hits.load(Ordering::SeqCst);
+        let series = format!("tickgate_jwks_refreshes_total{{result=\"{label}\"}}");
+        let before = ts.metric(&series).await;
         *idp.mode.lock().unwrap() = mode;
-        wait_hits(&idp, hits + 1).await;
-        let after = ts.wait_metric(&format!("tickgate_jwks_refreshes_total{{result=\"{label}\"}}"), before + 1.0).await;
-        assert!(after > before, "{label} not counted");
+        // The next scheduled fetch (every second) gets the bad answer and counts it.
+        wait_counted(&ts, &series, before).await;
         // The last good key still verifies, and the server stays ready.
         assert_eq!(status_of(&ts, &tok).await.0, 101, "after a {label} answer");
         assert_eq!(reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16(), 200);
@@ -197,8 +205,8 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
     let b2 = Signer::new("key-b");
     *idp.mode.lock().unwrap() =
         Mode::Keys(json!({"keys": [{"kty": "RSA", "kid": "weak", "n": "AQAB", "e": "AQAB"}, b2.jwk]}));
-    let hits = idp.hits.load(Ordering::SeqCst);
-    wait_hits(&idp, hits + 1).await;
+    let ok = ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await;
+    wait_counted(&ts, "tickgate_jwks_refreshes_total{result=\"ok\"}", ok).await;
     assert_eq!(status_of(&ts, &b2.token(&claims())).await.0, 101);
     // The whole set was replaced: key A is gone (a removed key is a revoked key).
     let (s, b) = status_of(&ts, &tok).await;
@@ -207,48 +215,120 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
     ts.shutdown().await;
 }
 
+/// A token signed with `kid` (not in any set).
+fn random_kid_token(a: &Signer, i: usize) -> String {
+    let mut h = a.header();
+    h.kid = Some(format!("random-{i}-{}", rand_suffix(i)));
+    a.sign_with(h, &claims())
+}
+
+/// The IdP starts signing with a key it published after our last fetch, right after
+/// start-up (the start-up fetch starts no cooldown): the FIRST handshake with it waits for
+/// one refetch and gets 101. Another unknown kid within the cooldown that refetch started
+/// is refused at once, without a fetch. (Before the fix: 401, and within the cooldown after
+/// start-up no refetch at all.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotation_is_picked_up_by_one_refetch_and_kid_floods_cost_one_fetch() {
+async fn a_key_published_after_the_last_fetch_works_on_first_use() {
     let a = Signer::new("key-a");
     let b = Signer::new("key-b");
     let (idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
-    // Regular refresh far away; refetch cooldown 2 s.
-    let ts = external(&url, 600, 2).await;
+    let ts = external(&url, 600, 30).await;
     assert!(wait_ready(&ts).await);
     let base = idp.hits.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    // The IdP rotates: B is published. A token signed with B fails once (unknown kid) and
-    // triggers one refetch; shortly after, B is accepted.
+    let ok = ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await;
     *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
     let tb = b.token(&claims());
     let (s, body) = status_of(&ts, &tb).await;
+    assert_eq!(s, 101, "first use of the rotated key: {body}");
+    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
+    assert_eq!(ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await, ok + 1.0);
+    // Within the cooldown: an unknown kid is refused at once and fetches nothing.
+    let (s, body) = status_of(&ts, &random_kid_token(&a, 0)).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("unknown signing key")));
-    let mut accepted = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if status_of(&ts, &tb).await.0 == 101 {
-            accepted = true;
-            break;
+    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "no fetch within the cooldown");
+    assert_eq!(status_of(&ts, &tb).await.0, 101);
+    ts.shutdown().await;
+}
+
+/// A refresh whose token is signed with a newly published key waits for the refetch too
+/// and gets `refreshed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_a_newly_published_key_is_refreshed() {
+    let a = Signer::new("key-a");
+    let b = Signer::new("key-b");
+    let (idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
+    let ts = external(&url, 600, 30).await;
+    assert!(wait_ready(&ts).await);
+    let (mut sub, r) = subscribed(&ts, &a.token(&claims()), "T", json!(["S0"]), false).await;
+    assert!(matches!(r, tickgate::protocol::control::ServerMsg::Subscribed { .. }), "{r:?}");
+    let base = idp.hits.load(Ordering::SeqCst);
+    *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
+    sub.send_json(&json!({"op": "refresh", "id": 5, "token": b.token(&claims())})).await.unwrap();
+    match next_control(&mut sub).await {
+        tickgate::protocol::control::ServerMsg::Refreshed { id, .. } => assert_eq!(id, Some(5)),
+        m => panic!("expected refreshed, got {m:?}"),
+    }
+    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
+    ts.shutdown().await;
+}
+
+/// A flood of random kids within one cooldown costs at most one fetch: the first one
+/// triggers it, every later one is refused at once. Each is counted as `unknown_kid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kid_flood_costs_at_most_one_fetch_per_cooldown() {
+    let a = Signer::new("key-a");
+    let (idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
+    let ts = external(&url, 600, 600).await;
+    assert!(wait_ready(&ts).await);
+    let base = idp.hits.load(Ordering::SeqCst);
+    let before = ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await;
+    let tokens: Vec<String> = (0..200).map(|i| random_kid_token(&a, i)).collect();
+    for chunk in tokens.chunks(20) {
+        let answers = futures_util::future::join_all(chunk.iter().map(|t| status_of(&ts, t))).await;
+        for (s, body) in answers {
+            assert_eq!((s, body["error_description"].as_str()), (401, Some("unknown signing key")));
         }
     }
-    assert!(accepted, "rotated key not picked up");
-    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
+    let fetched = idp.hits.load(Ordering::SeqCst) - base;
+    assert!(fetched <= 1, "{fetched} fetches for 200 random kids within one cooldown");
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await, before + 200.0);
+    assert_eq!(status_of(&ts, &a.token(&claims())).await.0, 101, "known kids unaffected");
+    ts.shutdown().await;
+}
 
-    // A flood of random kids within one cooldown: every handshake fails fast, at most one
-    // fetch results.
-    let before = idp.hits.load(Ordering::SeqCst);
-    let started = std::time::Instant::now();
-    for i in 0..200 {
-        let mut h = a.header();
-        h.kid = Some(format!("random-{i}-{}", rand_suffix(i)));
-        let (s, _) = status_of(&ts, &a.sign_with(h, &claims())).await;
-        assert_eq!(s, 401);
+/// While a slow refetch is in flight: handshakes with the new kid all wait for that one
+/// fetch (single flight) and are accepted when it lands, and a handshake with a known kid
+/// does not wait for it at all (it completes while the IdP still holds its answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kids_share_one_slow_refetch_and_known_kids_never_wait() {
+    let a = Signer::new("key-a");
+    let b = Signer::new("key-b");
+    let (idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
+    let ts = external_with(&url, 600, 30, 5000).await;
+    assert!(wait_ready(&ts).await);
+    let base = idp.hits.load(Ordering::SeqCst);
+    *idp.mode.lock().unwrap() = Mode::Held(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
+    let tb = b.token(&claims());
+    let ta = a.token(&claims());
+    let waiting = futures_util::future::join_all((0..10).map(|_| status_of(&ts, &tb)));
+    let probe = async {
+        eventually("the refetch reached the IdP", EVENTUALLY, || async {
+            (idp.hits.load(Ordering::SeqCst) > base).then_some(())
+        })
+        .await;
+        // The IdP holds its answer until the gate opens below: this handshake can only
+        // complete if it does not wait for the refetch.
+        let (s, _) = status_of(&ts, &ta).await;
+        assert_eq!(idp.gate.available_permits(), 0);
+        idp.gate.add_permits(1000);
+        s
+    };
+    let (answers, known) = tokio::join!(waiting, probe);
+    assert_eq!(known, 101, "known kid accepted while the refetch was pending");
+    for (s, body) in answers {
+        assert_eq!(s, 101, "{body}");
     }
-    assert!(started.elapsed() < Duration::from_secs(10), "handshakes waited for fetches");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let fetched = idp.hits.load(Ordering::SeqCst) - before;
-    assert!(fetched <= 2, "{fetched} fetches for 200 random kids (at most one per 2 s cooldown)");
-    assert!(ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await >= 201.0);
+    assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "one fetch for all of them");
     ts.shutdown().await;
 }
 
@@ -402,16 +482,21 @@ async fn token_attacks_are_refused_with_exact_reasons() {
             assert_eq!(after, before + 1.0, "{name}: reason {reason} not counted");
         }
     }
-    // At the leeway boundary (30 s): expired 20 s ago is accepted, 40 s ago is not.
-    assert_eq!(status_of(&ts, &a.token(&with("exp", json!(now - 20)))).await.0, 101);
-    assert_eq!(status_of(&ts, &a.token(&with("exp", json!(now - 40)))).await.0, 401);
+    // The leeway (30 s) is clock skew for nbf and iat, never slack after exp: expired 20 s
+    // ago is refused; an nbf 20 s ahead is accepted, 40 s ahead is not.
+    let (s, body) = status_of(&ts, &a.token(&with("exp", json!(now - 20)))).await;
+    assert_eq!((s, body["error_description"].as_str()), (401, Some("token expired")));
+    assert_eq!(status_of(&ts, &a.token(&with("nbf", json!(now + 20)))).await.0, 101);
+    assert_eq!(status_of(&ts, &a.token(&with("nbf", json!(now + 40)))).await.0, 401);
     // A jku header is ignored, not followed: the token verifies against the cached key.
     assert_eq!(status_of(&ts, &a.sign_with(jku, &good)).await.0, 101);
     // A 100 KB token cannot even be sent: the request head limit answers 431.
     let huge = format!("{}.{}.{}", parts[0], "A".repeat(100_000), parts[2]);
     let (s, _) = status_of(&ts, &huge).await;
     assert_eq!(s, 431);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing is fetched in the background on a token's behalf (the only fetch an unknown
+    // kid causes is of the configured JWKS URL, awaited by its handshake), so the count is
+    // final here.
     assert_eq!(canary_hits.load(Ordering::SeqCst), 0, "a jku/x5u URL was fetched");
     // Scope matching is exact: `md:read:OTH` opens a stream (it is a read scope) but does not
     // grant feed OTHER.

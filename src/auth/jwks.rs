@@ -9,15 +9,18 @@
 //! - the set is refreshed every `issuer.jwks_refresh_s`; failures are retried with backoff;
 //!   past `issuer.jwks_max_stale_s` without a good fetch the keys are dropped and the server
 //!   reports not ready (503) rather than trusting keys the issuer may have rotated out;
-//! - a token with an unknown `kid` triggers one refetch, at most one per
-//!   `issuer.jwks_cooldown_s`, and recently unknown kids are remembered, so a flood of random
-//!   kids costs at most one fetch per cooldown; the handshake itself never waits for it.
+//! - a token with an unknown `kid` triggers one refetch and waits for it (at most
+//!   `issuer.jwks_timeout_ms`), then is validated again: a key the issuer published after our
+//!   last fetch works on its first use. Callers meeting unknown kids while that refetch is
+//!   pending share it (single flight); after it, unknown kids are refused at once until
+//!   `issuer.jwks_cooldown_s` has passed, so a flood of random kids costs at most one fetch
+//!   per cooldown. Only these refetches start a cooldown (not the start-up or scheduled
+//!   fetches), and tokens with a known `kid` never wait.
 //!
 //! Each JWK is pinned to one algorithm: its `alg` when present (which must agree with its
 //! `kty`/`crv`), else the only one its key type allows here (RSA: RS256, P-256: ES256,
 //! P-384: ES384, Ed25519: EdDSA). `use`, when present, must be `sig`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +29,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::{KeySet, KeyStore, VerifyKey};
@@ -165,8 +168,14 @@ pub fn parse_set(body: &[u8]) -> Result<KeySet, JwksError> {
 #[derive(Debug, Default)]
 struct State {
     last_good: Option<Instant>,
-    last_attempt: Option<Instant>,
-    unknown: HashMap<String, Instant>,
+    /// When the last unknown-kid refetch was asked for: the start of the cooldown. The
+    /// start-up and scheduled fetches leave it alone, so a key published after either is
+    /// still looked for on its first use.
+    last_demand: Option<Instant>,
+    /// Unknown-kid refetches asked for so far (a sequence number).
+    requested: u64,
+    /// The highest request a finished fetch served.
+    served: u64,
 }
 
 /// The cache: fetcher task plus the shared state handshakes consult on an unknown kid.
@@ -177,11 +186,10 @@ pub struct JwksCache {
     http: reqwest::Client,
     state: Mutex<State>,
     wake: Notify,
+    /// Carries `State::served` to the handshakes waiting for a refetch.
+    done: watch::Sender<u64>,
     metrics: Metrics,
 }
-
-/// Most unknown kids remembered (their entries expire after one cooldown).
-const MAX_UNKNOWN: usize = 10_000;
 
 impl JwksCache {
     /// A cache filling `store`. Call [`JwksCache::run`] to start fetching.
@@ -192,7 +200,15 @@ impl JwksCache {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| JwksError::Transport(e.to_string()))?;
-        Ok(JwksCache { settings, store, http, state: Mutex::new(State::default()), wake: Notify::new(), metrics })
+        Ok(JwksCache {
+            settings,
+            store,
+            http,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            done: watch::Sender::new(0),
+            metrics,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -235,18 +251,15 @@ impl JwksCache {
         parse_set(&body)
     }
 
-    /// Fetches once and applies the result; returns whether it succeeded.
+    /// Fetches once and applies the result; returns whether it succeeded. Every request
+    /// made before the fetch started counts as served by it, whatever its outcome.
     async fn refresh(&self) -> bool {
-        self.lock().last_attempt = Some(Instant::now());
-        match self.fetch().await {
+        let serving = self.lock().requested;
+        let ok = match self.fetch().await {
             Ok(set) => {
                 let n = set.len();
                 self.store.replace(set);
-                {
-                    let mut st = self.lock();
-                    st.last_good = Some(Instant::now());
-                    st.unknown.clear();
-                }
+                self.lock().last_good = Some(Instant::now());
                 self.metrics.jwks_refreshes.with_label_values(&["ok"]).inc();
                 tracing::info!(keys = n, "JWKS loaded");
                 true
@@ -261,62 +274,78 @@ impl JwksCache {
                 }
                 false
             }
-        }
+        };
+        let served = {
+            let mut st = self.lock();
+            st.served = st.served.max(serving);
+            st.served
+        };
+        self.done.send_replace(served);
+        ok
     }
 
-    /// Called by a handshake that met an unknown `kid`: asks the fetcher for one refetch
-    /// unless this kid was just looked for or a fetch happened within the cooldown. Never
-    /// waits.
-    pub fn note_unknown_kid(&self, kid: &str) {
+    /// Whether an unknown-kid refetch is asked for and not yet served.
+    fn demanded(&self) -> bool {
+        let st = self.lock();
+        st.requested > st.served
+    }
+
+    /// Called by a handshake or refresh whose token names a `kid` the cache does not hold:
+    /// waits (at most `issuer.jwks_timeout_ms`) for one refetch, shared by every caller
+    /// that asks while it is pending. Returns `false` at once, without a fetch, when an
+    /// unknown-kid refetch was already asked for within `issuer.jwks_cooldown_s`, so a
+    /// flood of random kids costs at most one fetch per cooldown. `true`: a fetch ended
+    /// (validate again); `false`: nothing new to validate against.
+    pub async fn refetch_for_unknown_kid(&self) -> bool {
         let now = Instant::now();
-        let cooldown = self.settings.cooldown;
-        let mut st = self.lock();
-        if st.unknown.get(kid).is_some_and(|t| now.duration_since(*t) < cooldown) {
-            return;
-        }
-        if st.unknown.len() >= MAX_UNKNOWN {
-            st.unknown.retain(|_, t| now.duration_since(*t) < cooldown);
-            if st.unknown.len() >= MAX_UNKNOWN {
-                return;
-            }
-        }
-        st.unknown.insert(kid.chars().take(128).collect(), now);
-        if st.last_attempt.is_some_and(|t| now.duration_since(t) < cooldown) {
-            return;
-        }
-        drop(st);
-        self.wake.notify_one();
+        let (wanted, mut done) = {
+            let mut st = self.lock();
+            let wanted = if st.requested > st.served {
+                st.requested // one is pending: share it
+            } else if st.last_demand.is_some_and(|t| now.duration_since(t) < self.settings.cooldown) {
+                return false;
+            } else {
+                st.last_demand = Some(now);
+                st.requested += 1;
+                self.wake.notify_one();
+                st.requested
+            };
+            // Subscribed under the lock, so the fetch cannot finish unseen in between.
+            (wanted, self.done.subscribe())
+        };
+        let served = tokio::time::timeout(self.settings.timeout, done.wait_for(|s| *s >= wanted)).await;
+        matches!(served, Ok(Ok(_)))
     }
 
     /// The fetcher loop: first fetch at once (the server is not ready until it succeeds),
-    /// then every `refresh`, on demand (unknown kid, rate-limited), and after a failure with
-    /// exponential backoff from 1 s up to a minute.
+    /// then every `refresh`, after a failure with exponential backoff from 1 s up to a
+    /// minute, and at once when a handshake asks for an unknown-kid refetch (the cooldown
+    /// is applied where that is asked for). All fetches happen here, one at a time: that is
+    /// what makes the refetch single-flight, and a handshake that gives up waiting does
+    /// not cancel it.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Duration::from_secs(1);
+        let mut next = tokio::time::Instant::now();
         loop {
-            let ok = self.refresh().await;
-            let wait = if ok {
-                backoff = Duration::from_secs(1);
-                self.settings.refresh
-            } else {
-                // Never wait longer after a failure than the regular refresh period.
-                let w = backoff.min(self.settings.refresh);
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                w
-            };
+            if tokio::time::Instant::now() >= next || self.demanded() {
+                let ok = self.refresh().await;
+                let wait = if ok {
+                    backoff = Duration::from_secs(1);
+                    self.settings.refresh
+                } else {
+                    // Never wait longer after a failure than the regular refresh period.
+                    let w = backoff.min(self.settings.refresh);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    w
+                };
+                next = tokio::time::Instant::now() + wait;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.wake.notified() => {
-                    // On-demand refetch: respect the cooldown since the last attempt.
-                    let since = self.lock().last_attempt.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
-                    if since < self.settings.cooldown {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(self.settings.cooldown - since) => {}
-                        }
-                    }
-                }
+                _ = tokio::time::sleep_until(next) => {}
+                // A request (or a stale wake-up from one a fetch already served: the check
+                // at the top of the loop tells them apart).
+                _ = self.wake.notified() => {}
             }
         }
     }

@@ -15,6 +15,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::jwks::JwksCache;
 use super::keys::KeyStore;
 use super::revocation::RevocationList;
 use super::scopes::{split_scope, Entitlements};
@@ -57,12 +58,16 @@ pub enum AuthError {
     /// Signature does not verify.
     #[error("signature verification failed")]
     BadSignature,
-    /// Past `exp` (+ leeway).
+    /// Its deadline (`exp` + `auth.expiry_grace_ms`, in milliseconds) has passed.
     #[error("token expired")]
     Expired,
     /// Before `nbf` (- leeway).
     #[error("token not yet valid")]
     NotYetValid,
+    /// `iat` further in the future than the leeway: the issuer's clock (or the token) is
+    /// wrong, and a lifetime measured from it would be too generous.
+    #[error("token issued in the future")]
+    IatInFuture,
     /// Wrong issuer.
     #[error("wrong issuer")]
     WrongIssuer,
@@ -75,7 +80,7 @@ pub enum AuthError {
     /// A claim has the wrong JSON type.
     #[error("invalid claims: {0}")]
     BadClaims(String),
-    /// `exp - iat` exceeds the maximum lifetime.
+    /// `exp - min(iat, now)` exceeds the maximum lifetime.
     #[error("token lifetime exceeds {0} s")]
     LifetimeTooLong(u64),
     /// Revoked `jti` or subject.
@@ -99,6 +104,7 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
+            AuthError::IatInFuture => "iat_in_future",
             AuthError::WrongIssuer => "wrong_iss",
             AuthError::WrongAudience => "wrong_aud",
             AuthError::MissingClaim(_) => "missing_claim",
@@ -160,6 +166,7 @@ struct Claims {
     sub: String,
     iss: String,
     exp: u64,
+    nbf: Option<u64>,
     iat: Option<u64>,
     jti: Option<String>,
     client_id: Option<String>,
@@ -195,6 +202,7 @@ impl Claims {
             sub: string("sub")?.ok_or_else(|| missing("sub"))?,
             iss: string("iss")?.ok_or_else(|| missing("iss"))?,
             exp: number("exp")?.ok_or_else(|| missing("exp"))?,
+            nbf: number("nbf")?,
             iat: number("iat")?,
             jti: string("jti")?,
             client_id: string("client_id")?,
@@ -204,52 +212,129 @@ impl Claims {
     }
 }
 
-/// Called with the `kid` of a token whose key is not in the cache.
-#[derive(Clone)]
-pub struct UnknownKidHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+/// The time rules of a token, all in milliseconds of the wall clock.
+///
+/// - `exp`: refused once `exp * 1000 + expiry_grace_ms` (the *deadline*, the same instant a
+///   live connection is closed with 4001) is reached; the leeway does not apply to it.
+/// - `nbf`, `iat`: refused when more than `leeway_s` in the future (clock skew between the
+///   issuer and this server).
+/// - lifetime: `exp - min(iat, now)` must not exceed `max_lifetime_s` (without `iat`,
+///   `exp - now`), so a future `iat` within the leeway cannot stretch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeRules {
+    /// Clock-skew slack for `nbf` and `iat`, seconds.
+    pub leeway_s: u64,
+    /// Slack after `exp`, milliseconds.
+    pub expiry_grace_ms: u64,
+    /// Longest accepted lifetime, seconds.
+    pub max_lifetime_s: u64,
+}
 
-impl std::fmt::Debug for UnknownKidHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("UnknownKidHook")
+impl TimeRules {
+    /// The rules of an `[auth]` section.
+    pub fn from_config(auth: &crate::config::AuthConfig) -> TimeRules {
+        TimeRules {
+            leeway_s: auth.leeway_s,
+            expiry_grace_ms: auth.expiry_grace_ms,
+            max_lifetime_s: auth.max_lifetime_s,
+        }
     }
+
+    /// The instant (ms since the epoch) after which a token with this `exp` is dead.
+    pub fn deadline_ms(&self, exp: u64) -> u64 {
+        exp.saturating_mul(1000).saturating_add(self.expiry_grace_ms)
+    }
+
+    /// Whether a token with this `exp` is dead at `now_ms`.
+    pub fn is_past_deadline(&self, exp: u64, now_ms: u64) -> bool {
+        now_ms >= self.deadline_ms(exp)
+    }
+
+    /// Checks `exp`, `nbf`, `iat` and the lifetime at `now_ms`.
+    pub fn check(&self, exp: u64, nbf: Option<u64>, iat: Option<u64>, now_ms: u64) -> Result<(), AuthError> {
+        if self.is_past_deadline(exp, now_ms) {
+            return Err(AuthError::Expired);
+        }
+        let horizon_ms = now_ms.saturating_add(self.leeway_s.saturating_mul(1000));
+        if nbf.is_some_and(|n| n.saturating_mul(1000) > horizon_ms) {
+            return Err(AuthError::NotYetValid);
+        }
+        if iat.is_some_and(|i| i.saturating_mul(1000) > horizon_ms) {
+            return Err(AuthError::IatInFuture);
+        }
+        let now_s = now_ms / 1000;
+        let issued = iat.map_or(now_s, |i| i.min(now_s));
+        if exp.saturating_sub(issued) > self.max_lifetime_s {
+            return Err(AuthError::LifetimeTooLong(self.max_lifetime_s));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the epoch, by the wall clock.
+fn now_ms() -> u64 {
+    crate::protocol::now_ns() / 1_000_000
 }
 
 /// Validation settings plus the key cache.
 #[derive(Debug, Clone)]
 pub struct Validator {
     keys: Arc<KeyStore>,
-    /// Told about every unknown `kid` (the JWKS cache uses it to refetch, rate-limited).
-    unknown_kid_hook: Option<UnknownKidHook>,
+    /// Asked for a refetch when a token names an unknown `kid` (external issuer only).
+    jwks: Option<Arc<JwksCache>>,
     revocations: Arc<RevocationList>,
     issuer: String,
     audience: String,
-    leeway_s: u64,
+    times: TimeRules,
     max_token_bytes: usize,
-    max_lifetime_s: u64,
     required_typ: String,
 }
 
 impl Validator {
     /// A validator for tokens of `issuer` meant for `audience`.
     pub fn new(keys: Arc<KeyStore>, issuer: String, audience: String, auth: &crate::config::AuthConfig) -> Validator {
-        let revocations = Arc::new(RevocationList::new(auth.max_revocations, auth.max_lifetime_s + auth.leeway_s));
+        // A revocation must outlive every token it can refuse: one issued (by its `iat`, up
+        // to the leeway ahead) now lives at most `max_lifetime_s`, plus the grace after exp.
+        let remember_s = auth.max_lifetime_s + auth.leeway_s + auth.expiry_grace_ms.div_ceil(1000);
+        let revocations = Arc::new(RevocationList::new(auth.max_revocations, remember_s));
         Validator {
             keys,
-            unknown_kid_hook: None,
+            jwks: None,
             revocations,
             issuer,
             audience,
-            leeway_s: auth.leeway_s,
+            times: TimeRules::from_config(auth),
             max_token_bytes: auth.max_token_bytes,
-            max_lifetime_s: auth.max_lifetime_s,
             required_typ: auth.required_typ.clone(),
         }
     }
 
-    /// Installs the unknown-`kid` hook.
-    pub fn with_unknown_kid_hook(mut self, hook: UnknownKidHook) -> Validator {
-        self.unknown_kid_hook = Some(hook);
+    /// Makes [`Validator::validate_async`] wait for a refetch of this JWKS cache when a
+    /// token names a `kid` the cache does not hold.
+    pub fn with_jwks(mut self, jwks: Arc<JwksCache>) -> Validator {
+        self.jwks = Some(jwks);
         self
+    }
+
+    /// The time rules applied to every token.
+    pub fn times(&self) -> &TimeRules {
+        &self.times
+    }
+
+    /// Validates like [`Validator::validate`], except that a token with an unknown `kid`
+    /// waits (at most `issuer.jwks_timeout_ms`) for the one shared refetch of the JWKS and
+    /// is validated again against the new set: an issuer that starts signing with a key it
+    /// published after our last fetch is accepted on first use. When an unknown-kid
+    /// refetch already ran within `issuer.jwks_cooldown_s`, it is refused at once. Tokens
+    /// with a known `kid` never wait.
+    pub async fn validate_async(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.validate(token) {
+            Err(AuthError::UnknownKid) => match &self.jwks {
+                Some(jwks) if jwks.refetch_for_unknown_kid().await => self.validate(token),
+                _ => Err(AuthError::UnknownKid),
+            },
+            other => other,
+        }
     }
 
     /// The revocation list consulted after every successful validation.
@@ -318,9 +403,6 @@ impl Validator {
             _ => return Err(AuthError::Malformed("header kid must be a string")),
         };
         let Some(key) = self.keys.get(kid) else {
-            if let Some(hook) = &self.unknown_kid_hook {
-                (hook.0)(kid);
-            }
             return Err(AuthError::UnknownKid);
         };
         if key.alg != alg {
@@ -328,9 +410,11 @@ impl Validator {
         }
 
         let mut v = Validation::new(alg);
-        v.leeway = self.leeway_s;
-        v.validate_nbf = true;
-        v.validate_exp = true;
+        // The times are checked below, in milliseconds ([`TimeRules`]): jsonwebtoken's
+        // whole-second check would accept a token up to a second past `exp`, and would
+        // apply the clock-skew leeway to `exp` too.
+        v.validate_nbf = false;
+        v.validate_exp = false;
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         v.set_issuer(&[self.issuer.as_str()]);
         v.set_audience(&[self.audience.as_str()]);
@@ -355,14 +439,9 @@ impl Validator {
         }
         let c = Claims::from_value(&data.claims)?;
 
-        let now = jsonwebtoken::get_current_timestamp();
-        let lifetime = match c.iat {
-            Some(iat) => c.exp.saturating_sub(iat),
-            None => c.exp.saturating_sub(now),
-        };
-        if lifetime > self.max_lifetime_s {
-            return Err(AuthError::LifetimeTooLong(self.max_lifetime_s));
-        }
+        let now_ms = now_ms();
+        self.times.check(c.exp, c.nbf, c.iat, now_ms)?;
+        let now = now_ms / 1000;
         let entitlements = match (&c.scope, &c.scp) {
             (Some(s), _) => Entitlements::from_scopes(split_scope(s)),
             (None, Some(list)) => Entitlements::from_scopes(list.iter().map(String::as_str)),
@@ -430,5 +509,72 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
         }
         ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => AuthError::AlgMismatch,
         _ => AuthError::BadSignature,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: TimeRules = TimeRules { leeway_s: 30, expiry_grace_ms: 0, max_lifetime_s: 3600 };
+    const NOW_S: u64 = 1_800_000_000;
+    const NOW_MS: u64 = NOW_S * 1000 + 500;
+
+    #[test]
+    fn exp_is_checked_in_milliseconds_without_leeway() {
+        // 5 s past exp with a 30 s leeway: expired (the leeway is for nbf/iat only).
+        assert_eq!(RULES.check(NOW_S - 5, None, None, NOW_MS), Err(AuthError::Expired));
+        // exp = the current second, 500 ms into it: expired (no whole-second rounding).
+        assert_eq!(RULES.check(NOW_S, None, None, NOW_MS), Err(AuthError::Expired));
+        // Exactly at the deadline: expired; one ms before: valid.
+        assert_eq!(RULES.check(NOW_S, None, None, NOW_S * 1000), Err(AuthError::Expired));
+        assert_eq!(RULES.check(NOW_S, None, None, NOW_S * 1000 - 1), Ok(()));
+        assert_eq!(RULES.check(NOW_S + 1, None, None, NOW_MS), Ok(()));
+    }
+
+    #[test]
+    fn grace_extends_the_deadline_in_milliseconds() {
+        let r = TimeRules { expiry_grace_ms: 2_000, ..RULES };
+        assert_eq!(r.deadline_ms(NOW_S), NOW_S * 1000 + 2_000);
+        assert_eq!(r.check(NOW_S - 1, None, None, NOW_MS), Ok(()), "1.5 s past exp, within 2 s grace");
+        assert_eq!(r.check(NOW_S - 2, None, None, NOW_MS), Err(AuthError::Expired), "2.5 s past exp");
+        assert!(!r.is_past_deadline(NOW_S, NOW_S * 1000 + 1_999));
+        assert!(r.is_past_deadline(NOW_S, NOW_S * 1000 + 2_000));
+        assert!(!r.is_past_deadline(u64::MAX, NOW_MS), "saturates instead of wrapping");
+    }
+
+    #[test]
+    fn nbf_and_iat_get_the_leeway() {
+        let exp = NOW_S + 600;
+        assert_eq!(RULES.check(exp, Some(NOW_S + 30), None, NOW_MS), Ok(()));
+        assert_eq!(RULES.check(exp, Some(NOW_S + 31), None, NOW_MS), Err(AuthError::NotYetValid));
+        assert_eq!(RULES.check(exp, None, Some(NOW_S + 30), NOW_MS), Ok(()));
+        assert_eq!(RULES.check(exp, None, Some(NOW_S + 31), NOW_MS), Err(AuthError::IatInFuture));
+        let strict = TimeRules { leeway_s: 0, ..RULES };
+        assert_eq!(strict.check(exp, None, Some(NOW_S + 1), NOW_MS), Err(AuthError::IatInFuture));
+        assert_eq!(strict.check(exp, None, Some(NOW_S), NOW_MS), Ok(()));
+    }
+
+    #[test]
+    fn lifetime_is_measured_from_the_earlier_of_iat_and_now() {
+        // iat in the future (within leeway) does not shorten the measured lifetime.
+        assert_eq!(RULES.check(NOW_S + 3600, None, Some(NOW_S + 20), NOW_MS), Ok(()));
+        assert_eq!(
+            RULES.check(NOW_S + 3601, None, Some(NOW_S + 20), NOW_MS),
+            Err(AuthError::LifetimeTooLong(3600)),
+            "exp - iat is 3581 s, but exp - now is 3601 s"
+        );
+        // iat in the past: measured from iat.
+        assert_eq!(RULES.check(NOW_S + 100, None, Some(NOW_S - 3500), NOW_MS), Ok(()));
+        assert_eq!(RULES.check(NOW_S + 101, None, Some(NOW_S - 3500), NOW_MS), Err(AuthError::LifetimeTooLong(3600)));
+        // No iat: measured from now.
+        assert_eq!(RULES.check(NOW_S + 3600, None, None, NOW_MS), Ok(()));
+        assert_eq!(RULES.check(NOW_S + 3601, None, None, NOW_MS), Err(AuthError::LifetimeTooLong(3600)));
+    }
+
+    #[test]
+    fn every_reason_label_is_distinct() {
+        assert_eq!(AuthError::IatInFuture.reason(), "iat_in_future");
+        assert_eq!(AuthError::Expired.reason(), "expired");
     }
 }

@@ -21,7 +21,7 @@ use super::resume::Availability;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::scopes::Entitlements;
-use crate::auth::validate::{Principal, Validator};
+use crate::auth::validate::{AuthError, Principal, Validator};
 use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
 use crate::protocol::close;
 use crate::protocol::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};
@@ -271,7 +271,8 @@ pub struct ConnHandles {
 }
 
 impl ShardCore {
-    /// A shard over the catalog. `validator` checks in-band refresh tokens.
+    /// A shard over the catalog. In-band refresh is offered when `validator` is set (the
+    /// connection task validates the token with it; see [`ShardCore::refresh_begin`]).
     pub fn new(catalog: Arc<Catalog>, validator: Option<Arc<Validator>>, limits: CoreLimits) -> ShardCore {
         let tick_ms = limits.timer_tick_ms.clamp(1, 1000);
         let index = catalog.feeds().iter().map(|f| vec![Vec::new(); f.instrument_count()]).collect();
@@ -789,7 +790,12 @@ impl ShardCore {
                 self.subscribe(key, id, &feed, &symbols, snapshot, (resume, epoch))
             }
             ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
-            ClientMsg::Refresh { id, token } => self.refresh(key, id, &token.0),
+            // The token of a refresh is validated by the connection task, which may wait
+            // for a JWKS refetch (`refresh_begin`, then `refresh_apply`); the core never
+            // sees it.
+            ClientMsg::Refresh { id, .. } => {
+                self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into())
+            }
             ClientMsg::Auth { .. } => self.send_error(
                 key,
                 None,
@@ -1078,13 +1084,18 @@ impl ShardCore {
         removed.into_iter().map(|(i, _)| i).collect()
     }
 
-    fn refresh(&mut self, key: ConnKey, id: Option<i64>, token: &str) {
-        let Some(validator) = self.validator.clone() else {
-            return self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
-        };
+    /// The first half of an in-band `refresh`: the rate limit. `true`: the caller now
+    /// validates the token (outside the core, possibly waiting for a JWKS refetch) and
+    /// hands the outcome to [`ShardCore::refresh_apply`]; `false`: the refresh was answered
+    /// (`rate_limited`, or refresh unavailable) and nothing else is to be done.
+    pub fn refresh_begin(&mut self, key: ConnKey, id: Option<i64>) -> bool {
+        if self.validator.is_none() {
+            self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
+            return false;
+        }
         let min_gap = Duration::from_millis(self.limits.min_refresh_interval_ms);
         let Some(conn) = self.conns.get_mut(key) else {
-            return;
+            return false;
         };
         if conn.last_refresh.is_some_and(|t| t.elapsed() < min_gap) {
             self.stats.refresh_rate_limited += 1;
@@ -1092,11 +1103,25 @@ impl ShardCore {
                 "at most one refresh per {} ms; the current token stays in force",
                 self.limits.min_refresh_interval_ms
             );
-            return self.send_error(key, id, ErrorCode::RateLimited, msg);
+            self.send_error(key, id, ErrorCode::RateLimited, msg);
+            return false;
         }
         conn.last_refresh = Some(Instant::now());
+        true
+    }
+
+    /// The second half of an in-band `refresh`: applies the validated token (or its
+    /// refusal, which leaves the current token and deadline in force). The new principal
+    /// must have the same `iss` and `sub`; feeds it no longer covers are unsubscribed
+    /// (`scope_revoked`) and its `exp` replaces the deadline.
+    pub fn refresh_apply(&mut self, key: ConnKey, id: Option<i64>, validated: Result<Principal, AuthError>) {
+        // The validation may have waited (a JWKS refetch); a connection whose close was
+        // decided meanwhile (expiry, revocation) stays closed.
+        let Some(conn) = self.conns.get(key).filter(|c| !c.out.is_closed()) else {
+            return;
+        };
         let (iss, sub) = (conn.principal.iss.clone(), conn.principal.sub.clone());
-        let p = match validator.validate(token) {
+        let p = match validated {
             Ok(p) => p,
             Err(e) => {
                 self.stats.refresh_refused += 1;

@@ -67,7 +67,7 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Checks the admin bearer token (scope `tickgate:admin`) and returns who it is; refusals
 /// are the same JSON and `WWW-Authenticate` answers as the stream handshake's.
-fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
+async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
     use super::handshake::Refusal;
     use crate::auth::validate::AuthError;
     // Anything but one well-formed Bearer header counts as no token here (401).
@@ -76,7 +76,7 @@ fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Resp
         app.metrics.auth_failures.with_label_values(&["missing"]).inc();
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));
     };
-    match app.validator.validate(token) {
+    match app.validator.validate_async(token).await {
         Err(e) => {
             app.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
             Err(Box::new(Refusal::invalid_token(&e).into_response()))
@@ -124,7 +124,7 @@ async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum
 }
 
 async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'static str, Response) {
-    let admin = match admin_auth(app, headers) {
+    let admin = match admin_auth(app, headers).await {
         Ok(p) => p,
         Err(r) => {
             let label = if r.status() == StatusCode::FORBIDDEN { "forbidden" } else { "unauthorized" };
@@ -223,7 +223,7 @@ async fn connections(
     headers: HeaderMap,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Response {
-    if let Err(r) = admin_auth(&app, &headers) {
+    if let Err(r) = admin_auth(&app, &headers).await {
         return *r;
     }
     let limit = page.limit.unwrap_or(100);

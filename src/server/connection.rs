@@ -144,7 +144,7 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
             return refuse("the first message must be a text auth message".into());
         }
     };
-    let p = match super::handshake::authorize_token(app, &token) {
+    let p = match super::handshake::authorize_token(app, &token).await {
         Ok(p) => p,
         Err(r) => {
             if let Some(reason) = r.auth_reason {
@@ -158,6 +158,10 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
     }
     Ok(p)
 }
+
+/// The validation of a refresh token: the request id and the outcome.
+type PendingRefresh = std::pin::Pin<Box<dyn std::future::Future<Output = (Option<i64>, RefreshOutcome)>>>;
+type RefreshOutcome = Result<Principal, crate::auth::validate::AuthError>;
 
 async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
     let limits = &app.config.limits;
@@ -173,6 +177,9 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
     tokio::pin!(hold);
     let mut holding = false;
     let mut last_write: Option<tokio::time::Instant> = None;
+    // An in-band refresh whose token is being validated (it may wait for a JWKS refetch):
+    // polled as one more branch, so the connection keeps streaming meanwhile.
+    let mut refreshing: Option<PendingRefresh> = None;
 
     loop {
         tokio::select! {
@@ -211,6 +218,11 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                     Flow::Idle => {}
                 }
             }
+            Some((id, validated)) = futures_util::future::OptionFuture::from(refreshing.as_mut()),
+                if refreshing.is_some() => {
+                refreshing = None;
+                shard.core.borrow_mut().refresh_apply(h.key, id, validated);
+            }
             msg = ws.next() => {
                 let msg = match msg {
                     None => return Ended { code: 1006, reason: "peer went away" },
@@ -225,6 +237,18 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                                 format!("more than {} control messages per second", limits.control_rate_per_s));
                         } else {
                             match parse_client_msg(text.as_str()) {
+                                Ok(ClientMsg::Refresh { id, .. }) if refreshing.is_some() => {
+                                    shard.core.borrow_mut().send_error(h.key, id, ErrorCode::RateLimited,
+                                        "a refresh is still being validated; the current token stays in force".into());
+                                }
+                                Ok(ClientMsg::Refresh { id, token }) => {
+                                    if shard.core.borrow_mut().refresh_begin(h.key, id) {
+                                        let validator = app.validator.clone();
+                                        refreshing = Some(Box::pin(async move {
+                                            (id, validator.validate_async(&token.0).await)
+                                        }));
+                                    }
+                                }
                                 Ok(m) => shard.core.borrow_mut().handle(h.key, m),
                                 Err(e) => {
                                     strikes += 1;

@@ -222,9 +222,10 @@ fn insufficient_scope() -> Refusal {
     }
 }
 
-/// Validates a bearer token and checks it may read something.
-pub(crate) fn authorize_token(app: &AppState, token: &str) -> Result<Principal, Refusal> {
-    let p = app.validator.validate(token).map_err(|e| Refusal::invalid_token(&e))?;
+/// Validates a bearer token (waiting for a JWKS refetch on an unknown `kid`) and checks it
+/// may read something.
+pub(crate) async fn authorize_token(app: &AppState, token: &str) -> Result<Principal, Refusal> {
+    let p = app.validator.validate_async(token).await.map_err(|e| Refusal::invalid_token(&e))?;
     if !p.entitlements.has_any_read() {
         return Err(insufficient_scope());
     }
@@ -248,15 +249,17 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Refusal>
 
 /// Resolves the credential to a principal; `None` means in-band `auth` will follow.
 /// `need_read`: the token must carry an `md:read` scope (the stream endpoint).
-pub(crate) fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Result<Option<Principal>, Refusal> {
+pub(crate) async fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Result<Option<Principal>, Refusal> {
     if app.config.auth.insecure_no_auth {
         // Benchmark-only mode (loopback enforced by config validation): no token is
         // needed or checked; the principal reads everything and never expires.
         return Ok(Some(anonymous()));
     }
     match cred {
-        Credential::Bearer(t) if need_read => authorize_token(app, &t).map(Some),
-        Credential::Bearer(t) => app.validator.validate(&t).map(Some).map_err(|e| Refusal::invalid_token(&e)),
+        Credential::Bearer(t) if need_read => authorize_token(app, &t).await.map(Some),
+        Credential::Bearer(t) => {
+            app.validator.validate_async(&t).await.map(Some).map_err(|e| Refusal::invalid_token(&e))
+        }
         Credential::Ticket(t) => {
             let ticket_refusal = |description: String, reason: &'static str| Refusal {
                 status: StatusCode::UNAUTHORIZED,
@@ -273,8 +276,7 @@ pub(crate) fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Re
             })?;
             // The token behind the ticket may have expired since the ticket was issued:
             // its deadline is `exp` + grace, to the millisecond, as for a presented token.
-            let deadline_ms = p.exp.saturating_mul(1000).saturating_add(app.config.auth.expiry_grace_ms);
-            if crate::protocol::now_ns() / 1_000_000 >= deadline_ms {
+            if app.validator.times().is_past_deadline(p.exp, crate::protocol::now_ns() / 1_000_000) {
                 return Err(Refusal::invalid_token(&AuthError::Expired));
             }
             // A ticket may stand for a publish-only token (publishers redeem tickets too);
@@ -296,7 +298,7 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
     let outcome = match bearer_token(&headers) {
         Err(r) => Err(r),
         Ok(None) => Err(Refusal::invalid_token(&AuthError::Missing)),
-        Ok(Some(t)) => app.validator.validate(t).map_err(|e| Refusal::invalid_token(&e)).and_then(|p| {
+        Ok(Some(t)) => app.validator.validate_async(t).await.map_err(|e| Refusal::invalid_token(&e)).and_then(|p| {
             if p.entitlements.has_any_read() || p.entitlements.has_any_publish() {
                 Ok(p)
             } else {
@@ -419,26 +421,37 @@ fn take_slot(app: &Arc<AppState>, sub: Option<&str>, ip: Option<IpAddr>) -> Resu
 pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
     let started = Instant::now();
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    let outcome = (|| {
+    let ip = peer.map(|p| p.ip());
+    // The request head is read before the token is validated: validation may wait for a
+    // JWKS refetch (unknown `kid`), and the request (not `Sync`) must not be borrowed
+    // across that wait.
+    let head = (|| {
         if app.draining.load(Ordering::Acquire) {
             return Err(Refusal::unavailable("server is draining"));
         }
         if app.validator.keys().is_empty() {
             return Err(Refusal::unavailable("signing keys not loaded yet"));
         }
-        let ip = peer.map(|p| p.ip());
         check_connect_rate(&app, ip)?;
-        let (key, cred) = check_request(&app, req.method(), req.uri().query(), req.headers())?;
-        let principal = authorize(&app, cred, true)?;
-        let Some(shard) = shard::current() else {
-            return Err(Refusal::unavailable("no shard on this thread"));
-        };
-        if shard.core.borrow().is_draining() {
-            return Err(Refusal::unavailable("server is draining"));
-        }
-        let slot = take_slot(&app, principal.as_ref().map(|p| p.sub.as_str()), ip)?;
-        Ok((key, principal, shard, slot))
+        check_request(&app, req.method(), req.uri().query(), req.headers())
     })();
+    let outcome = match head {
+        Err(r) => Err(r),
+        Ok((key, cred)) => {
+            async {
+                let principal = authorize(&app, cred, true).await?;
+                let Some(shard) = shard::current() else {
+                    return Err(Refusal::unavailable("no shard on this thread"));
+                };
+                if shard.core.borrow().is_draining() {
+                    return Err(Refusal::unavailable("server is draining"));
+                }
+                let slot = take_slot(&app, principal.as_ref().map(|p| p.sub.as_str()), ip)?;
+                Ok((key, principal, shard, slot))
+            }
+            .await
+        }
+    };
     match outcome {
         Err(refusal) => {
             app.metrics.handshakes.with_label_values(&[refusal.result]).inc();

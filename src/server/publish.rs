@@ -270,10 +270,51 @@ impl Drop for PublisherSlot {
     }
 }
 
+/// The token part of a publisher handshake, after the request head was read: validation
+/// (which may wait for a JWKS refetch), the publish scope, and the feed's publisher slot.
+async fn admit(
+    app: &Arc<AppState>,
+    key: String,
+    cred: super::handshake::Credential,
+    feed_idx: usize,
+    epoch: Option<u64>,
+) -> Result<(String, usize, Option<u64>, u64, PublisherSlot, CancellationToken), Refusal> {
+    let principal = authorize(app, cred, false)
+        .await?
+        .ok_or_else(|| Refusal::invalid_token(&crate::auth::validate::AuthError::Missing))?;
+    let catalog = app.ingest.catalog().clone();
+    let Some(feed) = catalog.get(feed_idx) else {
+        return Err(Refusal::unavailable("feed disappeared"));
+    };
+    if !app.config.auth.insecure_no_auth && !principal.entitlements.can_publish(feed.name()) {
+        return Err(refusal(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("token lacks md:publish:{}", feed.name()),
+            "insufficient_scope",
+        ));
+    }
+    if !feed.claim_publisher() {
+        return Err(refusal(
+            StatusCode::CONFLICT,
+            "publisher_active",
+            format!("feed {} already has a publisher", feed.name()),
+            "conflict",
+        ));
+    }
+    app.metrics.publishers.inc();
+    let (registration, revoked) = app.publishers.register(principal.sub.clone(), principal.jti.clone());
+    let slot = PublisherSlot { app: app.clone(), feed_idx: feed.idx, registration };
+    Ok((key, feed.idx, epoch, principal.exp, slot, revoked))
+}
+
 /// The `GET /v1/publish` handler.
 pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    let outcome = (|| {
+    // The request head is read before the token is validated: validation may wait for a
+    // JWKS refetch (unknown `kid`), and the request (not `Sync`) must not be borrowed
+    // across that wait.
+    let head = (|| {
         if app.draining.load(Ordering::Acquire) {
             return Err(Refusal::unavailable("server is draining"));
         }
@@ -309,29 +350,13 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
                 "conflict",
             ));
         }
-        let principal = authorize(&app, cred, false)?
-            .ok_or_else(|| Refusal::invalid_token(&crate::auth::validate::AuthError::Missing))?;
-        if !app.config.auth.insecure_no_auth && !principal.entitlements.can_publish(feed.name()) {
-            return Err(refusal(
-                StatusCode::FORBIDDEN,
-                "insufficient_scope",
-                format!("token lacks md:publish:{}", feed.name()),
-                "insufficient_scope",
-            ));
-        }
-        if !feed.claim_publisher() {
-            return Err(refusal(
-                StatusCode::CONFLICT,
-                "publisher_active",
-                format!("feed {} already has a publisher", feed.name()),
-                "conflict",
-            ));
-        }
-        app.metrics.publishers.inc();
-        let (registration, revoked) = app.publishers.register(principal.sub.clone(), principal.jti.clone());
-        let slot = PublisherSlot { app: app.clone(), feed_idx: feed.idx, registration };
-        Ok((key, feed.idx, epoch, principal.exp, slot, revoked))
+        Ok((key, cred, feed.idx, epoch))
     })();
+    let outcome = match head {
+        Err(r) => Err(r),
+        Ok((key, cred, feed_idx, epoch)) => admit(&app, key, cred, feed_idx, epoch).await,
+    };
+
     match outcome {
         Err(r) => {
             app.metrics.publish_handshakes.with_label_values(&[r.result]).inc();
