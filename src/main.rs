@@ -37,6 +37,9 @@ enum Cmd {
         /// Feed definitions folder (overrides the file).
         #[arg(long)]
         feeds_dir: Option<PathBuf>,
+        /// Folder of the node's durable state, e.g. the last epoch (overrides the file).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -183,7 +186,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve { config, listen, admin_listen, feeds_dir, log_json, insecure_no_auth } => {
+        Cmd::Serve { config, listen, admin_listen, feeds_dir, state_dir, log_json, insecure_no_auth } => {
             let mut cfg = match &config {
                 Some(p) => Config::from_file(p)?,
                 None => Config::default(),
@@ -196,6 +199,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(d) = feeds_dir {
                 cfg.feeds_dir = d;
+            }
+            if let Some(d) = state_dir {
+                cfg.server.state_dir = Some(d);
             }
             if insecure_no_auth {
                 cfg.auth.insecure_no_auth = true;
