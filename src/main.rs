@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tickgate::client;
+use tickgate::client::cli::{int_in, record_seconds};
 
 // mimalloc instead of glibc malloc: the dispatch path allocates one batch per connection per
 // cycle and frees them all once written; glibc trims and re-faults those pages every cycle
@@ -79,7 +80,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Stop after this many records.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
         /// Resume from the last seqs stored in this file (if it exists and is for this
         /// feed), and keep it up to date after every message.
@@ -96,11 +97,13 @@ enum Cmd {
         /// Output file (*.tgrec).
         #[arg(long)]
         out: PathBuf,
-        /// Stop after this many seconds.
-        #[arg(long)]
+        /// Stop after this many seconds (above 0, at most a year).
+        // allow_hyphen_values: `-1` and `-inf` reach the parser and get its range message
+        // instead of clap's "unexpected argument".
+        #[arg(long, allow_hyphen_values = true, value_parser = record_seconds)]
         seconds: Option<f64>,
         /// Stop after this many records.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
     },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
