@@ -75,6 +75,7 @@ async fn server(dir: &std::path::Path, replay: bool) -> Server {
         ..Config::default()
     };
     cfg.auth.insecure_no_auth = true;
+    cfg.server.state_dir = Some(dir.join("state"));
     Server::start(cfg).await.expect("server starts")
 }
 

@@ -344,6 +344,9 @@ pub struct ServerConfig {
     pub send_buffer_bytes: usize,
     /// Upper bound of the jittered `reconnect_after_ms` in `shutdown`.
     pub reconnect_after_max_ms: u64,
+    /// Folder of the node's durable state (the last epoch handed out, so epochs never
+    /// repeat across restarts). Unset: systemd's `$STATE_DIRECTORY`, else `state`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -354,6 +357,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 5_000,
             send_buffer_bytes: 262_144,
             reconnect_after_max_ms: 5_000,
+            state_dir: None,
         }
     }
 }

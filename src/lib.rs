@@ -60,6 +60,9 @@ pub enum Error {
     /// Bad feed definitions.
     #[error(transparent)]
     Feeds(#[from] feeds::FeedError),
+    /// The epoch state (`server.state_dir`) could not be read or written.
+    #[error(transparent)]
+    Epoch(#[from] feeds::epoch::EpochError),
     /// The embedded issuer could not be built.
     #[error(transparent)]
     Issuer(#[from] auth::issuer::IssuerError),
@@ -131,10 +134,14 @@ impl Server {
             ),
             DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
         }
-        // The epoch is the start time in seconds: a restarted node never reuses one.
-        let epoch =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1);
-        let catalog = Arc::new(Catalog::new(defs, epoch)?);
+        // Epochs never repeat across restarts: max(last + 1, now in ms), made durable in the
+        // state folder before anything is served (feeds::epoch).
+        let state_dir = feeds::epoch::resolve_state_dir(config.server.state_dir.as_deref());
+        let epochs = Arc::new(feeds::epoch::EpochStore::open(&state_dir)?);
+        let previous = epochs.last();
+        let epoch = epochs.next(0)?;
+        tracing::info!(epoch, previous, state = %epochs.path().display(), "feed epoch");
+        let catalog = Arc::new(Catalog::new(defs, epoch)?.with_epoch_store(epochs));
 
         // Auth.
         let metrics = Metrics::new();

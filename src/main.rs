@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tickgate::client;
+use tickgate::client::cli::{int_in, record_seconds};
 
 // mimalloc instead of glibc malloc: the dispatch path allocates one batch per connection per
 // cycle and frees them all once written; glibc trims and re-faults those pages every cycle
@@ -37,6 +38,9 @@ enum Cmd {
         /// Feed definitions folder (overrides the file).
         #[arg(long)]
         feeds_dir: Option<PathBuf>,
+        /// Folder of the node's durable state, e.g. the last epoch (overrides the file).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -76,7 +80,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Stop after this many records.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
         /// Resume from the last seqs stored in this file (if it exists and is for this
         /// feed), and keep it up to date after every message.
@@ -93,11 +97,13 @@ enum Cmd {
         /// Output file (*.tgrec).
         #[arg(long)]
         out: PathBuf,
-        /// Stop after this many seconds.
-        #[arg(long)]
+        /// Stop after this many seconds (above 0, at most a year).
+        // allow_hyphen_values: `-1` and `-inf` reach the parser and get its range message
+        // instead of clap's "unexpected argument".
+        #[arg(long, allow_hyphen_values = true, value_parser = record_seconds)]
         seconds: Option<f64>,
         /// Stop after this many records.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
     },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
@@ -183,7 +189,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve { config, listen, admin_listen, feeds_dir, log_json, insecure_no_auth } => {
+        Cmd::Serve { config, listen, admin_listen, feeds_dir, state_dir, log_json, insecure_no_auth } => {
             let mut cfg = match &config {
                 Some(p) => Config::from_file(p)?,
                 None => Config::default(),
@@ -196,6 +202,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(d) = feeds_dir {
                 cfg.feeds_dir = d;
+            }
+            if let Some(d) = state_dir {
+                cfg.server.state_dir = Some(d);
             }
             if insecure_no_auth {
                 cfg.auth.insecure_no_auth = true;

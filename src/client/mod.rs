@@ -5,6 +5,7 @@
 //! range first. Anything else (a duplicate, a hole nobody announced) is reported as an
 //! [`Anomaly`], which `tickgate subscribe` prints loudly and `tickgate load` counts.
 
+pub mod cli;
 pub mod load;
 pub mod publisher;
 pub mod tools;

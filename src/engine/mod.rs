@@ -18,7 +18,7 @@ pub mod resume;
 pub mod shard;
 pub mod timer;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +71,9 @@ pub struct ShardInbox {
     pub timers: AtomicUsize,
     /// Ticks that had to wait for queue space (the shard was behind).
     pub backpressure_waits: AtomicUsize,
+    /// False once the shard's thread has ended (stopped, or died of a panic): nobody
+    /// takes from the queue any more, so a source must not wait for space in it.
+    alive: AtomicBool,
 }
 
 impl ShardInbox {
@@ -83,7 +86,18 @@ impl ShardInbox {
             subscriptions: AtomicUsize::new(0),
             timers: AtomicUsize::new(0),
             backpressure_waits: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
         }
+    }
+
+    /// Whether the shard's thread still takes from the queue.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Marks the shard's thread as ended (the thread does it on its way out, panic or not).
+    pub fn mark_dead(&self) {
+        self.alive.store(false, Ordering::Release);
     }
 }
 
@@ -161,10 +175,19 @@ impl Ingest {
         ok
     }
 
+    /// Queues `item` for every live shard, waiting while a live shard's queue is full. A
+    /// shard whose thread has ended is skipped, and one that dies while the source waits
+    /// for it is left at the next check (every 200 µs): its connections died with it, and
+    /// waiting for it would stall every feed on every other shard. (A shard that panics
+    /// also ends the process, see `shard::spawn`; this keeps an embedder's sources alive
+    /// in between, and during shutdown.)
     async fn push_all(&self, item: Inbound, cancel: &CancellationToken) -> bool {
         for shard in self.shards.iter() {
             let mut t = item;
             loop {
+                if !shard.is_alive() {
+                    break;
+                }
                 match shard.queue.push(t) {
                     Ok(()) => break,
                     Err(back) => {
@@ -187,5 +210,54 @@ impl Ingest {
         for shard in self.shards.iter() {
             shard.notify.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feeds::FeedDef;
+    use crate::protocol::codec::{Body, Quote};
+
+    /// A source never waits forever for a shard whose thread is gone: the dead shard is
+    /// skipped (at once, or at the next check when it dies during the wait) and the live
+    /// ones get the tick.
+    #[tokio::test]
+    async fn push_all_skips_a_dead_shard_instead_of_waiting_for_it() {
+        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
+        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
+        let shards: Arc<[Arc<ShardInbox>]> = (0..2).map(|_| Arc::new(ShardInbox::new(16))).collect();
+        let ingest = Ingest::new(
+            shards.clone(),
+            catalog,
+            Arc::from(vec![prometheus::IntCounter::new("t", "t").expect("counter")]),
+        );
+        let tick = |seq| Tick {
+            feed_idx: 0,
+            instr: 0,
+            record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0),
+        };
+        let never = CancellationToken::new();
+        // Shard 0's queue is full and nobody takes from it.
+        for seq in 1..=16 {
+            assert!(ingest.enqueue(&[tick(seq)], &never).await);
+        }
+        assert_eq!((shards[0].queue.len(), shards[1].queue.len()), (16, 16));
+        shards[1].queue.pop();
+        // Shard 0 dies while the source waits for it: the wait ends and shard 1 still gets the tick.
+        let dying = shards[0].clone();
+        let waiting = tokio::spawn({
+            let ingest = ingest.clone();
+            async move { ingest.enqueue(&[tick(17)], &CancellationToken::new()).await }
+        });
+        tokio::task::yield_now().await;
+        dying.mark_dead();
+        let ok = tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("the wait ended").expect("task");
+        assert!(ok);
+        assert_eq!(shards[1].queue.len(), 16);
+        // Already dead: skipped without waiting.
+        shards[1].queue.pop();
+        assert!(ingest.enqueue(&[tick(18)], &never).await);
+        assert_eq!((shards[0].queue.len(), shards[1].queue.len()), (16, 16));
     }
 }

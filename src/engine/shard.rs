@@ -134,20 +134,97 @@ pub struct ShardSpec {
     pub serve: ServeFn,
 }
 
+/// Exit status of the process when a shard thread dies (EX_SOFTWARE): the supervisor
+/// (systemd `Restart=`, a Kubernetes pod) restarts the node, and clients reconnect and
+/// resume on the new epoch.
+pub const SHARD_DEATH_EXIT_CODE: i32 = 70;
+
 /// Starts a shard thread.
+///
+/// **A shard that dies ends the process** (logged at error level naming the shard, exit
+/// status [`SHARD_DEATH_EXIT_CODE`]). A shard owns its connections' sockets, outbound
+/// queues, subscriptions and timers, and nothing else holds them: a new shard could not
+/// take them over, and a process with one shard missing stalls every feed (the sources
+/// wait for its queue) or silently serves part of its clients. Under a supervisor the
+/// cheapest correct recovery is a restart of the node.
+///
+/// Why `catch_unwind` around the shard's loop and not `panic = "abort"`: a panic in one
+/// connection's task is contained by tokio (that task ends, the shard lives on), which
+/// `abort` would turn into the loss of every connection of the node; and catching the
+/// panic here lets the log say which shard died and the process end with a status of its
+/// own. The cost: the unwinding itself must not panic again (it only drops the shard's
+/// state), and an abort of the process in between is the same outcome anyway.
 pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("tickgate-shard-{}", spec.id)).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(shard = spec.id, error = %e, "cannot build shard runtime");
-                return;
+    let id = spec.id;
+    std::thread::Builder::new().name(format!("tickgate-shard-{id}")).spawn(move || {
+        // Marks the inbox dead however the thread ends, so no source waits for it.
+        struct Alive(Arc<ShardInbox>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                self.0.mark_dead();
+            }
+        }
+        let alive = Alive(spec.inbox.clone());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let local = LocalSet::new();
+            local.block_on(&rt, run(spec));
+            // Dropping the runtime cancels whatever connection tasks outlived the drain.
+            Ok::<(), std::io::Error>(())
+        }));
+        drop(alive);
+        let why = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("cannot build its runtime: {e}"),
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                format!("panicked: {msg}")
             }
         };
-        let local = LocalSet::new();
-        local.block_on(&rt, run(spec));
-        // Dropping the runtime cancels whatever connection tasks outlived the drain.
+        tracing::error!(
+            shard = id,
+            exit_code = SHARD_DEATH_EXIT_CODE,
+            "shard {id} died ({why}); stopping the process so its supervisor restarts it"
+        );
+        std::process::exit(SHARD_DEATH_EXIT_CODE);
     })
+}
+
+/// Test-only fault injection, read once from `TICKGATE_TEST_FAULT` at the first shard
+/// start: `shard_panic_after_ms:MS[:SHARD]` makes shard `SHARD` (default 0) panic in its
+/// dispatch loop `MS` after it started. An operator's environment, never a client, can
+/// arm it; it exists so tests can check what a dead shard does to the process. Anything
+/// else in the variable is logged and ignored.
+pub const TEST_FAULT_ENV: &str = "TICKGATE_TEST_FAULT";
+
+fn test_fault_for(id: usize) -> Option<Duration> {
+    static FAULT: std::sync::OnceLock<Option<(usize, Duration)>> = std::sync::OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var(TEST_FAULT_ENV).ok()?;
+        let parsed = v.strip_prefix("shard_panic_after_ms:").and_then(|rest| {
+            let mut parts = rest.split(':');
+            let ms = parts.next()?.parse::<u64>().ok()?;
+            let shard = match parts.next() {
+                Some(s) => s.parse::<usize>().ok()?,
+                None => 0,
+            };
+            parts.next().is_none().then_some((shard, Duration::from_millis(ms)))
+        });
+        match parsed {
+            Some(f) => tracing::warn!(
+                shard = f.0,
+                after_ms = f.1.as_millis() as u64,
+                "{TEST_FAULT_ENV} is set: this shard will panic (test-only fault injection)"
+            ),
+            None => tracing::error!("{TEST_FAULT_ENV}={v:?} is not `shard_panic_after_ms:MS[:SHARD]`; ignored"),
+        }
+        parsed
+    });
+    fault.and_then(|(shard, after)| (shard == id).then_some(after))
 }
 
 async fn run(spec: ShardSpec) {
@@ -197,7 +274,11 @@ async fn run(spec: ShardSpec) {
     // what was queued before it, and nothing is queued for the connection after it.
     let mut timer_tick = tokio::time::interval(Duration::from_millis(10));
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let fault_at = test_fault_for(id).map(|after| tokio::time::Instant::now() + after);
     loop {
+        if fault_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            panic!("{TEST_FAULT_ENV}: shard {id} panics on purpose");
+        }
         let cycle_started = std::time::Instant::now();
         let n = {
             let mut core = shard.core.borrow_mut();
@@ -222,6 +303,7 @@ async fn run(spec: ShardSpec) {
         tokio::select! {
             _ = inbox.notify.notified() => {}
             _ = timer_tick.tick(), if timers => {}
+            _ = tokio::time::sleep_until(fault_at.unwrap_or_else(tokio::time::Instant::now)), if fault_at.is_some() => {}
             msg = ctl.recv() => match msg {
                 None => break,
                 Some(msg) => {

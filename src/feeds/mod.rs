@@ -7,6 +7,7 @@
 //! upstream publishers on `GET /v1/publish` (`source = "publish"`, see
 //! `server::publish`).
 
+pub mod epoch;
 pub mod recording;
 pub mod replay;
 pub mod synthetic;
@@ -14,7 +15,7 @@ pub mod synthetic;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -363,11 +364,15 @@ impl Feed {
 pub struct Catalog {
     feeds: Vec<Feed>,
     by_name: HashMap<String, usize>,
+    /// Where new epochs come from (absent in unit tests: sources then count up from the
+    /// clock without persisting).
+    epochs: Option<Arc<epoch::EpochStore>>,
 }
 
 impl Catalog {
     /// Builds the catalog; names and ids must be unique. `epoch` is the starting epoch of
-    /// every feed (the server uses its start time, so a restarted node never reuses one).
+    /// every feed (the server takes it from its [`epoch::EpochStore`], so a restarted node
+    /// never reuses one).
     pub fn new(defs: Vec<FeedDef>, epoch: u64) -> Result<Catalog, FeedError> {
         let mut feeds = Vec::with_capacity(defs.len());
         let mut by_name = HashMap::new();
@@ -400,7 +405,34 @@ impl Catalog {
         if feeds.is_empty() {
             return Err(FeedError::Invalid { path: "<catalog>".into(), message: "no feed defined".into() });
         }
-        Ok(Catalog { feeds, by_name })
+        Ok(Catalog { feeds, by_name, epochs: None })
+    }
+
+    /// Sets the store that later epochs (a replay's next pass) are taken from.
+    pub fn with_epoch_store(mut self, store: Arc<epoch::EpochStore>) -> Catalog {
+        self.epochs = Some(store);
+        self
+    }
+
+    /// A new epoch for a feed whose numbering restarts: above `feed`'s current one and,
+    /// with a store, above every epoch this node handed out before (durable when this
+    /// returns). A store that cannot be written is logged and the epoch taken from the
+    /// clock, so the feed keeps streaming.
+    pub async fn next_epoch(&self, feed: &Feed) -> u64 {
+        let at_least = feed.epoch().saturating_add(1);
+        let fallback = at_least.max(epoch::now_ms());
+        let Some(store) = self.epochs.clone() else { return fallback };
+        match tokio::task::spawn_blocking(move || store.next(at_least)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                tracing::error!(feed = feed.name(), error = %e, "cannot persist the new epoch; taking it from the clock");
+                fallback
+            }
+            Err(e) => {
+                tracing::error!(feed = feed.name(), error = %e, "epoch task failed; taking the epoch from the clock");
+                fallback
+            }
+        }
     }
 
     /// All feeds in index order.

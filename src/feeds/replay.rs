@@ -4,7 +4,7 @@
 //!
 //! Pacing follows the records' `ts_event_ns`: record k is due `(ts_event_k -
 //! ts_event_0) / speed` after the pass started. Records due together go to the engine as
-//! one burst. Each pass after the first is a new epoch, so subscribers get `reset` and
+//! one burst. Each pass after the first is a new epoch (from [`super::epoch`]), so subscribers get `reset` and
 //! the seqs (1, 2, 3, ... per instrument in the recording) start over cleanly. Records
 //! keep their `ts_event_ns`; `ts_recv_ns` is the time they were played.
 
@@ -28,7 +28,8 @@ pub async fn run(def: ReplayDef, feed_idx: u16, ingest: Ingest, lag: prometheus:
     let mut pass: u64 = 0;
     loop {
         if pass > 0 {
-            let epoch = feed.epoch() + 1;
+            // Above every epoch this node used, across restarts too (see feeds::epoch).
+            let epoch = catalog.next_epoch(feed).await;
             if !ingest.reset(feed_idx, epoch, &cancel).await {
                 return;
             }

@@ -66,6 +66,8 @@ impl TestServer {
         };
         cfg.engine.shards = 2;
         cfg.server.drain_ms = 3000;
+        // Each test server keeps its epoch state in its own folder, not in the checkout.
+        cfg.server.state_dir = Some(dir.path().join("state"));
         cfg.issuer.clients = vec![ClientConfig {
             id: "demo".into(),
             secret: Some(SECRET.into()),

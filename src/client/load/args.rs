@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::publish::{PublishOptions, PublishSink, PublishSummary};
 use super::{multi, LoadError, LoadOptions, LoadSummary, SubscribeTarget};
 use crate::client;
+use crate::client::cli::{child_slot, int_in, ticks_per_second};
 
 /// Which side of the benchmark this process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,7 +69,7 @@ pub struct LoadArgs {
     #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
     pub client_secret: Option<String>,
     /// Subscribers (all processes together).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = int_in::<usize>(1, 1_000_000))]
     pub connections: usize,
     /// Feed.
     #[arg(long, default_value = "DEMO")]
@@ -78,55 +79,56 @@ pub struct LoadArgs {
     #[arg(long, default_value = "*")]
     pub symbols: String,
     /// Measured seconds (subscribers); run time of the publisher (0: until --count or a signal).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = int_in::<u64>(0, 604_800))]
     pub seconds: u64,
     /// Warm-up seconds.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = int_in::<u64>(0, 3_600))]
     pub warmup: u64,
     /// Source addresses 127.0.0.1 ..= 127.0.0.N (tickgate subscribers; async-nats binds no
     /// source address on WebSocket connections).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true, value_parser = int_in::<u8>(1, 254))]
     pub source_ips: u8,
     /// Admin base URL of the server (for CPU and frame counters).
     #[arg(long)]
     pub admin: Option<String>,
     /// Server process id on this machine: CPU seconds (/proc/PID/stat) over the window and
     /// resident memory per connection (/proc/PID/status, before and after connecting).
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", allow_negative_numbers = true, value_parser = int_in::<u32>(1, 4_194_304))]
     pub server_pid: Option<u32>,
     /// Connection i subscribes only to the i-th symbol (round robin) of --symbols.
     #[arg(long)]
     pub spread: bool,
     /// Connection i subscribes to K symbols of --symbols: (i*K + j) mod len, j < K.
-    #[arg(long, value_name = "K", conflicts_with = "spread")]
+    #[arg(long, value_name = "K", conflicts_with = "spread", allow_negative_numbers = true, value_parser = int_in::<usize>(1, 100_000))]
     pub symbols_per_conn: Option<usize>,
     /// Refresh every connection's token in-band every SECS seconds (needs --issuer).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true, value_parser = int_in::<u64>(1, 86_400))]
     pub refresh_every: Option<u64>,
     /// Present no token (for a server in the benchmark-only --insecure-no-auth mode).
     #[arg(long)]
     pub no_token: bool,
     /// Handshakes in flight at once while connecting.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true, value_parser = int_in::<usize>(1, 65_536))]
     pub connect_concurrency: usize,
     /// Spread the subscribers over P child processes (each with connections/P subscribers
     /// and its own slice of source addresses); their summaries are merged.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = int_in::<usize>(1, 256))]
     pub processes: usize,
     /// Publisher: ticks per second, all instruments together.
-    #[arg(long, default_value_t = 1000.0)]
+    // allow_hyphen_values: `-1` and `-inf` reach the parser and get its range message.
+    #[arg(long, default_value_t = 1000.0, allow_hyphen_values = true, value_parser = ticks_per_second)]
     pub rate: f64,
     /// Publisher: stop after this many ticks.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
     pub count: Option<u64>,
     /// Publisher: feed id written into the records.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = int_in::<u16>(1, 65_535))]
     pub feed_id: u16,
     /// Publisher: send seq 0 and let the server assign sequence numbers (tickgate only).
     #[arg(long)]
     pub server_seq: bool,
     /// Internal: this process is child INDEX/PROCESSES of a `--processes` run.
-    #[arg(long, hide = true, value_name = "INDEX/PROCESSES")]
+    #[arg(long, hide = true, value_name = "INDEX/PROCESSES", value_parser = child_slot)]
     pub child: Option<String>,
 }
 
