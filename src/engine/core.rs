@@ -436,6 +436,27 @@ impl ShardCore {
         (!self.wheel.is_empty()).then(|| Duration::from_millis(self.wheel.tick_ms()))
     }
 
+    /// The writer's last check before it stamps and writes a batch: a connection whose
+    /// deadline (`exp` + grace) has passed is closed with 4001 now. The wheel decides the
+    /// close two ticks early, but a shard thread that runs later than that (a busy machine)
+    /// would otherwise write batches after the deadline; this keeps "no data frame after
+    /// the deadline" true whatever the thread's lateness. True when it closed the connection
+    /// (its queue now holds only the close).
+    pub fn expire_if_due(&mut self, key: ConnKey, now_ns: u64) -> bool {
+        let grace_ms = self.limits.expiry_grace_ms;
+        let Some(c) = self.conns.get(key) else { return false };
+        if c.principal.exp == u64::MAX || c.out.is_closed() {
+            return false;
+        }
+        let deadline_ms = c.principal.exp.saturating_mul(1000).saturating_add(grace_ms);
+        if now_ns / 1_000_000 < deadline_ms {
+            return false;
+        }
+        self.stats.expiries += 1;
+        self.terminate(key, close::TOKEN_EXPIRED, "token expired");
+        true
+    }
+
     /// Fires every timer due by now: `token_expiring` notices, and closes with 4001 at
     /// the deadline. Runs on the shard loop, between dispatches.
     pub fn advance_timers(&mut self) {
@@ -1416,5 +1437,27 @@ mod tests {
         assert!(matches!(drain(&mut core, b.key).as_slice(), [OutItem::Close { code: 4003, .. }]));
         assert!(drain(&mut core, c.key).is_empty());
         assert_eq!(core.stats.revocations, 2);
+    }
+
+    /// The writer's check: a connection past its deadline (exp + grace) is closed 4001 at
+    /// the write, whatever the wheel did; one before it, or one that never expires, is not.
+    #[tokio::test]
+    async fn the_writer_never_writes_past_the_deadline() {
+        let mut core = core();
+        let now_s = now_ns() / 1_000_000_000;
+        let late = core.add_conn(principal(now_s - 10, now_s - 1), "late".into());
+        let fine = core.add_conn(principal(now_s, now_s + 100), "fine".into());
+        let never = core.add_conn(Principal::unauthenticated("n", "i"), "never".into());
+        for k in [late.key, fine.key, never.key] {
+            drain(&mut core, k);
+        }
+        let now = now_ns();
+        assert!(core.expire_if_due(late.key, now));
+        assert!(matches!(drain(&mut core, late.key).as_slice(), [OutItem::Close { code: 4001, .. }]));
+        assert!(!core.expire_if_due(late.key, now), "already closing");
+        assert!(!core.expire_if_due(fine.key, now));
+        assert!(core.expire_if_due(fine.key, (now_s + 100) * 1_000_000_000), "at the deadline itself");
+        assert!(!core.expire_if_due(never.key, u64::MAX));
+        assert_eq!(core.stats.expiries, 2);
     }
 }

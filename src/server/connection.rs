@@ -332,10 +332,15 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
             }
             Some(OutItem::Batch(b)) => {
                 let now = now_ns();
+                let mut core = shard.core.borrow_mut();
+                if core.expire_if_due(h.key, now) {
+                    // Past the token's deadline: this batch is dropped and the close is
+                    // now the only item queued.
+                    continue;
+                }
                 let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
                 shard.latency.observe(latency_ns as f64 / 1e9);
                 shard.batch_records.observe(b.count() as f64);
-                let mut core = shard.core.borrow_mut();
                 for &(f, n) in b.feed_counts() {
                     if let Some(d) = core.stats.delivered.get_mut(f as usize) {
                         *d += n as u64;

@@ -407,8 +407,10 @@ async fn run(
     }
     let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     // The token's lifetime bounds the connection, as for subscribers.
-    let expires_in = Duration::from_secs(exp.saturating_sub(now_ns() / 1_000_000_000).min(10 * 365 * 86_400))
-        + Duration::from_millis(app.config.auth.expiry_grace_ms);
+    // To the millisecond, like a presented token: the deadline is exp + grace.
+    let deadline_ms = app.validator.times().deadline_ms(exp);
+    let expires_in =
+        Duration::from_millis(deadline_ms.saturating_sub(now_ns() / 1_000_000).min(10 * 365 * 86_400 * 1000));
     let expiry = tokio::time::sleep(expires_in);
     tokio::pin!(expiry);
     let mut strikes = 0u32;
