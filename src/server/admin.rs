@@ -158,11 +158,15 @@ struct Page {
 async fn connections(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    axum::extract::Query(page): axum::extract::Query<Page>,
+    page: Result<axum::extract::Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if let Err(r) = admin_auth(&app, &headers) {
         return *r;
     }
+    // axum's own rejection is a plain-text 400; every answer here is JSON.
+    let Ok(axum::extract::Query(page)) = page else {
+        return bad_request("limit must be an integer between 1 and 1000, after a session id");
+    };
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return bad_request("limit must be between 1 and 1000");
