@@ -432,8 +432,16 @@ impl Server {
                 "drain time over; dropping remaining connections"
             );
         }
-        // From here the public accept loop answers new sockets 503 itself.
+        // From here the public accept loop answers new sockets 503 itself; sockets already
+        // handed to a shard get their answer there first (bounded: idle keep-alive
+        // connections are closed below).
         self.app.edge.shards_stopped.store(true, Ordering::Release);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.app.edge.public_http.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
         self.app.cancel.cancel();
         for ctl in &self.shard_ctl {
             let _ = ctl.send(ShardCtl::Stop).await;
