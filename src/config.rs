@@ -288,7 +288,7 @@ impl Default for LimitsConfig {
             connect_burst_per_ip: 5_000,
             max_tickets: 100_000,
             max_body_bytes: 16_384,
-            max_pending_per_ip: 64,
+            max_pending_per_ip: 256,
             fd_reserve: 64,
         }
     }

@@ -294,3 +294,20 @@ async fn fd_reserve_keeps_admin_answering_during_a_flood() {
     .await;
     drop(bin.child);
 }
+
+/// A keep-alive connection that sends nothing after its answer is closed after
+/// `server.handshake_timeout_ms` and counted as `stage="idle"` (not as a request timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let ts = TestServer::start(50.0, |c| c.server.handshake_timeout_ms = 300).await;
+    let mut s = tokio::net::TcpStream::connect(ts.server().admin_addr()).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    // The answer, then the close once the connection has been idle past the bound.
+    tokio::time::timeout(EVENTUALLY, s.read_to_end(&mut out)).await.expect("closed in time").unwrap();
+    assert_eq!(parse_response(&out), (200, serde_json::json!({"status": "ok"})));
+    let m = ts.metrics().await;
+    assert_eq!(metric_value(&m, "tickgate_http_timeouts_total{listener=\"admin\",stage=\"idle\"}"), 1.0);
+    assert_eq!(metric_value(&m, "tickgate_http_timeouts_total{listener=\"admin\",stage=\"head\"}"), 0.0);
+    ts.shutdown().await;
+}
