@@ -222,8 +222,8 @@ mod tests {
     #[test]
     fn pending_slots_are_capped_per_address_and_released() {
         let t = Arc::new(PendingTable::new(2));
-        let a: IpAddr = "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let b: IpAddr = IpAddr::from([127, 0, 0, 2]);
+        let a = IpAddr::from([127, 0, 0, 1]);
+        let b = IpAddr::from([127, 0, 0, 2]);
         let g1 = t.try_acquire(a);
         let g2 = t.try_acquire(a);
         assert!(g1.is_some() && g2.is_some());
