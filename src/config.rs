@@ -271,6 +271,14 @@ pub struct LimitsConfig {
     pub max_tickets: usize,
     /// One-time tickets outstanding at once for one token subject.
     pub max_tickets_per_subject: usize,
+    /// Largest HTTP request body accepted on either listener (bytes); larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Connections per source address, per listener, that have not completed a request;
+    /// further sockets from that address are closed at once.
+    pub max_pending_per_ip: usize,
+    /// Descriptors kept free for the admin listener and the process: public sockets are
+    /// refused once the open descriptors reach the soft limit minus this (0: no reserve).
+    pub fd_reserve: usize,
 }
 
 impl Default for LimitsConfig {
@@ -290,6 +298,9 @@ impl Default for LimitsConfig {
             connect_burst_per_ip: 5_000,
             max_tickets: 100_000,
             max_tickets_per_subject: 100,
+            max_body_bytes: 16_384,
+            max_pending_per_ip: 256,
+            fd_reserve: 64,
         }
     }
 }
@@ -338,8 +349,12 @@ pub struct ServerConfig {
     pub heartbeat_ms: u64,
     /// How long shutdown waits for connections to close.
     pub drain_ms: u64,
-    /// Time allowed for the HTTP request head (slow headers are cut off).
+    /// Time allowed for the HTTP request head (slow headers are cut off), and for an idle
+    /// keep-alive connection to start its next request.
     pub handshake_timeout_ms: u64,
+    /// Time allowed for a whole HTTP request, head and body, on either listener (408 or a
+    /// close when missed); WebSocket connections are not bound by it after the upgrade.
+    pub request_timeout_ms: u64,
     /// Kernel send buffer per connection (bytes; 0: system default).
     pub send_buffer_bytes: usize,
     /// Upper bound of the jittered `reconnect_after_ms` in `shutdown`.
@@ -355,6 +370,7 @@ impl Default for ServerConfig {
             heartbeat_ms: 15_000,
             drain_ms: 5_000,
             handshake_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
             send_buffer_bytes: 262_144,
             reconnect_after_max_ms: 5_000,
             state_dir: None,
@@ -459,6 +475,15 @@ impl Config {
         }
         if self.server.handshake_timeout_ms == 0 {
             return bad("server.handshake_timeout_ms must be positive");
+        }
+        if !(100..=300_000).contains(&self.server.request_timeout_ms) {
+            return bad("server.request_timeout_ms must be between 100 and 300000");
+        }
+        if !(1_024..=1 << 20).contains(&self.limits.max_body_bytes) {
+            return bad("limits.max_body_bytes must be between 1024 and 1048576");
+        }
+        if self.limits.max_pending_per_ip == 0 {
+            return bad("limits.max_pending_per_ip must be positive");
         }
         if self.auth.max_token_bytes < 256 || self.auth.max_token_bytes > 65_536 {
             return bad("auth.max_token_bytes must be between 256 and 65536");
@@ -594,6 +619,11 @@ mod example_tests {
         assert_eq!(c.server.heartbeat_ms, d.server.heartbeat_ms);
         assert_eq!(c.engine.queue_capacity, d.engine.queue_capacity);
         assert_eq!(c.engine.write_delay_us, d.engine.write_delay_us);
+        assert_eq!(c.server.request_timeout_ms, d.server.request_timeout_ms);
+        assert_eq!(
+            (c.limits.max_body_bytes, c.limits.max_pending_per_ip, c.limits.fd_reserve),
+            (d.limits.max_body_bytes, d.limits.max_pending_per_ip, d.limits.fd_reserve)
+        );
         assert_eq!(c.auth.required_typ, d.auth.required_typ);
     }
 }

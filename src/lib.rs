@@ -225,6 +225,7 @@ impl Server {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             shards: inboxes.clone(),
+            edge: server::edge::Edge::new(config.limits.max_pending_per_ip, config.limits.fd_reserve),
         });
 
         let mut router = server::public_router(app.clone());
@@ -269,7 +270,7 @@ impl Server {
 
         let background = TaskTracker::new();
         let accept_cancel = CancellationToken::new();
-        background.spawn(server::accept_loop(listener, inboxes.clone(), sock_tx, accept_cancel.clone()));
+        background.spawn(server::accept_loop(listener, app.clone(), sock_tx, accept_cancel.clone()));
 
         if let Some(iss) = &issuer {
             // Key rotation and retirement of keys whose tokens have all expired.
@@ -330,7 +331,8 @@ impl Server {
             admin_listener,
             admin,
             if config.tls.admin { tls.clone() } else { None },
-            Duration::from_millis(config.server.handshake_timeout_ms),
+            Arc::new(server::HttpLimits::new("admin", &config, metrics.clone())),
+            app.edge.admin_pending.clone(),
             admin_cancel.clone(),
         ));
 
@@ -407,12 +409,14 @@ impl Server {
         &self.app.metrics
     }
 
-    /// Graceful shutdown: stop accepting, send `shutdown` + close 1001 to every stream,
-    /// wait for them up to `server.drain_ms`, then stop the shards, feeds and admin.
+    /// Graceful shutdown: new streams and publishers get 503 `unavailable` and `/readyz`
+    /// 503 at once; `shutdown` + close 1001 go to every stream, which are waited for up to
+    /// `server.drain_ms`; then the shards stop. Both listeners keep accepting and answering
+    /// (503 for streams, `/metrics` still served) until the very end, so a load balancer
+    /// sees "not ready" rather than a dead host.
     pub async fn shutdown(self) {
         let drain = Duration::from_millis(self.app.config.server.drain_ms);
         self.app.draining.store(true, Ordering::Release);
-        self.accept_cancel.cancel();
         // Stop the sources first and let the shards dispatch what was already ingested, so
         // every tick taken in reaches its subscribers before their `shutdown` message.
         self.feeds_cancel.cancel();
@@ -440,6 +444,16 @@ impl Server {
                 "drain time over; dropping remaining connections"
             );
         }
+        // From here the public accept loop answers new sockets 503 itself; sockets already
+        // handed to a shard get their answer there first (bounded: idle keep-alive
+        // connections are closed below).
+        self.app.edge.shards_stopped.store(true, Ordering::Release);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.app.edge.public_http.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
         self.app.cancel.cancel();
         for ctl in &self.shard_ctl {
             let _ = ctl.send(ShardCtl::Stop).await;
@@ -451,6 +465,8 @@ impl Server {
             }
         })
         .await;
+        // The listeners stop last.
+        self.accept_cancel.cancel();
         self.admin_cancel.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.background.wait()).await;

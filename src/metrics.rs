@@ -104,6 +104,14 @@ pub struct Metrics {
     pub token_requests: IntCounterVec,
     /// `POST /admin/revoke` answers by result.
     pub revoke_requests: IntCounterVec,
+    /// HTTP requests or connections cut at a deadline, by listener and stage (`head`,
+    /// `body`, `idle`).
+    pub http_timeouts: IntCounterVec,
+    /// Sockets or requests refused at the listener, by listener and reason
+    /// (`pending_per_ip`, `fd_reserve`, `body_too_large`).
+    pub http_refused: IntCounterVec,
+    /// Failed `accept` calls, by listener and kind (`emfile`, `enfile`, `enomem`, `aborted`, `other`).
+    pub accept_errors: IntCounterVec,
 }
 
 /// Registers a metric, panicking on a programming error (a bad name or a duplicate).
@@ -268,6 +276,24 @@ impl Metrics {
                 "POST /admin/revoke answers by result",
                 &["result"],
             ),
+            http_timeouts: counter_vec(
+                &r,
+                "tickgate_http_timeouts_total",
+                "HTTP requests or connections cut at a deadline, by listener and stage",
+                &["listener", "stage"],
+            ),
+            http_refused: counter_vec(
+                &r,
+                "tickgate_http_refused_total",
+                "Sockets or requests refused at the listener, by listener and reason",
+                &["listener", "reason"],
+            ),
+            accept_errors: counter_vec(
+                &r,
+                "tickgate_accept_errors_total",
+                "Failed accept calls, by listener and kind",
+                &["listener", "kind"],
+            ),
             registry: r,
         }
     }
@@ -315,6 +341,19 @@ impl Metrics {
         }
         self.slow_consumer_events.with_label_values(&["disconnect"]);
         self.slow_consumer_events.with_label_values(&["conflate"]);
+        self.slow_consumer_events.with_label_values(&["dropped"]);
+        for l in ["public", "admin"] {
+            for st in ["head", "body", "idle"] {
+                self.http_timeouts.with_label_values(&[l, st]);
+            }
+            for r in ["pending_per_ip", "body_too_large"] {
+                self.http_refused.with_label_values(&[l, r]);
+            }
+            for k in ["emfile", "enfile"] {
+                self.accept_errors.with_label_values(&[l, k]);
+            }
+        }
+        self.http_refused.with_label_values(&["public", "fd_reserve"]);
         for r in crate::engine::core::GAP_REASONS {
             self.gaps_sent.with_label_values(&[r]);
         }
@@ -365,7 +404,7 @@ impl Metrics {
         ] {
             self.control_errors.with_label_values(&[c]);
         }
-        for c in ["1000", "1001", "1006", "1008", "4001", "4003", "4008"] {
+        for c in ["1000", "1001", "1002", "1006", "1007", "1008", "4001", "4003", "4008"] {
             self.closes.with_label_values(&[c]);
         }
         for r in ["ok", "refused"] {

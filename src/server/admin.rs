@@ -133,7 +133,7 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     };
     if body.len() > MAX_REVOKE_BODY {
         let d = format!("the body may be at most {MAX_REVOKE_BODY} bytes");
-        let resp = (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": "invalid_request", "error_description": d})));
+        let resp = (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": "payload_too_large", "error_description": d})));
         return ("too_large", resp.into_response());
     }
     if !is_json(headers) {
@@ -221,11 +221,15 @@ struct Page {
 async fn connections(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    axum::extract::Query(page): axum::extract::Query<Page>,
+    page: Result<axum::extract::Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if let Err(r) = admin_auth(&app, &headers).await {
         return *r;
     }
+    // axum's own rejection is a plain-text 400; every answer here is JSON.
+    let Ok(axum::extract::Query(page)) = page else {
+        return bad_request("limit must be an integer between 1 and 1000, after a session id");
+    };
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return bad_request("limit must be between 1 and 1000");

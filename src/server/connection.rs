@@ -38,6 +38,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the peer's close reply after ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The end of a connection whose close frame could not be written (counted as 1006).
+const UNDELIVERED: &str = "close frame not delivered";
+/// The same for a slow consumer's 4008 (also `tickgate_slow_consumer_events_total{action="dropped"}`).
+const SLOW_DROPPED: &str = "slow consumer, close frame not delivered";
+
 /// Why the connection ended, for the log and `tickgate_closes_total`.
 struct Ended {
     code: u16,
@@ -82,8 +87,8 @@ pub(crate) async fn run(
         None => match inband_auth(&app, &mut ws, &mut slot).await {
             Ok(p) => p,
             Err(Some((code, reason))) => {
-                close_ws(&mut ws, code, &reason).await;
-                app.metrics.closes.with_label_values(&[&code.to_string()]).inc();
+                let sent = if close_ws(&mut ws, code, &reason).await { code } else { 1006 };
+                app.metrics.closes.with_label_values(&[&sent.to_string()]).inc();
                 tracing::info!(peer = ?peer, code, reason = %reason, "in-band auth failed");
                 return;
             }
@@ -102,6 +107,9 @@ pub(crate) async fn run(
     shard.core.borrow_mut().remove_conn(handles.key);
     shard.inbox.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     app.metrics.closes.with_label_values(&[&ended.code.to_string()]).inc();
+    if ended.reason == SLOW_DROPPED {
+        app.metrics.slow_consumer_events.with_label_values(&["dropped"]).inc();
+    }
     tracing::info!(session = %session, sub = %sub, code = ended.code, reason = ended.reason,
         duration_s = opened.elapsed().as_secs_f64(), "stream closed");
     drop(slot);
@@ -123,13 +131,32 @@ enum Flow {
 async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result<Principal, Option<(u16, String)>> {
     let window = Duration::from_millis(app.config.auth.inband_timeout_ms);
     let refuse = |reason: String| Err(Some((close::AUTH_REFUSED, reason)));
-    let first = match tokio::time::timeout(window, ws.next()).await {
-        Err(_) => {
-            app.metrics.auth_failures.with_label_values(&["inband_timeout"]).inc();
-            return Err(Some((close::AUTH_TIMEOUT, "no in-band auth in time".into())));
+    let deadline = tokio::time::Instant::now() + window;
+    let first = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                app.metrics.auth_failures.with_label_values(&["inband_timeout"]).inc();
+                return Err(Some((close::AUTH_TIMEOUT, "no in-band auth in time".into())));
+            }
+            Ok(None) => return Err(None),
+            // A frame the protocol refuses (invalid UTF-8, too big, bad framing) gets the
+            // close code it gets after authentication.
+            Ok(Some(Err(e))) => {
+                return match read_error_close(&e) {
+                    Some((code, reason)) => Err(Some((code, reason.into()))),
+                    None => Err(None),
+                }
+            }
+            // Control frames are not the first message: tungstenite queued the Pong for a
+            // Ping; send it and keep waiting (within the same window).
+            Ok(Some(Ok(Message::Ping(_)))) => {
+                if tokio::time::timeout_at(deadline, ws.flush()).await.is_err() {
+                    continue;
+                }
+            }
+            Ok(Some(Ok(Message::Pong(_) | Message::Frame(_)))) => {}
+            Ok(Some(Ok(m))) => break m,
         }
-        Ok(None) | Ok(Some(Err(_))) => return Err(None),
-        Ok(Some(Ok(m))) => m,
     };
     let token = match &first {
         Message::Text(t) => match parse_client_msg(t.as_str()) {
@@ -321,7 +348,12 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
                 };
             }
             Some(OutItem::Close { code, reason }) => {
-                close_ws(ws, code, reason).await;
+                if !close_ws(ws, code, reason).await {
+                    // `tickgate_closes_total{code}` counts closes the client was sent; a
+                    // stalled slow consumer that never got its 4008 is a dropped one.
+                    let reason = if code == close::SLOW_CONSUMER { SLOW_DROPPED } else { UNDELIVERED };
+                    return Flow::Closed(Ended { code: 1006, reason });
+                }
                 return Flow::Closed(Ended { code, reason });
             }
             Some(OutItem::Text(s)) => {
@@ -367,16 +399,18 @@ fn io_end(e: WsError) -> Ended {
 }
 
 /// Sends a close frame (behind whatever is already buffered) and waits briefly for the
-/// peer's reply, so the TCP close does not reset data the peer has yet to read.
-async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
+/// peer's reply, so the TCP close does not reset data the peer has yet to read. Returns
+/// whether the close frame was written and flushed to the socket (`false`: the peer was
+/// not taking data, or the socket failed, and the connection is just dropped).
+async fn close_ws(ws: &mut Ws, code: u16, reason: &str) -> bool {
     // A close reason is at most 123 bytes (RFC 6455 §5.5: control frames carry 125).
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
     let frame = CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_owned().into() };
-    if tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await.is_err() {
-        return;
+    if !matches!(tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await, Ok(Ok(()))) {
+        return false;
     }
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         while let Some(Ok(m)) = ws.next().await {
@@ -386,23 +420,39 @@ async fn close_ws(ws: &mut Ws, code: u16, reason: &str) {
         }
     })
     .await;
+    true
+}
+
+/// The close a read error calls for (spec §11); `None` when the socket is gone.
+fn read_error_close(e: &WsError) -> Option<(u16, &'static str)> {
+    Some(match e {
+        // RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0. tungstenite
+        // reads such a length as a (huge) size, so it is told apart here from a frame that
+        // is merely too big.
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) if (*size as u64) >> 63 == 1 => {
+            (close::PROTOCOL_ERROR, "frame length with the most significant bit set")
+        }
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
+        WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
+        WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
+        WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => return None,
+        _ => (close::PROTOCOL_ERROR, "protocol error"),
+    })
 }
 
 /// Maps a read error to the close the spec asks for, and sends it when the socket allows.
 async fn fail(ws: &mut Ws, e: WsError) -> Ended {
-    let (code, reason) = match &e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (close::TOO_BIG, "message too big"),
-        WsError::Capacity(_) => (close::TOO_BIG, "frame too big"),
-        WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            return Ended { code: 1006, reason: "peer reset" }
-        }
-        WsError::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
-        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
-            return Ended { code: 1006, reason: "socket error" }
-        }
-        _ => (close::PROTOCOL_ERROR, "protocol error"),
+    let Some((code, reason)) = read_error_close(&e) else {
+        let reason = match e {
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => "peer reset",
+            _ => "socket error",
+        };
+        return Ended { code: 1006, reason };
     };
-    close_ws(ws, code, reason).await;
+    if !close_ws(ws, code, reason).await {
+        return Ended { code: 1006, reason: UNDELIVERED };
+    }
     Ended { code, reason }
 }

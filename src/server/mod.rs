@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod connection;
+pub mod edge;
 pub mod handshake;
 mod heartbeat;
 pub mod limits;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub sources_cancel: CancellationToken,
     /// Live publisher connections (for revocation).
     pub publishers: publish::Publishers,
+    /// Listener protection: pending caps, descriptor reserve, end-of-shutdown answers.
+    pub edge: edge::Edge,
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -91,35 +94,152 @@ pub async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, Json(json!({"error": "not_found", "error_description": "no such endpoint"})))
 }
 
-/// Serves HTTP/1.1 (with upgrades) on one connection until it ends or the server stops:
-/// a bounded request head (16 KiB) that must arrive within `server.handshake_timeout_ms`.
+/// The bounds of HTTP serving on one listener.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// `public` or `admin`: the `listener` label of the HTTP metrics.
+    pub listener: &'static str,
+    /// Time allowed for a request head, and for an idle keep-alive connection to send the
+    /// next one (`min(server.handshake_timeout_ms, server.request_timeout_ms)`).
+    pub head_timeout: Duration,
+    /// Time allowed for a whole request, head and body, counted from when the connection
+    /// starts waiting for it (accept, or the previous answer): `server.request_timeout_ms`.
+    pub request_timeout: Duration,
+    /// Largest request body accepted (`limits.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// Where timeouts and refusals are counted.
+    pub metrics: Metrics,
+}
+
+impl HttpLimits {
+    /// The limits of listener `listener` from the configuration.
+    pub fn new(listener: &'static str, config: &Config, metrics: Metrics) -> HttpLimits {
+        let request_timeout = Duration::from_millis(config.server.request_timeout_ms);
+        let head_timeout = Duration::from_millis(config.server.handshake_timeout_ms).min(request_timeout);
+        HttpLimits { listener, head_timeout, request_timeout, max_body_bytes: config.limits.max_body_bytes, metrics }
+    }
+}
+
+fn json_answer(status: StatusCode, error: &str, description: &str) -> axum::response::Response {
+    let mut resp = (status, Json(json!({"error": error, "error_description": description}))).into_response();
+    // The rest of the request (if any) is not read: the connection cannot be reused.
+    resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    resp
+}
+
+fn is_json(resp: &axum::response::Response) -> bool {
+    resp.headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Answers one request: bodies over `max_body_bytes` get 413 (from `Content-Length` at
+/// once, or when the body grows past it), and a request not answered by `deadline` (its
+/// body still arriving, typically) gets 408.
+async fn answer(
+    req: hyper::Request<Incoming>,
+    router: Router,
+    limits: &HttpLimits,
+    deadline: tokio::time::Instant,
+) -> axum::response::Response {
+    let too_large = || {
+        limits.metrics.http_refused.with_label_values(&[limits.listener, "body_too_large"]).inc();
+        json_answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("request bodies are limited to {} bytes", limits.max_body_bytes),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return too_large();
+    }
+    let max = limits.max_body_bytes;
+    let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max)));
+    match tokio::time::timeout_at(deadline, router.oneshot(req)).await {
+        // axum's extractors answer a body over the limit with a plain-text 413; a handler's
+        // own JSON 413 (a tighter per-endpoint limit) is kept as it is.
+        Ok(Ok(resp)) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&resp) => too_large(),
+        Ok(Ok(resp)) => resp,
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            limits.metrics.http_timeouts.with_label_values(&[limits.listener, "body"]).inc();
+            json_answer(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!("the request was not complete within {} ms", limits.request_timeout.as_millis()),
+            )
+        }
+    }
+}
+
+/// Per-connection bookkeeping shared with the request service.
+struct ConnState {
+    /// When the connection started waiting for its next request.
+    idle_since: tokio::time::Instant,
+    /// Requests answered.
+    served: u64,
+    /// The connection's slot in the per-address pending table, until a request is answered.
+    pending: Option<edge::PendingGuard>,
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one connection until it ends or the server stops,
+/// within [`HttpLimits`]: a bounded request head (16 KiB) and body, a deadline for the head
+/// (and for an idle keep-alive connection) and one for the whole request. `pending` is
+/// released when the first request has been answered.
 pub async fn serve_http<I>(
     io: I,
     peer: SocketAddr,
     router: Router,
-    handshake_timeout: Duration,
+    limits: Arc<HttpLimits>,
+    pending: Option<edge::PendingGuard>,
     cancel: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let state =
+        Arc::new(std::sync::Mutex::new(ConnState { idle_since: tokio::time::Instant::now(), served: 0, pending }));
+    let (svc_state, svc_limits) = (state.clone(), limits.clone());
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(handshake::PeerAddr(peer));
         // The same address for handlers outside `server` (the embedded issuer's limits).
         req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-        let router = router.clone();
-        async move { router.oneshot(req.map(axum::body::Body::new)).await }
+        let (router, state, limits) = (router.clone(), svc_state.clone(), svc_limits.clone());
+        async move {
+            let since = state.lock().unwrap_or_else(|e| e.into_inner()).idle_since;
+            let resp = answer(req, router, &limits, since + limits.request_timeout).await;
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.served += 1;
+            s.pending = None;
+            s.idle_since = tokio::time::Instant::now();
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout)
+        .header_read_timeout(limits.head_timeout)
         .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(peer = %peer, error = %e, "http connection ended with an error");
+            match r {
+                Err(e) if e.is_timeout() => {
+                    // hyper's head timer also runs while a keep-alive connection waits for
+                    // its next request: that is the idle bound, counted apart.
+                    let served = state.lock().unwrap_or_else(|e| e.into_inner()).served;
+                    let stage = if served > 0 { "idle" } else { "head" };
+                    limits.metrics.http_timeouts.with_label_values(&[limits.listener, stage]).inc();
+                    tracing::debug!(peer = %peer, stage, "http connection timed out");
+                }
+                Err(e) => tracing::debug!(peer = %peer, error = %e, "http connection ended with an error"),
+                Ok(()) => {}
             }
         }
         _ = cancel.cancelled() => {
@@ -130,25 +250,35 @@ pub async fn serve_http<I>(
 }
 
 /// Builds the function shards use to serve an accepted socket: TLS first when configured
-/// (the TLS handshake shares the request-head deadline), then HTTP.
+/// (the TLS handshake shares the request-head deadline), then HTTP. The socket's pending
+/// slot and HTTP count were taken by [`accept_loop`].
 pub fn serve_fn(app: Arc<AppState>, router: Router, tls: Option<Arc<tls::TlsState>>) -> ServeFn {
+    let limits = Arc::new(HttpLimits::new("public", &app.config, app.metrics.clone()));
     Arc::new(move |stream: tokio::net::TcpStream, peer: SocketAddr| {
         let app = app.clone();
         let router = router.clone();
         let tls = tls.clone();
+        let limits = limits.clone();
         Box::pin(async move {
+            let _counted = edge::HttpSocketGuard(app.clone());
+            let pending = Some(app.edge.public_pending.adopt(peer.ip()));
             let _ = stream.set_nodelay(true);
             let sndbuf = app.config.server.send_buffer_bytes;
             if sndbuf > 0 {
                 let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf);
             }
-            let deadline = Duration::from_millis(app.config.server.handshake_timeout_ms);
+            let deadline = limits.head_timeout;
             match tls {
-                None => serve_http(stream, peer, router, deadline, app.cancel.clone()).await,
+                None => serve_http(stream, peer, router, limits, pending, app.cancel.clone()).await,
                 Some(tls) => match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_http(tls_stream, peer, router, deadline, app.cancel.clone()).await,
+                    Ok(Ok(tls_stream)) => {
+                        serve_http(tls_stream, peer, router, limits, pending, app.cancel.clone()).await
+                    }
                     Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        limits.metrics.http_timeouts.with_label_values(&["public", "head"]).inc();
+                        tracing::debug!(peer = %peer, "TLS handshake timed out")
+                    }
                 },
             }
         })
@@ -156,33 +286,43 @@ pub fn serve_fn(app: Arc<AppState>, router: Router, tls: Option<Arc<tls::TlsStat
 }
 
 /// Serves a router on a listener of the main runtime (the admin listener), over TLS when
-/// given, until `cancel` fires.
+/// given, until `cancel` fires: accept errors back off, and an address with
+/// `limits.max_pending_per_ip` connections that have not completed a request has further
+/// sockets closed at once.
 pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<Arc<tls::TlsState>>,
-    handshake_timeout: Duration,
+    limits: Arc<HttpLimits>,
+    pending: Arc<edge::PendingTable>,
     cancel: CancellationToken,
 ) {
+    let mut backoff = edge::AcceptBackoff::new(limits.listener, limits.metrics.clone());
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff.ok();
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.error(&e).await;
                     continue;
                 }
             },
         };
-        let (router, tls, cancel) = (router.clone(), tls.clone(), cancel.clone());
+        let Some(slot) = pending.try_acquire(peer.ip()) else {
+            limits.metrics.http_refused.with_label_values(&[limits.listener, "pending_per_ip"]).inc();
+            continue;
+        };
+        let (router, tls, cancel, limits) = (router.clone(), tls.clone(), cancel.clone(), limits.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_http(stream, peer, router, handshake_timeout, cancel).await,
+                None => serve_http(stream, peer, router, limits, Some(slot), cancel).await,
                 Some(tls) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream)).await {
-                        serve_http(s, peer, router, handshake_timeout, cancel).await;
+                    if let Ok(Ok(s)) = tokio::time::timeout(limits.head_timeout, tls.acceptor().accept(stream)).await {
+                        serve_http(s, peer, router, limits, Some(slot), cancel).await;
                     }
                 }
             }
@@ -190,13 +330,50 @@ pub async fn serve_listener(
     }
 }
 
-/// Accepts sockets and places each on the shard with the fewest connections.
+/// The answer to a public socket that no shard can take (the shards have stopped at the end
+/// of shutdown, or a shard's socket queue is full): its request head is read (briefly) and
+/// answered 503 `unavailable`, so a client sees an HTTP answer, never a silent close.
+async fn answer_unavailable(mut stream: tokio::net::TcpStream, description: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut n = 0;
+        while n < buf.len() {
+            match stream.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => n += k,
+            }
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    let body = json!({"error": "unavailable", "error_description": description}).to_string();
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Accepts public sockets and places each on the shard with the fewest connections. Accept
+/// errors back off; a socket is closed at once (and counted in
+/// `tickgate_http_refused_total`) when its address already has `limits.max_pending_per_ip`
+/// connections without a completed request, or when it would eat into the descriptors kept
+/// for the admin listener (`limits.fd_reserve`).
 pub async fn accept_loop(
     listener: tokio::net::TcpListener,
-    shards: Arc<[Arc<ShardInbox>]>,
+    app: Arc<AppState>,
     senders: Vec<mpsc::Sender<(std::net::TcpStream, SocketAddr)>>,
     cancel: CancellationToken,
 ) {
+    let shards = app.shards.clone();
+    let mut backoff = edge::AcceptBackoff::new("public", app.metrics.clone());
     let mut next = 0usize;
     loop {
         let accepted = tokio::select! {
@@ -204,13 +381,27 @@ pub async fn accept_loop(
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff.ok();
+                x
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.error(&e).await;
                 continue;
             }
+        };
+        if app.edge.shards_stopped.load(Ordering::Acquire) {
+            tokio::spawn(answer_unavailable(stream, "server is shutting down"));
+            continue;
+        }
+        let others = app.open_connections.load(Ordering::Relaxed) + app.metrics.publishers.get().max(0) as usize;
+        if app.edge.over_fd_reserve(others) {
+            app.metrics.http_refused.with_label_values(&["public", "fd_reserve"]).inc();
+            continue;
+        }
+        let Some(slot) = app.edge.public_pending.try_acquire(peer.ip()) else {
+            app.metrics.http_refused.with_label_values(&["public", "pending_per_ip"]).inc();
+            continue;
         };
         // Least-connections placement; ties rotate so a burst spreads evenly.
         let n = shards.len();
@@ -229,8 +420,18 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if senders[best].try_send((std_stream, peer)).is_err() {
-            tracing::warn!(shard = best, "shard socket queue full; connection dropped");
+        // Counted before the hand-over; the serving task's guard takes over both counts.
+        app.edge.public_http.fetch_add(1, Ordering::Relaxed);
+        match senders[best].try_send((std_stream, peer)) {
+            Ok(()) => slot.disarm(),
+            Err(mpsc::error::TrySendError::Full((s, _)) | mpsc::error::TrySendError::Closed((s, _))) => {
+                app.edge.public_http.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+                tracing::debug!(shard = best, "shard socket queue full or closed; answered 503");
+                if let Ok(s) = tokio::net::TcpStream::from_std(s) {
+                    tokio::spawn(answer_unavailable(s, "server is busy or shutting down"));
+                }
+            }
         }
     }
 }

@@ -470,10 +470,12 @@ async fn run(
                 _ => {
                     app.metrics.publish_rejects.with_label_values(&["bad_text"]).inc();
                     strikes += 1;
+                    // One answer for one rule: code `bad_request` (it is not a batch), the
+                    // message led by the metric's reason, as batch refusals are.
                     Some(ServerMsg::Error {
                         id: None,
                         code: ErrorCode::BadRequest,
-                        message: "publishers send binary batches and {\"op\":\"ping\"} only".into(),
+                        message: "bad_text: publishers send binary batches and {\"op\":\"ping\"} only".into(),
                     })
                 }
             },

@@ -1,0 +1,170 @@
+//! Exact answers at the protocol's edges: a 64-bit frame length with its top bit set,
+//! the first in-band message (invalid UTF-8, a Ping), a publisher's text frame, a bad
+//! `/admin/connections` query, and a 4008 that never reached a stalled client.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tickgate::client::ConnectOptions;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Raw = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A stream connection, with a bearer token or (None) for in-band auth.
+async fn raw_stream(ts: &TestServer, token: Option<&str>) -> Raw {
+    let mut req = ts.url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
+    if let Some(t) = token {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+/// Reads until the close frame; returns its code (panics on anything but a close frame).
+async fn close_code(ws: &mut Raw) -> u16 {
+    loop {
+        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("a close in time") {
+            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+/// Writes a masked client frame (mask key 0) straight onto the socket, under tungstenite.
+async fn write_raw_frame(ws: &mut Raw, header: &[u8], payload: &[u8]) {
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(&[0, 0, 0, 0]);
+    bytes.extend_from_slice(payload);
+    ws.get_mut().write_all(&bytes).await.unwrap();
+}
+
+/// RFC 6455 §5.2: the 64-bit payload length's most significant bit must be 0. A frame
+/// claiming 2^63 bytes is a protocol error (1002), not a message that is too big (1009).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_length_with_top_bit_set_closes_1002() {
+    let ts = TestServer::start(50.0, |_| {}).await;
+    let mut ws = raw_stream(&ts, Some(&ts.token(&["md:read:T"]))).await;
+    // FIN + text, MASK + 127 (64-bit length follows), length 0x8000_0000_0000_0000.
+    write_raw_frame(&mut ws, &[0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0], b"").await;
+    assert_eq!(close_code(&mut ws).await, 1002);
+    // A length that is merely over the limit stays 1009.
+    let mut ws = raw_stream(&ts, Some(&ts.token(&["md:read:T"]))).await;
+    write_raw_frame(&mut ws, &[0x81, 0xFF, 0x7F, 0, 0, 0, 0, 0, 0, 0], b"").await;
+    assert_eq!(close_code(&mut ws).await, 1009);
+    eventually("the 1002 close is counted", EVENTUALLY, || async {
+        (ts.metric("tickgate_closes_total{code=\"1002\"}").await >= 1.0).then_some(())
+    })
+    .await;
+    ts.shutdown().await;
+}
+
+/// In-band auth: invalid UTF-8 as the first message closes 1007 (with a close frame); a
+/// Ping before `auth` is answered with a Pong and the server keeps waiting for `auth`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inband_first_message_utf8_and_ping() {
+    let ts = TestServer::start(50.0, |c| c.auth.inband_timeout_ms = 20_000).await;
+    let mut ws = raw_stream(&ts, None).await;
+    // FIN + text, MASK + 2 bytes: 0xFF 0xFE is not UTF-8.
+    write_raw_frame(&mut ws, &[0x81, 0x82], &[0xFF, 0xFE]).await;
+    assert_eq!(close_code(&mut ws).await, 1007);
+
+    let mut ws = raw_stream(&ts, None).await;
+    ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
+    match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("an answer in time") {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"hi"),
+        other => panic!("expected a Pong, got {other:?}"),
+    }
+    ws.send(Message::text(json!({"op": "auth", "token": ts.token(&["md:read:T"])}).to_string())).await.unwrap();
+    match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("an answer in time") {
+        Some(Ok(Message::Text(t))) => {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            assert_eq!(v["type"], "welcome", "{v}");
+        }
+        other => panic!("expected the welcome, got {other:?}"),
+    }
+    eventually("the 1007 close is counted", EVENTUALLY, || async {
+        (ts.metric("tickgate_closes_total{code=\"1007\"}").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"inband_not_auth\"}").await, 0.0);
+    ts.shutdown().await;
+}
+
+/// A publisher's text frame other than `ping`: one `error` with code `bad_request` whose
+/// message is led by the reason counted in `tickgate_publish_rejects_total{reason="bad_text"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_text_frame_is_bad_request_counted_bad_text() {
+    let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "disconnect", 0))], |_| {}).await;
+    let url = tickgate::client::publisher::publish_url(&ts.url, "P", None);
+    let token = ts.token(&["md:publish:P"]);
+    let mut ws = tickgate::client::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    let v: Value = loop {
+        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("an answer in time") {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str(t.as_str()).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("expected an error message, got {other:?}"),
+        }
+    };
+    assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("bad_request")), "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("bad_text: "), "{v}");
+    assert_eq!(ts.metric("tickgate_publish_rejects_total{reason=\"bad_text\"}").await, 1.0);
+    ts.shutdown().await;
+}
+
+/// `/admin/connections?limit=abc` is a JSON 400 `invalid_request`, like every other error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_bad_query_is_json_400() {
+    let ts = TestServer::start(50.0, |_| {}).await;
+    let admin = ts.token(&["tickgate:admin"]);
+    let http = reqwest::Client::new();
+    for q in ["limit=abc", "limit=-1", "limit=5&limit=6x"] {
+        let r = http.get(format!("{}/admin/connections?{q}", ts.admin)).bearer_auth(&admin).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{q}");
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/json"), "{q}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "invalid_request", "{q}");
+    }
+    // Without a token the answer is still the 401 (authentication comes first).
+    let r = http.get(format!("{}/admin/connections?limit=abc", ts.admin)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.get(format!("{}/admin/connections?limit=2", ts.admin)).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    ts.shutdown().await;
+}
+
+/// A slow consumer that never reads again cannot be sent its 4008: the close is counted as a
+/// dropped connection (`tickgate_closes_total{code="1006"}` and
+/// `tickgate_slow_consumer_events_total{action="dropped"}`), not as a delivered 4008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_4008_is_counted_as_dropped() {
+    let ts = TestServer::start(20_000.0, |c| {
+        c.limits.max_outbound_bytes = 65_536;
+        c.server.send_buffer_bytes = 4096;
+    })
+    .await;
+    let token = ts.token(&["md:read:T"]);
+    let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
+    let mut stalled = tickgate::client::Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
+    stalled.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
+    // The client never reads again: both socket buffers fill, the budget overflows, and the
+    // close frame cannot be written.
+    eventually("the undelivered 4008 is counted as dropped", EVENTUALLY, || async {
+        (ts.metric("tickgate_slow_consumer_events_total{action=\"dropped\"}").await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(ts.metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}").await >= 1.0);
+    assert!(ts.metric("tickgate_closes_total{code=\"1006\"}").await >= 1.0);
+    assert_eq!(ts.metric("tickgate_closes_total{code=\"4008\"}").await, 0.0);
+    drop(stalled);
+    ts.shutdown().await;
+}
