@@ -414,28 +414,40 @@ async fn a_held_write_never_makes_a_slow_consumer() {
     let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 1, "disconnect", 1000))], |c| {
         c.engine.write_delay_us = 100_000;
         c.engine.max_batch_bytes = 4096;
-        c.limits.max_outbound_bytes = 65_536;
+        // Large enough that the shard thread may fall ~30 ms behind the publisher (on a
+        // busy machine) before a client that keeps up looks slow; small enough that what
+        // is published within one 100 ms delay is several budgets.
+        c.limits.max_outbound_bytes = 512 << 10;
     })
     .await;
     let (mut sub, _) = subscribed(&ts, &ts.token(&["md:read:P"]), "P", json!(["S0"]), false).await;
     let mut p = publisher(&ts, "P", &ts.token(&["md:publish:P"]), None).await.unwrap();
-    // 168,000 bytes of records, well within one delay: two and a half budgets.
-    for round in 0..30 {
-        p.send(&(0..100).map(|k| trade(9, 1, 0, round * 100 + k)).collect::<Vec<_>>()).await.unwrap();
+    // The client keeps up: it reads all along (a client that only starts reading at the
+    // end depends on the socket buffers holding everything, which a slow machine's
+    // scheduling can defeat).
+    const ROUNDS: u64 = 360;
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.len() < (ROUNDS * 100) as usize {
+            match tokio::time::timeout(EVENTUALLY, sub.next_event()).await.unwrap().unwrap() {
+                Event::Batch { records, anomalies, .. } => {
+                    assert!(anomalies.is_empty(), "{anomalies:?}");
+                    seqs.extend(records.iter().map(Record::seq));
+                }
+                Event::Control(m) => panic!("unexpected {m:?}"),
+                Event::Closed { code, reason } => panic!("closed {code} {reason} after {} records", seqs.len()),
+            }
+        }
+        seqs
+    });
+    // 2,016,000 bytes of records, within one delay here (~0.3 ms a round): almost four
+    // budgets. Without the wake-up on a full batch, the held write lets them pile up.
+    for round in 0..ROUNDS {
+        p.send(&(0..100).map(|k| trade(9, 1, 0, (round * 100 + k) as i64)).collect::<Vec<_>>()).await.unwrap();
         p.sync().await.unwrap();
     }
-    let mut seqs = Vec::new();
-    while seqs.len() < 3000 {
-        match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await.unwrap().unwrap() {
-            Event::Batch { records, anomalies, .. } => {
-                assert!(anomalies.is_empty(), "{anomalies:?}");
-                seqs.extend(records.iter().map(Record::seq));
-            }
-            Event::Control(m) => panic!("unexpected {m:?}"),
-            Event::Closed { code, reason } => panic!("closed {code} {reason} after {} records", seqs.len()),
-        }
-    }
-    assert_eq!(seqs, (1..=3000).collect::<Vec<u64>>());
+    let seqs = reader.await.unwrap();
+    assert_eq!(seqs, (1..=ROUNDS * 100).collect::<Vec<u64>>());
     assert_eq!(ts.metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}").await, 0.0);
     ts.shutdown().await;
 }
