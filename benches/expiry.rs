@@ -293,7 +293,9 @@ fn main() {
     }
     let (o, t) = (median_run(ours), median_run(theirs));
     println!("\n{n} connections, exp over {seconds} whole second(s); run with the median p99 of {runs}:\n");
-    println!("| close after exp | median ms | p99 ms | max ms | min ms | within 250 ms | batches after exp | not 4001 |");
+    println!(
+        "| close after exp | median ms | p99 ms | max ms | min ms | within 250 ms | batches after exp | not 4001 |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, s) in [("tickgate (shard timer wheel)", o), ("peer (sleep_until per connection)", t)] {
         println!(

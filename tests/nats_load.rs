@@ -11,6 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
+
 use common::{eventually_blocking, Kill, EVENTUALLY};
 use serde_json::Value;
 

@@ -108,9 +108,10 @@ async fn thousand_subscribers_get_identical_gap_free_streams() {
             let mut announced = false;
             let mut permit = Some(permit);
             loop {
-                let reached = target.borrow().as_ref().is_some_and(|t| {
-                    t.iter().all(|(id, want)| last.get(id).is_some_and(|got| got >= want))
-                });
+                let reached = target
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|t| t.iter().all(|(id, want)| last.get(id).is_some_and(|got| got >= want)));
                 if reached {
                     break;
                 }
@@ -312,8 +313,7 @@ async fn shutdown_reaches_every_client() {
             }
         }));
     }
-    eventually("50 open connections", EVENTUALLY, || async { (ts.server().connections() == 50).then_some(()) })
-        .await;
+    eventually("50 open connections", EVENTUALLY, || async { (ts.server().connections() == 50).then_some(()) }).await;
     let started = std::time::Instant::now();
     ts.shutdown().await;
     // The clients answer the close, so shutdown does not wait out the 120 s drain.
