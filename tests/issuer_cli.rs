@@ -151,15 +151,21 @@ async fn embedded_key_rotation_publishes_first_and_retires_late() {
     let old_kid = iss.kid();
     let t_old = ts.token(&["md:read:T"]);
     assert_eq!(kid_of(&t_old), old_kid);
+    // Timed from before the rotation, so the 1 s lead time cannot have started earlier.
+    let rotated = std::time::Instant::now();
     let new_kid = iss.rotate().unwrap();
     // Published at once, not signing yet.
     let mut both = vec![old_kid.clone(), new_kid.clone()];
     both.sort();
     assert_eq!(jwks_kids().await, both);
     assert_eq!(kid_of(&ts.token(&["md:read:T"])), old_kid, "the new key signed before its lead time");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let t_new = ts.token(&["md:read:T"]);
-    assert_eq!(kid_of(&t_new), new_kid);
+    // The new key signs once its 1 s lead time has passed: poll for the first token it signs.
+    let t_new = eventually("a token signed by the new key", EVENTUALLY, || async {
+        let t = ts.token(&["md:read:T"]);
+        (kid_of(&t) == new_kid).then_some(t)
+    })
+    .await;
+    assert!(rotated.elapsed() >= Duration::from_secs(1), "the new key signed after {:?}", rotated.elapsed());
     // Tokens of both keys open streams while both are published.
     for t in [&t_old, &t_new] {
         let (s, _, _) = handshake_status(
@@ -171,14 +177,11 @@ async fn embedded_key_rotation_publishes_first_and_retires_late() {
         assert_eq!(s, 101);
     }
     // The old key leaves once its last token (2 s lifetime, no leeway) has expired.
-    let mut kids = Vec::new();
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        kids = jwks_kids().await;
-        if kids.len() == 1 {
-            break;
-        }
-    }
+    let kids = eventually("the old key retired", EVENTUALLY, || async {
+        let kids = jwks_kids().await;
+        (kids.len() == 1).then_some(kids)
+    })
+    .await;
     assert_eq!(kids, vec![new_kid.clone()]);
     assert_eq!(ts.metric("tickgate_jwks_keys").await, 1.0);
     ts.shutdown().await;
@@ -264,14 +267,7 @@ fn serve_token_subscribe_from_an_empty_folder() {
 
     // Graceful stop on SIGTERM.
     let _ = Command::new("kill").args(["-TERM", &serve.id().to_string()]).status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = serve.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = eventually_blocking("serve stopped on SIGTERM", EVENTUALLY, || serve.try_wait().unwrap());
     assert!(status.success());
     let mut logs = String::new();
     std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut logs).unwrap();

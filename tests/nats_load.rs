@@ -11,9 +11,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::Kill;
+use common::{eventually_blocking, Kill, EVENTUALLY};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tickgate");
@@ -48,12 +47,10 @@ fn start_nats() -> Nats {
     let proc = Kill(
         Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
     for port in [client_port, ws_port] {
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not open port {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_blocking(&format!("nats-server listening on port {port}"), EVENTUALLY, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
     }
     Nats { _proc: proc, _dir: dir, client_port, ws_port }
 }
@@ -73,7 +70,9 @@ fn run_pair(sub: &[String], publisher: &[String], symbols: &str, count: u64, ext
         Command::new(BIN)
             .arg("load")
             .args(sub)
-            .args(["--feed", "TEST", "--symbols", symbols, "--warmup", "0", "--seconds", "4"])
+            // The window is fixed (the load generator has no "stop after N records"): long
+            // enough that a slow machine starts the publisher and publishes everything in it.
+            .args(["--feed", "TEST", "--symbols", symbols, "--warmup", "0", "--seconds", "10"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -90,7 +89,7 @@ fn run_pair(sub: &[String], publisher: &[String], symbols: &str, count: u64, ext
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20)).expect("the subscribers never started measuring");
+    rx.recv_timeout(EVENTUALLY).expect("the subscribers never started measuring");
 
     let publisher = Command::new(BIN)
         .args(["load", "--role", "publisher"])
@@ -133,8 +132,9 @@ fn assert_clean(s: &Value, target: &str, connections: u64, records: u64) {
     let p = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {s}"));
     assert!(p("p50_us") >= 1.0 && p("p50_us") <= p("p99_us"), "{s}");
     assert!(p("p99_us") <= p("p999_us") && p("p999_us") <= p("max_us"), "{s}");
-    // Loopback on an idle-ish machine: well under a second.
-    assert!(p("max_us") < 1_000_000.0, "{s}");
+    // How large the latencies are is the machine's business (benches/compare.sh measures
+    // them): here they must only be real measurements, none beyond the window itself.
+    assert!(p("max_us") <= p("seconds") * 1e6, "{s}");
 }
 
 #[test]
@@ -189,11 +189,7 @@ fn tickgate_publish_endpoint_feeds_the_same_subscribers() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "tickgate did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking("tickgate listening", EVENTUALLY, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
     let url = format!("ws://127.0.0.1:{port}/v1/stream");
     let sub = ["--url", &url, "--no-token"].map(String::from);
     // The publisher's own seqs (1, 2, 3, ... per instrument) are kept by the server.

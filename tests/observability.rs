@@ -7,7 +7,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -171,38 +170,20 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
     );
     let api = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..100 {
-        if http.get(format!("{api}/-/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "prometheus did not start");
+    eventually("prometheus ready", EVENTUALLY, || async {
+        http.get(format!("{api}/-/ready")).send().await.is_ok_and(|r| r.status().is_success()).then_some(())
+    })
+    .await;
 
-    // Every expression returns data (rates need two scrapes: retry for a while).
+    // Every expression returns data (rates need two scrapes: poll until they have).
     for expr in expressions() {
-        let mut last = Value::Null;
-        let mut ok = false;
-        for _ in 0..60 {
-            let r: Value = http
-                .get(format!("{api}/api/v1/query?{}", serde_urlencoded::to_string([("query", &expr)]).unwrap()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let query = format!("{api}/api/v1/query?{}", serde_urlencoded::to_string([("query", &expr)]).unwrap());
+        eventually(&format!("data for `{expr}`"), EVENTUALLY, || async {
+            let r: Value = http.get(&query).send().await.unwrap().json().await.unwrap();
             assert_eq!(r["status"], "success", "{expr}: {r}");
-            if r["data"]["result"].as_array().is_some_and(|a| !a.is_empty()) {
-                ok = true;
-                break;
-            }
-            last = r;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        assert!(ok, "no data for `{expr}`: {last}");
+            r["data"]["result"].as_array().is_some_and(|a| !a.is_empty()).then_some(())
+        })
+        .await;
     }
 
     // promtool finds the exposition clean.

@@ -113,17 +113,15 @@ impl TestServer {
         metric_value(&self.metrics().await, series)
     }
 
-    /// Waits until `series` reaches at least `want` (counters are flushed every 100 ms).
+    /// Waits until `series` reaches at least `want` (shard counters are flushed every
+    /// 100 ms) and returns its value then; panics naming the series when it is not reached
+    /// within [`EVENTUALLY`].
     pub async fn wait_metric(&self, series: &str, want: f64) -> f64 {
-        let mut v = 0.0;
-        for _ in 0..100 {
-            v = self.metric(series).await;
-            if v >= want {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        v
+        eventually(&format!("{series} >= {want}"), EVENTUALLY, || async {
+            let v = self.metric(series).await;
+            (v >= want).then_some(v)
+        })
+        .await
     }
 
     pub async fn shutdown(mut self) {
@@ -294,4 +292,70 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// [`eventually`] for tests without a runtime (child processes, blocking sockets): polls
+/// `check` every 20 ms until it yields `Some(value)`; panics naming `what` after `timeout`.
+pub fn eventually_blocking<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("{what}: not reached within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads until at least `min` records have arrived (a stream that is alive delivers them
+/// however slow the machine), within [`EVENTUALLY`]; returns (records, anomalies). Unlike
+/// [`drain_for`], it waits for data instead of reading for a fixed time.
+pub async fn read_records(sub: &mut Subscriber, min: u64) -> (u64, usize) {
+    let (mut n, mut a) = (0, 0);
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while n < min {
+        match tokio::time::timeout_at(deadline, sub.next_event()).await {
+            Ok(Ok(Event::Batch { records, anomalies, .. })) => {
+                n += records.len() as u64;
+                a += anomalies.len();
+            }
+            Ok(Ok(Event::Control(_))) => {}
+            Ok(Ok(Event::Closed { code, reason })) => panic!("closed {code} {reason} after {n} of {min} records"),
+            Ok(Err(e)) => panic!("client error: {e}"),
+            Err(_) => panic!("{n} of {min} records within {EVENTUALLY:?}"),
+        }
+    }
+    (n, a)
+}
+
+/// Reads a bystander's stream until `stop` is cancelled and at least `min` records have
+/// arrived, within [`EVENTUALLY`]; returns (records, anomalies). For "others are not
+/// disturbed while X happens": it watches for as long as X takes, not for a guessed time.
+pub async fn read_until_cancelled(
+    sub: &mut Subscriber,
+    stop: &tokio_util::sync::CancellationToken,
+    min: u64,
+) -> (u64, usize) {
+    let (mut n, mut a) = (0, 0);
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while !(stop.is_cancelled() && n >= min) {
+        let ev = tokio::select! {
+            // Wakes the loop when `stop` fires on a quiet stream.
+            _ = stop.cancelled(), if !stop.is_cancelled() => continue,
+            ev = tokio::time::timeout_at(deadline, sub.next_event()) => ev,
+        };
+        match ev {
+            Ok(Ok(Event::Batch { records, anomalies, .. })) => {
+                n += records.len() as u64;
+                a += anomalies.len();
+            }
+            Ok(Ok(Event::Control(_))) => {}
+            Ok(Ok(Event::Closed { code, reason })) => panic!("closed {code} {reason}"),
+            Ok(Err(e)) => panic!("client error: {e}"),
+            Err(_) => panic!("stopped: {}, {n} of {min} records within {EVENTUALLY:?}", stop.is_cancelled()),
+        }
+    }
+    (n, a)
 }
