@@ -63,6 +63,7 @@ async fn tickgate_server(dir: &std::path::Path) -> Server {
         ..Config::default()
     };
     cfg.limits.max_connections = 20_000;
+    cfg.server.state_dir = Some(dir.join("state"));
     cfg.issuer.clients = vec![ClientConfig {
         id: "bench".into(),
         secret: Some("bench-secret".into()),
