@@ -345,9 +345,8 @@ fn revocations_are_audited_without_tokens() {
             .unwrap(),
     );
     let stdout = BufReader::new(serve.0.stdout.take().unwrap());
-    let line = stdout.lines().map(|l| l.unwrap()).find(|l| l.starts_with("tickgate: stream ")).expect("ready line");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (token_ep, admin) = (words[4].to_owned(), words[6].trim_end_matches("/metrics").to_owned());
+    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
+    let (token_ep, admin) = (serving.token_endpoint(), serving.admin);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let token = rt.block_on(async {
         let v: Value = reqwest::Client::new()

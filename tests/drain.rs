@@ -77,17 +77,10 @@ async fn draining_keeps_answering_503_until_exit() {
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut words = Vec::new();
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if line.starts_with("tickgate: stream ") {
-            words = line.split_whitespace().map(str::to_owned).collect();
-            break;
-        }
-    }
-    let url = words[2].clone();
-    let addr = url.trim_start_matches("ws://").trim_end_matches("/v1/stream").to_owned();
-    let admin = words[6].trim_end_matches("/metrics").to_owned();
+    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
+    let url = serving.stream.clone();
+    let addr = serving.base.trim_start_matches("http://").to_owned();
+    let admin = serving.admin;
     let pid = child.id();
     let mut child = Kill(child);
 

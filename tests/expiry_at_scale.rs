@@ -61,10 +61,8 @@ async fn staggered_expiries() {
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let _guard = Kill(child);
-    let line = stdout.lines().map(|l| l.unwrap()).find(|l| l.starts_with("tickgate: stream ")).expect("start-up line");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let url = words[2].to_owned();
-    let issuer = words[4].trim_end_matches("/oauth2/token").to_owned();
+    let serving = stdout.lines().map_while(Result::ok).find_map(|l| common::Serving::parse(&l)).expect("start-up line");
+    let (url, issuer) = (serving.stream, serving.base);
 
     let mut tasks = Vec::new();
     for b in 0..BATCHES {

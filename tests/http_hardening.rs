@@ -190,18 +190,8 @@ fn start_bin(limits_toml: &str) -> Bin {
             sink.lock().unwrap().push(line);
         }
     });
-    let mut base = None;
-    let mut admin = None;
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if line.starts_with("tickgate: stream ") {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            base = Some(words[4].trim_end_matches("/oauth2/token").to_owned());
-            admin = Some(words[6].trim_end_matches("/metrics").to_owned());
-            break;
-        }
-    }
-    Bin { child: Kill(child), base: base.expect("addresses printed"), admin: admin.unwrap(), log, _dir: dir }
+    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("addresses printed");
+    Bin { child: Kill(child), base: serving.base, admin: serving.admin, log, _dir: dir }
 }
 
 impl Bin {

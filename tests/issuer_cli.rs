@@ -215,10 +215,9 @@ fn serve_token_subscribe_from_an_empty_folder() {
         if let Some(rest) = line.split("secret ").nth(1) {
             secret = Some(rest.split_whitespace().next().unwrap().to_owned());
         }
-        if line.starts_with("tickgate: stream ") {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            url = Some(words[2].to_owned());
-            issuer = Some(words[4].trim_end_matches("/oauth2/token").to_owned());
+        if let Some(s) = Serving::parse(&line) {
+            url = Some(s.stream);
+            issuer = Some(s.base);
             break;
         }
     }

@@ -42,16 +42,10 @@ fn start(feeds: &Path, state: &Path) -> Node {
     // Owned by `Kill` at once, so a failed start never leaves a zombie behind.
     let mut child = Kill(child);
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if line.starts_with("tickgate: stream ") {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let url = words[2].to_owned();
-            let issuer = words[4].trim_end_matches("/oauth2/token").to_owned();
-            return Node { child, url, issuer };
-        }
+    match stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)) {
+        Some(s) => Node { child, url: s.stream, issuer: s.base },
+        None => panic!("tickgate serve exited before serving"),
     }
-    panic!("tickgate serve exited before serving");
 }
 
 impl Node {

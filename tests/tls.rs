@@ -143,10 +143,9 @@ fn sighup_reloads_the_certificate() {
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let line = stdout.lines().map(|l| l.unwrap()).find(|l| l.starts_with("tickgate: stream ")).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (wss, issuer) = (words[2].to_owned(), words[4].trim_end_matches("/oauth2/token").to_owned());
-    assert!(wss.starts_with("wss://") && issuer.starts_with("https://"), "{line}");
+    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
+    let (wss, issuer) = (serving.stream.clone(), serving.base.clone());
+    assert!(wss.starts_with("wss://") && issuer.starts_with("https://"), "{serving:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ca1 = dir.path().join("ca1.pem");

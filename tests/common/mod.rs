@@ -359,3 +359,35 @@ pub async fn read_until_cancelled(
     }
     (n, a)
 }
+
+/// The addresses `tickgate serve` prints on its `tickgate: stream <ws-url>  issuer
+/// <token-url>  admin <metrics-url>` line, for tests that run the real binary.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// The stream URL (`ws://` or `wss://` ... `/v1/stream`).
+    pub stream: String,
+    /// The public listener's base URL (`http(s)://host:port`), where the issuer lives.
+    pub base: String,
+    /// The admin listener's base URL.
+    pub admin: String,
+}
+
+impl Serving {
+    /// Parses the start-up line; `None` for any other line.
+    pub fn parse(line: &str) -> Option<Serving> {
+        let words: Vec<&str> = line.strip_prefix("tickgate: stream ")?.split_whitespace().collect();
+        match words.as_slice() {
+            [stream, "issuer", token, "admin", metrics] => Some(Serving {
+                stream: (*stream).to_owned(),
+                base: token.strip_suffix("/oauth2/token")?.to_owned(),
+                admin: metrics.strip_suffix("/metrics")?.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The token endpoint.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/oauth2/token", self.base)
+    }
+}
