@@ -10,8 +10,8 @@
 //! | [`auth`] | key cache, token validation, scopes, the embedded OAuth2 issuer |
 //! | [`engine`] | shard threads, subscription index, outbound queues, resume buffer, conflation, timer wheel |
 //! | [`protocol`] | the binary record codec and the JSON control messages |
-//! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording) |
-//! | [`server`] | listeners, HTTP on the shards, handshake, connection task, heartbeat, publish endpoint, admin |
+//! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording), epochs kept across restarts |
+//! | [`server`] | listeners and their bounds (request deadlines, pending caps, descriptor reserve), HTTP on the shards, handshake, connection task, heartbeat, publish endpoint and live publishers, admin |
 //! | [`metrics`] | Prometheus metrics |
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
 //! | [`client`] | the Rust client used by `tickgate token`, `subscribe`, `record` and `load`; a publisher |

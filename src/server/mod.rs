@@ -1,6 +1,8 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
-//! handshake ([`handshake`]), the connection task ([`connection`]) and the admin
-//! listener ([`admin`]).
+//! handshake ([`handshake`]), the connection task ([`connection`]), the publish endpoint
+//! ([`publish`]), the admin listener ([`admin`]), and what protects the listeners
+//! ([`edge`]: pending caps, descriptor reserve, accept back-off; request deadlines and body
+//! limits are in [`serve_http`]).
 //!
 //! Sockets are accepted on the main runtime and handed to the shard with the fewest
 //! connections; HTTP is then served on that shard's thread, so a WebSocket upgraded there
