@@ -1,7 +1,8 @@
 //! A stable-toolchain fuzz smoke test run in CI: random and mutated inputs through every
 //! parser that network input reaches (control messages, batches, tokens, feed and config
 //! files). Nothing may panic, and a token whose header or payload was changed never
-//! validates. The coverage-guided targets in `fuzz/` (cargo-fuzz, nightly) go deeper.
+//! validates. The coverage-guided targets in `fuzz/` (docs/fuzzing.md) go deeper; their
+//! committed corpus and past findings are replayed here too.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -122,5 +123,78 @@ fn config_and_feed_files_never_panic() {
     for _ in 0..3_000 {
         let _ = Config::from_toml(&String::from_utf8_lossy(&mutate(&mut rng, cfg)));
         let _ = FeedDef::parse("fuzz", &String::from_utf8_lossy(&mutate(&mut rng, feed)));
+    }
+}
+
+/// The files of `fuzz/<dir>/<target>/` (the committed corpus or past findings).
+fn fuzz_files(dir: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir).join(target);
+    let Ok(entries) = std::fs::read_dir(&path) else { return Vec::new() };
+    let mut files: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The coverage-guided corpus (fuzz/corpus, see docs/fuzzing.md) replayed on stable
+/// through the same parsers, so the inputs that reach deep paths run in every test run.
+#[test]
+fn committed_fuzz_corpus_never_panics() {
+    let mut n = 0;
+    for (_, data) in fuzz_files("corpus", "batch") {
+        let _ = decode_batch(&data);
+        n += 1;
+    }
+    let mut out = Vec::new();
+    for (_, data) in fuzz_files("corpus", "publish") {
+        let _ = tickgate::server::publish::decode(&data, 7, 4, &mut out);
+        n += 1;
+    }
+    for (_, data) in fuzz_files("corpus", "control") {
+        let _ = parse_client_msg(&String::from_utf8_lossy(&data));
+        n += 1;
+    }
+    for (_, data) in fuzz_files("corpus", "recording") {
+        if let Ok(mut r) = tickgate::feeds::recording::Reader::new(&data[..]) {
+            while let Ok(Some(_)) = r.next_record() {}
+        }
+        n += 1;
+    }
+    for (_, data) in fuzz_files("corpus", "jwks") {
+        let _ = tickgate::auth::jwks::parse_set(&data);
+        n += 1;
+    }
+    assert!(n >= 15, "the committed corpus is missing ({n} files)");
+}
+
+/// Finding (fuzz/regressions/batch): a 48-byte batch announcing 65,281 records made the
+/// batch decoder reserve room for all of them (4.7 MB) before reading the first. Its
+/// answer is unchanged (the first record's length is bad); the allocation is now bounded
+/// by the message size, which `scripts/fuzz.sh` checks with `-malloc_limit_mb=4`.
+#[test]
+fn fuzz_finding_batch_count_is_not_trusted_for_allocation() {
+    let files = fuzz_files("regressions", "batch");
+    assert!(!files.is_empty());
+    for (name, data) in files {
+        let e = decode_batch(&data).unwrap_err();
+        assert_eq!(e.to_string(), "bad record length 38 at offset 16", "{name}");
+        let mut out = Vec::new();
+        let r = tickgate::server::publish::decode(&data, 1, 1, &mut out).unwrap_err();
+        assert_eq!(r.reason, "malformed_batch", "{name}");
+    }
+}
+
+/// Finding (fuzz/regressions/recording): a 14-byte file announcing 8 MiB of metadata made
+/// the recording reader allocate the 8 MiB before reading. Same answer as before (truncated
+/// metadata); the reader now only holds what the file really has.
+#[test]
+fn fuzz_finding_recording_metadata_length_is_not_trusted_for_allocation() {
+    let files = fuzz_files("regressions", "recording");
+    assert!(!files.is_empty());
+    for (name, data) in files {
+        let e = tickgate::feeds::recording::Reader::new(&data[..]).unwrap_err();
+        assert_eq!(e.to_string(), "not a valid tickgate recording: truncated metadata", "{name}");
     }
 }

@@ -127,8 +127,13 @@ impl<R: Read> Reader<R> {
         if len > MAX_META_BYTES {
             return Err(RecordingError::Format(format!("metadata of {len} bytes is over the limit")));
         }
-        let mut json = vec![0u8; len];
-        input.read_exact(&mut json).map_err(|_| RecordingError::Format("truncated metadata".into()))?;
+        // Read what is there rather than allocate the announced length up front: a 12-byte
+        // file announcing 8 MiB of metadata must not cost 8 MiB (found by fuzzing).
+        let mut json = Vec::new();
+        let got = (&mut input).take(len as u64).read_to_end(&mut json);
+        if !got.is_ok_and(|n| n == len) {
+            return Err(RecordingError::Format("truncated metadata".into()));
+        }
         let meta: Meta = serde_json::from_slice(&json).map_err(|e| RecordingError::Format(format!("metadata: {e}")))?;
         if meta.symbols.is_empty() {
             return Err(RecordingError::Format("metadata lists no symbols".into()));

@@ -371,7 +371,10 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
     }
     let count = u16::from_le_bytes([msg[2], msg[3]]) as usize;
     let send_ts_ns = read_u64(msg, 8);
-    let mut records = Vec::with_capacity(count);
+    // `count` is the peer's claim: reserve only what the message can actually hold (a
+    // record is at least a header), so a 16-byte message cannot make us allocate for
+    // 65,535 records (found by fuzzing: 4.7 MB per message).
+    let mut records = Vec::with_capacity(count.min((msg.len() - BATCH_HEADER_LEN) / RECORD_HEADER_LEN));
     let mut skipped_unknown = 0;
     let mut at = BATCH_HEADER_LEN;
     for _ in 0..count {

@@ -97,11 +97,25 @@ impl Refusal {
     }
 }
 
-/// How the token was presented.
-pub(crate) enum Credential {
+/// How the token was presented at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A bearer token, from `Authorization: Bearer` or the `bearer.<JWT>` subprotocol.
     Bearer(String),
+    /// A one-time ticket from `?ticket=` (spec §3), redeemed instead of a token.
     Ticket(String),
+    /// Nothing: in-band `auth` may follow where the server allows it.
     None,
+}
+
+/// What [`parse_upgrade`] reads from a well-formed upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The `Sec-WebSocket-Key`, checked to be base64 of 16 bytes; the 101 answer derives
+    /// `Sec-WebSocket-Accept` from it.
+    pub key: String,
+    /// The one credential the request presents.
+    pub credential: Credential,
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -111,16 +125,44 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|v| v.to_str().map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token))).unwrap_or(false))
 }
 
-/// Reads the WebSocket upgrade headers and the credential. Pure function of the request
-/// head, so every refusal path is easy to test.
-pub(crate) fn check_request(
-    app: &AppState,
+/// RFC 6455 §4.1: the key is a random 16-byte nonce, base64-encoded (so 24 characters
+/// with `==` padding). Decoding is canonical: stray trailing bits are refused too.
+fn key_is_nonce(key: &str) -> bool {
+    use base64::Engine as _;
+    key.len() == 24 && base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|b| b.len() == 16)
+}
+
+/// Reads a WebSocket upgrade request head (RFC 6455 §4.2.1 plus spec §3): method, HTTP
+/// version, `Host`, the upgrade headers, the key, the query and the one credential.
+///
+/// A pure function of the request head (no configuration, no I/O) so that every refusal
+/// path can be unit-tested and fuzzed. The `Origin` allowlist needs configuration and is
+/// checked by the caller. Every refusal is a 400 `invalid_request`.
+pub fn parse_upgrade(
     method: &Method,
+    version: http::Version,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(String, Credential), Refusal> {
+) -> Result<Upgrade, Refusal> {
+    let key = upgrade_key(method, version, headers)?;
+    let credential = credential(query, headers)?;
+    Ok(Upgrade { key: key.to_owned(), credential })
+}
+
+/// The request-shape half of [`parse_upgrade`]: method, version, `Host`, upgrade headers, key.
+fn upgrade_key<'h>(method: &Method, version: http::Version, headers: &'h HeaderMap) -> Result<&'h str, Refusal> {
     if method != Method::GET {
         return Err(Refusal::bad_request("the stream endpoint takes GET"));
+    }
+    // `Version` orders HTTP/0.9 < 1.0 < 1.1 < 2 < 3.
+    if version < http::Version::HTTP_11 {
+        return Err(Refusal::bad_request("a WebSocket upgrade must use HTTP/1.1 or higher"));
+    }
+    match headers.get_all(header::HOST).iter().count() {
+        0 => return Err(Refusal::bad_request("the Host header is required")),
+        1 => {}
+        // RFC 9112 §3.2: more than one Host is a 400 too.
+        _ => return Err(Refusal::bad_request("more than one Host header")),
     }
     if !header_has_token(headers, header::CONNECTION, "upgrade")
         || !header_has_token(headers, header::UPGRADE, "websocket")
@@ -130,29 +172,22 @@ pub(crate) fn check_request(
     if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return Err(Refusal::bad_request("Sec-WebSocket-Version must be 13"));
     }
+    if headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() > 1 {
+        return Err(Refusal::bad_request("more than one Sec-WebSocket-Key header"));
+    }
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|v| v.to_str().ok())
         .filter(|k| k.len() == 24)
         .ok_or_else(|| Refusal::bad_request("missing or malformed Sec-WebSocket-Key"))?;
-
-    // Origin allowlist (browsers always send Origin; non-browser clients usually do not).
-    let allowed = &app.config.security.allowed_origins;
-    if !allowed.is_empty() {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let ok = origin.to_str().map(|o| allowed.iter().any(|a| a == o)).unwrap_or(false);
-            if !ok {
-                return Err(Refusal {
-                    status: StatusCode::FORBIDDEN,
-                    error: "forbidden_origin",
-                    description: "Origin is not allowed".into(),
-                    result: "forbidden_origin",
-                    auth_reason: None,
-                });
-            }
-        }
+    if !key_is_nonce(key) {
+        return Err(Refusal::bad_request("Sec-WebSocket-Key must be the base64 encoding of 16 bytes"));
     }
+    Ok(key)
+}
 
+/// The credential half of [`parse_upgrade`]: query, subprotocols, `Authorization`.
+fn credential(query: Option<&str>, headers: &HeaderMap) -> Result<Credential, Refusal> {
     let mut ticket = None;
     if let Some(q) = query {
         let pairs: Vec<(String, String)> =
@@ -199,12 +234,41 @@ pub(crate) fn check_request(
             "two credentials at once (Authorization header, bearer subprotocol, ticket: use exactly one)",
         ));
     }
-    let cred = match (header_token.or(proto_token), ticket) {
+    Ok(match (header_token.or(proto_token), ticket) {
         (Some(t), _) => Credential::Bearer(t),
         (None, Some(t)) => Credential::Ticket(t),
         (None, None) => Credential::None,
-    };
-    Ok((key.to_owned(), cred))
+    })
+}
+
+/// [`parse_upgrade`] plus the `Origin` allowlist, which needs the configuration.
+pub(crate) fn check_request(
+    app: &AppState,
+    method: &Method,
+    version: http::Version,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(String, Credential), Refusal> {
+    // Same checks as `parse_upgrade`, with the origin between the request shape and the
+    // credential: that is the documented order of answers (docs/protocol.md).
+    let key = upgrade_key(method, version, headers)?;
+    // Origin allowlist (browsers always send Origin; non-browser clients usually do not).
+    let allowed = &app.config.security.allowed_origins;
+    if !allowed.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let ok = origin.to_str().map(|o| allowed.iter().any(|a| a == o)).unwrap_or(false);
+            if !ok {
+                return Err(Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    error: "forbidden_origin",
+                    description: "Origin is not allowed".into(),
+                    result: "forbidden_origin",
+                    auth_reason: None,
+                });
+            }
+        }
+    }
+    Ok((key.to_owned(), credential(query, headers)?))
 }
 
 /// The principal a benchmark-only no-auth server gives every stream.
@@ -433,7 +497,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
             return Err(Refusal::unavailable("signing keys not loaded yet"));
         }
         check_connect_rate(&app, ip)?;
-        check_request(&app, req.method(), req.uri().query(), req.headers())
+        check_request(&app, req.method(), req.version(), req.uri().query(), req.headers())
     })();
     let outcome = match head {
         Err(r) => Err(r),

@@ -323,7 +323,7 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
         }
         check_connect_rate(&app, peer.map(|p| p.ip()))?;
         let query = req.uri().query();
-        let (key, cred) = check_request(&app, req.method(), query, req.headers())?;
+        let (key, cred) = check_request(&app, req.method(), req.version(), query, req.headers())?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
             .map_err(|_| Refusal::bad_request("malformed query string"))?;
         let mut feeds = pairs.iter().filter(|(k, _)| k == "feed").map(|(_, v)| v.as_str());
