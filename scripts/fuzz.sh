@@ -34,7 +34,7 @@ for t in "${targets[@]}"; do
   log="$scratch/$t.log"
   rc=0
   cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" -timeout=10 -malloc_limit_mb=4 -print_final_stats=1 >"$log" 2>&1 || rc=$?
-  grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units)' "$log" || true
+  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$log" || true
   if [ "$rc" -ne 0 ]; then
     tail -n 60 "$log"
     echo "fuzz target $t failed (exit $rc); the input is under fuzz/artifacts/$t/"
