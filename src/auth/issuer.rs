@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use thiserror::Error;
 
+use super::hash::{constant_time_eq, sha256};
 use super::keys::{KeySet, KeyStore, VerifyKey};
 use super::scopes::split_scope;
 use crate::config::{ClientConfig, IssuerConfig};
@@ -69,7 +70,7 @@ impl SigningKey {
         let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
         // RFC 7638 thumbprint as kid: members in lexicographic order, no whitespace.
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+        let digest = sha256(canonical.as_bytes());
         let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
         let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| IssuerError::Key(e.to_string()))?;
         Ok(SigningKey {
@@ -174,13 +175,6 @@ impl std::fmt::Debug for EmbeddedIssuer {
 pub const DEMO_CLIENT: &str = "demo";
 /// Environment variable holding the demo client's secret.
 pub const DEMO_SECRET_ENV: &str = "TICKGATE_DEMO_SECRET";
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
 
 /// Hex SHA-256 of a client secret, the form `secret_sha256` takes in the config.
 pub fn hash_secret(secret: &str) -> String {
@@ -366,12 +360,11 @@ impl EmbeddedIssuer {
     }
 
     /// Checks a client's credentials in constant time with respect to the secret: both
-    /// sides are compared as SHA-256 digests with a branch-free fold.
+    /// sides are SHA-256 digests, compared by the crypto provider's constant-time check.
     fn authenticate(&self, id: &str, secret: &str) -> Option<&Client> {
         let presented = sha256(secret.as_bytes());
         let client = self.clients.iter().find(|c| c.id == id)?;
-        let diff = client.secret_sha256.iter().zip(presented.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        (diff == 0).then_some(client)
+        constant_time_eq(&client.secret_sha256, &presented).then_some(client)
     }
 
     /// Issues an access token for `sub` with the given scopes and lifetime.

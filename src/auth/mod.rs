@@ -1,9 +1,12 @@
-//! Authentication and authorization: the key cache ([`keys`]), token validation
-//! ([`validate`]), scopes ([`scopes`]) and the embedded issuer ([`issuer`]).
+//! Authentication and authorization: the key cache ([`keys`]), the JWKS cache ([`jwks`]),
+//! token validation ([`validate`]), scopes ([`scopes`]), one-time tickets ([`tickets`]),
+//! revocation ([`revocation`]), the embedded issuer ([`issuer`]), and the crate's one
+//! SHA-256 and constant-time compare (`hash`).
 //!
 //! Everything here runs at the handshake (or on an in-band refresh). Its output, a
 //! [`validate::Principal`], is all the connection keeps; the delivery path never sees it.
 
+mod hash;
 pub mod issuer;
 pub mod jwks;
 pub mod keys;

@@ -96,10 +96,7 @@ pub struct TicketStore {
 }
 
 fn digest(ticket: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ticket.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    super::hash::sha256(ticket.as_bytes())
 }
 
 impl TicketStore {
