@@ -81,37 +81,28 @@ async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Bo
             app.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
             Err(Box::new(Refusal::invalid_token(&e).into_response()))
         }
-        Ok(p) if !p.entitlements.is_admin() => Err(Box::new(
-            (
-                StatusCode::FORBIDDEN,
-                Json(
-                    json!({"error": "insufficient_scope", "error_description": "the tickgate:admin scope is required"}),
-                ),
-            )
-                .into_response(),
-        )),
+        Ok(p) if !p.entitlements.is_admin() => Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "the tickgate:admin scope is required",
+        ))),
         Ok(p) => Ok(p),
     }
 }
 
+/// The JSON error body every admin refusal carries.
+fn json_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (status, Json(json!({"error": error, "error_description": description}))).into_response()
+}
+
 fn bad_request(description: &str) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_request", "error_description": description})))
-        .into_response()
+    json_error(StatusCode::BAD_REQUEST, "invalid_request", description)
 }
 
 /// Largest `/admin/revoke` body accepted.
 pub const MAX_REVOKE_BODY: usize = 4096;
 /// Longest `sub` or `jti` a revocation may name (bytes).
 pub const MAX_REVOKE_ID: usize = 256;
-
-/// Whether the request says its body is JSON (`application/json`, parameters allowed).
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-}
 
 /// `POST /admin/revoke` with `{"sub": "..."}` or `{"jti": "..."}`: remembers the
 /// revocation (later handshakes, refreshes and ticket redemptions are refused), voids the
@@ -133,15 +124,11 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     };
     if body.len() > MAX_REVOKE_BODY {
         let d = format!("the body may be at most {MAX_REVOKE_BODY} bytes");
-        let resp = (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": "payload_too_large", "error_description": d})));
-        return ("too_large", resp.into_response());
+        return ("too_large", json_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", &d));
     }
-    if !is_json(headers) {
-        let resp = (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Json(json!({"error": "invalid_request", "error_description": "Content-Type must be application/json"})),
-        );
-        return ("unsupported_media_type", resp.into_response());
+    if !super::is_json(headers) {
+        let d = "Content-Type must be application/json";
+        return ("unsupported_media_type", json_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", d));
     }
     let Ok(serde_json::Value::Object(v)) = serde_json::from_slice::<serde_json::Value>(body) else {
         return ("bad_request", bad_request("body must be a JSON object"));
@@ -170,11 +157,7 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     };
     if let Err(e) = stored {
         tracing::warn!(admin = %admin.sub, error = %e, "revocation refused: list full");
-        let resp = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "unavailable", "error_description": e.to_string()})),
-        );
-        return ("unavailable", resp.into_response());
+        return ("unavailable", json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()));
     }
     // Voided before the live connections are closed: a client cut off now cannot come
     // straight back with a ticket it fetched a moment ago.

@@ -129,11 +129,15 @@ fn json_answer(status: StatusCode, error: &str, description: &str) -> axum::resp
     resp
 }
 
-fn is_json(resp: &axum::response::Response) -> bool {
-    resp.headers()
+/// Whether `headers` say the body is JSON (`application/json`, parameters allowed): a
+/// request's (the revoke endpoint's content-type rule) or a response's (a handler's own
+/// JSON 413 is kept).
+pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"))
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Answers one request: bodies over `max_body_bytes` get 413 (from `Content-Length` at
@@ -166,7 +170,7 @@ async fn answer(
     match tokio::time::timeout_at(deadline, router.oneshot(req)).await {
         // axum's extractors answer a body over the limit with a plain-text 413; a handler's
         // own JSON 413 (a tighter per-endpoint limit) is kept as it is.
-        Ok(Ok(resp)) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&resp) => too_large(),
+        Ok(Ok(resp)) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json(resp.headers()) => too_large(),
         Ok(Ok(resp)) => resp,
         Ok(Err(never)) => match never {},
         Err(_) => {
