@@ -19,8 +19,8 @@ use tickgate::engine::outbound::{OutItem, Outbound};
 use tickgate::engine::resume::{FeedLog, RingBounds};
 use tickgate::engine::Tick;
 use tickgate::feeds::{Catalog, FeedDef};
-use tickgate::protocol::codec::{decode_batch, Body, Quote, Record};
-use tickgate::protocol::control::ClientMsg;
+use tickgate_proto::codec::{decode_batch, Body, Quote, Record};
+use tickgate_proto::control::ClientMsg;
 
 fn catalog(symbols: usize) -> Arc<Catalog> {
     let syms: Vec<String> = (0..symbols).map(|i| format!("\"S{i}\"")).collect();

@@ -35,10 +35,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tickgate::client::ConnectOptions;
 use tickgate::config::{ClientConfig, Config};
-use tickgate::protocol::now_ns;
 use tickgate::Server;
+use tickgate_client::ConnectOptions;
+use tickgate_proto::now_ns;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -157,7 +157,7 @@ async fn population(url: &str, long: &str, tokens: &[(u64, String)], n: usize) -
         let sym = ["A", "B", "C", "D", "E"][i % 5];
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.expect("gate");
-            let mut ws = tickgate::client::connect(&url, &long, &ConnectOptions::default())
+            let mut ws = tickgate_client::connect(&url, &long, &ConnectOptions::default())
                 .await
                 .expect("connects (raise the open-file limit: ulimit -n 20000)");
             let sub = json!({"op": "subscribe", "id": 1, "feed": "T", "symbols": [sym]});

@@ -21,12 +21,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tickgate::client::publisher::{publish_url, Publisher};
-use tickgate::client::ConnectOptions;
 use tickgate::config::Config;
-use tickgate::feeds::recording::Reader;
-use tickgate::protocol::codec::{decode_batch, Body, Quote, Record, Trade};
 use tickgate::Server;
+use tickgate_client::publisher::{publish_url, Publisher};
+use tickgate_client::ConnectOptions;
+use tickgate_proto::codec::{decode_batch, Body, Quote, Record, Trade};
+use tickgate_proto::recording::Reader;
 
 const INSTRUMENTS: u32 = 100;
 

@@ -20,4 +20,4 @@ fi
 # The tests open about 2,000 sockets at once.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo test --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked "$@"

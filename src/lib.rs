@@ -20,12 +20,10 @@
 //! gives tests and embedders the bound addresses and an explicit graceful shutdown.
 
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod engine;
 pub mod feeds;
 pub mod metrics;
-pub mod protocol;
 mod ratelimit;
 pub mod server;
 

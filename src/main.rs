@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tickgate::client;
-use tickgate::client::cli::{int_in, record_seconds};
+use tickgate_bench::cli::{int_in, record_seconds};
+use tickgate_client as client;
 
 // mimalloc instead of glibc malloc: the dispatch path allocates one batch per connection per
 // cycle and frees them all once written; glibc trims and re-faults those pages every cycle
@@ -107,7 +107,7 @@ enum Cmd {
         limit: Option<u64>,
     },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
-    Load(Box<client::load::LoadArgs>),
+    Load(Box<tickgate_bench::load::LoadArgs>),
 }
 
 /// Where `subscribe` and `record` connect, and as whom.
@@ -247,7 +247,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Load(args) => {
             let argv: Vec<String> = std::env::args().skip(1).collect();
-            let report = client::load::execute(*args, argv).await?;
+            let report = tickgate_bench::load::execute(*args, argv).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use tickgate::client::{ConnectOptions, Subscriber};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::{ConnectOptions, Subscriber};
+use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn get_ticket(ts: &TestServer, bearer: Option<&str>) -> (u16, Value) {

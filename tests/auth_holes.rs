@@ -14,13 +14,13 @@ use std::process::{Command, Stdio};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tickgate::client::publisher::{publish_url, Publisher};
-use tickgate::client::ClientWs;
-use tickgate::client::{ConnectOptions, Subscriber};
 use tickgate::config::ClientConfig;
-use tickgate::protocol::codec::encode_batch;
-use tickgate::protocol::codec::{Body, Record, Trade};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::publisher::{publish_url, Publisher};
+use tickgate_client::ClientWs;
+use tickgate_client::{ConnectOptions, Subscriber};
+use tickgate_proto::codec::encode_batch;
+use tickgate_proto::codec::{Body, Record, Trade};
+use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::Message;
 
 const TICKGATE: [(&str, &str); 1] = [("sec-websocket-protocol", "tickgate.v1")];
@@ -93,7 +93,7 @@ fn trade(feed: u16, instr: u32) -> Record {
 /// one batch and waits for the acknowledgement.
 async fn live_publisher(ts: &TestServer, feed: &str, id: u16, token: &str) -> ClientWs {
     let ws =
-        tickgate::client::connect(&publish_url(&ts.url, feed, None), token, &ConnectOptions::default()).await.unwrap();
+        tickgate_client::connect(&publish_url(&ts.url, feed, None), token, &ConnectOptions::default()).await.unwrap();
     proven(ws, id).await
 }
 
@@ -150,7 +150,7 @@ async fn revocation_closes_publishers() {
     let fresh = ts.token_with("feed-handler", "md:publish:P", now, now + 300, "jti-pub-3");
     let url = publish_url(&ts.url, "P", None);
     let ws = eventually("the feed's publisher slot is released", EVENTUALLY, || async {
-        tickgate::client::connect(&url, &fresh, &ConnectOptions::default()).await.ok()
+        tickgate_client::connect(&url, &fresh, &ConnectOptions::default()).await.ok()
     })
     .await;
     let mut p2 = proven(ws, 9).await;

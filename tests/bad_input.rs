@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tickgate::protocol::control::{ErrorCode, ServerMsg};
+use tickgate_proto::control::{ErrorCode, ServerMsg};
 use tokio_tungstenite::tungstenite::Message;
 
-async fn expect_error(sub: &mut tickgate::client::Subscriber, code: ErrorCode, id: Option<i64>) -> String {
+async fn expect_error(sub: &mut tickgate_client::Subscriber, code: ErrorCode, id: Option<i64>) -> String {
     match next_control(sub).await {
         ServerMsg::Error { id: got, code: c, message } => {
             assert_eq!(c, code, "{message}");
@@ -126,12 +126,12 @@ async fn ping_flood_is_rate_limited_then_closed_1008() {
     let mut limited = 0;
     let code = loop {
         match tokio::time::timeout(EVENTUALLY, sub.next_event()).await.unwrap().unwrap() {
-            tickgate::client::Event::Control(ServerMsg::Pong { .. }) => pongs += 1,
-            tickgate::client::Event::Control(ServerMsg::Error { code, .. }) => {
+            tickgate_client::Event::Control(ServerMsg::Pong { .. }) => pongs += 1,
+            tickgate_client::Event::Control(ServerMsg::Error { code, .. }) => {
                 assert_eq!(code, ErrorCode::RateLimited);
                 limited += 1;
             }
-            tickgate::client::Event::Closed { code, .. } => break code,
+            tickgate_client::Event::Closed { code, .. } => break code,
             _ => {}
         }
     };

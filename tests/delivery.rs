@@ -12,13 +12,11 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tickgate::client::publisher::{publish_url, Publisher};
-use tickgate::client::{ClientError, ConnectOptions, Event, Subscriber};
-use tickgate::feeds::recording::Reader;
-use tickgate::protocol::codec::{
-    encode_batch, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY,
-};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::publisher::{publish_url, Publisher};
+use tickgate_client::{ClientError, ConnectOptions, Event, Subscriber};
+use tickgate_proto::codec::{encode_batch, Body, Quote, Record, Trade, BATCH_HEADER_LEN, FLAG_CONFLATED, FLAG_REPLAY};
+use tickgate_proto::control::ServerMsg;
+use tickgate_proto::recording::Reader;
 use tokio_tungstenite::tungstenite::Message;
 
 fn trade(feed_id: u16, instr: u32, seq: u64, price: i64) -> Record {
@@ -44,7 +42,7 @@ async fn publisher(ts: &TestServer, feed: &str, token: &str, epoch: Option<u64>)
 /// The HTTP status and JSON body of a refused publish handshake.
 async fn refused(ts: &TestServer, feed_query: &str, token: &str) -> (u16, Value) {
     let url = format!("{}/v1/publish{feed_query}", ts.base.replace("http://", "ws://"));
-    match tickgate::client::connect(&url, token, &ConnectOptions::default()).await {
+    match tickgate_client::connect(&url, token, &ConnectOptions::default()).await {
         Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
             (resp.status().as_u16(), body)
@@ -544,7 +542,7 @@ async fn a_publisher_that_never_answers_pings_is_closed_and_counted() {
     .await;
     let publish = ts.token(&["md:publish:P"]);
     let url = publish_url(&ts.url, "P", None);
-    let mut ws = tickgate::client::connect(&url, &publish, &ConnectOptions::default()).await.unwrap();
+    let mut ws = tickgate_client::connect(&url, &publish, &ConnectOptions::default()).await.unwrap();
     // Not reading means not answering pings.
     assert!(ts.wait_metric("tickgate_heartbeat_timeouts_total", 1.0).await >= 1.0);
     let close = loop {

@@ -16,8 +16,8 @@ use tickgate::engine::core::{ConnKey, CoreLimits, ShardCore};
 use tickgate::engine::outbound::OutItem;
 use tickgate::engine::Tick;
 use tickgate::feeds::{Catalog, FeedDef};
-use tickgate::protocol::codec::{decode_batch, Body, Quote, Record, Trade, FLAG_CONFLATED, FLAG_SNAPSHOT, RTYPE_QUOTE};
-use tickgate::protocol::control::{ClientMsg, ServerMsg};
+use tickgate_proto::codec::{decode_batch, Body, Quote, Record, Trade, FLAG_CONFLATED, FLAG_SNAPSHOT, RTYPE_QUOTE};
+use tickgate_proto::control::{ClientMsg, ServerMsg};
 
 const INSTRUMENTS: usize = 4;
 const SYMBOLS: [&str; INSTRUMENTS] = ["A", "B", "C", "D"];

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tickgate::client::ConnectOptions;
+use tickgate_client::ConnectOptions;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -104,9 +104,9 @@ async fn inband_first_message_utf8_and_ping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_text_frame_is_bad_request_counted_bad_text() {
     let ts = TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "disconnect", 0))], |_| {}).await;
-    let url = tickgate::client::publisher::publish_url(&ts.url, "P", None);
+    let url = tickgate_client::publisher::publish_url(&ts.url, "P", None);
     let token = ts.token(&["md:publish:P"]);
-    let mut ws = tickgate::client::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
+    let mut ws = tickgate_client::connect(&url, &token, &ConnectOptions::default()).await.unwrap();
     ws.send(Message::text("hello")).await.unwrap();
     let v: Value = loop {
         match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("an answer in time") {
@@ -154,7 +154,7 @@ async fn undelivered_4008_is_counted_as_dropped() {
     .await;
     let token = ts.token(&["md:read:T"]);
     let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
-    let mut stalled = tickgate::client::Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
+    let mut stalled = tickgate_client::Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
     stalled.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
     // The client never reads again: both socket buffers fill, the budget overflows, and the
     // close frame cannot be written.

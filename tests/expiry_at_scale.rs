@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::Kill;
 use serde_json::json;
-use tickgate::client::{self, ConnectOptions, Event, Subscriber};
+use tickgate_client::{self as client, ConnectOptions, Event, Subscriber};
 
 /// Every connection is closed with 4001, none before its deadline less the wheel's early
 /// decision, and, the spec's "no data frame is sent after that deadline", every batch a
@@ -86,7 +86,7 @@ async fn staggered_expiries() {
                 drop(ready);
                 loop {
                     match sub.next_event().await.unwrap() {
-                        Event::Closed { code, .. } => return (exp, code, tickgate::protocol::now_ns()),
+                        Event::Closed { code, .. } => return (exp, code, tickgate_proto::now_ns()),
                         Event::Batch { anomalies, send_ts_ns, .. } => {
                             assert!(anomalies.is_empty(), "{anomalies:?}");
                             let deadline_ns = exp * 1_000_000_000;

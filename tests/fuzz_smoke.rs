@@ -14,8 +14,8 @@ use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;
 use tickgate::config::{AuthConfig, Config, IssuerConfig};
 use tickgate::feeds::FeedDef;
-use tickgate::protocol::codec::{decode_batch, write_batch_header, Body, Quote, Record, Trade};
-use tickgate::protocol::control::parse_client_msg;
+use tickgate_proto::codec::{decode_batch, write_batch_header, Body, Quote, Record, Trade};
+use tickgate_proto::control::parse_client_msg;
 
 fn mutate(rng: &mut ChaCha8Rng, input: &[u8]) -> Vec<u8> {
     let mut v = input.to_vec();
@@ -157,7 +157,7 @@ fn committed_fuzz_corpus_never_panics() {
         n += 1;
     }
     for (_, data) in fuzz_files("corpus", "recording") {
-        if let Ok(mut r) = tickgate::feeds::recording::Reader::new(&data[..]) {
+        if let Ok(mut r) = tickgate_proto::recording::Reader::new(&data[..]) {
             while let Ok(Some(_)) = r.next_record() {}
         }
         n += 1;
@@ -194,7 +194,7 @@ fn fuzz_finding_recording_metadata_length_is_not_trusted_for_allocation() {
     let files = fuzz_files("regressions", "recording");
     assert!(!files.is_empty());
     for (name, data) in files {
-        let e = tickgate::feeds::recording::Reader::new(&data[..]).unwrap_err();
+        let e = tickgate_proto::recording::Reader::new(&data[..]).unwrap_err();
         assert_eq!(e.to_string(), "not a valid tickgate recording: truncated metadata", "{name}");
     }
 }

@@ -61,7 +61,7 @@ async fn token_endpoint_follows_rfc6749() {
     assert_eq!(claims["aud"], "tickgate");
     // The token opens a stream.
     let mut sub = ts.subscriber(token).await;
-    assert!(matches!(next_control(&mut sub).await, tickgate::protocol::control::ServerMsg::Welcome { .. }));
+    assert!(matches!(next_control(&mut sub).await, tickgate_proto::control::ServerMsg::Welcome { .. }));
 
     // Form credentials with a narrower scope.
     let r = http

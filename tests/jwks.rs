@@ -260,12 +260,12 @@ async fn a_refresh_with_a_newly_published_key_is_refreshed() {
     let ts = external(&url, 600, 30).await;
     assert!(wait_ready(&ts).await);
     let (mut sub, r) = subscribed(&ts, &a.token(&claims()), "T", json!(["S0"]), false).await;
-    assert!(matches!(r, tickgate::protocol::control::ServerMsg::Subscribed { .. }), "{r:?}");
+    assert!(matches!(r, tickgate_proto::control::ServerMsg::Subscribed { .. }), "{r:?}");
     let base = idp.hits.load(Ordering::SeqCst);
     *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
     sub.send_json(&json!({"op": "refresh", "id": 5, "token": b.token(&claims())})).await.unwrap();
     match next_control(&mut sub).await {
-        tickgate::protocol::control::ServerMsg::Refreshed { id, .. } => assert_eq!(id, Some(5)),
+        tickgate_proto::control::ServerMsg::Refreshed { id, .. } => assert_eq!(id, Some(5)),
         m => panic!("expected refreshed, got {m:?}"),
     }
     assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
@@ -505,8 +505,8 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     let _ = next_control(&mut sub).await;
     sub.send_json(&json!({"op":"subscribe","id":1,"feed":"OTHER","symbols":["*"]})).await.unwrap();
     match next_control(&mut sub).await {
-        tickgate::protocol::control::ServerMsg::Error { code, .. } => {
-            assert_eq!(code, tickgate::protocol::control::ErrorCode::InsufficientScope)
+        tickgate_proto::control::ServerMsg::Error { code, .. } => {
+            assert_eq!(code, tickgate_proto::control::ErrorCode::InsufficientScope)
         }
         m => panic!("{m:?}"),
     }

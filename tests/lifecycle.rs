@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tickgate::client::Event;
-use tickgate::protocol::control::{ErrorCode, ServerMsg};
+use tickgate_client::Event;
+use tickgate_proto::control::{ErrorCode, ServerMsg};
 
 /// A 3-second token: `token_expiring` once, not before 80 % of its life and before the
 /// close; close 4001 not before the deadline (less the wheel's early decision), and no

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use common::*;
 use serde_json::{json, Value};
-use tickgate::client::Event;
+use tickgate_client::Event;
 
 fn tool(name: &str) -> String {
     let found =
@@ -127,7 +127,7 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
             loop {
                 match sub.next_event().await.unwrap() {
                     Event::Batch { records, .. } => n += records.len() as u64,
-                    Event::Control(tickgate::protocol::control::ServerMsg::Unsubscribed { .. }) => break,
+                    Event::Control(tickgate_proto::control::ServerMsg::Unsubscribed { .. }) => break,
                     _ => {}
                 }
             }

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
-use tickgate::client::{ConnectOptions, Event, Subscriber};
-use tickgate::protocol::codec::{Record, FLAG_SNAPSHOT};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::{ConnectOptions, Event, Subscriber};
+use tickgate_proto::codec::{Record, FLAG_SNAPSHOT};
+use tickgate_proto::control::ServerMsg;
 
 const DEMO_SECRET: &str = "restart-epoch-secret";
 
@@ -50,7 +50,7 @@ fn start(feeds: &Path, state: &Path) -> Node {
 
 impl Node {
     async fn subscriber(&self) -> (Subscriber, u64) {
-        let token = tickgate::client::fetch_token(&self.issuer, "demo", DEMO_SECRET, None).await.unwrap();
+        let token = tickgate_client::fetch_token(&self.issuer, "demo", DEMO_SECRET, None).await.unwrap();
         let mut sub = Subscriber::connect(&self.url, &token, &ConnectOptions::default()).await.unwrap();
         let ServerMsg::Welcome { feeds, .. } = next_control(&mut sub).await else { panic!("no welcome") };
         let epoch = feeds.iter().find(|f| f.name == "T").expect("feed T").epoch;

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use tickgate::client::{ConnectOptions, Event, Subscriber};
-use tickgate::protocol::codec::{FLAG_SNAPSHOT, QUOTE_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::{ConnectOptions, Event, Subscriber};
+use tickgate_proto::codec::{FLAG_SNAPSHOT, QUOTE_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN};
+use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +19,7 @@ async fn batches_match_the_spec_byte_for_byte() {
     let ts = TestServer::start(2000.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);
     // Every batch of this subscription is stamped after this instant.
-    let before = tickgate::protocol::now_ns();
+    let before = tickgate_proto::now_ns();
     let (mut sub, reply) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
     let ServerMsg::Subscribed { instruments, feed, .. } = reply else { panic!("{reply:?}") };
     assert_eq!(feed, "T");
@@ -39,7 +39,7 @@ async fn batches_match_the_spec_byte_for_byte() {
         assert!(count >= 1);
         assert_eq!(&b[4..8], &[0, 0, 0, 0], "reserved u32");
         let send_ts = u64::from_le_bytes(b[8..16].try_into().unwrap());
-        assert!(send_ts >= before && send_ts <= tickgate::protocol::now_ns());
+        assert!(send_ts >= before && send_ts <= tickgate_proto::now_ns());
         let mut at = 16;
         for _ in 0..count {
             let len = b[at] as usize;

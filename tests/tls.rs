@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tickgate::client::{self, ConnectOptions, Event, Subscriber};
-use tickgate::protocol::control::ServerMsg;
+use tickgate_client::{self as client, ConnectOptions, Event, Subscriber};
+use tickgate_proto::control::ServerMsg;
 
 /// Writes a fresh self-signed certificate for 127.0.0.1/localhost; returns its DER.
 fn write_cert(dir: &Path) -> Vec<u8> {

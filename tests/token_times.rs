@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tickgate::client::Event;
-use tickgate::protocol::control::{ErrorCode, ServerMsg};
+use tickgate_client::Event;
+use tickgate_proto::control::{ErrorCode, ServerMsg};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Every scope the tests need: read T, publish P, admin.
@@ -59,8 +59,8 @@ async fn close_of(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStr
 /// The publisher handshake's status and body.
 async fn publish_answer(ts: &TestServer, token: &str) -> (u16, Value) {
     let url = format!("{}/v1/publish?feed=P", ts.base.replace("http://", "ws://"));
-    match tickgate::client::connect(&url, token, &tickgate::client::ConnectOptions::default()).await {
-        Err(tickgate::client::ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+    match tickgate_client::connect(&url, token, &tickgate_client::ConnectOptions::default()).await {
+        Err(tickgate_client::ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
             (resp.status().as_u16(), body)
         }

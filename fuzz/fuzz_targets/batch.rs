@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tickgate::protocol::codec::{decode_batch, encode_batch};
+use tickgate_proto::codec::{decode_batch, encode_batch};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(b) = decode_batch(data) else { return };

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tickgate::protocol::control::{parse_client_msg, ServerMsg};
+use tickgate_proto::control::{parse_client_msg, ServerMsg};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };

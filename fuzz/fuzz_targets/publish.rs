@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tickgate::feeds::{Catalog, FeedDef};
-use tickgate::protocol::codec::{encode_batch, Record};
+use tickgate_proto::codec::{encode_batch, Record};
 use tickgate::server::publish::{decode, sequence, REJECT_REASONS};
 
 const FEED_ID: u16 = 7;

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tickgate::feeds::recording::{Reader, Writer};
+use tickgate_proto::recording::{Reader, Writer};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(mut r) = Reader::new(data) else { return };

@@ -273,7 +273,7 @@ impl TimeRules {
 
 /// Milliseconds since the epoch, by the wall clock.
 fn now_ms() -> u64 {
-    crate::protocol::now_ns() / 1_000_000
+    tickgate_proto::now_ns() / 1_000_000
 }
 
 /// Validation settings plus the key cache.

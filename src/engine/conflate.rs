@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::protocol::codec::{Record, RTYPE_TRADE};
+use tickgate_proto::codec::{Record, RTYPE_TRADE};
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -123,7 +123,7 @@ impl Conflation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::{Body, Quote, Trade};
+    use tickgate_proto::codec::{Body, Quote, Trade};
 
     fn trade(seq: u64) -> Record {
         Record::encode(1, 1, seq, 0, 0, &Body::Trade(Trade::default()), 0)

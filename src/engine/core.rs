@@ -23,10 +23,10 @@ use super::Tick;
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal, Validator};
 use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
-use crate::protocol::close;
-use crate::protocol::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};
-use crate::protocol::control::{ClientMsg, ErrorCode, FeedInfo, InstrumentInfo, ServerMsg};
-use crate::protocol::now_ns;
+use tickgate_proto::close;
+use tickgate_proto::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};
+use tickgate_proto::control::{ClientMsg, ErrorCode, FeedInfo, InstrumentInfo, ServerMsg};
+use tickgate_proto::now_ns;
 
 /// Key of a connection inside its shard.
 pub type ConnKey = usize;
@@ -1257,7 +1257,7 @@ impl ShardCore {
 mod tests {
     use super::*;
     use crate::feeds::FeedDef;
-    use crate::protocol::codec::{Body, Quote};
+    use tickgate_proto::codec::{Body, Quote};
 
     fn core() -> ShardCore {
         let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";

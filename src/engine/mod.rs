@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::feeds::Catalog;
-use crate::protocol::codec::Record;
+use tickgate_proto::codec::Record;
 
 /// One tick on its way to the shards: the encoded record plus the dense indices the
 /// shards use to find subscribers without hashing.
@@ -217,7 +217,7 @@ impl Ingest {
 mod tests {
     use super::*;
     use crate::feeds::FeedDef;
-    use crate::protocol::codec::{Body, Quote};
+    use tickgate_proto::codec::{Body, Quote};
 
     /// A source never waits forever for a shard whose thread is gone: the dead shard is
     /// skipped (at once, or at the next check when it dies during the wait) and the live

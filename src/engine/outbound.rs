@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::codec::{write_batch_header, Record, BATCH_HEADER_LEN, MAX_BATCH_RECORDS};
+use tickgate_proto::codec::{write_batch_header, Record, BATCH_HEADER_LEN, MAX_BATCH_RECORDS};
 
 /// Distinct feeds tracked per batch for the per-feed delivery counter; a record of a
 /// fifth feed seals the batch and opens a new one.
@@ -200,7 +200,7 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::{decode_batch, Body, Trade};
+    use tickgate_proto::codec::{decode_batch, Body, Trade};
 
     fn rec(seq: u64) -> Record {
         Record::encode(1, 1, seq, 0, seq as i64, &Body::Trade(Trade::default()), 0)

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::protocol::codec::Record;
+use tickgate_proto::codec::Record;
 
 /// Resume-buffer bounds of a feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ impl FeedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::{Body, Quote};
+    use tickgate_proto::codec::{Body, Quote};
 
     fn rec(instr: u32, seq: u64, recv: i64) -> Record {
         Record::encode(1, instr + 1, seq, 0, recv, &Body::Quote(Quote::default()), 0)

@@ -387,8 +387,8 @@ mod tests {
     use crate::auth::validate::Principal;
     use crate::engine::Tick;
     use crate::feeds::FeedDef;
-    use crate::protocol::codec::{Body, Quote, Record};
-    use crate::protocol::control::ClientMsg;
+    use tickgate_proto::codec::{Body, Quote, Record};
+    use tickgate_proto::control::ClientMsg;
 
     /// A shard core with `conns` subscribers of instrument A (and none of B).
     fn core_with(conns: usize) -> ShardCore {

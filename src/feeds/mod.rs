@@ -8,7 +8,6 @@
 //! `server::publish`).
 
 pub mod epoch;
-pub mod recording;
 pub mod replay;
 pub mod synthetic;
 
@@ -255,7 +254,7 @@ impl FeedDef {
         if r.file.is_relative() {
             r.file = base.join(&r.file);
         }
-        let meta = recording::read_meta(&r.file).map_err(|e| FeedError::Invalid {
+        let meta = tickgate_proto::recording::read_meta(&r.file).map_err(|e| FeedError::Invalid {
             path: path.to_owned(),
             message: format!("replay.file {}: {e}", r.file.display()),
         })?;

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::recording::{Reader, RecordingError};
 use super::{Feed, ReplayDef};
 use crate::engine::{Ingest, Tick};
-use crate::protocol::now_ns;
+use tickgate_proto::now_ns;
+use tickgate_proto::recording::{Reader, RecordingError};
 
 /// Largest burst handed to the engine at once (as fast as possible mode).
 const MAX_BURST: usize = 4096;

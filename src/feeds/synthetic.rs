@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::SyntheticDef;
 use crate::engine::{Ingest, Tick};
-use crate::protocol::codec::{Body, Quote, Record, Trade, FIXED_SCALE};
-use crate::protocol::now_ns;
+use tickgate_proto::codec::{Body, Quote, Record, Trade, FIXED_SCALE};
+use tickgate_proto::now_ns;
 
 /// Price increment: one cent.
 const TICK: i64 = FIXED_SCALE / 100;
@@ -149,7 +149,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::{Body, RTYPE_QUOTE, RTYPE_TRADE};
+    use tickgate_proto::codec::{Body, RTYPE_QUOTE, RTYPE_TRADE};
 
     fn def() -> SyntheticDef {
         SyntheticDef { seed: 7, rate_per_s: 1000.0, quote_ratio: 0.6, start_price: 50.0 }

@@ -27,9 +27,9 @@ use crate::auth::validate::Principal;
 use crate::engine::core::ConnHandles;
 use crate::engine::outbound::OutItem;
 use crate::engine::shard::ShardLocal;
-use crate::protocol::close;
-use crate::protocol::control::{parse_client_msg, ClientMsg, ErrorCode};
-use crate::protocol::now_ns;
+use tickgate_proto::close;
+use tickgate_proto::control::{parse_client_msg, ClientMsg, ErrorCode};
+use tickgate_proto::now_ns;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 

@@ -23,7 +23,7 @@ use super::limits::Refused;
 use crate::auth::tickets::{TicketError, TICKET_TTL};
 use crate::auth::validate::{AuthError, Principal};
 use crate::engine::shard;
-use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
+use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
 /// The peer address of an accepted socket, put into request extensions by the server.
 #[derive(Debug, Clone, Copy)]
@@ -340,7 +340,7 @@ pub(crate) async fn authorize(app: &AppState, cred: Credential, need_read: bool)
             })?;
             // The token behind the ticket may have expired since the ticket was issued:
             // its deadline is `exp` + grace, to the millisecond, as for a presented token.
-            if app.validator.times().is_past_deadline(p.exp, crate::protocol::now_ns() / 1_000_000) {
+            if app.validator.times().is_past_deadline(p.exp, tickgate_proto::now_ns() / 1_000_000) {
                 return Err(Refusal::invalid_token(&AuthError::Expired));
             }
             // A ticket may stand for a publish-only token (publishers redeem tickets too);

@@ -42,12 +42,12 @@ use super::heartbeat::{Beat, Heartbeat};
 use super::AppState;
 use crate::engine::Tick;
 use crate::feeds::{Feed, SourceKind};
-use crate::protocol::close;
-use crate::protocol::codec::{
+use tickgate_proto::close;
+use tickgate_proto::codec::{
     Record, BATCH_HEADER_LEN, QUOTE_LEN, RECORD_HEADER_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN, VERSION,
 };
-use crate::protocol::control::{ErrorCode, ServerMsg};
-use crate::protocol::now_ns;
+use tickgate_proto::control::{ErrorCode, ServerMsg};
+use tickgate_proto::now_ns;
 
 /// Reasons a batch is refused (the `reason` label of `tickgate_publish_rejects_total`).
 pub const REJECT_REASONS: [&str; 9] = [
@@ -506,7 +506,7 @@ async fn run(
 mod tests {
     use super::*;
     use crate::feeds::{Catalog, FeedDef};
-    use crate::protocol::codec::{encode_batch, Body, Quote, Trade};
+    use tickgate_proto::codec::{encode_batch, Body, Quote, Trade};
 
     fn batch(recs: &[Record]) -> Vec<u8> {
         let mut b = Vec::new();

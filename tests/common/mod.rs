@@ -7,10 +7,10 @@ pub mod rsa;
 
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tickgate::client::{ConnectOptions, Event, Subscriber, TokenPlacement};
 use tickgate::config::{ClientConfig, Config};
-use tickgate::protocol::control::ServerMsg;
 use tickgate::Server;
+use tickgate_client::{ConnectOptions, Event, Subscriber, TokenPlacement};
+use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
@@ -246,7 +246,7 @@ pub fn unix_now() -> u64 {
 
 /// Nanoseconds since the Unix epoch.
 pub fn unix_now_ns() -> u64 {
-    tickgate::protocol::now_ns()
+    tickgate_proto::now_ns()
 }
 
 /// The token with one signature character changed. A middle character is used: the last

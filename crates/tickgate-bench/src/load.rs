@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
 
-use super::{ClientError, ConnectOptions, Event, Subscriber};
-use crate::protocol::codec::FLAG_SNAPSHOT;
-use crate::protocol::now_ns;
+use tickgate_client::{ClientError, ConnectOptions, Event, Subscriber};
+use tickgate_proto::codec::FLAG_SNAPSHOT;
+use tickgate_proto::now_ns;
 
 /// Why a load run failed.
 #[derive(Debug, Error)]
@@ -597,7 +597,7 @@ async fn subscriber(
         }
         match ev {
             Ok(Event::Control(m)) => {
-                use crate::protocol::control::ServerMsg;
+                use tickgate_proto::control::ServerMsg;
                 match m {
                     ServerMsg::Subscribed { .. } if !announced => {
                         announced = true;
@@ -625,7 +625,7 @@ async fn subscriber(
                 if !anomalies.is_empty() {
                     sh.anomalies.fetch_add(anomalies.len() as u64, Ordering::Relaxed);
                     for a in &anomalies {
-                        if let super::Anomaly::SilentGap { from, to, .. } = a {
+                        if let tickgate_client::Anomaly::SilentGap { from, to, .. } = a {
                             sh.missing.fetch_add(to - from + 1, Ordering::Relaxed);
                         }
                     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::{latency_us, new_histogram, symbols_for, LoadError, LoadOptions, Shared, SubscriberResult};
-use crate::protocol::codec::Record;
-use crate::protocol::now_ns;
+use tickgate_proto::codec::Record;
+use tickgate_proto::now_ns;
 
 /// The subject of one instrument.
 pub fn subject(feed: &str, symbol: &str) -> String {

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::publish::{PublishOptions, PublishSink, PublishSummary};
 use super::{multi, LoadError, LoadOptions, LoadSummary, SubscribeTarget};
-use crate::client;
-use crate::client::cli::{child_slot, int_in, ticks_per_second};
+use crate::cli::{child_slot, int_in, ticks_per_second};
+use tickgate_client as client;
 
 /// Which side of the benchmark this process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

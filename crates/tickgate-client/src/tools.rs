@@ -6,7 +6,7 @@
 //! seen per symbol and the feed's epoch, and at start it resumes from them, so a client
 //! that reconnects gets exactly what it missed.
 //!
-//! `record` captures a live stream into a [`crate::feeds::recording`] file.
+//! `record` captures a live stream into a [`tickgate_proto::recording`] file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ClientError, ConnectOptions, Event, Subscriber};
-use crate::feeds::recording::{Meta, Writer};
-use crate::protocol::codec::{Body, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
-use crate::protocol::control::ServerMsg;
-use crate::protocol::now_ns;
+use tickgate_proto::codec::{Body, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
+use tickgate_proto::control::ServerMsg;
+use tickgate_proto::now_ns;
+use tickgate_proto::recording::{Meta, Writer};
 
 /// What `subscribe` and `record` read: the stream, its credential and the subscription.
 #[derive(Debug, Clone, Default)]

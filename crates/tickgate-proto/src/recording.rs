@@ -24,9 +24,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::protocol::codec::{
-    Record, MAX_RECORD_LEN, QUOTE_LEN, RECORD_HEADER_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN,
-};
+use crate::codec::{Record, MAX_RECORD_LEN, QUOTE_LEN, RECORD_HEADER_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN};
 
 /// The file magic; the last byte is the format version.
 pub const MAGIC: [u8; 8] = *b"TGREC\0\0\x01";
@@ -186,7 +184,7 @@ pub fn read_meta(path: &Path) -> Result<Meta, RecordingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::{Body, Quote, Trade};
+    use crate::codec::{Body, Quote, Trade};
 
     fn meta() -> Meta {
         Meta { feed: "X".into(), feed_id: 3, symbols: vec!["A".into(), "B".into()], recorded_at_ns: 1 }

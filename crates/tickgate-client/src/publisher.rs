@@ -5,9 +5,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{connect, ClientError, ClientWs, ConnectOptions};
-use crate::protocol::codec::{encode_batch, Record, MAX_BATCH_RECORDS};
-use crate::protocol::control::ServerMsg;
-use crate::protocol::now_ns;
+use tickgate_proto::codec::{encode_batch, Record, MAX_BATCH_RECORDS};
+use tickgate_proto::control::ServerMsg;
+use tickgate_proto::now_ns;
 
 /// A publisher connection.
 pub struct Publisher {

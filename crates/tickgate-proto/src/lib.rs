@@ -1,8 +1,19 @@
-//! The wire protocol: binary batches of records ([`codec`]) and JSON control messages
-//! ([`control`]), exactly as `shared/spec/protocol-v1.md` defines them.
+//! tickgate's wire protocol, exactly as `shared/spec/protocol-v1.md` defines it, and
+//! nothing else: no tokio, no sockets, so the server, the Rust client, the load tools and
+//! the fuzz targets all share one definition of every byte.
+//!
+//! # Layout
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`codec`] | binary batches and records (spec §5): encoder and the strict decoder |
+//! | [`control`] | JSON control messages both ways (spec §4), error codes |
+//! | [`close`] | WebSocket close codes (spec §8) |
+//! | [`recording`] | the `*.tgrec` recording format written by `tickgate record`, read by replay feeds |
 
 pub mod codec;
 pub mod control;
+pub mod recording;
 
 /// The WebSocket subprotocol every client must offer.
 pub const SUBPROTOCOL: &str = "tickgate.v1";

@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::LoadError;
-use crate::client::ConnectOptions;
-use crate::protocol::codec::{encode_batch, Body, Quote, Record, Trade, FIXED_SCALE, MAX_BATCH_RECORDS};
-use crate::protocol::now_ns;
+use tickgate_client::ConnectOptions;
+use tickgate_proto::codec::{encode_batch, Body, Quote, Record, Trade, FIXED_SCALE, MAX_BATCH_RECORDS};
+use tickgate_proto::now_ns;
 
 /// Where the ticks go.
 #[derive(Debug, Clone)]
@@ -194,7 +194,7 @@ impl Writer {
 /// `{"op":"ping","id":N}` is answered `{"type":"pong","id":N,"ts":...}` once every earlier
 /// batch was ingested; errors come back as `{"type":"error","code":...,"message":...}`.
 pub struct TickgatePublisher {
-    tx: futures_util::stream::SplitSink<crate::client::ClientWs, Message>,
+    tx: futures_util::stream::SplitSink<tickgate_client::ClientWs, Message>,
     pongs: tokio::sync::mpsc::UnboundedReceiver<u64>,
     errors: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
@@ -215,9 +215,9 @@ impl TickgatePublisher {
         use tokio_tungstenite::tungstenite::Error as WsError;
         let deadline = Instant::now() + Duration::from_secs(5);
         let ws = loop {
-            match crate::client::connect(url, token, &ConnectOptions::default()).await {
+            match tickgate_client::connect(url, token, &ConnectOptions::default()).await {
                 Ok(ws) => break ws,
-                Err(crate::client::ClientError::Ws(WsError::Http(r)))
+                Err(tickgate_client::ClientError::Ws(WsError::Http(r)))
                     if r.status().as_u16() == 409 && Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,7 +255,7 @@ impl TickgatePublisher {
         let mut sent = 0;
         for chunk in batch.chunks(MAX_BATCH_RECORDS) {
             encode_batch(chunk.iter().map(|(_, r)| r), now_ns(), &mut self.buf);
-            self.tx.send(Message::binary(self.buf.clone())).await.map_err(crate::client::ClientError::from)?;
+            self.tx.send(Message::binary(self.buf.clone())).await.map_err(tickgate_client::ClientError::from)?;
             sent += 1;
         }
         Ok(sent)
@@ -266,7 +266,7 @@ impl TickgatePublisher {
     pub async fn finish(mut self) -> Result<(bool, u64), LoadError> {
         const FINAL_PING: u64 = 1;
         let ping = serde_json::json!({"op": "ping", "id": FINAL_PING}).to_string();
-        self.tx.send(Message::text(ping)).await.map_err(crate::client::ClientError::from)?;
+        self.tx.send(Message::text(ping)).await.map_err(tickgate_client::ClientError::from)?;
         let confirmed = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(id) = self.pongs.recv().await {
                 if id == FINAL_PING {

@@ -5,8 +5,6 @@
 //! range first. Anything else (a duplicate, a hole nobody announced) is reported as an
 //! [`Anomaly`], which `tickgate subscribe` prints loudly and `tickgate load` counts.
 
-pub mod cli;
-pub mod load;
 pub mod publisher;
 pub mod tools;
 
@@ -23,9 +21,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::codec::{decode_batch, DecodeError, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
-use crate::protocol::control::ServerMsg;
-use crate::protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
+use tickgate_proto::codec::{decode_batch, DecodeError, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
+use tickgate_proto::control::ServerMsg;
+use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
 /// Client errors.
 #[derive(Debug, Error)]
