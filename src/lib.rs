@@ -26,6 +26,7 @@ pub mod feeds;
 pub mod metrics;
 mod ratelimit;
 pub mod server;
+pub mod sources;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,7 +46,7 @@ use crate::config::{Config, IssuerMode};
 use crate::engine::core::CoreLimits;
 use crate::engine::shard::{self, ShardCtl, ShardSpec};
 use crate::engine::{Ingest, ShardInbox};
-use crate::feeds::{Catalog, DefsOrigin, SourceKind};
+use crate::feeds::{Catalog, DefsOrigin};
 use crate::metrics::Metrics;
 use crate::server::AppState;
 
@@ -297,31 +298,7 @@ impl Server {
         if let Some(cache) = &jwks {
             background.spawn(cache.clone().run(feeds_cancel.clone()));
         }
-        for feed in catalog.feeds() {
-            match (feed.def.source, &feed.def.synthetic, &feed.def.replay) {
-                (SourceKind::Synthetic, Some(def), _) => {
-                    let generator = feeds::synthetic::Generator::new(def, feed.idx, feed.id(), feed.instrument_count());
-                    feed_tasks.spawn(feeds::synthetic::run(
-                        def.clone(),
-                        generator,
-                        ingest.clone(),
-                        metrics.ingest_lag.with_label_values(&[feed.name()]),
-                        feeds_cancel.clone(),
-                    ));
-                }
-                (SourceKind::Replay, _, Some(def)) => {
-                    feed_tasks.spawn(feeds::replay::run(
-                        def.clone(),
-                        feed.idx as u16,
-                        ingest.clone(),
-                        metrics.ingest_lag.with_label_values(&[feed.name()]),
-                        feeds_cancel.clone(),
-                    ));
-                }
-                // Publish feeds are fed by `GET /v1/publish` connections.
-                _ => {}
-            }
-        }
+        sources::spawn(&catalog, &ingest, &metrics, &feed_tasks, &feeds_cancel);
 
         let admin_cancel = CancellationToken::new();
         let admin = server::admin::router(app.clone());

@@ -17,11 +17,11 @@ use tokio::sync::Notify;
 
 use super::conflate::{Conflation, Emit};
 use super::outbound::{OutItem, Outbound};
-use super::resume::Availability;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal, Validator};
+use crate::feeds::log::Availability;
 use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
 use tickgate_proto::close;
 use tickgate_proto::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};

@@ -14,7 +14,6 @@
 pub mod conflate;
 pub mod core;
 pub mod outbound;
-pub mod resume;
 pub mod shard;
 pub mod timer;
 

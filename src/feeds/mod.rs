@@ -1,15 +1,12 @@
-//! Feed definitions (`feeds/*.toml`) and the sources that produce ticks.
+//! Feed definitions (`feeds/*.toml`), the catalog built from them, and each feed's log.
 //!
 //! A feed is loaded once at start into the read-only [`Catalog`]: names, numeric ids and
 //! the dense instrument table that the shards index by position, plus the feed's
-//! [`FeedLog`] (epoch, last seqs, resume buffer). Sources encode each tick once and hand
-//! it to the engine: the [`synthetic`] random walk, the [`replay`] of a [`recording`], or
-//! upstream publishers on `GET /v1/publish` (`source = "publish"`, see
-//! `server::publish`).
+//! [`FeedLog`] ([`log`]: last seqs and the resume buffer) and its epoch ([`epoch`], kept
+//! across restarts). What produces the ticks lives in `crate::sources`.
 
 pub mod epoch;
-pub mod replay;
-pub mod synthetic;
+pub mod log;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::engine::resume::{FeedLog, RingBounds};
+use self::log::{FeedLog, RingBounds};
 
 /// The demo feed definition, compiled in so `serve` works from any directory.
 pub const EMBEDDED_DEMO: &str = include_str!("../../feeds/demo.toml");

@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio_util::sync::CancellationToken;
 
-use super::SyntheticDef;
 use crate::engine::{Ingest, Tick};
+use crate::feeds::SyntheticDef;
 use tickgate_proto::codec::{Body, Quote, Record, Trade, FIXED_SCALE};
 use tickgate_proto::now_ns;
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Feed, ReplayDef};
 use crate::engine::{Ingest, Tick};
+use crate::feeds::{Feed, ReplayDef};
 use tickgate_proto::now_ns;
 use tickgate_proto::recording::{Reader, RecordingError};
 
