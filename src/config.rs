@@ -608,22 +608,120 @@ mod tests {
 mod example_tests {
     use super::*;
 
+    /// Keys of tickgate.example.toml: `(section, key, line)` for every `key = value` line,
+    /// set or commented out (`# key = value`, the file's way of showing an optional key),
+    /// with `line` the setting without its leading `# `. A set line whose comment says
+    /// `# example` shows a value other than the default on purpose.
+    fn example_keys(text: &str) -> Vec<(String, String, String, bool)> {
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for raw in text.lines() {
+            let line = raw.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_string();
+                continue;
+            }
+            let (commented, body) = match line.strip_prefix("# ") {
+                Some(b) => (true, b),
+                None => (false, line),
+            };
+            let Some((key, _)) = body.split_once(" = ") else { continue };
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                continue;
+            }
+            keys.push((section.clone(), key.to_string(), body.to_string(), commented));
+        }
+        keys
+    }
+
+    fn one_key_config(section: &str, line: &str) -> Result<Config, ConfigError> {
+        let doc = if section.is_empty() { format!("{line}\n") } else { format!("[{section}]\n{line}\n") };
+        Config::from_toml(&doc)
+    }
+
+    /// The file documents the built-in defaults: every key it sets, alone in a config,
+    /// gives exactly `Config::default()` (compared through `Debug`, which shows every field),
+    /// unless the line says `# example`. Defaults therefore live in one place (the `Default`
+    /// impls above) and the file cannot drift from them.
     #[test]
-    fn example_file_documents_every_key_and_parses() {
+    fn example_file_sets_only_defaults() {
         let text = include_str!("../tickgate.example.toml");
-        let c = Config::from_toml(text).expect("example config is valid");
-        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        // Every key the example sets equals the default, so the file documents defaults.
-        let d = Config::default();
-        assert_eq!(c.limits.max_outbound_bytes, d.limits.max_outbound_bytes);
-        assert_eq!(c.server.heartbeat_ms, d.server.heartbeat_ms);
-        assert_eq!(c.engine.queue_capacity, d.engine.queue_capacity);
-        assert_eq!(c.engine.write_delay_us, d.engine.write_delay_us);
-        assert_eq!(c.server.request_timeout_ms, d.server.request_timeout_ms);
-        assert_eq!(
-            (c.limits.max_body_bytes, c.limits.max_pending_per_ip, c.limits.fd_reserve),
-            (d.limits.max_body_bytes, d.limits.max_pending_per_ip, d.limits.fd_reserve)
-        );
-        assert_eq!(c.auth.required_typ, d.auth.required_typ);
+        Config::from_toml(text).expect("example config is valid");
+        let default = format!("{:?}", Config::default());
+        let mut checked = 0;
+        for (section, key, line, commented) in example_keys(text) {
+            if commented || line.contains("# example") {
+                continue;
+            }
+            let c = one_key_config(&section, &line).unwrap_or_else(|e| panic!("[{section}] {key}: {e}"));
+            assert_eq!(format!("{c:?}"), default, "[{section}] {key} in tickgate.example.toml is not the default");
+            checked += 1;
+        }
+        assert!(checked > 50, "only {checked} keys found: is the parser above still reading the file?");
+    }
+
+    /// Every key the schema knows appears in the example file (set, or shown commented out),
+    /// and nothing there is unknown: a key added to the schema without documenting it, or
+    /// one removed but still documented, fails here.
+    #[test]
+    fn example_file_names_every_key() {
+        let text = include_str!("../tickgate.example.toml");
+        for (section, key, line, commented) in example_keys(text) {
+            // A commented-out value spread over several lines (the clients table) is shown
+            // for reading, not parsed.
+            if commented && line.ends_with('[') {
+                continue;
+            }
+            // Optional keys are commented out with an example value: they must parse too.
+            if let Err(e) = one_key_config(&section, &line) {
+                // Values that only make sense with others (external issuer, TLS key pair)
+                // are refused by validation, not by the schema: that is still a known key.
+                assert!(matches!(e, ConfigError::Invalid(_)), "[{section}] {key}: {e}");
+            }
+        }
+        // The other direction: the schema's keys, from serde's own list of fields.
+        let documented: std::collections::HashSet<(String, String)> =
+            example_keys(text).into_iter().map(|(s, k, _, _)| (s, k)).collect();
+        for (section, key) in schema_keys() {
+            assert!(
+                documented.contains(&(section.to_string(), key.to_string())),
+                "[{section}] {key} is not in tickgate.example.toml"
+            );
+        }
+    }
+
+    /// `(section, key)` for every field of the schema, found by asking the deserializer:
+    /// an unknown key is refused with the list of expected fields, which serde takes from
+    /// the struct definitions themselves.
+    fn schema_keys() -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for section in ["", "issuer", "auth", "security", "limits", "engine", "server", "tls", "log"] {
+            let doc = if section.is_empty() {
+                "zz_unknown_key = 1\n".to_string()
+            } else {
+                format!("[{section}]\nzz_unknown_key = 1\n")
+            };
+            let msg = match Config::from_toml(&doc) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("[{section}] accepted an unknown key"),
+            };
+            let list = msg
+                .split("unknown field `zz_unknown_key`, expected ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no field list in: {msg}"));
+            // "`a`" or "one of `a`, `b`, ...": the names are the backtick-quoted words.
+            for name in list.lines().next().unwrap_or("").split('`').skip(1).step_by(2) {
+                if name.is_empty() {
+                    continue;
+                }
+                let is_section = section.is_empty()
+                    && ["issuer", "auth", "security", "limits", "engine", "server", "tls", "log"].contains(&name);
+                if !is_section {
+                    out.push((section, name.to_string()));
+                }
+            }
+        }
+        assert!(out.len() > 60, "field lists not found: {out:?}");
+        out
     }
 }
