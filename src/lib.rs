@@ -4,17 +4,20 @@
 //!
 //! # Layout
 //!
+//! The wire (codec, control messages, close codes, recording format) is the crate
+//! `tickgate-proto`; the Rust client is `tickgate-client`; the load generator is
+//! `tickgate-bench`. This crate is the server:
+//!
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | TOML configuration, defaults, validation |
 //! | [`auth`] | key cache, token validation, scopes, the embedded OAuth2 issuer |
 //! | [`engine`] | shard threads, subscription index, outbound queues, resume buffer, conflation, timer wheel |
-//! | [`protocol`] | the binary record codec and the JSON control messages |
-//! | [`feeds`] | feed definitions and sources (synthetic random walk, replay of a recording), epochs kept across restarts |
+//! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
+//! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording (publishers: `server::publish`) |
 //! | [`server`] | listeners and their bounds (request deadlines, pending caps, descriptor reserve), HTTP on the shards, handshake, connection task, heartbeat, publish endpoint and live publishers, admin |
 //! | [`metrics`] | Prometheus metrics |
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
-//! | [`client`] | the Rust client used by `tickgate token`, `subscribe`, `record` and `load`; a publisher |
 //!
 //! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
 //! gives tests and embedders the bound addresses and an explicit graceful shutdown.

@@ -381,9 +381,6 @@ impl Metrics {
         for r in ["issued", "invalid_token", "insufficient_scope", "bad_request", "subject_limit", "unavailable"] {
             self.tickets.with_label_values(&[r]);
         }
-        for r in crate::auth::issuer::TOKEN_RESULTS {
-            self.token_requests.with_label_values(&[r]);
-        }
         for r in
             ["ok", "unauthorized", "forbidden", "bad_request", "unsupported_media_type", "too_large", "unavailable"]
         {

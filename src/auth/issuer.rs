@@ -85,16 +85,57 @@ impl SigningKey {
 /// Source addresses whose failed client authentications are tracked at once.
 const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
-/// Every `result` label of `tickgate_token_requests_total`.
-pub const TOKEN_RESULTS: [&str; 7] = [
-    "ok",
-    "invalid_request",
-    "unsupported_grant_type",
-    "invalid_client",
-    "invalid_scope",
-    "rate_limited",
-    "server_error",
-];
+/// How a `POST /oauth2/token` request was answered: the `result` label of
+/// `tickgate_token_requests_total`. For refusals the label is also the OAuth2 `error` code
+/// of the answer, except `RateLimited` (`too_many_requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenResult {
+    /// A token was issued.
+    Ok,
+    /// The request is malformed (body, Authorization header, credentials in two places).
+    InvalidRequest,
+    /// A grant other than `client_credentials`.
+    UnsupportedGrantType,
+    /// No credentials, an unknown client or a wrong secret.
+    InvalidClient,
+    /// A scope the client may not have.
+    InvalidScope,
+    /// Too many failed client authentications from the address or for the client id.
+    RateLimited,
+    /// Signing failed.
+    ServerError,
+}
+
+impl TokenResult {
+    /// Every result, so the counter shows all of them from the start.
+    pub const ALL: [TokenResult; 7] = [
+        TokenResult::Ok,
+        TokenResult::InvalidRequest,
+        TokenResult::UnsupportedGrantType,
+        TokenResult::InvalidClient,
+        TokenResult::InvalidScope,
+        TokenResult::RateLimited,
+        TokenResult::ServerError,
+    ];
+
+    /// The metric label (and, for refusals, the OAuth2 error code).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenResult::Ok => "ok",
+            TokenResult::InvalidRequest => "invalid_request",
+            TokenResult::UnsupportedGrantType => "unsupported_grant_type",
+            TokenResult::InvalidClient => "invalid_client",
+            TokenResult::InvalidScope => "invalid_scope",
+            TokenResult::RateLimited => "rate_limited",
+            TokenResult::ServerError => "server_error",
+        }
+    }
+
+    /// A refusal whose OAuth2 `error` code is this result's label.
+    fn refuse(self, status: StatusCode, description: &str) -> (TokenResult, Response) {
+        (self, oauth_error(status, self.as_str(), description))
+    }
+}
 
 /// Limits guessing at `/oauth2/token`: failed client authentications are taken from a token
 /// bucket per source address and one per (known) client id. While either is empty the
@@ -316,6 +357,11 @@ impl EmbeddedIssuer {
     /// Counts every `/oauth2/token` answer by result in `counter`
     /// (`tickgate_token_requests_total`).
     pub fn with_request_counter(mut self, counter: prometheus::IntCounterVec) -> EmbeddedIssuer {
+        // Every result shows from the start (at 0), so dashboards and alerts need no
+        // "absent" special case.
+        for r in TokenResult::ALL {
+            counter.with_label_values(&[r.as_str()]);
+        }
         self.requests = Some(counter);
         self
     }
@@ -477,69 +523,38 @@ async fn token(
 ) -> Response {
     let (result, resp) = token_answer(&iss, peer.map(|p| p.0 .0.ip()), &headers, &body);
     if let Some(c) = &iss.requests {
-        c.with_label_values(&[result]).inc();
+        c.with_label_values(&[result.as_str()]).inc();
     }
     resp
 }
 
 /// The answer to one token request, with its `result` label.
-fn token_answer(
-    iss: &EmbeddedIssuer,
-    ip: Option<IpAddr>,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> (&'static str, Response) {
+fn token_answer(iss: &EmbeddedIssuer, ip: Option<IpAddr>, headers: &HeaderMap, body: &[u8]) -> (TokenResult, Response) {
     let form: TokenForm = match serde_urlencoded::from_bytes(body) {
         Ok(f) => f,
         Err(_) => {
-            return (
-                "invalid_request",
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "body must be application/x-www-form-urlencoded",
-                ),
-            )
+            return TokenResult::InvalidRequest
+                .refuse(StatusCode::BAD_REQUEST, "body must be application/x-www-form-urlencoded")
         }
     };
     if form.grant_type.as_deref() != Some("client_credentials") {
-        return (
-            "unsupported_grant_type",
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                "only grant_type=client_credentials is supported",
-            ),
-        );
+        return TokenResult::UnsupportedGrantType
+            .refuse(StatusCode::BAD_REQUEST, "only grant_type=client_credentials is supported");
     }
     let basic = match basic_credentials(headers) {
         Ok(b) => b,
         Err(()) => {
-            return (
-                "invalid_request",
-                oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed Authorization header"),
-            )
+            return TokenResult::InvalidRequest.refuse(StatusCode::BAD_REQUEST, "malformed Authorization header")
         }
     };
     let (id, secret) = match (basic, form.client_id, form.client_secret) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return (
-                "invalid_request",
-                oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "client credentials in both the header and the body",
-                ),
-            )
+            return TokenResult::InvalidRequest
+                .refuse(StatusCode::BAD_REQUEST, "client credentials in both the header and the body")
         }
         (Some(b), None, None) => b,
         (None, Some(id), Some(secret)) => (id, secret),
-        _ => {
-            return (
-                "invalid_client",
-                oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication required"),
-            )
-        }
+        _ => return TokenResult::InvalidClient.refuse(StatusCode::UNAUTHORIZED, "client authentication required"),
     };
     // Only configured ids have a bucket of their own; unknown ids are limited by address.
     let known = iss.clients.iter().any(|c| c.id == id).then_some(id.as_str());
@@ -552,14 +567,11 @@ fn token_answer(
             &format!("too many failed client authentications; retry after {secs} s"),
         );
         resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        return ("rate_limited", resp);
+        return (TokenResult::RateLimited, resp);
     }
     let Some(client) = iss.authenticate(&id, &secret) else {
         iss.guard.failed(ip, known);
-        return (
-            "invalid_client",
-            oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret"),
-        );
+        return TokenResult::InvalidClient.refuse(StatusCode::UNAUTHORIZED, "unknown client or wrong secret");
     };
     let scopes: Vec<String> = match form.scope.as_deref() {
         None | Some("") => client.scopes.clone(),
@@ -567,14 +579,8 @@ fn token_answer(
             let requested: Vec<String> = split_scope(s).map(str::to_owned).collect();
             if let Some(bad) = requested.iter().find(|r| !scope_allowed(&client.scopes, r)) {
                 let shown: String = bad.chars().take(64).collect();
-                return (
-                    "invalid_scope",
-                    oauth_error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_scope",
-                        &format!("scope `{shown}` is not allowed for this client"),
-                    ),
-                );
+                return TokenResult::InvalidScope
+                    .refuse(StatusCode::BAD_REQUEST, &format!("scope `{shown}` is not allowed for this client"));
             }
             requested
         }
@@ -586,11 +592,14 @@ fn token_answer(
             body.insert("token_type", json!("Bearer"));
             body.insert("expires_in", json!(iss.ttl_s));
             body.insert("scope", json!(scopes.join(" ")));
-            ("ok", ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response())
+            (
+                TokenResult::Ok,
+                ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response(),
+            )
         }
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
-            ("server_error", oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed"))
+            TokenResult::ServerError.refuse(StatusCode::INTERNAL_SERVER_ERROR, "token signing failed")
         }
     }
 }

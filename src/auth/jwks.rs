@@ -123,7 +123,7 @@ pub fn parse_jwk(jwk: &Value) -> Result<(String, VerifyKey), String> {
                 Some("P-384") => (Algorithm::ES384, 48),
                 other => return Err(format!("kid {kid}: curve {other:?} not allowed")),
             };
-            if alg.is_some_and(|a| a != super::validate::alg_str(want)) {
+            if alg.is_some_and(|a| a != super::keys::alg_str(want)) {
                 return Err(format!("kid {kid}: alg does not match the curve"));
             }
             if b64_len(x) != Some(len) || b64_len(y) != Some(len) {

@@ -72,3 +72,23 @@ impl KeyStore {
         self.len() == 0
     }
 }
+
+/// The JOSE name of an algorithm.
+pub fn alg_str(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+        // Algorithms added to the crate later are simply not on the allowlist.
+        _ => "unsupported",
+    }
+}

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::jwks::JwksCache;
-use super::keys::KeyStore;
+use super::keys::{alg_str, KeyStore};
 use super::revocation::RevocationList;
 use super::scopes::{split_scope, Entitlements};
 
@@ -472,26 +472,6 @@ fn typ_matches(typ: &str, required: &str) -> bool {
 /// A short, printable excerpt of attacker-controlled text for an error description.
 fn sanitize(s: &str) -> String {
     s.chars().take(16).filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect()
-}
-
-/// The JOSE name of an algorithm.
-pub fn alg_str(a: Algorithm) -> &'static str {
-    match a {
-        Algorithm::HS256 => "HS256",
-        Algorithm::HS384 => "HS384",
-        Algorithm::HS512 => "HS512",
-        Algorithm::ES256 => "ES256",
-        Algorithm::ES384 => "ES384",
-        Algorithm::RS256 => "RS256",
-        Algorithm::RS384 => "RS384",
-        Algorithm::RS512 => "RS512",
-        Algorithm::PS256 => "PS256",
-        Algorithm::PS384 => "PS384",
-        Algorithm::PS512 => "PS512",
-        Algorithm::EdDSA => "EdDSA",
-        // Algorithms added to the crate later are simply not on the allowlist.
-        _ => "unsupported",
-    }
 }
 
 fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {

@@ -1,5 +1,5 @@
 //! Sources: what produces a feed's ticks and hands them to the engine's
-//! [`Ingest`](crate::engine::Ingest), which appends each one to the feed log before it
+//! [`crate::engine::Ingest`], which appends each one to the feed log before it
 //! queues it for the shards (that order is what makes resume exact).
 //!
 //! | source (`source =` in the feed file) | module |

@@ -1,10 +1,10 @@
-//! The replay source: plays a [`super::recording`] into a feed at its original pace
+//! The replay source: plays a [recording](tickgate_proto::recording) into a feed at its original pace
 //! (`speed = 1`), faster (`speed = 10`), or as fast as the engine takes it (`speed = 0`),
 //! once or in a loop.
 //!
 //! Pacing follows the records' `ts_event_ns`: record k is due `(ts_event_k -
 //! ts_event_0) / speed` after the pass started. Records due together go to the engine as
-//! one burst. Each pass after the first is a new epoch (from [`super::epoch`]), so subscribers get `reset` and
+//! one burst. Each pass after the first is a new epoch (from [`crate::feeds::epoch`]), so subscribers get `reset` and
 //! the seqs (1, 2, 3, ... per instrument in the recording) start over cleanly. Records
 //! keep their `ts_event_ns`; `ts_recv_ns` is the time they were played.
 
