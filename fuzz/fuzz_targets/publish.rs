@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use tickgate::engine::{Ingest, ShardInbox, Tick};
 use tickgate::feeds::{Catalog, FeedDef};
 use tickgate::sources::publish::{decode, sequence, PublishReject};
-use tickgate_proto::codec::{encode_batch, Record};
+use tickgate_proto::codec::{encode_batch, Record, StrictBatch};
 
 const FEED_ID: u16 = 7;
 const SYMBOLS: usize = 4;
@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(rec.instrument_id(), idx + 1);
         assert_eq!(rec.flags(), 0);
     }
-    let send_ts = u64::from_le_bytes(data[8..16].try_into().expect("16-byte header"));
+    let send_ts = StrictBatch::parse(data).expect("decode accepted its header").send_ts_ns();
     let mut again = Vec::new();
     encode_batch(out.iter().map(|(_, r)| r), send_ts, &mut again);
     assert_eq!(again, data, "decode is not the inverse of encode_batch");

@@ -4,6 +4,16 @@
 //!
 //! Encoding happens once per tick, at ingest ([`Record`] holds the finished bytes);
 //! the shards only copy those bytes into per-connection batches.
+//!
+//! This module is the only place that knows byte offsets. It holds the encoder
+//! ([`Record::encode`], [`encode_batch`], [`write_batch_header`]) and the decoders, which
+//! share their rules and one error ([`DecodeError`], a variant per rule):
+//! - [`decode_batch`], the client's: unknown record types are skipped by their length
+//!   and flags are kept, as spec §5 asks of clients;
+//! - [`StrictBatch`], the strict one for what publishers send: clean header, at least
+//!   one record, only trades and quotes of their exact length, flags and padding 0;
+//! - [`check_known_header`], the per-record rule the strict decoder and the recording
+//!   reader share.
 
 use thiserror::Error;
 
