@@ -360,9 +360,6 @@ impl Metrics {
         for r in ["replayed", "unavailable"] {
             self.resumes.with_label_values(&[r]);
         }
-        for r in crate::server::publish::REJECT_REASONS {
-            self.publish_rejects.with_label_values(&[r]);
-        }
         for r in [
             "ok",
             "bad_request",

@@ -149,7 +149,7 @@ fn committed_fuzz_corpus_never_panics() {
     }
     let mut out = Vec::new();
     for (_, data) in fuzz_files("corpus", "publish") {
-        let _ = tickgate::server::publish::decode(&data, 7, 4, &mut out);
+        let _ = tickgate::sources::publish::decode(&data, 7, 4, &mut out);
         n += 1;
     }
     for (_, data) in fuzz_files("corpus", "control") {
@@ -181,8 +181,8 @@ fn fuzz_finding_batch_count_is_not_trusted_for_allocation() {
         let e = decode_batch(&data).unwrap_err();
         assert_eq!(e.to_string(), "bad record length 38 at offset 16", "{name}");
         let mut out = Vec::new();
-        let r = tickgate::server::publish::decode(&data, 1, 1, &mut out).unwrap_err();
-        assert_eq!(r.reason, "malformed_batch", "{name}");
+        let r = tickgate::sources::publish::decode(&data, 1, 1, &mut out).unwrap_err();
+        assert_eq!(r.reason.as_str(), "malformed_batch", "{name}");
     }
 }
 

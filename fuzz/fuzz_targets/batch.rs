@@ -1,11 +1,11 @@
-//! The client-side batch decoder (`protocol::codec::decode_batch`) on arbitrary input.
+//! The client-side batch decoder (`tickgate_proto::codec::decode_batch`) on arbitrary input.
 //! Nothing may panic (nor allocate for what the input only claims: scripts/fuzz.sh runs
 //! with -malloc_limit_mb), and a batch of known records with a clean header re-encodes
 //! (`encode_batch`) to exactly its input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tickgate_proto::codec::{decode_batch, encode_batch};
+use tickgate_proto::codec::{decode_batch, encode_batch, DecodeError, StrictBatch};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(b) = decode_batch(data) else { return };
@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
     }
     // The decoder skips unknown records and does not look at the flag/reserved bytes,
     // which the encoder writes as 0: only then is the round trip exact.
-    if b.skipped_unknown == 0 && data[1] == 0 && data[4..8] == [0; 4] {
+    // (`StrictBatch` is the codec's rule for a clean header.)
+    if b.skipped_unknown == 0 && !matches!(StrictBatch::parse(data), Err(DecodeError::HeaderNotZero)) {
         let mut again = Vec::new();
         encode_batch(&b.records, b.send_ts_ns, &mut again);
         assert_eq!(again, data);

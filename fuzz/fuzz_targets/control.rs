@@ -1,7 +1,8 @@
 //! Control-message parsing on arbitrary input. Nothing may panic, and the round trips
 //! that hold do:
 //! - a client message that parses parses to the same message after its JSON is
-//!   re-serialized (the parse depends on the JSON value, not its spelling);
+//!   re-serialized (the parse depends on the JSON value, not its spelling), and after
+//!   `ClientMsg::to_json` (what clients send is what the server reads);
 //! - a refusal names the message's `id` only when that `id` is an integer;
 //! - a text that reads as a server message survives `to_json` and back unchanged (what the
 //!   client library decodes is what the server meant).
@@ -17,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             let v: serde_json::Value = serde_json::from_str(s).expect("parsed, so it is JSON");
             let again = parse_client_msg(&v.to_string()).expect("re-serialized message parses");
             assert_eq!(again, m);
+            assert_eq!(parse_client_msg(&m.to_json()).as_ref(), Ok(&m), "client message changed through to_json");
         }
         Err(e) => {
             if let Some(id) = e.id {

@@ -1,20 +1,24 @@
-//! The server's publish path on arbitrary bytes: `server::publish::decode` (the batch a
-//! publisher sends) and then `sequence` into a fresh test feed. Nothing may panic, and:
+//! The server's publish path on arbitrary bytes: `sources::publish::decode` (the batch a
+//! publisher sends, through the codec's strict decoder) and then `sequence` and the
+//! engine's `Ingest::append` into a fresh test feed. Nothing may panic, and:
+//! - every refusal's reason is one of `PublishReject::ALL`;
 //! - a batch `decode` accepts re-encodes to exactly the input bytes (nothing is dropped
 //!   or altered), its records are of the connection's feed with in-range instruments and
 //!   no flags;
-//! - `sequence` is all-or-nothing: on success every instrument's last seq is the highest
-//!   of the batch and seqs rise; on refusal the log is untouched; the same batch sent
-//!   again is refused unless every seq was 0 (server-assigned).
+//! - `sequence` is all-or-nothing: on success (and once appended) every instrument's
+//!   last seq is the highest of the batch and seqs rise; on refusal the log is
+//!   untouched; the same batch sent again is refused unless every seq was 0
+//!   (server-assigned).
 #![no_main]
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+use tickgate::engine::{Ingest, ShardInbox, Tick};
 use tickgate::feeds::{Catalog, FeedDef};
-use tickgate_proto::codec::{encode_batch, Record};
-use tickgate::server::publish::{decode, sequence, REJECT_REASONS};
+use tickgate::sources::publish::{decode, sequence, PublishReject};
+use tickgate_proto::codec::{encode_batch, Record, StrictBatch};
 
 const FEED_ID: u16 = 7;
 const SYMBOLS: usize = 4;
@@ -30,7 +34,7 @@ fn def() -> &'static FeedDef {
 fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     if let Err(r) = decode(data, FEED_ID, SYMBOLS, &mut out) {
-        assert!(REJECT_REASONS.contains(&r.reason), "undeclared reason {}", r.reason);
+        assert!(PublishReject::ALL.contains(&r.reason), "undeclared reason {}", r.reason);
         return;
     }
     assert!(!out.is_empty());
@@ -40,20 +44,24 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(rec.instrument_id(), idx + 1);
         assert_eq!(rec.flags(), 0);
     }
-    let send_ts = u64::from_le_bytes(data[8..16].try_into().expect("16-byte header"));
+    let send_ts = StrictBatch::parse(data).expect("decode accepted its header").send_ts_ns();
     let mut again = Vec::new();
     encode_batch(out.iter().map(|(_, r)| r), send_ts, &mut again);
     assert_eq!(again, data, "decode is not the inverse of encode_batch");
 
-    let catalog = Catalog::new(vec![def().clone()], 1).expect("catalog");
+    let catalog = Arc::new(Catalog::new(vec![def().clone()], 1).expect("catalog"));
+    // No shards and no counters: only the log side of the engine's ingest is exercised.
+    let ingest = Ingest::new(Arc::from(Vec::<Arc<ShardInbox>>::new()), catalog.clone(), Arc::from(Vec::new()));
     let feed = &catalog.feeds()[0];
     let original: Vec<(u32, Record)> = out.clone();
     match sequence(feed, &mut out, 42) {
         Err(r) => {
-            assert_eq!(r.reason, "seq_backwards");
+            assert_eq!(r.reason, PublishReject::SeqBackwards);
             assert_eq!(feed.log().len(), 0, "a refused batch left records in the log");
         }
         Ok(()) => {
+            let ticks: Vec<Tick> = out.iter().map(|&(instr, record)| Tick { feed_idx: 0, instr, record }).collect();
+            ingest.append(&ticks);
             let mut last: HashMap<u32, u64> = HashMap::new();
             for (idx, rec) in &out {
                 let prev = last.insert(*idx, rec.seq()).unwrap_or(0);

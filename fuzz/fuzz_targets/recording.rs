@@ -1,4 +1,4 @@
-//! The `.tgrec` reader (`feeds::recording::Reader`, the one `replay` feeds use on a file)
+//! The `.tgrec` reader (`tickgate_proto::recording::Reader`, the one `replay` feeds use on a file)
 //! on arbitrary bytes. Nothing may panic, it ends (every record consumes input), and what
 //! it reads, written again with `Writer`, reads back identically.
 #![no_main]

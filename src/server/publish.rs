@@ -6,14 +6,16 @@
 //! `md:publish:<FEED>`. One publisher per feed at a time: seqs have one writer, so "seq
 //! going backwards" means what it says.
 //!
-//! Each binary message is one batch in the spec §5 layout. A batch is checked whole
-//! before any of it is taken in: a bad record refuses the batch (an `error` with code
-//! `bad_record` naming the record and the rule, counted in
-//! `tickgate_publish_rejects_total{reason}`), and nothing of it reaches subscribers, so a
-//! publisher can fix and resend it. A record's `seq` is kept as the publisher set it
-//! (nodes fed by the same upstream then agree), or assigned as last + 1 when it is 0.
-//! A jump forward is a source gap, named to subscribers by a `gap` (reason
-//! `source_gap`). `ts_recv_ns` is stamped by the server.
+//! This module holds the endpoint and the connection: the handshake (feed, epoch,
+//! scope, the feed's one publisher slot), the connection task (heartbeat, token expiry,
+//! revocation, strikes, the `error` replies) and [`Publishers`], the live publishers
+//! as `/admin/revoke` sees them. What a batch becomes is the publish source's
+//! (`sources::publish`): one batch in the spec §5 layout per binary message, checked
+//! whole by the codec's strict decoder and the feed's rules before any of it is taken
+//! in; a refusal is an `error` with code `bad_record` naming the record and the rule,
+//! counted in `tickgate_publish_rejects_total{reason}`. A jump forward in seq is a
+//! source gap, named to subscribers by a `gap` (reason `source_gap`). `ts_recv_ns` is
+//! stamped by the server.
 //!
 //! `{"op":"ping","id":N}` is answered `{"type":"pong","id":N,...}` once every earlier
 //! batch is in the feed's log and queued for the shards: a publisher's acknowledgement.
@@ -40,164 +42,11 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
 use super::heartbeat::{Beat, Heartbeat};
 use super::AppState;
-use crate::engine::Tick;
-use crate::feeds::{Feed, SourceKind};
+use crate::feeds::SourceKind;
+use crate::sources::publish::{PublishReject, PublishSource, Taken};
 use tickgate_proto::close;
-use tickgate_proto::codec::{
-    Record, BATCH_HEADER_LEN, QUOTE_LEN, RECORD_HEADER_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN, VERSION,
-};
 use tickgate_proto::control::{ErrorCode, ServerMsg};
 use tickgate_proto::now_ns;
-
-/// Reasons a batch is refused (the `reason` label of `tickgate_publish_rejects_total`).
-pub const REJECT_REASONS: [&str; 9] = [
-    "malformed_batch",
-    "bad_version",
-    "bad_length",
-    "unknown_rtype",
-    "wrong_feed",
-    "unknown_instrument",
-    "bad_flags",
-    "seq_backwards",
-    "bad_text",
-];
-
-/// A refused batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reject {
-    /// One of [`REJECT_REASONS`].
-    pub reason: &'static str,
-    /// What exactly is wrong, for the publisher.
-    pub message: String,
-}
-
-fn reject(reason: &'static str, message: String) -> Reject {
-    Reject { reason, message }
-}
-
-/// Checks one batch against the feed and decodes its records (dense instrument index,
-/// record). Seqs are not looked at here; see [`sequence`].
-pub fn decode(msg: &[u8], feed_id: u16, instruments: usize, out: &mut Vec<(u32, Record)>) -> Result<(), Reject> {
-    out.clear();
-    if msg.len() < BATCH_HEADER_LEN {
-        return Err(reject("malformed_batch", format!("batch of {} bytes is shorter than its header", msg.len())));
-    }
-    if msg[0] != VERSION {
-        return Err(reject("bad_version", format!("batch version {} (expected {VERSION})", msg[0])));
-    }
-    if msg[1] != 0 || msg[4..8] != [0; 4] {
-        return Err(reject("malformed_batch", "batch flags and reserved bytes must be 0".into()));
-    }
-    let count = u16::from_le_bytes([msg[2], msg[3]]) as usize;
-    if count == 0 {
-        return Err(reject("malformed_batch", "batch has no record".into()));
-    }
-    let mut at = BATCH_HEADER_LEN;
-    for k in 0..count {
-        let rest = &msg[at..];
-        if rest.len() < RECORD_HEADER_LEN {
-            return Err(reject(
-                "malformed_batch",
-                format!("record {k} at byte {at}: {} bytes left, a record header is {RECORD_HEADER_LEN}", rest.len()),
-            ));
-        }
-        let (len, rtype) = (rest[0] as usize, rest[1]);
-        let want = match rtype {
-            RTYPE_TRADE => TRADE_LEN,
-            RTYPE_QUOTE => QUOTE_LEN,
-            other => {
-                return Err(reject(
-                    "unknown_rtype",
-                    format!("record {k} at byte {at}: rtype {other} (publishers send 1 trade or 2 quote)"),
-                ))
-            }
-        };
-        if len != want {
-            return Err(reject(
-                "bad_length",
-                format!("record {k} at byte {at}: len {len} does not match rtype {rtype} (which is {want} bytes)"),
-            ));
-        }
-        if rest.len() < len {
-            return Err(reject(
-                "malformed_batch",
-                format!("record {k} at byte {at}: {len} bytes announced, {} left", rest.len()),
-            ));
-        }
-        let rec = Record::from_wire(&rest[..len])
-            .map_err(|e| reject("malformed_batch", format!("record {k} at byte {at}: {e}")))?;
-        if rec.feed_id() != feed_id {
-            return Err(reject(
-                "wrong_feed",
-                format!(
-                    "record {k} at byte {at}: feed_id {} but this connection publishes feed {feed_id}",
-                    rec.feed_id()
-                ),
-            ));
-        }
-        let id = rec.instrument_id() as usize;
-        if id == 0 || id > instruments {
-            return Err(reject(
-                "unknown_instrument",
-                format!("record {k} at byte {at}: instrument_id {id} (the feed has ids 1..={instruments})"),
-            ));
-        }
-        // Flags are the server's (SNAPSHOT/REPLAY/CONFLATED) and the tail is padding.
-        let tail_from = if rtype == RTYPE_TRADE { 49 } else { 64 };
-        if rest[tail_from..len].iter().any(|&b| b != 0) {
-            return Err(reject(
-                "bad_flags",
-                format!("record {k} at byte {at}: record flags and padding must be 0 (flags are set by the server)"),
-            ));
-        }
-        out.push(((id - 1) as u32, rec));
-        at += len;
-    }
-    if at != msg.len() {
-        return Err(reject(
-            "malformed_batch",
-            format!("{} bytes after the {count} records the header announces", msg.len() - at),
-        ));
-    }
-    Ok(())
-}
-
-/// Gives every record its final seq (0 → last + 1) and its ingest time, checking seqs
-/// only go up, then appends the batch to the feed's log: all of it or, on the first
-/// refused record, none of it.
-pub fn sequence(feed: &Feed, recs: &mut [(u32, Record)], recv_ns: i64) -> Result<(), Reject> {
-    let mut log = feed.log_mut();
-    let mut last: HashMap<u32, u64> = HashMap::new();
-    for (k, (instr, rec)) in recs.iter_mut().enumerate() {
-        let prev = *last.entry(*instr).or_insert_with(|| log.last_seq(*instr));
-        let seq = match rec.seq() {
-            0 if prev == u64::MAX => {
-                return Err(reject(
-                    "seq_backwards",
-                    format!("record {k}: the seq space of {} is used up", feed.symbol(*instr)),
-                ))
-            }
-            0 => prev + 1,
-            s if s > prev => s,
-            s => {
-                return Err(reject(
-                    "seq_backwards",
-                    format!(
-                        "record {k}: seq {s} of {} is not above the last accepted {prev} (epoch {})",
-                        feed.symbol(*instr),
-                        log.epoch()
-                    ),
-                ))
-            }
-        };
-        last.insert(*instr, seq);
-        *rec = rec.with_seq(seq).with_recv_ts(recv_ns);
-    }
-    for (instr, rec) in recs.iter() {
-        log.append(*instr, *rec);
-    }
-    Ok(())
-}
 
 fn refusal(status: StatusCode, error: &'static str, description: String, result: &'static str) -> Refusal {
     Refusal { status, error, description, result, auth_reason: None }
@@ -414,8 +263,7 @@ async fn run(
     let expiry = tokio::time::sleep(expires_in);
     tokio::pin!(expiry);
     let mut strikes = 0u32;
-    let mut recs: Vec<(u32, Record)> = Vec::new();
-    let mut ticks: Vec<Tick> = Vec::new();
+    let mut source = PublishSource::new(feed_idx as u16);
     let (code, reason) = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break (close::GOING_AWAY, "server shutting down"),
@@ -435,47 +283,35 @@ async fn run(
         };
         let reply = match msg {
             None | Some(Err(_)) => break (1006, "socket error"),
-            Some(Ok(Message::Binary(b))) => {
-                let taken = decode(&b, feed.id(), feed.instrument_count(), &mut recs)
-                    .and_then(|()| sequence(feed, &mut recs, now_ns() as i64));
-                match taken {
-                    Ok(()) => {
-                        ticks.clear();
-                        ticks.extend(recs.iter().map(|&(instr, record)| Tick {
-                            feed_idx: feed_idx as u16,
-                            instr,
-                            record,
-                        }));
-                        if !app.ingest.enqueue(&ticks, &cancel).await {
-                            break (close::GOING_AWAY, "server shutting down");
-                        }
-                        app.ingest.flush();
-                        None
-                    }
-                    Err(r) => {
-                        app.metrics.publish_rejects.with_label_values(&[r.reason]).inc();
-                        strikes += 1;
-                        Some(ServerMsg::Error {
-                            id: None,
-                            code: ErrorCode::BadRecord,
-                            message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
-                        })
-                    }
+            Some(Ok(Message::Binary(b))) => match source.take(feed, &b, &app.ingest, &cancel).await {
+                Ok(Taken::Queued) => None,
+                Ok(Taken::Cancelled) => break (close::GOING_AWAY, "server shutting down"),
+                Err(r) => {
+                    app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
+                    strikes += 1;
+                    Some(ServerMsg::Error {
+                        id: None,
+                        code: ErrorCode::BadRecord,
+                        message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
+                    })
                 }
-            }
+            },
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<serde_json::Value>(t.as_str()) {
                 Ok(v) if v.get("op").and_then(|o| o.as_str()) == Some("ping") => {
                     Some(ServerMsg::Pong { id: v.get("id").and_then(|i| i.as_i64()), ts: now_ns() })
                 }
                 _ => {
-                    app.metrics.publish_rejects.with_label_values(&["bad_text"]).inc();
+                    app.metrics.publish_rejects.with_label_values(&[PublishReject::BadText.as_str()]).inc();
                     strikes += 1;
                     // One answer for one rule: code `bad_request` (it is not a batch), the
                     // message led by the metric's reason, as batch refusals are.
                     Some(ServerMsg::Error {
                         id: None,
                         code: ErrorCode::BadRequest,
-                        message: "bad_text: publishers send binary batches and {\"op\":\"ping\"} only".into(),
+                        message: format!(
+                            "{}: publishers send binary batches and {{\"op\":\"ping\"}} only",
+                            PublishReject::BadText
+                        ),
                     })
                 }
             },
@@ -500,78 +336,4 @@ async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
     }
     tracing::info!(feed = feed.name(), code, reason, "publisher disconnected");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::feeds::{Catalog, FeedDef};
-    use tickgate_proto::codec::{encode_batch, Body, Quote, Trade};
-
-    fn batch(recs: &[Record]) -> Vec<u8> {
-        let mut b = Vec::new();
-        encode_batch(recs, 0, &mut b);
-        b
-    }
-
-    fn trade(feed: u16, instr: u32, seq: u64) -> Record {
-        Record::encode(feed, instr, seq, 1, 0, &Body::Trade(Trade { price: 1, size: 1, side: 1 }), 0)
-    }
-
-    fn catalog() -> Catalog {
-        let def = FeedDef::parse("p", "name = \"P\"\nid = 9\nsource = \"publish\"\nsymbols = [\"A\", \"B\"]\n")
-            .expect("feed");
-        Catalog::new(vec![def], 1).expect("catalog")
-    }
-
-    fn reason(msg: &[u8]) -> &'static str {
-        decode(msg, 9, 2, &mut Vec::new()).expect_err("refused").reason
-    }
-
-    #[test]
-    fn every_malformation_has_its_reason() {
-        let good = batch(&[trade(9, 1, 0), trade(9, 2, 0)]);
-        let mut out = Vec::new();
-        decode(&good, 9, 2, &mut out).expect("good batch");
-        assert_eq!(out.len(), 2);
-        assert_eq!(reason(&good[..10]), "malformed_batch");
-        assert_eq!(reason(&good[..good.len() - 1]), "malformed_batch");
-        let mut extra = good.clone();
-        extra.extend_from_slice(&[0; 8]);
-        assert_eq!(reason(&extra), "malformed_batch");
-        let mut v = good.clone();
-        v[0] = 2;
-        assert_eq!(reason(&v), "bad_version");
-        let mut l = good.clone();
-        l[16] = 40;
-        assert_eq!(reason(&l), "bad_length");
-        let mut t = good.clone();
-        t[17] = 7;
-        assert_eq!(reason(&t), "unknown_rtype");
-        assert_eq!(reason(&batch(&[trade(8, 1, 0)])), "wrong_feed");
-        assert_eq!(reason(&batch(&[trade(9, 3, 0)])), "unknown_instrument");
-        assert_eq!(reason(&batch(&[trade(9, 0, 0)])), "unknown_instrument");
-        assert_eq!(reason(&batch(&[trade(9, 1, 0).with_flags(1)])), "bad_flags");
-        let q = Record::encode(9, 1, 0, 0, 0, &Body::Quote(Quote::default()), 0);
-        decode(&batch(&[q]), 9, 2, &mut out).expect("quote");
-    }
-
-    #[test]
-    fn seqs_are_assigned_or_kept_and_never_go_back() {
-        let c = catalog();
-        let feed = c.get(0).expect("feed");
-        let mut recs = vec![(0, trade(9, 1, 0)), (0, trade(9, 1, 0)), (1, trade(9, 2, 10))];
-        sequence(feed, &mut recs, 5).expect("first batch");
-        assert_eq!(recs.iter().map(|(_, r)| r.seq()).collect::<Vec<_>>(), vec![1, 2, 10]);
-        assert!(recs.iter().all(|(_, r)| r.ts_recv_ns() == 5));
-        // A batch with one backwards seq is refused whole: nothing of it is appended.
-        let mut bad = vec![(0, trade(9, 1, 0)), (1, trade(9, 2, 10))];
-        let e = sequence(feed, &mut bad, 6).expect_err("backwards");
-        assert_eq!(e.reason, "seq_backwards");
-        assert!(e.message.contains("record 1"), "{}", e.message);
-        assert_eq!(feed.log().last_seq(0), 2, "the good record of the refused batch was not taken");
-        let mut ok = vec![(0, trade(9, 1, 0)), (1, trade(9, 2, 0))];
-        sequence(feed, &mut ok, 7).expect("continues");
-        assert_eq!(ok.iter().map(|(_, r)| r.seq()).collect::<Vec<_>>(), vec![3, 11]);
-    }
 }

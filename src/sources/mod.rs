@@ -6,11 +6,12 @@
 //! |---|---|
 //! | `synthetic`: a seeded random walk of trades and quotes | [`synthetic`] |
 //! | `replay`: a recording played back at its own pace, looping | [`replay`] |
-//! | `publish`: upstream feed handlers on `GET /v1/publish` | `server::publish` (one task per publisher connection) |
+//! | `publish`: upstream feed handlers on `GET /v1/publish` | [`publish`] (the batch rules, seqs and ingest of one publisher connection; the endpoint and connection task are `server::publish`) |
 //!
 //! This module sits above both `feeds` (the definitions it reads) and `engine` (the
 //! ingest it writes to), which is why sources are not part of `feeds`.
 
+pub mod publish;
 pub mod replay;
 pub mod synthetic;
 
@@ -22,7 +23,8 @@ use crate::feeds::{Catalog, SourceKind};
 use crate::metrics::Metrics;
 
 /// Starts one task per synthetic or replay feed on `tasks`; each stops when `cancel`
-/// fires. Publish feeds have no task here: their publishers' connections feed them.
+/// fires. Publish feeds have no task here: their publishers' connections feed them
+/// (through [`publish::PublishSource`]); their reject counters are primed here.
 pub(crate) fn spawn(
     catalog: &Catalog,
     ingest: &Ingest,
@@ -30,6 +32,7 @@ pub(crate) fn spawn(
     tasks: &TaskTracker,
     cancel: &CancellationToken,
 ) {
+    publish::prime_metrics(metrics);
     for feed in catalog.feeds() {
         let lag = metrics.ingest_lag.with_label_values(&[feed.name()]);
         match (feed.def.source, &feed.def.synthetic, &feed.def.replay) {

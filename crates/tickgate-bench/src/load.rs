@@ -11,6 +11,9 @@
 //!
 //! Publisher side (`--role publisher`, [`publish`]): a fixed open-loop schedule of ticks
 //! into NATS or into tickgate's publish endpoint.
+//!
+//! Control messages are typed `ClientMsg` values; a subscriber tells the answers to its
+//! in-band refreshes by the ids it sent them with (`Refreshes`).
 
 mod args;
 pub mod multi;
@@ -19,6 +22,7 @@ pub mod publish;
 
 pub use args::{execute, LoadArgs, LoadReport, Role, Target};
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,11 +32,11 @@ use base64::Engine as _;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use thiserror::Error;
 
 use tickgate_client::{ClientError, ConnectOptions, Event, Subscriber};
 use tickgate_proto::codec::FLAG_SNAPSHOT;
+use tickgate_proto::control::{ClientMsg, SecretString};
 use tickgate_proto::now_ns;
 
 /// Why a load run failed.
@@ -538,6 +542,39 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, LoadError> {
     })
 }
 
+/// The id of each subscriber's one `subscribe`; refreshes count up from it.
+const SUBSCRIBE_ID: i64 = 1;
+
+/// The in-band refreshes one subscriber has sent and not seen answered. The server
+/// echoes a request's `id` in its reply, so an `error` is a refused refresh exactly when
+/// its id is one of these.
+#[derive(Debug)]
+struct Refreshes {
+    last_id: i64,
+    pending: HashSet<i64>,
+}
+
+impl Default for Refreshes {
+    fn default() -> Refreshes {
+        Refreshes { last_id: SUBSCRIBE_ID, pending: HashSet::new() }
+    }
+}
+
+impl Refreshes {
+    /// The next refresh message, its id remembered.
+    fn next(&mut self, token: String) -> ClientMsg {
+        self.last_id += 1;
+        self.pending.insert(self.last_id);
+        ClientMsg::Refresh { id: Some(self.last_id), token: SecretString(token) }
+    }
+
+    /// Whether a reply with this id answers a pending refresh (which is then no longer
+    /// pending).
+    fn answered(&mut self, id: Option<i64>) -> bool {
+        id.is_some_and(|id| self.pending.remove(&id))
+    }
+}
+
 async fn subscriber(
     i: usize,
     o: LoadOptions,
@@ -557,7 +594,15 @@ async fn subscriber(
         }
     };
     let symbols = symbols_for(i, &o.symbols, o.symbols_per_conn);
-    if let Err(e) = sub.send_json(&json!({"op": "subscribe", "id": 1, "feed": o.feed, "symbols": symbols})).await {
+    let subscribe = ClientMsg::Subscribe {
+        id: Some(SUBSCRIBE_ID),
+        feed: o.feed.clone(),
+        symbols,
+        snapshot: false,
+        resume: None,
+        epoch: None,
+    };
+    if let Err(e) = sub.send(&subscribe).await {
         let _ = ready.send(Err(format!("#{i}: {e}"))).await;
         return Err(e.into());
     }
@@ -571,7 +616,7 @@ async fn subscriber(
     let refresh = tokio::time::sleep(every.mul_f64(rand::random_range(0.0..1.0)));
     tokio::pin!(refresh);
     let mut refresh_tokens = o.refresh_tokens.clone();
-    let mut refresh_id = 100;
+    let mut refreshes = Refreshes::default();
     loop {
         let ev = tokio::select! {
             biased;
@@ -580,8 +625,7 @@ async fn subscriber(
                 refresh.as_mut().reset(tokio::time::Instant::now() + every);
                 if let Some(rx) = refresh_tokens.as_mut() {
                     let token = rx.borrow_and_update().clone();
-                    refresh_id += 1;
-                    sub.send_json(&json!({"op": "refresh", "id": refresh_id, "token": token})).await?;
+                    sub.send(&refreshes.next(token)).await?;
                 }
                 continue;
             }
@@ -604,10 +648,11 @@ async fn subscriber(
                         drop(permit.take());
                         let _ = ready.send(Ok(())).await;
                     }
-                    ServerMsg::Refreshed { .. } => {
+                    ServerMsg::Refreshed { id, .. } => {
+                        refreshes.answered(id);
                         sh.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    ServerMsg::Error { id: Some(id), .. } if id > 100 => {
+                    ServerMsg::Error { id, .. } if refreshes.answered(id) => {
                         sh.refreshes_refused.fetch_add(1, Ordering::Relaxed);
                     }
                     ServerMsg::Error { message, .. } if !announced => {
@@ -698,5 +743,16 @@ mod tests {
         assert_eq!(source_ip(0, 1, 8), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
         assert_eq!(source_ip(9, 1, 8), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
         assert_eq!(source_ip(3, 5, 2), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)));
+    }
+
+    #[test]
+    fn refresh_replies_are_told_by_their_id() {
+        let mut r = Refreshes::default();
+        let ClientMsg::Refresh { id: Some(id), .. } = r.next("t".into()) else { panic!("a refresh") };
+        assert_ne!(id, SUBSCRIBE_ID);
+        assert!(!r.answered(Some(SUBSCRIBE_ID)), "the subscribe's error is not a refresh's");
+        assert!(!r.answered(None));
+        assert!(r.answered(Some(id)));
+        assert!(!r.answered(Some(id)), "answered once");
     }
 }

@@ -1,4 +1,9 @@
 //! The Rust client: token fetching, connecting, decoding batches and checking delivery.
+//! Batches are decoded by the protocol crate's client decoder
+//! (`tickgate_proto::codec::decode_batch`) and control messages are written as typed
+//! `tickgate_proto::control::ClientMsg` values ([`Subscriber::send`]), so the client
+//! holds no copy of the wire format. [`publisher`] is the `GET /v1/publish` side and
+//! [`tools`] the CLI commands built on both.
 //!
 //! [`SeqTracker`] enforces the client side of the delivery guarantees (spec §6): for each
 //! subscribed instrument every seq arrives in order, or a `gap` message names the missing
@@ -22,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use tickgate_proto::codec::{decode_batch, DecodeError, Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT};
-use tickgate_proto::control::ServerMsg;
+use tickgate_proto::control::{ClientMsg, ServerMsg};
 use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
 /// Client errors.
@@ -492,19 +497,31 @@ impl Subscriber {
         snapshot: bool,
         resume: Option<(Option<u64>, BTreeMap<String, u64>)>,
     ) -> Result<(), ClientError> {
-        let mut msg =
-            serde_json::json!({"op": "subscribe", "id": id, "feed": feed, "symbols": symbols, "snapshot": snapshot});
-        if let Some((epoch, seqs)) = resume {
-            msg["resume"] = serde_json::json!(seqs);
-            if let Some(e) = epoch {
-                msg["epoch"] = serde_json::json!(e);
+        let (epoch, resume) = match resume {
+            Some((epoch, seqs)) => {
+                self.tracker.expect_resume(feed, epoch, seqs.clone());
+                (epoch, Some(seqs))
             }
-            self.tracker.expect_resume(feed, epoch, seqs);
-        }
-        self.send_json(&msg).await
+            None => (None, None),
+        };
+        let msg = ClientMsg::Subscribe {
+            id: Some(id),
+            feed: feed.to_owned(),
+            symbols: symbols.iter().map(|s| (*s).to_owned()).collect(),
+            snapshot,
+            resume,
+            epoch,
+        };
+        self.send(&msg).await
     }
 
     /// Sends a control message.
+    pub async fn send(&mut self, m: &ClientMsg) -> Result<(), ClientError> {
+        self.ws.send(Message::text(m.to_json())).await?;
+        Ok(())
+    }
+
+    /// Sends arbitrary JSON as a control message (tests of what the server refuses).
     pub async fn send_json(&mut self, v: &serde_json::Value) -> Result<(), ClientError> {
         self.ws.send(Message::text(v.to_string())).await?;
         Ok(())

@@ -1,12 +1,14 @@
 //! A publisher for `GET /v1/publish`: sends batches of records into a `publish` feed and
 //! waits for acknowledgements (`ping` → `pong` once everything before it is taken in).
+//! Batches are written by the protocol crate's encoder and the ping is a typed
+//! `ClientMsg`.
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{connect, ClientError, ClientWs, ConnectOptions};
 use tickgate_proto::codec::{encode_batch, Record, MAX_BATCH_RECORDS};
-use tickgate_proto::control::ServerMsg;
+use tickgate_proto::control::{ClientMsg, ServerMsg};
 use tickgate_proto::now_ns;
 
 /// A publisher connection.
@@ -58,7 +60,7 @@ impl Publisher {
     pub async fn sync(&mut self) -> Result<Vec<ServerMsg>, ClientError> {
         self.next_ping += 1;
         let id = self.next_ping;
-        self.ws.send(Message::text(format!("{{\"op\":\"ping\",\"id\":{id}}}"))).await?;
+        self.ws.send(Message::text(ClientMsg::Ping { id: Some(id) }.to_json())).await?;
         let mut seen = Vec::new();
         loop {
             match self.ws.next().await {

@@ -4,6 +4,16 @@
 //!
 //! Encoding happens once per tick, at ingest ([`Record`] holds the finished bytes);
 //! the shards only copy those bytes into per-connection batches.
+//!
+//! This module is the only place that knows byte offsets. It holds the encoder
+//! ([`Record::encode`], [`encode_batch`], [`write_batch_header`]) and the decoders, which
+//! share their rules and one error ([`DecodeError`], a variant per rule):
+//! - [`decode_batch`], the client's: unknown record types are skipped by their length
+//!   and flags are kept, as spec §5 asks of clients;
+//! - [`StrictBatch`], the strict one for what publishers send: clean header, at least
+//!   one record, only trades and quotes of their exact length, flags and padding 0;
+//! - [`check_known_header`], the per-record rule the strict decoder and the recording
+//!   reader share.
 
 use thiserror::Error;
 
@@ -41,12 +51,18 @@ const TRADE_FLAGS_AT: usize = 49;
 /// Byte offset of the `flags` field inside a quote record.
 const QUOTE_FLAGS_AT: usize = 64;
 
-/// Why a batch or record could not be decoded.
+/// Why a batch or record could not be decoded: the one error of every decoder here
+/// ([`decode_batch`] for clients, [`StrictBatch`] for publishers' batches,
+/// [`check_known_header`] for the recording reader). Each variant is one rule of the
+/// layout, so a caller that answers a peer (the publish endpoint) maps variants to its
+/// own reasons without looking at bytes.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
     /// Fewer bytes than the structure needs.
     #[error("truncated: need {need} bytes at offset {at}, have {have}")]
     Truncated {
+        /// Index of the record being read, `None` for the batch header.
+        record: Option<usize>,
         /// Offset where the structure starts.
         at: usize,
         /// Bytes the structure needs.
@@ -57,6 +73,12 @@ pub enum DecodeError {
     /// Batch version is not 1.
     #[error("unsupported batch version {0}")]
     Version(u8),
+    /// Strict only: the batch header's flags or reserved bytes are not 0.
+    #[error("batch flags and reserved bytes must be 0")]
+    HeaderNotZero,
+    /// Strict only: the batch announces no record.
+    #[error("batch has no record")]
+    Empty,
     /// A record length below the header size or not a multiple of 8.
     #[error("bad record length {len} at offset {at}")]
     BadLength {
@@ -65,9 +87,23 @@ pub enum DecodeError {
         /// Its declared length.
         len: u8,
     },
+    /// Strict only: a record type other than trade or quote.
+    #[error("unknown record type {rtype} at offset {at}")]
+    UnknownRtype {
+        /// Index of the record in its batch (0 outside a batch).
+        record: usize,
+        /// Offset of the record.
+        at: usize,
+        /// The record type found.
+        rtype: u8,
+    },
     /// Known `rtype` with the wrong length.
     #[error("record type {rtype} must be {expected} bytes, got {len}")]
     WrongLengthForType {
+        /// Index of the record in its batch (0 outside a batch).
+        record: usize,
+        /// Offset of the record.
+        at: usize,
         /// The record type.
         rtype: u8,
         /// The length the layout requires.
@@ -75,9 +111,22 @@ pub enum DecodeError {
         /// The length found.
         len: usize,
     },
+    /// Strict only: a record's flag byte or padding is not 0 (flags are the server's).
+    #[error("record flags and padding must be 0 at offset {at}")]
+    FlagsNotZero {
+        /// Index of the record in its batch.
+        record: usize,
+        /// Offset of the record.
+        at: usize,
+    },
     /// Bytes left over after `count` records.
-    #[error("{0} trailing bytes after the last record")]
-    Trailing(usize),
+    #[error("{extra} trailing bytes after the last record")]
+    Trailing {
+        /// How many records the header announced.
+        count: usize,
+        /// The bytes left over.
+        extra: usize,
+    },
 }
 
 /// The fields of a trade body.
@@ -230,19 +279,13 @@ impl Record {
     /// The record's flag byte.
     #[inline]
     pub fn flags(&self) -> u8 {
-        match self.rtype() {
-            RTYPE_TRADE => self.buf[TRADE_FLAGS_AT],
-            _ => self.buf[QUOTE_FLAGS_AT],
-        }
+        self.buf[flags_at(self.rtype())]
     }
 
     /// A copy of this record with `flags` or-ed into its flag byte.
     #[inline]
     pub fn with_flags(mut self, flags: u8) -> Record {
-        let at = match self.rtype() {
-            RTYPE_TRADE => TRADE_FLAGS_AT,
-            _ => QUOTE_FLAGS_AT,
-        };
+        let at = flags_at(self.rtype());
         self.buf[at] |= flags;
         self
     }
@@ -271,10 +314,7 @@ impl Record {
     /// A copy with its flag byte cleared.
     #[inline]
     pub fn without_flags(mut self) -> Record {
-        let at = match self.rtype() {
-            RTYPE_TRADE => TRADE_FLAGS_AT,
-            _ => QUOTE_FLAGS_AT,
-        };
+        let at = flags_at(self.rtype());
         self.buf[at] = 0;
         self
     }
@@ -299,20 +339,62 @@ impl Record {
     /// Parses one known record (trade or quote) from wire bytes that hold exactly it.
     pub fn from_wire(bytes: &[u8]) -> Result<Record, DecodeError> {
         if bytes.len() < RECORD_HEADER_LEN {
-            return Err(DecodeError::Truncated { at: 0, need: RECORD_HEADER_LEN, have: bytes.len() });
+            return Err(DecodeError::Truncated { record: Some(0), at: 0, need: RECORD_HEADER_LEN, have: bytes.len() });
         }
-        let rtype = bytes[1];
-        let expected = match rtype {
+        let expected = match bytes[1] {
             RTYPE_TRADE => TRADE_LEN,
             RTYPE_QUOTE => QUOTE_LEN,
-            other => return Err(DecodeError::WrongLengthForType { rtype: other, expected: 0, len: bytes.len() }),
+            rtype => return Err(DecodeError::UnknownRtype { record: 0, at: 0, rtype }),
         };
         if bytes.len() != expected || bytes[0] as usize != expected {
-            return Err(DecodeError::WrongLengthForType { rtype, expected, len: bytes.len() });
+            return Err(DecodeError::WrongLengthForType {
+                record: 0,
+                at: 0,
+                rtype: bytes[1],
+                expected,
+                len: bytes.len(),
+            });
         }
+        Ok(Record::from_checked(bytes))
+    }
+
+    /// Copies a record whose header was checked ([`check_known_header`]) and whose
+    /// `bytes` are exactly its length.
+    #[inline]
+    fn from_checked(bytes: &[u8]) -> Record {
         let mut buf = [0u8; MAX_RECORD_LEN];
-        buf[..expected].copy_from_slice(bytes);
-        Ok(Record { buf })
+        buf[..bytes.len()].copy_from_slice(bytes);
+        Record { buf }
+    }
+}
+
+/// Checks the header of a record that must be a trade or a quote (publishers' batches,
+/// recordings) and returns its length. The type is checked before the length, so an
+/// unknown type is named as such whatever its length says. `record` and `at` only
+/// locate the record in the error.
+///
+/// `header` must hold at least the first two bytes (length and type).
+#[inline]
+pub fn check_known_header(header: &[u8], record: usize, at: usize) -> Result<usize, DecodeError> {
+    let (len, rtype) = (header[0] as usize, header[1]);
+    let expected = match rtype {
+        RTYPE_TRADE => TRADE_LEN,
+        RTYPE_QUOTE => QUOTE_LEN,
+        rtype => return Err(DecodeError::UnknownRtype { record, at, rtype }),
+    };
+    if len != expected {
+        return Err(DecodeError::WrongLengthForType { record, at, rtype, expected, len });
+    }
+    Ok(len)
+}
+
+/// Where a known record's flag byte is: everything from it to the record's end is
+/// flags and padding.
+#[inline]
+fn flags_at(rtype: u8) -> usize {
+    match rtype {
+        RTYPE_TRADE => TRADE_FLAGS_AT,
+        _ => QUOTE_FLAGS_AT,
     }
 }
 
@@ -361,25 +443,31 @@ pub struct Batch {
     pub skipped_unknown: usize,
 }
 
-/// Decodes one binary WebSocket message.
-pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
+/// Reads and checks a batch header: its length and version. Returns `(count, send_ts_ns)`.
+#[inline]
+fn batch_header(msg: &[u8]) -> Result<(usize, u64), DecodeError> {
     if msg.len() < BATCH_HEADER_LEN {
-        return Err(DecodeError::Truncated { at: 0, need: BATCH_HEADER_LEN, have: msg.len() });
+        return Err(DecodeError::Truncated { record: None, at: 0, need: BATCH_HEADER_LEN, have: msg.len() });
     }
     if msg[0] != VERSION {
         return Err(DecodeError::Version(msg[0]));
     }
-    let count = u16::from_le_bytes([msg[2], msg[3]]) as usize;
-    let send_ts_ns = read_u64(msg, 8);
+    Ok((u16::from_le_bytes([msg[2], msg[3]]) as usize, read_u64(msg, 8)))
+}
+
+/// Decodes one binary WebSocket message as a client must (spec §5): records of an
+/// unknown type are skipped by their length, flags are kept (the server sets them).
+pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
+    let (count, send_ts_ns) = batch_header(msg)?;
     // `count` is the peer's claim: reserve only what the message can actually hold (a
     // record is at least a header), so a 16-byte message cannot make us allocate for
     // 65,535 records (found by fuzzing: 4.7 MB per message).
     let mut records = Vec::with_capacity(count.min((msg.len() - BATCH_HEADER_LEN) / RECORD_HEADER_LEN));
     let mut skipped_unknown = 0;
     let mut at = BATCH_HEADER_LEN;
-    for _ in 0..count {
+    for k in 0..count {
         if msg.len() < at + RECORD_HEADER_LEN {
-            return Err(DecodeError::Truncated { at, need: RECORD_HEADER_LEN, have: msg.len() - at });
+            return Err(DecodeError::Truncated { record: Some(k), at, need: RECORD_HEADER_LEN, have: msg.len() - at });
         }
         let len = msg[at];
         if (len as usize) < RECORD_HEADER_LEN || len % 8 != 0 {
@@ -387,18 +475,113 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
         }
         let len = len as usize;
         if msg.len() < at + len {
-            return Err(DecodeError::Truncated { at, need: len, have: msg.len() - at });
+            return Err(DecodeError::Truncated { record: Some(k), at, need: len, have: msg.len() - at });
         }
         match msg[at + 1] {
-            RTYPE_TRADE | RTYPE_QUOTE => records.push(Record::from_wire(&msg[at..at + len])?),
+            RTYPE_TRADE | RTYPE_QUOTE => {
+                check_known_header(&msg[at..], k, at)?;
+                records.push(Record::from_checked(&msg[at..at + len]));
+            }
             _ => skipped_unknown += 1,
         }
         at += len;
     }
     if at != msg.len() {
-        return Err(DecodeError::Trailing(msg.len() - at));
+        return Err(DecodeError::Trailing { count, extra: msg.len() - at });
     }
     Ok(Batch { send_ts_ns, records, skipped_unknown })
+}
+
+/// The strict decoder: a batch as a publisher must send it (spec §5 and the publish
+/// rules). On top of [`decode_batch`]'s checks the header's flags and reserved bytes
+/// are 0, at least one record is announced, every record is a trade or a quote of its
+/// exact length, and its flag byte and padding are 0. Nothing is allocated: records are
+/// yielded one by one, each a copy into a fixed [`Record`].
+///
+/// Errors come in layout order (header, then record by record, then trailing bytes), so
+/// a batch with several faults is named by its first one.
+#[derive(Debug, Clone)]
+pub struct StrictBatch<'a> {
+    msg: &'a [u8],
+    count: usize,
+    send_ts_ns: u64,
+}
+
+impl<'a> StrictBatch<'a> {
+    /// Checks the batch header.
+    pub fn parse(msg: &'a [u8]) -> Result<StrictBatch<'a>, DecodeError> {
+        let (count, send_ts_ns) = batch_header(msg)?;
+        if msg[1] != 0 || msg[4..8] != [0; 4] {
+            return Err(DecodeError::HeaderNotZero);
+        }
+        if count == 0 {
+            return Err(DecodeError::Empty);
+        }
+        Ok(StrictBatch { msg, count, send_ts_ns })
+    }
+
+    /// Records the header announces.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The batch's send time as the publisher wrote it.
+    pub fn send_ts_ns(&self) -> u64 {
+        self.send_ts_ns
+    }
+
+    /// The records, each checked; after the last one, a leftover tail is an error.
+    pub fn records(&self) -> StrictRecords<'a> {
+        StrictRecords { msg: self.msg, count: self.count, next: 0, at: BATCH_HEADER_LEN, done: false }
+    }
+}
+
+/// Iterator over a [`StrictBatch`]'s records. It ends after the first error.
+#[derive(Debug, Clone)]
+pub struct StrictRecords<'a> {
+    msg: &'a [u8],
+    count: usize,
+    next: usize,
+    at: usize,
+    done: bool,
+}
+
+impl StrictRecords<'_> {
+    fn step(&mut self) -> Result<Record, DecodeError> {
+        let (k, at) = (self.next, self.at);
+        let rest = &self.msg[at..];
+        if rest.len() < RECORD_HEADER_LEN {
+            return Err(DecodeError::Truncated { record: Some(k), at, need: RECORD_HEADER_LEN, have: rest.len() });
+        }
+        let len = check_known_header(rest, k, at)?;
+        if rest.len() < len {
+            return Err(DecodeError::Truncated { record: Some(k), at, need: len, have: rest.len() });
+        }
+        if rest[flags_at(rest[1])..len].iter().any(|&b| b != 0) {
+            return Err(DecodeError::FlagsNotZero { record: k, at });
+        }
+        self.next += 1;
+        self.at += len;
+        Ok(Record::from_checked(&rest[..len]))
+    }
+}
+
+impl Iterator for StrictRecords<'_> {
+    type Item = Result<Record, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if self.next == self.count {
+            self.done = true;
+            let extra = self.msg.len() - self.at;
+            return (extra != 0).then_some(Err(DecodeError::Trailing { count: self.count, extra }));
+        }
+        let r = self.step();
+        self.done = r.is_err();
+        Some(r)
+    }
 }
 
 #[cfg(test)]
@@ -491,8 +674,45 @@ mod tests {
         let mut msg = vec![0u8; BATCH_HEADER_LEN];
         write_batch_header(&mut msg, 0, 0);
         msg.push(0);
-        assert_eq!(decode_batch(&msg).unwrap_err(), DecodeError::Trailing(1));
+        assert_eq!(decode_batch(&msg).unwrap_err(), DecodeError::Trailing { count: 0, extra: 1 });
         msg[0] = 2;
         assert_eq!(decode_batch(&msg).unwrap_err(), DecodeError::Version(2));
+    }
+
+    #[test]
+    fn strict_decoder_names_the_first_broken_rule() {
+        let t = |instr| Record::encode(9, instr, 0, 0, 0, &Body::Trade(Trade::default()), 0);
+        let mut good = Vec::new();
+        encode_batch(&[t(1), t(2)], 7, &mut good);
+        let b = StrictBatch::parse(&good).expect("header");
+        assert_eq!((b.count(), b.send_ts_ns()), (2, 7));
+        let got: Result<Vec<Record>, DecodeError> = b.records().collect();
+        assert_eq!(got.expect("records"), vec![t(1), t(2)]);
+        let first_err = |msg: &[u8]| match StrictBatch::parse(msg) {
+            Err(e) => e,
+            Ok(b) => b.records().find_map(Result::err).expect("refused"),
+        };
+        assert!(matches!(first_err(&good[..10]), DecodeError::Truncated { record: None, .. }));
+        let mut h = good.clone();
+        h[1] = 1;
+        assert_eq!(first_err(&h), DecodeError::HeaderNotZero);
+        let mut empty = good[..BATCH_HEADER_LEN].to_vec();
+        empty[2] = 0;
+        assert_eq!(first_err(&empty), DecodeError::Empty);
+        let mut u = good.clone();
+        u[BATCH_HEADER_LEN + 56 + 1] = 7;
+        assert_eq!(first_err(&u), DecodeError::UnknownRtype { record: 1, at: 72, rtype: 7 });
+        let mut l = good.clone();
+        l[BATCH_HEADER_LEN] = 40;
+        assert!(matches!(first_err(&l), DecodeError::WrongLengthForType { record: 0, len: 40, .. }));
+        assert!(matches!(first_err(&good[..good.len() - 1]), DecodeError::Truncated { record: Some(1), need: 56, .. }));
+        let mut f = good.clone();
+        f[BATCH_HEADER_LEN + 55] = 1;
+        assert_eq!(first_err(&f), DecodeError::FlagsNotZero { record: 0, at: 16 });
+        let mut x = good.clone();
+        x.extend_from_slice(&[0; 8]);
+        assert_eq!(first_err(&x), DecodeError::Trailing { count: 2, extra: 8 });
+        // The client decoder keeps what the server set and skips what it does not know.
+        assert_eq!(decode_batch(&f).expect("client").records.len(), 2);
     }
 }

@@ -1,4 +1,9 @@
-//! Control messages (spec §4): JSON text frames in both directions.
+//! Control messages (spec §4): JSON text frames in both directions. Both message types
+//! parse and serialise: [`ClientMsg`] (parsed by the server with [`parse_client_msg`],
+//! written by clients with [`ClientMsg::to_json`]) and [`ServerMsg`] (written by the
+//! server with [`ServerMsg::to_json`], parsed by clients with serde). Also here:
+//! [`SecretString`] (a token whose `Debug` is redacted), [`ErrorCode`], [`FeedInfo`],
+//! [`InstrumentInfo`] and [`ParseError`].
 //!
 //! Parsing is two-step on purpose: the frame is first read as a generic JSON value so the
 //! optional `id` can be echoed even in the error reply to a malformed message, then it is
@@ -12,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// A token carried in a control message. Its `Debug` output is redacted so a token can
 /// never reach a log line by accident.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct SecretString(pub String);
 
@@ -22,34 +27,36 @@ impl fmt::Debug for SecretString {
     }
 }
 
-/// A message from the client.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A message from the client. Serialising it gives exactly the JSON the server parses:
+/// absent optional fields are left out (as a client writing by hand would), which the
+/// parser reads as their defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ClientMsg {
     /// Subscribe to instruments of a feed.
     Subscribe {
         /// Echoed in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<i64>,
         /// Feed name.
         feed: String,
         /// Symbols, or `["*"]` for every instrument of the feed.
         symbols: Vec<String>,
         /// Send the last trade and quote first.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         snapshot: bool,
         /// Replay from the resume buffer: symbol → last seq seen.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<BTreeMap<String, u64>>,
         /// Extension: the epoch the `resume` seqs belong to. When it is not the feed's
         /// current epoch the seqs are ignored and those instruments get a snapshot.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<u64>,
     },
     /// Stop receiving instruments.
     Unsubscribe {
         /// Echoed in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<i64>,
         /// Feed name.
         feed: String,
@@ -59,7 +66,7 @@ pub enum ClientMsg {
     /// Replace the connection's token in-band.
     Refresh {
         /// Echoed in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<i64>,
         /// The new access token.
         token: SecretString,
@@ -67,7 +74,7 @@ pub enum ClientMsg {
     /// Application-level ping; answered with `pong`.
     Ping {
         /// Echoed in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<i64>,
     },
     /// In-band authentication (first message when the handshake carried no credential).
@@ -75,6 +82,16 @@ pub enum ClientMsg {
         /// The access token.
         token: SecretString,
     },
+}
+
+impl ClientMsg {
+    /// Serialises to the JSON text sent on the wire; [`parse_client_msg`] reads it back
+    /// as the same message.
+    pub fn to_json(&self) -> String {
+        // Serialising these plain structs cannot fail (string map keys, no fallible
+        // Serialize impls). Fall back to a ping rather than panic.
+        serde_json::to_string(self).unwrap_or_else(|_| r#"{"op":"ping"}"#.to_owned())
+    }
 }
 
 /// Why a control message was refused at parse time.
@@ -342,5 +359,84 @@ mod tests {
         assert_eq!(m.to_json(), r#"{"type":"error","code":"insufficient_scope","message":"x"}"#);
         let m = ServerMsg::TokenExpiring { exp: 7 };
         assert_eq!(m.to_json(), r#"{"type":"token_expiring","exp":7}"#);
+    }
+
+    /// Every client message variant, serialised, is what the server parses back, and the
+    /// JSON is the spec's spelling.
+    #[test]
+    fn client_messages_round_trip() {
+        let token = || SecretString("eyJ.a.b".into());
+        let resume: BTreeMap<String, u64> = [("AAPL".to_owned(), 12)].into_iter().collect();
+        let cases = [
+            (
+                ClientMsg::Subscribe {
+                    id: Some(1),
+                    feed: "XNAS".into(),
+                    symbols: vec!["AAPL".into(), "MSFT".into()],
+                    snapshot: true,
+                    resume: Some(resume),
+                    epoch: Some(3),
+                },
+                r#"{"op":"subscribe","id":1,"feed":"XNAS","symbols":["AAPL","MSFT"],"snapshot":true,"resume":{"AAPL":12},"epoch":3}"#,
+            ),
+            (
+                ClientMsg::Subscribe {
+                    id: None,
+                    feed: "F".into(),
+                    symbols: vec!["*".into()],
+                    snapshot: false,
+                    resume: None,
+                    epoch: None,
+                },
+                r#"{"op":"subscribe","feed":"F","symbols":["*"]}"#,
+            ),
+            (
+                ClientMsg::Unsubscribe { id: Some(2), feed: "F".into(), symbols: vec!["A".into()] },
+                r#"{"op":"unsubscribe","id":2,"feed":"F","symbols":["A"]}"#,
+            ),
+            (ClientMsg::Refresh { id: Some(101), token: token() }, r#"{"op":"refresh","id":101,"token":"eyJ.a.b"}"#),
+            (ClientMsg::Refresh { id: None, token: token() }, r#"{"op":"refresh","token":"eyJ.a.b"}"#),
+            (ClientMsg::Ping { id: Some(4) }, r#"{"op":"ping","id":4}"#),
+            (ClientMsg::Ping { id: None }, r#"{"op":"ping"}"#),
+            (ClientMsg::Auth { token: token() }, r#"{"op":"auth","token":"eyJ.a.b"}"#),
+        ];
+        for (msg, json) in cases {
+            assert_eq!(msg.to_json(), json);
+            assert_eq!(parse_client_msg(json), Ok(msg));
+        }
+    }
+
+    /// Server messages read back as written, for the variants a client acts on.
+    #[test]
+    fn server_messages_round_trip() {
+        let feeds = vec![FeedInfo { name: "F".into(), id: 1, epoch: 2 }];
+        let cases = [
+            ServerMsg::Welcome {
+                protocol: 1,
+                session: "s".into(),
+                sub: "u".into(),
+                exp: 9,
+                heartbeat_ms: 10,
+                feeds: feeds.clone(),
+            },
+            ServerMsg::Subscribed {
+                id: Some(1),
+                feed: "F".into(),
+                epoch: 2,
+                instruments: vec![InstrumentInfo { symbol: "A".into(), id: 1, seq: 5 }],
+            },
+            ServerMsg::Unsubscribed { id: None, feed: "F".into(), symbols: vec!["A".into()], reason: "request".into() },
+            ServerMsg::Refreshed { id: Some(101), exp: 9, feeds },
+            ServerMsg::TokenExpiring { exp: 9 },
+            ServerMsg::Gap { feed: "F".into(), symbol: "A".into(), from: 1, to: 2, reason: "source_gap".into() },
+            ServerMsg::Reset { feed: "F".into(), epoch: 3 },
+            ServerMsg::Shutdown { reconnect_after_ms: 100 },
+            ServerMsg::Pong { id: None, ts: 1 },
+            ServerMsg::Error { id: Some(101), code: ErrorCode::InvalidToken, message: "m".into() },
+        ];
+        for m in cases {
+            let back: ServerMsg = serde_json::from_str(&m.to_json()).expect("reads back");
+            assert_eq!(back, m);
+        }
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`codec`] | binary batches and records (spec §5): encoder and the strict decoder |
-//! | [`control`] | JSON control messages both ways (spec §4), error codes |
+//! | [`codec`] | binary batches and records (spec §5): the encoder, the client decoder (`decode_batch`) and the strict decoder publishers' batches and recordings go through (`StrictBatch`, `check_known_header`), one `DecodeError` |
+//! | [`control`] | JSON control messages (spec §4), each type both parsed and serialised; error codes |
 //! | [`close`] | WebSocket close codes (spec §8) |
 //! | [`recording`] | the `*.tgrec` recording format written by `tickgate record`, read by replay feeds |
 

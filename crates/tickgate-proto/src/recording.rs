@@ -1,5 +1,7 @@
 //! The recording format (`*.tgrec`) written by `tickgate record` and read by `replay`
-//! feeds.
+//! feeds: [`Meta`] (the header's JSON), [`Writer`], the streaming [`Reader`] (records
+//! checked by the codec's [`check_known_header`], the rule publishers' batches obey
+//! too) and [`read_meta`].
 //!
 //! ```text
 //! offset  size        field
@@ -24,7 +26,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::codec::{Record, MAX_RECORD_LEN, QUOTE_LEN, RECORD_HEADER_LEN, RTYPE_QUOTE, RTYPE_TRADE, TRADE_LEN};
+use crate::codec::{check_known_header, DecodeError, Record, MAX_RECORD_LEN, RECORD_HEADER_LEN};
 
 /// The file magic; the last byte is the format version.
 pub const MAGIC: [u8; 8] = *b"TGREC\0\0\x01";
@@ -157,14 +159,15 @@ impl<R: Read> Reader<R> {
         let mut buf = [0u8; MAX_RECORD_LEN];
         let bad = |m: String| RecordingError::Format(format!("record at byte {at}: {m}"));
         self.input.read_exact(&mut buf[..RECORD_HEADER_LEN]).map_err(|_| bad("truncated header".into()))?;
-        let len = match buf[1] {
-            RTYPE_TRADE => TRADE_LEN,
-            RTYPE_QUOTE => QUOTE_LEN,
-            other => return Err(bad(format!("unknown rtype {other}"))),
-        };
-        if buf[0] as usize != len {
-            return Err(bad(format!("len {} does not match rtype {}", buf[0], buf[1])));
-        }
+        // The codec's one rule for a known record's header; recordings hold only trades
+        // and quotes, exactly as the recorder took them off the wire.
+        let len = check_known_header(&buf, 0, 0).map_err(|e| match e {
+            DecodeError::UnknownRtype { rtype, .. } => bad(format!("unknown rtype {rtype}")),
+            DecodeError::WrongLengthForType { rtype, len, .. } => {
+                bad(format!("len {len} does not match rtype {rtype}"))
+            }
+            other => bad(other.to_string()),
+        })?;
         self.input.read_exact(&mut buf[RECORD_HEADER_LEN..len]).map_err(|_| bad("truncated body".into()))?;
         let rec = Record::from_wire(&buf[..len]).map_err(|e| bad(e.to_string()))?;
         let id = rec.instrument_id() as usize;

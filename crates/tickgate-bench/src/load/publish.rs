@@ -9,6 +9,7 @@
 //! then a trade (56 bytes), repeating; instrument ids are the 1-based positions in the
 //! symbol list (tickgate's convention for a feed's symbols); seq is 1, 2, 3, ... per
 //! instrument, or 0 everywhere with `server_seq` (the tickgate publish endpoint assigns it).
+//! The closing acknowledgement is a typed `ClientMsg::Ping`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -265,7 +266,7 @@ impl TickgatePublisher {
     /// (confirmed, error messages received).
     pub async fn finish(mut self) -> Result<(bool, u64), LoadError> {
         const FINAL_PING: u64 = 1;
-        let ping = serde_json::json!({"op": "ping", "id": FINAL_PING}).to_string();
+        let ping = tickgate_proto::control::ClientMsg::Ping { id: Some(FINAL_PING as i64) }.to_json();
         self.tx.send(Message::text(ping)).await.map_err(tickgate_client::ClientError::from)?;
         let confirmed = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(id) = self.pongs.recv().await {
