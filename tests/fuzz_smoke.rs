@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use tickgate::auth::issuer::EmbeddedIssuer;
 use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;

@@ -310,8 +310,8 @@ mod tests {
 
     #[test]
     fn matches_a_reference_model_under_random_operations() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(42);
         let mut w = TimerWheel::new(10);
         // Reference: value -> deadline tick; the wheel must fire each value exactly at
         // its deadline tick (rounded up), never earlier, never twice.

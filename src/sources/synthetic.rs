@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Ingest, Tick};
