@@ -1,7 +1,7 @@
 //! The embedded issuer over real HTTP, and the command line end to end.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

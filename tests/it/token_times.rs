@@ -2,7 +2,7 @@
 //! validated: what `auth.leeway_s` and `auth.expiry_grace_ms` cover, and what they do not.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};

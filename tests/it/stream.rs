@@ -2,7 +2,7 @@
 //! consumers, shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -3,8 +3,6 @@
 //! (`record --seconds -1` used to panic in `Duration::from_secs_f64`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::process::Command;
 
 /// Arguments every `record` / `subscribe` run needs besides the flag under test. The URL is a

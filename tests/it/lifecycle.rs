@@ -1,7 +1,7 @@
 //! Token lifecycle on live connections: expiry, refresh, scope changes, revocation.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! without a completed request, and descriptor exhaustion (EMFILE) on the real binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! so a load balancer sees "not ready" rather than a refused connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

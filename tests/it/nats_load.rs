@@ -6,7 +6,7 @@
 //! `tickgate serve`, and the same subscribers.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -138,6 +138,7 @@ fn assert_clean(s: &Value, target: &str, connections: u64, records: u64) {
 }
 
 #[test]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
 fn nats_publisher_and_websocket_subscribers_see_every_tick() {
     let nats = start_nats();
     // 4 subscribers, 2 of the 4 instruments each: 300 ticks = 75 per instrument, 150 per subscriber.
@@ -150,6 +151,7 @@ fn nats_publisher_and_websocket_subscribers_see_every_tick() {
 }
 
 #[test]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
 fn subscribers_over_two_processes_merge_their_histograms() {
     let nats = start_nats();
     let (s, p) = subscribe_and_publish(&nats, "X,Y,Z", 240, &["--connections", "5", "--processes", "2"]);

@@ -3,7 +3,7 @@
 //! send these), and unit tests of the pure `parse_upgrade`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use serde_json::Value;

@@ -3,7 +3,7 @@
 //! a client resuming with the old epoch must get a snapshot, never a silent jump.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -3,7 +3,7 @@
 //! `/admin/connections` query, and a 4008 that never reached a stalled client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};

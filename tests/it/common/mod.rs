@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+pub mod logs;
 pub mod rsa;
 
 use futures_util::SinkExt;

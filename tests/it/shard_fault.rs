@@ -3,7 +3,7 @@
 //! The fault is armed through the test-only `TICKGATE_TEST_FAULT` start-up variable.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};

@@ -5,7 +5,7 @@
 //! full speed, and the revoke endpoint bounds and audits what it is given.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;

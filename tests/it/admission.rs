@@ -2,7 +2,7 @@
 //! per-subject, per-IP and connection-rate limits.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
