@@ -201,7 +201,9 @@ impl Bin {
     async fn metric(&self, series: &str) -> Option<f64> {
         let r = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         let text = r.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
-        Some(metric_value(&text, series))
+        // During the flood an answer that is not an exposition is no reading, as no answer is.
+        let series: tickgate_bench::prom::Series = series.parse().unwrap();
+        Some(tickgate_bench::prom::Exposition::parse(&text).ok()?.value(&series).unwrap_or(0.0))
     }
 }
 

@@ -216,11 +216,7 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
         subs.push(sub);
     }
     let m = ts.metrics().await;
-    let failures: f64 = m
-        .lines()
-        .filter(|l| l.starts_with("tickgate_auth_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let failures = parse_metrics(&m).sum("tickgate_auth_failures_total").unwrap_or(0.0);
     assert_eq!(failures, 2.0, "auth failures counted once each");
     assert_eq!(metric_value(&m, "tickgate_handshakes_total{result=\"ok\"}"), 4.0);
     drop(subs);

@@ -10,6 +10,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tickgate::config::{ClientConfig, Config};
 use tickgate::Server;
+use tickgate_bench::prom;
 use tickgate_client::{ConnectOptions, Event, Subscriber, TokenPlacement};
 use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -132,11 +133,17 @@ impl TestServer {
     }
 }
 
+/// Value of one series (`name{labels}` as rendered; label order does not matter) in an
+/// exposition, 0 when absent. Read with the load tool's parser (`tickgate_bench::prom`),
+/// so that text which is not valid exposition fails the test.
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    let series: prom::Series = series.parse().unwrap_or_else(|e| panic!("series {series:?}: {e}"));
+    parse_metrics(text).value(&series).unwrap_or(0.0)
+}
+
+/// A whole exposition, parsed; panics (naming the line) when it is not valid text.
+pub fn parse_metrics(text: &str) -> prom::Exposition {
+    prom::Exposition::parse(text).unwrap_or_else(|e| panic!("/metrics: {e}\n{text}"))
 }
 
 /// Waits for the next control message, skipping data.
