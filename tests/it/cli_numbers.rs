@@ -11,7 +11,7 @@ const STREAM: [&str; 8] = ["--url", "ws://127.0.0.1:1/v1/stream", "--token", "t"
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tickgate"))
+    let out = Command::new(crate::common::bin::BIN)
         .args(args)
         .current_dir(dir.path())
         .env_remove("TICKGATE_TOKEN")

@@ -162,27 +162,23 @@ const DEMO_SECRET: &str = "emfile-test-secret";
 
 fn start_bin(limits_toml: &str) -> Bin {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[engine]\nshards = 2\n\
+    let cfg = bin::write_config(
+        dir.path(),
+        &format!(
+            "[engine]\nshards = 2\n\
              [server]\nhandshake_timeout_ms = 120000\nrequest_timeout_ms = 120000\n[limits]\n{limits_toml}\n"
         ),
-    )
-    .unwrap();
-    let mut child = Command::new("sh")
-        .args(["-c", "ulimit -n 256 && exec \"$0\" serve --config \"$1\"", env!("CARGO_BIN_EXE_tickgate")])
-        .arg(&cfg)
-        .current_dir(dir.path())
-        .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let stderr = BufReader::new(child.stderr.take().unwrap());
+    );
+    let (mut child, serving) = bin::spawn_serving(
+        Command::new("sh")
+            .args(["-c", "ulimit -n 256 && exec \"$0\" serve --config \"$1\"", bin::BIN])
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped()),
+    );
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
     std::thread::spawn(move || {
@@ -190,8 +186,7 @@ fn start_bin(limits_toml: &str) -> Bin {
             sink.lock().unwrap().push(line);
         }
     });
-    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("addresses printed");
-    Bin { child: Kill(child), base: serving.base, admin: serving.admin, log, _dir: dir }
+    Bin { child, base: serving.base, admin: serving.admin, log, _dir: dir }
 }
 
 impl Bin {

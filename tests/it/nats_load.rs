@@ -12,10 +12,8 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 
-use common::{eventually_blocking, Kill, EVENTUALLY};
+use common::{bin::BIN, eventually_blocking, Kill, EVENTUALLY};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tickgate");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -137,12 +137,7 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
         }));
     }
     for bad in ["not-a-token", "a.b.c"] {
-        let (s, _, _) = handshake_status(
-            &ts,
-            "",
-            &[("authorization", &format!("Bearer {bad}")), ("sec-websocket-protocol", "tickgate.v1")],
-        )
-        .await;
+        let (s, _) = bearer_handshake(&ts, bad).await;
         assert_eq!(s, 401);
     }
 
