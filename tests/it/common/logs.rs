@@ -40,9 +40,13 @@ pub fn capture() -> Capture {
             let layer = tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_writer(move || LogWriter(writer.clone()))
-                .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                    *m.level() <= tracing::Level::DEBUG && CAPTURES.load(Ordering::SeqCst) > 0
-                }));
+                .with_filter(
+                    tracing_subscriber::filter::filter_fn(|m| {
+                        *m.level() <= tracing::Level::DEBUG && CAPTURES.load(Ordering::SeqCst) > 0
+                    })
+                    // `trace!` callsites stay disabled outright, capturing or not.
+                    .with_max_level_hint(tracing::level_filters::LevelFilter::DEBUG),
+                );
             // Nothing else in this binary installs one; were one installed, this capture
             // would record nothing and the test using it would fail, not pass silently.
             let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
