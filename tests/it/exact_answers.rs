@@ -120,6 +120,7 @@ async fn admin_connections_bad_query_is_json_400() {
 /// `tickgate_slow_consumer_events_total{action="dropped"}`), not as a delivered 4008.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undelivered_4008_is_counted_as_dropped() {
+    let _alone = exclusive().await;
     let ts = TestServer::start(20_000.0, |c| {
         c.limits.max_outbound_bytes = 65_536;
         c.server.send_buffer_bytes = 4096;

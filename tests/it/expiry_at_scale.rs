@@ -21,6 +21,7 @@ use tickgate_client::{self as client, ConnectOptions, Event, Subscriber};
 /// expiry bench's (`cargo bench --bench expiry`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_staggered_expiries_close_with_4001_and_no_data_after_exp() {
+    let _alone = common::exclusive().await;
     staggered_expiries().await;
 }
 

@@ -8,7 +8,9 @@
 //! `current_dir` change (children get `Command::current_dir`), no global panic hook. A global
 //! `tracing` subscriber is installed by [`common::logs`] only, and records only while a test
 //! holds its capture. The file-descriptor limit is the process's: `scripts/test.sh` raises it
-//! to 20,000 (`expiry_at_scale` opens 10,000 connections while the other tests run).
+//! to 20,000 (`expiry_at_scale` opens 10,000 connections while the other tests run). The
+//! tests that load the machine, or that a loaded machine fails, hold [`common::exclusive`]
+//! so that no two of them run side by side (as separate binaries they never did).
 //!
 //! Tests that need a program outside Rust are `#[ignore]`d with a reason naming it
 //! (`nats-server`, `prometheus`/`promtool`); `scripts/test.sh` installs them and runs the

@@ -351,6 +351,16 @@ pub fn forge_signature(token: &str) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
+/// Held for the whole run of a test that loads the machine (thousands of connections) or
+/// that a loaded machine fails (a socket buffer that must fill before a deadline). As
+/// separate test binaries these never ran side by side; in one process libtest would run
+/// them together, and each made the others fail. With the default two test threads, one
+/// waiting here also keeps any other test from running beside the holder.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Kills and reaps a child process when dropped (a test's server or Prometheus).
 pub struct Kill(pub std::process::Child);
 
