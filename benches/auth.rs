@@ -12,7 +12,7 @@ use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;
 use tickgate::config::{AuthConfig, IssuerConfig};
 
-#[path = "../tests/common/rsa.rs"]
+#[path = "../tests/it/common/rsa.rs"]
 mod rsa;
 
 #[global_allocator]

@@ -17,7 +17,17 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-# The tests open about 2,000 sockets at once.
+# The integration tests share one process, and expiry_at_scale alone opens 10,000 sockets.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo test --workspace --all-targets --locked "$@"
+# The integration tests are one binary (`--test it`, tests/it/main.rs). The only tests
+# `#[ignore]`d are those that need nats-server, prometheus or promtool, installed above:
+# `--include-ignored` runs them too. Arguments before a `--` go to cargo, those after it to
+# the test binaries (a name filter, `--nocapture`): `./scripts/test.sh -- delivery::`.
+cargo_args=() test_args=()
+seen_dashdash=0
+for a in "$@"; do
+  if [ "$seen_dashdash" -eq 0 ] && [ "$a" = "--" ]; then seen_dashdash=1; continue; fi
+  if [ "$seen_dashdash" -eq 0 ]; then cargo_args+=("$a"); else test_args+=("$a"); fi
+done
+cargo test --workspace --all-targets --locked "${cargo_args[@]}" -- --include-ignored "${test_args[@]}"

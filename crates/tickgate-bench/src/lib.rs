@@ -9,6 +9,8 @@
 //! |---|---|
 //! | [`load`] | the load generator: options, subscriber and publisher roles, histograms, reports; `load::nats` is the NATS peer |
 //! | [`cli`] | range-checked number parsers shared by the `tickgate` binary's subcommands |
+//! | [`prom`] | the Prometheus text-format parser (the load tool's server probe and the integration tests read `/metrics` with it) |
 
 pub mod cli;
 pub mod load;
+pub mod prom;

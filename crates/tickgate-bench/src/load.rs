@@ -245,24 +245,6 @@ struct Shared {
     refreshes_refused: AtomicU64,
 }
 
-/// Reads `name` (with an optional exact label set) from Prometheus text, summing series.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ')?;
-        let base = series.split('{').next().unwrap_or(series);
-        if base == name {
-            if let Ok(v) = value.parse::<f64>() {
-                *sum.get_or_insert(0.0) += v;
-            }
-        }
-    }
-    sum
-}
-
 async fn scrape(admin: &str) -> Option<String> {
     let c = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().ok()?;
     c.get(format!("{}/metrics", admin.trim_end_matches('/'))).send().await.ok()?.text().await.ok()
@@ -278,7 +260,8 @@ pub(crate) struct ServerProbe {
 /// One reading of a [`ServerProbe`].
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ProbeReading {
-    metrics: Option<String>,
+    /// The admin endpoint's exposition, when it answered with valid text.
+    metrics: Option<crate::prom::Exposition>,
     cpu_s: Option<f64>,
 }
 
@@ -303,7 +286,7 @@ impl ServerProbe {
 
     pub(crate) async fn read(&self) -> ProbeReading {
         let metrics = match &self.admin {
-            Some(a) => scrape(a).await,
+            Some(a) => scrape(a).await.and_then(|text| crate::prom::Exposition::parse(&text).ok()),
             None => None,
         };
         ProbeReading { metrics, cpu_s: self.pid.and_then(|p| proc_cpu_seconds(Some(p))) }
@@ -313,7 +296,8 @@ impl ServerProbe {
     pub(crate) fn numbers(&self, before: &ProbeReading, after: &ProbeReading, records: u64) -> ServerNumbers {
         let mut n = ServerNumbers::default();
         if let (Some(b), Some(a)) = (&before.metrics, &after.metrics) {
-            let d = |name: &str| Some(metric(a, name)? - metric(b, name)?);
+            // Each counter summed over its label sets (every feed, every listener).
+            let d = |name: &str| Some(a.sum(name)? - b.sum(name)?);
             let delivered = d("tickgate_records_delivered_total");
             let cpu = d("process_cpu_seconds_total");
             let frames = d("tickgate_frames_sent_total");
@@ -330,7 +314,7 @@ impl ServerProbe {
                 (Some(f), Some(w)) if w > 0.0 => Some(f / w),
                 _ => None,
             };
-            n.rss = metric(a, "process_resident_memory_bytes");
+            n.rss = a.sum("process_resident_memory_bytes");
         }
         if let (Some(b), Some(a)) = (before.cpu_s, after.cpu_s) {
             n.cpu_s = Some(a - b);

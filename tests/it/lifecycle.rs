@@ -1,7 +1,7 @@
 //! Token lifecycle on live connections: expiry, refresh, scope changes, revocation.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -199,17 +199,6 @@ async fn scope_downgrade_and_upgrade_on_refresh() {
     ts.shutdown().await;
 }
 
-async fn revoke(ts: &TestServer, admin: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{}/admin/revoke", ts.admin))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(serde_json::Value::Null))
-}
-
 /// Revocation by jti and by sub: matching connections close with 4003, others stream on,
 /// and the revoked tokens are refused at the next handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,12 +229,7 @@ async fn revocation_by_jti_and_sub() {
     let (_, a) = read_records(&mut c2, 20).await;
     assert_eq!(a, 0);
     // The revoked jti is refused at the handshake.
-    let (s, b, _) = handshake_status(
-        &ts,
-        "",
-        &[("authorization", &format!("Bearer {carol1}")), ("sec-websocket-protocol", "tickgate.v1")],
-    )
-    .await;
+    let (s, b) = bearer_handshake(&ts, &carol1).await;
     assert_eq!((s, b["error_description"].as_str()), (401, Some("token revoked")));
 
     let (s, b) = revoke(&ts, &admin, json!({"sub": "carol"})).await;
@@ -255,12 +239,7 @@ async fn revocation_by_jti_and_sub() {
     assert_eq!(wait_close(&mut c2, EVENTUALLY).await, 4003);
     let (_, a) = read_records(&mut d, 20).await;
     assert_eq!(a, 0, "dave disturbed");
-    let (s, _, _) = handshake_status(
-        &ts,
-        "",
-        &[("authorization", &format!("Bearer {carol2}")), ("sec-websocket-protocol", "tickgate.v1")],
-    )
-    .await;
+    let (s, _) = bearer_handshake(&ts, &carol2).await;
     assert_eq!(s, 401);
     // A token issued after the subject's revocation second (`iat` is whole seconds) is
     // accepted again: wait for the clock to pass that second, not for a guessed time.
@@ -270,12 +249,7 @@ async fn revocation_by_jti_and_sub() {
     })
     .await;
     let fresh = ts.token_with("carol", "md:read:T", issued, issued + 60, "c3");
-    let (s, _, _) = handshake_status(
-        &ts,
-        "",
-        &[("authorization", &format!("Bearer {fresh}")), ("sec-websocket-protocol", "tickgate.v1")],
-    )
-    .await;
+    let (s, _) = bearer_handshake(&ts, &fresh).await;
     assert_eq!(s, 101);
     assert!(ts.wait_metric("tickgate_revocations_total", 2.0).await >= 2.0);
     let m = ts.metrics().await;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use tickgate::auth::validate::Principal;
 use tickgate::engine::core::{ConnKey, CoreLimits, ShardCore};
 use tickgate::engine::outbound::OutItem;
@@ -270,7 +271,14 @@ fn run(policy: &str, ops: Vec<Op>) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    // The regressions file stands beside this file. Proptest's default (`SourceParallel`)
+    // would look for tests/proptest-regressions/delivery_prop.txt instead, because
+    // tests/it/ holds a main.rs, and the committed seeds would silently not run.
+    #![proptest_config(ProptestConfig {
+        cases: 300,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn every_seq_or_a_gap_under_conflate(ops in proptest::collection::vec(op(), 1..250)) {

@@ -2,7 +2,7 @@
 //! per-subject, per-IP and connection-rate limits.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -12,20 +12,11 @@ use tickgate_client::{ConnectOptions, Subscriber};
 use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn get_ticket(ts: &TestServer, bearer: Option<&str>) -> (u16, Value) {
-    let mut rb = reqwest::Client::new().post(format!("{}/v1/ticket", ts.base));
-    if let Some(b) = bearer {
-        rb = rb.bearer_auth(b);
-    }
-    let r = rb.send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_are_single_use_and_bound_to_the_token() {
     let ts = TestServer::start(500.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);
-    let (s, t) = get_ticket(&ts, Some(&token)).await;
+    let (s, t, _) = get_ticket(&ts, Some(&token)).await;
     assert_eq!(s, 200, "{t}");
     assert_eq!(t["expires_in"], 30);
     let ticket = t["ticket"].as_str().unwrap().to_owned();
@@ -52,7 +43,7 @@ async fn tickets_are_single_use_and_bound_to_the_token() {
         handshake_status(&ts, &format!("?ticket={fake}"), &[("sec-websocket-protocol", "tickgate.v1")]).await;
     assert_eq!(s, 401);
     // A ticket plus another credential is two credentials.
-    let (_, t2) = get_ticket(&ts, Some(&token)).await;
+    let (_, t2, _) = get_ticket(&ts, Some(&token)).await;
     let t2 = t2["ticket"].as_str().unwrap().to_owned();
     let (s, b, _) = handshake_status(
         &ts,
@@ -63,35 +54,14 @@ async fn tickets_are_single_use_and_bound_to_the_token() {
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")));
 
     // The ticket endpoint itself needs a valid token that can read something.
-    let (s, b) = get_ticket(&ts, None).await;
+    let (s, b, _) = get_ticket(&ts, None).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")));
-    let (s, b) = get_ticket(&ts, Some("garbage")).await;
+    let (s, b, _) = get_ticket(&ts, Some("garbage")).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("invalid_token")));
-    let (s, b) = get_ticket(&ts, Some(&ts.token(&["openid"]))).await;
+    let (s, b, _) = get_ticket(&ts, Some(&ts.token(&["openid"]))).await;
     assert_eq!((s, b["error"].as_str()), (403, Some("insufficient_scope")));
     assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"bad_ticket\"}").await, 2.0);
     ts.shutdown().await;
-}
-
-async fn raw_inband(ts: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = ts.url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 101);
-    ws
-}
-
-async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> (u16, String) {
-    use futures_util::StreamExt;
-    loop {
-        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("close in time") {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +71,7 @@ async fn inband_auth_success_timeout_and_refusal() {
     let token = ts.token(&["md:read:T"]);
 
     // Success: auth first, then the usual welcome.
-    let mut ws = raw_inband(&ts).await;
+    let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::text(json!({"op": "auth", "token": token}).to_string())).await.unwrap();
     let mut sub_ok = false;
     {
@@ -116,24 +86,24 @@ async fn inband_auth_success_timeout_and_refusal() {
     // Nothing within the window: 4002, not before the window has passed (the clock starts
     // before the connection, so the server's window cannot have started earlier).
     let t0 = std::time::Instant::now();
-    let mut ws = raw_inband(&ts).await;
-    assert_eq!(close_code(&mut ws).await.0, 4002);
+    let mut ws = raw_stream(&ts, None).await;
+    assert_eq!(close_frame(&mut ws).await.0, 4002);
     assert!(t0.elapsed() >= Duration::from_millis(450), "closed after {:?}", t0.elapsed());
 
     // A bad token: 4004, with the reason in the close frame.
-    let mut ws = raw_inband(&ts).await;
+    let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::text(json!({"op": "auth", "token": "a.b.c"}).to_string())).await.unwrap();
-    let (code, reason) = close_code(&mut ws).await;
+    let (code, reason) = close_frame(&mut ws).await;
     assert_eq!(code, 4004);
     assert!(reason.starts_with("invalid_token"), "{reason}");
     // Something other than auth first: 4004.
-    let mut ws = raw_inband(&ts).await;
+    let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::text(r#"{"op":"ping","id":1}"#)).await.unwrap();
-    assert_eq!(close_code(&mut ws).await.0, 4004);
+    assert_eq!(close_frame(&mut ws).await.0, 4004);
     // No md:read scope: 4004.
-    let mut ws = raw_inband(&ts).await;
+    let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::text(json!({"op": "auth", "token": ts.token(&["openid"])}).to_string())).await.unwrap();
-    let (code, reason) = close_code(&mut ws).await;
+    let (code, reason) = close_frame(&mut ws).await;
     assert_eq!((code, reason.starts_with("insufficient_scope")), (4004, true));
 
     assert!(ts.wait_metric("tickgate_closes_total{code=\"4002\"}", 1.0).await >= 1.0);

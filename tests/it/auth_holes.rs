@@ -5,9 +5,8 @@
 //! full speed, and the revoke endpoint bounds and audits what it is given.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
@@ -25,29 +24,17 @@ use tokio_tungstenite::tungstenite::Message;
 
 const TICKGATE: [(&str, &str); 1] = [("sec-websocket-protocol", "tickgate.v1")];
 
-async fn get_ticket(ts: &TestServer, token: &str) -> (u16, Value, Option<String>) {
-    let r = reqwest::Client::new().post(format!("{}/v1/ticket", ts.base)).bearer_auth(token).send().await.unwrap();
-    let status = r.status().as_u16();
-    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
-    (status, r.json().await.unwrap_or(Value::Null), retry)
-}
-
 async fn ticket(ts: &TestServer, token: &str) -> String {
-    let (s, v, _) = get_ticket(ts, token).await;
+    let (s, v, _) = get_ticket(ts, Some(token)).await;
     assert_eq!(s, 200, "{v}");
     v["ticket"].as_str().unwrap().to_owned()
 }
 
-async fn revoke(ts: &TestServer, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(format!("{}/admin/revoke", ts.admin))
-        .bearer_auth(ts.token(&["tickgate:admin"]))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    r.json().await.unwrap()
+/// Revokes as an admin; the revocation must be accepted.
+async fn revoke_ok(ts: &TestServer, body: Value) -> Value {
+    let (s, v) = revoke(ts, &ts.token(&["tickgate:admin"]), body).await;
+    assert_eq!(s, 200, "{v}");
+    v
 }
 
 /// Item 1: a ticket minted before `POST /admin/revoke` (by `jti`, and by `sub`) no longer
@@ -59,7 +46,7 @@ async fn a_ticket_does_not_outlive_a_revocation() {
     let now = unix_now();
     let by_jti = ts.token_with("alice", "md:read:*", now, now + 300, "jti-alice-1");
     let t1 = ticket(&ts, &by_jti).await;
-    let v = revoke(&ts, json!({"jti": "jti-alice-1"})).await;
+    let v = revoke_ok(&ts, json!({"jti": "jti-alice-1"})).await;
     assert_eq!(v["tickets_voided"], 1, "{v}");
     let (s, body, www) = handshake_status(&ts, &format!("?ticket={t1}"), &TICKGATE).await;
     assert_eq!((s, body["error"].as_str()), (401, Some("invalid_token")), "{body}");
@@ -71,7 +58,7 @@ async fn a_ticket_does_not_outlive_a_revocation() {
     let (t2, t3) = (ticket(&ts, &bob).await, ticket(&ts, &bob).await);
     let carol = ts.token_with("carol", "md:read:*", now, now + 300, "jti-carol-1");
     let t4 = ticket(&ts, &carol).await;
-    let v = revoke(&ts, json!({"sub": "bob"})).await;
+    let v = revoke_ok(&ts, json!({"sub": "bob"})).await;
     assert_eq!(v["tickets_voided"], 2, "{v}");
     for t in [t2, t3] {
         let (s, body, _) = handshake_status(&ts, &format!("?ticket={t}"), &TICKGATE).await;
@@ -115,18 +102,6 @@ async fn proven(mut ws: ClientWs, id: u16) -> ClientWs {
     }
 }
 
-/// Reads until the server's close frame; returns its code and reason.
-async fn close_frame(ws: &mut ClientWs) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Close(Some(f))))) => return (u16::from(f.code), f.reason.to_string()),
-            Ok(Some(Ok(_))) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    }
-}
-
 /// Item 2: `/admin/revoke` closes a matching publisher with 4003 (by `jti` and by `sub`),
 /// and a publisher of another subject keeps publishing. Before the fix publishers were
 /// never revoked.
@@ -143,7 +118,7 @@ async fn revocation_closes_publishers() {
     let other = ts.token_with("other-handler", "md:publish:Q", now, now + 300, "jti-pub-2");
     let mut q = Publisher::connect(&publish_url(&ts.url, "Q", None), &other, &ConnectOptions::default()).await.unwrap();
 
-    let v = revoke(&ts, json!({"jti": "jti-pub-1"})).await;
+    let v = revoke_ok(&ts, json!({"jti": "jti-pub-1"})).await;
     assert_eq!((v["publishers_closed"].as_u64(), v["streams_closed"].as_u64()), (Some(1), Some(0)), "{v}");
     assert_eq!(close_frame(&mut p).await, (4003, "token revoked".to_owned()));
     // The feed is free again, and another token of the subject may publish.
@@ -156,7 +131,7 @@ async fn revocation_closes_publishers() {
     let mut p2 = proven(ws, 9).await;
 
     // By subject: the subject's publisher closes; the other subject's publisher is untouched.
-    let v = revoke(&ts, json!({"sub": "feed-handler"})).await;
+    let v = revoke_ok(&ts, json!({"sub": "feed-handler"})).await;
     assert_eq!(v["publishers_closed"], 1, "{v}");
     assert_eq!(close_frame(&mut p2).await.0, 4003);
     q.send(&[trade(10, 1)]).await.unwrap();
@@ -181,7 +156,7 @@ async fn one_subject_cannot_drain_the_ticket_pool() {
     for _ in 0..3 {
         ticket(&ts, &greedy).await;
     }
-    let (s, v, retry) = get_ticket(&ts, &greedy).await;
+    let (s, v, retry) = get_ticket(&ts, Some(&greedy)).await;
     assert_eq!((s, v["error"].as_str()), (429, Some("too_many_tickets")), "{v}");
     assert!(v["error_description"].as_str().unwrap().contains("at most 3 outstanding tickets per subject"), "{v}");
     assert_eq!(retry.as_deref(), Some("30"));
@@ -272,7 +247,7 @@ async fn publish_only_tokens_get_tickets() {
     let t = ticket(&ts, &tok).await;
     let (s, body, _) = handshake_status(&ts, &format!("?ticket={t}"), &TICKGATE).await;
     assert_eq!((s, body["error"].as_str()), (403, Some("insufficient_scope")), "{body}");
-    let (s, v, _) = get_ticket(&ts, &ts.token(&["openid"])).await;
+    let (s, v, _) = get_ticket(&ts, Some(&ts.token(&["openid"]))).await;
     assert_eq!((s, v["error"].as_str()), (403, Some("insufficient_scope")), "{v}");
     ts.shutdown().await;
 }
@@ -328,38 +303,21 @@ async fn admin_revoke_bounds_its_input() {
 #[test]
 fn revocations_are_audited_without_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[issuer]\nclients = [{ id = \"ops-alice\", secret = \"ops-secret\", scopes = [\"md:read:*\", \"tickgate:admin\"] }]\n",
-    )
-    .unwrap();
-    let mut serve = Kill(
-        Command::new(env!("CARGO_BIN_EXE_tickgate"))
+    let cfg = bin::write_config(
+        dir.path(),
+        "[issuer]\nclients = [{ id = \"ops-alice\", secret = \"ops-secret\", scopes = [\"md:read:*\", \"tickgate:admin\"] }]\n",
+    );
+    let (mut serve, serving) = bin::spawn_serving(
+        Command::new(bin::BIN)
             .args(["serve", "--config", cfg.to_str().unwrap()])
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
-    let stdout = BufReader::new(serve.0.stdout.take().unwrap());
-    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
-    let (token_ep, admin) = (serving.token_endpoint(), serving.admin);
+    let (base, admin) = (serving.base, serving.admin);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let token = rt.block_on(async {
-        let v: Value = reqwest::Client::new()
-            .post(&token_ep)
-            .basic_auth("ops-alice", Some("ops-secret"))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = v["access_token"].as_str().unwrap().to_owned();
+        let token = tickgate_client::fetch_token(&base, "ops-alice", "ops-secret", None).await.unwrap();
         let r = reqwest::Client::new()
             .post(format!("{admin}/admin/revoke"))
             .bearer_auth(&token)

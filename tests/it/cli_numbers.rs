@@ -3,8 +3,6 @@
 //! (`record --seconds -1` used to panic in `Duration::from_secs_f64`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
-
 use std::process::Command;
 
 /// Arguments every `record` / `subscribe` run needs besides the flag under test. The URL is a
@@ -13,7 +11,7 @@ const STREAM: [&str; 8] = ["--url", "ws://127.0.0.1:1/v1/stream", "--token", "t"
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tickgate"))
+    let out = Command::new(crate::common::bin::BIN)
         .args(args)
         .current_dir(dir.path())
         .env_remove("TICKGATE_TOKEN")

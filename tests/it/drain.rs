@@ -3,9 +3,8 @@
 //! so a load balancer sees "not ready" rather than a refused connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -62,40 +61,20 @@ fn answers_then_silence(what: &str, seq: &[Outcome]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_keeps_answering_503_until_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[engine]\nshards = 2\n[server]\ndrain_ms = 20000\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
+    let cfg = bin::write_config(dir.path(), "[engine]\nshards = 2\n[server]\ndrain_ms = 20000\n");
+    let (mut child, serving) = bin::spawn_serving(
+        Command::new(bin::BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .current_dir(dir.path())
+            .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
+            .stderr(Stdio::null()),
+    );
     let url = serving.stream.clone();
     let addr = serving.base.trim_start_matches("http://").to_owned();
     let admin = serving.admin;
-    let pid = child.id();
-    let mut child = Kill(child);
+    let pid = child.0.id();
 
-    let http = reqwest::Client::new();
-    let t: Value = http
-        .post(format!("http://{addr}/oauth2/token"))
-        .basic_auth("demo", Some(DEMO_SECRET))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = t["access_token"].as_str().unwrap().to_owned();
+    let token = tickgate_client::fetch_token(&serving.base, "demo", DEMO_SECRET, None).await.unwrap();
     // An open stream whose client never reads, so never answers the server's close: the
     // drain lasts while the server waits for it.
     assert_eq!(stream_attempt(&url, &addr, &token).await, Outcome::Http(101, None));

@@ -1,7 +1,7 @@
 //! Every malformed input gets its documented answer, is counted, and disturbs no one else.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

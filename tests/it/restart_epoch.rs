@@ -3,10 +3,9 @@
 //! a client resuming with the old epoch must get a snapshot, never a silent jump.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -27,25 +26,18 @@ struct Node {
 /// Starts the binary on ephemeral ports with the feeds and state folders given, and
 /// waits for the line that says it serves (printed once the epoch is durable).
 fn start(feeds: &Path, state: &Path) -> Node {
-    let child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .arg("--feeds-dir")
-        .arg(feeds)
-        .arg("--state-dir")
-        .arg(state)
-        .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Owned by `Kill` at once, so a failed start never leaves a zombie behind.
-    let mut child = Kill(child);
-    let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    match stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)) {
-        Some(s) => Node { child, url: s.stream, issuer: s.base },
-        None => panic!("tickgate serve exited before serving"),
-    }
+    let (child, s) = bin::spawn_serving(
+        Command::new(bin::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--feeds-dir")
+            .arg(feeds)
+            .arg("--state-dir")
+            .arg(state)
+            .env("TICKGATE_DEMO_SECRET", DEMO_SECRET)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null()),
+    );
+    Node { child, url: s.stream, issuer: s.base }
 }
 
 impl Node {
@@ -169,7 +161,7 @@ fn a_corrupt_epoch_file_stops_the_start_with_a_clear_error() {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(feeds.join("t.toml"), feed_toml("T", 1, 5, 10.0)).unwrap();
     std::fs::write(state.join("epoch"), "not a number\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tickgate"))
+    let out = Command::new(common::bin::BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--feeds-dir")
         .arg(&feeds)

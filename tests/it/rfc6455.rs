@@ -3,7 +3,7 @@
 //! send these), and unit tests of the pure `parse_upgrade`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use serde_json::Value;
@@ -104,36 +104,31 @@ async fn stream_refuses_upgrades_that_break_rfc6455() {
     let (status, _) = raw(&ts, &head("/v1/stream", "HTTP/1.1", &[], &[&auth])).await;
     assert_eq!(status, 101, "the well-formed raw request is accepted");
 
-    let all = cases("/v1/stream");
+    refuses_every_case(&ts, "/v1/stream", "tickgate_handshakes_total{result=\"bad_request\"}").await;
+    ts.shutdown().await;
+}
+
+/// Every one of [`cases`] at `path` is refused with 400 `invalid_request` and its own
+/// description, and `counter` counts each.
+async fn refuses_every_case(ts: &common::TestServer, path: &str, counter: &str) {
+    let all = cases(path);
     for (what, req, desc) in &all {
-        let (status, body) = raw(&ts, req).await;
+        let (status, body) = raw(ts, req).await;
         assert_eq!(status, 400, "{what}");
         assert_eq!(body["error"], "invalid_request", "{what}: {body}");
         assert_eq!(body["error_description"], *desc, "{what}: {body}");
     }
     let want = all.len() as f64;
-    common::eventually("bad_request handshakes counted", common::EVENTUALLY, || async {
-        (ts.metric("tickgate_handshakes_total{result=\"bad_request\"}").await == want).then_some(())
+    common::eventually(&format!("{counter} == {want}"), common::EVENTUALLY, || async {
+        (ts.metric(counter).await == want).then_some(())
     })
     .await;
-    ts.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_refuses_upgrades_that_break_rfc6455() {
     let ts = common::TestServer::start(10.0, |_| {}).await;
-    let all = cases("/v1/publish?feed=T");
-    for (what, req, desc) in &all {
-        let (status, body) = raw(&ts, req).await;
-        assert_eq!(status, 400, "{what}");
-        assert_eq!(body["error"], "invalid_request", "{what}: {body}");
-        assert_eq!(body["error_description"], *desc, "{what}: {body}");
-    }
-    let want = all.len() as f64;
-    common::eventually("bad_request publish handshakes counted", common::EVENTUALLY, || async {
-        (ts.metric("tickgate_publish_handshakes_total{result=\"bad_request\"}").await == want).then_some(())
-    })
-    .await;
+    refuses_every_case(&ts, "/v1/publish?feed=T", "tickgate_publish_handshakes_total{result=\"bad_request\"}").await;
     ts.shutdown().await;
 }
 

@@ -3,13 +3,26 @@
 //! The fault is armed through the test-only `TICKGATE_TEST_FAULT` start-up variable.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use common::*;
 use tickgate::engine::shard::SHARD_DEATH_EXIT_CODE;
+
+/// `tickgate serve` with the fault `spec` armed, stdout and stderr piped; the caller adds
+/// the rest of the command line.
+fn serve_with_fault(spec: &str) -> Command {
+    let mut cmd = Command::new(bin::BIN);
+    cmd.arg("serve")
+        .env("TICKGATE_TEST_FAULT", spec)
+        .env("TICKGATE_DEMO_SECRET", "shard-fault-secret")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
 
 /// Shard 1 of 2 panics 500 ms after start while a fast feed fills its small queue: the
 /// process exits with status 70 within the generous bound, and stderr names the shard and
@@ -30,17 +43,7 @@ async fn a_panicking_shard_ends_the_process_with_status_70_and_says_which() {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env("TICKGATE_TEST_FAULT", "shard_panic_after_ms:500:1")
-        .env("TICKGATE_DEMO_SECRET", "shard-fault-secret")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = serve_with_fault("shard_panic_after_ms:500:1").arg("--config").arg(&config).spawn().unwrap();
     let mut node = Kill(child);
     // Stdout is read to its end (the process exiting), never closed early: the fault may
     // fire before or after the serving line on a slow machine.
@@ -75,17 +78,12 @@ async fn a_malformed_fault_variable_is_ignored_with_a_log_line() {
     let feeds = dir.path().join("feeds");
     std::fs::create_dir(&feeds).unwrap();
     std::fs::write(feeds.join("t.toml"), feed_toml("T", 1, 5, 100.0)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    let child = serve_with_fault("shard_panic_after_ms:soon")
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--feeds-dir")
         .arg(&feeds)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
-        .env("TICKGATE_TEST_FAULT", "shard_panic_after_ms:soon")
-        .env("TICKGATE_DEMO_SECRET", "shard-fault-secret")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut node = Kill(child);

@@ -3,12 +3,15 @@
 
 use std::time::Duration;
 
+pub mod bin;
+pub mod logs;
 pub mod rsa;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tickgate::config::{ClientConfig, Config};
 use tickgate::Server;
+use tickgate_bench::prom;
 use tickgate_client::{ConnectOptions, Event, Subscriber, TokenPlacement};
 use tickgate_proto::control::ServerMsg;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -131,11 +134,17 @@ impl TestServer {
     }
 }
 
+/// Value of one series (`name{labels}` as rendered; label order does not matter) in an
+/// exposition, 0 when absent. Read with the load tool's parser (`tickgate_bench::prom`),
+/// so that text which is not valid exposition fails the test.
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    let series: prom::Series = series.parse().unwrap_or_else(|e| panic!("series {series:?}: {e}"));
+    parse_metrics(text).value(&series).unwrap_or(0.0)
+}
+
+/// A whole exposition, parsed; panics (naming the line) when it is not valid text.
+pub fn parse_metrics(text: &str) -> prom::Exposition {
+    prom::Exposition::parse(text).unwrap_or_else(|e| panic!("/metrics: {e}\n{text}"))
 }
 
 /// Waits for the next control message, skipping data.
@@ -213,6 +222,88 @@ pub async fn handshake_status(ts: &TestServer, suffix: &str, headers: &[(&str, &
     }
 }
 
+/// The stream handshake's status and JSON body with `token` as a bearer header and the
+/// `tickgate.v1` subprotocol (what every client sends).
+pub async fn bearer_handshake(ts: &TestServer, token: &str) -> (u16, Value) {
+    let (s, body, _) = handshake_status(
+        ts,
+        "",
+        &[("authorization", &format!("Bearer {token}")), ("sec-websocket-protocol", "tickgate.v1")],
+    )
+    .await;
+    (s, body)
+}
+
+/// A WebSocket on a plain TCP socket, without the client library's reading in between.
+pub type RawWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// An upgraded stream connection with a bearer token, or (None) none: in-band `auth` follows.
+pub async fn raw_stream(ts: &TestServer, token: Option<&str>) -> RawWs {
+    let mut req = ts.url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
+    if let Some(t) = token {
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
+    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+/// Reads until the server's close frame, within [`EVENTUALLY`]; returns its code and reason
+/// (panics on the end of the stream or an error before a close frame).
+pub async fn close_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => return (u16::from(f.code), f.reason.to_string()),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+/// `POST /v1/ticket` with `bearer` (or no credential): status, JSON body, `Retry-After`.
+pub async fn get_ticket(ts: &TestServer, bearer: Option<&str>) -> (u16, Value, Option<String>) {
+    let mut rb = reqwest::Client::new().post(format!("{}/v1/ticket", ts.base));
+    if let Some(b) = bearer {
+        rb = rb.bearer_auth(b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (status, r.json().await.unwrap_or(Value::Null), retry)
+}
+
+/// `POST /admin/revoke` with `admin_token` and a JSON `body`: status and JSON body.
+pub async fn revoke(ts: &TestServer, admin_token: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/admin/revoke", ts.admin))
+        .bearer_auth(admin_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// The publish handshake to `/v1/publish{query}`: 101 and no body when it is accepted,
+/// else the HTTP status and JSON body of the refusal.
+pub async fn publish_handshake(ts: &TestServer, query: &str, token: &str) -> (u16, Value) {
+    let url = format!("{}/v1/publish{query}", ts.base.replace("http://", "ws://"));
+    match tickgate_client::connect(&url, token, &ConnectOptions::default()).await {
+        Err(tickgate_client::ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
+            (resp.status().as_u16(), body)
+        }
+        Ok(_) => (101, Value::Null),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
 /// Sends a raw WebSocket message on a subscriber.
 pub async fn send_raw(sub: &mut Subscriber, m: Message) {
     sub.ws_mut().send(m).await.unwrap();
@@ -258,6 +349,16 @@ pub fn forge_signature(token: &str) -> String {
     let i = dot + 10;
     bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
     String::from_utf8(bytes).unwrap()
+}
+
+/// Held for the whole run of a test that loads the machine (thousands of connections) or
+/// that a loaded machine fails (a socket buffer that must fill before a deadline). As
+/// separate test binaries these never ran side by side; in one process libtest would run
+/// them together, and each made the others fail. With the default two test threads, one
+/// waiting here also keeps any other test from running beside the holder.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
 }
 
 /// Kills and reaps a child process when dropped (a test's server or Prometheus).

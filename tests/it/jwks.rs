@@ -3,7 +3,7 @@
 //! attacks of RFC 8725, each with its exact status and metric reason.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,16 +139,6 @@ async fn external_with(url: &str, refresh_s: u64, cooldown_s: u64, timeout_ms: u
     .await
 }
 
-async fn status_of(ts: &TestServer, token: &str) -> (u16, Value) {
-    let (s, b, _) = handshake_status(
-        ts,
-        "",
-        &[("authorization", &format!("Bearer {token}")), ("sec-websocket-protocol", "tickgate.v1")],
-    )
-    .await;
-    (s, b)
-}
-
 async fn wait_ready(ts: &TestServer) -> bool {
     eventually("ready", EVENTUALLY, || async {
         let r = reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap();
@@ -174,11 +164,11 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
     // Not ready, and streams refused with 503, until a first good fetch.
     assert_eq!(reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16(), 503);
     let tok = a.token(&claims());
-    let (s, b) = status_of(&ts, &tok).await;
+    let (s, b) = bearer_handshake(&ts, &tok).await;
     assert_eq!((s, b["error"].as_str()), (503, Some("unavailable")));
     *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk]}));
     assert!(wait_ready(&ts).await, "ready after the first good fetch");
-    assert_eq!(status_of(&ts, &tok).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &tok).await.0, 101);
 
     let cases = [
         (Mode::Status(500), "http_status"),
@@ -198,7 +188,7 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
         // The next scheduled fetch (every second) gets the bad answer and counts it.
         wait_counted(&ts, &series, before).await;
         // The last good key still verifies, and the server stays ready.
-        assert_eq!(status_of(&ts, &tok).await.0, 101, "after a {label} answer");
+        assert_eq!(bearer_handshake(&ts, &tok).await.0, 101, "after a {label} answer");
         assert_eq!(reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16(), 200);
     }
     // One bad key next to a good one: the good one is used.
@@ -207,9 +197,9 @@ async fn bad_jwks_answers_never_replace_the_last_good_keys() {
         Mode::Keys(json!({"keys": [{"kty": "RSA", "kid": "weak", "n": "AQAB", "e": "AQAB"}, b2.jwk]}));
     let ok = ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await;
     wait_counted(&ts, "tickgate_jwks_refreshes_total{result=\"ok\"}", ok).await;
-    assert_eq!(status_of(&ts, &b2.token(&claims())).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &b2.token(&claims())).await.0, 101);
     // The whole set was replaced: key A is gone (a removed key is a revoked key).
-    let (s, b) = status_of(&ts, &tok).await;
+    let (s, b) = bearer_handshake(&ts, &tok).await;
     assert_eq!((s, b["error_description"].as_str()), (401, Some("unknown signing key")));
     assert_eq!(ts.metric("tickgate_jwks_keys").await, 1.0);
     ts.shutdown().await;
@@ -238,15 +228,15 @@ async fn a_key_published_after_the_last_fetch_works_on_first_use() {
     let ok = ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await;
     *idp.mode.lock().unwrap() = Mode::Keys(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
     let tb = b.token(&claims());
-    let (s, body) = status_of(&ts, &tb).await;
+    let (s, body) = bearer_handshake(&ts, &tb).await;
     assert_eq!(s, 101, "first use of the rotated key: {body}");
     assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "exactly one refetch");
     assert_eq!(ts.metric("tickgate_jwks_refreshes_total{result=\"ok\"}").await, ok + 1.0);
     // Within the cooldown: an unknown kid is refused at once and fetches nothing.
-    let (s, body) = status_of(&ts, &random_kid_token(&a, 0)).await;
+    let (s, body) = bearer_handshake(&ts, &random_kid_token(&a, 0)).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("unknown signing key")));
     assert_eq!(idp.hits.load(Ordering::SeqCst), base + 1, "no fetch within the cooldown");
-    assert_eq!(status_of(&ts, &tb).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &tb).await.0, 101);
     ts.shutdown().await;
 }
 
@@ -284,7 +274,7 @@ async fn a_kid_flood_costs_at_most_one_fetch_per_cooldown() {
     let before = ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await;
     let tokens: Vec<String> = (0..200).map(|i| random_kid_token(&a, i)).collect();
     for chunk in tokens.chunks(20) {
-        let answers = futures_util::future::join_all(chunk.iter().map(|t| status_of(&ts, t))).await;
+        let answers = futures_util::future::join_all(chunk.iter().map(|t| bearer_handshake(&ts, t))).await;
         for (s, body) in answers {
             assert_eq!((s, body["error_description"].as_str()), (401, Some("unknown signing key")));
         }
@@ -292,7 +282,7 @@ async fn a_kid_flood_costs_at_most_one_fetch_per_cooldown() {
     let fetched = idp.hits.load(Ordering::SeqCst) - base;
     assert!(fetched <= 1, "{fetched} fetches for 200 random kids within one cooldown");
     assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"unknown_kid\"}").await, before + 200.0);
-    assert_eq!(status_of(&ts, &a.token(&claims())).await.0, 101, "known kids unaffected");
+    assert_eq!(bearer_handshake(&ts, &a.token(&claims())).await.0, 101, "known kids unaffected");
     ts.shutdown().await;
 }
 
@@ -310,7 +300,7 @@ async fn unknown_kids_share_one_slow_refetch_and_known_kids_never_wait() {
     *idp.mode.lock().unwrap() = Mode::Held(json!({"keys": [a.jwk.clone(), b.jwk.clone()]}));
     let tb = b.token(&claims());
     let ta = a.token(&claims());
-    let waiting = futures_util::future::join_all((0..10).map(|_| status_of(&ts, &tb)));
+    let waiting = futures_util::future::join_all((0..10).map(|_| bearer_handshake(&ts, &tb)));
     let probe = async {
         eventually("the refetch reached the IdP", EVENTUALLY, || async {
             (idp.hits.load(Ordering::SeqCst) > base).then_some(())
@@ -318,7 +308,7 @@ async fn unknown_kids_share_one_slow_refetch_and_known_kids_never_wait() {
         .await;
         // The IdP holds its answer until the gate opens below: this handshake can only
         // complete if it does not wait for the refetch.
-        let (s, _) = status_of(&ts, &ta).await;
+        let (s, _) = bearer_handshake(&ts, &ta).await;
         assert_eq!(idp.gate.available_permits(), 0);
         idp.gate.add_permits(1000);
         s
@@ -357,37 +347,9 @@ fn b64(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-/// Everything logged by this test binary, at debug level (installed once).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        let _ = tracing::subscriber::set_global_default(sub);
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_attacks_are_refused_with_exact_reasons() {
-    let logs = captured_logs();
+    let logs = common::logs::capture();
     let a = Signer::new("key-a");
     let (_idp, url) = start_idp(Mode::Keys(json!({"keys": [a.jwk.clone()]}))).await;
     let ts = external(&url, 600, 30).await;
@@ -395,7 +357,7 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     let (canary_hits, canary_url) = canary().await;
     let now = unix_now();
     let good = claims();
-    assert_eq!(status_of(&ts, &a.token(&good)).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &a.token(&good)).await.0, 101);
 
     let with = |k: &str, v: Value| {
         let mut c = claims();
@@ -474,7 +436,7 @@ async fn token_attacks_are_refused_with_exact_reasons() {
         } else {
             ts.metric(&format!("tickgate_auth_failures_total{{reason=\"{reason}\"}}")).await
         };
-        let (s, body) = status_of(&ts, &token).await;
+        let (s, body) = bearer_handshake(&ts, &token).await;
         assert_eq!(s, status, "{name}: {body}");
         if !reason.is_empty() {
             assert_eq!(body["error"], "invalid_token", "{name}");
@@ -484,15 +446,15 @@ async fn token_attacks_are_refused_with_exact_reasons() {
     }
     // The leeway (30 s) is clock skew for nbf and iat, never slack after exp: expired 20 s
     // ago is refused; an nbf 20 s ahead is accepted, 40 s ahead is not.
-    let (s, body) = status_of(&ts, &a.token(&with("exp", json!(now - 20)))).await;
+    let (s, body) = bearer_handshake(&ts, &a.token(&with("exp", json!(now - 20)))).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("token expired")));
-    assert_eq!(status_of(&ts, &a.token(&with("nbf", json!(now + 20)))).await.0, 101);
-    assert_eq!(status_of(&ts, &a.token(&with("nbf", json!(now + 40)))).await.0, 401);
+    assert_eq!(bearer_handshake(&ts, &a.token(&with("nbf", json!(now + 20)))).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &a.token(&with("nbf", json!(now + 40)))).await.0, 401);
     // A jku header is ignored, not followed: the token verifies against the cached key.
-    assert_eq!(status_of(&ts, &a.sign_with(jku, &good)).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &a.sign_with(jku, &good)).await.0, 101);
     // A 100 KB token cannot even be sent: the request head limit answers 431.
     let huge = format!("{}.{}.{}", parts[0], "A".repeat(100_000), parts[2]);
-    let (s, _) = status_of(&ts, &huge).await;
+    let (s, _) = bearer_handshake(&ts, &huge).await;
     assert_eq!(s, 431);
     // Nothing is fetched in the background on a token's behalf (the only fetch an unknown
     // kid causes is of the configured JWKS URL, awaited by its handshake), so the count is
@@ -552,17 +514,17 @@ async fn rsa_key_confusion_attacks_are_refused() {
         h
     };
     let good = jsonwebtoken::encode(&header(Algorithm::RS256), &claims(), &rsa.enc).unwrap();
-    assert_eq!(status_of(&ts, &good).await.0, 101, "a genuine RS256 token");
+    assert_eq!(bearer_handshake(&ts, &good).await.0, 101, "a genuine RS256 token");
     // PS256 with the same RSA key: the key is pinned to RS256.
     let ps = jsonwebtoken::encode(&header(Algorithm::PS256), &claims(), &rsa.enc).unwrap();
-    let (s, b) = status_of(&ts, &ps).await;
+    let (s, b) = bearer_handshake(&ts, &ps).await;
     assert_eq!((s, b["error_description"].as_str()), (401, Some("algorithm does not match the signing key")));
     // HS256 "signed" with the RSA public key (DER, and the JWK's n) as the HMAC secret.
     for secret in [rsa.public_der.clone(), rsa.jwk["n"].as_str().unwrap().as_bytes().to_vec()] {
         let hs =
             jsonwebtoken::encode(&header(Algorithm::HS256), &claims(), &EncodingKey::from_secret(&secret).unwrap())
                 .unwrap();
-        let (s, b) = status_of(&ts, &hs).await;
+        let (s, b) = bearer_handshake(&ts, &hs).await;
         assert_eq!((s, b["error_description"].as_str()), (401, Some("algorithm HS256 is not allowed")));
     }
     assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"alg_mismatch\"}").await, 1.0);
@@ -575,8 +537,8 @@ async fn rsa_key_confusion_attacks_are_refused() {
     let ts = external(&url, 600, 30).await;
     assert!(wait_ready(&ts).await);
     let ok = jsonwebtoken::encode(&header(Algorithm::PS256), &claims(), &pss.enc).unwrap();
-    assert_eq!(status_of(&ts, &ok).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &ok).await.0, 101);
     let rs = jsonwebtoken::encode(&header(Algorithm::RS256), &claims(), &pss.enc).unwrap();
-    assert_eq!(status_of(&ts, &rs).await.0, 401);
+    assert_eq!(bearer_handshake(&ts, &rs).await.0, 401);
     ts.shutdown().await;
 }

@@ -2,10 +2,10 @@
 //! validated: what `auth.leeway_s` and `auth.expiry_grace_ms` cover, and what they do not.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tickgate_client::Event;
 use tickgate_proto::control::{ErrorCode, ServerMsg};
@@ -20,53 +20,8 @@ fn token(ts: &TestServer, iat: u64, exp: u64) -> String {
     ts.token_with("timer", ALL, iat, exp, &format!("t-{iat}-{exp}"))
 }
 
-/// The stream handshake's status, `error` and `error_description`.
-async fn stream_answer(ts: &TestServer, token: &str) -> (u16, Value) {
-    let (s, body, _) = handshake_status(
-        ts,
-        "",
-        &[("authorization", &format!("Bearer {token}")), ("sec-websocket-protocol", "tickgate.v1")],
-    )
-    .await;
-    (s, body)
-}
-
 async fn expired_count(ts: &TestServer, reason: &str) -> f64 {
     ts.metric(&format!("tickgate_auth_failures_total{{reason=\"{reason}\"}}")).await
-}
-
-/// A stream upgraded without a credential (in-band `auth` follows).
-async fn raw_inband(ts: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = ts.url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 101);
-    ws
-}
-
-async fn close_of(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("close in time") {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    }
-}
-
-/// The publisher handshake's status and body.
-async fn publish_answer(ts: &TestServer, token: &str) -> (u16, Value) {
-    let url = format!("{}/v1/publish?feed=P", ts.base.replace("http://", "ws://"));
-    match tickgate_client::connect(&url, token, &tickgate_client::ConnectOptions::default()).await {
-        Err(tickgate_client::ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
-        }
-        Ok(_) => (101, Value::Null),
-        Err(e) => panic!("unexpected error {e}"),
-    }
 }
 
 /// Leeway 30 s, a token 5 s past `exp`: refused with 401 `expired` at the stream handshake,
@@ -83,7 +38,7 @@ async fn the_leeway_does_not_extend_exp_anywhere() {
     let dead = token(&ts, now - 60, now - 5);
     let before = expired_count(&ts, "expired").await;
 
-    let (s, body) = stream_answer(&ts, &dead).await;
+    let (s, body) = bearer_handshake(&ts, &dead).await;
     assert_eq!(
         (s, body["error"].as_str(), body["error_description"].as_str()),
         (401, Some("invalid_token"), Some("token expired"))
@@ -97,7 +52,7 @@ async fn the_leeway_does_not_extend_exp_anywhere() {
         (Some("invalid_token"), Some("token expired"))
     );
 
-    let (s, body) = publish_answer(&ts, &dead).await;
+    let (s, body) = publish_handshake(&ts, "?feed=P", &dead).await;
     assert_eq!(
         (s, body["error"].as_str(), body["error_description"].as_str()),
         (401, Some("invalid_token"), Some("token expired"))
@@ -112,14 +67,14 @@ async fn the_leeway_does_not_extend_exp_anywhere() {
         (Some("invalid_token"), Some("token expired"))
     );
 
-    let mut ws = raw_inband(&ts).await;
+    let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::text(json!({"op": "auth", "token": dead}).to_string())).await.unwrap();
-    assert_eq!(close_of(&mut ws).await, (4004, "invalid_token: token expired".to_owned()));
+    assert_eq!(close_frame(&mut ws).await, (4004, "invalid_token: token expired".to_owned()));
 
     assert_eq!(expired_count(&ts, "expired").await, before + 5.0, "each refusal counted as `expired`");
     // The same token 5 s before exp is fine everywhere (the refusals are about exp).
     let live = token(&ts, now - 60, now + 60);
-    assert_eq!(stream_answer(&ts, &live).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &live).await.0, 101);
     ts.shutdown().await;
 }
 
@@ -136,7 +91,7 @@ async fn exp_is_checked_in_milliseconds() {
     })
     .await;
     let before = expired_count(&ts, "expired").await;
-    let (s, body) = stream_answer(&ts, &token(&ts, now_s - 10, now_s)).await;
+    let (s, body) = bearer_handshake(&ts, &token(&ts, now_s - 10, now_s)).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("token expired")));
     assert_eq!(expired_count(&ts, "expired").await, before + 1.0);
     ts.shutdown().await;
@@ -156,7 +111,7 @@ async fn grace_is_the_only_slack_after_exp() {
     let mut sub = ts.subscriber(&token(&ts, now - 60, now - 1)).await;
     assert!(matches!(next_control(&mut sub).await, ServerMsg::Welcome { .. }));
     // 12-13 s past exp: past exp + grace.
-    let (s, body) = stream_answer(&ts, &token(&ts, now - 60, now - 12)).await;
+    let (s, body) = bearer_handshake(&ts, &token(&ts, now - 60, now - 12)).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("token expired")));
     ts.shutdown().await;
 }
@@ -199,13 +154,13 @@ async fn a_future_iat_beyond_the_leeway_is_refused() {
     let ts = TestServer::start(50.0, |c| c.auth.leeway_s = 30).await;
     let now = unix_now();
     let before = expired_count(&ts, "iat_in_future").await;
-    let (s, body) = stream_answer(&ts, &token(&ts, now + 120, now + 300)).await;
+    let (s, body) = bearer_handshake(&ts, &token(&ts, now + 120, now + 300)).await;
     assert_eq!(
         (s, body["error"].as_str(), body["error_description"].as_str()),
         (401, Some("invalid_token"), Some("token issued in the future"))
     );
     assert_eq!(expired_count(&ts, "iat_in_future").await, before + 1.0);
-    assert_eq!(stream_answer(&ts, &token(&ts, now + 20, now + 300)).await.0, 101, "skew within the leeway");
+    assert_eq!(bearer_handshake(&ts, &token(&ts, now + 20, now + 300)).await.0, 101, "skew within the leeway");
     ts.shutdown().await;
 }
 
@@ -222,13 +177,13 @@ async fn lifetime_counts_from_the_earlier_of_iat_and_now() {
     let now = unix_now();
     let before = expired_count(&ts, "lifetime_too_long").await;
     // exp - iat = 590 s, but exp - now = 610 s.
-    let (s, body) = stream_answer(&ts, &token(&ts, now + 20, now + 610)).await;
+    let (s, body) = bearer_handshake(&ts, &token(&ts, now + 20, now + 610)).await;
     assert_eq!((s, body["error_description"].as_str()), (401, Some("token lifetime exceeds 600 s")));
     assert_eq!(expired_count(&ts, "lifetime_too_long").await, before + 1.0);
     // exp - now = 590 s: fine.
-    assert_eq!(stream_answer(&ts, &token(&ts, now + 20, now + 590)).await.0, 101);
+    assert_eq!(bearer_handshake(&ts, &token(&ts, now + 20, now + 590)).await.0, 101);
     // A past iat still counts from iat.
-    let (s, _) = stream_answer(&ts, &token(&ts, now - 100, now + 550)).await;
+    let (s, _) = bearer_handshake(&ts, &token(&ts, now - 100, now + 550)).await;
     assert_eq!(s, 401, "650 s from iat");
     ts.shutdown().await;
 }

@@ -2,7 +2,7 @@
 //! consumers, shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
@@ -81,6 +81,7 @@ async fn batches_match_the_spec_byte_for_byte() {
 /// 1,000 subscribers of the same instruments receive identical, gap-free sequences.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_subscribers_get_identical_gap_free_streams() {
+    let _alone = exclusive().await;
     const N: usize = 1000;
     let ts = TestServer::start(400.0, |_| {}).await;
     let token = ts.token(&["md:read:T"]);

@@ -118,8 +118,8 @@ fn tokens_never_panic_and_tampering_never_validates() {
 #[test]
 fn config_and_feed_files_never_panic() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let cfg = include_str!("../tickgate.example.toml").as_bytes();
-    let feed = include_str!("../feeds/demo.toml").as_bytes();
+    let cfg = include_str!("../../tickgate.example.toml").as_bytes();
+    let feed = include_str!("../../feeds/demo.toml").as_bytes();
     for _ in 0..3_000 {
         let _ = Config::from_toml(&String::from_utf8_lossy(&mutate(&mut rng, cfg)));
         let _ = FeedDef::parse("fuzz", &String::from_utf8_lossy(&mutate(&mut rng, feed)));

@@ -1,7 +1,7 @@
 //! The embedded issuer over real HTTP, and the command line end to end.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -168,12 +168,7 @@ async fn embedded_key_rotation_publishes_first_and_retires_late() {
     assert!(rotated.elapsed() >= Duration::from_secs(1), "the new key signed after {:?}", rotated.elapsed());
     // Tokens of both keys open streams while both are published.
     for t in [&t_old, &t_new] {
-        let (s, _, _) = handshake_status(
-            &ts,
-            "",
-            &[("authorization", &format!("Bearer {t}")), ("sec-websocket-protocol", "tickgate.v1")],
-        )
-        .await;
+        let (s, _) = bearer_handshake(&ts, t).await;
         assert_eq!(s, 101);
     }
     // The old key leaves once its last token (2 s lifetime, no leeway) has expired.
@@ -187,17 +182,13 @@ async fn embedded_key_rotation_publishes_first_and_retires_late() {
     ts.shutdown().await;
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tickgate")
-}
-
 /// `tickgate serve` with no configuration from a folder without `feeds/`: embedded issuer,
 /// compiled-in DEMO feed, printed secret; then `token` and `subscribe --json` against it,
 /// and SIGTERM for a graceful stop.
 #[test]
 fn serve_token_subscribe_from_an_empty_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let mut serve = Command::new(bin())
+    let mut serve = Command::new(bin::BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("TICKGATE_DEMO_SECRET")
@@ -222,14 +213,14 @@ fn serve_token_subscribe_from_an_empty_folder() {
         }
     }
     let (secret, url, issuer) = (secret.expect("secret printed"), url.unwrap(), issuer.unwrap());
-    let token = Command::new(bin())
+    let token = Command::new(bin::BIN)
         .args(["token", "--issuer", &issuer, "--client-id", "demo", &format!("--client-secret={secret}")])
         .output()
         .unwrap();
     assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
     assert_eq!(token.split('.').count(), 3);
-    let sub = Command::new(bin())
+    let sub = Command::new(bin::BIN)
         .args([
             "subscribe",
             "--url",
@@ -257,7 +248,7 @@ fn serve_token_subscribe_from_an_empty_folder() {
     assert!(records.iter().all(|r| r["symbol"] == "AAPL" || r["symbol"] == "MSFT"));
     assert!(lines.iter().all(|l| l["type"] != "delivery_violation"));
     // A wrong secret fails with a clear message.
-    let bad = Command::new(bin())
+    let bad = Command::new(bin::BIN)
         .args(["token", "--issuer", &issuer, "--client-id", "demo", "--client-secret", "nope"])
         .output()
         .unwrap();
@@ -280,7 +271,7 @@ fn bad_config_is_a_clear_start_up_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[limits]\nmax_outbound_byte = 5\n").unwrap();
-    let out = Command::new(bin()).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(bin::BIN).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_outbound_byte"), "{err}");

@@ -4,7 +4,7 @@
 //! write delay (`engine.write_delay_us`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -41,15 +41,9 @@ async fn publisher(ts: &TestServer, feed: &str, token: &str, epoch: Option<u64>)
 
 /// The HTTP status and JSON body of a refused publish handshake.
 async fn refused(ts: &TestServer, feed_query: &str, token: &str) -> (u16, Value) {
-    let url = format!("{}/v1/publish{feed_query}", ts.base.replace("http://", "ws://"));
-    match tickgate_client::connect(&url, token, &ConnectOptions::default()).await {
-        Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
-        }
-        Ok(_) => panic!("publish handshake for {feed_query} was accepted"),
-        Err(e) => panic!("unexpected error {e}"),
-    }
+    let (s, b) = publish_handshake(ts, feed_query, token).await;
+    assert_ne!(s, 101, "publish handshake for {feed_query} was accepted");
+    (s, b)
 }
 
 /// Reads a subscriber until `done` says every instrument reached its target, returning
@@ -568,7 +562,7 @@ async fn record_cli_captures_a_renumbered_recording() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cap.tgrec");
     let run = |extra: &[&str]| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickgate"));
+        let mut cmd = tokio::process::Command::new(common::bin::BIN);
         cmd.args(["record", "--url", &ts.url, "--feed", "T", "--symbols", "S1,S0", "--out"])
             .arg(&file)
             .args(extra)
@@ -605,7 +599,7 @@ async fn subscribe_cli_resumes_from_its_resume_file() {
     // The server's acceptor runs on this test's runtime: the child is awaited, not
     // waited for with a blocking call.
     let run = |limit: &'static str| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickgate"));
+        let mut cmd = tokio::process::Command::new(common::bin::BIN);
         cmd.args(["subscribe", "--url", &ts.url, "--feed", "T", "--symbols", "*", "--json", "--limit", limit])
             .arg("--resume-file")
             .arg(&file)

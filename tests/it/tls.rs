@@ -3,9 +3,8 @@
 //! established connections.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -134,16 +133,13 @@ fn sighup_reloads_the_certificate() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("TICKGATE_DEMO_SECRET", "s3cret")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let serving = stdout.lines().map_while(Result::ok).find_map(|l| Serving::parse(&l)).expect("serving line");
+    let (child, serving) = common::bin::spawn_serving(
+        Command::new(common::bin::BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .current_dir(dir.path())
+            .env("TICKGATE_DEMO_SECRET", "s3cret")
+            .stderr(Stdio::null()),
+    );
     let (wss, issuer) = (serving.stream.clone(), serving.base.clone());
     assert!(wss.starts_with("wss://") && issuer.starts_with("https://"), "{serving:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -159,7 +155,7 @@ fn sighup_reloads_the_certificate() {
 
         let second = write_cert(dir.path());
         std::fs::copy(dir.path().join("cert.pem"), dir.path().join("ca2.pem")).unwrap();
-        let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status();
         let ca2 = dir.path().join("ca2.pem");
         // The new certificate is presented once the signal is handled...
         let seen = eventually("the certificate reloaded on SIGHUP", EVENTUALLY, || async {
@@ -181,6 +177,5 @@ fn sighup_reloads_the_certificate() {
             }
         }
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

@@ -3,44 +3,17 @@
 //! `/admin/connections` query, and a 4008 that never reached a stalled client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tickgate_client::ConnectOptions;
 use tokio::io::AsyncWriteExt;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-type Raw = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// A stream connection, with a bearer token or (None) for in-band auth.
-async fn raw_stream(ts: &TestServer, token: Option<&str>) -> Raw {
-    let mut req = ts.url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", "tickgate.v1".parse().unwrap());
-    if let Some(t) = token {
-        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
-    let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 101);
-    ws
-}
-
-/// Reads until the close frame; returns its code (panics on anything but a close frame).
-async fn close_code(ws: &mut Raw) -> u16 {
-    loop {
-        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("a close in time") {
-            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
-            Some(Ok(_)) => {}
-            other => panic!("no close frame: {other:?}"),
-        }
-    }
-}
-
 /// Writes a masked client frame (mask key 0) straight onto the socket, under tungstenite.
-async fn write_raw_frame(ws: &mut Raw, header: &[u8], payload: &[u8]) {
+async fn write_raw_frame(ws: &mut RawWs, header: &[u8], payload: &[u8]) {
     let mut bytes = header.to_vec();
     bytes.extend_from_slice(&[0, 0, 0, 0]);
     bytes.extend_from_slice(payload);
@@ -55,11 +28,11 @@ async fn frame_length_with_top_bit_set_closes_1002() {
     let mut ws = raw_stream(&ts, Some(&ts.token(&["md:read:T"]))).await;
     // FIN + text, MASK + 127 (64-bit length follows), length 0x8000_0000_0000_0000.
     write_raw_frame(&mut ws, &[0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0], b"").await;
-    assert_eq!(close_code(&mut ws).await, 1002);
+    assert_eq!(close_frame(&mut ws).await.0, 1002);
     // A length that is merely over the limit stays 1009.
     let mut ws = raw_stream(&ts, Some(&ts.token(&["md:read:T"]))).await;
     write_raw_frame(&mut ws, &[0x81, 0xFF, 0x7F, 0, 0, 0, 0, 0, 0, 0], b"").await;
-    assert_eq!(close_code(&mut ws).await, 1009);
+    assert_eq!(close_frame(&mut ws).await.0, 1009);
     eventually("the 1002 close is counted", EVENTUALLY, || async {
         (ts.metric("tickgate_closes_total{code=\"1002\"}").await >= 1.0).then_some(())
     })
@@ -75,7 +48,7 @@ async fn inband_first_message_utf8_and_ping() {
     let mut ws = raw_stream(&ts, None).await;
     // FIN + text, MASK + 2 bytes: 0xFF 0xFE is not UTF-8.
     write_raw_frame(&mut ws, &[0x81, 0x82], &[0xFF, 0xFE]).await;
-    assert_eq!(close_code(&mut ws).await, 1007);
+    assert_eq!(close_frame(&mut ws).await.0, 1007);
 
     let mut ws = raw_stream(&ts, None).await;
     ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
@@ -147,6 +120,7 @@ async fn admin_connections_bad_query_is_json_400() {
 /// `tickgate_slow_consumer_events_total{action="dropped"}`), not as a delivered 4008.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undelivered_4008_is_counted_as_dropped() {
+    let _alone = exclusive().await;
     let ts = TestServer::start(20_000.0, |c| {
         c.limits.max_outbound_bytes = 65_536;
         c.server.send_buffer_bytes = 4096;

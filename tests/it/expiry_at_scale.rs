@@ -6,13 +6,11 @@
 //! descriptors a process may open.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::Kill;
 use serde_json::json;
 use tickgate_client::{self as client, ConnectOptions, Event, Subscriber};
 
@@ -23,6 +21,7 @@ use tickgate_client::{self as client, ConnectOptions, Event, Subscriber};
 /// expiry bench's (`cargo bench --bench expiry`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_staggered_expiries_close_with_4001_and_no_data_after_exp() {
+    let _alone = common::exclusive().await;
     staggered_expiries().await;
 }
 
@@ -40,28 +39,22 @@ async fn staggered_expiries() {
         "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\", \"C\", \"D\", \"E\"]\n[synthetic]\nseed = 1\nrate_per_s = 20.0\n",
     )
     .unwrap();
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nfeeds_dir = \"{}\"\n\
+    let cfg = common::bin::write_config(
+        dir.path(),
+        &format!(
+            "feeds_dir = \"{}\"\n\
              [issuer]\ntoken_ttl_s = 6\nclients = [{{ id = \"load\", secret = \"x\", scopes = [\"md:read:*\"] }}]\n\
              [limits]\nmax_connections = 20000\n",
             dir.path().join("feeds").display()
         ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickgate"))
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--state-dir"])
-        .arg(dir.path().join("state"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let _guard = Kill(child);
-    let serving = stdout.lines().map_while(Result::ok).find_map(|l| common::Serving::parse(&l)).expect("start-up line");
+    );
+    let (_guard, serving) = common::bin::spawn_serving(
+        Command::new(common::bin::BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap(), "--state-dir"])
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null()),
+    );
     let (url, issuer) = (serving.stream, serving.base);
 
     let mut tasks = Vec::new();

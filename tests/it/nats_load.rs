@@ -6,16 +6,14 @@
 //! `tickgate serve`, and the same subscribers.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 
-use common::{eventually_blocking, Kill, EVENTUALLY};
+use common::{bin::BIN, eventually_blocking, Kill, EVENTUALLY};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tickgate");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -138,6 +136,7 @@ fn assert_clean(s: &Value, target: &str, connections: u64, records: u64) {
 }
 
 #[test]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
 fn nats_publisher_and_websocket_subscribers_see_every_tick() {
     let nats = start_nats();
     // 4 subscribers, 2 of the 4 instruments each: 300 ticks = 75 per instrument, 150 per subscriber.
@@ -150,6 +149,7 @@ fn nats_publisher_and_websocket_subscribers_see_every_tick() {
 }
 
 #[test]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
 fn subscribers_over_two_processes_merge_their_histograms() {
     let nats = start_nats();
     let (s, p) = subscribe_and_publish(&nats, "X,Y,Z", 240, &["--connections", "5", "--processes", "2"]);

@@ -1,0 +1,42 @@
+//! tickgate's integration tests, as one test binary: one link instead of one per file (the
+//! binaries all link the server, the client and the load tools, so linking dominated the
+//! build of the tests). Each file is a module; test names read `<module>::<test>`, so
+//! `cargo test --test it delivery::` runs one file's tests.
+//!
+//! All tests share one process, so none may change what the process shares: no
+//! `std::env::set_var` (a child process gets its environment through `Command::env`), no
+//! `current_dir` change (children get `Command::current_dir`), no global panic hook. A global
+//! `tracing` subscriber is installed by [`common::logs`] only, and records only while a test
+//! holds its capture. The file-descriptor limit is the process's: `scripts/test.sh` raises it
+//! to 20,000 (`expiry_at_scale` opens 10,000 connections while the other tests run). The
+//! tests that load the machine, or that a loaded machine fails, hold [`common::exclusive`]
+//! so that no two of them run side by side (as separate binaries they never did).
+//!
+//! Tests that need a program outside Rust are `#[ignore]`d with a reason naming it
+//! (`nats-server`, `prometheus`/`promtool`); `scripts/test.sh` installs them and runs the
+//! ignored tests too (`-- --include-ignored`).
+
+mod common;
+
+mod admission;
+mod auth_holes;
+mod bad_input;
+mod cli_numbers;
+mod delivery;
+mod delivery_prop;
+mod drain;
+mod exact_answers;
+mod expiry_at_scale;
+mod fuzz_smoke;
+mod http_hardening;
+mod issuer_cli;
+mod jwks;
+mod lifecycle;
+mod nats_load;
+mod observability;
+mod restart_epoch;
+mod rfc6455;
+mod shard_fault;
+mod stream;
+mod tls;
+mod token_times;
