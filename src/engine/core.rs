@@ -17,10 +17,14 @@ use tokio::sync::Notify;
 
 use super::conflate::{Conflation, Emit};
 use super::outbound::{OutItem, Outbound};
+pub use super::stats::{ConnInfo, CoreStats};
+use super::stats::{GapReason, ResumeResult};
+use super::stream::WritePacer;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::scopes::Entitlements;
-use crate::auth::validate::{AuthError, Principal, Validator};
+use crate::auth::validate::{AuthError, Principal};
+use crate::config::Config;
 use crate::feeds::log::Availability;
 use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
 use tickgate_proto::close;
@@ -48,18 +52,26 @@ pub struct CoreLimits {
     pub min_refresh_interval_ms: u64,
     /// Timer wheel resolution.
     pub timer_tick_ms: u64,
+    /// Whether in-band `refresh` is offered (the caller validates the new token; the
+    /// engine only applies the validated principal). Off: `refresh` is answered
+    /// `invalid_token` "token refresh is not available".
+    pub refresh_offered: bool,
 }
 
-impl Default for CoreLimits {
-    fn default() -> Self {
+impl From<&Config> for CoreLimits {
+    /// The one place the engine's limits are read from the configuration (whose defaults
+    /// are the built-in ones). In-band refresh is offered: the server validates refresh
+    /// tokens in the connection task.
+    fn from(c: &Config) -> CoreLimits {
         CoreLimits {
-            max_outbound_bytes: 1 << 20,
-            max_batch_bytes: 65_536,
-            max_subscriptions: 10_000,
-            heartbeat_ms: 15_000,
-            expiry_grace_ms: 0,
-            min_refresh_interval_ms: 1_000,
-            timer_tick_ms: 10,
+            max_outbound_bytes: c.limits.max_outbound_bytes,
+            max_batch_bytes: c.engine.max_batch_bytes,
+            max_subscriptions: c.limits.max_subscriptions,
+            heartbeat_ms: c.server.heartbeat_ms,
+            expiry_grace_ms: c.auth.expiry_grace_ms,
+            min_refresh_interval_ms: c.auth.min_refresh_interval_ms,
+            timer_tick_ms: c.engine.timer_tick_ms,
+            refresh_offered: true,
         }
     }
 }
@@ -156,68 +168,10 @@ impl Conn {
     }
 }
 
-/// Counters kept locally by the shard and flushed to Prometheus periodically, so the
-/// delivery path touches no shared atomic.
-#[derive(Debug, Default, Clone)]
-pub struct CoreStats {
-    /// Records written to sockets, per feed index.
-    pub delivered: Vec<u64>,
-    /// Binary frames written.
-    pub frames: u64,
-    /// Bytes of binary and text frames written.
-    pub bytes: u64,
-    /// Socket flushes (one per writer wake-up that wrote something).
-    pub flushes: u64,
-    /// Slow-consumer disconnects.
-    pub slow_disconnects: u64,
-    /// Control errors by code.
-    pub control_errors: Vec<(ErrorCode, u64)>,
-    /// Refreshes by result.
-    pub refresh_ok: u64,
-    /// Refused refreshes.
-    pub refresh_refused: u64,
-    /// Source gaps observed (a seq jump in the feed itself).
-    pub source_gaps: u64,
-    /// Connections closed at token expiry.
-    pub expiries: u64,
-    /// Connections closed by revocation.
-    pub revocations: u64,
-    /// Refreshes refused for coming too often.
-    pub refresh_rate_limited: u64,
-    /// Times a connection started conflating.
-    pub conflate_episodes: u64,
-    /// Records not queued because their connection was conflating.
-    pub conflated_records: u64,
-    /// `gap` messages sent, by reason: slow_consumer, replay_unavailable, source_gap.
-    pub gaps: [u64; 3],
-    /// Records sent from the resume buffer.
-    pub replayed_records: u64,
-    /// Resumes served from the buffer / answered with a gap and a snapshot.
-    pub resumes: [u64; 2],
-    /// Epoch resets applied.
-    pub resets: u64,
-}
-
-/// Reasons of `gap` messages, in [`CoreStats::gaps`] order.
-pub const GAP_REASONS: [&str; 3] = ["slow_consumer", "replay_unavailable", "source_gap"];
-const GAP_SLOW: usize = 0;
-const GAP_REPLAY: usize = 1;
-const GAP_SOURCE: usize = 2;
-
-impl CoreStats {
-    fn error(&mut self, code: ErrorCode) {
-        match self.control_errors.iter_mut().find(|(c, _)| *c == code) {
-            Some((_, n)) => *n += 1,
-            None => self.control_errors.push((code, 1)),
-        }
-    }
-}
-
 /// The shard's state.
 #[derive(Debug)]
 pub struct ShardCore {
     catalog: Arc<Catalog>,
-    validator: Option<Arc<Validator>>,
     limits: CoreLimits,
     conns: Slab<Conn>,
     /// `index[feed][instrument]` → subscribed connections.
@@ -240,25 +194,6 @@ pub struct ShardCore {
     pub stats: CoreStats,
 }
 
-/// One connection as `GET /admin/connections` shows it (no token, no per-symbol detail).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ConnInfo {
-    /// Session id (as in `welcome`).
-    pub session: String,
-    /// Token subject.
-    pub sub: String,
-    /// Shard the connection lives on.
-    pub shard: usize,
-    /// Subscribed instruments.
-    pub subscriptions: usize,
-    /// Outbound bytes queued, not yet taken by the socket.
-    pub queued_bytes: usize,
-    /// Token expiry (seconds since the epoch); absent in the no-auth bench mode.
-    pub token_exp: Option<u64>,
-    /// A close has been decided (expiry, revocation, slow consumer, shutdown).
-    pub closing: bool,
-}
-
 /// What the connection task needs after registering.
 #[derive(Debug, Clone)]
 pub struct ConnHandles {
@@ -271,9 +206,9 @@ pub struct ConnHandles {
 }
 
 impl ShardCore {
-    /// A shard over the catalog. In-band refresh is offered when `validator` is set (the
-    /// connection task validates the token with it; see [`ShardCore::refresh_begin`]).
-    pub fn new(catalog: Arc<Catalog>, validator: Option<Arc<Validator>>, limits: CoreLimits) -> ShardCore {
+    /// A shard over the catalog. In-band refresh is offered when `limits.refresh_offered`
+    /// (the connection task validates the token; see [`ShardCore::refresh_begin`]).
+    pub fn new(catalog: Arc<Catalog>, limits: CoreLimits) -> ShardCore {
         let tick_ms = limits.timer_tick_ms.clamp(1, 1000);
         let index = catalog.feeds().iter().map(|f| vec![Vec::new(); f.instrument_count()]).collect();
         let instr = catalog.feeds().iter().map(|f| vec![InstrState::default(); f.instrument_count()]).collect();
@@ -282,7 +217,6 @@ impl ShardCore {
         let conflate = catalog.feeds().iter().map(|f| f.policy() == SlowConsumerPolicy::Conflate).collect();
         ShardCore {
             catalog,
-            validator,
             limits,
             conns: Slab::new(),
             index,
@@ -630,7 +564,7 @@ impl ShardCore {
         }
         let max_batch = self.limits.max_batch_bytes;
         let budget = self.limits.max_outbound_bytes;
-        let flush_at = max_batch.min(budget / 4);
+        let flush_at = WritePacer::flush_at(max_batch, budget);
         let conflate = self.conflate.get(f).copied().unwrap_or(false);
         let len = tick.record.len();
         let (conns, index, to_kill, stats) = (&mut self.conns, &self.index, &mut self.to_kill, &mut self.stats);
@@ -669,9 +603,8 @@ impl ShardCore {
             let after = c.out.bytes();
             if after > budget {
                 to_kill.push(key);
-            } else if was_empty || (before < flush_at && after >= flush_at) {
-                // Woken when the queue starts, and once more when it reaches `flush_at`:
-                // a writer holding its write (`engine.write_delay_us`) must not sit on a
+            } else if WritePacer::must_wake(was_empty, before, after, flush_at) {
+                // A writer holding its write (`engine.write_delay_us`) must not sit on a
                 // backlog until the slow-consumer budget closes a client that keeps up.
                 c.notify.notify_one();
             }
@@ -728,11 +661,11 @@ impl ShardCore {
                 symbol: feed.symbol(i).to_owned(),
                 from: start,
                 to: seq - 1,
-                reason: GAP_REASONS[GAP_SOURCE].into(),
+                reason: GapReason::SourceGap.as_str().into(),
             };
             let was_empty = c.out.is_empty();
             c.out.push_text(msg.to_json());
-            self.stats.gaps[GAP_SOURCE] += 1;
+            self.stats.gap(GapReason::SourceGap);
             if was_empty {
                 c.notify.notify_one();
             }
@@ -985,20 +918,20 @@ impl ShardCore {
             let st = &self.instr[fi][i as usize];
             match *plan {
                 Plan::Live => {}
-                Plan::Replay(_) => self.stats.resumes[0] += 1,
+                Plan::Replay(_) => self.stats.resume(ResumeResult::Replayed),
                 Plan::Skip(n) => skips.push((i, n)),
                 Plan::Unavailable(n) => {
                     // The client is told exactly which range it will not get, then gets
                     // the snapshot instead.
-                    self.stats.resumes[1] += 1;
-                    self.stats.gaps[GAP_REPLAY] += 1;
+                    self.stats.resume(ResumeResult::Unavailable);
+                    self.stats.gap(GapReason::ReplayUnavailable);
                     prelude.push(
                         ServerMsg::Gap {
                             feed: feed.name().to_owned(),
                             symbol: feed.symbol(i).to_owned(),
                             from: n + 1,
                             to: st.last_seq,
-                            reason: GAP_REASONS[GAP_REPLAY].into(),
+                            reason: GapReason::ReplayUnavailable.as_str().into(),
                         }
                         .to_json(),
                     );
@@ -1036,10 +969,10 @@ impl ShardCore {
                         symbol: feed.symbol(*i).to_owned(),
                         from: *exp,
                         to: r.seq() - 1,
-                        reason: GAP_REASONS[GAP_SOURCE].into(),
+                        reason: GapReason::SourceGap.as_str().into(),
                     };
                     conn.out.push_text(gap.to_json());
-                    self.stats.gaps[GAP_SOURCE] += 1;
+                    self.stats.gap(GapReason::SourceGap);
                 }
                 *exp = r.seq() + 1;
             }
@@ -1110,7 +1043,7 @@ impl ShardCore {
     /// hands the outcome to [`ShardCore::refresh_apply`]; `false`: the refresh was answered
     /// (`rate_limited`, or refresh unavailable) and nothing else is to be done.
     pub fn refresh_begin(&mut self, key: ConnKey, id: Option<i64>) -> bool {
-        if self.validator.is_none() {
+        if !self.limits.refresh_offered {
             self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
             return false;
         }
@@ -1233,10 +1166,10 @@ impl ShardCore {
                         symbol: feed.symbol(i).to_owned(),
                         from,
                         to,
-                        reason: GAP_REASONS[GAP_SLOW].into(),
+                        reason: GapReason::SlowConsumer.as_str().into(),
                     };
                     c.out.push_text(msg.to_json());
-                    self.stats.gaps[GAP_SLOW] += 1;
+                    self.stats.gap(GapReason::SlowConsumer);
                 }
                 Emit::Quote { record, conflated } => {
                     let r = if conflated { record.with_flags(FLAG_CONFLATED) } else { record };
@@ -1262,7 +1195,7 @@ mod tests {
     fn core() -> ShardCore {
         let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
         let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
-        ShardCore::new(catalog, None, CoreLimits::default())
+        ShardCore::new(catalog, CoreLimits::from(&Config::default()))
     }
 
     fn principal(iat: u64, exp: u64) -> Principal {

@@ -22,7 +22,7 @@ use super::AppState;
 use super::limits::Refused;
 use crate::auth::tickets::{TicketError, TICKET_TTL};
 use crate::auth::validate::{AuthError, Principal};
-use crate::engine::shard;
+use crate::engine::stream;
 use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
 /// The peer address of an accepted socket, put into request extensions by the server.
@@ -504,10 +504,10 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         Ok((key, cred)) => {
             async {
                 let principal = authorize(&app, cred, true).await?;
-                let Some(shard) = shard::current() else {
+                let Some(shard) = stream::current() else {
                     return Err(Refusal::unavailable("no shard on this thread"));
                 };
-                if shard.core.borrow().is_draining() {
+                if shard.is_draining() {
                     return Err(Refusal::unavailable("server is draining"));
                 }
                 let slot = take_slot(&app, principal.as_ref().map(|p| p.sub.as_str()), ip)?;
