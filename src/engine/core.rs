@@ -1,13 +1,19 @@
-//! The synchronous heart of a shard: connections, the subscription index, last values and
-//! the dispatch loop body. It does no I/O and takes no lock; the async shard wrapper
-//! ([`super::shard`]) feeds it ticks and control messages and moves its outbound queues
-//! to the sockets. Keeping it synchronous makes the ordering guarantees (snapshot fence,
-//! close-after-data) easy to reason about and lets benches drive it without sockets.
+//! The synchronous heart of a shard: [`ShardCore`] (its state), [`CoreLimits`], a
+//! connection's state ([`Conn`]), the last values per instrument, and the dispatch loop
+//! body (dispatch, source gaps, epoch resets, slow-consumer decisions, conflation's end,
+//! queueing replies). Its other concerns live beside it, each an `impl ShardCore` of its
+//! own: the registry and index (`index.rs`), subscribe and unsubscribe
+//! ([`super::subscribe`]), the session: deadline, refresh, revocation (`session.rs`), and
+//! the counters and admin view ([`super::stats`]).
+//!
+//! It does no I/O and takes no lock; the async shard wrapper ([`super::shard`]) feeds it
+//! ticks and control messages and moves its outbound queues to the sockets. Keeping it
+//! synchronous makes the ordering guarantees (snapshot fence, close-after-data) easy to
+//! reason about and lets benches drive it without sockets.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 // tokio's Instant follows the runtime's clock, so tests can drive expiry with paused time.
 use tokio::time::Instant;
@@ -17,19 +23,18 @@ use tokio::sync::Notify;
 
 use super::conflate::{Conflation, Emit};
 use super::outbound::{OutItem, Outbound};
+use super::session::TimerEvent;
+use super::stats::GapReason;
 pub use super::stats::{ConnInfo, CoreStats};
-use super::stats::{GapReason, ResumeResult};
 use super::stream::WritePacer;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
-use crate::auth::scopes::Entitlements;
-use crate::auth::validate::{AuthError, Principal};
+use crate::auth::validate::Principal;
 use crate::config::Config;
-use crate::feeds::log::Availability;
-use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
+use crate::feeds::{Catalog, SlowConsumerPolicy};
 use tickgate_proto::close;
-use tickgate_proto::codec::{Record, FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE};
-use tickgate_proto::control::{ClientMsg, ErrorCode, FeedInfo, InstrumentInfo, ServerMsg};
+use tickgate_proto::codec::{Record, FLAG_CONFLATED, RTYPE_TRADE};
+use tickgate_proto::control::{ClientMsg, ErrorCode, ServerMsg};
 use tickgate_proto::now_ns;
 
 /// Key of a connection inside its shard.
@@ -76,61 +81,28 @@ impl From<&Config> for CoreLimits {
     }
 }
 
-/// How a newly subscribed instrument starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Plan {
-    /// Live from the next seq.
-    Live,
-    /// Last trade and quote first (SNAPSHOT), then live.
-    Snapshot,
-    /// Records after this seq from the resume buffer (REPLAY), then live.
-    Replay(u64),
-    /// The buffer no longer holds what follows this seq: `gap` + snapshot.
-    Unavailable(u64),
-    /// The client is ahead of this node: live records up to this seq are not sent.
-    Skip(u64),
-}
-
-/// What a timer entry does when it fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimerKind {
-    /// Send `token_expiring`.
-    Expiring,
-    /// Close with 4001.
-    Expire,
-}
-
-/// A timer entry: which connection (by key and serial, so a reused key is never hit) and
-/// what to do.
-#[derive(Debug, Clone, Copy)]
-struct TimerEvent {
-    key: ConnKey,
-    serial: u64,
-    kind: TimerKind,
-}
-
 /// Per-instrument state every shard keeps: the last seq it dispatched and the last trade
 /// and quote (the snapshot).
 #[derive(Debug, Default, Clone)]
-struct InstrState {
-    last_seq: u64,
-    last_trade: Option<Record>,
-    last_quote: Option<Record>,
+pub(super) struct InstrState {
+    pub(super) last_seq: u64,
+    pub(super) last_trade: Option<Record>,
+    pub(super) last_quote: Option<Record>,
 }
 
 /// State only a connection that fell behind or resumed ahead of this node needs. Boxed,
 /// so a connection that keeps up carries one pointer and the dispatch loop tests one.
 #[derive(Debug, Default)]
-struct Rare {
+pub(super) struct Rare {
     /// Set while the connection is behind on a `conflate` feed (see [`super::conflate`]).
-    conflation: Option<Conflation>,
+    pub(super) conflation: Option<Conflation>,
     /// Live records to skip per instrument: a `resume` that named a seq this node had not
     /// dispatched yet (a client coming from a node further ahead).
-    skip_upto: HashMap<(u16, u32), u64>,
+    pub(super) skip_upto: HashMap<(u16, u32), u64>,
 }
 
 impl Rare {
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.conflation.is_none() && self.skip_upto.is_empty()
     }
 }
@@ -151,14 +123,14 @@ pub struct Conn {
     /// Subscribed (feed, instrument) → this connection's position in that instrument's
     /// index list, so unsubscribing is O(1) however many subscribers share the instrument
     /// (a mass disconnect of N subscribers of one instrument is O(N), not O(N²)).
-    subs: HashMap<(u16, u32), u32>,
+    pub(super) subs: HashMap<(u16, u32), u32>,
     /// Conflation and resume-ahead state; `None` for a connection that keeps up.
-    rare: Option<Box<Rare>>,
+    pub(super) rare: Option<Box<Rare>>,
     /// Unique per shard for the connection's life (slab keys are reused).
-    serial: u64,
-    expire_timer: Option<TimerId>,
-    expiring_timer: Option<TimerId>,
-    last_refresh: Option<Instant>,
+    pub(super) serial: u64,
+    pub(super) expire_timer: Option<TimerId>,
+    pub(super) expiring_timer: Option<TimerId>,
+    pub(super) last_refresh: Option<Instant>,
 }
 
 impl Conn {
@@ -171,25 +143,25 @@ impl Conn {
 /// The shard's state.
 #[derive(Debug)]
 pub struct ShardCore {
-    catalog: Arc<Catalog>,
-    limits: CoreLimits,
-    conns: Slab<Conn>,
+    pub(super) catalog: Arc<Catalog>,
+    pub(super) limits: CoreLimits,
+    pub(super) conns: Slab<Conn>,
     /// `index[feed][instrument]` → subscribed connections.
-    index: Vec<Vec<Vec<ConnKey>>>,
-    instr: Vec<Vec<InstrState>>,
+    pub(super) index: Vec<Vec<Vec<ConnKey>>>,
+    pub(super) instr: Vec<Vec<InstrState>>,
     /// The epoch this shard is in, per feed (changes when a `Reset` is dispatched).
-    epochs: Vec<u64>,
+    pub(super) epochs: Vec<u64>,
     /// Whether a feed's slow-consumer policy is `conflate`.
-    conflate: Vec<bool>,
-    to_kill: Vec<ConnKey>,
-    subscriptions: usize,
-    draining: bool,
+    pub(super) conflate: Vec<bool>,
+    pub(super) to_kill: Vec<ConnKey>,
+    pub(super) subscriptions: usize,
+    pub(super) draining: bool,
     /// Expiry and `token_expiring` timers: after the handshake, the only reader of `exp`.
-    wheel: TimerWheel<TimerEvent>,
+    pub(super) wheel: TimerWheel<TimerEvent>,
     /// Monotonic origin of the wheel's clock.
-    origin: Instant,
-    next_serial: u64,
-    fired: Vec<TimerEvent>,
+    pub(super) origin: Instant,
+    pub(super) next_serial: u64,
+    pub(super) fired: Vec<TimerEvent>,
     /// Local counters.
     pub stats: CoreStats,
 }
@@ -239,272 +211,9 @@ impl ShardCore {
         &self.catalog
     }
 
-    /// Number of connections.
-    pub fn connection_count(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Subscribed (connection, instrument) pairs on this shard.
-    pub fn subscription_count(&self) -> usize {
-        self.subscriptions
-    }
-
     /// True once shutdown began: new connections are refused.
     pub fn is_draining(&self) -> bool {
         self.draining
-    }
-
-    /// A connection by key.
-    pub fn conn(&self, key: ConnKey) -> Option<&Conn> {
-        self.conns.get(key)
-    }
-
-    /// A connection by key, mutably.
-    pub fn conn_mut(&mut self, key: ConnKey) -> Option<&mut Conn> {
-        self.conns.get_mut(key)
-    }
-
-    fn feeds_for(&self, ent: &Entitlements) -> Vec<FeedInfo> {
-        self.catalog
-            .feeds()
-            .iter()
-            .filter(|f| ent.can_read(f.name()))
-            .map(|f| FeedInfo { name: f.name().to_owned(), id: f.id(), epoch: f.epoch() })
-            .collect()
-    }
-
-    /// Registers a connection and queues its `welcome`.
-    pub fn add_conn(&mut self, principal: Principal, session: String) -> ConnHandles {
-        let notify = Rc::new(Notify::new());
-        let kill = Rc::new(Notify::new());
-        let welcome = ServerMsg::Welcome {
-            protocol: 1,
-            session: session.clone(),
-            sub: principal.sub.clone(),
-            exp: principal.exp,
-            heartbeat_ms: self.limits.heartbeat_ms,
-            feeds: self.feeds_for(&principal.entitlements),
-        };
-        let mut out = Outbound::default();
-        out.push_text(welcome.to_json());
-        self.next_serial += 1;
-        let key = self.conns.insert(Conn {
-            out,
-            notify: notify.clone(),
-            kill: kill.clone(),
-            session,
-            principal,
-            subs: HashMap::new(),
-            rare: None,
-            serial: self.next_serial,
-            expire_timer: None,
-            expiring_timer: None,
-            last_refresh: None,
-        });
-        notify.notify_one();
-        self.schedule_token_timers(key);
-        ConnHandles { key, notify, kill }
-    }
-
-    /// Milliseconds on the wheel's clock.
-    fn wheel_now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// Schedules the connection's expiry (exp + grace: close 4001) and its
-    /// `token_expiring` notice (a jittered 80-90 % of the token's lifetime). Wall-clock
-    /// times from the token are turned into offsets from now once, here.
-    fn schedule_token_timers(&mut self, key: ConnKey) {
-        let now_wall_ms = now_ns() / 1_000_000;
-        let now_ms = self.wheel_now_ms();
-        let grace = self.limits.expiry_grace_ms;
-        let Some(c) = self.conns.get(key) else { return };
-        let p = &c.principal;
-        if p.exp == u64::MAX {
-            return; // a principal that never expires (the benchmark-only no-auth mode)
-        }
-        let serial = c.serial;
-        let exp_ms = p.exp.saturating_mul(1000);
-        let deadline_wall = exp_ms.saturating_add(grace);
-        // The close is decided up to two wheel ticks *before* the deadline (the wheel
-        // rounds up by at most one tick and the loop may run up to one tick late): a
-        // batch sealed by then is stamped before the deadline, and after the decision the
-        // connection's queue is discarded, so no data frame is written after exp + grace.
-        let early = 2 * self.wheel.tick_ms();
-        let expire_at = now_ms + deadline_wall.saturating_sub(now_wall_ms).saturating_sub(early);
-        let issued_ms = p.iat.map(|i| i.saturating_mul(1000)).unwrap_or(now_wall_ms).min(exp_ms);
-        let fraction = rand::random_range(0.80..0.90);
-        let notice_wall = issued_ms + ((exp_ms - issued_ms) as f64 * fraction) as u64;
-        let notice_at = now_ms + notice_wall.saturating_sub(now_wall_ms);
-        let expire = self.wheel.schedule(expire_at, TimerEvent { key, serial, kind: TimerKind::Expire });
-        let expiring = (notice_wall < exp_ms)
-            .then(|| self.wheel.schedule(notice_at, TimerEvent { key, serial, kind: TimerKind::Expiring }));
-        if let Some(c) = self.conns.get_mut(key) {
-            c.expire_timer = Some(expire);
-            c.expiring_timer = expiring;
-        }
-    }
-
-    fn cancel_token_timers(&mut self, key: ConnKey) {
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        let (a, b) = (c.expire_timer.take(), c.expiring_timer.take());
-        for t in [a, b].into_iter().flatten() {
-            self.wheel.cancel(t);
-        }
-    }
-
-    /// Outbound bytes queued on this shard's connections (sampled every 100 ms; O(conns)).
-    pub fn queued_bytes(&self) -> usize {
-        self.conns.iter().map(|(_, c)| c.out.bytes()).sum()
-    }
-
-    /// Timers scheduled on this shard.
-    pub fn timer_count(&self) -> usize {
-        self.wheel.len()
-    }
-
-    /// The wheel's resolution while it holds anything (how often the loop must advance it).
-    pub fn timer_tick(&self) -> Option<Duration> {
-        (!self.wheel.is_empty()).then(|| Duration::from_millis(self.wheel.tick_ms()))
-    }
-
-    /// The writer's last check before it stamps and writes a batch: a connection whose
-    /// deadline (`exp` + grace) has passed is closed with 4001 now. The wheel decides the
-    /// close two ticks early, but a shard thread that runs later than that (a busy machine)
-    /// would otherwise write batches after the deadline; this keeps "no data frame after
-    /// the deadline" true whatever the thread's lateness. True when it closed the connection
-    /// (its queue now holds only the close).
-    pub fn expire_if_due(&mut self, key: ConnKey, now_ns: u64) -> bool {
-        let grace_ms = self.limits.expiry_grace_ms;
-        let Some(c) = self.conns.get(key) else { return false };
-        if c.principal.exp == u64::MAX || c.out.is_closed() {
-            return false;
-        }
-        let deadline_ms = c.principal.exp.saturating_mul(1000).saturating_add(grace_ms);
-        if now_ns / 1_000_000 < deadline_ms {
-            return false;
-        }
-        self.stats.expiries += 1;
-        self.terminate(key, close::TOKEN_EXPIRED, "token expired");
-        true
-    }
-
-    /// Fires every timer due by now: `token_expiring` notices, and closes with 4001 at
-    /// the deadline. Runs on the shard loop, between dispatches.
-    pub fn advance_timers(&mut self) {
-        if self.wheel.is_empty() {
-            return;
-        }
-        let now_ms = self.wheel_now_ms();
-        let mut fired = std::mem::take(&mut self.fired);
-        self.wheel.advance(now_ms, &mut fired);
-        for ev in fired.drain(..) {
-            let Some(c) = self.conns.get_mut(ev.key) else {
-                continue;
-            };
-            if c.serial != ev.serial || c.out.is_closed() {
-                continue;
-            }
-            match ev.kind {
-                TimerKind::Expiring => {
-                    c.expiring_timer = None;
-                    let exp = c.principal.exp;
-                    self.send(ev.key, &ServerMsg::TokenExpiring { exp });
-                }
-                TimerKind::Expire => {
-                    c.expire_timer = None;
-                    self.stats.expiries += 1;
-                    self.terminate(ev.key, close::TOKEN_EXPIRED, "token expired");
-                }
-            }
-        }
-        self.fired = fired;
-    }
-
-    /// Ends a connection now: whatever is queued and not yet handed to the socket is
-    /// dropped (no data after the decision), the close is queued, a writer blocked on a
-    /// stalled socket is aborted, and the connection leaves the index.
-    fn terminate(&mut self, key: ConnKey, code: u16, reason: &'static str) {
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        if c.out.is_closed() {
-            return;
-        }
-        c.out.discard_and_close(code, reason);
-        c.rare = None;
-        c.notify.notify_one();
-        c.kill.notify_one();
-        let subs: Vec<((u16, u32), u32)> = c.subs.drain().collect();
-        for ((f, i), pos) in subs {
-            self.unindex(key, f, i, pos);
-        }
-        self.cancel_token_timers(key);
-    }
-
-    /// A snapshot of every connection for the admin view.
-    pub fn connection_infos(&self, shard: usize) -> Vec<ConnInfo> {
-        self.conns
-            .iter()
-            .map(|(_, c)| ConnInfo {
-                session: c.session.clone(),
-                sub: c.principal.sub.clone(),
-                shard,
-                subscriptions: c.subs.len(),
-                queued_bytes: c.out.bytes(),
-                token_exp: (c.principal.exp != u64::MAX).then_some(c.principal.exp),
-                closing: c.out.is_closed(),
-            })
-            .collect()
-    }
-
-    /// Closes every connection of `sub` (when given) or carrying `jti` (when given) with
-    /// 4003. Returns how many were closed.
-    pub fn revoke(&mut self, sub: Option<&str>, jti: Option<&str>) -> usize {
-        let keys: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.out.is_closed())
-            .filter(|(_, c)| {
-                sub.is_some_and(|s| c.principal.sub == s) || jti.is_some_and(|j| c.principal.jti.as_deref() == Some(j))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for &k in &keys {
-            self.terminate(k, close::TOKEN_REVOKED, "token revoked");
-        }
-        self.stats.revocations += keys.len() as u64;
-        keys.len()
-    }
-
-    /// Forgets a connection and its subscriptions.
-    pub fn remove_conn(&mut self, key: ConnKey) {
-        self.cancel_token_timers(key);
-        if let Some(conn) = self.conns.try_remove(key) {
-            for ((f, i), pos) in conn.subs {
-                self.unindex(key, f, i, pos);
-            }
-        }
-    }
-
-    /// Removes `key` from the index list of (f, i), where it sits at `pos`; the entry moved
-    /// into its place has its recorded position updated.
-    fn unindex(&mut self, key: ConnKey, f: u16, i: u32, pos: u32) {
-        let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) else { return };
-        let pos = pos as usize;
-        debug_assert_eq!(list.get(pos), Some(&key), "index position out of date");
-        if list.get(pos) != Some(&key) {
-            return;
-        }
-        list.swap_remove(pos);
-        self.subscriptions -= 1;
-        if let Some(&moved) = list.get(pos) {
-            if let Some(p) = self.conns.get_mut(moved).and_then(|c| c.subs.get_mut(&(f, i))) {
-                *p = pos as u32;
-            }
-        }
     }
 
     /// Queues a message for a connection and wakes its writer.
@@ -718,24 +427,6 @@ impl ShardCore {
         }
     }
 
-    /// Starts shutdown: every connection gets `shutdown` with a jittered reconnect delay,
-    /// then close 1001.
-    pub fn shutdown_all(&mut self, reconnect_after_max_ms: u64) {
-        self.draining = true;
-        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let jitter = if reconnect_after_max_ms > 1000 {
-                rand::random_range(1000..=reconnect_after_max_ms)
-            } else {
-                reconnect_after_max_ms
-            };
-            self.send(key, &ServerMsg::Shutdown { reconnect_after_ms: jitter });
-            // No kill here: the `shutdown` message must reach the client. A client stuck
-            // on a full socket is dropped when the drain time runs out instead.
-            self.close(key, close::GOING_AWAY, "server shutting down");
-        }
-    }
-
     /// Handles a parsed control message from a connection.
     pub fn handle(&mut self, key: ConnKey, msg: ClientMsg) {
         match msg {
@@ -757,374 +448,6 @@ impl ShardCore {
                 "already authenticated; use `refresh` to replace the token".into(),
             ),
         }
-    }
-
-    /// Resolves a symbol list against a feed: `["*"]` is every instrument.
-    fn resolve(feed: &Feed, symbols: &[String]) -> Result<Vec<u32>, String> {
-        if symbols.len() == 1 && symbols[0] == "*" {
-            return Ok((0..feed.instrument_count() as u32).collect());
-        }
-        let mut out = Vec::with_capacity(symbols.len());
-        let mut seen = HashSet::with_capacity(symbols.len());
-        for s in symbols {
-            if s == "*" {
-                return Err("*` must be the only entry of `symbols".into());
-            }
-            match feed.instrument_index(s) {
-                // A repeated symbol is subscribed and reported once.
-                Some(i) => {
-                    if seen.insert(i) {
-                        out.push(i);
-                    }
-                }
-                None => {
-                    let shown: String = s.chars().take(32).collect();
-                    return Err(shown);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn resolve_error(&mut self, key: ConnKey, id: Option<i64>, feed: &Feed, e: String) {
-        if e.starts_with('*') {
-            self.send_error(key, id, ErrorCode::BadRequest, "`*` must be the only entry of `symbols`".into())
-        } else {
-            self.send_error(key, id, ErrorCode::UnknownSymbol, format!("no symbol `{e}` in feed {}", feed.name()))
-        }
-    }
-
-    fn subscribe(
-        &mut self,
-        key: ConnKey,
-        id: Option<i64>,
-        feed_name: &str,
-        symbols: &[String],
-        snapshot: bool,
-        resume: (Option<BTreeMap<String, u64>>, Option<u64>),
-    ) {
-        let (resume, client_epoch) = resume;
-        let catalog = self.catalog.clone();
-        let Some(feed) = catalog.by_name(feed_name) else {
-            let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
-        };
-        let Some(conn) = self.conns.get(key) else {
-            return;
-        };
-        if conn.out.is_closed() {
-            return;
-        }
-        if !conn.principal.entitlements.can_read(feed.name()) {
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::InsufficientScope,
-                format!("token lacks md:read:{} or md:read:*", feed.name()),
-            );
-        }
-        if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
-        }
-        let instruments = match Self::resolve(feed, symbols) {
-            Ok(v) => v,
-            Err(e) => return self.resolve_error(key, id, feed, e),
-        };
-        if let Some(r) = &resume {
-            if let Some(unknown) = r.keys().find(|s| feed.instrument_index(s).is_none()) {
-                let shown: String = unknown.chars().take(32).collect();
-                return self.send_error(
-                    key,
-                    id,
-                    ErrorCode::UnknownSymbol,
-                    format!("resume names unknown symbol `{shown}`"),
-                );
-            }
-        }
-        let f = feed.idx as u16;
-        let new: Vec<u32> = instruments.iter().copied().filter(|i| !conn.subs.contains_key(&(f, *i))).collect();
-        if conn.subs.len() + new.len() > self.limits.max_subscriptions {
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::LimitExceeded,
-                format!("at most {} subscribed instruments per connection", self.limits.max_subscriptions),
-            );
-        }
-
-        // The reply, the snapshot/replay and the index update happen in one synchronous
-        // step on the shard thread, between two dispatches: the snapshot is exactly the
-        // state after the last dispatched tick, a replay ends exactly at the last
-        // dispatched seq, and the next tick dispatched is the next seq.
-        let fi = feed.idx;
-        let shard_epoch = self.epochs[fi];
-        let infos: Vec<InstrumentInfo> = instruments
-            .iter()
-            .map(|&i| InstrumentInfo {
-                symbol: feed.symbol(i).to_owned(),
-                id: Feed::instrument_id(i),
-                seq: self.instr[fi][i as usize].last_seq,
-            })
-            .collect();
-        // Seqs of another epoch mean nothing here: those instruments get a snapshot, and
-        // the reply's `epoch` tells the client why. (No `reset` message: it would also
-        // void the tracking of the connection's other instruments of this feed.)
-        let epoch_mismatch = resume.is_some() && client_epoch.is_some_and(|e| e != shard_epoch);
-        let mut plans: BTreeMap<u32, Plan> = BTreeMap::new();
-        let mut wants: HashMap<u32, (u64, u64)> = HashMap::new();
-        for &i in &new {
-            let last = self.instr[fi][i as usize].last_seq;
-            let plan = match resume.as_ref().and_then(|r| r.get(feed.symbol(i)).copied()) {
-                None if snapshot => Plan::Snapshot,
-                None => Plan::Live,
-                Some(_) if epoch_mismatch => Plan::Snapshot,
-                Some(n) if n == last => Plan::Live,
-                Some(n) if n > last => Plan::Skip(n),
-                Some(n) => {
-                    wants.insert(i, (n, last));
-                    Plan::Replay(n)
-                }
-            };
-            plans.insert(i, plan);
-        }
-        let mut replay: Vec<(u32, Record)> = Vec::new();
-        if !wants.is_empty() {
-            let log = feed.log();
-            wants.retain(|&i, &mut (after, upto)| {
-                let ok = log.availability(shard_epoch, i, after, upto) == Availability::Replay;
-                if !ok {
-                    plans.insert(i, Plan::Unavailable(after));
-                }
-                ok
-            });
-            log.collect(&wants, &mut replay);
-        }
-        // A replay is bounded to half the outbound budget; a longer one is answered like
-        // an expired one (gap + snapshot) rather than pushing the client over its budget.
-        let replay_bytes: usize = replay.iter().map(|(_, r)| r.len()).sum();
-        if replay_bytes > self.limits.max_outbound_bytes / 2 {
-            replay.clear();
-            for p in plans.values_mut() {
-                if let Plan::Replay(n) = *p {
-                    *p = Plan::Unavailable(n);
-                }
-            }
-        }
-
-        let mut prelude: Vec<String> = Vec::new();
-        let mut snap: Vec<Record> = Vec::new();
-        let mut skips: Vec<(u32, u64)> = Vec::new();
-        for (&i, plan) in &plans {
-            let st = &self.instr[fi][i as usize];
-            match *plan {
-                Plan::Live => {}
-                Plan::Replay(_) => self.stats.resume(ResumeResult::Replayed),
-                Plan::Skip(n) => skips.push((i, n)),
-                Plan::Unavailable(n) => {
-                    // The client is told exactly which range it will not get, then gets
-                    // the snapshot instead.
-                    self.stats.resume(ResumeResult::Unavailable);
-                    self.stats.gap(GapReason::ReplayUnavailable);
-                    prelude.push(
-                        ServerMsg::Gap {
-                            feed: feed.name().to_owned(),
-                            symbol: feed.symbol(i).to_owned(),
-                            from: n + 1,
-                            to: st.last_seq,
-                            reason: GapReason::ReplayUnavailable.as_str().into(),
-                        }
-                        .to_json(),
-                    );
-                }
-                Plan::Snapshot => {}
-            }
-            if matches!(plan, Plan::Snapshot | Plan::Unavailable(_)) {
-                let mut recs: Vec<Record> = [st.last_trade, st.last_quote].into_iter().flatten().collect();
-                recs.sort_by_key(Record::seq);
-                snap.extend(recs.into_iter().map(|r| r.with_flags(FLAG_SNAPSHOT)));
-            }
-        }
-        self.stats.replayed_records += replay.len() as u64;
-        let reply = ServerMsg::Subscribed { id, feed: feed.name().to_owned(), epoch: shard_epoch, instruments: infos };
-        let max_batch = self.limits.max_batch_bytes;
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let was_empty = conn.out.is_empty();
-        conn.out.push_text(reply.to_json());
-        for m in prelude {
-            conn.out.push_text(m);
-        }
-        for r in &snap {
-            conn.out.push_record(f, r, max_batch);
-        }
-        // Replayed records in ingest order; a seq the source itself never delivered is
-        // named by a `source_gap` before the record, as it was on the live path.
-        let mut next: HashMap<u32, u64> = wants.iter().map(|(&i, &(after, _))| (i, after + 1)).collect();
-        for (i, r) in &replay {
-            if let Some(exp) = next.get_mut(i) {
-                if r.seq() > *exp {
-                    let gap = ServerMsg::Gap {
-                        feed: feed.name().to_owned(),
-                        symbol: feed.symbol(*i).to_owned(),
-                        from: *exp,
-                        to: r.seq() - 1,
-                        reason: GapReason::SourceGap.as_str().into(),
-                    };
-                    conn.out.push_text(gap.to_json());
-                    self.stats.gap(GapReason::SourceGap);
-                }
-                *exp = r.seq() + 1;
-            }
-            conn.out.push_record(f, &r.with_flags(FLAG_REPLAY), max_batch);
-        }
-        if !skips.is_empty() {
-            let r = conn.rare.get_or_insert_with(Default::default);
-            for (i, n) in skips {
-                r.skip_upto.insert((f, i), n);
-            }
-        }
-        for &i in &new {
-            let list = &mut self.index[fi][i as usize];
-            conn.subs.insert((f, i), list.len() as u32);
-            list.push(key);
-        }
-        if was_empty {
-            conn.notify.notify_one();
-        }
-        self.subscriptions += new.len();
-    }
-
-    fn unsubscribe(&mut self, key: ConnKey, id: Option<i64>, feed_name: &str, symbols: &[String]) {
-        let catalog = self.catalog.clone();
-        let Some(feed) = catalog.by_name(feed_name) else {
-            let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
-        };
-        if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
-        }
-        let instruments = match Self::resolve(feed, symbols) {
-            Ok(v) => v,
-            Err(e) => return self.resolve_error(key, id, feed, e),
-        };
-        let f = feed.idx as u16;
-        let removed = self.drop_subs(key, f, &instruments);
-        let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
-        self.send(
-            key,
-            &ServerMsg::Unsubscribed { id, feed: feed.name().to_owned(), symbols, reason: "request".into() },
-        );
-    }
-
-    /// Removes the given subscriptions of a connection; returns those that existed.
-    fn drop_subs(&mut self, key: ConnKey, f: u16, instruments: &[u32]) -> Vec<u32> {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Vec::new();
-        };
-        let removed: Vec<(u32, u32)> =
-            instruments.iter().filter_map(|&i| conn.subs.remove(&(f, i)).map(|pos| (i, pos))).collect();
-        for &(i, _) in &removed {
-            if let Some(r) = conn.rare.as_deref_mut() {
-                if let Some(cf) = r.conflation.as_mut() {
-                    cf.forget(f, i);
-                }
-                r.skip_upto.remove(&(f, i));
-            }
-        }
-        for &(i, pos) in &removed {
-            self.unindex(key, f, i, pos);
-        }
-        removed.into_iter().map(|(i, _)| i).collect()
-    }
-
-    /// The first half of an in-band `refresh`: the rate limit. `true`: the caller now
-    /// validates the token (outside the core, possibly waiting for a JWKS refetch) and
-    /// hands the outcome to [`ShardCore::refresh_apply`]; `false`: the refresh was answered
-    /// (`rate_limited`, or refresh unavailable) and nothing else is to be done.
-    pub fn refresh_begin(&mut self, key: ConnKey, id: Option<i64>) -> bool {
-        if !self.limits.refresh_offered {
-            self.send_error(key, id, ErrorCode::InvalidToken, "token refresh is not available".into());
-            return false;
-        }
-        let min_gap = Duration::from_millis(self.limits.min_refresh_interval_ms);
-        let Some(conn) = self.conns.get_mut(key) else {
-            return false;
-        };
-        if conn.last_refresh.is_some_and(|t| t.elapsed() < min_gap) {
-            self.stats.refresh_rate_limited += 1;
-            let msg = format!(
-                "at most one refresh per {} ms; the current token stays in force",
-                self.limits.min_refresh_interval_ms
-            );
-            self.send_error(key, id, ErrorCode::RateLimited, msg);
-            return false;
-        }
-        conn.last_refresh = Some(Instant::now());
-        true
-    }
-
-    /// The second half of an in-band `refresh`: applies the validated token (or its
-    /// refusal, which leaves the current token and deadline in force). The new principal
-    /// must have the same `iss` and `sub`; feeds it no longer covers are unsubscribed
-    /// (`scope_revoked`) and its `exp` replaces the deadline.
-    pub fn refresh_apply(&mut self, key: ConnKey, id: Option<i64>, validated: Result<Principal, AuthError>) {
-        // The validation may have waited (a JWKS refetch); a connection whose close was
-        // decided meanwhile (expiry, revocation) stays closed.
-        let Some(conn) = self.conns.get(key).filter(|c| !c.out.is_closed()) else {
-            return;
-        };
-        let (iss, sub) = (conn.principal.iss.clone(), conn.principal.sub.clone());
-        let p = match validated {
-            Ok(p) => p,
-            Err(e) => {
-                self.stats.refresh_refused += 1;
-                return self.send_error(key, id, ErrorCode::InvalidToken, e.to_string());
-            }
-        };
-        if p.iss != iss || p.sub != sub {
-            self.stats.refresh_refused += 1;
-            return self.send_error(
-                key,
-                id,
-                ErrorCode::InvalidToken,
-                "refresh token must have the same iss and sub".into(),
-            );
-        }
-        // Feeds the new token no longer covers are unsubscribed, the rest stream on.
-        let catalog = self.catalog.clone();
-        for feed in catalog.feeds().iter().filter(|f| !p.entitlements.can_read(f.name())) {
-            let fi = feed.idx as u16;
-            let Some(conn) = self.conns.get(key) else {
-                return;
-            };
-            let mut is: Vec<u32> = conn.subs.keys().filter(|(cf, _)| *cf == fi).map(|(_, i)| *i).collect();
-            if is.is_empty() {
-                continue;
-            }
-            is.sort_unstable();
-            let removed = self.drop_subs(key, fi, &is);
-            let symbols = removed.iter().map(|&i| feed.symbol(i).to_owned()).collect();
-            self.send(
-                key,
-                &ServerMsg::Unsubscribed {
-                    id: None,
-                    feed: feed.name().to_owned(),
-                    symbols,
-                    reason: "scope_revoked".into(),
-                },
-            );
-        }
-        let feeds = self.feeds_for(&p.entitlements);
-        let exp = p.exp;
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.principal = p;
-        }
-        // The new token's exp replaces the deadline (and re-arms token_expiring).
-        self.cancel_token_timers(key);
-        self.schedule_token_timers(key);
-        self.stats.refresh_ok += 1;
-        self.send(key, &ServerMsg::Refreshed { id, exp, feeds });
     }
 
     /// Takes the next outbound item of a connection.
@@ -1188,7 +511,11 @@ impl ShardCore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
     use super::*;
+    use crate::auth::scopes::Entitlements;
     use crate::feeds::FeedDef;
     use tickgate_proto::codec::{Body, Quote};
 

@@ -32,10 +32,13 @@
 pub mod conflate;
 pub mod core;
 pub mod handle;
+mod index;
 pub mod outbound;
+mod session;
 pub mod shard;
 pub mod stats;
 pub mod stream;
+pub mod subscribe;
 pub mod timer;
 
 pub use handle::{Engine, EngineCtl, EngineHandle};
