@@ -68,10 +68,10 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 /// Checks the admin bearer token (scope `tickgate:admin`) and returns who it is; refusals
 /// are the same JSON and `WWW-Authenticate` answers as the stream handshake's.
 async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
-    use super::handshake::Refusal;
+    use super::authorize::Refusal;
     use crate::auth::validate::AuthError;
     // Anything but one well-formed Bearer header counts as no token here (401).
-    let token = super::handshake::bearer_token(headers).ok().flatten();
+    let token = super::authorize::bearer_token(headers).ok().flatten();
     let Some(token) = token else {
         app.metrics.auth_failures.with_label_values(&["missing"]).inc();
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));

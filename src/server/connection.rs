@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::handshake::ConnSlot;
+use super::authorize::{authorize_token, ConnSlot};
 use super::heartbeat::{Beat, Heartbeat};
 use super::limits::Bucket;
 use super::AppState;
@@ -169,7 +169,7 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
             return refuse("the first message must be a text auth message".into());
         }
     };
-    let p = match super::handshake::authorize_token(app, &token).await {
+    let p = match authorize_token(app, &token).await {
         Ok(p) => p,
         Err(r) => {
             if let Some(reason) = r.auth_reason {

@@ -9,6 +9,7 @@
 //! stays there for its whole life.
 
 pub mod admin;
+pub mod authorize;
 pub mod connection;
 pub mod edge;
 pub mod handshake;
