@@ -115,3 +115,58 @@ impl ShardCore {
         removed.into_iter().map(|(i, _)| i).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use crate::engine::core::tests::{core, drain, principal, tick};
+    use crate::engine::core::ConnKey;
+    use crate::engine::outbound::OutItem;
+    use tickgate_proto::control::ClientMsg;
+    use tickgate_proto::now_ns;
+
+    /// Index positions stay exact through removals in any order: after connections
+    /// leave, exactly the remaining ones get the next tick.
+    #[test]
+    fn index_positions_survive_removals_in_any_order() {
+        let mut core = core();
+        let now = now_ns() / 1_000_000_000;
+        let keys: Vec<ConnKey> =
+            (0..200).map(|k| core.add_conn(principal(now, now + 100), format!("c{k}")).key).collect();
+        for &k in &keys {
+            let msg = ClientMsg::Subscribe {
+                id: None,
+                feed: "T".into(),
+                symbols: vec!["A".into(), "B".into()],
+                snapshot: false,
+                resume: None,
+                epoch: None,
+            };
+            core.handle(k, msg);
+            drain(&mut core, k);
+        }
+        let mut gone = HashSet::new();
+        for (n, &k) in keys.iter().enumerate() {
+            match n % 3 {
+                0 => {
+                    core.remove_conn(k);
+                    gone.insert(k);
+                }
+                1 if n % 2 == 0 => {
+                    core.handle(k, ClientMsg::Unsubscribe { id: None, feed: "T".into(), symbols: vec!["A".into()] });
+                    drain(&mut core, k);
+                    gone.insert(k);
+                }
+                _ => {}
+            }
+        }
+        core.dispatch(&tick(1));
+        for &k in keys.iter().filter(|k| !gone.contains(k)) {
+            assert!(matches!(core.pop(k), Some(OutItem::Batch(_))), "connection {k} lost its subscription");
+        }
+        for &k in keys.iter().filter(|k| gone.contains(k)) {
+            assert!(core.pop(k).is_none(), "connection {k} still indexed");
+        }
+    }
+}

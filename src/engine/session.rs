@@ -303,3 +303,137 @@ impl ShardCore {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::auth::validate::Principal;
+    use crate::engine::core::tests::{core, drain, principal, texts, tick};
+    use crate::engine::outbound::OutItem;
+    use tickgate_proto::close;
+    use tickgate_proto::control::ClientMsg;
+    use tickgate_proto::now_ns;
+
+    /// Expiry on the wheel with paused time: `token_expiring` once at 80-90 % of the
+    /// lifetime, close 4001 at exp, and nothing queued for the connection after that.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_notice_then_close_then_nothing() {
+        let mut core = core();
+        let now = now_ns() / 1_000_000_000;
+        // A 10 s token issued now (the wall clock does not move; the wheel clock does).
+        let h = core.add_conn(principal(now, now + 10), "s1".into());
+        core.handle(
+            h.key,
+            ClientMsg::Subscribe {
+                id: None,
+                feed: "T".into(),
+                symbols: vec!["A".into()],
+                snapshot: false,
+                resume: None,
+                epoch: None,
+            },
+        );
+        drain(&mut core, h.key);
+        assert_eq!(core.timer_count(), 2);
+        let mut notice_at = None;
+        let mut seq = 0;
+        // Step 10 ms at a time; the true deadline is somewhere in the current second, so
+        // the close comes between 9 and 10 s from now (exp is whole seconds).
+        for step in 1..=1100u64 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            seq += 1;
+            core.dispatch(&tick(seq));
+            core.end_cycle();
+            core.advance_timers();
+            let items = drain(&mut core, h.key);
+            for t in texts(&items) {
+                if t.contains("token_expiring") {
+                    assert!(notice_at.is_none(), "token_expiring sent twice");
+                    notice_at = Some(step * 10);
+                }
+            }
+            if let Some(OutItem::Close { code, .. }) = items.last() {
+                assert_eq!(*code, close::TOKEN_EXPIRED);
+                let at = step * 10;
+                assert!((8_980..=10_000).contains(&at), "closed at {at} ms");
+                let n = notice_at.expect("notice before the close");
+                assert!((7_000..=9_010).contains(&n), "notice at {n} ms");
+                // After the close nothing more is queued, whatever is dispatched.
+                for s in 1..=10 {
+                    core.dispatch(&tick(seq + s));
+                }
+                core.advance_timers();
+                assert!(core.pop(h.key).is_none(), "data queued after the deadline");
+                assert_eq!(core.timer_count(), 0);
+                assert_eq!(core.stats.expiries, 1);
+                return;
+            }
+            assert!(items.iter().all(|i| !matches!(i, OutItem::Close { .. })), "close before the deadline");
+        }
+        panic!("never closed");
+    }
+
+    /// Removing a connection cancels its timers; a reused slab key is never hit by a
+    /// stale timer.
+    #[tokio::test(start_paused = true)]
+    async fn removed_connections_leave_no_timers() {
+        let mut core = core();
+        let now = now_ns() / 1_000_000_000;
+        let a = core.add_conn(principal(now, now + 2), "a".into());
+        core.remove_conn(a.key);
+        assert_eq!(core.timer_count(), 0);
+        let b = core.add_conn(principal(now, now + 100), "b".into());
+        assert_eq!(b.key, a.key, "slab key reused");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        core.advance_timers();
+        let items = drain(&mut core, b.key);
+        assert!(items.iter().all(|i| !matches!(i, OutItem::Close { .. })));
+    }
+
+    /// Revocation closes matching connections with 4003 and discards their backlog.
+    #[tokio::test]
+    async fn revoke_by_sub_and_jti() {
+        let mut core = core();
+        let now = now_ns() / 1_000_000_000;
+        let mut p2 = principal(now, now + 100);
+        p2.jti = Some("other".into());
+        let mut p3 = principal(now, now + 100);
+        p3.sub = "someone-else".into();
+        p3.jti = Some("third".into());
+        let a = core.add_conn(principal(now, now + 100), "a".into());
+        let b = core.add_conn(p2, "b".into());
+        let c = core.add_conn(p3, "c".into());
+        for k in [a.key, b.key, c.key] {
+            drain(&mut core, k);
+        }
+        assert_eq!(core.revoke(None, Some("j")), 1);
+        assert!(matches!(drain(&mut core, a.key).as_slice(), [OutItem::Close { code: 4003, .. }]));
+        assert_eq!(core.revoke(Some("s"), None), 1, "a is already closing; b matches by sub");
+        assert!(matches!(drain(&mut core, b.key).as_slice(), [OutItem::Close { code: 4003, .. }]));
+        assert!(drain(&mut core, c.key).is_empty());
+        assert_eq!(core.stats.revocations, 2);
+    }
+
+    /// The writer's check: a connection past its deadline (exp + grace) is closed 4001 at
+    /// the write, whatever the wheel did; one before it, or one that never expires, is not.
+    #[tokio::test]
+    async fn the_writer_never_writes_past_the_deadline() {
+        let mut core = core();
+        let now_s = now_ns() / 1_000_000_000;
+        let late = core.add_conn(principal(now_s - 10, now_s - 1), "late".into());
+        let fine = core.add_conn(principal(now_s, now_s + 100), "fine".into());
+        let never = core.add_conn(Principal::unauthenticated("n", "i"), "never".into());
+        for k in [late.key, fine.key, never.key] {
+            drain(&mut core, k);
+        }
+        let now = now_ns();
+        assert!(core.expire_if_due(late.key, now));
+        assert!(matches!(drain(&mut core, late.key).as_slice(), [OutItem::Close { code: 4001, .. }]));
+        assert!(!core.expire_if_due(late.key, now), "already closing");
+        assert!(!core.expire_if_due(fine.key, now));
+        assert!(core.expire_if_due(fine.key, (now_s + 100) * 1_000_000_000), "at the deadline itself");
+        assert!(!core.expire_if_due(never.key, u64::MAX));
+        assert_eq!(core.stats.expiries, 2);
+    }
+}

@@ -176,8 +176,8 @@ impl Drop for ConnGuard {
 ///
 /// The writer writes at most once per delay: woken less than a delay after its last
 /// write, it holds what came in so it leaves with what arrives meanwhile, in one write.
-/// The dispatch loop wakes a writer ([`WritePacer::must_wake`]) only when its queue
-/// starts, and once more when the queue reaches [`WritePacer::flush_at`], so a held
+/// The dispatch loop wakes a writer (`WritePacer::must_wake`) only when its queue
+/// starts, and once more when the queue reaches `WritePacer::flush_at`, so a held
 /// writer is woken early only for what must not wait: a full batch, a quarter of the
 /// slow-consumer budget, or a close (which also fires `kill`).
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! A `subscribe` and an `unsubscribe` on a shard: the symbol list resolved against the
-//! feed ([`resolve`], a typed [`ResolveError`]), a [`Plan`] per new instrument (live,
+//! feed ([`resolve`], a typed [`ResolveError`]), a `Plan` per new instrument (live,
 //! snapshot, replay from the feed log, gap + snapshot, skip ahead), then the reply, the
 //! snapshot or replay and the index update in one synchronous step between two dispatches.
 

@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and (with `tickgate:admin`)
+//! `POST /admin/revoke` and `GET /admin/connections`, which reach the shards through the
+//! engine's non-owning [`crate::engine::EngineCtl`].
 //!
 //! It runs on the main runtime, away from the shard threads, so a scrape never competes
 //! with dispatch for a shard's thread.

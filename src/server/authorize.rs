@@ -1,9 +1,9 @@
 //! Who may hold a connection: what both the stream handshake and a connection task
 //! (in-band `auth`) need, kept apart from both so neither imports the other. Holds
 //! [`Refusal`] (an HTTP refusal and its metric labels), [`Credential`] (how a token was
-//! presented), [`authorize`] / [`authorize_token`] / [`bearer_token`] (token to
+//! presented), `authorize` / `authorize_token` / `bearer_token` (token to
 //! principal), [`ConnSlot`] (a connection's place in the admission counts, released on
-//! drop), [`take_slot`] and [`check_connect_rate`].
+//! drop), `take_slot` and `check_connect_rate`.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
