@@ -437,3 +437,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     server.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Server` dropped without `shutdown` stops its shard threads: the shards serve
+    /// sockets with the server's state, which must not own their control channels.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_server_stops_its_shards() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        config.engine.shards = 2;
+        config.server.state_dir = Some(dir.path().join("state"));
+        let mut server = Server::start(config).await.expect("server starts");
+        let threads = server.engine.take_threads();
+        assert_eq!(threads.len(), 2);
+        drop(server);
+        // Joined on a thread of its own, so a failing test fails instead of hanging.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let _ = done_tx.send(());
+        });
+        let stopped = tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        assert!(stopped.await.expect("join"), "shard threads still running after the Server was dropped");
+    }
+}
