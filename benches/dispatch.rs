@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tickgate::auth::validate::Principal;
+use tickgate::config::Config;
 use tickgate::engine::core::{CoreLimits, ShardCore};
 use tickgate::engine::outbound::{OutItem, Outbound};
 use tickgate::engine::Tick;
@@ -50,12 +51,11 @@ fn quote(instr: u32, seq: u64) -> Tick {
 fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
     let mut core = ShardCore::new(
         catalog(10),
-        None,
         CoreLimits {
             max_outbound_bytes: 1 << 30,
             max_batch_bytes: 65536,
             max_subscriptions: 100,
-            ..CoreLimits::default()
+            ..CoreLimits::from(&Config::default())
         },
     );
     let mut keys = Vec::new();
@@ -226,7 +226,7 @@ fn bench_batch_encode(c: &mut Criterion) {
 fn bench_index_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("index_lookup");
     g.throughput(Throughput::Elements(1));
-    let mut core = ShardCore::new(catalog(1000), None, CoreLimits::default());
+    let mut core = ShardCore::new(catalog(1000), CoreLimits::from(&Config::default()));
     let mut seqs = vec![0u64; 1000];
     let mut k = 0usize;
     g.bench_function("tick_without_subscribers", |b| {

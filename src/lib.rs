@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,8 +46,7 @@ use crate::auth::keys::KeyStore;
 use crate::auth::validate::Validator;
 use crate::config::{Config, IssuerMode};
 use crate::engine::core::CoreLimits;
-use crate::engine::shard::{self, ShardCtl, ShardSpec};
-use crate::engine::{Ingest, ShardInbox};
+use crate::engine::{Engine, EngineHandle, Ingest};
 use crate::feeds::{Catalog, DefsOrigin};
 use crate::metrics::Metrics;
 use crate::server::AppState;
@@ -99,8 +97,8 @@ pub struct Server {
     accept_cancel: CancellationToken,
     feeds_cancel: CancellationToken,
     admin_cancel: CancellationToken,
-    shard_ctl: Vec<mpsc::Sender<ShardCtl>>,
-    shard_threads: Vec<std::thread::JoinHandle<()>>,
+    /// The shard threads: dropped with the `Server`, which stops them.
+    engine: EngineHandle,
     background: TaskTracker,
     feed_tasks: TaskTracker,
     tls: Option<Arc<server::tls::TlsState>>,
@@ -190,15 +188,8 @@ impl Server {
         let n_shards = config.shard_count();
         let feed_names: Vec<&str> = catalog.feeds().iter().map(|f| f.name()).collect();
         metrics.init_known_series(&feed_names, n_shards);
-        let inboxes: Arc<[Arc<ShardInbox>]> =
-            (0..n_shards).map(|_| Arc::new(ShardInbox::new(config.engine.queue_capacity))).collect();
-        let mut shard_ctl = Vec::new();
-        let mut ctl_rx = Vec::new();
-        for _ in 0..n_shards {
-            let (tx, rx) = mpsc::channel(64);
-            shard_ctl.push(tx);
-            ctl_rx.push(rx);
-        }
+        let engine = Engine::new(n_shards, config.engine.queue_capacity);
+        let inboxes = engine.inboxes().clone();
         let feeds_cancel = CancellationToken::new();
         // The sources (generators, replays and publisher connections), tracked apart so
         // shutdown can wait for them to have stopped.
@@ -217,7 +208,7 @@ impl Server {
                 config.limits.max_tickets_per_subject,
                 validator.revocations().clone(),
             ),
-            shard_ctl: shard_ctl.clone(),
+            engine: engine.control(),
             jwks: jwks.clone(),
             config: config.clone(),
             validator: validator.clone(),
@@ -241,34 +232,10 @@ impl Server {
         };
         let serve = server::serve_fn(app.clone(), router, tls.clone());
 
-        let limits = CoreLimits {
-            max_outbound_bytes: config.limits.max_outbound_bytes,
-            max_batch_bytes: config.engine.max_batch_bytes,
-            max_subscriptions: config.limits.max_subscriptions,
-            heartbeat_ms: config.server.heartbeat_ms,
-            expiry_grace_ms: config.auth.expiry_grace_ms,
-            min_refresh_interval_ms: config.auth.min_refresh_interval_ms,
-            timer_tick_ms: config.engine.timer_tick_ms,
-        };
-        let mut sock_tx = Vec::new();
-        let mut shard_threads = Vec::new();
-        for ((id, inbox), ctl_rx) in inboxes.iter().enumerate().zip(ctl_rx) {
-            let (s_tx, s_rx) = mpsc::channel(4096);
-            sock_tx.push(s_tx);
-            let handle = shard::spawn(ShardSpec {
-                id,
-                inbox: inbox.clone(),
-                ctl: ctl_rx,
-                sockets: s_rx,
-                catalog: catalog.clone(),
-                validator: Some(validator.clone()),
-                limits: limits.clone(),
-                metrics: metrics.clone(),
-                serve: serve.clone(),
-            })
+        let engine = engine
+            .start(&catalog, &CoreLimits::from(&*config), &metrics, &serve)
             .map_err(io_err("cannot start shard thread"))?;
-            shard_threads.push(handle);
-        }
+        let sock_tx = engine.socket_senders();
 
         let background = TaskTracker::new();
         let accept_cancel = CancellationToken::new();
@@ -331,8 +298,7 @@ impl Server {
             feeds_cancel,
             feed_tasks,
             admin_cancel,
-            shard_ctl,
-            shard_threads,
+            engine,
             background,
             tls,
         })
@@ -399,50 +365,35 @@ impl Server {
         // every tick taken in reaches its subscribers before their `shutdown` message.
         self.feeds_cancel.cancel();
         self.feed_tasks.close();
-        let flushed = tokio::time::timeout(Duration::from_secs(1), async {
-            // First the sources must have stopped (no tick is ingested after this), then
-            // the shards must have taken every queued tick.
-            self.feed_tasks.wait().await;
-            while self.app.shards.iter().any(|s| !s.queue.is_empty()) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        if flushed.is_err() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // First the sources must have stopped (no tick is ingested after this), then the
+        // shards must have taken every queued tick.
+        let sources_stopped = tokio::time::timeout_at(deadline, self.feed_tasks.wait()).await.is_ok();
+        if !(sources_stopped && self.engine.dispatched(deadline).await) {
             tracing::warn!("shard queues not drained within 1 s; shutting down anyway");
         }
-        let reconnect_after_max_ms = self.app.config.server.reconnect_after_max_ms;
-        for ctl in &self.shard_ctl {
-            let _ = ctl.send(ShardCtl::Shutdown { reconnect_after_max_ms }).await;
-        }
-        self.app.tracker.close();
-        if tokio::time::timeout(drain, self.app.tracker.wait()).await.is_err() {
-            tracing::warn!(
-                remaining = self.app.open_connections.load(Ordering::Acquire),
-                "drain time over; dropping remaining connections"
-            );
-        }
-        // From here the public accept loop answers new sockets 503 itself; sockets already
-        // handed to a shard get their answer there first (bounded: idle keep-alive
-        // connections are closed below).
-        self.app.edge.shards_stopped.store(true, Ordering::Release);
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while self.app.edge.public_http.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        let app = &self.app;
+        let connections_done = async {
+            app.tracker.close();
+            if tokio::time::timeout(drain, app.tracker.wait()).await.is_err() {
+                tracing::warn!(
+                    remaining = app.open_connections.load(Ordering::Acquire),
+                    "drain time over; dropping remaining connections"
+                );
             }
-        })
-        .await;
-        self.app.cancel.cancel();
-        for ctl in &self.shard_ctl {
-            let _ = ctl.send(ShardCtl::Stop).await;
-        }
-        let threads = self.shard_threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
+            // From here the public accept loop answers new sockets 503 itself; sockets
+            // already handed to a shard get their answer there first (bounded: idle
+            // keep-alive connections are closed below).
+            app.edge.shards_stopped.store(true, Ordering::Release);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while app.edge.public_http.load(Ordering::Relaxed) > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            app.cancel.cancel();
+        };
+        self.engine.drain_and_stop(app.config.server.reconnect_after_max_ms, connections_done).await;
         // The listeners stop last.
         self.accept_cancel.cancel();
         self.admin_cancel.cancel();
@@ -488,4 +439,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Server` dropped without `shutdown` stops its shard threads: the shards serve
+    /// sockets with the server's state, which must not own their control channels.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_server_stops_its_shards() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        config.engine.shards = 2;
+        config.server.state_dir = Some(dir.path().join("state"));
+        let mut server = Server::start(config).await.expect("server starts");
+        let threads = server.engine.take_threads();
+        assert_eq!(threads.len(), 2);
+        drop(server);
+        // Joined on a thread of its own, so a failing test fails instead of hanging.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let _ = done_tx.send(());
+        });
+        let stopped = tokio::task::spawn_blocking(move || done_rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        assert!(stopped.await.expect("join"), "shard threads still running after the Server was dropped");
+    }
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics (spec §9).
 //!
-//! Hot-path counters are kept per shard in plain integers ([`crate::engine::core::CoreStats`])
+//! Hot-path counters are kept per shard in plain integers (`engine::stats::CoreStats`)
 //! and added to these shared counters by each shard every 100 ms, so delivering a record
 //! never touches a contended atomic. Gauges that describe shard state (connections,
 //! queue depth, subscriptions) are read from the shards at scrape time.
@@ -354,9 +354,8 @@ impl Metrics {
             }
         }
         self.http_refused.with_label_values(&["public", "fd_reserve"]);
-        for r in crate::engine::core::GAP_REASONS {
-            self.gaps_sent.with_label_values(&[r]);
-        }
+        // `gaps_sent{reason}` is primed by the engine, which owns the reasons
+        // (`engine::GapReason`), when it starts.
         for r in ["replayed", "unavailable"] {
             self.resumes.with_label_values(&[r]);
         }

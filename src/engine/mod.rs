@@ -1,21 +1,49 @@
 //! The sharded fan-out engine.
 //!
 //! ```text
-//!  feed task ──encode once──► Ingest ──push──► [ArrayQueue shard 0] ──► shard thread 0 ──► its sockets
-//!                                      └─push──► [ArrayQueue shard 1] ──► shard thread 1 ──► its sockets
+//!  source ──Ingest::publish_burst──► feed log (feeds::log), then
+//!          └─push──► [ArrayQueue shard 0] ──► shard thread 0: dispatch ──► Outbound queues ──► ConnGuard::next_frame ──► socket
+//!          └─push──► [ArrayQueue shard 1] ──► shard thread 1: dispatch ──► ...
+//!
+//!  lib.rs ── Engine::new ─► inboxes + control ── Engine::start ─► EngineHandle (owns the threads)
+//!  admin  ── EngineCtl (weak) ─► ShardCtl::{Revoke, ListConnections}
+//!  handshake/connection task ── stream::current() ─► ShardHandle::open ─► ConnGuard
 //! ```
 //!
 //! Each shard is one OS thread running a single-threaded tokio runtime. It owns its
 //! connections (their sockets, outbound queues and subscriptions) and its subscription
 //! index, so dispatch is plain single-threaded code: no lock, no shared atomic per tick.
 //! Ticks cross threads exactly once, through a bounded lock-free queue per shard.
+//!
+//! | module | holds |
+//! |---|---|
+//! | this one | [`Tick`], [`Inbound`], [`ShardInbox`] (a shard's cross-thread side), [`Ingest`] (append to the log, then queue for every shard) |
+//! | [`handle`] | [`Engine`], [`EngineHandle`] (start, drain and stop the shard threads), [`EngineCtl`] (revocation, admin listing) |
+//! | [`stream`] | the connection task's API: [`ShardHandle`], [`ConnGuard`], [`Frame`], [`WritePacer`] (the write-hold policy) |
+//! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
+//! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
+//! | [`stats`] | `CoreStats`, [`GapReason`], `ConnInfo` |
+//! | [`outbound`], [`conflate`], [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
+//!
+//! The engine receives a validated [`crate::auth::validate::Principal`] (entitlements
+//! and a deadline), never a token: refresh tokens are validated by the connection task.
 //! See `docs/architecture.md` for the whole path.
 
 pub mod conflate;
 pub mod core;
+pub mod handle;
+mod index;
 pub mod outbound;
+mod session;
 pub mod shard;
+pub mod stats;
+pub mod stream;
+pub mod subscribe;
 pub mod timer;
+
+pub use handle::{Engine, EngineCtl, EngineHandle};
+pub use stats::GapReason;
+pub use stream::{ConnGuard, Frame, ShardHandle, WritePacer};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,8 @@
 //! A shard thread: a single-threaded tokio runtime that owns a [`ShardCore`], the
-//! connections placed on it, and the loop that drains its inbound tick queue.
+//! connections placed on it, and the loop that drains its inbound tick queue. Holds
+//! [`ShardCtl`] (requests from other threads), the shard-local context behind
+//! [`super::stream::ShardHandle`], the thread's start (`spawn`, a dead shard ends the
+//! process), the dispatch cycle and the stats flusher.
 //!
 //! Why a thread of its own with a current-thread runtime: the core, the connections'
 //! outbound queues and the sockets all live on one thread, so the dispatch loop appends
@@ -20,9 +23,9 @@ use prometheus::local::LocalHistogram;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
-use super::core::{CoreLimits, CoreStats, ShardCore};
+use super::core::{CoreLimits, ShardCore};
+use super::stats::{CoreStats, GapReason, ResumeResult};
 use super::{Inbound, ShardInbox};
-use crate::auth::validate::Validator;
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
 
@@ -60,7 +63,7 @@ pub enum ShardCtl {
     /// Lists the shard's connections for the admin view.
     ListConnections {
         /// The shard's connections.
-        reply: tokio::sync::oneshot::Sender<Vec<super::core::ConnInfo>>,
+        reply: tokio::sync::oneshot::Sender<Vec<super::stats::ConnInfo>>,
     },
     /// Stop the shard's runtime.
     Stop,
@@ -86,21 +89,23 @@ fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
 /// stream). Provided by the server so the engine stays free of HTTP concerns.
 pub type ServeFn = Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
-/// The shard-local context that connection tasks reach through [`current`].
+/// The shard-local context; connection tasks reach it through
+/// [`super::stream::current`], as a [`super::stream::ShardHandle`].
 #[derive(Debug)]
-pub struct ShardLocal {
+pub(crate) struct ShardLocal {
     /// Shard number.
-    pub id: usize,
-    /// The state.
-    pub core: RefCell<ShardCore>,
+    pub(super) id: usize,
+    /// The state: borrowed only by the shard loop and [`super::stream`], never across an
+    /// `.await`.
+    pub(super) core: RefCell<ShardCore>,
     /// The cross-thread side.
-    pub inbox: Arc<ShardInbox>,
+    pub(super) inbox: Arc<ShardInbox>,
     /// Fan-out latency observations, flushed with the counters.
-    pub latency: LocalHistogram,
+    pub(super) latency: LocalHistogram,
     /// Records per batch written, flushed with the counters.
-    pub batch_records: LocalHistogram,
+    pub(super) batch_records: LocalHistogram,
     /// Dispatch cycle durations, flushed with the counters.
-    pub cycle: LocalHistogram,
+    pub(super) cycle: LocalHistogram,
 }
 
 thread_local! {
@@ -108,12 +113,12 @@ thread_local! {
 }
 
 /// The shard that owns the calling thread, if it is a shard thread.
-pub fn current() -> Option<Rc<ShardLocal>> {
+pub(super) fn current_local() -> Option<Rc<ShardLocal>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
 /// Everything a shard thread needs at start.
-pub struct ShardSpec {
+pub(super) struct ShardSpec {
     /// Shard number.
     pub id: usize,
     /// Inbound queue.
@@ -124,8 +129,6 @@ pub struct ShardSpec {
     pub sockets: mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
     /// The feeds.
     pub catalog: Arc<Catalog>,
-    /// Token validator for in-band refresh.
-    pub validator: Option<Arc<Validator>>,
     /// Limits.
     pub limits: CoreLimits,
     /// Metrics.
@@ -154,7 +157,7 @@ pub const SHARD_DEATH_EXIT_CODE: i32 = 70;
 /// panic here lets the log say which shard died and the process end with a status of its
 /// own. The cost: the unwinding itself must not panic again (it only drops the shard's
 /// state), and an abort of the process in between is the same outcome anyway.
-pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub(super) fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     let id = spec.id;
     std::thread::Builder::new().name(format!("tickgate-shard-{id}")).spawn(move || {
         // Marks the inbox dead however the thread ends, so no source waits for it.
@@ -228,10 +231,10 @@ fn test_fault_for(id: usize) -> Option<Duration> {
 }
 
 async fn run(spec: ShardSpec) {
-    let ShardSpec { id, inbox, mut ctl, mut sockets, catalog, validator, limits, metrics, serve } = spec;
+    let ShardSpec { id, inbox, mut ctl, mut sockets, catalog, limits, metrics, serve } = spec;
     let shard = Rc::new(ShardLocal {
         id,
-        core: RefCell::new(ShardCore::new(catalog.clone(), validator, limits)),
+        core: RefCell::new(ShardCore::new(catalog.clone(), limits)),
         inbox: inbox.clone(),
         latency: metrics.fanout_latency.local(),
         batch_records: metrics.batch_records.local(),
@@ -287,10 +290,16 @@ async fn run(spec: ShardSpec) {
             core.advance_timers();
             n
         };
-        if let Ok(msg) = ctl.try_recv() {
-            if !control(&shard, msg) {
-                break;
+        match ctl.try_recv() {
+            Ok(msg) => {
+                if !control(&shard, msg) {
+                    break;
+                }
             }
+            // Every owner of the control channel is gone (the `EngineHandle` was dropped):
+            // nobody can stop this shard any more, so it stops now.
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {}
         }
         if n > 0 {
             shard.cycle.observe(cycle_started.elapsed().as_secs_f64());
@@ -353,12 +362,12 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     bump(&metrics.slow_consumer_events, "disconnect", now.slow_disconnects, last.slow_disconnects);
     bump(&metrics.slow_consumer_events, "conflate", now.conflate_episodes, last.conflate_episodes);
     metrics.conflated_records.inc_by(now.conflated_records - last.conflated_records);
-    for (k, reason) in super::core::GAP_REASONS.iter().enumerate() {
-        bump(&metrics.gaps_sent, reason, now.gaps[k], last.gaps[k]);
+    for (k, reason) in GapReason::ALL.iter().enumerate() {
+        bump(&metrics.gaps_sent, reason.as_str(), now.gaps[k], last.gaps[k]);
     }
     metrics.replayed_records.inc_by(now.replayed_records - last.replayed_records);
-    for (k, result) in ["replayed", "unavailable"].iter().enumerate() {
-        bump(&metrics.resumes, result, now.resumes[k], last.resumes[k]);
+    for (k, result) in ResumeResult::ALL.iter().enumerate() {
+        bump(&metrics.resumes, result.as_str(), now.resumes[k], last.resumes[k]);
     }
     metrics.epoch_resets.inc_by(now.resets - last.resets);
     for (code, n) in &now.control_errors {
@@ -394,8 +403,8 @@ mod tests {
     fn core_with(conns: usize) -> ShardCore {
         let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
         let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
-        let limits = CoreLimits { max_outbound_bytes: 1 << 30, ..CoreLimits::default() };
-        let mut core = ShardCore::new(catalog, None, limits);
+        let limits = CoreLimits { max_outbound_bytes: 1 << 30, ..CoreLimits::from(&crate::config::Config::default()) };
+        let mut core = ShardCore::new(catalog, limits);
         for i in 0..conns {
             let h = core.add_conn(Principal::unauthenticated(&format!("c{i}"), "i"), format!("s{i}"));
             let subscribe = ClientMsg::Subscribe {

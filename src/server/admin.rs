@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and (with `tickgate:admin`)
+//! `POST /admin/revoke` and `GET /admin/connections`, which reach the shards through the
+//! engine's non-owning [`crate::engine::EngineCtl`].
 //!
 //! It runs on the main runtime, away from the shard threads, so a scrape never competes
 //! with dispatch for a shard's thread.
@@ -68,10 +70,10 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
 /// Checks the admin bearer token (scope `tickgate:admin`) and returns who it is; refusals
 /// are the same JSON and `WWW-Authenticate` answers as the stream handshake's.
 async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
-    use super::handshake::Refusal;
+    use super::authorize::Refusal;
     use crate::auth::validate::AuthError;
     // Anything but one well-formed Bearer header counts as no token here (401).
-    let token = super::handshake::bearer_token(headers).ok().flatten();
+    let token = super::authorize::bearer_token(headers).ok().flatten();
     let Some(token) = token else {
         app.metrics.auth_failures.with_label_values(&["missing"]).inc();
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));
@@ -164,20 +166,7 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     let tickets_voided = app.tickets.void(sub.as_deref(), jti.as_deref());
     let publishers_closed = app.publishers.revoke(sub.as_deref(), jti.as_deref());
     app.metrics.revocations.inc_by(publishers_closed as u64);
-    let mut replies = Vec::new();
-    for ctl in &app.shard_ctl {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let msg = crate::engine::shard::ShardCtl::Revoke { sub: sub.clone(), jti: jti.clone(), reply: tx };
-        if ctl.send(msg).await.is_ok() {
-            replies.push(rx);
-        }
-    }
-    let mut streams_closed = 0;
-    for rx in replies {
-        if let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
-            streams_closed += n;
-        }
-    }
+    let streams_closed = app.engine.revoke(sub.as_deref(), jti.as_deref()).await;
     tracing::info!(admin = %admin.sub, target_sub = %sub.as_deref().unwrap_or(""), target_jti = %jti.as_deref().unwrap_or(""),
         streams_closed, publishers_closed, tickets_voided, "revocation applied");
     let body = json!({
@@ -217,19 +206,7 @@ async fn connections(
     if !(1..=1000).contains(&limit) {
         return bad_request("limit must be between 1 and 1000");
     }
-    let mut replies = Vec::new();
-    for ctl in &app.shard_ctl {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if ctl.send(crate::engine::shard::ShardCtl::ListConnections { reply: tx }).await.is_ok() {
-            replies.push(rx);
-        }
-    }
-    let mut all = Vec::new();
-    for rx in replies {
-        if let Ok(Ok(mut v)) = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
-            all.append(&mut v);
-        }
-    }
+    let mut all = app.engine.connections().await;
     all.sort_by(|a, b| a.session.cmp(&b.session));
     let total = all.len();
     let start = match &page.after {

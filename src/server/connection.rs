@@ -1,12 +1,14 @@
 //! One stream connection after the upgrade, running on its shard thread.
 //!
-//! The task reads control messages and moves the connection's outbound queue (filled by
-//! the shard's dispatch loop) to the socket. It never waits on the socket without also
-//! watching `kill`, so a stalled client cannot hold back a slow-consumer close or
-//! shutdown, and it never holds the shard's `RefCell` across an `.await`.
+//! The task authenticates in-band when the upgrade carried no credential, registers the
+//! connection with its shard ([`ShardHandle::open`], a [`ConnGuard`]), reads control
+//! messages (rate limit, strikes, heartbeat, refresh validation) and moves the frames the
+//! engine queued ([`ConnGuard::next_frame`]) to the socket, paced by the engine's
+//! [`WritePacer`]. It never waits on the socket without also watching `kill`, so a
+//! stalled client cannot hold back a slow-consumer close or shutdown. The engine's state
+//! is reached only through the guard's methods.
 
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,17 +21,14 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::handshake::ConnSlot;
+use super::authorize::{authorize_token, ConnSlot};
 use super::heartbeat::{Beat, Heartbeat};
 use super::limits::Bucket;
 use super::AppState;
 use crate::auth::validate::Principal;
-use crate::engine::core::ConnHandles;
-use crate::engine::outbound::OutItem;
-use crate::engine::shard::ShardLocal;
+use crate::engine::{ConnGuard, Frame, ShardHandle, WritePacer};
 use tickgate_proto::close;
 use tickgate_proto::control::{parse_client_msg, ClientMsg, ErrorCode};
-use tickgate_proto::now_ns;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -67,7 +66,7 @@ fn ws_config(app: &AppState) -> WebSocketConfig {
 
 /// Runs a connection to its end.
 pub(crate) async fn run(
-    shard: Rc<ShardLocal>,
+    shard: ShardHandle,
     app: Arc<AppState>,
     on_upgrade: OnUpgrade,
     principal: Option<Principal>,
@@ -97,15 +96,14 @@ pub(crate) async fn run(
     };
     let session = format!("s-{:016x}", rand::random::<u64>());
     let sub = principal.sub.clone();
-    let handles = shard.core.borrow_mut().add_conn(principal, session.clone());
-    shard.inbox.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn = shard.open(principal, session.clone());
     let opened = Instant::now();
-    tracing::info!(session = %session, sub = %sub, peer = ?peer, shard = shard.id, "stream opened");
+    tracing::info!(session = %session, sub = %sub, peer = ?peer, shard = shard.id(), "stream opened");
 
-    let ended = drive(&shard, &app, ws, &handles).await;
+    let ended = drive(&app, ws, &conn).await;
 
-    shard.core.borrow_mut().remove_conn(handles.key);
-    shard.inbox.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    // Unregistered before the slot is given back.
+    drop(conn);
     app.metrics.closes.with_label_values(&[&ended.code.to_string()]).inc();
     if ended.reason == SLOW_DROPPED {
         app.metrics.slow_consumer_events.with_label_values(&["dropped"]).inc();
@@ -171,7 +169,7 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
             return refuse("the first message must be a text auth message".into());
         }
     };
-    let p = match super::handshake::authorize_token(app, &token).await {
+    let p = match authorize_token(app, &token).await {
         Ok(p) => p,
         Err(r) => {
             if let Some(reason) = r.auth_reason {
@@ -190,20 +188,18 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
 type PendingRefresh = std::pin::Pin<Box<dyn std::future::Future<Output = (Option<i64>, RefreshOutcome)>>>;
 type RefreshOutcome = Result<Principal, crate::auth::validate::AuthError>;
 
-async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &ConnHandles) -> Ended {
+async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
     let limits = &app.config.limits;
     let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     // Control messages: `control_rate_per_s` per second, bursts of `control_burst`.
     let (rate, burst) = (limits.control_rate_per_s as f64, limits.control_burst as f64);
     let mut bucket = Bucket::full(burst, Instant::now());
     let mut strikes: u32 = 0;
-    // `engine.write_delay_us`: at most one write per delay. The timer is created once and
-    // only armed while a write is held, so a connection that keeps up costs no timer.
-    let write_delay = Duration::from_micros(app.config.engine.write_delay_us);
+    // `engine.write_delay_us`: the pacer decides; the timer is created once and only armed
+    // while a write is held, so a connection that keeps up costs no timer.
+    let mut pacer = WritePacer::new(Duration::from_micros(app.config.engine.write_delay_us));
     let hold = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(hold);
-    let mut holding = false;
-    let mut last_write: Option<tokio::time::Instant> = None;
     // An in-band refresh whose token is being validated (it may wait for a JWKS refetch):
     // polled as one more branch, so the connection keeps streaming meanwhile.
     let mut refreshing: Option<PendingRefresh> = None;
@@ -211,44 +207,36 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
     loop {
         tokio::select! {
             biased;
-            // While a write is held the queue is not empty, so the core wakes the writer
-            // only for what must not wait: a close, or a backlog of a full batch (or a
-            // quarter of the slow-consumer budget). Either ends the hold.
-            _ = h.notify.notified() => {
-                let due = last_write.map(|t| t + write_delay);
-                if let Some(due) = due.filter(|d| !holding && *d > tokio::time::Instant::now()) {
-                    // Written to less than a delay ago: hold what came in so it leaves
-                    // with what arrives meanwhile, in one write.
-                    hold.as_mut().reset(due);
-                    holding = true;
+            _ = conn.wake().notified() => {
+                if let Some(until) = pacer.on_wake(tokio::time::Instant::now()) {
+                    hold.as_mut().reset(until);
                     continue;
                 }
-                holding = false;
-                match write_pending(shard, &mut ws, h).await {
+                match write_pending(&mut ws, conn).await {
                     Flow::Closed(e) => return e,
-                    Flow::Wrote if !write_delay.is_zero() => last_write = Some(tokio::time::Instant::now()),
-                    Flow::Wrote | Flow::Idle => {}
+                    Flow::Wrote => pacer.wrote(tokio::time::Instant::now()),
+                    Flow::Idle => {}
                 }
             }
             // A termination (slow consumer, expiry, revocation) is never held.
-            _ = h.kill.notified(), if holding => {
-                holding = false;
-                if let Flow::Closed(e) = write_pending(shard, &mut ws, h).await {
+            _ = conn.kill().notified(), if pacer.holding() => {
+                pacer.release();
+                if let Flow::Closed(e) = write_pending(&mut ws, conn).await {
                     return e;
                 }
             }
-            _ = &mut hold, if holding => {
-                holding = false;
-                match write_pending(shard, &mut ws, h).await {
+            _ = &mut hold, if pacer.holding() => {
+                pacer.release();
+                match write_pending(&mut ws, conn).await {
                     Flow::Closed(e) => return e,
-                    Flow::Wrote => last_write = Some(tokio::time::Instant::now()),
+                    Flow::Wrote => pacer.wrote(tokio::time::Instant::now()),
                     Flow::Idle => {}
                 }
             }
             Some((id, validated)) = futures_util::future::OptionFuture::from(refreshing.as_mut()),
                 if refreshing.is_some() => {
                 refreshing = None;
-                shard.core.borrow_mut().refresh_apply(h.key, id, validated);
+                conn.refresh_apply(id, validated);
             }
             msg = ws.next() => {
                 let msg = match msg {
@@ -260,35 +248,35 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
                     Message::Text(text) => {
                         if !bucket.take(Instant::now(), rate, burst) {
                             strikes += 1;
-                            shard.core.borrow_mut().send_error(h.key, None, ErrorCode::RateLimited,
+                            conn.send_error(None, ErrorCode::RateLimited,
                                 format!("more than {} control messages per second", limits.control_rate_per_s));
                         } else {
                             match parse_client_msg(text.as_str()) {
                                 Ok(ClientMsg::Refresh { id, .. }) if refreshing.is_some() => {
-                                    shard.core.borrow_mut().send_error(h.key, id, ErrorCode::RateLimited,
+                                    conn.send_error(id, ErrorCode::RateLimited,
                                         "a refresh is still being validated; the current token stays in force".into());
                                 }
                                 Ok(ClientMsg::Refresh { id, token }) => {
-                                    if shard.core.borrow_mut().refresh_begin(h.key, id) {
+                                    if conn.refresh_begin(id) {
                                         let validator = app.validator.clone();
                                         refreshing = Some(Box::pin(async move {
                                             (id, validator.validate_async(&token.0).await)
                                         }));
                                     }
                                 }
-                                Ok(m) => shard.core.borrow_mut().handle(h.key, m),
+                                Ok(m) => conn.handle(m),
                                 Err(e) => {
                                     strikes += 1;
-                                    shard.core.borrow_mut().send_error(h.key, e.id, ErrorCode::BadRequest, e.message);
+                                    conn.send_error(e.id, ErrorCode::BadRequest, e.message);
                                 }
                             }
                         }
                         if strikes > limits.max_strikes {
-                            shard.core.borrow_mut().close(h.key, close::POLICY, "too many bad or rate-limited messages");
+                            conn.close(close::POLICY, "too many bad or rate-limited messages");
                         }
                     }
                     Message::Binary(_) => {
-                        shard.core.borrow_mut().close(h.key, close::UNSUPPORTED_DATA, "binary frames are not accepted");
+                        conn.close(close::UNSUPPORTED_DATA, "binary frames are not accepted");
                     }
                     Message::Pong(_) => heartbeat.pong(),
                     Message::Close(frame) => {
@@ -303,10 +291,10 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
             beat = heartbeat.tick() => match beat {
                 Beat::TimedOut => {
                     app.metrics.heartbeat_timeouts.inc();
-                    shard.core.borrow_mut().close(h.key, close::POLICY, "heartbeat timeout");
+                    conn.close(close::POLICY, "heartbeat timeout");
                 }
                 Beat::Ping => {
-                    if let Err(Some(e)) = with_kill(h, ws.send(Message::Ping(Vec::new().into()))).await {
+                    if let Err(Some(e)) = with_kill(conn, ws.send(Message::Ping(Vec::new().into()))).await {
                         return fail(&mut ws, e).await;
                     }
                 }
@@ -316,7 +304,7 @@ async fn drive(shard: &Rc<ShardLocal>, app: &Arc<AppState>, mut ws: Ws, h: &Conn
 }
 
 /// Runs a socket operation unless `kill` fires first. `Err(None)`: killed.
-async fn with_kill<F>(h: &ConnHandles, op: F) -> Result<(), Option<WsError>>
+async fn with_kill<F>(conn: &ConnGuard, op: F) -> Result<(), Option<WsError>>
 where
     F: std::future::Future<Output = Result<(), WsError>>,
 {
@@ -325,29 +313,28 @@ where
         // only ever abandons a write the socket is not taking.
         biased;
         r = op => r.map_err(Some),
-        _ = h.kill.notified() => Err(None),
+        _ = conn.kill().notified() => Err(None),
     }
 }
 
 /// Moves everything queued for the connection to the socket, in order.
-async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> Flow {
+async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
     let mut wrote = false;
     loop {
-        let item = shard.core.borrow_mut().pop(h.key);
-        let msg = match item {
+        let msg = match conn.next_frame() {
             None => {
                 if !wrote {
                     return Flow::Idle;
                 }
-                shard.core.borrow_mut().stats.flushes += 1;
-                return match with_kill(h, ws.flush()).await {
+                conn.flushed();
+                return match with_kill(conn, ws.flush()).await {
                     Ok(()) => Flow::Wrote,
                     // Killed: the close item is now at the front of the queue.
                     Err(None) => continue,
                     Err(Some(e)) => Flow::Closed(io_end(e)),
                 };
             }
-            Some(OutItem::Close { code, reason }) => {
+            Some(Frame::Close { code, reason }) => {
                 if !close_ws(ws, code, reason).await {
                     // `tickgate_closes_total{code}` counts closes the client was sent; a
                     // stalled slow consumer that never got its 4008 is a dropped one.
@@ -356,36 +343,11 @@ async fn write_pending(shard: &Rc<ShardLocal>, ws: &mut Ws, h: &ConnHandles) -> 
                 }
                 return Flow::Closed(Ended { code, reason });
             }
-            Some(OutItem::Text(s)) => {
-                let mut core = shard.core.borrow_mut();
-                core.stats.frames += 1;
-                core.stats.bytes += s.len() as u64;
-                Message::text(s)
-            }
-            Some(OutItem::Batch(b)) => {
-                let now = now_ns();
-                let mut core = shard.core.borrow_mut();
-                if core.expire_if_due(h.key, now) {
-                    // Past the token's deadline: this batch is dropped and the close is
-                    // now the only item queued.
-                    continue;
-                }
-                let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
-                shard.latency.observe(latency_ns as f64 / 1e9);
-                shard.batch_records.observe(b.count() as f64);
-                for &(f, n) in b.feed_counts() {
-                    if let Some(d) = core.stats.delivered.get_mut(f as usize) {
-                        *d += n as u64;
-                    }
-                }
-                let bytes = b.finish(now);
-                core.stats.frames += 1;
-                core.stats.bytes += bytes.len() as u64;
-                Message::Binary(bytes)
-            }
+            Some(Frame::Text(s)) => Message::text(s),
+            Some(Frame::Binary(bytes)) => Message::Binary(bytes),
         };
         wrote = true;
-        match with_kill(h, ws.feed(msg)).await {
+        match with_kill(conn, ws.feed(msg)).await {
             Ok(()) => {}
             Err(None) => continue,
             Err(Some(e)) => return Flow::Closed(io_end(e)),

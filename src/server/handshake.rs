@@ -3,9 +3,13 @@
 //! Every check happens before the upgrade and every refusal is an HTTP answer with a JSON
 //! body `{"error","error_description"}`; a 401 also carries `WWW-Authenticate` (RFC 6750).
 //! The token is validated exactly once, here; the connection keeps only the decoded
-//! [`Principal`].
+//! principal. Who may connect (refusals, credentials, token checks, admission slots) is
+//! in [`super::authorize`], shared with the connection task's in-band `auth`; this module
+//! parses the upgrade, answers `POST /v1/ticket`, and hands an accepted upgrade to
+//! [`super::connection`]. `Refusal`, `Credential` and the token checks are re-exported
+//! here for the publish endpoint.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,97 +20,20 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+pub(crate) use super::authorize::{authorize, bearer_token, check_connect_rate};
+use super::authorize::{insufficient_scope, take_slot};
+pub use super::authorize::{Credential, Refusal};
 use super::connection;
 use super::AppState;
 
-use super::limits::Refused;
 use crate::auth::tickets::{TicketError, TICKET_TTL};
-use crate::auth::validate::{AuthError, Principal};
-use crate::engine::shard;
+use crate::auth::validate::AuthError;
+use crate::engine::stream;
 use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
 /// The peer address of an accepted socket, put into request extensions by the server.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// A handshake refusal: status, OAuth-style error code, description, and metric labels.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// `error` field.
-    pub error: &'static str,
-    /// `error_description` field.
-    pub description: String,
-    /// `result` label of `tickgate_handshakes_total`.
-    pub result: &'static str,
-    /// `reason` label of `tickgate_auth_failures_total`, for token failures.
-    pub auth_reason: Option<&'static str>,
-}
-
-impl Refusal {
-    pub(crate) fn bad_request(description: impl Into<String>) -> Refusal {
-        Refusal {
-            status: StatusCode::BAD_REQUEST,
-            error: "invalid_request",
-            description: description.into(),
-            result: "bad_request",
-            auth_reason: None,
-        }
-    }
-
-    /// A 401 for a token failure.
-    pub fn invalid_token(e: &AuthError) -> Refusal {
-        Refusal {
-            status: StatusCode::UNAUTHORIZED,
-            error: "invalid_token",
-            description: e.to_string(),
-            result: "invalid_token",
-            auth_reason: Some(e.reason()),
-        }
-    }
-
-    pub(crate) fn unavailable(description: &str) -> Refusal {
-        Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            error: "unavailable",
-            description: description.to_owned(),
-            result: "unavailable",
-            auth_reason: None,
-        }
-    }
-
-    /// Renders the JSON response.
-    pub fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            [(header::CACHE_CONTROL, "no-store")],
-            axum::Json(json!({"error": self.error, "error_description": self.description})),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            // The description is our own text (never token material); quotes are removed
-            // so it is a valid quoted-string.
-            let desc: String = self.description.chars().filter(|c| *c != '"' && *c != '\\').collect();
-            let v = format!("Bearer realm=\"tickgate\", error=\"invalid_token\", error_description=\"{desc}\"");
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
-        }
-        resp
-    }
-}
-
-/// How the token was presented at the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
-    /// A bearer token, from `Authorization: Bearer` or the `bearer.<JWT>` subprotocol.
-    Bearer(String),
-    /// A one-time ticket from `?ticket=` (spec §3), redeemed instead of a token.
-    Ticket(String),
-    /// Nothing: in-band `auth` may follow where the server allows it.
-    None,
-}
 
 /// What [`parse_upgrade`] reads from a well-formed upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,90 +198,6 @@ pub(crate) fn check_request(
     Ok((key.to_owned(), credential(query, headers)?))
 }
 
-/// The principal a benchmark-only no-auth server gives every stream.
-fn anonymous() -> Principal {
-    Principal::unauthenticated("anonymous", "insecure-no-auth")
-}
-
-fn insufficient_scope() -> Refusal {
-    Refusal {
-        status: StatusCode::FORBIDDEN,
-        error: "insufficient_scope",
-        description: "token carries no md:read scope".into(),
-        result: "insufficient_scope",
-        auth_reason: None,
-    }
-}
-
-/// Validates a bearer token (waiting for a JWKS refetch on an unknown `kid`) and checks it
-/// may read something.
-pub(crate) async fn authorize_token(app: &AppState, token: &str) -> Result<Principal, Refusal> {
-    let p = app.validator.validate_async(token).await.map_err(|e| Refusal::invalid_token(&e))?;
-    if !p.entitlements.has_any_read() {
-        return Err(insufficient_scope());
-    }
-    Ok(p)
-}
-
-/// The token of an `Authorization: Bearer <token>` header, if there is one. Malformed,
-/// repeated or non-Bearer headers are 400 `invalid_request`.
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
-    let Some(v) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
-    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
-        return Err(Refusal::bad_request("more than one Authorization header"));
-    }
-    let v = v.to_str().map_err(|_| Refusal::bad_request("malformed Authorization header"))?;
-    let (scheme, rest) = v.split_once(' ').ok_or_else(|| Refusal::bad_request("malformed Authorization header"))?;
-    if !scheme.eq_ignore_ascii_case("bearer") || rest.trim().is_empty() {
-        return Err(Refusal::bad_request("Authorization must use the Bearer scheme"));
-    }
-    Ok(Some(rest.trim()))
-}
-
-/// Resolves the credential to a principal; `None` means in-band `auth` will follow.
-/// `need_read`: the token must carry an `md:read` scope (the stream endpoint).
-pub(crate) async fn authorize(app: &AppState, cred: Credential, need_read: bool) -> Result<Option<Principal>, Refusal> {
-    if app.config.auth.insecure_no_auth {
-        // Benchmark-only mode (loopback enforced by config validation): no token is
-        // needed or checked; the principal reads everything and never expires.
-        return Ok(Some(anonymous()));
-    }
-    match cred {
-        Credential::Bearer(t) if need_read => authorize_token(app, &t).await.map(Some),
-        Credential::Bearer(t) => {
-            app.validator.validate_async(&t).await.map(Some).map_err(|e| Refusal::invalid_token(&e))
-        }
-        Credential::Ticket(t) => {
-            let ticket_refusal = |description: String, reason: &'static str| Refusal {
-                status: StatusCode::UNAUTHORIZED,
-                error: "invalid_token",
-                description,
-                result: "invalid_token",
-                auth_reason: Some(reason),
-            };
-            let now = jsonwebtoken::get_current_timestamp();
-            let p = app.tickets.redeem(&t, now).map_err(|e| match e {
-                TicketError::Expired => ticket_refusal(e.to_string(), "ticket_expired"),
-                TicketError::Revoked => Refusal::invalid_token(&AuthError::Revoked),
-                _ => ticket_refusal(e.to_string(), "bad_ticket"),
-            })?;
-            // The token behind the ticket may have expired since the ticket was issued:
-            // its deadline is `exp` + grace, to the millisecond, as for a presented token.
-            if app.validator.times().is_past_deadline(p.exp, tickgate_proto::now_ns() / 1_000_000) {
-                return Err(Refusal::invalid_token(&AuthError::Expired));
-            }
-            // A ticket may stand for a publish-only token (publishers redeem tickets too);
-            // the stream still needs a read scope.
-            if need_read && !p.entitlements.has_any_read() {
-                return Err(insufficient_scope());
-            }
-            Ok(Some(p))
-        }
-        Credential::None if need_read && app.config.auth.inband_timeout_ms > 0 => Ok(None),
-        Credential::None => Err(Refusal::invalid_token(&AuthError::Missing)),
-    }
-}
-
 /// `POST /v1/ticket`: exchanges a bearer token for a one-time ticket (single use, 30 s).
 /// Any token that may read or publish something gets one: the stream and the publish
 /// endpoints both redeem tickets and check their own scope then.
@@ -413,74 +256,6 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
     }
 }
 
-/// Holds a connection's place in the server-wide, per-subject and per-IP counts and
-/// releases it when dropped, so every exit path of the connection task (a panic, or the
-/// runtime dropping the task at shutdown) gives the place back.
-#[derive(Debug)]
-pub struct ConnSlot {
-    app: Arc<AppState>,
-    sub: Option<String>,
-    ip: Option<IpAddr>,
-}
-
-impl ConnSlot {
-    /// Counts the slot against `sub` once in-band `auth` has named it.
-    pub(crate) fn bind_subject(&mut self, sub: &str) -> Result<(), Refused> {
-        self.app.admission.acquire(Some(sub), None)?;
-        self.sub = Some(sub.to_owned());
-        Ok(())
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.app.admission.release(self.sub.as_deref(), self.ip);
-        self.app.open_connections.fetch_sub(1, Ordering::AcqRel);
-        self.app.metrics.connections.dec();
-    }
-}
-
-fn too_many(description: String) -> Refusal {
-    Refusal {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        error: "too_many_connections",
-        description,
-        result: "too_many_connections",
-        auth_reason: None,
-    }
-}
-
-/// The per-address handshake rate limit (streams and publishers). It comes before any
-/// token work, so a flood costs no signature checks.
-pub(crate) fn check_connect_rate(app: &AppState, ip: Option<IpAddr>) -> Result<(), Refusal> {
-    match ip {
-        Some(ip) if app.admission.check_rate(ip).is_err() => Err(too_many(format!(
-            "connection rate limit: at most {} handshakes per second from one address",
-            app.config.limits.connect_rate_per_ip
-        ))),
-        _ => Ok(()),
-    }
-}
-
-fn take_slot(app: &Arc<AppState>, sub: Option<&str>, ip: Option<IpAddr>) -> Result<ConnSlot, Refusal> {
-    let max = app.config.limits.max_connections;
-    let before = app.open_connections.fetch_add(1, Ordering::AcqRel);
-    if before >= max {
-        app.open_connections.fetch_sub(1, Ordering::AcqRel);
-        return Err(too_many(format!("the server accepts at most {max} stream connections")));
-    }
-    if let Err(r) = app.admission.acquire(sub, ip) {
-        app.open_connections.fetch_sub(1, Ordering::AcqRel);
-        return Err(too_many(match r {
-            Refused::Subject(n) => format!("at most {n} stream connections per subject"),
-            Refused::Ip(n) => format!("at most {n} stream connections per source address"),
-            Refused::Rate => "connection rate limit".into(),
-        }));
-    }
-    app.metrics.connections.inc();
-    Ok(ConnSlot { app: app.clone(), sub: sub.map(str::to_owned), ip })
-}
-
 /// The `GET /v1/stream` handler.
 pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
     let started = Instant::now();
@@ -504,10 +279,10 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         Ok((key, cred)) => {
             async {
                 let principal = authorize(&app, cred, true).await?;
-                let Some(shard) = shard::current() else {
+                let Some(shard) = stream::current() else {
                     return Err(Refusal::unavailable("no shard on this thread"));
                 };
-                if shard.core.borrow().is_draining() {
+                if shard.is_draining() {
                     return Err(Refusal::unavailable("server is draining"));
                 }
                 let slot = take_slot(&app, principal.as_ref().map(|p| p.sub.as_str()), ip)?;

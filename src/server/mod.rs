@@ -9,6 +9,7 @@
 //! stays there for its whole life.
 
 pub mod admin;
+pub mod authorize;
 pub mod connection;
 pub mod edge;
 pub mod handshake;
@@ -59,8 +60,9 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// The shards' cross-thread sides.
     pub shards: Arc<[Arc<ShardInbox>]>,
-    /// Control channels to the shards (revocation, shutdown).
-    pub shard_ctl: Vec<mpsc::Sender<crate::engine::shard::ShardCtl>>,
+    /// The shards' control side (revocation, admin listing). Non-owning: the shard threads
+    /// hold this state, so an owning handle here would keep them alive forever.
+    pub engine: crate::engine::EngineCtl,
     /// Per-subject and per-IP admission limits.
     pub admission: limits::Admission,
     /// One-time stream tickets.

@@ -162,8 +162,12 @@ fn run(policy: &str, ops: Vec<Op>) -> Result<(), String> {
     let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("p", &text).expect("feed")], 1).expect("catalog"));
     // A budget of ~25 records and a resume buffer of 10 (whose replay fits in half the
     // budget), so conflation, replay and `replay_unavailable` all happen often.
-    let limits = CoreLimits { max_outbound_bytes: 1800, max_batch_bytes: 300, ..CoreLimits::default() };
-    let mut core = ShardCore::new(catalog.clone(), None, limits);
+    let limits = CoreLimits {
+        max_outbound_bytes: 1800,
+        max_batch_bytes: 300,
+        ..CoreLimits::from(&tickgate::config::Config::default())
+    };
+    let mut core = ShardCore::new(catalog.clone(), limits);
     let feed = catalog.get(0).expect("feed");
     let mut clients: Vec<Client> = (0..CONNS)
         .map(|k| {

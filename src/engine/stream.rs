@@ -1,0 +1,237 @@
+//! The engine's API for a stream connection's task, which runs on its shard's thread:
+//! [`ShardHandle`] (the shard the calling thread runs, from [`current`]), [`ConnGuard`]
+//! (one registered connection: handle its control messages, take its next [`Frame`],
+//! unregistered when dropped) and [`WritePacer`] (when the writer writes: the write-hold
+//! decision, the writer's half and the dispatch loop's half in one place).
+//!
+//! The shard's state sits in a `RefCell` that only this module and the shard loop borrow;
+//! every borrow ends before the method returns, so a connection task can never hold it
+//! across an `.await`.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::core::ConnKey;
+use super::outbound::OutItem;
+use super::shard::ShardLocal;
+use crate::auth::validate::{AuthError, Principal};
+use tickgate_proto::control::{ClientMsg, ErrorCode};
+use tickgate_proto::now_ns;
+
+/// The shard that owns the calling thread, if it is a shard thread.
+pub fn current() -> Option<ShardHandle> {
+    super::shard::current_local().map(ShardHandle)
+}
+
+/// A shard, as a connection task on its thread sees it. Cheap to clone (an `Rc`).
+#[derive(Debug, Clone)]
+pub struct ShardHandle(Rc<ShardLocal>);
+
+impl ShardHandle {
+    /// Shard number.
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+
+    /// True once shutdown began on this shard: new connections are refused.
+    pub fn is_draining(&self) -> bool {
+        self.0.core.borrow().is_draining()
+    }
+
+    /// Registers a stream connection (its `welcome` is queued) and counts it in the
+    /// shard's placement gauge; the returned guard undoes both when dropped, on every
+    /// exit path of the connection task.
+    pub fn open(&self, principal: Principal, session: String) -> ConnGuard {
+        let h = self.0.core.borrow_mut().add_conn(principal, session);
+        self.0.inbox.connections.fetch_add(1, Ordering::Relaxed);
+        ConnGuard { shard: self.0.clone(), key: h.key, notify: h.notify, kill: h.kill }
+    }
+}
+
+/// What the writer puts on the socket next.
+#[derive(Debug)]
+pub enum Frame {
+    /// A JSON control message.
+    Text(String),
+    /// A sealed batch of records, stamped with its send time.
+    Binary(Bytes),
+    /// Close the connection with this code and reason; nothing follows it.
+    Close {
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: &'static str,
+    },
+}
+
+/// One stream connection registered on its shard. Unregisters it (subscriptions, timers,
+/// the placement count) when dropped.
+#[derive(Debug)]
+pub struct ConnGuard {
+    shard: Rc<ShardLocal>,
+    key: ConnKey,
+    notify: Rc<Notify>,
+    kill: Rc<Notify>,
+}
+
+impl ConnGuard {
+    /// Wakes the writer when something was queued (see [`WritePacer`] for when).
+    pub fn wake(&self) -> &Notify {
+        &self.notify
+    }
+
+    /// Fires when the engine decided a termination (slow consumer, expiry, revocation):
+    /// a write blocked on a stalled socket must be abandoned for the close.
+    pub fn kill(&self) -> &Notify {
+        &self.kill
+    }
+
+    /// Handles a parsed control message (`refresh` goes through
+    /// [`ConnGuard::refresh_begin`] instead: its token is validated outside the engine).
+    pub fn handle(&self, msg: ClientMsg) {
+        self.shard.core.borrow_mut().handle(self.key, msg);
+    }
+
+    /// Queues an `error` reply (counted by code).
+    pub fn send_error(&self, id: Option<i64>, code: ErrorCode, message: String) {
+        self.shard.core.borrow_mut().send_error(self.key, id, code, message);
+    }
+
+    /// Queues a close after what is queued and stops data to the connection.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        self.shard.core.borrow_mut().close(self.key, code, reason);
+    }
+
+    /// The engine's half of a refresh before validation (refresh offered, rate limit).
+    /// True: validate the token and hand the outcome to [`ConnGuard::refresh_apply`];
+    /// false: it was answered already.
+    pub fn refresh_begin(&self, id: Option<i64>) -> bool {
+        self.shard.core.borrow_mut().refresh_begin(self.key, id)
+    }
+
+    /// Applies a validated refresh (new entitlements and deadline), or its refusal.
+    pub fn refresh_apply(&self, id: Option<i64>, validated: Result<Principal, AuthError>) {
+        self.shard.core.borrow_mut().refresh_apply(self.key, id, validated);
+    }
+
+    /// Takes the next frame to write, counting it (frames, bytes, per-feed deliveries,
+    /// fan-out latency, batch size). A batch is stamped with its send time here; a
+    /// connection past its token's deadline is closed instead (4001): its batches are
+    /// dropped and the close is the next frame.
+    pub fn next_frame(&self) -> Option<Frame> {
+        let shard = &*self.shard;
+        let mut core = shard.core.borrow_mut();
+        loop {
+            match core.pop(self.key)? {
+                OutItem::Close { code, reason } => return Some(Frame::Close { code, reason }),
+                OutItem::Text(s) => {
+                    core.stats.frames += 1;
+                    core.stats.bytes += s.len() as u64;
+                    return Some(Frame::Text(s));
+                }
+                OutItem::Batch(b) => {
+                    let now = now_ns();
+                    if core.expire_if_due(self.key, now) {
+                        continue;
+                    }
+                    let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
+                    shard.latency.observe(latency_ns as f64 / 1e9);
+                    shard.batch_records.observe(b.count() as f64);
+                    for &(f, n) in b.feed_counts() {
+                        if let Some(d) = core.stats.delivered.get_mut(f as usize) {
+                            *d += n as u64;
+                        }
+                    }
+                    let bytes = b.finish(now);
+                    core.stats.frames += 1;
+                    core.stats.bytes += bytes.len() as u64;
+                    return Some(Frame::Binary(bytes));
+                }
+            }
+        }
+    }
+
+    /// Counts a socket flush (one per writer wake-up that wrote something).
+    pub fn flushed(&self) {
+        self.shard.core.borrow_mut().stats.flushes += 1;
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        // `try_`: a guard dropped while the shard's state is borrowed (only possible while
+        // a panic unwinds the shard loop) must not panic again; the state dies with it.
+        if let Ok(mut core) = self.shard.core.try_borrow_mut() {
+            core.remove_conn(self.key);
+        }
+        self.shard.inbox.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// When a connection's writer writes: the policy behind `engine.write_delay_us`.
+///
+/// The writer writes at most once per delay: woken less than a delay after its last
+/// write, it holds what came in so it leaves with what arrives meanwhile, in one write.
+/// The dispatch loop wakes a writer (`WritePacer::must_wake`) only when its queue
+/// starts, and once more when the queue reaches `WritePacer::flush_at`, so a held
+/// writer is woken early only for what must not wait: a full batch, a quarter of the
+/// slow-consumer budget, or a close (which also fires `kill`).
+#[derive(Debug)]
+pub struct WritePacer {
+    delay: Duration,
+    last_write: Option<tokio::time::Instant>,
+    holding: bool,
+}
+
+impl WritePacer {
+    /// A pacer for `delay` (zero: write at every wake-up).
+    pub fn new(delay: Duration) -> WritePacer {
+        WritePacer { delay, last_write: None, holding: false }
+    }
+
+    /// The writer was woken. `Some(until)`: hold the write until then (arm a timer and
+    /// call [`WritePacer::release`] when it fires or `kill` fires); `None`: write now.
+    pub fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let due = self.last_write.map(|t| t + self.delay);
+        if let Some(due) = due.filter(|d| !self.holding && *d > now) {
+            self.holding = true;
+            return Some(due);
+        }
+        self.holding = false;
+        None
+    }
+
+    /// Whether a write is being held.
+    pub fn holding(&self) -> bool {
+        self.holding
+    }
+
+    /// The hold ended (its timer, or a termination, which is never held).
+    pub fn release(&mut self) {
+        self.holding = false;
+    }
+
+    /// The writer wrote and flushed at `now`.
+    pub fn wrote(&mut self, now: tokio::time::Instant) {
+        if !self.delay.is_zero() {
+            self.last_write = Some(now);
+        }
+    }
+
+    /// The queue length at which the dispatch loop wakes a writer a second time.
+    #[inline]
+    pub(crate) fn flush_at(max_batch_bytes: usize, budget: usize) -> usize {
+        max_batch_bytes.min(budget / 4)
+    }
+
+    /// The dispatch loop's half: wake the writer when the queue starts (`was_empty`) or
+    /// when it crosses `flush_at` (`before` → `after` bytes).
+    #[inline]
+    pub(crate) fn must_wake(was_empty: bool, before: usize, after: usize, flush_at: usize) -> bool {
+        was_empty || (before < flush_at && after >= flush_at)
+    }
+}
