@@ -23,10 +23,9 @@ use tokio::sync::Notify;
 
 use super::conflate::{Conflation, Emit};
 use super::outbound::{OutItem, Outbound};
-use super::session::TimerEvent;
+use super::pacer::WritePacer;
 use super::stats::GapReason;
 pub use super::stats::{ConnInfo, CoreStats};
-use super::stream::WritePacer;
 use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::validate::Principal;
@@ -138,6 +137,24 @@ impl Conn {
     pub fn subscription_count(&self) -> usize {
         self.subs.len()
     }
+}
+
+/// What a timer entry does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimerKind {
+    /// Send `token_expiring`.
+    Expiring,
+    /// Close with 4001.
+    Expire,
+}
+
+/// A timer entry: which connection (by key and serial, so a reused key is never hit) and
+/// what to do.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TimerEvent {
+    pub(super) key: ConnKey,
+    pub(super) serial: u64,
+    pub(super) kind: TimerKind,
 }
 
 /// The shard's state.

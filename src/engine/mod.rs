@@ -19,10 +19,13 @@
 //! |---|---|
 //! | this one | [`Tick`], [`Inbound`], [`ShardInbox`] (a shard's cross-thread side), [`Ingest`] (append to the log, then queue for every shard) |
 //! | [`handle`] | [`Engine`], [`EngineHandle`] (start, drain and stop the shard threads), [`EngineCtl`] (revocation, admin listing) |
-//! | [`stream`] | the connection task's API: [`ShardHandle`], [`ConnGuard`], [`Frame`], [`WritePacer`] (the write-hold policy) |
+//! | [`stream`] | the connection task's API: [`ShardHandle`], [`ConnGuard`], [`Frame`] |
+//! | [`pacer`] | [`WritePacer`]: when a connection's writer writes (the write-hold policy, both halves) |
 //! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
 //! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
-//! | [`stats`] | `CoreStats`, [`GapReason`], `ConnInfo` |
+//! | [`stats`] | `CoreStats`, [`GapReason`], `ConnInfo` (plain data) |
+//! | `view` | what a shard reports of itself: queued bytes, the admin connection list |
+//! | `index`, `session`, [`subscribe`] | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
 //! | [`outbound`], [`conflate`], [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
 //!
 //! The engine receives a validated [`crate::auth::validate::Principal`] (entitlements
@@ -34,16 +37,19 @@ pub mod core;
 pub mod handle;
 mod index;
 pub mod outbound;
+pub mod pacer;
 mod session;
 pub mod shard;
 pub mod stats;
 pub mod stream;
 pub mod subscribe;
 pub mod timer;
+mod view;
 
 pub use handle::{Engine, EngineCtl, EngineHandle};
+pub use pacer::WritePacer;
 pub use stats::GapReason;
-pub use stream::{ConnGuard, Frame, ShardHandle, WritePacer};
+pub use stream::{ConnGuard, Frame, ShardHandle};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -9,30 +9,12 @@ use std::time::Duration;
 // tokio's Instant follows the runtime's clock, so tests can drive expiry with paused time.
 use tokio::time::Instant;
 
-use super::core::{ConnKey, ShardCore};
+use super::core::{ConnKey, ShardCore, TimerEvent, TimerKind};
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal};
 use tickgate_proto::close;
 use tickgate_proto::control::{ErrorCode, FeedInfo, ServerMsg};
 use tickgate_proto::now_ns;
-
-/// What a timer entry does when it fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TimerKind {
-    /// Send `token_expiring`.
-    Expiring,
-    /// Close with 4001.
-    Expire,
-}
-
-/// A timer entry: which connection (by key and serial, so a reused key is never hit) and
-/// what to do.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct TimerEvent {
-    key: ConnKey,
-    serial: u64,
-    kind: TimerKind,
-}
 
 impl ShardCore {
     /// Milliseconds on the wheel's clock.

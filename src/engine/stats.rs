@@ -1,10 +1,10 @@
 //! What a shard counts and shows: [`CoreStats`] (hot-path counters kept in plain integers
 //! on the shard's thread and added to Prometheus by the shard's flusher), [`GapReason`]
 //! (the `reason` of `gap` messages and of `tickgate_gaps_sent_total`), and [`ConnInfo`]
-//! (one connection in `GET /admin/connections`), and the shard's admin view
-//! (`connection_infos`, `queued_bytes`).
+//! (one connection in `GET /admin/connections`). Plain data: the core that fills them
+//! depends on this module, never the other way round (the view that reads the core is
+//! `view`).
 
-use super::core::ShardCore;
 use tickgate_proto::control::ErrorCode;
 
 /// Why a `gap` message is sent: its `reason` field on the wire and the `reason` label of
@@ -139,27 +139,4 @@ pub struct ConnInfo {
     pub token_exp: Option<u64>,
     /// A close has been decided (expiry, revocation, slow consumer, shutdown).
     pub closing: bool,
-}
-
-impl ShardCore {
-    /// Outbound bytes queued on this shard's connections (sampled every 100 ms; O(conns)).
-    pub fn queued_bytes(&self) -> usize {
-        self.conns.iter().map(|(_, c)| c.out.bytes()).sum()
-    }
-
-    /// A snapshot of every connection for the admin view.
-    pub fn connection_infos(&self, shard: usize) -> Vec<ConnInfo> {
-        self.conns
-            .iter()
-            .map(|(_, c)| ConnInfo {
-                session: c.session.clone(),
-                sub: c.principal.sub.clone(),
-                shard,
-                subscriptions: c.subs.len(),
-                queued_bytes: c.out.bytes(),
-                token_exp: (c.principal.exp != u64::MAX).then_some(c.principal.exp),
-                closing: c.out.is_closed(),
-            })
-            .collect()
-    }
 }

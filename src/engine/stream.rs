@@ -1,8 +1,8 @@
 //! The engine's API for a stream connection's task, which runs on its shard's thread:
 //! [`ShardHandle`] (the shard the calling thread runs, from [`current`]), [`ConnGuard`]
 //! (one registered connection: handle its control messages, take its next [`Frame`],
-//! unregistered when dropped) and [`WritePacer`] (when the writer writes: the write-hold
-//! decision, the writer's half and the dispatch loop's half in one place).
+//! unregistered when dropped). When the writer writes is [`super::pacer::WritePacer`]'s
+//! decision.
 //!
 //! The shard's state sits in a `RefCell` that only this module and the shard loop borrow;
 //! every borrow ends before the method returns, so a connection task can never hold it
@@ -10,7 +10,6 @@
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -79,7 +78,7 @@ pub struct ConnGuard {
 }
 
 impl ConnGuard {
-    /// Wakes the writer when something was queued (see [`WritePacer`] for when).
+    /// Wakes the writer when something was queued (see [`super::pacer::WritePacer`] for when).
     pub fn wake(&self) -> &Notify {
         &self.notify
     }
@@ -169,69 +168,5 @@ impl Drop for ConnGuard {
             core.remove_conn(self.key);
         }
         self.shard.inbox.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// When a connection's writer writes: the policy behind `engine.write_delay_us`.
-///
-/// The writer writes at most once per delay: woken less than a delay after its last
-/// write, it holds what came in so it leaves with what arrives meanwhile, in one write.
-/// The dispatch loop wakes a writer (`WritePacer::must_wake`) only when its queue
-/// starts, and once more when the queue reaches `WritePacer::flush_at`, so a held
-/// writer is woken early only for what must not wait: a full batch, a quarter of the
-/// slow-consumer budget, or a close (which also fires `kill`).
-#[derive(Debug)]
-pub struct WritePacer {
-    delay: Duration,
-    last_write: Option<tokio::time::Instant>,
-    holding: bool,
-}
-
-impl WritePacer {
-    /// A pacer for `delay` (zero: write at every wake-up).
-    pub fn new(delay: Duration) -> WritePacer {
-        WritePacer { delay, last_write: None, holding: false }
-    }
-
-    /// The writer was woken. `Some(until)`: hold the write until then (arm a timer and
-    /// call [`WritePacer::release`] when it fires or `kill` fires); `None`: write now.
-    pub fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-        let due = self.last_write.map(|t| t + self.delay);
-        if let Some(due) = due.filter(|d| !self.holding && *d > now) {
-            self.holding = true;
-            return Some(due);
-        }
-        self.holding = false;
-        None
-    }
-
-    /// Whether a write is being held.
-    pub fn holding(&self) -> bool {
-        self.holding
-    }
-
-    /// The hold ended (its timer, or a termination, which is never held).
-    pub fn release(&mut self) {
-        self.holding = false;
-    }
-
-    /// The writer wrote and flushed at `now`.
-    pub fn wrote(&mut self, now: tokio::time::Instant) {
-        if !self.delay.is_zero() {
-            self.last_write = Some(now);
-        }
-    }
-
-    /// The queue length at which the dispatch loop wakes a writer a second time.
-    #[inline]
-    pub(crate) fn flush_at(max_batch_bytes: usize, budget: usize) -> usize {
-        max_batch_bytes.min(budget / 4)
-    }
-
-    /// The dispatch loop's half: wake the writer when the queue starts (`was_empty`) or
-    /// when it crosses `flush_at` (`before` → `after` bytes).
-    #[inline]
-    pub(crate) fn must_wake(was_empty: bool, before: usize, after: usize, flush_at: usize) -> bool {
-        was_empty || (before < flush_at && after >= flush_at)
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! This module holds:
 //! - [`PublishReject`], the reasons a batch is refused (the `reason` label of
-//!   `tickgate_publish_rejects_total`, primed by [`prime_metrics`]), and [`Reject`];
+//!   `tickgate_publish_rejects_total`, primed by `prime_metrics`), and [`Reject`];
 //! - [`decode`]: the codec's strict decoder ([`StrictBatch`]) plus the feed's own rules
 //!   (feed id, instrument range), its errors mapped to reasons and messages;
 //! - [`sequence`]: final seqs (0 → last + 1) and the ingest time;

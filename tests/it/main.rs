@@ -32,6 +32,7 @@ mod http_hardening;
 mod issuer_cli;
 mod jwks;
 mod lifecycle;
+mod module_graph;
 mod nats_load;
 mod observability;
 mod restart_epoch;
