@@ -2,7 +2,7 @@
 //! the client, side by side in the same run with a peer doing the least the same job needs.
 //!
 //! - **tickgate**: a real server (`tickgate::Server`, 127.0.0.1, a synthetic feed at
-//!   20 ticks/s like `tests/expiry_at_scale.rs`). N connections each open with a
+//!   20 ticks/s like `tests/it/expiry_at_scale.rs`). N connections each open with a
 //!   long-lived token and subscribe to one instrument; once all are open, each sends a
 //!   `refresh` with a token whose `exp` is one of S consecutive whole seconds (N/S
 //!   connections per second, as real tokens expire in whole seconds), and the per-shard

@@ -470,7 +470,7 @@ pub fn decode_batch(msg: &[u8]) -> Result<Batch, DecodeError> {
             return Err(DecodeError::Truncated { record: Some(k), at, need: RECORD_HEADER_LEN, have: msg.len() - at });
         }
         let len = msg[at];
-        if (len as usize) < RECORD_HEADER_LEN || len % 8 != 0 {
+        if (len as usize) < RECORD_HEADER_LEN || !len.is_multiple_of(8) {
             return Err(DecodeError::BadLength { at, len });
         }
         let len = len as usize;
