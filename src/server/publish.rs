@@ -218,14 +218,8 @@ async fn run(
     // The token's lifetime bounds the connection, as for subscribers: the session's
     // deadline (exp + grace, to the millisecond), revocation and shutdown, in one watch.
     let watch = EdgeWatch::new(&session, &slot.registration, cancel.clone());
-    let mut publisher = Publisher {
-        app: &app,
-        feed,
-        watch,
-        cancel,
-        strikes: 0,
-        source: PublishSource::new(feed_idx as u16),
-    };
+    let mut publisher =
+        Publisher { app: &app, feed, watch, cancel, strikes: 0, source: PublishSource::new(feed_idx as u16) };
     let Ended { code, reason } = ws::drive(&mut ws, &mut publisher, &mut heartbeat, &app.metrics).await;
     tracing::info!(feed = feed.name(), session = %session.id, code, reason, "publisher disconnected");
     drop(slot);

@@ -12,6 +12,8 @@
 //! - [`Deadline`] and [`SessionEnd`];
 //! - [`EdgeSessions`]: the sessions the edge keeps itself (publishers), so `/admin/revoke`
 //!   reaches them; registration is a [`Registration`] that leaves the registry on drop;
+//! - [`revoke_live`]: `/admin/revoke`'s one call that ends the matching live sessions of
+//!   both kinds (publishers here, streams through `EngineCtl`);
 //! - [`EdgeWatch`]: what ends an edge-kept session (shutdown, revocation, the deadline),
 //!   one future for the connection loop;
 //! - [`begin_refresh`] / [`PendingRefresh`]: an in-band refresh token validated at the
@@ -37,6 +39,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::AppState;
 use crate::auth::validate::{AuthError, Principal, TimeRules, Validator};
 use tickgate_proto::close;
 use tickgate_proto::now_ns;
@@ -181,6 +184,26 @@ impl EdgeSessions {
         }
         n
     }
+}
+
+/// How many live sessions a revocation ended, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RevokedLive {
+    /// Stream connections (closed by their shards).
+    pub(crate) streams: usize,
+    /// Publisher connections (closed by their [`EdgeWatch`]).
+    pub(crate) publishers: usize,
+}
+
+/// Ends every live session of `sub` (when given) or carrying `jti` (when given) with
+/// 4003, wherever it is kept: the edge's own first (publishers; counted in
+/// `tickgate_revocations_total` here), then the shards' (streams, through
+/// [`crate::engine::EngineCtl`]; each shard counts its own).
+pub(crate) async fn revoke_live(app: &AppState, sub: Option<&str>, jti: Option<&str>) -> RevokedLive {
+    let publishers = app.publishers.revoke(sub, jti);
+    app.metrics.revocations.inc_by(publishers as u64);
+    let streams = app.engine.revoke(sub, jti).await;
+    RevokedLive { streams, publishers }
 }
 
 /// A session's place in [`EdgeSessions`], given back when dropped (every exit path of the
