@@ -164,9 +164,8 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
     // Voided before the live connections are closed: a client cut off now cannot come
     // straight back with a ticket it fetched a moment ago.
     let tickets_voided = app.tickets.void(sub.as_deref(), jti.as_deref());
-    let publishers_closed = app.publishers.revoke(sub.as_deref(), jti.as_deref());
-    app.metrics.revocations.inc_by(publishers_closed as u64);
-    let streams_closed = app.engine.revoke(sub.as_deref(), jti.as_deref()).await;
+    let closed = super::session::revoke_live(app, sub.as_deref(), jti.as_deref()).await;
+    let (streams_closed, publishers_closed) = (closed.streams, closed.publishers);
     tracing::info!(admin = %admin.sub, target_sub = %sub.as_deref().unwrap_or(""), target_jti = %jti.as_deref().unwrap_or(""),
         streams_closed, publishers_closed, tickets_voided, "revocation applied");
     let body = json!({

@@ -2,8 +2,9 @@
 //! (in-band `auth`) need, kept apart from both so neither imports the other. Holds
 //! [`Refusal`] (an HTTP refusal and its metric labels), [`Credential`] (how a token was
 //! presented), `authorize` / `authorize_token` / `bearer_token` (token to
-//! principal), [`ConnSlot`] (a connection's place in the admission counts, released on
-//! drop), `take_slot` and `check_connect_rate`.
+//! principal; a ticket's token is held to its session `Deadline`), [`ConnSlot`] (a
+//! connection's place in the admission counts, released on drop), `take_slot` and
+//! `check_connect_rate`.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -14,11 +15,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::limits::Refused;
+use super::session::Deadline;
 use super::AppState;
 use crate::auth::tickets::TicketError;
 use crate::auth::validate::{AuthError, Principal};
 
-/// A handshake refusal: status, OAuth-style error code, description, and metric labels.
 /// A handshake refusal: status, OAuth-style error code, description, and metric labels.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -168,7 +169,7 @@ pub(crate) async fn authorize(app: &AppState, cred: Credential, need_read: bool)
             })?;
             // The token behind the ticket may have expired since the ticket was issued:
             // its deadline is `exp` + grace, to the millisecond, as for a presented token.
-            if app.validator.times().is_past_deadline(p.exp, tickgate_proto::now_ns() / 1_000_000) {
+            if Deadline::of(app.validator.times(), p.exp).is_past(tickgate_proto::now_ns() / 1_000_000) {
                 return Err(Refusal::invalid_token(&AuthError::Expired));
             }
             // A ticket may stand for a publish-only token (publishers redeem tickets too);

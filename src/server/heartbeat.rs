@@ -1,5 +1,7 @@
-//! The WebSocket heartbeat that stream and publisher connections both run: a ping every
-//! `server.heartbeat_ms`, and the verdict "timed out" once no pong came for two intervals.
+//! The WebSocket heartbeat that stream and publisher connections both run (the shared
+//! loop, `session::ws::drive`, polls it): [`Heartbeat`], a ping every
+//! `server.heartbeat_ms`, and the [`Beat`] verdict "timed out" once no pong came for two
+//! intervals.
 
 use std::time::Duration;
 

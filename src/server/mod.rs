@@ -16,6 +16,7 @@ pub mod handshake;
 mod heartbeat;
 pub mod limits;
 pub mod publish;
+mod session;
 pub mod tls;
 
 use std::net::SocketAddr;

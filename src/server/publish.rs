@@ -6,10 +6,15 @@
 //! `md:publish:<FEED>`. One publisher per feed at a time: seqs have one writer, so "seq
 //! going backwards" means what it says.
 //!
-//! This module holds the endpoint and the connection: the handshake (feed, epoch,
-//! scope, the feed's one publisher slot), the connection task (heartbeat, token expiry,
-//! revocation, strikes, the `error` replies) and [`Publishers`], the live publishers
-//! as `/admin/revoke` sees them. What a batch becomes is the publish source's
+//! This module holds the endpoint and the publisher's half of the connection: the
+//! handshake (feed, epoch, scope, the feed's one publisher slot, the session's
+//! registration), and the publisher's `Role` in the shared connection loop
+//! (`ws::drive`, which runs the heartbeat, the close handshake and the frame limits):
+//! binary batches to the publish source, `ping` answered by `pong`, strikes, the `error`
+//! replies. Its session (deadline, revocation, shutdown) is an edge session
+//! (`super::session`): [`Publishers`] is the registry `/admin/revoke` reaches it
+//! through, and the session's `EdgeWatch` ends it with 4001 at `exp` + grace, 4003 on
+//! revocation, 1001 at shutdown, as the engine ends streams. What a batch becomes is the publish source's
 //! (`sources::publish`): one batch in the spec §5 layout per binary message, checked
 //! whole by the codec's strict decoder and the feed's rules before any of it is taken
 //! in; a refusal is an `error` with code `bad_record` naming the record and the rule,
@@ -21,27 +26,27 @@
 //! batch is in the feed's log and queued for the shards: a publisher's acknowledgement.
 //!
 //! Publishers live outside the engine, so revocation reaches them through
-//! [`Publishers`]: `/admin/revoke` closes a matching publisher with 4003 like a stream.
+//! [`Publishers`] (the edge's session registry): `/admin/revoke` closes a matching
+//! publisher with 4003 like a stream.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 
 use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
-use super::heartbeat::{Beat, Heartbeat};
+use super::heartbeat::Heartbeat;
+use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws};
+use super::session::{EdgeWatch, Registration, Session, SessionEnd};
 use super::AppState;
+use crate::feeds::Feed;
 use crate::feeds::SourceKind;
 use crate::sources::publish::{PublishReject, PublishSource, Taken};
 use tickgate_proto::close;
@@ -52,61 +57,16 @@ fn refusal(status: StatusCode, error: &'static str, description: String, result:
     Refusal { status, error, description, result, auth_reason: None }
 }
 
-/// A live publisher as revocation sees it.
-#[derive(Debug)]
-struct LivePublisher {
-    sub: String,
-    jti: Option<String>,
-    /// Cancelled by a revocation: the connection closes with 4003.
-    revoked: CancellationToken,
-}
+/// The live publisher connections as `/admin/revoke` sees them: the edge's session
+/// registry (streams' sessions are on their shards).
+pub use super::session::EdgeSessions as Publishers;
 
-/// The live publisher connections, by registration id. Touched once per publisher
-/// connect and close, and by `/admin/revoke`; never per batch.
-#[derive(Debug, Default)]
-pub struct Publishers {
-    live: Mutex<HashMap<u64, LivePublisher>>,
-    next_id: AtomicU64,
-}
-
-impl Publishers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LivePublisher>> {
-        // Each update is one insert or remove: the map is consistent after a panic.
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn register(&self, sub: String, jti: Option<String>) -> (u64, CancellationToken) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
-        self.lock().insert(id, LivePublisher { sub, jti, revoked: revoked.clone() });
-        (id, revoked)
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().remove(&id);
-    }
-
-    /// Closes (4003) every publisher of `sub` (when given) or whose token has `jti` (when
-    /// given). Returns how many were told to close.
-    pub fn revoke(&self, sub: Option<&str>, jti: Option<&str>) -> usize {
-        let live = self.lock();
-        let mut n = 0;
-        for p in live.values().filter(|p| !p.revoked.is_cancelled()) {
-            if sub.is_some_and(|s| p.sub == s) || jti.is_some_and(|j| p.jti.as_deref() == Some(j)) {
-                p.revoked.cancel();
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-/// Releases the feed's publisher slot, the registration and the gauge however the
-/// connection ends.
+/// Releases the feed's publisher slot, the session's registration and the gauge however
+/// the connection ends.
 struct PublisherSlot {
     app: Arc<AppState>,
     feed_idx: usize,
-    registration: u64,
+    registration: Registration,
 }
 
 impl Drop for PublisherSlot {
@@ -114,7 +74,7 @@ impl Drop for PublisherSlot {
         if let Some(f) = self.app.ingest.catalog().get(self.feed_idx) {
             f.release_publisher();
         }
-        self.app.publishers.remove(self.registration);
+        // The registration leaves `Publishers` when the slot's fields drop, right after.
         self.app.metrics.publishers.dec();
     }
 }
@@ -127,7 +87,7 @@ async fn admit(
     cred: super::handshake::Credential,
     feed_idx: usize,
     epoch: Option<u64>,
-) -> Result<(String, usize, Option<u64>, u64, PublisherSlot, CancellationToken), Refusal> {
+) -> Result<(String, usize, Option<u64>, Session, PublisherSlot), Refusal> {
     let principal = authorize(app, cred, false)
         .await?
         .ok_or_else(|| Refusal::invalid_token(&crate::auth::validate::AuthError::Missing))?;
@@ -152,9 +112,9 @@ async fn admit(
         ));
     }
     app.metrics.publishers.inc();
-    let (registration, revoked) = app.publishers.register(principal.sub.clone(), principal.jti.clone());
+    let registration = app.publishers.register(&principal);
     let slot = PublisherSlot { app: app.clone(), feed_idx: feed.idx, registration };
-    Ok((key, feed.idx, epoch, principal.exp, slot, revoked))
+    Ok((key, feed.idx, epoch, Session::new(&app.validator, principal), slot))
 }
 
 /// The `GET /v1/publish` handler.
@@ -215,10 +175,10 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
             tracing::debug!(peer = ?peer, status = r.status.as_u16(), result = r.result, "publish handshake refused");
             r.into_response()
         }
-        Ok((key, feed_idx, epoch, exp, slot, revoked)) => {
+        Ok((key, feed_idx, epoch, session, slot)) => {
             app.metrics.publish_handshakes.with_label_values(&["ok"]).inc();
             let on_upgrade = hyper::upgrade::on(&mut req);
-            let task = run(app.clone(), on_upgrade, feed_idx, epoch, exp, slot, revoked);
+            let task = run(app.clone(), on_upgrade, feed_idx, epoch, session, slot);
             // Tracked with the sources: shutdown stops publishers before it drains the
             // shards, so every record taken in reaches subscribers before `shutdown`.
             tokio::task::spawn_local(app.sources.track_future(task));
@@ -227,26 +187,26 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
     }
 }
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// A publisher's close handshake: the close frame may take 2 s; the peer's reply is not
+/// waited for.
+const PUBLISHER_CLOSE: CloseStyle = CloseStyle { timeout: Duration::from_secs(2), linger: Duration::ZERO };
 
 async fn run(
     app: Arc<AppState>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     feed_idx: usize,
     epoch: Option<u64>,
-    exp: u64,
-    _slot: PublisherSlot,
-    revoked: CancellationToken,
+    session: Session,
+    slot: PublisherSlot,
 ) {
-    let Ok(upgraded) = on_upgrade.await else { return };
     let mut cfg = WebSocketConfig::default();
     cfg.max_message_size = Some(app.config.limits.max_publish_bytes);
     cfg.max_frame_size = Some(app.config.limits.max_publish_bytes);
-    let mut ws: Ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await;
+    let Some(mut ws) = ws::accept(on_upgrade, cfg).await else { return };
     let cancel = app.sources_cancel.clone();
     let catalog = app.ingest.catalog().clone();
     let Some(feed) = catalog.get(feed_idx) else { return };
-    tracing::info!(feed = feed.name(), "publisher connected");
+    tracing::info!(feed = feed.name(), session = %session.id, sub = %session.principal.sub, "publisher connected");
     if let Some(e) = epoch.filter(|&e| e != feed.epoch()) {
         // The upstream restarted its numbering: subscribers get `reset`.
         if !app.ingest.reset(feed_idx as u16, e, &cancel).await {
@@ -255,40 +215,68 @@ async fn run(
         tracing::info!(feed = feed.name(), epoch = e, "publisher started a new epoch");
     }
     let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
-    // The token's lifetime bounds the connection, as for subscribers.
-    // To the millisecond, like a presented token: the deadline is exp + grace.
-    let deadline_ms = app.validator.times().deadline_ms(exp);
-    let expires_in =
-        Duration::from_millis(deadline_ms.saturating_sub(now_ns() / 1_000_000).min(10 * 365 * 86_400 * 1000));
-    let expiry = tokio::time::sleep(expires_in);
-    tokio::pin!(expiry);
-    let mut strikes = 0u32;
-    let mut source = PublishSource::new(feed_idx as u16);
-    let (code, reason) = loop {
-        let msg = tokio::select! {
-            _ = cancel.cancelled() => break (close::GOING_AWAY, "server shutting down"),
-            _ = revoked.cancelled() => break (close::TOKEN_REVOKED, "token revoked"),
-            _ = &mut expiry => break (close::TOKEN_EXPIRED, "token expired"),
-            beat = heartbeat.tick() => {
-                if beat == Beat::TimedOut {
-                    app.metrics.heartbeat_timeouts.inc();
-                    break (close::POLICY, "heartbeat timeout");
-                }
-                if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    break (1006, "socket error");
-                }
-                continue;
+    // The token's lifetime bounds the connection, as for subscribers: the session's
+    // deadline (exp + grace, to the millisecond), revocation and shutdown, in one watch.
+    let watch = EdgeWatch::new(&session, &slot.registration, cancel.clone());
+    let mut publisher =
+        Publisher { app: &app, feed, watch, cancel, strikes: 0, source: PublishSource::new(feed_idx as u16) };
+    let Ended { code, reason } = ws::drive(&mut ws, &mut publisher, &mut heartbeat, &app.metrics).await;
+    tracing::info!(feed = feed.name(), session = %session.id, code, reason, "publisher disconnected");
+    drop(slot);
+}
+
+/// The publisher's half of the connection loop.
+struct Publisher<'a> {
+    app: &'a AppState,
+    feed: &'a Feed,
+    /// What ends the session: shutdown, revocation, the deadline.
+    watch: EdgeWatch,
+    /// Stops a batch that waits for queue space at shutdown.
+    cancel: tokio_util::sync::CancellationToken,
+    strikes: u32,
+    source: PublishSource,
+}
+
+impl Publisher<'_> {
+    /// Sends a reply, then applies the strike limit.
+    async fn reply(&mut self, ws: &mut Ws, reply: Option<ServerMsg>) -> Step {
+        if let Some(m) = reply {
+            if ws.send(Message::text(m.to_json())).await.is_err() {
+                return Step::End(Ended { code: 1006, reason: "socket error" });
             }
-            m = ws.next() => m,
-        };
+        }
+        if self.strikes > self.app.config.limits.max_strikes {
+            return Step::Close(close::POLICY, "too many refused batches");
+        }
+        Step::Continue
+    }
+}
+
+impl Role for Publisher<'_> {
+    type Event = SessionEnd;
+    const CLOSE: CloseStyle = PUBLISHER_CLOSE;
+
+    async fn event(&mut self) -> SessionEnd {
+        self.watch.ended().await
+    }
+
+    async fn on_event(&mut self, _ws: &mut Ws, end: SessionEnd) -> Step {
+        let (code, reason) = end.close();
+        Step::Close(code, reason)
+    }
+
+    async fn on_message(&mut self, ws: &mut Ws, msg: Message) -> Step {
+        let app = self.app;
         let reply = match msg {
-            None | Some(Err(_)) => break (1006, "socket error"),
-            Some(Ok(Message::Binary(b))) => match source.take(feed, &b, &app.ingest, &cancel).await {
+            Message::Binary(b) => match self.source.take(self.feed, &b, &app.ingest, &self.cancel).await {
                 Ok(Taken::Queued) => None,
-                Ok(Taken::Cancelled) => break (close::GOING_AWAY, "server shutting down"),
+                Ok(Taken::Cancelled) => {
+                    let (code, reason) = SessionEnd::Shutdown.close();
+                    return Step::Close(code, reason);
+                }
                 Err(r) => {
                     app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
-                    strikes += 1;
+                    self.strikes += 1;
                     Some(ServerMsg::Error {
                         id: None,
                         code: ErrorCode::BadRecord,
@@ -296,13 +284,13 @@ async fn run(
                     })
                 }
             },
-            Some(Ok(Message::Text(t))) => match serde_json::from_str::<serde_json::Value>(t.as_str()) {
+            Message::Text(t) => match serde_json::from_str::<serde_json::Value>(t.as_str()) {
                 Ok(v) if v.get("op").and_then(|o| o.as_str()) == Some("ping") => {
                     Some(ServerMsg::Pong { id: v.get("id").and_then(|i| i.as_i64()), ts: now_ns() })
                 }
                 _ => {
                     app.metrics.publish_rejects.with_label_values(&[PublishReject::BadText.as_str()]).inc();
-                    strikes += 1;
+                    self.strikes += 1;
                     // One answer for one rule: code `bad_request` (it is not a batch), the
                     // message led by the metric's reason, as batch refusals are.
                     Some(ServerMsg::Error {
@@ -315,25 +303,27 @@ async fn run(
                     })
                 }
             },
-            Some(Ok(Message::Pong(_))) => {
-                heartbeat.pong();
-                None
-            }
-            Some(Ok(Message::Close(_))) => break (1000, "closed by publisher"),
-            Some(Ok(_)) => None,
+            _ => None,
         };
-        if let Some(m) = reply {
-            if ws.send(Message::text(m.to_json())).await.is_err() {
-                break (1006, "socket error");
-            }
-        }
-        if strikes > app.config.limits.max_strikes {
-            break (close::POLICY, "too many refused batches");
-        }
-    };
-    if code != 1006 {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+        self.reply(ws, reply).await
     }
-    tracing::info!(feed = feed.name(), code, reason, "publisher disconnected");
+
+    fn on_heartbeat_timeout(&mut self) -> Step {
+        Step::Close(close::POLICY, "heartbeat timeout")
+    }
+
+    fn closed_by_peer(&self, _code: u16) -> Ended {
+        Ended { code: 1000, reason: "closed by publisher" }
+    }
+
+    fn gone(&self) -> Ended {
+        Ended { code: 1006, reason: "socket error" }
+    }
+
+    /// A publisher's read errors end it without a close frame (as before the shared loop;
+    /// the spec's §11 answers are the stream's).
+    fn socket_error(&self, e: WsError) -> Step {
+        tracing::debug!(error = %e, "publisher socket error");
+        Step::End(Ended { code: 1006, reason: "socket error" })
+    }
 }

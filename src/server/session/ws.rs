@@ -1,0 +1,227 @@
+//! The WebSocket loop skeleton that stream and publisher connections both run.
+//!
+//! Holds [`accept`] (the upgraded socket, with a role's size limits), [`drive`] (the
+//! loop: the role's own events first, then the peer's frames, then the heartbeat), the
+//! [`Role`] trait a kind of connection plugs into it, [`Step`] and [`Ended`] (what a
+//! handler asks for, how the connection ended), [`CloseStyle`] and [`close`] (the close
+//! handshake), and [`read_error_close`] (the close a read error calls for, spec §11).
+//!
+//! What the skeleton does for every role: pongs feed the [`Heartbeat`], a ping goes out
+//! every `server.heartbeat_ms` (through [`Role::guard`], so a stream's kill can abandon
+//! it), a heartbeat timeout is counted in `tickgate_heartbeat_timeouts_total`, a close
+//! from the peer is answered (tungstenite queued the reply; it is flushed) and ends the
+//! loop, a `Step::Close` sends the close frame in the role's [`CloseStyle`]. What a role
+//! adds: its events (a stream: engine wake-ups, held writes, a refresh being validated;
+//! a publisher: the end of its edge session), its text and binary messages, and what a
+//! heartbeat timeout means for it (a stream queues the close behind its data through the
+//! engine; a publisher closes at once).
+//!
+//! The loop is generic over the role (monomorphised: no box, no dynamic call, no lock
+//! per frame); a stream's frames are written inside its event handler.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::metrics::Metrics;
+use crate::server::heartbeat::{Beat, Heartbeat};
+use tickgate_proto::close as codes;
+
+/// An upgraded server-side WebSocket.
+pub(crate) type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The end of a connection whose close frame could not be written (counted as 1006).
+pub(crate) const UNDELIVERED: &str = "close frame not delivered";
+
+/// Why the connection ended, for the log and (streams) `tickgate_closes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// The close code the peer was sent or sent (1006: none).
+    pub(crate) code: u16,
+    /// Why, for the log.
+    pub(crate) reason: &'static str,
+}
+
+/// What a handler asks of the loop.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Keep going.
+    Continue,
+    /// Send this close frame (in the role's [`CloseStyle`]) and end.
+    Close(u16, &'static str),
+    /// The connection is over; the socket needs nothing more.
+    End(Ended),
+}
+
+/// How a role closes: how long its close frame may take to reach the peer (it may sit
+/// behind a full socket), and how long it then waits for the peer's reply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CloseStyle {
+    /// Bound on writing and flushing the close frame.
+    pub(crate) timeout: Duration,
+    /// Bound on waiting for the peer's close reply (zero: do not wait).
+    pub(crate) linger: Duration,
+}
+
+/// One kind of connection, plugged into [`drive`].
+pub(crate) trait Role {
+    /// The role's own event, produced by [`Role::event`].
+    type Event;
+
+    /// How this role's close handshake goes.
+    const CLOSE: CloseStyle;
+
+    /// Waits for the role's next event. Polled first on every turn of the loop, so it
+    /// must be cancel-safe and must not borrow the socket.
+    async fn event(&mut self) -> Self::Event;
+
+    /// Handles an event from [`Role::event`].
+    async fn on_event(&mut self, ws: &mut Ws, ev: Self::Event) -> Step;
+
+    /// Handles a text or binary message from the peer.
+    async fn on_message(&mut self, ws: &mut Ws, msg: Message) -> Step;
+
+    /// No pong for two heartbeat intervals (already counted).
+    fn on_heartbeat_timeout(&mut self) -> Step;
+
+    /// The peer sent a close frame with this code (1005: none); its reply is flushed.
+    fn closed_by_peer(&self, code: u16) -> Ended;
+
+    /// The socket went away without a close frame.
+    fn gone(&self) -> Ended;
+
+    /// A read or ping-write error: by default the close spec §11 asks for.
+    fn socket_error(&self, e: WsError) -> Step {
+        match read_error_close(&e) {
+            Some((code, reason)) => Step::Close(code, reason),
+            None => Step::End(Ended {
+                code: 1006,
+                reason: match e {
+                    WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => "peer reset",
+                    _ => "socket error",
+                },
+            }),
+        }
+    }
+
+    /// Runs a socket write the role may need to abandon (`Err(None)`: abandoned). By
+    /// default it just runs it.
+    async fn guard<F>(&self, op: F) -> Result<(), Option<WsError>>
+    where
+        F: Future<Output = Result<(), WsError>>,
+    {
+        op.await.map_err(Some)
+    }
+}
+
+/// Waits for the upgrade and wraps it as a server-side WebSocket with `config`. `None`:
+/// the upgrade failed (the client went away).
+pub(crate) async fn accept(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Ws> {
+    match on_upgrade.await {
+        Ok(u) => Some(WebSocketStream::from_raw_socket(TokioIo::new(u), WsRole::Server, Some(config)).await),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            None
+        }
+    }
+}
+
+/// Runs the loop to the connection's end.
+pub(crate) async fn drive<R: Role>(ws: &mut Ws, role: &mut R, heartbeat: &mut Heartbeat, metrics: &Metrics) -> Ended {
+    loop {
+        let step = tokio::select! {
+            // The role's events first: a stream's engine wake-ups carry its data, and
+            // they must not wait behind a peer that floods control frames.
+            biased;
+            ev = role.event() => role.on_event(ws, ev).await,
+            msg = ws.next() => match msg {
+                None => Step::End(role.gone()),
+                Some(Err(e)) => role.socket_error(e),
+                Some(Ok(Message::Close(frame))) => {
+                    // tungstenite queued the close reply; flush it and stop.
+                    let _ = tokio::time::timeout(R::CLOSE.timeout, ws.flush()).await;
+                    Step::End(role.closed_by_peer(frame.map(|f| u16::from(f.code)).unwrap_or(1005)))
+                }
+                Some(Ok(Message::Pong(_))) => {
+                    heartbeat.pong();
+                    Step::Continue
+                }
+                Some(Ok(Message::Ping(_) | Message::Frame(_))) => Step::Continue,
+                Some(Ok(m)) => role.on_message(ws, m).await,
+            },
+            beat = heartbeat.tick() => match beat {
+                Beat::TimedOut => {
+                    metrics.heartbeat_timeouts.inc();
+                    role.on_heartbeat_timeout()
+                }
+                Beat::Ping => match role.guard(ws.send(Message::Ping(Vec::new().into()))).await {
+                    Err(Some(e)) => role.socket_error(e),
+                    Ok(()) | Err(None) => Step::Continue,
+                },
+            },
+        };
+        match step {
+            Step::Continue => {}
+            Step::End(e) => return e,
+            Step::Close(code, reason) => {
+                let delivered = close(ws, code, reason, R::CLOSE).await;
+                return if delivered { Ended { code, reason } } else { Ended { code: 1006, reason: UNDELIVERED } };
+            }
+        }
+    }
+}
+
+/// Sends a close frame (behind whatever is already buffered) and, when `style.linger` is
+/// not zero, waits briefly for the peer's reply, so the TCP close does not reset data the
+/// peer has yet to read. Returns whether the close frame was written and flushed
+/// (`false`: the peer was not taking data, or the socket failed; the connection is just
+/// dropped).
+pub(crate) async fn close(ws: &mut Ws, code: u16, reason: &str, style: CloseStyle) -> bool {
+    // A close reason is at most 123 bytes (RFC 6455 §5.5: control frames carry 125).
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason[..end].to_owned().into() };
+    if !matches!(tokio::time::timeout(style.timeout, ws.close(Some(frame))).await, Ok(Ok(()))) {
+        return false;
+    }
+    if !style.linger.is_zero() {
+        let _ = tokio::time::timeout(style.linger, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    true
+}
+
+/// The close a read error calls for (spec §11); `None` when the socket is gone.
+pub(crate) fn read_error_close(e: &WsError) -> Option<(u16, &'static str)> {
+    Some(match e {
+        // RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0. tungstenite
+        // reads such a length as a (huge) size, so it is told apart here from a frame that
+        // is merely too big.
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) if (*size as u64) >> 63 == 1 => {
+            (codes::PROTOCOL_ERROR, "frame length with the most significant bit set")
+        }
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (codes::TOO_BIG, "message too big"),
+        WsError::Capacity(_) => (codes::TOO_BIG, "frame too big"),
+        WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
+        WsError::Protocol(_) => (codes::PROTOCOL_ERROR, "protocol error"),
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => return None,
+        _ => (codes::PROTOCOL_ERROR, "protocol error"),
+    })
+}
