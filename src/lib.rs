@@ -35,7 +35,7 @@ pub mod sources;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -48,6 +48,7 @@ use crate::engine::core::CoreLimits;
 use crate::engine::{Engine, Ingest};
 use crate::feeds::{Catalog, DefsOrigin};
 use crate::metrics::Metrics;
+use crate::server::listen::{BindError, Listeners};
 use crate::server::AppState;
 use crate::shutdown::{Shutdown, Stops};
 
@@ -87,6 +88,12 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
+impl From<BindError> for Error {
+    fn from(e: BindError) -> Error {
+        Error::Io { context: e.context, source: e.source }
+    }
+}
+
 impl From<AuthSetupError> for Error {
     fn from(e: AuthSetupError) -> Error {
         match e {
@@ -115,14 +122,6 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Binds `addr` (the `key` of the configuration), returning the listener and its bound address.
-async fn bind(addr: SocketAddr, key: &str) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(io_err(format!("cannot bind {key} address {addr}")))?;
-    let bound = listener.local_addr().map_err(io_err(format!("{key} address")))?;
-    Ok((listener, bound))
-}
-
 /// Loads the feed definitions and opens the epoch store: epochs never repeat across
 /// restarts (max(last + 1, now in ms)), made durable in the state folder before anything
 /// is served (feeds::epoch).
@@ -130,9 +129,9 @@ fn open_catalog(config: &Config) -> Result<Arc<Catalog>, Error> {
     let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
     let (defs, origin) = feeds::load_defs(&config.feeds_dir, allow_embedded)?;
     match &origin {
-        DefsOrigin::Embedded => tracing::warn!(
-            "no feeds/ folder here: streaming the compiled-in DEMO feed (set feeds_dir to use your own)"
-        ),
+        DefsOrigin::Embedded => {
+            tracing::warn!("no feeds/ folder here: streaming the compiled-in DEMO feed (set feeds_dir to use your own)")
+        }
         DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
     }
     let state_dir = feeds::epoch::resolve_state_dir(config.server.state_dir.as_deref());
@@ -149,8 +148,8 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, Error> {
         config.validate()?;
         let config = Arc::new(config);
-        let (listener, addr) = bind(config.listen, "listen").await?;
-        let (admin_listener, admin_addr) = bind(config.admin_listen, "admin_listen").await?;
+        let listeners = Listeners::bind(&config).await?;
+        let (addr, admin_addr) = (listeners.addr, listeners.admin_addr);
         let catalog = open_catalog(&config)?;
         let metrics = Metrics::new();
         let auth = Auth::build(&config, addr, &metrics)?;
@@ -159,36 +158,19 @@ impl Server {
         let feed_names: Vec<&str> = catalog.feeds().iter().map(|f| f.name()).collect();
         metrics.init_known_series(&feed_names, n_shards);
         let engine = Engine::new(n_shards, config.engine.queue_capacity);
-        let inboxes = engine.inboxes().clone();
         let ingested: Arc<[prometheus::IntCounter]> =
             catalog.feeds().iter().map(|f| metrics.ticks_ingested.with_label_values(&[f.name()])).collect();
-        let ingest = Ingest::new(inboxes.clone(), catalog.clone(), ingested);
+        let ingest = Ingest::new(engine.inboxes().clone(), catalog.clone(), ingested);
         let stops = Stops::new();
-        let app = Arc::new(AppState {
-            ingest: ingest.clone(),
-            // The sources (generators, replays and publisher connections), tracked so
-            // shutdown can wait for them to have stopped.
-            sources: TaskTracker::new(),
-            sources_cancel: stops.sources.clone(),
-            publishers: server::publish::Publishers::default(),
-            admission: server::limits::Admission::new(&config.limits),
-            tickets: auth::tickets::TicketStore::new(
-                config.limits.max_tickets,
-                config.limits.max_tickets_per_subject,
-                auth.validator.revocations().clone(),
-            ),
-            engine: engine.control(),
-            jwks: auth.jwks.clone(),
-            config: config.clone(),
-            validator: auth.validator.clone(),
-            metrics: metrics.clone(),
-            draining: AtomicBool::new(false),
-            open_connections: AtomicUsize::new(0),
-            tracker: TaskTracker::new(),
-            cancel: stops.http.clone(),
-            shards: inboxes,
-            edge: server::edge::Edge::new(config.limits.max_pending_per_ip, config.limits.fd_reserve),
-        });
+        let app = Arc::new(AppState::new(
+            config.clone(),
+            &auth,
+            ingest.clone(),
+            &engine,
+            metrics.clone(),
+            stops.sources.clone(),
+            stops.http.clone(),
+        ));
 
         // The public routes (the embedded issuer's included), served on the shards.
         let mut router = server::public_router(app.clone());
@@ -206,15 +188,7 @@ impl Server {
 
         // Listeners and background tasks, on the main runtime; then the sources.
         let background = TaskTracker::new();
-        background.spawn(server::accept_loop(listener, app.clone(), engine.socket_senders(), stops.listeners.clone()));
-        background.spawn(server::serve_listener(
-            admin_listener,
-            server::admin::router(app.clone()),
-            if config.tls.admin { tls.clone() } else { None },
-            Arc::new(server::HttpLimits::new("admin", &config, metrics.clone())),
-            app.edge.admin_pending.clone(),
-            stops.listeners.clone(),
-        ));
+        listeners.spawn(&app, engine.socket_senders(), tls.clone(), &background, &stops.listeners);
         auth.spawn_tasks(&config, &background, &stops.listeners);
         sources::spawn(&catalog, &ingest, &metrics, &app.sources, &stops.sources);
 
@@ -311,20 +285,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         server.admin_addr()
     );
     // SIGHUP re-reads the TLS certificate and key.
-    #[cfg(unix)]
-    let reload = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut hup) => loop {
-                hup.recv().await;
-                if let Err(e) = server.reload_tls() {
-                    tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use");
-                }
-            },
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let reload = std::future::pending::<()>();
+    let reload = server::tls::reload_on_hangup(server.tls.clone());
     tokio::select! {
         _ = shutdown => {}
         _ = reload => {}

@@ -1,6 +1,7 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
 //! handshake ([`handshake`]), the connection task ([`connection`]), the publish endpoint
-//! ([`publish`]), the admin listener ([`admin`]), and what protects the listeners
+//! ([`publish`]), the admin listener ([`admin`]), binding and serving both listeners
+//! (`listen`), and what protects the listeners
 //! ([`edge`]: pending caps, descriptor reserve, accept back-off; request deadlines and body
 //! limits are in [`serve_http`]).
 //!
@@ -15,6 +16,7 @@ pub mod edge;
 pub mod handshake;
 mod heartbeat;
 pub mod limits;
+pub(crate) mod listen;
 pub mod publish;
 pub mod tls;
 
@@ -79,6 +81,47 @@ pub struct AppState {
     pub publishers: publish::Publishers,
     /// Listener protection: pending caps, descriptor reserve, end-of-shutdown answers.
     pub edge: edge::Edge,
+}
+
+impl AppState {
+    /// The shared state of a server from its parts: `sources_cancel` stops the sources
+    /// (publisher connections included), `http_cancel` ends HTTP connections (both fired by
+    /// the shutdown's phases).
+    pub(crate) fn new(
+        config: Arc<Config>,
+        auth: &crate::auth::setup::Auth,
+        ingest: crate::engine::Ingest,
+        engine: &crate::engine::Engine,
+        metrics: Metrics,
+        sources_cancel: CancellationToken,
+        http_cancel: CancellationToken,
+    ) -> AppState {
+        AppState {
+            ingest,
+            // The sources (generators, replays and publisher connections), tracked so
+            // shutdown can wait for them to have stopped.
+            sources: TaskTracker::new(),
+            sources_cancel,
+            publishers: publish::Publishers::default(),
+            admission: limits::Admission::new(&config.limits),
+            tickets: crate::auth::tickets::TicketStore::new(
+                config.limits.max_tickets,
+                config.limits.max_tickets_per_subject,
+                auth.validator.revocations().clone(),
+            ),
+            engine: engine.control(),
+            jwks: auth.jwks.clone(),
+            validator: auth.validator.clone(),
+            metrics,
+            draining: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            cancel: http_cancel,
+            shards: engine.inboxes().clone(),
+            edge: edge::Edge::new(config.limits.max_pending_per_ip, config.limits.fd_reserve),
+            config,
+        }
+    }
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");

@@ -76,3 +76,22 @@ impl TlsState {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
+
+/// Re-reads the certificate and key of `tls` on every SIGHUP, for as long as it runs. The
+/// handler is installed with or without TLS, so that SIGHUP never ends the process.
+pub(crate) async fn reload_on_hangup(tls: Option<Arc<TlsState>>) {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        loop {
+            hup.recv().await;
+            if let Some(t) = &tls {
+                match t.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use"),
+                }
+            }
+        }
+    }
+    let _ = tls;
+    std::future::pending::<()>().await
+}
