@@ -83,11 +83,6 @@ pub enum Error {
     Tls(#[from] server::tls::TlsError),
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let context = context.into();
-    move |source| Error::Io { context, source }
-}
-
 impl From<BindError> for Error {
     fn from(e: BindError) -> Error {
         Error::Io { context: e.context, source: e.source }
@@ -173,18 +168,11 @@ impl Server {
         ));
 
         // The public routes (the embedded issuer's included), served on the shards.
-        let mut router = server::public_router(app.clone());
-        if let Some(iss) = &auth.issuer {
-            router = router.merge(iss.clone().router());
-        }
-        let tls = match (&config.tls.cert, &config.tls.key) {
-            (Some(c), Some(k)) => Some(Arc::new(server::tls::TlsState::load(c, k)?)),
-            _ => None,
-        };
-        let serve = server::serve_fn(app.clone(), router.fallback(server::not_found), tls.clone());
+        let tls = server::tls::TlsState::from_config(&config.tls)?;
+        let serve = server::public_service(&app, auth.issuer.as_ref(), tls.clone());
         let engine = engine
             .start(&catalog, &CoreLimits::from(&*config), &metrics, &serve)
-            .map_err(io_err("cannot start shard thread"))?;
+            .map_err(|source| Error::Io { context: "cannot start shard thread".into(), source })?;
 
         // Listeners and background tasks, on the main runtime; then the sources.
         let background = TaskTracker::new();

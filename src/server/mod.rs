@@ -336,6 +336,20 @@ pub fn serve_fn(app: Arc<AppState>, router: Router, tls: Option<Arc<tls::TlsStat
     })
 }
 
+/// The function the shards serve public sockets with ([`serve_fn`]): the public routes,
+/// the embedded issuer's when there is one, and the JSON 404 for every other path.
+pub(crate) fn public_service(
+    app: &Arc<AppState>,
+    issuer: Option<&Arc<crate::auth::issuer::EmbeddedIssuer>>,
+    tls: Option<Arc<tls::TlsState>>,
+) -> ServeFn {
+    let mut router = public_router(app.clone());
+    if let Some(iss) = issuer {
+        router = router.merge(iss.clone().router());
+    }
+    serve_fn(app.clone(), router.fallback(not_found), tls)
+}
+
 /// Serves a router on a listener of the main runtime (the admin listener), over TLS when
 /// given, until `cancel` fires: accept errors back off, and an address with
 /// `limits.max_pending_per_ip` connections that have not completed a request has further

@@ -64,6 +64,14 @@ impl TlsState {
         Ok(TlsState { cert: cert.to_owned(), key: key.to_owned(), current: RwLock::new(Arc::new(cfg)) })
     }
 
+    /// The TLS state of `tls.cert` and `tls.key`; `None` when they are not both set.
+    pub(crate) fn from_config(tls: &crate::config::TlsConfig) -> Result<Option<Arc<TlsState>>, TlsError> {
+        match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Ok(Some(Arc::new(TlsState::load(c, k)?))),
+            _ => Ok(None),
+        }
+    }
+
     /// Re-reads the files. On any error the previous configuration stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let cfg = Arc::new(server_config(&self.cert, &self.key)?);
