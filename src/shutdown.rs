@@ -151,14 +151,7 @@ impl Shutdown {
 /// keep-alives) are closed and the shard threads are stopped and joined.
 async fn stop_shards(app: &AppState, engine: EngineHandle) {
     app.edge.shards_stopped.store(true, Ordering::Release);
-    // Polled: `public_http` is a plain counter on the accept and serve paths (it bounds
-    // descriptors), with nothing to notify; the wait is short and bounded.
-    let _ = tokio::time::timeout(HTTP_ANSWER_WITHIN, async {
-        while app.edge.public_http.load(Ordering::Relaxed) > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(HTTP_ANSWER_WITHIN, app.edge.http_idle()).await;
     app.cancel.cancel();
     engine.stop().await;
 }

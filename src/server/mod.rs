@@ -490,7 +490,7 @@ pub async fn accept_loop(
         match senders[best].try_send((std_stream, peer)) {
             Ok(()) => slot.disarm(),
             Err(mpsc::error::TrySendError::Full((s, _)) | mpsc::error::TrySendError::Closed((s, _))) => {
-                app.edge.public_http.fetch_sub(1, Ordering::Relaxed);
+                app.edge.http_ended();
                 drop(slot);
                 tracing::debug!(shard = best, "shard socket queue full or closed; answered 503");
                 if let Ok(s) = tokio::net::TcpStream::from_std(s) {
