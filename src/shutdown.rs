@@ -151,6 +151,7 @@ impl Shutdown {
 /// keep-alives) are closed and the shard threads are stopped and joined.
 async fn stop_shards(app: &AppState, engine: EngineHandle) {
     app.edge.shards_stopped.store(true, Ordering::Release);
+    // Bounded: an idle keep-alive connection counts until `app.cancel` below closes it.
     let _ = tokio::time::timeout(HTTP_ANSWER_WITHIN, app.edge.http_idle()).await;
     app.cancel.cancel();
     engine.stop().await;
