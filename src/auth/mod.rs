@@ -1,6 +1,7 @@
 //! Authentication and authorization: the key cache ([`keys`]), the JWKS cache ([`jwks`]),
 //! token validation ([`validate`]), scopes ([`scopes`]), one-time tickets ([`tickets`]),
-//! revocation ([`revocation`]), the embedded issuer ([`issuer`]), and the crate's one
+//! revocation ([`revocation`]), the embedded issuer ([`issuer`]) and its key rotation
+//! (`rotation`), building all of it from the configuration (`setup`), and the crate's one
 //! SHA-256 and constant-time compare (`hash`).
 //!
 //! Everything here runs at the handshake (or on an in-band refresh). Its output, a
@@ -11,6 +12,8 @@ pub mod issuer;
 pub mod jwks;
 pub mod keys;
 pub mod revocation;
+mod rotation;
 pub mod scopes;
+pub(crate) mod setup;
 pub mod tickets;
 pub mod validate;

@@ -127,17 +127,27 @@ impl EngineHandle {
         .is_ok()
     }
 
-    /// The graceful end of the engine, in its phases: every connection is sent `shutdown`
-    /// (with a reconnect delay jittered up to `reconnect_after_max_ms`) and close 1001;
+    /// The graceful end of the engine, in its phases: [`EngineHandle::notify_shutdown`],
     /// then `connections_done` is awaited (the server waits there for its connection tasks
-    /// to end, bounded by its drain time); then each shard is told to stop and its thread
-    /// is joined. Ticks still queued should have been waited for first
-    /// ([`EngineHandle::dispatched`]), so every tick taken in precedes `shutdown`.
-    pub async fn drain_and_stop(mut self, reconnect_after_max_ms: u64, connections_done: impl std::future::Future) {
+    /// to end, bounded by its drain time), then [`EngineHandle::stop`]. Ticks still queued
+    /// should have been waited for first ([`EngineHandle::dispatched`]), so every tick taken
+    /// in precedes `shutdown`.
+    pub async fn drain_and_stop(self, reconnect_after_max_ms: u64, connections_done: impl std::future::Future) {
+        self.notify_shutdown(reconnect_after_max_ms).await;
+        connections_done.await;
+        self.stop().await;
+    }
+
+    /// Every connection is sent `shutdown` (with a reconnect delay jittered up to
+    /// `reconnect_after_max_ms`) and close 1001; from here a shard refuses new streams.
+    pub async fn notify_shutdown(&self, reconnect_after_max_ms: u64) {
         for ctl in &self.ctl {
             let _ = ctl.send(ShardCtl::Shutdown { reconnect_after_max_ms }).await;
         }
-        connections_done.await;
+    }
+
+    /// Tells each shard to stop and joins its thread.
+    pub async fn stop(mut self) {
         for ctl in &self.ctl {
             let _ = ctl.send(ShardCtl::Stop).await;
         }

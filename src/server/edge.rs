@@ -96,6 +96,8 @@ pub struct Edge {
     pub admin_pending: Arc<PendingTable>,
     /// Public sockets being served as HTTP (not yet upgraded or closed).
     pub public_http: AtomicUsize,
+    /// Signalled when [`Edge::public_http`] drops to zero (for shutdown's wait).
+    http_idle: tokio::sync::Notify,
     /// Set when the shards stop at the end of shutdown: the accept loop then answers new
     /// sockets 503 itself, so the listener keeps answering until the process exits.
     pub shards_stopped: AtomicBool,
@@ -118,6 +120,7 @@ impl Edge {
             public_pending: Arc::new(PendingTable::new(max_pending_per_ip)),
             admin_pending: Arc::new(PendingTable::new(max_pending_per_ip)),
             public_http: AtomicUsize::new(0),
+            http_idle: tokio::sync::Notify::new(),
             shards_stopped: AtomicBool::new(false),
             fd_cap,
         }
@@ -128,6 +131,29 @@ impl Edge {
     pub fn over_fd_reserve(&self, others: usize) -> bool {
         self.fd_cap.is_some_and(|cap| self.public_http.load(Ordering::Relaxed) + others >= cap)
     }
+
+    /// One public socket stopped being served as HTTP (upgraded, closed, or not handed
+    /// over): the count of [`Edge::public_http`] goes down, and a wait in
+    /// [`Edge::http_idle`] is woken when it reaches zero.
+    pub(crate) fn http_ended(&self) {
+        if self.public_http.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.http_idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no public socket is being served as HTTP.
+    pub(crate) async fn http_idle(&self) {
+        loop {
+            // Registered before the count is read, so a drop to zero in between is not missed.
+            let idle = self.http_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.public_http.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 /// Decrements [`Edge::public_http`] when the HTTP part of a public connection ends.
@@ -136,7 +162,7 @@ pub struct HttpSocketGuard(pub(crate) Arc<super::AppState>);
 
 impl Drop for HttpSocketGuard {
     fn drop(&mut self) {
-        self.0.edge.public_http.fetch_sub(1, Ordering::Relaxed);
+        self.0.edge.http_ended();
     }
 }
 

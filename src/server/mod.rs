@@ -1,6 +1,7 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
 //! handshake ([`handshake`]), the connection task ([`connection`]), the publish endpoint
-//! ([`publish`]), the admin listener ([`admin`]), and what protects the listeners
+//! ([`publish`]), the admin listener ([`admin`]), binding and serving both listeners
+//! (`listen`), and what protects the listeners
 //! ([`edge`]: pending caps, descriptor reserve, accept back-off; request deadlines and body
 //! limits are in [`serve_http`]).
 //!
@@ -15,6 +16,7 @@ pub mod edge;
 pub mod handshake;
 mod heartbeat;
 pub mod limits;
+pub(crate) mod listen;
 pub mod publish;
 mod session;
 pub mod tls;
@@ -80,6 +82,47 @@ pub struct AppState {
     pub publishers: publish::Publishers,
     /// Listener protection: pending caps, descriptor reserve, end-of-shutdown answers.
     pub edge: edge::Edge,
+}
+
+impl AppState {
+    /// The shared state of a server from its parts: `sources_cancel` stops the sources
+    /// (publisher connections included), `http_cancel` ends HTTP connections (both fired by
+    /// the shutdown's phases).
+    pub(crate) fn new(
+        config: Arc<Config>,
+        auth: &crate::auth::setup::Auth,
+        ingest: crate::engine::Ingest,
+        engine: &crate::engine::Engine,
+        metrics: Metrics,
+        sources_cancel: CancellationToken,
+        http_cancel: CancellationToken,
+    ) -> AppState {
+        AppState {
+            ingest,
+            // The sources (generators, replays and publisher connections), tracked so
+            // shutdown can wait for them to have stopped.
+            sources: TaskTracker::new(),
+            sources_cancel,
+            publishers: publish::Publishers::default(),
+            admission: limits::Admission::new(&config.limits),
+            tickets: crate::auth::tickets::TicketStore::new(
+                config.limits.max_tickets,
+                config.limits.max_tickets_per_subject,
+                auth.validator.revocations().clone(),
+            ),
+            engine: engine.control(),
+            jwks: auth.jwks.clone(),
+            validator: auth.validator.clone(),
+            metrics,
+            draining: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            cancel: http_cancel,
+            shards: engine.inboxes().clone(),
+            edge: edge::Edge::new(config.limits.max_pending_per_ip, config.limits.fd_reserve),
+            config,
+        }
+    }
 }
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -294,6 +337,20 @@ pub fn serve_fn(app: Arc<AppState>, router: Router, tls: Option<Arc<tls::TlsStat
     })
 }
 
+/// The function the shards serve public sockets with ([`serve_fn`]): the public routes,
+/// the embedded issuer's when there is one, and the JSON 404 for every other path.
+pub(crate) fn public_service(
+    app: &Arc<AppState>,
+    issuer: Option<&Arc<crate::auth::issuer::EmbeddedIssuer>>,
+    tls: Option<Arc<tls::TlsState>>,
+) -> ServeFn {
+    let mut router = public_router(app.clone());
+    if let Some(iss) = issuer {
+        router = router.merge(iss.clone().router());
+    }
+    serve_fn(app.clone(), router.fallback(not_found), tls)
+}
+
 /// Serves a router on a listener of the main runtime (the admin listener), over TLS when
 /// given, until `cancel` fires: accept errors back off, and an address with
 /// `limits.max_pending_per_ip` connections that have not completed a request has further
@@ -434,7 +491,7 @@ pub async fn accept_loop(
         match senders[best].try_send((std_stream, peer)) {
             Ok(()) => slot.disarm(),
             Err(mpsc::error::TrySendError::Full((s, _)) | mpsc::error::TrySendError::Closed((s, _))) => {
-                app.edge.public_http.fetch_sub(1, Ordering::Relaxed);
+                app.edge.http_ended();
                 drop(slot);
                 tracing::debug!(shard = best, "shard socket queue full or closed; answered 503");
                 if let Ok(s) = tokio::net::TcpStream::from_std(s) {

@@ -64,6 +64,14 @@ impl TlsState {
         Ok(TlsState { cert: cert.to_owned(), key: key.to_owned(), current: RwLock::new(Arc::new(cfg)) })
     }
 
+    /// The TLS state of `tls.cert` and `tls.key`; `None` when they are not both set.
+    pub(crate) fn from_config(tls: &crate::config::TlsConfig) -> Result<Option<Arc<TlsState>>, TlsError> {
+        match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Ok(Some(Arc::new(TlsState::load(c, k)?))),
+            _ => Ok(None),
+        }
+    }
+
     /// Re-reads the files. On any error the previous configuration stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let cfg = Arc::new(server_config(&self.cert, &self.key)?);
@@ -75,4 +83,23 @@ impl TlsState {
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
+}
+
+/// Re-reads the certificate and key of `tls` on every SIGHUP, for as long as it runs. The
+/// handler is installed with or without TLS, so that SIGHUP never ends the process.
+pub(crate) async fn reload_on_hangup(tls: Option<Arc<TlsState>>) {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        loop {
+            hup.recv().await;
+            if let Some(t) = &tls {
+                match t.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use"),
+                }
+            }
+        }
+    }
+    let _ = tls;
+    std::future::pending::<()>().await
 }
