@@ -5,14 +5,14 @@
 # (whole server against nats-server), alternating old and new so that machine noise hits
 # both alike. Prints, per measurement, the median of each side and new/old.
 #
-#   [PARTS="criterion compare"] [COMPARE_ROUNDS=1] benches/ab.sh OLD_CHECKOUT [ROUNDS]
+#   [PARTS="dispatch ingest compare"] [COMPARE_ROUNDS=1] benches/ab.sh OLD_CHECKOUT [ROUNDS]
 #       run from the new checkout, both already built:
 #       (cd OLD && cargo build --release && cargo bench --no-run --bench dispatch --bench ingest)
 #
 # Nothing here fails on timing; it is a measurement. Keep the machine otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OLD=$(cd "$1" && pwd); NEW=$PWD; ROUNDS=${2:-2}; PARTS=${PARTS:-criterion compare}
+OLD=$(cd "$1" && pwd); NEW=$PWD; ROUNDS=${2:-2}; PARTS=${PARTS:-dispatch ingest compare}
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 bin() { # the newest criterion/harness bench binary of a checkout
   ls -t "$1"/target/release/deps/"$2"-* 2>/dev/null | grep -v '\.d$' | head -1
@@ -26,10 +26,12 @@ for r in $(seq 1 "$ROUNDS"); do
   for side in OLD NEW; do
     dir=${!side}; out="$work/$side.$r"; mkdir -p "$out"
     : >"$out/ingest.log"
-    if [[ " $PARTS " == *" criterion "* ]]; then
+    if [[ " $PARTS " == *" dispatch "* ]]; then
       echo "== round $r $side: dispatch"
       (cd "$dir" && CRITERION_HOME="$out/criterion" "$(bin "$dir" dispatch)" --bench \
         --warm-up-time 1 --measurement-time 2 --noplot >"$out/dispatch.log" 2>&1)
+    fi
+    if [[ " $PARTS " == *" ingest "* ]]; then
       echo "== round $r $side: ingest"
       (cd "$dir" && "$(bin "$dir" ingest)" --bench >"$out/ingest.log" 2>&1)
     fi

@@ -8,17 +8,21 @@
 //! `tickgate-proto`; the Rust client is `tickgate-client`; the load generator is
 //! `tickgate-bench`. This crate is the server:
 //!
+//! Lower rows never import higher ones (the test `tests/it/module_graph.rs` fails on any
+//! module cycle):
+//!
 //! | module | concern |
 //! |---|---|
-//! | [`config`] | TOML configuration, defaults, validation |
-//! | [`auth`] | key cache, token validation, scopes, the embedded OAuth2 issuer |
-//! | [`engine`] | shard threads, subscription index, outbound queues, resume buffer, conflation, timer wheel |
-//! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
-//! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording (publishers: `server::publish`) |
-//! | [`server`] | listeners and their bounds (request deadlines, pending caps, descriptor reserve), HTTP on the shards, handshake, connection task, heartbeat, publish endpoint and live publishers, admin |
-//! | [`metrics`] | Prometheus metrics |
-//! | `shutdown` | the phases of a graceful shutdown, and what stops a dropped [`Server`] |
+//! | [`config`] | TOML configuration over the built-in defaults (the `Default` impls: the one copy) |
+//! | [`metrics`] | Prometheus metrics; imports nothing of the server (each layer primes its own labels) |
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
+//! | [`auth`] | keys, JWKS cache, token validation, scopes, tickets, revocation, the embedded OAuth2 issuer, its setup and key rotation |
+//! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
+//! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing, outbound queues, conflation, timer wheel |
+//! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording, publish ingest |
+//! | [`server`] | listeners and their bounds, HTTP on the shards, handshake and authorization, the session and its WebSocket loop (stream and publisher roles), heartbeat, admin, TLS |
+//! | `shutdown` | the phases of a graceful shutdown, and what stops a dropped [`Server`] |
+//! | this file | the composition root: [`Server::start`] builds the parts and wires them |
 //!
 //! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
 //! gives tests and embedders the bound addresses and an explicit graceful shutdown.
