@@ -102,6 +102,24 @@ async fn proven(mut ws: ClientWs, id: u16) -> ClientWs {
     }
 }
 
+/// A publisher's session ends at its token's deadline like a stream's: close 4001
+/// "token expired", never before `exp` (grace 0). Publishers expire through the edge
+/// session's deadline (`server::session`), not a timer of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_is_closed_with_4001_at_its_deadline() {
+    let ts =
+        TestServer::start_with_feeds(50.0, &[("p.toml", publish_toml("P", 9, 2, "disconnect", 100))], |_| {}).await;
+    let now = unix_now();
+    // Seconds of margin so a slow handshake still happens before exp.
+    let exp = now + 4;
+    let tok = ts.token_with("feed-handler", "md:publish:P", now, exp, "jti-pub-exp");
+    let mut p = live_publisher(&ts, "P", 9, &tok).await;
+    assert_eq!(close_frame(&mut p).await, (4001, "token expired".to_owned()));
+    let closed_ms = tickgate_proto::now_ns() / 1_000_000;
+    assert!(closed_ms >= exp * 1000, "closed {} ms before exp", exp * 1000 - closed_ms);
+    ts.shutdown().await;
+}
+
 /// Item 2: `/admin/revoke` closes a matching publisher with 4003 (by `jti` and by `sub`),
 /// and a publisher of another subject keeps publishing. Before the fix publishers were
 /// never revoked.
