@@ -1,6 +1,6 @@
 //! The server's publish path on arbitrary bytes: `sources::publish::decode` (the batch a
 //! publisher sends, through the codec's strict decoder) and then `sequence` and the
-//! engine's `Ingest::append` into a fresh test feed. Nothing may panic, and:
+//! engine's `Ingest::append_with` (one hold of the log lock) into a fresh test feed. Nothing may panic, and:
 //! - every refusal's reason is one of `PublishReject::ALL`;
 //! - a batch `decode` accepts re-encodes to exactly the input bytes (nothing is dropped
 //!   or altered), its records are of the connection's feed with in-range instruments and
@@ -54,14 +54,21 @@ fuzz_target!(|data: &[u8]| {
     let ingest = Ingest::new(Arc::from(Vec::<Arc<ShardInbox>>::new()), catalog.clone(), Arc::from(Vec::new()));
     let feed = &catalog.feeds()[0];
     let original: Vec<(u32, Record)> = out.clone();
-    match sequence(feed, &mut out, 42) {
+    let mut scratch = HashMap::new();
+    let mut ticks: Vec<Tick> = Vec::new();
+    // The publish source's path: sequenced and appended under one hold of the log's lock.
+    let taken = ingest.append_with(0, &mut ticks, |log, ticks| {
+        sequence(feed, log, &mut out, 42, &mut scratch)?;
+        ticks.extend(out.iter().map(|&(instr, record)| Tick { feed_idx: 0, instr, record }));
+        Ok(())
+    });
+    match taken {
         Err(r) => {
             assert_eq!(r.reason, PublishReject::SeqBackwards);
             assert_eq!(feed.log().len(), 0, "a refused batch left records in the log");
         }
         Ok(()) => {
-            let ticks: Vec<Tick> = out.iter().map(|&(instr, record)| Tick { feed_idx: 0, instr, record }).collect();
-            ingest.append(&ticks);
+            assert_eq!(ticks.len(), out.len());
             let mut last: HashMap<u32, u64> = HashMap::new();
             for (idx, rec) in &out {
                 let prev = last.insert(*idx, rec.seq()).unwrap_or(0);
@@ -74,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
             let len = feed.log().len();
             let mut resend = original.clone();
             let all_zero = original.iter().all(|(_, r)| r.seq() == 0);
-            assert_eq!(sequence(feed, &mut resend, 43).is_ok(), all_zero);
+            assert_eq!(sequence(feed, &feed.log(), &mut resend, 43, &mut scratch).is_ok(), all_zero);
             if !all_zero {
                 assert_eq!(feed.log().len(), len);
             }

@@ -59,6 +59,7 @@ use crossbeam_queue::ArrayQueue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::feeds::log::FeedLog;
 use crate::feeds::Catalog;
 use tickgate_proto::codec::Record;
 
@@ -178,6 +179,31 @@ impl Ingest {
             }
             rest = &rest[n..];
         }
+    }
+
+    /// Prepares one feed's ticks under its log's write lock and appends them there, in
+    /// one hold: `prepare` reads the log (its last seqs) and leaves in `ticks` what is to
+    /// be appended; on `Err` nothing is appended. The publish source sequences a batch this
+    /// way, so checking seqs and appending them cannot be split by another writer, and
+    /// a batch costs one lock instead of a read lock and then a write lock. Call
+    /// [`Ingest::enqueue`] with the same ticks afterwards (log first, then shards).
+    pub fn append_with<E>(
+        &self,
+        feed_idx: u16,
+        ticks: &mut Vec<Tick>,
+        prepare: impl FnOnce(&FeedLog, &mut Vec<Tick>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(feed) = self.catalog.get(feed_idx as usize) else {
+            // Not a feed of this catalog: nothing to append, and nothing left to enqueue.
+            ticks.clear();
+            return Ok(());
+        };
+        let mut log = feed.log_mut();
+        prepare(&log, ticks)?;
+        for t in ticks.iter() {
+            log.append(t.instr, t.record);
+        }
+        Ok(())
     }
 
     /// Queues ticks already appended to their log for every shard. A full queue means

@@ -8,9 +8,10 @@
 //! - [`decode`]: the codec's strict decoder ([`StrictBatch`]) plus the feed's own rules
 //!   (feed id, instrument range), its errors mapped to reasons and messages;
 //! - [`sequence`]: final seqs (0 → last + 1) and the ingest time;
-//! - [`PublishSource`]: one publisher connection's ingest (decode → sequence → the
-//!   engine's [`Ingest::publish_burst`], which appends to the feed log before it queues
-//!   for the shards), with its reused buffers.
+//! - [`PublishSource`]: one publisher connection's ingest (decode, then sequence and
+//!   append under one hold of the feed log's write lock ([`Ingest::append_with`]), then
+//!   [`Ingest::enqueue`] for the shards: log first, as for every source), with its
+//!   reused buffers.
 //!
 //! A batch is checked whole before any of it is taken in: a bad record refuses the
 //! batch and nothing of it reaches the log or subscribers, so a publisher can fix and
@@ -22,6 +23,7 @@ use std::collections::HashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Ingest, Tick};
+use crate::feeds::log::FeedLog;
 use crate::feeds::Feed;
 use crate::metrics::Metrics;
 use tickgate_proto::codec::{DecodeError, Record, StrictBatch, BATCH_HEADER_LEN, RECORD_HEADER_LEN, VERSION};
@@ -178,15 +180,22 @@ pub fn decode(msg: &[u8], feed_id: u16, instruments: usize, out: &mut Vec<(u32, 
 }
 
 /// Gives every record its final seq (0 → last + 1) and its ingest time, checking seqs
-/// only go up: the whole batch is checked before the caller appends any of it (nothing
-/// is appended here; [`PublishSource::take`] hands the sequenced batch to
-/// [`Ingest::publish_burst`]), so a refusal leaves the log as it was.
+/// only go up: the whole batch is checked before any of it is appended (nothing is
+/// appended here), so a refusal leaves the log as it was.
 ///
-/// The log's last seqs are read under its read lock, released before the append: a
-/// feed has one publisher at a time (its slot), so nothing else writes its seqs between.
-pub fn sequence(feed: &Feed, recs: &mut [(u32, Record)], recv_ns: i64) -> Result<(), Reject> {
-    let log = feed.log();
-    let mut last: HashMap<u32, u64> = HashMap::new();
+/// `log` is the feed's log, held by the caller: [`PublishSource::take`] runs this inside
+/// [`Ingest::append_with`], under the write lock that then appends the batch, so no other
+/// writer can slip a seq in between the check and the append. `last` is scratch space
+/// (the batch's running last seq per instrument), cleared here and reused batch after
+/// batch.
+pub fn sequence(
+    feed: &Feed,
+    log: &FeedLog,
+    recs: &mut [(u32, Record)],
+    recv_ns: i64,
+    last: &mut HashMap<u32, u64>,
+) -> Result<(), Reject> {
+    last.clear();
     for (k, (instr, rec)) in recs.iter_mut().enumerate() {
         let prev = *last.entry(*instr).or_insert_with(|| log.last_seq(*instr));
         let seq = match rec.seq() {
@@ -231,12 +240,13 @@ pub struct PublishSource {
     feed_idx: u16,
     recs: Vec<(u32, Record)>,
     ticks: Vec<Tick>,
+    last: HashMap<u32, u64>,
 }
 
 impl PublishSource {
     /// The source of the feed at `feed_idx` in the catalog.
     pub fn new(feed_idx: u16) -> PublishSource {
-        PublishSource { feed_idx, recs: Vec::new(), ticks: Vec::new() }
+        PublishSource { feed_idx, recs: Vec::new(), ticks: Vec::new(), last: HashMap::new() }
     }
 
     /// Checks, sequences and takes in one batch: appended to the feed log, then queued
@@ -250,11 +260,16 @@ impl PublishSource {
         cancel: &CancellationToken,
     ) -> Result<Taken, Reject> {
         decode(msg, feed.id(), feed.instrument_count(), &mut self.recs)?;
-        sequence(feed, &mut self.recs, tickgate_proto::now_ns() as i64)?;
         let feed_idx = self.feed_idx;
-        self.ticks.clear();
-        self.ticks.extend(self.recs.iter().map(|&(instr, record)| Tick { feed_idx, instr, record }));
-        if !ingest.publish_burst(&self.ticks, cancel).await {
+        let (recs, last) = (&mut self.recs, &mut self.last);
+        // Sequenced and appended under one hold of the log's write lock; then queued.
+        ingest.append_with(feed_idx, &mut self.ticks, |log, ticks| {
+            sequence(feed, log, recs, tickgate_proto::now_ns() as i64, last)?;
+            ticks.clear();
+            ticks.extend(recs.iter().map(|&(instr, record)| Tick { feed_idx, instr, record }));
+            Ok(())
+        })?;
+        if !ingest.enqueue(&self.ticks, cancel).await {
             return Ok(Taken::Cancelled);
         }
         ingest.flush();
@@ -372,18 +387,20 @@ mod tests {
                 log.append(*instr, *rec);
             }
         };
+        let mut last = HashMap::new();
+        let mut seq = |recs: &mut [(u32, Record)], at| sequence(feed, &feed.log(), recs, at, &mut last);
         let mut recs = vec![(0, trade(9, 1, 0)), (0, trade(9, 1, 0)), (1, trade(9, 2, 10))];
-        sequence(feed, &mut recs, 5).expect("first batch");
+        seq(&mut recs, 5).expect("first batch");
         assert_eq!(recs.iter().map(|(_, r)| r.seq()).collect::<Vec<_>>(), vec![1, 2, 10]);
         assert!(recs.iter().all(|(_, r)| r.ts_recv_ns() == 5));
         append(&recs);
         // A batch with one backwards seq is refused whole.
         let mut bad = vec![(0, trade(9, 1, 0)), (1, trade(9, 2, 10))];
-        let e = sequence(feed, &mut bad, 6).expect_err("backwards");
+        let e = seq(&mut bad, 6).expect_err("backwards");
         assert_eq!(e.reason, PublishReject::SeqBackwards);
         assert!(e.message.contains("record 1"), "{}", e.message);
         let mut ok = vec![(0, trade(9, 1, 0)), (1, trade(9, 2, 0))];
-        sequence(feed, &mut ok, 7).expect("continues");
+        seq(&mut ok, 7).expect("continues");
         assert_eq!(ok.iter().map(|(_, r)| r.seq()).collect::<Vec<_>>(), vec![3, 11]);
     }
 
