@@ -20,7 +20,8 @@ use tickgate::auth::issuer::EmbeddedIssuer;
 use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;
 use tickgate::config::{AuthConfig, IssuerConfig};
-use tickgate::server::handshake::{parse_upgrade, Credential};
+use tickgate::server::authorize::Credential;
+use tickgate::server::handshake::parse_upgrade;
 
 fn validator() -> &'static Validator {
     static V: OnceLock<Validator> = OnceLock::new();

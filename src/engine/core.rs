@@ -31,7 +31,7 @@ use super::Tick;
 use crate::auth::validate::Principal;
 use crate::config::Config;
 use crate::feeds::{Catalog, SlowConsumerPolicy};
-use tickgate_proto::close;
+use tickgate_proto::close::Reason;
 use tickgate_proto::codec::{Record, FLAG_CONFLATED, RTYPE_TRADE};
 use tickgate_proto::control::{ClientMsg, ErrorCode, ServerMsg};
 use tickgate_proto::now_ns;
@@ -251,10 +251,10 @@ impl ShardCore {
     }
 
     /// Queues a close (after what is queued) and stops data to the connection.
-    pub fn close(&mut self, key: ConnKey, code: u16, reason: &'static str) {
+    pub fn close(&mut self, key: ConnKey, why: Reason) {
         let subs: Vec<((u16, u32), u32)> = match self.conns.get_mut(key) {
             Some(c) => {
-                c.out.push_close(code, reason);
+                c.out.push_close(why.code(), why.reason());
                 c.notify.notify_one();
                 c.subs.drain().collect()
             }
@@ -439,7 +439,7 @@ impl ShardCore {
             // the socket takes it, and a writer stuck on the stalled socket is aborted.
             if self.conns.get(key).is_some_and(|c| !c.out.is_closed()) {
                 self.stats.slow_disconnects += 1;
-                self.terminate(key, close::SLOW_CONSUMER, "slow consumer");
+                self.terminate(key, Reason::SlowConsumer);
             }
         }
     }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::core::{ConnInfo, CoreLimits};
 use super::shard::{self, ServeFn, ShardCtl, ShardSpec};
-use super::stats::GapReason;
+use super::stats::{GapReason, RefreshResult, ResumeResult};
 use super::ShardInbox;
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
@@ -62,8 +62,9 @@ impl Engine {
     }
 
     /// Starts one thread per shard, each serving the sockets it is given with `serve`.
-    /// Also primes the engine's labelled series (`tickgate_gaps_sent_total{reason}`), so
-    /// they are exported at zero before the first gap.
+    /// Also primes the engine's labelled series (`tickgate_gaps_sent_total{reason}`,
+    /// `tickgate_resumes_total{result}`, `tickgate_token_refreshes_total{result}`), so they
+    /// are exported at zero before the first event.
     pub fn start(
         self,
         catalog: &Arc<Catalog>,
@@ -73,6 +74,12 @@ impl Engine {
     ) -> std::io::Result<EngineHandle> {
         for r in GapReason::ALL {
             metrics.gaps_sent.with_label_values(&[r.as_str()]);
+        }
+        for r in ResumeResult::ALL {
+            metrics.resumes.with_label_values(&[r.as_str()]);
+        }
+        for r in RefreshResult::ALL {
+            metrics.token_refreshes.with_label_values(&[r.as_str()]);
         }
         let Engine { inboxes, ctl, ctl_rx } = self;
         let mut handle = EngineHandle { inboxes: inboxes.clone(), ctl, sockets: Vec::new(), threads: Vec::new() };

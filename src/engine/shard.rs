@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use super::core::{CoreLimits, ShardCore};
-use super::stats::{CoreStats, GapReason, ResumeResult};
+use super::stats::{CoreStats, GapReason, RefreshResult, ResumeResult};
 use super::{Inbound, ShardInbox};
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
@@ -374,9 +374,9 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
         let before = last.control_errors.iter().find(|(c, _)| c == code).map(|(_, n)| *n).unwrap_or(0);
         bump(&metrics.control_errors, code.as_str(), *n, before);
     }
-    bump(&metrics.token_refreshes, "ok", now.refresh_ok, last.refresh_ok);
-    bump(&metrics.token_refreshes, "refused", now.refresh_refused, last.refresh_refused);
-    bump(&metrics.token_refreshes, "rate_limited", now.refresh_rate_limited, last.refresh_rate_limited);
+    for r in RefreshResult::ALL {
+        bump(&metrics.token_refreshes, r.as_str(), now.refreshes(r), last.refreshes(r));
+    }
     metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
     metrics.token_expiries.inc_by(now.expiries - last.expiries);
     metrics.revocations.inc_by(now.revocations - last.revocations);

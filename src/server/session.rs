@@ -60,12 +60,12 @@ pub(crate) enum SessionEnd {
 }
 
 impl SessionEnd {
-    /// The close code and reason this end sends (the engine sends the same for streams).
-    pub(crate) const fn close(self) -> (u16, &'static str) {
+    /// The close this end sends (the engine sends the same for streams).
+    pub(crate) const fn close(self) -> close::Reason {
         match self {
-            SessionEnd::Expired => (close::TOKEN_EXPIRED, "token expired"),
-            SessionEnd::Revoked => (close::TOKEN_REVOKED, "token revoked"),
-            SessionEnd::Shutdown => (close::GOING_AWAY, "server shutting down"),
+            SessionEnd::Expired => close::Reason::TokenExpired,
+            SessionEnd::Revoked => close::Reason::TokenRevoked,
+            SessionEnd::Shutdown => close::Reason::ShuttingDown,
         }
     }
 }
@@ -283,9 +283,10 @@ mod tests {
 
     #[test]
     fn ends_close_as_the_engine_closes_streams() {
-        assert_eq!(SessionEnd::Expired.close(), (4001, "token expired"));
-        assert_eq!(SessionEnd::Revoked.close(), (4003, "token revoked"));
-        assert_eq!(SessionEnd::Shutdown.close(), (1001, "server shutting down"));
+        let pair = |end: SessionEnd| (end.close().code(), end.close().reason());
+        assert_eq!(pair(SessionEnd::Expired), (4001, "token expired"));
+        assert_eq!(pair(SessionEnd::Revoked), (4003, "token revoked"));
+        assert_eq!(pair(SessionEnd::Shutdown), (1001, "server shutting down"));
     }
 
     #[test]
