@@ -219,15 +219,13 @@ impl EngineCtl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::feeds::FeedDef;
+    use crate::engine::testkit;
 
     /// Dropping the handle stops the shard threads even while the serving function (as the
     /// server's does) holds a control handle: the shards' control channels close with it.
     #[test]
     fn dropping_the_handle_stops_the_shards() {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
+        let catalog = testkit::catalog(&["A"]);
         let engine = Engine::new(2, 16);
         let ctl = engine.control();
         let serve: ServeFn = Arc::new(move |_s, _p| {
@@ -236,8 +234,7 @@ mod tests {
                 drop(_held);
             })
         });
-        let limits = CoreLimits::from(&Config::default());
-        let mut handle = engine.start(&catalog, &limits, &Metrics::new(), &serve).expect("start");
+        let mut handle = engine.start(&catalog, &testkit::limits(), &Metrics::new(), &serve).expect("start");
         let threads = handle.take_threads();
         drop(handle);
         let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -291,10 +291,9 @@ mod tests {
     use std::time::Duration;
 
     use crate::auth::validate::Principal;
-    use crate::engine::core::tests::{core, drain, principal, texts, tick};
     use crate::engine::outbound::OutItem;
+    use crate::engine::testkit::{core, drain, principal, subscribe, texts, tick};
     use tickgate_proto::close;
-    use tickgate_proto::control::ClientMsg;
     use tickgate_proto::now_ns;
 
     /// Expiry on the wheel with paused time: `token_expiring` once at 80-90 % of the
@@ -305,17 +304,7 @@ mod tests {
         let now = now_ns() / 1_000_000_000;
         // A 10 s token issued now (the wall clock does not move; the wheel clock does).
         let h = core.add_conn(principal(now, now + 10), "s1".into());
-        core.handle(
-            h.key,
-            ClientMsg::Subscribe {
-                id: None,
-                feed: "T".into(),
-                symbols: vec!["A".into()],
-                snapshot: false,
-                resume: None,
-                epoch: None,
-            },
-        );
+        core.handle(h.key, subscribe(&["A"]));
         drain(&mut core, h.key);
         assert_eq!(core.timer_count(), 2);
         let mut notice_at = None;
