@@ -1,7 +1,7 @@
 //! Why a credential was refused: the `reason` label of `tickgate_auth_failures_total`,
 //! owned here so the label values are written once. Token validation ([`AuthError`]
 //! through [`AuthError::reason`]), ticket redemption and the in-band `auth` step (decided
-//! by the server's connection task) all count through [`AuthFailure`]; [`prime_metrics`]
+//! by the server's connection task) all count through [`AuthFailure`]; `prime_metrics`
 //! exports every value at zero.
 //!
 //! [`AuthError`]: super::validate::AuthError
