@@ -301,44 +301,6 @@ impl Metrics {
     /// Creates every series whose label values are known up front, at zero, so dashboards
     /// and alerts see a series (and a rate of 0) before the first event rather than "no data".
     pub fn init_known_series(&self, feeds: &[&str], shards: usize) {
-        for r in [
-            "ok",
-            "bad_request",
-            "invalid_token",
-            "insufficient_scope",
-            "forbidden_origin",
-            "too_many_connections",
-            "unavailable",
-        ] {
-            self.handshakes.with_label_values(&[r]);
-        }
-        for r in [
-            "missing",
-            "too_large",
-            "malformed",
-            "alg_not_allowed",
-            "crit",
-            "bad_typ",
-            "missing_kid",
-            "unknown_kid",
-            "alg_mismatch",
-            "bad_signature",
-            "expired",
-            "not_yet_valid",
-            "iat_in_future",
-            "wrong_iss",
-            "wrong_aud",
-            "missing_claim",
-            "bad_claims",
-            "lifetime_too_long",
-            "revoked",
-            "bad_ticket",
-            "ticket_expired",
-            "inband_timeout",
-            "inband_not_auth",
-        ] {
-            self.auth_failures.with_label_values(&[r]);
-        }
         self.slow_consumer_events.with_label_values(&["disconnect"]);
         self.slow_consumer_events.with_label_values(&["conflate"]);
         self.slow_consumer_events.with_label_values(&["dropped"]);
@@ -354,29 +316,12 @@ impl Metrics {
             }
         }
         self.http_refused.with_label_values(&["public", "fd_reserve"]);
-        // `gaps_sent{reason}` is primed by the engine, which owns the reasons
-        // (`engine::GapReason`), when it starts.
-        for r in ["replayed", "unavailable"] {
-            self.resumes.with_label_values(&[r]);
-        }
-        for r in [
-            "ok",
-            "bad_request",
-            "invalid_token",
-            "insufficient_scope",
-            "unknown_feed",
-            "conflict",
-            "too_many_connections",
-            "unavailable",
-        ] {
-            self.publish_handshakes.with_label_values(&[r]);
-        }
-        for r in ["ok", "refused", "rate_limited"] {
-            self.token_refreshes.with_label_values(&[r]);
-        }
-        for r in ["issued", "invalid_token", "insufficient_scope", "bad_request", "subject_limit", "unavailable"] {
-            self.tickets.with_label_values(&[r]);
-        }
+        // Label sets a layer owns are primed by that layer: `gaps_sent{reason}`,
+        // `resumes{result}` and `token_refreshes{result}` by the engine when it starts
+        // (`engine::GapReason`, `ResumeResult`, `RefreshResult`), `auth_failures{reason}` by
+        // the auth setup (`auth::failure::AuthFailure`), the handshake and ticket results
+        // by the server's state (`server::authorize::HandshakeResult`), publish rejects by
+        // the publish source (`sources::publish::PublishReject`).
         for r in
             ["ok", "unauthorized", "forbidden", "bad_request", "unsupported_media_type", "too_large", "unavailable"]
         {

@@ -20,7 +20,8 @@ use tickgate::auth::issuer::EmbeddedIssuer;
 use tickgate::auth::keys::KeyStore;
 use tickgate::auth::validate::Validator;
 use tickgate::config::{AuthConfig, IssuerConfig};
-use tickgate::server::handshake::{parse_upgrade, Credential};
+use tickgate::server::authorize::Credential;
+use tickgate::server::handshake::parse_upgrade;
 
 fn validator() -> &'static Validator {
     static V: OnceLock<Validator> = OnceLock::new();
@@ -85,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
 
     match parse_upgrade(&method, version, query, &headers) {
         Err(r) => {
-            assert_eq!((r.status.as_u16(), r.error, r.result), (400, "invalid_request", "bad_request"));
+            assert_eq!((r.status.as_u16(), r.error, r.result.as_str()), (400, "invalid_request", "bad_request"));
             // Only fixed texts: nothing from the request (a token above all) is echoed.
             assert!(DESCRIPTIONS.contains(&r.description.as_str()), "unexpected refusal text: {}", r.description);
         }

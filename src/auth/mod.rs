@@ -1,4 +1,5 @@
-//! Authentication and authorization: the key cache ([`keys`]), the JWKS cache ([`jwks`]),
+//! Authentication and authorization: why a credential was refused ([`failure`], the
+//! `tickgate_auth_failures_total` reasons), the key cache ([`keys`]), the JWKS cache ([`jwks`]),
 //! token validation ([`validate`]), scopes ([`scopes`]), one-time tickets ([`tickets`]),
 //! revocation ([`revocation`]), the embedded issuer ([`issuer`]) and its key rotation
 //! (`rotation`), building all of it from the configuration (`setup`), and the crate's one
@@ -7,6 +8,7 @@
 //! Everything here runs at the handshake (or on an in-band refresh). Its output, a
 //! [`validate::Principal`], is all the connection keeps; the delivery path never sees it.
 
+pub mod failure;
 mod hash;
 pub mod issuer;
 pub mod jwks;

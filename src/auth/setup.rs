@@ -45,6 +45,7 @@ impl Auth {
     /// Builds the key store, issuer or JWKS cache, and validator. `addr` is the bound public
     /// address: the embedded issuer's default `iss` is `http(s)://{addr}`.
     pub(crate) fn build(config: &Config, addr: SocketAddr, metrics: &Metrics) -> Result<Auth, AuthSetupError> {
+        super::failure::prime_metrics(metrics);
         let keys = Arc::new(KeyStore::new());
         let (issuer, generated_demo_secret, iss_name) = match config.issuer.mode {
             IssuerMode::Embedded => {

@@ -15,6 +15,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::failure::AuthFailure;
 use super::jwks::JwksCache;
 use super::keys::{alg_str, KeyStore};
 use super::revocation::RevocationList;
@@ -90,27 +91,27 @@ pub enum AuthError {
 
 impl AuthError {
     /// The `reason` label of `tickgate_auth_failures_total`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> AuthFailure {
         match self {
-            AuthError::Missing => "missing",
-            AuthError::TooLarge(_) => "too_large",
-            AuthError::Malformed(_) => "malformed",
-            AuthError::AlgNotAllowed(_) => "alg_not_allowed",
-            AuthError::Crit => "crit",
-            AuthError::BadTyp(_) => "bad_typ",
-            AuthError::MissingKid => "missing_kid",
-            AuthError::UnknownKid => "unknown_kid",
-            AuthError::AlgMismatch => "alg_mismatch",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::Expired => "expired",
-            AuthError::NotYetValid => "not_yet_valid",
-            AuthError::IatInFuture => "iat_in_future",
-            AuthError::WrongIssuer => "wrong_iss",
-            AuthError::WrongAudience => "wrong_aud",
-            AuthError::MissingClaim(_) => "missing_claim",
-            AuthError::BadClaims(_) => "bad_claims",
-            AuthError::LifetimeTooLong(_) => "lifetime_too_long",
-            AuthError::Revoked => "revoked",
+            AuthError::Missing => AuthFailure::Missing,
+            AuthError::TooLarge(_) => AuthFailure::TooLarge,
+            AuthError::Malformed(_) => AuthFailure::Malformed,
+            AuthError::AlgNotAllowed(_) => AuthFailure::AlgNotAllowed,
+            AuthError::Crit => AuthFailure::Crit,
+            AuthError::BadTyp(_) => AuthFailure::BadTyp,
+            AuthError::MissingKid => AuthFailure::MissingKid,
+            AuthError::UnknownKid => AuthFailure::UnknownKid,
+            AuthError::AlgMismatch => AuthFailure::AlgMismatch,
+            AuthError::BadSignature => AuthFailure::BadSignature,
+            AuthError::Expired => AuthFailure::Expired,
+            AuthError::NotYetValid => AuthFailure::NotYetValid,
+            AuthError::IatInFuture => AuthFailure::IatInFuture,
+            AuthError::WrongIssuer => AuthFailure::WrongIss,
+            AuthError::WrongAudience => AuthFailure::WrongAud,
+            AuthError::MissingClaim(_) => AuthFailure::MissingClaim,
+            AuthError::BadClaims(_) => AuthFailure::BadClaims,
+            AuthError::LifetimeTooLong(_) => AuthFailure::LifetimeTooLong,
+            AuthError::Revoked => AuthFailure::Revoked,
         }
     }
 }
@@ -554,7 +555,7 @@ mod tests {
 
     #[test]
     fn every_reason_label_is_distinct() {
-        assert_eq!(AuthError::IatInFuture.reason(), "iat_in_future");
-        assert_eq!(AuthError::Expired.reason(), "expired");
+        assert_eq!(AuthError::IatInFuture.reason().as_str(), "iat_in_future");
+        assert_eq!(AuthError::Expired.reason().as_str(), "expired");
     }
 }

@@ -31,7 +31,7 @@ use super::Tick;
 use crate::auth::validate::Principal;
 use crate::config::Config;
 use crate::feeds::{Catalog, SlowConsumerPolicy};
-use tickgate_proto::close;
+use tickgate_proto::close::Reason;
 use tickgate_proto::codec::{Record, FLAG_CONFLATED, RTYPE_TRADE};
 use tickgate_proto::control::{ClientMsg, ErrorCode, ServerMsg};
 use tickgate_proto::now_ns;
@@ -251,10 +251,10 @@ impl ShardCore {
     }
 
     /// Queues a close (after what is queued) and stops data to the connection.
-    pub fn close(&mut self, key: ConnKey, code: u16, reason: &'static str) {
+    pub fn close(&mut self, key: ConnKey, why: Reason) {
         let subs: Vec<((u16, u32), u32)> = match self.conns.get_mut(key) {
             Some(c) => {
-                c.out.push_close(code, reason);
+                c.out.push_close(why.code(), why.reason());
                 c.notify.notify_one();
                 c.subs.drain().collect()
             }
@@ -439,7 +439,7 @@ impl ShardCore {
             // the socket takes it, and a writer stuck on the stalled socket is aborted.
             if self.conns.get(key).is_some_and(|c| !c.out.is_closed()) {
                 self.stats.slow_disconnects += 1;
-                self.terminate(key, close::SLOW_CONSUMER, "slow consumer");
+                self.terminate(key, Reason::SlowConsumer);
             }
         }
     }
@@ -523,50 +523,5 @@ impl ShardCore {
     /// True while the connection is conflating (a test and admin aid).
     pub fn is_conflating(&self, key: ConnKey) -> bool {
         self.conns.get(key).is_some_and(|c| c.rare.as_ref().is_some_and(|r| r.conflation.is_some()))
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    //! Helpers shared by the tests of the core's modules.
-    use super::*;
-    use crate::auth::scopes::Entitlements;
-    use crate::feeds::FeedDef;
-    use tickgate_proto::codec::{Body, Quote};
-
-    pub(crate) fn core() -> ShardCore {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
-        ShardCore::new(catalog, CoreLimits::from(&Config::default()))
-    }
-
-    pub(crate) fn principal(iat: u64, exp: u64) -> Principal {
-        Principal {
-            sub: "s".into(),
-            iss: "i".into(),
-            jti: Some("j".into()),
-            client_id: None,
-            exp,
-            iat: Some(iat),
-            entitlements: Entitlements::from_scopes(["md:read:*"]),
-        }
-    }
-
-    pub(crate) fn tick(seq: u64) -> Tick {
-        Tick { feed_idx: 0, instr: 0, record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0) }
-    }
-
-    pub(crate) fn drain(core: &mut ShardCore, key: ConnKey) -> Vec<OutItem> {
-        std::iter::from_fn(|| core.pop(key)).collect()
-    }
-
-    pub(crate) fn texts(items: &[OutItem]) -> Vec<String> {
-        items
-            .iter()
-            .filter_map(|i| match i {
-                OutItem::Text(t) => Some(t.clone()),
-                _ => None,
-            })
-            .collect()
     }
 }

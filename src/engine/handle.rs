@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::core::{ConnInfo, CoreLimits};
 use super::shard::{self, ServeFn, ShardCtl, ShardSpec};
-use super::stats::GapReason;
+use super::stats::{GapReason, RefreshResult, ResumeResult};
 use super::ShardInbox;
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
@@ -62,8 +62,9 @@ impl Engine {
     }
 
     /// Starts one thread per shard, each serving the sockets it is given with `serve`.
-    /// Also primes the engine's labelled series (`tickgate_gaps_sent_total{reason}`), so
-    /// they are exported at zero before the first gap.
+    /// Also primes the engine's labelled series (`tickgate_gaps_sent_total{reason}`,
+    /// `tickgate_resumes_total{result}`, `tickgate_token_refreshes_total{result}`), so they
+    /// are exported at zero before the first event.
     pub fn start(
         self,
         catalog: &Arc<Catalog>,
@@ -73,6 +74,12 @@ impl Engine {
     ) -> std::io::Result<EngineHandle> {
         for r in GapReason::ALL {
             metrics.gaps_sent.with_label_values(&[r.as_str()]);
+        }
+        for r in ResumeResult::ALL {
+            metrics.resumes.with_label_values(&[r.as_str()]);
+        }
+        for r in RefreshResult::ALL {
+            metrics.token_refreshes.with_label_values(&[r.as_str()]);
         }
         let Engine { inboxes, ctl, ctl_rx } = self;
         let mut handle = EngineHandle { inboxes: inboxes.clone(), ctl, sockets: Vec::new(), threads: Vec::new() };
@@ -212,15 +219,13 @@ impl EngineCtl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::feeds::FeedDef;
+    use crate::engine::testkit;
 
     /// Dropping the handle stops the shard threads even while the serving function (as the
     /// server's does) holds a control handle: the shards' control channels close with it.
     #[test]
     fn dropping_the_handle_stops_the_shards() {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
+        let catalog = testkit::catalog(&["A"]);
         let engine = Engine::new(2, 16);
         let ctl = engine.control();
         let serve: ServeFn = Arc::new(move |_s, _p| {
@@ -229,8 +234,7 @@ mod tests {
                 drop(_held);
             })
         });
-        let limits = CoreLimits::from(&Config::default());
-        let mut handle = engine.start(&catalog, &limits, &Metrics::new(), &serve).expect("start");
+        let mut handle = engine.start(&catalog, &testkit::limits(), &Metrics::new(), &serve).expect("start");
         let threads = handle.take_threads();
         drop(handle);
         let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -120,9 +120,9 @@ impl ShardCore {
 mod tests {
     use std::collections::HashSet;
 
-    use crate::engine::core::tests::{core, drain, principal, tick};
     use crate::engine::core::ConnKey;
     use crate::engine::outbound::OutItem;
+    use crate::engine::testkit::{core, drain, principal, subscribe, tick};
     use tickgate_proto::control::ClientMsg;
     use tickgate_proto::now_ns;
 
@@ -135,15 +135,7 @@ mod tests {
         let keys: Vec<ConnKey> =
             (0..200).map(|k| core.add_conn(principal(now, now + 100), format!("c{k}")).key).collect();
         for &k in &keys {
-            let msg = ClientMsg::Subscribe {
-                id: None,
-                feed: "T".into(),
-                symbols: vec!["A".into(), "B".into()],
-                snapshot: false,
-                resume: None,
-                epoch: None,
-            };
-            core.handle(k, msg);
+            core.handle(k, subscribe(&["A", "B"]));
             drain(&mut core, k);
         }
         let mut gone = HashSet::new();

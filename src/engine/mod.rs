@@ -43,6 +43,8 @@ pub mod shard;
 pub mod stats;
 pub mod stream;
 pub mod subscribe;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod timer;
 mod view;
 
@@ -274,28 +276,21 @@ impl Ingest {
 
 #[cfg(test)]
 mod tests {
+    use super::testkit::{self, tick};
     use super::*;
-    use crate::feeds::FeedDef;
-    use tickgate_proto::codec::{Body, Quote};
 
     /// A source never waits forever for a shard whose thread is gone: the dead shard is
     /// skipped (at once, or at the next check when it dies during the wait) and the live
     /// ones get the tick.
     #[tokio::test]
     async fn push_all_skips_a_dead_shard_instead_of_waiting_for_it() {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
+        let catalog = testkit::catalog(&["A"]);
         let shards: Arc<[Arc<ShardInbox>]> = (0..2).map(|_| Arc::new(ShardInbox::new(16))).collect();
         let ingest = Ingest::new(
             shards.clone(),
             catalog,
             Arc::from(vec![prometheus::IntCounter::new("t", "t").expect("counter")]),
         );
-        let tick = |seq| Tick {
-            feed_idx: 0,
-            instr: 0,
-            record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0),
-        };
         let never = CancellationToken::new();
         // Shard 0's queue is full and nobody takes from it.
         for seq in 1..=16 {

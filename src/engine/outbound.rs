@@ -244,7 +244,8 @@ mod tests {
     fn close_is_final() {
         let mut o = Outbound::default();
         o.push_record(0, &rec(1), 65536);
-        o.discard_and_close(4008, "slow consumer");
+        let slow = tickgate_proto::close::Reason::SlowConsumer;
+        o.discard_and_close(slow.code(), slow.reason());
         o.push_record(0, &rec(2), 65536);
         o.push_text("late".into());
         assert!(matches!(o.pop(), Some(OutItem::Close { code: 4008, .. })));

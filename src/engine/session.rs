@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::core::{ConnKey, ShardCore, TimerEvent, TimerKind};
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal};
-use tickgate_proto::close;
+use tickgate_proto::close::Reason;
 use tickgate_proto::control::{ErrorCode, FeedInfo, ServerMsg};
 use tickgate_proto::now_ns;
 
@@ -93,7 +93,7 @@ impl ShardCore {
             return false;
         }
         self.stats.expiries += 1;
-        self.terminate(key, close::TOKEN_EXPIRED, "token expired");
+        self.terminate(key, Reason::TokenExpired);
         true
     }
 
@@ -122,7 +122,7 @@ impl ShardCore {
                 TimerKind::Expire => {
                     c.expire_timer = None;
                     self.stats.expiries += 1;
-                    self.terminate(ev.key, close::TOKEN_EXPIRED, "token expired");
+                    self.terminate(ev.key, Reason::TokenExpired);
                 }
             }
         }
@@ -132,14 +132,14 @@ impl ShardCore {
     /// Ends a connection now: whatever is queued and not yet handed to the socket is
     /// dropped (no data after the decision), the close is queued, a writer blocked on a
     /// stalled socket is aborted, and the connection leaves the index.
-    pub(super) fn terminate(&mut self, key: ConnKey, code: u16, reason: &'static str) {
+    pub(super) fn terminate(&mut self, key: ConnKey, why: Reason) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
         if c.out.is_closed() {
             return;
         }
-        c.out.discard_and_close(code, reason);
+        c.out.discard_and_close(why.code(), why.reason());
         c.rare = None;
         c.notify.notify_one();
         c.kill.notify_one();
@@ -163,7 +163,7 @@ impl ShardCore {
             .map(|(k, _)| k)
             .collect();
         for &k in &keys {
-            self.terminate(k, close::TOKEN_REVOKED, "token revoked");
+            self.terminate(k, Reason::TokenRevoked);
         }
         self.stats.revocations += keys.len() as u64;
         keys.len()
@@ -183,7 +183,7 @@ impl ShardCore {
             self.send(key, &ServerMsg::Shutdown { reconnect_after_ms: jitter });
             // No kill here: the `shutdown` message must reach the client. A client stuck
             // on a full socket is dropped when the drain time runs out instead.
-            self.close(key, close::GOING_AWAY, "server shutting down");
+            self.close(key, Reason::ShuttingDown);
         }
     }
 
@@ -291,10 +291,9 @@ mod tests {
     use std::time::Duration;
 
     use crate::auth::validate::Principal;
-    use crate::engine::core::tests::{core, drain, principal, texts, tick};
     use crate::engine::outbound::OutItem;
+    use crate::engine::testkit::{core, drain, principal, subscribe, texts, tick};
     use tickgate_proto::close;
-    use tickgate_proto::control::ClientMsg;
     use tickgate_proto::now_ns;
 
     /// Expiry on the wheel with paused time: `token_expiring` once at 80-90 % of the
@@ -305,17 +304,7 @@ mod tests {
         let now = now_ns() / 1_000_000_000;
         // A 10 s token issued now (the wall clock does not move; the wheel clock does).
         let h = core.add_conn(principal(now, now + 10), "s1".into());
-        core.handle(
-            h.key,
-            ClientMsg::Subscribe {
-                id: None,
-                feed: "T".into(),
-                symbols: vec!["A".into()],
-                snapshot: false,
-                resume: None,
-                epoch: None,
-            },
-        );
+        core.handle(h.key, subscribe(&["A"]));
         drain(&mut core, h.key);
         assert_eq!(core.timer_count(), 2);
         let mut notice_at = None;

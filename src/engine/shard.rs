@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use super::core::{CoreLimits, ShardCore};
-use super::stats::{CoreStats, GapReason, ResumeResult};
+use super::stats::{CoreStats, GapReason, RefreshResult, ResumeResult};
 use super::{Inbound, ShardInbox};
 use crate::feeds::Catalog;
 use crate::metrics::Metrics;
@@ -374,9 +374,9 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
         let before = last.control_errors.iter().find(|(c, _)| c == code).map(|(_, n)| *n).unwrap_or(0);
         bump(&metrics.control_errors, code.as_str(), *n, before);
     }
-    bump(&metrics.token_refreshes, "ok", now.refresh_ok, last.refresh_ok);
-    bump(&metrics.token_refreshes, "refused", now.refresh_refused, last.refresh_refused);
-    bump(&metrics.token_refreshes, "rate_limited", now.refresh_rate_limited, last.refresh_rate_limited);
+    for r in RefreshResult::ALL {
+        bump(&metrics.token_refreshes, r.as_str(), now.refreshes(r), last.refreshes(r));
+    }
     metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
     metrics.token_expiries.inc_by(now.expiries - last.expiries);
     metrics.revocations.inc_by(now.revocations - last.revocations);
@@ -394,28 +394,15 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
 mod tests {
     use super::*;
     use crate::auth::validate::Principal;
-    use crate::engine::Tick;
-    use crate::feeds::FeedDef;
+    use crate::engine::{testkit, Tick};
     use tickgate_proto::codec::{Body, Quote, Record};
-    use tickgate_proto::control::ClientMsg;
 
     /// A shard core with `conns` subscribers of instrument A (and none of B).
     fn core_with(conns: usize) -> ShardCore {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Arc::new(Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog"));
-        let limits = CoreLimits { max_outbound_bytes: 1 << 30, ..CoreLimits::from(&crate::config::Config::default()) };
-        let mut core = ShardCore::new(catalog, limits);
+        let mut core = testkit::core_with(CoreLimits { max_outbound_bytes: 1 << 30, ..testkit::limits() });
         for i in 0..conns {
             let h = core.add_conn(Principal::unauthenticated(&format!("c{i}"), "i"), format!("s{i}"));
-            let subscribe = ClientMsg::Subscribe {
-                id: None,
-                feed: "T".into(),
-                symbols: vec!["A".into()],
-                snapshot: false,
-                resume: None,
-                epoch: None,
-            };
-            core.handle(h.key, subscribe);
+            core.handle(h.key, testkit::subscribe(&["A"]));
         }
         core
     }

@@ -1,6 +1,8 @@
 //! What a shard counts and shows: [`CoreStats`] (hot-path counters kept in plain integers
 //! on the shard's thread and added to Prometheus by the shard's flusher), [`GapReason`]
-//! (the `reason` of `gap` messages and of `tickgate_gaps_sent_total`), and [`ConnInfo`]
+//! (the `reason` of `gap` messages and of `tickgate_gaps_sent_total`), [`ResumeResult`]
+//! and [`RefreshResult`] (the `result` labels of the resume and refresh counters, primed
+//! by `Engine::start`), and [`ConnInfo`]
 //! (one connection in `GET /admin/connections`). Plain data: the core that fills them
 //! depends on this module, never the other way round (the view that reads the core is
 //! `view`).
@@ -60,6 +62,32 @@ impl ResumeResult {
     }
 }
 
+/// How an in-band refresh was answered: the `result` label of
+/// `tickgate_token_refreshes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshResult {
+    /// The new token was applied.
+    Ok,
+    /// The new token was refused (invalid, another subject or issuer, no scope left).
+    Refused,
+    /// Over the refresh rate limit.
+    RateLimited,
+}
+
+impl RefreshResult {
+    /// Every result, in the order the label values are primed.
+    pub const ALL: [RefreshResult; 3] = [RefreshResult::Ok, RefreshResult::Refused, RefreshResult::RateLimited];
+
+    /// The metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RefreshResult::Ok => "ok",
+            RefreshResult::Refused => "refused",
+            RefreshResult::RateLimited => "rate_limited",
+        }
+    }
+}
+
 /// Counters kept locally by the shard and flushed to Prometheus periodically, so the
 /// delivery path touches no shared atomic.
 #[derive(Debug, Default, Clone)]
@@ -114,6 +142,15 @@ impl CoreStats {
     /// Counts a `gap` message.
     pub(crate) fn gap(&mut self, reason: GapReason) {
         self.gaps[reason.index()] += 1;
+    }
+
+    /// Refreshes answered with `result` so far.
+    pub(crate) fn refreshes(&self, result: RefreshResult) -> u64 {
+        match result {
+            RefreshResult::Ok => self.refresh_ok,
+            RefreshResult::Refused => self.refresh_refused,
+            RefreshResult::RateLimited => self.refresh_rate_limited,
+        }
     }
 
     /// Counts a resume.

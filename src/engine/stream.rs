@@ -18,6 +18,7 @@ use super::core::ConnKey;
 use super::outbound::OutItem;
 use super::shard::ShardLocal;
 use crate::auth::validate::{AuthError, Principal};
+use tickgate_proto::close::Reason;
 use tickgate_proto::control::{ClientMsg, ErrorCode};
 use tickgate_proto::now_ns;
 
@@ -101,8 +102,8 @@ impl ConnGuard {
     }
 
     /// Queues a close after what is queued and stops data to the connection.
-    pub fn close(&self, code: u16, reason: &'static str) {
-        self.shard.core.borrow_mut().close(self.key, code, reason);
+    pub fn close(&self, why: Reason) {
+        self.shard.core.borrow_mut().close(self.key, why);
     }
 
     /// The engine's half of a refresh before validation (refresh offered, rate limit).

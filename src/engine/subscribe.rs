@@ -309,14 +309,12 @@ impl ShardCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::feeds::{Catalog, FeedDef};
 
     /// `*` alone is every instrument, repeats count once, and each refusal carries its
     /// own error code and the message the client reads.
     #[test]
     fn resolve_answers_with_typed_errors() {
-        let text = "name = \"T\"\nid = 1\nsource = \"synthetic\"\nsymbols = [\"A\", \"B\"]\n[synthetic]\nseed = 1\nrate_per_s = 1.0\n";
-        let catalog = Catalog::new(vec![FeedDef::parse("t", text).expect("feed")], 1).expect("catalog");
+        let catalog = crate::engine::testkit::catalog(&["A", "B"]);
         let feed = catalog.get(0).expect("feed");
         let syms = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(resolve(feed, &syms(&["*"])), Ok(vec![0, 1]));

@@ -75,12 +75,12 @@ async fn admin_auth(app: &AppState, headers: &HeaderMap) -> Result<Principal, Bo
     // Anything but one well-formed Bearer header counts as no token here (401).
     let token = super::authorize::bearer_token(headers).ok().flatten();
     let Some(token) = token else {
-        app.metrics.auth_failures.with_label_values(&["missing"]).inc();
+        crate::auth::failure::AuthFailure::Missing.count(&app.metrics);
         return Err(Box::new(Refusal::invalid_token(&AuthError::Missing).into_response()));
     };
     match app.validator.validate_async(token).await {
         Err(e) => {
-            app.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+            e.reason().count(&app.metrics);
             Err(Box::new(Refusal::invalid_token(&e).into_response()))
         }
         Ok(p) if !p.entitlements.is_admin() => Err(Box::new(json_error(

@@ -4,7 +4,8 @@
 //! presented), `authorize` / `authorize_token` / `bearer_token` (token to
 //! principal; a ticket's token is held to its session `Deadline`), [`ConnSlot`] (a
 //! connection's place in the admission counts, released on drop), `take_slot` and
-//! `check_connect_rate`.
+//! `check_connect_rate`, and [`HandshakeResult`] (the `result` label of the handshake and
+//! ticket counters, primed by `prime_metrics`).
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use serde_json::json;
 use super::limits::Refused;
 use super::session::Deadline;
 use super::AppState;
+use crate::auth::failure::AuthFailure;
 use crate::auth::tickets::TicketError;
 use crate::auth::validate::{AuthError, Principal};
 
@@ -29,10 +31,11 @@ pub struct Refusal {
     pub error: &'static str,
     /// `error_description` field.
     pub description: String,
-    /// `result` label of `tickgate_handshakes_total`.
-    pub result: &'static str,
+    /// `result` label of `tickgate_handshakes_total` (and of the publish and ticket
+    /// counters).
+    pub result: HandshakeResult,
     /// `reason` label of `tickgate_auth_failures_total`, for token failures.
-    pub auth_reason: Option<&'static str>,
+    pub auth_reason: Option<AuthFailure>,
 }
 
 impl Refusal {
@@ -41,7 +44,7 @@ impl Refusal {
             status: StatusCode::BAD_REQUEST,
             error: "invalid_request",
             description: description.into(),
-            result: "bad_request",
+            result: HandshakeResult::BadRequest,
             auth_reason: None,
         }
     }
@@ -52,7 +55,7 @@ impl Refusal {
             status: StatusCode::UNAUTHORIZED,
             error: "invalid_token",
             description: e.to_string(),
-            result: "invalid_token",
+            result: HandshakeResult::InvalidToken,
             auth_reason: Some(e.reason()),
         }
     }
@@ -62,7 +65,7 @@ impl Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             error: "unavailable",
             description: description.to_owned(),
-            result: "unavailable",
+            result: HandshakeResult::Unavailable,
             auth_reason: None,
         }
     }
@@ -88,6 +91,99 @@ impl Refusal {
     }
 }
 
+/// How a request that presents a credential was answered: the `result` label of
+/// `tickgate_handshakes_total` (streams), `tickgate_publish_handshakes_total` and
+/// `tickgate_tickets_total`. Each counter has its own set of values
+/// ([`HandshakeResult::STREAM`], [`HandshakeResult::PUBLISH`], [`HandshakeResult::TICKET`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeResult {
+    /// Accepted (streams and publishers).
+    Ok,
+    /// A ticket was issued.
+    Issued,
+    /// A malformed request.
+    BadRequest,
+    /// No valid token or ticket.
+    InvalidToken,
+    /// The token lacks the scope the endpoint needs.
+    InsufficientScope,
+    /// `Origin` outside `security.allowed_origins`.
+    ForbiddenOrigin,
+    /// An admission limit (server, subject or address).
+    TooManyConnections,
+    /// A publish to a feed that does not exist.
+    UnknownFeed,
+    /// A publish to a feed that has a publisher or its own source.
+    Conflict,
+    /// The subject holds its most outstanding tickets.
+    SubjectLimit,
+    /// Draining, no keys yet, or no shard.
+    Unavailable,
+}
+
+impl HandshakeResult {
+    /// The values of `tickgate_handshakes_total{result}`, in the order they are primed.
+    pub const STREAM: [HandshakeResult; 7] = [
+        HandshakeResult::Ok,
+        HandshakeResult::BadRequest,
+        HandshakeResult::InvalidToken,
+        HandshakeResult::InsufficientScope,
+        HandshakeResult::ForbiddenOrigin,
+        HandshakeResult::TooManyConnections,
+        HandshakeResult::Unavailable,
+    ];
+    /// The values of `tickgate_publish_handshakes_total{result}`.
+    pub const PUBLISH: [HandshakeResult; 8] = [
+        HandshakeResult::Ok,
+        HandshakeResult::BadRequest,
+        HandshakeResult::InvalidToken,
+        HandshakeResult::InsufficientScope,
+        HandshakeResult::UnknownFeed,
+        HandshakeResult::Conflict,
+        HandshakeResult::TooManyConnections,
+        HandshakeResult::Unavailable,
+    ];
+    /// The values of `tickgate_tickets_total{result}`.
+    pub const TICKET: [HandshakeResult; 6] = [
+        HandshakeResult::Issued,
+        HandshakeResult::InvalidToken,
+        HandshakeResult::InsufficientScope,
+        HandshakeResult::BadRequest,
+        HandshakeResult::SubjectLimit,
+        HandshakeResult::Unavailable,
+    ];
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::Issued => "issued",
+            HandshakeResult::BadRequest => "bad_request",
+            HandshakeResult::InvalidToken => "invalid_token",
+            HandshakeResult::InsufficientScope => "insufficient_scope",
+            HandshakeResult::ForbiddenOrigin => "forbidden_origin",
+            HandshakeResult::TooManyConnections => "too_many_connections",
+            HandshakeResult::UnknownFeed => "unknown_feed",
+            HandshakeResult::Conflict => "conflict",
+            HandshakeResult::SubjectLimit => "subject_limit",
+            HandshakeResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Exports the handshake and ticket counters at zero for every result they count.
+pub(crate) fn prime_metrics(metrics: &crate::metrics::Metrics) {
+    for r in HandshakeResult::STREAM {
+        metrics.handshakes.with_label_values(&[r.as_str()]);
+    }
+    for r in HandshakeResult::PUBLISH {
+        metrics.publish_handshakes.with_label_values(&[r.as_str()]);
+    }
+    for r in HandshakeResult::TICKET {
+        metrics.tickets.with_label_values(&[r.as_str()]);
+    }
+}
+
 /// How the token was presented at the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
@@ -110,7 +206,7 @@ pub(crate) fn insufficient_scope() -> Refusal {
         status: StatusCode::FORBIDDEN,
         error: "insufficient_scope",
         description: "token carries no md:read scope".into(),
-        result: "insufficient_scope",
+        result: HandshakeResult::InsufficientScope,
         auth_reason: None,
     }
 }
@@ -154,18 +250,18 @@ pub(crate) async fn authorize(app: &AppState, cred: Credential, need_read: bool)
             app.validator.validate_async(&t).await.map(Some).map_err(|e| Refusal::invalid_token(&e))
         }
         Credential::Ticket(t) => {
-            let ticket_refusal = |description: String, reason: &'static str| Refusal {
+            let ticket_refusal = |description: String, reason: AuthFailure| Refusal {
                 status: StatusCode::UNAUTHORIZED,
                 error: "invalid_token",
                 description,
-                result: "invalid_token",
+                result: HandshakeResult::InvalidToken,
                 auth_reason: Some(reason),
             };
             let now = jsonwebtoken::get_current_timestamp();
             let p = app.tickets.redeem(&t, now).map_err(|e| match e {
-                TicketError::Expired => ticket_refusal(e.to_string(), "ticket_expired"),
+                TicketError::Expired => ticket_refusal(e.to_string(), AuthFailure::TicketExpired),
                 TicketError::Revoked => Refusal::invalid_token(&AuthError::Revoked),
-                _ => ticket_refusal(e.to_string(), "bad_ticket"),
+                _ => ticket_refusal(e.to_string(), AuthFailure::BadTicket),
             })?;
             // The token behind the ticket may have expired since the ticket was issued:
             // its deadline is `exp` + grace, to the millisecond, as for a presented token.
@@ -216,7 +312,7 @@ fn too_many(description: String) -> Refusal {
         status: StatusCode::TOO_MANY_REQUESTS,
         error: "too_many_connections",
         description,
-        result: "too_many_connections",
+        result: HandshakeResult::TooManyConnections,
         auth_reason: None,
     }
 }

@@ -28,9 +28,10 @@ use super::limits::Bucket;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
 use super::session::{begin_refresh, PendingRefresh, RefreshOutcome, Session};
 use super::AppState;
+use crate::auth::failure::AuthFailure;
 use crate::auth::validate::Principal;
 use crate::engine::{ConnGuard, Frame, ShardHandle, WritePacer};
-use tickgate_proto::close;
+use tickgate_proto::close::{self, Reason};
 use tickgate_proto::control::{parse_client_msg, ClientMsg, ErrorCode};
 
 /// How long a close frame may take to reach a peer (it may sit behind a full socket).
@@ -124,15 +125,15 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
     let first = loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => {
-                app.metrics.auth_failures.with_label_values(&["inband_timeout"]).inc();
-                return Err(Some((close::AUTH_TIMEOUT, "no in-band auth in time".into())));
+                AuthFailure::InbandTimeout.count(&app.metrics);
+                return Err(Some((Reason::AuthTimeout.code(), Reason::AuthTimeout.reason().into())));
             }
             Ok(None) => return Err(None),
             // A frame the protocol refuses (invalid UTF-8, too big, bad framing) gets the
             // close code it gets after authentication.
             Ok(Some(Err(e))) => {
                 return match ws::read_error_close(&e) {
-                    Some((code, reason)) => Err(Some((code, reason.into()))),
+                    Some(why) => Err(Some((why.code(), why.reason().into()))),
                     None => Err(None),
                 }
             }
@@ -151,12 +152,12 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
         Message::Text(t) => match parse_client_msg(t.as_str()) {
             Ok(ClientMsg::Auth { token }) => token.0,
             _ => {
-                app.metrics.auth_failures.with_label_values(&["inband_not_auth"]).inc();
+                AuthFailure::InbandNotAuth.count(&app.metrics);
                 return refuse("the first message must be {\"op\":\"auth\",\"token\":...}".into());
             }
         },
         _ => {
-            app.metrics.auth_failures.with_label_values(&["inband_not_auth"]).inc();
+            AuthFailure::InbandNotAuth.count(&app.metrics);
             return refuse("the first message must be a text auth message".into());
         }
     };
@@ -164,13 +165,13 @@ async fn inband_auth(app: &AppState, ws: &mut Ws, slot: &mut ConnSlot) -> Result
         Ok(p) => p,
         Err(r) => {
             if let Some(reason) = r.auth_reason {
-                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+                reason.count(&app.metrics);
             }
             return refuse(format!("{}: {}", r.error, r.description));
         }
     };
     if slot.bind_subject(&p.sub).is_err() {
-        return Err(Some((close::POLICY, "too many connections for this subject".into())));
+        return Err(Some((Reason::SubjectLimit.code(), Reason::SubjectLimit.reason().into())));
     }
     Ok(p)
 }
@@ -258,7 +259,7 @@ impl Role for Stream<'_> {
         let text = match msg {
             Message::Text(text) => text,
             _ => {
-                conn.close(close::UNSUPPORTED_DATA, "binary frames are not accepted");
+                conn.close(Reason::BinaryFrame);
                 return Step::Continue;
             }
         };
@@ -292,14 +293,14 @@ impl Role for Stream<'_> {
             }
         }
         if self.strikes > limits.max_strikes {
-            conn.close(close::POLICY, "too many bad or rate-limited messages");
+            conn.close(Reason::TooManyStrikes);
         }
         Step::Continue
     }
 
     fn on_heartbeat_timeout(&mut self) -> Step {
         // Queued behind what the engine already queued, like every engine-decided close.
-        self.conn.close(close::POLICY, "heartbeat timeout");
+        self.conn.close(Reason::HeartbeatTimeout);
         Step::Continue
     }
 

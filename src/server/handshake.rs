@@ -6,8 +6,8 @@
 //! principal. Who may connect (refusals, credentials, token checks, admission slots) is
 //! in [`super::authorize`], shared with the connection task's in-band `auth`; this module
 //! parses the upgrade, answers `POST /v1/ticket`, and hands an accepted upgrade to
-//! [`super::connection`]. `Refusal`, `Credential` and the token checks are re-exported
-//! here for the publish endpoint.
+//! [`super::connection`]. The publish endpoint shares the request checks
+//! (`check_request`, `switching_protocols`) and [`PeerAddr`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,9 +20,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-pub(crate) use super::authorize::{authorize, bearer_token, check_connect_rate};
-use super::authorize::{insufficient_scope, take_slot};
-pub use super::authorize::{Credential, Refusal};
+use super::authorize::{
+    authorize, bearer_token, check_connect_rate, insufficient_scope, take_slot, Credential, HandshakeResult, Refusal,
+};
 use super::connection;
 use super::AppState;
 
@@ -189,7 +189,7 @@ pub(crate) fn check_request(
                     status: StatusCode::FORBIDDEN,
                     error: "forbidden_origin",
                     description: "Origin is not allowed".into(),
-                    result: "forbidden_origin",
+                    result: HandshakeResult::ForbiddenOrigin,
                     auth_reason: None,
                 });
             }
@@ -220,15 +220,15 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
         Ok(p) => p,
         Err(r) => {
             if let Some(reason) = r.auth_reason {
-                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+                reason.count(&app.metrics);
             }
-            app.metrics.tickets.with_label_values(&[r.result]).inc();
+            app.metrics.tickets.with_label_values(&[r.result.as_str()]).inc();
             return r.into_response();
         }
     };
     match app.tickets.issue(principal) {
         Ok(ticket) => {
-            app.metrics.tickets.with_label_values(&["issued"]).inc();
+            app.metrics.tickets.with_label_values(&[HandshakeResult::Issued.as_str()]).inc();
             (
                 [(header::CACHE_CONTROL, "no-store")],
                 axum::Json(json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()})),
@@ -236,12 +236,12 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
                 .into_response()
         }
         Err(e @ TicketError::SubjectLimit(_)) => {
-            app.metrics.tickets.with_label_values(&["subject_limit"]).inc();
+            app.metrics.tickets.with_label_values(&[HandshakeResult::SubjectLimit.as_str()]).inc();
             let mut resp = Refusal {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 error: "too_many_tickets",
                 description: format!("{e}; each expires {} s after it was issued", TICKET_TTL.as_secs()),
-                result: "subject_limit",
+                result: HandshakeResult::SubjectLimit,
                 auth_reason: None,
             }
             .into_response();
@@ -250,7 +250,7 @@ pub async fn ticket(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Res
             resp
         }
         Err(e) => {
-            app.metrics.tickets.with_label_values(&["unavailable"]).inc();
+            app.metrics.tickets.with_label_values(&[HandshakeResult::Unavailable.as_str()]).inc();
             Refusal::unavailable(&e.to_string()).into_response()
         }
     }
@@ -293,18 +293,18 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
     };
     match outcome {
         Err(refusal) => {
-            app.metrics.handshakes.with_label_values(&[refusal.result]).inc();
+            app.metrics.handshakes.with_label_values(&[refusal.result.as_str()]).inc();
             if let Some(reason) = refusal.auth_reason {
-                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+                reason.count(&app.metrics);
             }
             app.metrics.handshake_latency.with_label_values(&["refused"]).observe(started.elapsed().as_secs_f64());
-            tracing::debug!(peer = ?peer, status = refusal.status.as_u16(), result = refusal.result,
-                reason = refusal.auth_reason.unwrap_or(""), "stream handshake refused");
+            tracing::debug!(peer = ?peer, status = refusal.status.as_u16(), result = refusal.result.as_str(),
+                reason = refusal.auth_reason.map_or("", |r| r.as_str()), "stream handshake refused");
             refusal.into_response()
         }
         Ok((key, principal, shard, slot)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            app.metrics.handshakes.with_label_values(&["ok"]).inc();
+            app.metrics.handshakes.with_label_values(&[HandshakeResult::Ok.as_str()]).inc();
             app.metrics.handshake_latency.with_label_values(&["ok"]).observe(started.elapsed().as_secs_f64());
             let task = connection::run(shard, app.clone(), on_upgrade, principal, peer, slot);
             // The connection lives on this shard thread; the tracker lets shutdown wait

@@ -1,6 +1,7 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
-//! handshake ([`handshake`]), the connection task ([`connection`]), the publish endpoint
-//! ([`publish`]), the admin listener ([`admin`]), binding and serving both listeners
+//! handshake ([`handshake`]), who may hold a connection ([`authorize`]), the session
+//! lifecycle streams and publishers share ([`session`]), the connection task
+//! ([`connection`]), the publish endpoint ([`publish`]), the admin listener ([`admin`]), binding and serving both listeners
 //! (`listen`), and what protects the listeners
 //! ([`edge`]: pending caps, descriptor reserve, accept back-off; request deadlines and body
 //! limits are in [`serve_http`]).
@@ -18,7 +19,7 @@ mod heartbeat;
 pub mod limits;
 pub(crate) mod listen;
 pub mod publish;
-mod session;
+pub mod session;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -78,8 +79,8 @@ pub struct AppState {
     pub sources: TaskTracker,
     /// Stops the sources.
     pub sources_cancel: CancellationToken,
-    /// Live publisher connections (for revocation).
-    pub publishers: publish::Publishers,
+    /// The sessions the edge keeps itself: live publisher connections (for revocation).
+    pub publishers: session::EdgeSessions,
     /// Listener protection: pending caps, descriptor reserve, end-of-shutdown answers.
     pub edge: edge::Edge,
 }
@@ -97,13 +98,14 @@ impl AppState {
         sources_cancel: CancellationToken,
         http_cancel: CancellationToken,
     ) -> AppState {
+        authorize::prime_metrics(&metrics);
         AppState {
             ingest,
             // The sources (generators, replays and publisher connections), tracked so
             // shutdown can wait for them to have stopped.
             sources: TaskTracker::new(),
             sources_cancel,
-            publishers: publish::Publishers::default(),
+            publishers: session::EdgeSessions::default(),
             admission: limits::Admission::new(&config.limits),
             tickets: crate::auth::tickets::TicketStore::new(
                 config.limits.max_tickets,

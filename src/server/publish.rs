@@ -12,8 +12,8 @@
 //! (`ws::drive`, which runs the heartbeat, the close handshake and the frame limits):
 //! binary batches to the publish source, `ping` answered by `pong`, strikes, the `error`
 //! replies. Its session (deadline, revocation, shutdown) is an edge session
-//! (`super::session`): [`Publishers`] is the registry `/admin/revoke` reaches it
-//! through, and the session's `EdgeWatch` ends it with 4001 at `exp` + grace, 4003 on
+//! (`super::session`): [`EdgeSessions`](super::session::EdgeSessions) is the registry
+//! `/admin/revoke` reaches it through, and the session's `EdgeWatch` ends it with 4001 at `exp` + grace, 4003 on
 //! revocation, 1001 at shutdown, as the engine ends streams. What a batch becomes is the publish source's
 //! (`sources::publish`): one batch in the spec §5 layout per binary message, checked
 //! whole by the codec's strict decoder and the feed's rules before any of it is taken
@@ -26,7 +26,7 @@
 //! batch is in the feed's log and queued for the shards: a publisher's acknowledgement.
 //!
 //! Publishers live outside the engine, so revocation reaches them through
-//! [`Publishers`] (the edge's session registry): `/admin/revoke` closes a matching
+//! [`EdgeSessions`](super::session::EdgeSessions) (the edge's session registry): `/admin/revoke` closes a matching
 //! publisher with 4003 like a stream.
 
 use std::sync::atomic::Ordering;
@@ -41,7 +41,8 @@ use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::handshake::{authorize, check_connect_rate, check_request, switching_protocols, PeerAddr, Refusal};
+use super::authorize::{authorize, check_connect_rate, Credential, HandshakeResult, Refusal};
+use super::handshake::{check_request, switching_protocols, PeerAddr};
 use super::heartbeat::Heartbeat;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws};
 use super::session::{EdgeWatch, Registration, Session, SessionEnd};
@@ -49,17 +50,13 @@ use super::AppState;
 use crate::feeds::Feed;
 use crate::feeds::SourceKind;
 use crate::sources::publish::{PublishReject, PublishSource, Taken};
-use tickgate_proto::close;
+use tickgate_proto::close::Reason;
 use tickgate_proto::control::{ErrorCode, ServerMsg};
 use tickgate_proto::now_ns;
 
-fn refusal(status: StatusCode, error: &'static str, description: String, result: &'static str) -> Refusal {
+fn refusal(status: StatusCode, error: &'static str, description: String, result: HandshakeResult) -> Refusal {
     Refusal { status, error, description, result, auth_reason: None }
 }
-
-/// The live publisher connections as `/admin/revoke` sees them: the edge's session
-/// registry (streams' sessions are on their shards).
-pub use super::session::EdgeSessions as Publishers;
 
 /// Releases the feed's publisher slot, the session's registration and the gauge however
 /// the connection ends.
@@ -74,7 +71,7 @@ impl Drop for PublisherSlot {
         if let Some(f) = self.app.ingest.catalog().get(self.feed_idx) {
             f.release_publisher();
         }
-        // The registration leaves `Publishers` when the slot's fields drop, right after.
+        // The registration leaves `EdgeSessions` when the slot's fields drop, right after.
         self.app.metrics.publishers.dec();
     }
 }
@@ -84,7 +81,7 @@ impl Drop for PublisherSlot {
 async fn admit(
     app: &Arc<AppState>,
     key: String,
-    cred: super::handshake::Credential,
+    cred: Credential,
     feed_idx: usize,
     epoch: Option<u64>,
 ) -> Result<(String, usize, Option<u64>, Session, PublisherSlot), Refusal> {
@@ -100,7 +97,7 @@ async fn admit(
             StatusCode::FORBIDDEN,
             "insufficient_scope",
             format!("token lacks md:publish:{}", feed.name()),
-            "insufficient_scope",
+            HandshakeResult::InsufficientScope,
         ));
     }
     if !feed.claim_publisher() {
@@ -108,7 +105,7 @@ async fn admit(
             StatusCode::CONFLICT,
             "publisher_active",
             format!("feed {} already has a publisher", feed.name()),
-            "conflict",
+            HandshakeResult::Conflict,
         ));
     }
     app.metrics.publishers.inc();
@@ -149,14 +146,19 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
         let catalog = app.ingest.catalog().clone();
         let Some(feed) = catalog.by_name(name) else {
             let shown: String = name.chars().take(32).collect();
-            return Err(refusal(StatusCode::NOT_FOUND, "unknown_feed", format!("no feed `{shown}`"), "unknown_feed"));
+            return Err(refusal(
+                StatusCode::NOT_FOUND,
+                "unknown_feed",
+                format!("no feed `{shown}`"),
+                HandshakeResult::UnknownFeed,
+            ));
         };
         if feed.def.source != SourceKind::Publish {
             return Err(refusal(
                 StatusCode::CONFLICT,
                 "not_publishable",
                 format!("feed {} has its own source; only source = \"publish\" feeds take publishers", feed.name()),
-                "conflict",
+                HandshakeResult::Conflict,
             ));
         }
         Ok((key, cred, feed.idx, epoch))
@@ -168,15 +170,15 @@ pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Re
 
     match outcome {
         Err(r) => {
-            app.metrics.publish_handshakes.with_label_values(&[r.result]).inc();
+            app.metrics.publish_handshakes.with_label_values(&[r.result.as_str()]).inc();
             if let Some(reason) = r.auth_reason {
-                app.metrics.auth_failures.with_label_values(&[reason]).inc();
+                reason.count(&app.metrics);
             }
-            tracing::debug!(peer = ?peer, status = r.status.as_u16(), result = r.result, "publish handshake refused");
+            tracing::debug!(peer = ?peer, status = r.status.as_u16(), result = r.result.as_str(), "publish handshake refused");
             r.into_response()
         }
         Ok((key, feed_idx, epoch, session, slot)) => {
-            app.metrics.publish_handshakes.with_label_values(&["ok"]).inc();
+            app.metrics.publish_handshakes.with_label_values(&[HandshakeResult::Ok.as_str()]).inc();
             let on_upgrade = hyper::upgrade::on(&mut req);
             let task = run(app.clone(), on_upgrade, feed_idx, epoch, session, slot);
             // Tracked with the sources: shutdown stops publishers before it drains the
@@ -246,7 +248,7 @@ impl Publisher<'_> {
             }
         }
         if self.strikes > self.app.config.limits.max_strikes {
-            return Step::Close(close::POLICY, "too many refused batches");
+            return Step::Close(Reason::TooManyRefusedBatches);
         }
         Step::Continue
     }
@@ -261,8 +263,7 @@ impl Role for Publisher<'_> {
     }
 
     async fn on_event(&mut self, _ws: &mut Ws, end: SessionEnd) -> Step {
-        let (code, reason) = end.close();
-        Step::Close(code, reason)
+        Step::Close(end.close())
     }
 
     async fn on_message(&mut self, ws: &mut Ws, msg: Message) -> Step {
@@ -271,8 +272,7 @@ impl Role for Publisher<'_> {
             Message::Binary(b) => match self.source.take(self.feed, &b, &app.ingest, &self.cancel).await {
                 Ok(Taken::Queued) => None,
                 Ok(Taken::Cancelled) => {
-                    let (code, reason) = SessionEnd::Shutdown.close();
-                    return Step::Close(code, reason);
+                    return Step::Close(SessionEnd::Shutdown.close());
                 }
                 Err(r) => {
                     app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
@@ -309,7 +309,7 @@ impl Role for Publisher<'_> {
     }
 
     fn on_heartbeat_timeout(&mut self) -> Step {
-        Step::Close(close::POLICY, "heartbeat timeout")
+        Step::Close(Reason::HeartbeatTimeout)
     }
 
     fn closed_by_peer(&self, _code: u16) -> Ended {

@@ -1,31 +1,31 @@
 //! One session lifecycle for stream and publisher connections, decided at the edge.
 //!
 //! A session is who (the validated [`Principal`]: `sub`, `jti`, entitlements), until when
-//! (its [`Deadline`]: `exp` + `auth.expiry_grace_ms`, the validator's [`TimeRules`]) and
-//! how it ends ([`SessionEnd`]: expired → 4001, revoked → 4003, shutdown → 1001). Ends
+//! (its `Deadline`: `exp` + `auth.expiry_grace_ms`, the validator's [`TimeRules`]) and
+//! how it ends (`SessionEnd`: expired → 4001, revoked → 4003, shutdown → 1001). Ends
 //! that are not the token's (slow consumer, heartbeat, strikes, protocol errors) stay
 //! with the connection that decides them.
 //!
-//! This module holds:
-//! - [`Session`]: the principal, its deadline and the session id, built once the token is
+//! This module holds (only [`EdgeSessions`] is public: `AppState` holds it):
+//! - `Session`: the principal, its deadline and the session id, built once the token is
 //!   validated (handshake or in-band `auth`);
-//! - [`Deadline`] and [`SessionEnd`];
+//! - `Deadline` and `SessionEnd`;
 //! - [`EdgeSessions`]: the sessions the edge keeps itself (publishers), so `/admin/revoke`
-//!   reaches them; registration is a [`Registration`] that leaves the registry on drop;
-//! - [`revoke_live`]: `/admin/revoke`'s one call that ends the matching live sessions of
+//!   reaches them; registration is a `Registration` that leaves the registry on drop;
+//! - `revoke_live`: `/admin/revoke`'s one call that ends the matching live sessions of
 //!   both kinds (publishers here, streams through `EngineCtl`);
-//! - [`EdgeWatch`]: what ends an edge-kept session (shutdown, revocation, the deadline),
+//! - `EdgeWatch`: what ends an edge-kept session (shutdown, revocation, the deadline),
 //!   one future for the connection loop;
-//! - [`begin_refresh`] / [`PendingRefresh`]: an in-band refresh token validated at the
+//! - `begin_refresh` / `PendingRefresh`: an in-band refresh token validated at the
 //!   edge (it may wait for a JWKS refetch) whose outcome the engine applies;
-//! - [`ws`]: the WebSocket loop skeleton both kinds of connection run.
+//! - `ws`: the WebSocket loop skeleton both kinds of connection run.
 //!
 //! Where each kind keeps its deadline and revocation: a stream's session is handed to its
 //! shard ([`crate::engine::ShardHandle::open`] takes the principal, never a token), whose
 //! timer wheel keeps the deadline (one wheel entry rather than one timer per connection,
 //! and the close must discard what is queued); revocation reaches it through
 //! [`crate::engine::EngineCtl`]. A publisher's session stays here: its deadline is an
-//! [`EdgeWatch`] sleep in the same connection loop, its revocation an [`EdgeSessions`]
+//! `EdgeWatch` sleep in the same connection loop, its revocation an [`EdgeSessions`]
 //! entry. Both compute the deadline the same way (`exp * 1000 + expiry_grace_ms`).
 
 pub(crate) mod ws;
@@ -60,12 +60,12 @@ pub(crate) enum SessionEnd {
 }
 
 impl SessionEnd {
-    /// The close code and reason this end sends (the engine sends the same for streams).
-    pub(crate) const fn close(self) -> (u16, &'static str) {
+    /// The close this end sends (the engine sends the same for streams).
+    pub(crate) const fn close(self) -> close::Reason {
         match self {
-            SessionEnd::Expired => (close::TOKEN_EXPIRED, "token expired"),
-            SessionEnd::Revoked => (close::TOKEN_REVOKED, "token revoked"),
-            SessionEnd::Shutdown => (close::GOING_AWAY, "server shutting down"),
+            SessionEnd::Expired => close::Reason::TokenExpired,
+            SessionEnd::Revoked => close::Reason::TokenRevoked,
+            SessionEnd::Shutdown => close::Reason::ShuttingDown,
         }
     }
 }
@@ -283,9 +283,10 @@ mod tests {
 
     #[test]
     fn ends_close_as_the_engine_closes_streams() {
-        assert_eq!(SessionEnd::Expired.close(), (4001, "token expired"));
-        assert_eq!(SessionEnd::Revoked.close(), (4003, "token revoked"));
-        assert_eq!(SessionEnd::Shutdown.close(), (1001, "server shutting down"));
+        let pair = |end: SessionEnd| (end.close().code(), end.close().reason());
+        assert_eq!(pair(SessionEnd::Expired), (4001, "token expired"));
+        assert_eq!(pair(SessionEnd::Revoked), (4003, "token revoked"));
+        assert_eq!(pair(SessionEnd::Shutdown), (1001, "server shutting down"));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use crate::common;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use serde_json::Value;
-use tickgate::server::handshake::{parse_upgrade, Credential, Upgrade};
+use tickgate::server::authorize::Credential;
+use tickgate::server::handshake::{parse_upgrade, Upgrade};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -159,7 +160,7 @@ fn without(name: &str, extra: &[(&'static str, &'static str)]) -> HeaderMap {
 
 fn refused(method: Method, version: Version, query: Option<&str>, h: &HeaderMap) -> String {
     let r = parse_upgrade(&method, version, query, h).unwrap_err();
-    assert_eq!((r.status.as_u16(), r.error, r.result), (400, "invalid_request", "bad_request"));
+    assert_eq!((r.status.as_u16(), r.error, r.result.as_str()), (400, "invalid_request", "bad_request"));
     r.description
 }
 

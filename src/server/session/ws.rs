@@ -33,7 +33,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::metrics::Metrics;
 use crate::server::heartbeat::{Beat, Heartbeat};
-use tickgate_proto::close as codes;
+use tickgate_proto::close::Reason;
 
 /// An upgraded server-side WebSocket.
 pub(crate) type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -56,7 +56,7 @@ pub(crate) enum Step {
     /// Keep going.
     Continue,
     /// Send this close frame (in the role's [`CloseStyle`]) and end.
-    Close(u16, &'static str),
+    Close(Reason),
     /// The connection is over; the socket needs nothing more.
     End(Ended),
 }
@@ -101,7 +101,7 @@ pub(crate) trait Role {
     /// A read or ping-write error: by default the close spec §11 asks for.
     fn socket_error(&self, e: WsError) -> Step {
         match read_error_close(&e) {
-            Some((code, reason)) => Step::Close(code, reason),
+            Some(why) => Step::Close(why),
             None => Step::End(Ended {
                 code: 1006,
                 reason: match e {
@@ -171,7 +171,8 @@ pub(crate) async fn drive<R: Role>(ws: &mut Ws, role: &mut R, heartbeat: &mut He
         match step {
             Step::Continue => {}
             Step::End(e) => return e,
-            Step::Close(code, reason) => {
+            Step::Close(why) => {
+                let (code, reason) = (why.code(), why.reason());
                 let delivered = close(ws, code, reason, R::CLOSE).await;
                 return if delivered { Ended { code, reason } } else { Ended { code: 1006, reason: UNDELIVERED } };
             }
@@ -208,20 +209,20 @@ pub(crate) async fn close(ws: &mut Ws, code: u16, reason: &str, style: CloseStyl
 }
 
 /// The close a read error calls for (spec §11); `None` when the socket is gone.
-pub(crate) fn read_error_close(e: &WsError) -> Option<(u16, &'static str)> {
+pub(crate) fn read_error_close(e: &WsError) -> Option<Reason> {
     Some(match e {
         // RFC 6455 §5.2: the most significant bit of a 64-bit length must be 0. tungstenite
         // reads such a length as a (huge) size, so it is told apart here from a frame that
         // is merely too big.
         WsError::Capacity(CapacityError::MessageTooLong { size, .. }) if (*size as u64) >> 63 == 1 => {
-            (codes::PROTOCOL_ERROR, "frame length with the most significant bit set")
+            Reason::LengthHighBit
         }
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => (codes::TOO_BIG, "message too big"),
-        WsError::Capacity(_) => (codes::TOO_BIG, "frame too big"),
-        WsError::Utf8(_) => (1007, "invalid UTF-8 in a text frame"),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Reason::MessageTooBig,
+        WsError::Capacity(_) => Reason::FrameTooBig,
+        WsError::Utf8(_) => Reason::InvalidUtf8,
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
-        WsError::Protocol(_) => (codes::PROTOCOL_ERROR, "protocol error"),
+        WsError::Protocol(_) => Reason::ProtocolError,
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => return None,
-        _ => (codes::PROTOCOL_ERROR, "protocol error"),
+        _ => Reason::ProtocolError,
     })
 }
