@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use tickgate::engine::{Ingest, ShardInbox, Tick};
 use tickgate::feeds::{Catalog, FeedDef};
-use tickgate::sources::publish::{decode, sequence, PublishReject};
+use tickgate::sources::publish::{decode, sequence, PublishReject, Reject};
 use tickgate_proto::codec::{encode_batch, Record, StrictBatch};
 
 const FEED_ID: u16 = 7;
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     let mut scratch = HashMap::new();
     let mut ticks: Vec<Tick> = Vec::new();
     // The publish source's path: sequenced and appended under one hold of the log's lock.
-    let taken = ingest.append_with(0, &mut ticks, |log, ticks| {
+    let taken: Result<(), Reject> = ingest.append_with(0, &mut ticks, |log, ticks| {
         sequence(feed, log, &mut out, 42, &mut scratch)?;
         ticks.extend(out.iter().map(|&(instr, record)| Tick { feed_idx: 0, instr, record }));
         Ok(())
