@@ -14,7 +14,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | TOML configuration over the built-in defaults (the `Default` impls: the one copy) |
-//! | [`metrics`] | Prometheus metrics; imports nothing of the server (each layer primes its own labels) |
+//! | `metrics` | Prometheus metrics; imports nothing of the server (each layer primes its own labels) |
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
 //! | [`auth`] | keys, JWKS cache, token validation, scopes, tickets, revocation, the embedded OAuth2 issuer, its setup and key rotation |
 //! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
@@ -31,7 +31,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod feeds;
-pub mod metrics;
+pub(crate) mod metrics;
 mod ratelimit;
 pub mod server;
 mod shutdown;

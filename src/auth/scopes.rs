@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 
 /// `md:read:` scope prefix.
-pub const READ_PREFIX: &str = "md:read:";
+pub(crate) const READ_PREFIX: &str = "md:read:";
 /// `md:publish:` scope prefix.
-pub const PUBLISH_PREFIX: &str = "md:publish:";
+pub(crate) const PUBLISH_PREFIX: &str = "md:publish:";
 /// The admin scope.
-pub const ADMIN_SCOPE: &str = "tickgate:admin";
+pub(crate) const ADMIN_SCOPE: &str = "tickgate:admin";
 
 /// What a token allows, decoded from its `scope`/`scp` claims.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl Entitlements {
 }
 
 /// Splits a space-delimited OAuth2 `scope` string (RFC 6749 §3.3).
-pub fn split_scope(scope: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn split_scope(scope: &str) -> impl Iterator<Item = &str> {
     scope.split(' ').filter(|s| !s.is_empty())
 }
 

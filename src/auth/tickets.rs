@@ -22,7 +22,7 @@ use super::revocation::RevocationList;
 use super::validate::Principal;
 
 /// How long a ticket stays redeemable.
-pub const TICKET_TTL: Duration = Duration::from_secs(30);
+pub(crate) const TICKET_TTL: Duration = Duration::from_secs(30);
 
 /// Why a ticket could not be issued or redeemed.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -30,7 +30,7 @@ struct Pending {
 
 /// What to send for one instrument when conflation ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Emit {
+pub(crate) enum Emit {
     /// A `gap` message `from..=to`, reason `slow_consumer`.
     Gap {
         /// First missing seq.
@@ -49,13 +49,13 @@ pub enum Emit {
 
 /// Per-connection conflation state.
 #[derive(Debug, Default)]
-pub struct Conflation {
+pub(crate) struct Conflation {
     pending: BTreeMap<(u16, u32), Pending>,
 }
 
 impl Conflation {
     /// Takes a record the connection could not be sent now.
-    pub fn absorb(&mut self, feed_idx: u16, instr: u32, rec: &Record) {
+    pub(crate) fn absorb(&mut self, feed_idx: u16, instr: u32, rec: &Record) {
         let seq = rec.seq();
         let p = self.pending.entry((feed_idx, instr)).or_insert(Pending {
             first_missing: seq,
@@ -74,32 +74,22 @@ impl Conflation {
     }
 
     /// Whether something is pending for an instrument.
-    pub fn has(&self, feed_idx: u16, instr: u32) -> bool {
+    pub(crate) fn has(&self, feed_idx: u16, instr: u32) -> bool {
         self.pending.contains_key(&(feed_idx, instr))
     }
 
     /// Forgets an instrument (unsubscribed).
-    pub fn forget(&mut self, feed_idx: u16, instr: u32) {
+    pub(crate) fn forget(&mut self, feed_idx: u16, instr: u32) {
         self.pending.remove(&(feed_idx, instr));
     }
 
     /// Forgets a feed (its epoch was reset: the pending seqs mean nothing any more).
-    pub fn forget_feed(&mut self, feed_idx: u16) {
+    pub(crate) fn forget_feed(&mut self, feed_idx: u16) {
         self.pending.retain(|(f, _), _| *f != feed_idx);
     }
 
-    /// Instruments with something pending.
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// True when nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
     /// What to send, in instrument order, each instrument's items in seq order.
-    pub fn drain(self) -> Vec<(u16, u32, Emit)> {
+    pub(crate) fn drain(self) -> Vec<(u16, u32, Emit)> {
         let mut out = Vec::with_capacity(self.pending.len() * 2);
         for ((f, i), p) in self.pending {
             match p.quote {

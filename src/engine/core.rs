@@ -3,8 +3,8 @@
 //! body (dispatch, source gaps, epoch resets, slow-consumer decisions, conflation's end,
 //! queueing replies). Its other concerns live beside it, each an `impl ShardCore` of its
 //! own: the registry and index (`index.rs`), subscribe and unsubscribe
-//! ([`super::subscribe`]), the session: deadline, refresh, revocation (`session.rs`), and
-//! the counters and admin view ([`super::stats`]).
+//! (`super::subscribe`), the session: deadline, refresh, revocation (`session.rs`), and
+//! the counters and admin view (`super::stats`).
 //!
 //! It does no I/O and takes no lock; the async shard wrapper ([`super::shard`]) feeds it
 //! ticks and control messages and moves its outbound queues to the sockets. Keeping it

@@ -32,12 +32,12 @@ const SOCKET_QUEUE: usize = 4096;
 const CTL_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An accepted socket on its way to a shard, with its peer address.
-pub type AcceptedSocket = (std::net::TcpStream, SocketAddr);
+pub(crate) type AcceptedSocket = (std::net::TcpStream, SocketAddr);
 
 /// The shards before their threads start: their inboxes (which [`super::Ingest`] and the
 /// accept loop's placement need) and their control channels.
 #[derive(Debug)]
-pub struct Engine {
+pub(crate) struct Engine {
     inboxes: Arc<[Arc<ShardInbox>]>,
     ctl: Vec<mpsc::Sender<ShardCtl>>,
     ctl_rx: Vec<mpsc::Receiver<ShardCtl>>,
@@ -45,19 +45,19 @@ pub struct Engine {
 
 impl Engine {
     /// `shards` inboxes of `queue_capacity` ticks each, and their control channels.
-    pub fn new(shards: usize, queue_capacity: usize) -> Engine {
+    pub(crate) fn new(shards: usize, queue_capacity: usize) -> Engine {
         let inboxes: Arc<[Arc<ShardInbox>]> = (0..shards).map(|_| Arc::new(ShardInbox::new(queue_capacity))).collect();
         let (ctl, ctl_rx) = (0..shards).map(|_| mpsc::channel(CTL_CAPACITY)).unzip();
         Engine { inboxes, ctl, ctl_rx }
     }
 
     /// The shards' cross-thread sides.
-    pub fn inboxes(&self) -> &Arc<[Arc<ShardInbox>]> {
+    pub(crate) fn inboxes(&self) -> &Arc<[Arc<ShardInbox>]> {
         &self.inboxes
     }
 
     /// A non-owning control handle (see the module docs for why it must not own).
-    pub fn control(&self) -> EngineCtl {
+    pub(crate) fn control(&self) -> EngineCtl {
         EngineCtl { ctl: self.ctl.iter().map(mpsc::Sender::downgrade).collect() }
     }
 
@@ -65,7 +65,7 @@ impl Engine {
     /// Also primes the engine's labelled series (`tickgate_gaps_sent_total{reason}`,
     /// `tickgate_resumes_total{result}`, `tickgate_token_refreshes_total{result}`), so they
     /// are exported at zero before the first event.
-    pub fn start(
+    pub(crate) fn start(
         self,
         catalog: &Arc<Catalog>,
         limits: &CoreLimits,
@@ -104,10 +104,13 @@ impl Engine {
 }
 
 /// The running shard threads. Dropping it closes every shard's control channel, which
-/// stops the shard threads (without waiting for them); [`EngineHandle::drain_and_stop`]
-/// is the graceful way.
+/// stops the shard threads (without waiting for them). The graceful way is in phases,
+/// each its own call because the server does its own steps between them (`shutdown.rs`):
+/// [`EngineHandle::dispatched`] (every tick taken in is out), then
+/// [`EngineHandle::notify_shutdown`] (clients are told), then, once the connections are
+/// gone, [`EngineHandle::stop`].
 #[derive(Debug)]
-pub struct EngineHandle {
+pub(crate) struct EngineHandle {
     inboxes: Arc<[Arc<ShardInbox>]>,
     ctl: Vec<mpsc::Sender<ShardCtl>>,
     sockets: Vec<mpsc::Sender<AcceptedSocket>>,
@@ -116,13 +119,13 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Where the accept loop hands each shard its sockets (index = shard number).
-    pub fn socket_senders(&self) -> Vec<mpsc::Sender<AcceptedSocket>> {
+    pub(crate) fn socket_senders(&self) -> Vec<mpsc::Sender<AcceptedSocket>> {
         self.sockets.clone()
     }
 
     /// Waits until every tick already queued has been dispatched, up to `deadline`.
     /// Returns false when the deadline passed first.
-    pub async fn dispatched(&self, deadline: tokio::time::Instant) -> bool {
+    pub(crate) async fn dispatched(&self, deadline: tokio::time::Instant) -> bool {
         // Polled, not signalled: the shards would otherwise pay for a notification per
         // cycle, on the hot path, for the benefit of one wait at shutdown.
         tokio::time::timeout_at(deadline, async {
@@ -134,27 +137,16 @@ impl EngineHandle {
         .is_ok()
     }
 
-    /// The graceful end of the engine, in its phases: [`EngineHandle::notify_shutdown`],
-    /// then `connections_done` is awaited (the server waits there for its connection tasks
-    /// to end, bounded by its drain time), then [`EngineHandle::stop`]. Ticks still queued
-    /// should have been waited for first ([`EngineHandle::dispatched`]), so every tick taken
-    /// in precedes `shutdown`.
-    pub async fn drain_and_stop(self, reconnect_after_max_ms: u64, connections_done: impl std::future::Future) {
-        self.notify_shutdown(reconnect_after_max_ms).await;
-        connections_done.await;
-        self.stop().await;
-    }
-
     /// Every connection is sent `shutdown` (with a reconnect delay jittered up to
     /// `reconnect_after_max_ms`) and close 1001; from here a shard refuses new streams.
-    pub async fn notify_shutdown(&self, reconnect_after_max_ms: u64) {
+    pub(crate) async fn notify_shutdown(&self, reconnect_after_max_ms: u64) {
         for ctl in &self.ctl {
             let _ = ctl.send(ShardCtl::Shutdown { reconnect_after_max_ms }).await;
         }
     }
 
     /// Tells each shard to stop and joins its thread.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         for ctl in &self.ctl {
             let _ = ctl.send(ShardCtl::Stop).await;
         }

@@ -18,40 +18,39 @@
 //! | module | holds |
 //! |---|---|
 //! | this one | [`Tick`], [`Inbound`], [`ShardInbox`] (a shard's cross-thread side), [`Ingest`] (append to the log, then queue for every shard) |
-//! | [`handle`] | [`Engine`], [`EngineHandle`] (start, drain and stop the shard threads), [`EngineCtl`] (revocation, admin listing) |
-//! | [`stream`] | the connection task's API: [`ShardHandle`], [`ConnGuard`], [`Frame`] |
-//! | [`pacer`] | [`WritePacer`]: when a connection's writer writes (the write-hold policy, both halves) |
+//! | `handle` | `Engine`, `EngineHandle` (start, drain and stop the shard threads), `EngineCtl` (revocation, admin listing) |
+//! | `stream` | the connection task's API: `ShardHandle`, `ConnGuard`, `Frame` |
+//! | `pacer` | `WritePacer`: when a connection's writer writes (the write-hold policy, both halves) |
 //! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
 //! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
-//! | [`stats`] | `CoreStats`, [`GapReason`], `ConnInfo` (plain data) |
+//! | `stats` | `CoreStats`, `GapReason`, `ConnInfo` (plain data) |
 //! | `view` | what a shard reports of itself: queued bytes, the admin connection list |
-//! | `index`, `session`, [`subscribe`] | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
-//! | [`outbound`], [`conflate`], [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
+//! | `index`, `session`, `subscribe` | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
+//! | [`outbound`], `conflate`, [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
 //!
 //! The engine receives a validated [`crate::auth::validate::Principal`] (entitlements
 //! and a deadline), never a token: refresh tokens are validated by the connection task.
 //! See `docs/architecture.md` for the whole path.
 
-pub mod conflate;
+pub(crate) mod conflate;
 pub mod core;
-pub mod handle;
+pub(crate) mod handle;
 mod index;
 pub mod outbound;
-pub mod pacer;
+pub(crate) mod pacer;
 mod session;
 pub mod shard;
-pub mod stats;
-pub mod stream;
-pub mod subscribe;
+pub(crate) mod stats;
+pub(crate) mod stream;
+pub(crate) mod subscribe;
 #[cfg(test)]
 pub(crate) mod testkit;
 pub mod timer;
 mod view;
 
-pub use handle::{Engine, EngineCtl, EngineHandle};
-pub use pacer::WritePacer;
-pub use stats::GapReason;
-pub use stream::{ConnGuard, Frame, ShardHandle};
+pub(crate) use handle::{Engine, EngineCtl, EngineHandle};
+pub(crate) use pacer::WritePacer;
+pub(crate) use stream::{ConnGuard, Frame, ShardHandle};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// writer is woken early only for what must not wait: a full batch, a quarter of the
 /// slow-consumer budget, or a close (which also fires `kill`).
 #[derive(Debug)]
-pub struct WritePacer {
+pub(crate) struct WritePacer {
     delay: Duration,
     last_write: Option<tokio::time::Instant>,
     holding: bool,
@@ -22,13 +22,13 @@ pub struct WritePacer {
 
 impl WritePacer {
     /// A pacer for `delay` (zero: write at every wake-up).
-    pub fn new(delay: Duration) -> WritePacer {
+    pub(crate) fn new(delay: Duration) -> WritePacer {
         WritePacer { delay, last_write: None, holding: false }
     }
 
     /// The writer was woken. `Some(until)`: hold the write until then (arm a timer and
     /// call [`WritePacer::release`] when it fires or `kill` fires); `None`: write now.
-    pub fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    pub(crate) fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         let due = self.last_write.map(|t| t + self.delay);
         if let Some(due) = due.filter(|d| !self.holding && *d > now) {
             self.holding = true;
@@ -39,17 +39,17 @@ impl WritePacer {
     }
 
     /// Whether a write is being held.
-    pub fn holding(&self) -> bool {
+    pub(crate) fn holding(&self) -> bool {
         self.holding
     }
 
     /// The hold ended (its timer, or a termination, which is never held).
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         self.holding = false;
     }
 
     /// The writer wrote and flushed at `now`.
-    pub fn wrote(&mut self, now: tokio::time::Instant) {
+    pub(crate) fn wrote(&mut self, now: tokio::time::Instant) {
         if !self.delay.is_zero() {
             self.last_write = Some(now);
         }

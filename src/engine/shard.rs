@@ -1,7 +1,7 @@
 //! A shard thread: a single-threaded tokio runtime that owns a [`ShardCore`], the
 //! connections placed on it, and the loop that drains its inbound tick queue. Holds
 //! [`ShardCtl`] (requests from other threads), the shard-local context behind
-//! [`super::stream::ShardHandle`], the thread's start (`spawn`, a dead shard ends the
+//! `super::stream::ShardHandle`, the thread's start (`spawn`, a dead shard ends the
 //! process), the dispatch cycle and the stats flusher.
 //!
 //! Why a thread of its own with a current-thread runtime: the core, the connections'

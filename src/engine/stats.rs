@@ -12,7 +12,7 @@ use tickgate_proto::control::ErrorCode;
 /// Why a `gap` message is sent: its `reason` field on the wire and the `reason` label of
 /// `tickgate_gaps_sent_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GapReason {
+pub(crate) enum GapReason {
     /// A conflating connection dropped trades while it was behind.
     SlowConsumer,
     /// A resume asked for seqs the feed log no longer holds (a snapshot follows).
@@ -23,10 +23,11 @@ pub enum GapReason {
 
 impl GapReason {
     /// Every reason, in [`CoreStats::gaps`] order.
-    pub const ALL: [GapReason; 3] = [GapReason::SlowConsumer, GapReason::ReplayUnavailable, GapReason::SourceGap];
+    pub(crate) const ALL: [GapReason; 3] =
+        [GapReason::SlowConsumer, GapReason::ReplayUnavailable, GapReason::SourceGap];
 
     /// The reason as it appears on the wire and in the metric label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             GapReason::SlowConsumer => "slow_consumer",
             GapReason::ReplayUnavailable => "replay_unavailable",
@@ -42,7 +43,7 @@ impl GapReason {
 
 /// How a resume was answered: the `result` label of `tickgate_resumes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResumeResult {
+pub(crate) enum ResumeResult {
     /// Served from the feed log.
     Replayed,
     /// Answered with a `gap` and a snapshot.
@@ -51,10 +52,10 @@ pub enum ResumeResult {
 
 impl ResumeResult {
     /// Every result, in [`CoreStats::resumes`] order.
-    pub const ALL: [ResumeResult; 2] = [ResumeResult::Replayed, ResumeResult::Unavailable];
+    pub(crate) const ALL: [ResumeResult; 2] = [ResumeResult::Replayed, ResumeResult::Unavailable];
 
     /// The metric label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             ResumeResult::Replayed => "replayed",
             ResumeResult::Unavailable => "unavailable",
@@ -65,7 +66,7 @@ impl ResumeResult {
 /// How an in-band refresh was answered: the `result` label of
 /// `tickgate_token_refreshes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshResult {
+pub(crate) enum RefreshResult {
     /// The new token was applied.
     Ok,
     /// The new token was refused (invalid, another subject or issuer, no scope left).
@@ -76,10 +77,10 @@ pub enum RefreshResult {
 
 impl RefreshResult {
     /// Every result, in the order the label values are primed.
-    pub const ALL: [RefreshResult; 3] = [RefreshResult::Ok, RefreshResult::Refused, RefreshResult::RateLimited];
+    pub(crate) const ALL: [RefreshResult; 3] = [RefreshResult::Ok, RefreshResult::Refused, RefreshResult::RateLimited];
 
     /// The metric label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             RefreshResult::Ok => "ok",
             RefreshResult::Refused => "refused",
@@ -120,11 +121,11 @@ pub struct CoreStats {
     pub conflate_episodes: u64,
     /// Records not queued because their connection was conflating.
     pub conflated_records: u64,
-    /// `gap` messages sent, in [`GapReason::ALL`] order.
+    /// `gap` messages sent, in `GapReason::ALL` order.
     pub gaps: [u64; 3],
     /// Records sent from the resume buffer.
     pub replayed_records: u64,
-    /// Resumes, in [`ResumeResult::ALL`] order.
+    /// Resumes, in `ResumeResult::ALL` order.
     pub resumes: [u64; 2],
     /// Epoch resets applied.
     pub resets: u64,

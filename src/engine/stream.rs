@@ -23,29 +23,29 @@ use tickgate_proto::control::{ClientMsg, ErrorCode};
 use tickgate_proto::now_ns;
 
 /// The shard that owns the calling thread, if it is a shard thread.
-pub fn current() -> Option<ShardHandle> {
+pub(crate) fn current() -> Option<ShardHandle> {
     super::shard::current_local().map(ShardHandle)
 }
 
 /// A shard, as a connection task on its thread sees it. Cheap to clone (an `Rc`).
 #[derive(Debug, Clone)]
-pub struct ShardHandle(Rc<ShardLocal>);
+pub(crate) struct ShardHandle(Rc<ShardLocal>);
 
 impl ShardHandle {
     /// Shard number.
-    pub fn id(&self) -> usize {
+    pub(crate) fn id(&self) -> usize {
         self.0.id
     }
 
     /// True once shutdown began on this shard: new connections are refused.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.0.core.borrow().is_draining()
     }
 
     /// Registers a stream connection (its `welcome` is queued) and counts it in the
     /// shard's placement gauge; the returned guard undoes both when dropped, on every
     /// exit path of the connection task.
-    pub fn open(&self, principal: Principal, session: String) -> ConnGuard {
+    pub(crate) fn open(&self, principal: Principal, session: String) -> ConnGuard {
         let h = self.0.core.borrow_mut().add_conn(principal, session);
         self.0.inbox.connections.fetch_add(1, Ordering::Relaxed);
         ConnGuard { shard: self.0.clone(), key: h.key, notify: h.notify, kill: h.kill }
@@ -54,7 +54,7 @@ impl ShardHandle {
 
 /// What the writer puts on the socket next.
 #[derive(Debug)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// A JSON control message.
     Text(String),
     /// A sealed batch of records, stamped with its send time.
@@ -71,7 +71,7 @@ pub enum Frame {
 /// One stream connection registered on its shard. Unregisters it (subscriptions, timers,
 /// the placement count) when dropped.
 #[derive(Debug)]
-pub struct ConnGuard {
+pub(crate) struct ConnGuard {
     shard: Rc<ShardLocal>,
     key: ConnKey,
     notify: Rc<Notify>,
@@ -80,41 +80,41 @@ pub struct ConnGuard {
 
 impl ConnGuard {
     /// Wakes the writer when something was queued (see [`super::pacer::WritePacer`] for when).
-    pub fn wake(&self) -> &Notify {
+    pub(crate) fn wake(&self) -> &Notify {
         &self.notify
     }
 
     /// Fires when the engine decided a termination (slow consumer, expiry, revocation):
     /// a write blocked on a stalled socket must be abandoned for the close.
-    pub fn kill(&self) -> &Notify {
+    pub(crate) fn kill(&self) -> &Notify {
         &self.kill
     }
 
     /// Handles a parsed control message (`refresh` goes through
     /// [`ConnGuard::refresh_begin`] instead: its token is validated outside the engine).
-    pub fn handle(&self, msg: ClientMsg) {
+    pub(crate) fn handle(&self, msg: ClientMsg) {
         self.shard.core.borrow_mut().handle(self.key, msg);
     }
 
     /// Queues an `error` reply (counted by code).
-    pub fn send_error(&self, id: Option<i64>, code: ErrorCode, message: String) {
+    pub(crate) fn send_error(&self, id: Option<i64>, code: ErrorCode, message: String) {
         self.shard.core.borrow_mut().send_error(self.key, id, code, message);
     }
 
     /// Queues a close after what is queued and stops data to the connection.
-    pub fn close(&self, why: Reason) {
+    pub(crate) fn close(&self, why: Reason) {
         self.shard.core.borrow_mut().close(self.key, why);
     }
 
     /// The engine's half of a refresh before validation (refresh offered, rate limit).
     /// True: validate the token and hand the outcome to [`ConnGuard::refresh_apply`];
     /// false: it was answered already.
-    pub fn refresh_begin(&self, id: Option<i64>) -> bool {
+    pub(crate) fn refresh_begin(&self, id: Option<i64>) -> bool {
         self.shard.core.borrow_mut().refresh_begin(self.key, id)
     }
 
     /// Applies a validated refresh (new entitlements and deadline), or its refusal.
-    pub fn refresh_apply(&self, id: Option<i64>, validated: Result<Principal, AuthError>) {
+    pub(crate) fn refresh_apply(&self, id: Option<i64>, validated: Result<Principal, AuthError>) {
         self.shard.core.borrow_mut().refresh_apply(self.key, id, validated);
     }
 
@@ -122,7 +122,7 @@ impl ConnGuard {
     /// fan-out latency, batch size). A batch is stamped with its send time here; a
     /// connection past its token's deadline is closed instead (4001): its batches are
     /// dropped and the close is the next frame.
-    pub fn next_frame(&self) -> Option<Frame> {
+    pub(crate) fn next_frame(&self) -> Option<Frame> {
         let shard = &*self.shard;
         let mut core = shard.core.borrow_mut();
         loop {
@@ -156,7 +156,7 @@ impl ConnGuard {
     }
 
     /// Counts a socket flush (one per writer wake-up that wrote something).
-    pub fn flushed(&self) {
+    pub(crate) fn flushed(&self) {
         self.shard.core.borrow_mut().stats.flushes += 1;
     }
 }

@@ -14,7 +14,7 @@ use tickgate_proto::control::{ErrorCode, InstrumentInfo, ServerMsg};
 
 /// Why a symbol list cannot be resolved against a feed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ResolveError {
+pub(crate) enum ResolveError {
     /// `*` next to other symbols (answered `bad_request`).
     #[error("`*` must be the only entry of `symbols`")]
     WildcardNotAlone,
@@ -31,7 +31,7 @@ pub enum ResolveError {
 
 impl ResolveError {
     /// The error code of the reply.
-    pub fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             ResolveError::WildcardNotAlone => ErrorCode::BadRequest,
             ResolveError::UnknownSymbol { .. } => ErrorCode::UnknownSymbol,
@@ -41,7 +41,7 @@ impl ResolveError {
 
 /// Resolves a symbol list against a feed: `["*"]` is every instrument; a repeated symbol
 /// is subscribed and reported once.
-pub fn resolve(feed: &Feed, symbols: &[String]) -> Result<Vec<u32>, ResolveError> {
+pub(crate) fn resolve(feed: &Feed, symbols: &[String]) -> Result<Vec<u32>, ResolveError> {
     if symbols.len() == 1 && symbols[0] == "*" {
         return Ok((0..feed.instrument_count() as u32).collect());
     }

@@ -19,7 +19,7 @@ use super::AppState;
 use crate::auth::validate::Principal;
 
 /// The admin routes.
-pub fn router(app: Arc<AppState>) -> Router {
+pub(crate) fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -102,9 +102,9 @@ fn bad_request(description: &str) -> Response {
 }
 
 /// Largest `/admin/revoke` body accepted.
-pub const MAX_REVOKE_BODY: usize = 4096;
+pub(crate) const MAX_REVOKE_BODY: usize = 4096;
 /// Longest `sub` or `jti` a revocation may name (bytes).
-pub const MAX_REVOKE_ID: usize = 256;
+pub(crate) const MAX_REVOKE_ID: usize = 256;
 
 /// `POST /admin/revoke` with `{"sub": "..."}` or `{"jti": "..."}`: remembers the
 /// revocation (later handshakes, refreshes and ticket redemptions are refused), voids the

@@ -158,7 +158,7 @@ impl Edge {
 
 /// Decrements [`Edge::public_http`] when the HTTP part of a public connection ends.
 #[derive(Debug)]
-pub struct HttpSocketGuard(pub(crate) Arc<super::AppState>);
+pub(crate) struct HttpSocketGuard(pub(crate) Arc<super::AppState>);
 
 impl Drop for HttpSocketGuard {
     fn drop(&mut self) {
@@ -180,7 +180,7 @@ fn open_fds() -> Option<usize> {
 
 /// The `kind` label of `tickgate_accept_errors_total` for an accept error, and whether it
 /// is a resource shortage that calls for backing off.
-pub fn accept_error_kind(e: &std::io::Error) -> (&'static str, bool) {
+pub(crate) fn accept_error_kind(e: &std::io::Error) -> (&'static str, bool) {
     // The numbers are the same on Linux and the BSDs/macOS for these three.
     match e.raw_os_error() {
         Some(24) => ("emfile", true),
@@ -199,7 +199,7 @@ pub fn accept_error_kind(e: &std::io::Error) -> (&'static str, bool) {
 /// number of errors since the last line, and a sleep that doubles from 10 ms up to 1 s while
 /// errors continue (reset by the next good accept).
 #[derive(Debug)]
-pub struct AcceptBackoff {
+pub(crate) struct AcceptBackoff {
     listener: &'static str,
     metrics: Metrics,
     delay: Duration,
@@ -212,18 +212,18 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl AcceptBackoff {
     /// A back-off for the listener named `listener` (`public`, `admin`).
-    pub fn new(listener: &'static str, metrics: Metrics) -> AcceptBackoff {
+    pub(crate) fn new(listener: &'static str, metrics: Metrics) -> AcceptBackoff {
         AcceptBackoff { listener, metrics, delay: BACKOFF_MIN, last_log: None, unlogged: 0 }
     }
 
     /// A successful accept: the next error starts from the shortest delay.
-    pub fn ok(&mut self) {
+    pub(crate) fn ok(&mut self) {
         self.delay = BACKOFF_MIN;
     }
 
     /// Counts and (rate-limited) logs an accept error, then sleeps when it is a resource
     /// shortage (the listener's backlog waits meanwhile; nothing is lost).
-    pub async fn error(&mut self, e: &std::io::Error) {
+    pub(crate) async fn error(&mut self, e: &std::io::Error) {
         let (kind, back_off) = accept_error_kind(e);
         self.metrics.accept_errors.with_label_values(&[self.listener, kind]).inc();
         self.unlogged += 1;

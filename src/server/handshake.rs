@@ -6,7 +6,7 @@
 //! principal. Who may connect (refusals, credentials, token checks, admission slots) is
 //! in [`super::authorize`], shared with the connection task's in-band `auth`; this module
 //! parses the upgrade, answers `POST /v1/ticket`, and hands an accepted upgrade to
-//! [`super::connection`]. The publish endpoint shares the request checks
+//! `super::connection`. The publish endpoint shares the request checks
 //! (`check_request`, `switching_protocols`) and [`PeerAddr`].
 
 use std::net::SocketAddr;

@@ -1,26 +1,26 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
 //! handshake ([`handshake`]), who may hold a connection ([`authorize`]), the session
-//! lifecycle streams and publishers share ([`session`]), the connection task
-//! ([`connection`]), the publish endpoint ([`publish`]), the admin listener ([`admin`]), binding and serving both listeners
+//! lifecycle streams and publishers share (`session`), the connection task
+//! (`connection`), the publish endpoint (`publish`), the admin listener (`admin`), binding and serving both listeners
 //! (`listen`), and what protects the listeners
-//! ([`edge`]: pending caps, descriptor reserve, accept back-off; request deadlines and body
+//! (`edge`: pending caps, descriptor reserve, accept back-off; request deadlines and body
 //! limits are in [`serve_http`]).
 //!
 //! Sockets are accepted on the main runtime and handed to the shard with the fewest
 //! connections; HTTP is then served on that shard's thread, so a WebSocket upgraded there
 //! stays there for its whole life.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod authorize;
-pub mod connection;
-pub mod edge;
+pub(crate) mod connection;
+pub(crate) mod edge;
 pub mod handshake;
 mod heartbeat;
-pub mod limits;
+pub(crate) mod limits;
 pub(crate) mod listen;
-pub mod publish;
-pub mod session;
-pub mod tls;
+pub(crate) mod publish;
+pub(crate) mod session;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

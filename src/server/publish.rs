@@ -115,7 +115,7 @@ async fn admit(
 }
 
 /// The `GET /v1/publish` handler.
-pub async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
+pub(crate) async fn handshake(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     // The request head is read before the token is validated: validation may wait for a
     // JWKS refetch (unknown `kid`), and the request (not `Sync`) must not be borrowed

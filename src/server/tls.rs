@@ -32,7 +32,7 @@ fn pem_err(path: &Path, message: impl std::fmt::Display) -> TlsError {
 }
 
 /// Builds a server configuration from PEM files.
-pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem_err(cert, e))?
         .collect::<Result<_, _>>()

@@ -4,16 +4,16 @@
 //!
 //! | source (`source =` in the feed file) | module |
 //! |---|---|
-//! | `synthetic`: a seeded random walk of trades and quotes | [`synthetic`] |
-//! | `replay`: a recording played back at its own pace, looping | [`replay`] |
+//! | `synthetic`: a seeded random walk of trades and quotes | `synthetic` |
+//! | `replay`: a recording played back at its own pace, looping | `replay` |
 //! | `publish`: upstream feed handlers on `GET /v1/publish` | [`publish`] (the batch rules, seqs and ingest of one publisher connection; the endpoint and connection task are `server::publish`) |
 //!
 //! This module sits above both `feeds` (the definitions it reads) and `engine` (the
 //! ingest it writes to), which is why sources are not part of `feeds`.
 
 pub mod publish;
-pub mod replay;
-pub mod synthetic;
+pub(crate) mod replay;
+pub(crate) mod synthetic;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

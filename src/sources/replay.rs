@@ -22,7 +22,13 @@ const MAX_BURST: usize = 4096;
 
 /// Runs a replay feed until it ends (no loop) or `cancel` fires. `lag` receives, once per
 /// burst, how late the burst is against its schedule.
-pub async fn run(def: ReplayDef, feed_idx: u16, ingest: Ingest, lag: prometheus::Histogram, cancel: CancellationToken) {
+pub(crate) async fn run(
+    def: ReplayDef,
+    feed_idx: u16,
+    ingest: Ingest,
+    lag: prometheus::Histogram,
+    cancel: CancellationToken,
+) {
     let catalog = ingest.catalog().clone();
     let Some(feed) = catalog.get(feed_idx as usize) else { return };
     let mut pass: u64 = 0;

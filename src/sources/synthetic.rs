@@ -31,7 +31,7 @@ struct Book {
 
 /// A deterministic tick generator for one feed: the same seed yields the same bodies in
 /// the same order, whatever the rate or the machine.
-pub struct Generator {
+pub(crate) struct Generator {
     rng: ChaCha8Rng,
     books: Vec<Book>,
     quote_ratio: f64,
@@ -41,7 +41,7 @@ pub struct Generator {
 
 impl Generator {
     /// A generator for `instruments` instruments.
-    pub fn new(def: &SyntheticDef, feed_idx: usize, feed_id: u16, instruments: usize) -> Generator {
+    pub(crate) fn new(def: &SyntheticDef, feed_idx: usize, feed_id: u16, instruments: usize) -> Generator {
         let mut rng = ChaCha8Rng::seed_from_u64(def.seed);
         let start = (def.start_price * FIXED_SCALE as f64) as i64;
         let start = start - start % TICK;
@@ -56,7 +56,7 @@ impl Generator {
     }
 
     /// Produces the next tick, stamped with the given times.
-    pub fn next_tick(&mut self, ts_event_ns: i64, ts_recv_ns: i64) -> Tick {
+    pub(crate) fn next_tick(&mut self, ts_event_ns: i64, ts_recv_ns: i64) -> Tick {
         let i = self.rng.random_range(0..self.books.len());
         let rng = &mut self.rng;
         let book = &mut self.books[i];
@@ -102,7 +102,7 @@ impl Generator {
 
 /// Runs a synthetic feed until `cancel` fires. `lag` receives, once per burst, how late the
 /// oldest tick of the burst is against its schedule.
-pub async fn run(
+pub(crate) async fn run(
     def: SyntheticDef,
     mut generator: Generator,
     ingest: Ingest,
