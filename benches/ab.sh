@@ -55,7 +55,8 @@ cell() {
     --no-token --server-seq --feed CMP --feed-id 100 --symbols S0 --rate "$m" --seconds 0 >/dev/null 2>"$d/pub.err" &
   pub=$!
   wait "$load" || echo "load run failed: $(tail -2 "$d/load.err")" >&2
-  kill "$pub" "$srv" 2>/dev/null || true; wait "$pub" "$srv" 2>/dev/null || true
+  # The measurement is over: no graceful shutdown (its drain would only cost time).
+  kill -KILL "$pub" "$srv" 2>/dev/null || true; wait "$pub" "$srv" 2>/dev/null || true
 }
 for r in $(seq 1 "$ROUNDS"); do
   for side in OLD NEW; do
@@ -107,6 +108,12 @@ for side in ("OLD", "NEW"):
             cell = os.path.basename(cf)[5:-5]
             if j.get("server_cpu_s_per_million"):
                 add(f"cells {cell}/s: server CPU-s per M deliveries", side, j["server_cpu_s_per_million"])
+                # Per frame written (one WebSocket message, one socket write when nothing is
+                # held): how many records share a frame depends on timing and swings CPU per
+                # record by tens of percent from run to run; the cost per write does not.
+                if j.get("records_per_frame"):
+                    add(f"cells {cell}/s: server CPU-us per frame", side,
+                        j["server_cpu_s_per_million"] * j["records_per_frame"])
             if j.get("p99_us"):
                 add(f"cells {cell}/s: p99 (us)", side, j["p99_us"])
         cj = f"{d}/compare/benchmarks-compare.jsonl"

@@ -58,6 +58,130 @@ pub struct Config {
     pub log: LogConfig,
     /// TLS (off unless `cert` and `key` are set).
     pub tls: TlsConfig,
+    /// NATS JetStream, the source of `source = "nats"` feeds (scale-out).
+    pub nats: NatsConfig,
+}
+
+/// Where JetStream keeps a feed's streams.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NatsStorage {
+    /// On disk (survives a NATS restart).
+    #[default]
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// `[nats]`: the JetStream deployment that feeds `source = "nats"` feeds
+/// (nats-feeds-v1 §5). Unused when no feed has that source.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port`, `tls://host:port`); one or more.
+    pub servers: Vec<String>,
+    /// Subject prefix of the feeds' records: `<prefix>.<FEED>.<ID>.t|q`; one or more tokens.
+    pub subject_prefix: String,
+    /// `/readyz` turns 503 once the edge has been cut off from NATS this long (ms).
+    pub unready_after_ms: u64,
+    /// Replicas of the streams an edge creates (3 in a three-server cluster).
+    pub stream_replicas: usize,
+    /// Storage of the streams an edge creates.
+    pub stream_storage: NatsStorage,
+    /// JetStream's duplicate window (`Nats-Msg-Id`) of the streams an edge creates (s).
+    pub duplicate_window_s: u64,
+    /// How long one connection attempt may take (ms); the edge keeps retrying after it.
+    pub connect_timeout_ms: u64,
+    /// A NATS credentials file (JWT + NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// PEM CA bundle that the NATS servers' certificates are checked against.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: Vec::new(),
+            subject_prefix: "md".to_owned(),
+            unready_after_ms: 3_000,
+            stream_replicas: 1,
+            stream_storage: NatsStorage::File,
+            duplicate_window_s: 120,
+            connect_timeout_ms: 2_000,
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password or token.
+        f.debug_struct("NatsConfig")
+            .field("servers", &self.servers)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("unready_after_ms", &self.unready_after_ms)
+            .field("stream_replicas", &self.stream_replicas)
+            .field("stream_storage", &self.stream_storage)
+            .field("duplicate_window_s", &self.duplicate_window_s)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("creds_file", &self.creds_file)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("tls_ca", &self.tls_ca)
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// Checks the section on its own (whether a feed needs it is checked with the feeds).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for url in &self.servers {
+            let ok = ["nats://", "tls://"].iter().any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+            if !ok {
+                return bad(format!("nats.servers: {url:?} is not a nats://host:port or tls://host:port URL"));
+            }
+        }
+        let token_ok =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>' && b != b'.');
+        if !self.subject_prefix.split('.').all(token_ok) {
+            return bad(format!(
+                "nats.subject_prefix {:?} must be one or more subject tokens (no spaces, wildcards or empty tokens)",
+                self.subject_prefix
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.unready_after_ms) {
+            return bad("nats.unready_after_ms must be between 100 and 3600000".into());
+        }
+        if !(1..=5).contains(&self.stream_replicas) {
+            return bad("nats.stream_replicas must be between 1 and 5".into());
+        }
+        if !(1..=86_400).contains(&self.duplicate_window_s) {
+            return bad("nats.duplicate_window_s must be between 1 and 86400".into());
+        }
+        if !(100..=60_000).contains(&self.connect_timeout_ms) {
+            return bad("nats.connect_timeout_ms must be between 100 and 60000".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad("nats.user and nats.password go together".into());
+        }
+        let methods = [self.creds_file.is_some(), self.user.is_some(), self.token.is_some()];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return bad("nats: use one of creds_file, user/password or token".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[tls]`.
@@ -93,6 +217,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig::default(),
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -419,6 +544,7 @@ impl Config {
     /// Checks ranges and cross-field consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        self.nats.validate()?;
         if self.limits.max_outbound_bytes < 4096 {
             return bad("limits.max_outbound_bytes must be at least 4096");
         }
@@ -695,7 +821,7 @@ mod example_tests {
     /// the struct definitions themselves.
     fn schema_keys() -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        for section in ["", "issuer", "auth", "security", "limits", "engine", "server", "tls", "log"] {
+        for section in ["", "issuer", "auth", "security", "limits", "engine", "server", "tls", "log", "nats"] {
             let doc = if section.is_empty() {
                 "zz_unknown_key = 1\n".to_string()
             } else {
@@ -715,7 +841,8 @@ mod example_tests {
                     continue;
                 }
                 let is_section = section.is_empty()
-                    && ["issuer", "auth", "security", "limits", "engine", "server", "tls", "log"].contains(&name);
+                    && ["issuer", "auth", "security", "limits", "engine", "server", "tls", "log", "nats"]
+                        .contains(&name);
                 if !is_section {
                     out.push((section, name.to_string()));
                 }

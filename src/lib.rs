@@ -21,17 +21,22 @@
 //! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing, outbound queues, conflation, timer wheel |
 //! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording, publish ingest |
 //! | [`server`] | listeners and their bounds, HTTP on the shards, handshake and authorization, the session and its WebSocket loop (stream and publisher roles), heartbeat, admin, TLS |
+//! | `error` | [`Error`]: why the server could not start |
 //! | `shutdown` | the phases of a graceful shutdown, and what stops a dropped [`Server`] |
 //! | this file | the composition root: [`Server::start`] builds the parts and wires them |
 //!
 //! [`run`] starts everything and serves until the shutdown future resolves; [`Server`]
 //! gives tests and embedders the bound addresses and an explicit graceful shutdown.
 
+pub use error::Error;
+
 pub mod auth;
 pub mod config;
 pub mod engine;
+mod error;
 pub mod feeds;
 pub(crate) mod metrics;
+
 mod ratelimit;
 pub mod server;
 mod shutdown;
@@ -42,65 +47,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use thiserror::Error;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::issuer::{EmbeddedIssuer, DEMO_SECRET_ENV};
-use crate::auth::setup::{Auth, AuthSetupError};
+use crate::auth::setup::Auth;
 use crate::config::Config;
 use crate::engine::core::CoreLimits;
 use crate::engine::{Engine, Ingest};
-use crate::feeds::{Catalog, DefsOrigin};
 use crate::metrics::Metrics;
-use crate::server::listen::{BindError, Listeners};
+use crate::server::listen::Listeners;
 use crate::server::AppState;
 use crate::shutdown::{Shutdown, Stops};
-
-/// Errors that stop the server from starting.
-#[derive(Debug, Error)]
-pub enum Error {
-    /// Bad configuration.
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    /// Bad feed definitions.
-    #[error(transparent)]
-    Feeds(#[from] feeds::FeedError),
-    /// The epoch state (`server.state_dir`) could not be read or written.
-    #[error(transparent)]
-    Epoch(#[from] feeds::epoch::EpochError),
-    /// The embedded issuer could not be built.
-    #[error(transparent)]
-    Issuer(#[from] auth::issuer::IssuerError),
-    /// A listener could not be bound, or a thread not started.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A mode that this build does not serve yet, or a client that could not be built.
-    #[error("unsupported configuration: {0}")]
-    Unsupported(String),
-    /// The TLS certificate or key could not be loaded.
-    #[error(transparent)]
-    Tls(#[from] server::tls::TlsError),
-}
-
-impl From<BindError> for Error {
-    fn from(e: BindError) -> Error {
-        Error::Io { context: e.context, source: e.source }
-    }
-}
-
-impl From<AuthSetupError> for Error {
-    fn from(e: AuthSetupError) -> Error {
-        match e {
-            AuthSetupError::Issuer(e) => Error::Issuer(e),
-            AuthSetupError::Jwks(e) => Error::Unsupported(format!("JWKS client: {e}")),
-        }
-    }
-}
 
 /// A running server. Dropping it without [`Server::shutdown`] stops everything at once
 /// (shards, sources, listeners, background tasks).
@@ -121,26 +78,6 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Loads the feed definitions and opens the epoch store: epochs never repeat across
-/// restarts (max(last + 1, now in ms)), made durable in the state folder before anything
-/// is served (feeds::epoch).
-fn open_catalog(config: &Config) -> Result<Arc<Catalog>, Error> {
-    let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
-    let (defs, origin) = feeds::load_defs(&config.feeds_dir, allow_embedded)?;
-    match &origin {
-        DefsOrigin::Embedded => {
-            tracing::warn!("no feeds/ folder here: streaming the compiled-in DEMO feed (set feeds_dir to use your own)")
-        }
-        DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
-    }
-    let state_dir = feeds::epoch::resolve_state_dir(config.server.state_dir.as_deref());
-    let epochs = Arc::new(feeds::epoch::EpochStore::open(&state_dir)?);
-    let previous = epochs.last();
-    let epoch = epochs.next(0)?;
-    tracing::info!(epoch, previous, state = %epochs.path().display(), "feed epoch");
-    Ok(Arc::new(Catalog::new(defs, epoch)?.with_epoch_store(epochs)))
-}
-
 impl Server {
     /// Binds the listeners, starts the shards, the feeds and the admin listener. Must be
     /// called inside a tokio runtime (the main runtime: acceptors, feeds, admin).
@@ -149,7 +86,14 @@ impl Server {
         let config = Arc::new(config);
         let listeners = Listeners::bind(&config).await?;
         let (addr, admin_addr) = (listeners.addr, listeners.admin_addr);
-        let catalog = open_catalog(&config)?;
+        // The default `feeds` folder may be missing (a fresh checkout): the demo feed.
+        let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
+        let catalog = Arc::new(feeds::open(&config.feeds_dir, allow_embedded, config.server.state_dir.as_deref())?);
+        if config.nats.servers.is_empty() && catalog.feeds().iter().any(|f| f.def.source == feeds::SourceKind::Nats) {
+            return Err(Error::Config(config::ConfigError::Invalid(
+                "a feed has source = \"nats\" but nats.servers is empty".into(),
+            )));
+        }
         let metrics = Metrics::new();
         let auth = Auth::build(&config, addr, &metrics)?;
 
@@ -183,6 +127,7 @@ impl Server {
         listeners.spawn(&app, engine.socket_senders(), tls.clone(), &background, &stops.listeners);
         auth.spawn_tasks(&config, &background, &stops.listeners);
         sources::spawn(&catalog, &ingest, &metrics, &app.sources, &stops.sources);
+        sources::nats::spawn(&config.nats, &catalog, &ingest, &metrics, &app.nats, &app.sources, &stops.sources);
 
         if config.auth.insecure_no_auth {
             tracing::warn!(

@@ -112,6 +112,18 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Failed `accept` calls, by listener and kind (`emfile`, `enfile`, `enomem`, `aborted`, `other`).
     pub accept_errors: IntCounterVec,
+    /// 1 while the NATS connection is up (nats-feeds-v1 §6; 0 with no NATS feed).
+    pub nats_connected: IntGauge,
+    /// NATS messages taken in, by feed (warm start included).
+    pub nats_messages: IntCounterVec,
+    /// NATS messages dropped for breaking the contract, by feed and reason.
+    pub nats_rejects: IntCounterVec,
+    /// Now minus the time the newest NATS message of a feed was taken in (s).
+    pub nats_last_message_age: prometheus::GaugeVec,
+    /// The last stream sequence of `MD_<FEED>` taken in, by feed.
+    pub nats_stream_seq: IntGaugeVec,
+    /// Times the NATS connection came back after being lost.
+    pub nats_reconnects: IntCounter,
 }
 
 /// Registers a metric, panicking on a programming error (a bad name or a duplicate).
@@ -177,7 +189,33 @@ impl Metrics {
             hist_vec("tickgate_ingest_lag_seconds", "Ingest time minus the tick's source time, per feed", "feed");
         let build_info = gauge_vec("tickgate_build_info", "Build information", "version");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let nats_last_message_age = reg(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "tickgate_nats_last_message_age_seconds",
+                    "Now minus the time the newest NATS message was taken in, per feed",
+                ),
+                &["feed"],
+            ),
+        );
         Metrics {
+            nats_connected: gauge(&r, "tickgate_nats_connected", "1 while the NATS connection is up"),
+            nats_messages: counter_vec(
+                &r,
+                "tickgate_nats_messages_total",
+                "NATS messages taken in, by feed",
+                &["feed"],
+            ),
+            nats_rejects: counter_vec(
+                &r,
+                "tickgate_nats_rejects_total",
+                "NATS messages dropped for breaking the feed contract, by feed and reason",
+                &["feed", "reason"],
+            ),
+            nats_last_message_age,
+            nats_stream_seq: gauge_vec("tickgate_nats_stream_seq", "Last stream sequence taken in, per feed", "feed"),
+            nats_reconnects: counter(&r, "tickgate_nats_reconnects_total", "NATS connections re-established"),
             batch_records,
             dispatch_cycle,
             outbound_queued_bytes,

@@ -9,7 +9,7 @@
 //! [`validate::Principal`], is all the connection keeps; the delivery path never sees it.
 
 pub(crate) mod failure;
-mod hash;
+pub(crate) mod hash;
 pub mod issuer;
 pub mod jwks;
 pub mod keys;

@@ -128,6 +128,16 @@ impl FeedLog {
         }
     }
 
+    /// Declares an instrument's seqs up to `upto` not replayable, as if they had been
+    /// evicted: a source that starts from a last value and then a later window (a NATS
+    /// edge's warm start) has nothing in between, and a resume from there must get
+    /// `replay_unavailable` rather than a replay with a hole in it.
+    pub fn mark_evicted(&mut self, instr: u32, upto: u64) {
+        if let Some(e) = self.evicted_upto.get_mut(instr as usize) {
+            *e = (*e).max(upto);
+        }
+    }
+
     /// Whether `seq > after` (up to `upto`) of an instrument can be replayed in `epoch`.
     pub fn availability(&self, epoch: u64, instr: u32, after: u64, upto: u64) -> Availability {
         if epoch != self.epoch {

@@ -52,6 +52,10 @@ pub enum SourceKind {
     Replay,
     /// Upstream publishers connect to `GET /v1/publish` (scope `md:publish:<FEED>`).
     Publish,
+    /// The feed's JetStream stream `MD_<FEED>` (`[nats]` in the server configuration;
+    /// nats-feeds-v1): seqs and epochs come from the feed handler, so every edge numbers
+    /// every record alike.
+    Nats,
 }
 
 /// What happens to a client whose outbound budget is exhausted.
@@ -217,7 +221,7 @@ impl FeedDef {
                     return Err(invalid("replay.speed must be in [0, 1000000] (0: as fast as possible)".into()));
                 }
             }
-            (SourceKind::Publish, _, _) => {}
+            (SourceKind::Publish | SourceKind::Nats, _, _) => {}
         }
         if def.source != SourceKind::Synthetic && def.synthetic.is_some() {
             return Err(invalid("a [synthetic] section needs source = \"synthetic\"".into()));
@@ -388,6 +392,9 @@ impl Catalog {
                 records: def.resume.records,
                 max_age_ns: (def.resume.max_age_s as i64).saturating_mul(1_000_000_000),
             };
+            // A NATS feed's epoch is the stream's (nats-feeds-v1 §2): edges never invent
+            // one, so before its first message the feed has epoch 0 and no seqs.
+            let epoch = if def.source == SourceKind::Nats { 0 } else { epoch };
             let log = RwLock::new(FeedLog::new(def.symbols.len(), epoch, bounds));
             feeds.push(Feed {
                 idx,
@@ -487,6 +494,38 @@ pub fn load_defs(dir: &Path, allow_embedded: bool) -> Result<(Vec<FeedDef>, Defs
         });
     }
     Ok((defs, DefsOrigin::Folder(dir.display().to_string())))
+}
+
+/// Why the catalog could not be opened: its definitions, or its epoch state.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// Bad feed definitions.
+    #[error(transparent)]
+    Feeds(#[from] FeedError),
+    /// The epoch state (`server.state_dir`) could not be read or written.
+    #[error(transparent)]
+    Epoch(#[from] epoch::EpochError),
+}
+
+/// Opens the catalog the server streams: the definitions of `feeds_dir` (or the
+/// compiled-in demo feed, see [`load_defs`]) under a new epoch from the store in
+/// `state_dir` ([`epoch::resolve_state_dir`]). Epochs never repeat across restarts
+/// (max(last + 1, now in ms)), and the new one is durable in the state folder before this
+/// returns, so before anything is served.
+pub fn open(feeds_dir: &Path, allow_embedded: bool, state_dir: Option<&Path>) -> Result<Catalog, OpenError> {
+    let (defs, origin) = load_defs(feeds_dir, allow_embedded)?;
+    match &origin {
+        DefsOrigin::Embedded => {
+            tracing::warn!("no feeds/ folder here: streaming the compiled-in DEMO feed (set feeds_dir to use your own)")
+        }
+        DefsOrigin::Folder(dir) => tracing::info!(dir = %dir, feeds = defs.len(), "feed definitions loaded"),
+    }
+    let state_dir = epoch::resolve_state_dir(state_dir);
+    let epochs = Arc::new(epoch::EpochStore::open(&state_dir)?);
+    let previous = epochs.last();
+    let epoch = epochs.next(0)?;
+    tracing::info!(epoch, previous, state = %epochs.path().display(), "feed epoch");
+    Ok(Catalog::new(defs, epoch)?.with_epoch_store(epochs))
 }
 
 #[cfg(test)]

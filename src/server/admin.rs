@@ -62,6 +62,9 @@ async fn readyz(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
     } else if app.validator.keys().is_empty() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "keys not loaded"})))
+    } else if let Err(why) = app.nats.status() {
+        // NATS feeds warming up, refused, or cut off from NATS past `nats.unready_after_ms`.
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": why})))
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }

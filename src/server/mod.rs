@@ -83,6 +83,8 @@ pub struct AppState {
     pub publishers: session::EdgeSessions,
     /// Listener protection: pending caps, descriptor reserve, end-of-shutdown answers.
     pub edge: edge::Edge,
+    /// The NATS feeds' readiness (`/readyz`); always ready without NATS feeds.
+    pub nats: Arc<crate::sources::nats::NatsHealth>,
 }
 
 impl AppState {
@@ -100,6 +102,7 @@ impl AppState {
     ) -> AppState {
         authorize::prime_metrics(&metrics);
         AppState {
+            nats: crate::sources::nats::NatsHealth::new(ingest.catalog(), &config.nats),
             ingest,
             // The sources (generators, replays and publisher connections), tracked so
             // shutdown can wait for them to have stopped.

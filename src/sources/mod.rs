@@ -7,10 +7,12 @@
 //! | `synthetic`: a seeded random walk of trades and quotes | `synthetic` |
 //! | `replay`: a recording played back at its own pace, looping | `replay` |
 //! | `publish`: upstream feed handlers on `GET /v1/publish` | [`publish`] (the batch rules, seqs and ingest of one publisher connection; the endpoint and connection task are `server::publish`) |
+//! | `nats`: the feed's NATS JetStream stream (scale-out: every edge numbers alike) | `nats` (connection, streams, warm start, live consumption, readiness) |
 //!
 //! This module sits above both `feeds` (the definitions it reads) and `engine` (the
 //! ingest it writes to), which is why sources are not part of `feeds`.
 
+pub(crate) mod nats;
 pub mod publish;
 pub(crate) mod replay;
 pub(crate) mod synthetic;

@@ -33,6 +33,7 @@ mod issuer_cli;
 mod jwks;
 mod lifecycle;
 mod module_graph;
+mod nats_edge;
 mod nats_load;
 mod observability;
 mod restart_epoch;

@@ -1,0 +1,285 @@
+//! `source = "nats"` feeds against a real nats-server with JetStream (nats-feeds-v1): the
+//! test is the feed handler, publishing by the contract with async-nats (subjects,
+//! `Tickgate-Epoch`, `Nats-Msg-Id`, acks awaited). Two edges must deliver the same
+//! records for every (instrument, seq); an edge started late warms up from the stream
+//! (snapshot and resume like its peer); messages that break the contract are dropped and
+//! counted while the feed keeps streaming; a stream made from another feed file is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use crate::common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+
+use async_nats::jetstream;
+use common::{eventually, eventually_blocking, Kill, TestServer, EVENTUALLY};
+use serde_json::json;
+use tickgate_client::{ConnectOptions, Event, Subscriber};
+use tickgate_proto::codec::{encode_batch, Body, Quote, Record, Trade, FLAG_REPLAY, FLAG_SNAPSHOT};
+
+const NEEDS: &str = "needs nats-server on PATH (./scripts/test.sh installs it)";
+const FEED: &str = "NX";
+const FEED_ID: u16 = 7;
+const EPOCH: u64 = 5;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A nats-server with JetStream on loopback, its store in a temp folder.
+struct Nats {
+    _proc: Kill,
+    _dir: tempfile::TempDir,
+    url: String,
+}
+
+fn start_nats() -> Nats {
+    let found = Command::new("nats-server").arg("--version").output();
+    assert!(found.is_ok_and(|o| o.status.success()), "nats-server is not on PATH: run ./scripts/test.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let proc = Kill(
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually_blocking("nats-server listening", EVENTUALLY, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    Nats { _proc: proc, _dir: dir, url: format!("nats://127.0.0.1:{port}") }
+}
+
+fn feed_file(symbols: &str) -> String {
+    format!("name = \"{FEED}\"\nid = {FEED_ID}\nsource = \"nats\"\nsymbols = [{symbols}]\n[resume]\nrecords = 1000\n")
+}
+
+async fn edge(nats: &Nats, symbols: &str) -> TestServer {
+    let url = nats.url.clone();
+    TestServer::start_with_feeds(50.0, &[("nx.toml", feed_file(symbols))], |c| {
+        c.nats.servers = vec![url];
+        c.nats.stream_storage = tickgate::config::NatsStorage::Memory;
+        c.issuer.clients[0].scopes.push(format!("md:read:{FEED}"));
+    })
+    .await
+}
+
+async fn readyz(ts: &TestServer) -> (u16, String) {
+    let r = reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn wait_ready(ts: &TestServer) {
+    eventually("the edge reports ready", EVENTUALLY, || async { (readyz(ts).await.0 == 200).then_some(()) }).await;
+}
+
+/// The test's feed handler: records of instrument `id` (1-based), by the contract.
+struct Handler {
+    js: jetstream::Context,
+    seqs: HashMap<u32, u64>,
+}
+
+impl Handler {
+    async fn new(nats: &Nats) -> Handler {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        Handler { js: jetstream::new(client), seqs: HashMap::new() }
+    }
+
+    fn record(&mut self, id: u32, quote: bool) -> Record {
+        let seq = self.seqs.entry(id).or_insert(0);
+        *seq += 1;
+        let body = if quote {
+            Body::Quote(Quote { bid_px: 100 + *seq as i64, ask_px: 101 + *seq as i64, bid_sz: 1, ask_sz: 2 })
+        } else {
+            Body::Trade(Trade { price: 100 + *seq as i64, size: *seq, side: 1 })
+        };
+        Record::encode(FEED_ID, id, *seq, 1_000 + *seq as i64, 0, &body, 0)
+    }
+
+    /// Publishes raw: subject, epoch header (None: left out), records; waits for the ack.
+    /// `tag` makes the `Nats-Msg-Id` of a deliberately bad message unique, so JetStream's
+    /// deduplication does not swallow it (or the good message sent after it).
+    async fn send_raw(&self, subject: &str, epoch: Option<u64>, recs: &[Record], tag: &str) {
+        let mut payload = Vec::new();
+        encode_batch(recs, 0, &mut payload);
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(e) = epoch {
+            headers.insert("Tickgate-Epoch", e.to_string().as_str());
+        }
+        let first = recs.first().map(|r| (r.instrument_id(), r.seq())).unwrap_or((0, 0));
+        headers.insert("Nats-Msg-Id", format!("{FEED}.{}.{}.{}{tag}", first.0, epoch.unwrap_or(0), first.1).as_str());
+        let ack = self.js.publish_with_headers(subject.to_string(), headers, payload.into()).await.unwrap();
+        ack.await.expect("JetStream acknowledged");
+    }
+
+    /// One message of `n` records of instrument `id` (all trades or all quotes).
+    async fn send(&mut self, id: u32, quote: bool, n: usize) -> Vec<Record> {
+        let recs: Vec<Record> = (0..n).map(|_| self.record(id, quote)).collect();
+        let kind = if quote { "q" } else { "t" };
+        self.send_raw(&format!("md.{FEED}.{id}.{kind}"), Some(EPOCH), &recs, "").await;
+        recs
+    }
+}
+
+/// What must be equal between edges: everything but `ts_recv_ns` and the flags.
+fn key(r: &Record) -> (u32, u64, i64, String) {
+    (r.instrument_id(), r.seq(), r.ts_event_ns(), format!("{:?}", r.body()))
+}
+
+/// Collects the records of `sub` until `done` says it has what it needs.
+async fn collect(sub: &mut Subscriber, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let mut got = Vec::new();
+    tokio::time::timeout(EVENTUALLY, async {
+        while !done(&got) {
+            match sub.next_event().await.unwrap() {
+                Event::Batch { records, .. } => got.extend(records.into_iter().filter(|r| r.feed_id() == FEED_ID)),
+                Event::Closed { code, reason } => panic!("closed {code} {reason}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("records not all received within {EVENTUALLY:?}; have {}", got.len()));
+    got
+}
+
+fn has_seq(recs: &[Record], id: u32, seq: u64) -> bool {
+    recs.iter().any(|r| r.instrument_id() == id && r.seq() == seq && r.flags() & FLAG_SNAPSHOT == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
+async fn two_edges_number_alike_and_a_late_edge_warms_up() {
+    let _ = NEEDS;
+    let nats = start_nats();
+    let a = edge(&nats, "\"A\", \"B\", \"C\"").await;
+    // The edge creates both streams and, the stream being empty, is ready at once.
+    wait_ready(&a).await;
+    let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let mut md = js.get_stream(format!("MD_{FEED}")).await.expect("MD stream created by the edge");
+    let info = md.info().await.unwrap().clone();
+    assert_eq!(info.config.subjects, vec![format!("md.{FEED}.>")]);
+    assert!(info.config.description.as_deref().unwrap().starts_with(&format!("tickgate feed {FEED} id {FEED_ID} ")));
+    let mut lv = js.get_stream(format!("MDLV_{FEED}")).await.expect("MDLV stream created by the edge");
+    assert_eq!(lv.info().await.unwrap().config.max_messages_per_subject, 1);
+
+    let token = a.token(&[&format!("md:read:{FEED}")]);
+    let mut on_a = a.subscriber(&token).await;
+    on_a.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
+    // Wait for the subscription to be live before publishing.
+    loop {
+        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = on_a.next_event().await.unwrap()
+        {
+            break;
+        }
+    }
+
+    let mut h = Handler::new(&nats).await;
+    let mut sent = Vec::new();
+    for round in 0..5 {
+        for id in 1..=3 {
+            sent.extend(h.send(id, round % 2 == 1, 2).await);
+        }
+    }
+    // Contract violations, each dropped alone: no epoch, seq 0, a seq not above the last,
+    // a record of another instrument than the subject's, an older epoch, a bad batch.
+    let next_a = h.record(1, false);
+    h.send_raw(&format!("md.{FEED}.1.t"), None, &[next_a], "-bad1").await;
+    h.send_raw(&format!("md.{FEED}.1.t"), Some(EPOCH), &[next_a.with_seq(0)], "-bad2").await;
+    h.send_raw(&format!("md.{FEED}.1.t"), Some(EPOCH), &[next_a.with_seq(1)], "-bad3").await;
+    h.send_raw(&format!("md.{FEED}.2.t"), Some(EPOCH), &[next_a], "-bad4").await;
+    h.send_raw(&format!("md.{FEED}.1.t"), Some(EPOCH - 1), &[next_a], "-bad5").await;
+    h.js.publish_with_headers(
+        format!("md.{FEED}.1.t"),
+        {
+            let mut hm = async_nats::HeaderMap::new();
+            hm.insert("Tickgate-Epoch", EPOCH.to_string().as_str());
+            hm
+        },
+        vec![1u8, 2, 3].into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // ...and the feed goes on: the same record, now good.
+    h.send_raw(&format!("md.{FEED}.1.t"), Some(EPOCH), &[next_a], "").await;
+    sent.push(next_a);
+
+    let first_half = collect(&mut on_a, |got| sent.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()))).await;
+    for (series, want) in [
+        ("epoch_missing", 1.0),
+        ("bad_seq", 2.0),
+        ("wrong_subject", 1.0),
+        ("epoch_backwards", 1.0),
+        ("malformed_batch", 1.0),
+    ] {
+        a.wait_metric(&format!("tickgate_nats_rejects_total{{feed=\"{FEED}\",reason=\"{series}\"}}"), want).await;
+    }
+    assert_eq!(first_half.len(), sent.len(), "each record once, no violation delivered");
+
+    // A second edge, started now, warms up from the stream before it is ready.
+    let b = edge(&nats, "\"A\", \"B\", \"C\"").await;
+    wait_ready(&b).await;
+    let token_b = b.token(&[&format!("md:read:{FEED}")]);
+    // Snapshot on B: the last trade and quote of every instrument, as A delivered them.
+    let mut snap = b.subscriber(&token_b).await;
+    snap.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"],"snapshot":true})).await.unwrap();
+    let snapshot = collect(&mut snap, |got| got.iter().filter(|r| r.flags() & FLAG_SNAPSHOT != 0).count() >= 6).await;
+    for r in snapshot.iter().filter(|r| r.flags() & FLAG_SNAPSHOT != 0) {
+        let last = sent
+            .iter()
+            .filter(|s| s.instrument_id() == r.instrument_id() && s.rtype() == r.rtype())
+            .max_by_key(|s| s.seq())
+            .unwrap();
+        assert_eq!(key(r), key(last), "snapshot on the late edge is the stream's last value");
+    }
+    // Resume on B from seq 3 of instrument A (held on A): exactly 4, 5, ... as replays.
+    let mut resumed = b.subscriber(&token_b).await;
+    let mut seqs = BTreeMap::new();
+    seqs.insert("A".to_string(), 3u64);
+    resumed.subscribe(1, FEED, &["A"], false, Some((Some(EPOCH), seqs))).await.unwrap();
+    let last_a = sent.iter().filter(|s| s.instrument_id() == 1).map(|s| s.seq()).max().unwrap();
+    let replayed = collect(&mut resumed, |got| got.iter().any(|r| r.seq() == last_a)).await;
+    let expect: Vec<_> = sent.iter().filter(|s| s.instrument_id() == 1 && s.seq() > 3).map(key).collect();
+    assert_eq!(replayed.iter().map(key).collect::<Vec<_>>(), expect, "resume across edges: no gap, no duplicate");
+    assert!(replayed.iter().all(|r| r.flags() & FLAG_REPLAY != 0));
+
+    // Live on both edges: the same records for every (instrument, seq).
+    let mut on_b = b.subscriber(&token_b).await;
+    on_b.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
+    loop {
+        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = on_b.next_event().await.unwrap()
+        {
+            break;
+        }
+    }
+    let mut live = Vec::new();
+    for id in 1..=3 {
+        live.extend(h.send(id, false, 3).await);
+        live.extend(h.send(id, true, 1).await);
+    }
+    let all = |got: &[Record]| live.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()));
+    let got_a = collect(&mut on_a, all).await;
+    let got_b = collect(&mut on_b, all).await;
+    let keys = |v: &[Record]| v.iter().map(key).collect::<Vec<_>>();
+    assert_eq!(keys(&got_a), keys(&live));
+    assert_eq!(keys(&got_b), keys(&live), "the late edge delivers the same records as the first");
+    assert!(b.metric(&format!("tickgate_nats_stream_seq{{feed=\"{FEED}\"}}")).await > 0.0);
+    assert_eq!(b.metric("tickgate_nats_connected").await, 1.0);
+
+    // An edge whose feed file lists other symbols is refused: /readyz says why.
+    let c = edge(&nats, "\"A\", \"C\", \"B\"").await;
+    let why = eventually("the mismatched edge refuses the feed", EVENTUALLY, || async {
+        let (status, body) = readyz(&c).await;
+        (status == 503 && body.contains("refused")).then_some(body)
+    })
+    .await;
+    assert!(why.contains("feed files of the edges differ"), "{why}");
+    let _ = ConnectOptions::default();
+    for s in [a, b, c] {
+        s.shutdown().await;
+    }
+}
