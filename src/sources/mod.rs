@@ -12,7 +12,7 @@
 //! This module sits above both `feeds` (the definitions it reads) and `engine` (the
 //! ingest it writes to), which is why sources are not part of `feeds`.
 
-pub(crate) mod nats;
+pub mod nats;
 pub mod publish;
 pub(crate) mod replay;
 pub(crate) mod synthetic;

@@ -32,6 +32,7 @@
 //! with the count of those not logged); the feed keeps streaming.
 
 pub(crate) mod contract;
+pub mod handler;
 pub(crate) mod streams;
 
 use std::collections::{HashMap, VecDeque};
