@@ -38,6 +38,7 @@ mod observability;
 mod restart_epoch;
 mod rfc6455;
 mod shard_fault;
+mod shared_keys;
 mod stream;
 mod tls;
 mod token_times;
