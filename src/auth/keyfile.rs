@@ -374,7 +374,9 @@ mod tests {
             "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
             STANDARD.encode([0x30u8, 0x03, 0x02, 0x01, 0x00])
         );
-        let cases: Vec<(&str, String, fn(&KeyFileError) -> bool, &str)> = vec![
+        // (file name, contents, the expected variant, words the message must contain)
+        type Case = (&'static str, String, fn(&KeyFileError) -> bool, &'static str);
+        let cases: Vec<Case> = vec![
             ("plain.pem", "just some text\n".into(), |e| matches!(e, KeyFileError::NotPem { .. }), "not a PEM file"),
             (
                 "truncated.pem",
@@ -427,7 +429,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
         assert_eq!(kid_of_file(&p).expect("kid"), kid);
         let before = std::fs::read(&p).expect("read");
-        let e = write_new_key_file(&p).err().expect("exists");
+        let e = write_new_key_file(&p).expect_err("exists");
         assert!(matches!(e, KeyFileError::Write { .. }) && e.to_string().contains("new.pem"), "{e}");
         assert_eq!(std::fs::read(&p).expect("read"), before, "the old key is kept");
         assert_ne!(write_new_key_file(&dir.path().join("other.pem")).expect("second"), kid);

@@ -161,7 +161,7 @@ async fn a_bad_key_file_refuses_to_start() {
         cfg.issuer.signing_key_files = files;
         cfg.issuer.key_rotation_s = 0;
         cfg.issuer.issuer = Some(CLUSTER_ISS.into());
-        let e = tickgate::Server::start(cfg).await.err().expect("refused").to_string();
+        let e = tickgate::Server::start(cfg).await.expect_err("refused").to_string();
         assert!(e.contains(name) && e.contains(words), "{e}");
     }
 }
