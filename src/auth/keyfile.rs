@@ -143,8 +143,10 @@ impl SigningKey {
     /// Loads the one private key of a PEM file.
     pub(crate) fn from_file(path: &Path) -> Result<SigningKey, KeyFileError> {
         let text = std::fs::read(path).map_err(|source| KeyFileError::Read { path: path.to_owned(), source })?;
+        let key = SigningKey::from_pem(path, &text)?;
+        // Only a file that really holds a key is worth the warning.
         warn_if_shared(path);
-        SigningKey::from_pem(path, &text)
+        Ok(key)
     }
 
     /// Parses the PEM text of `path` (read by the caller).
