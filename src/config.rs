@@ -271,6 +271,10 @@ pub struct IssuerConfig {
     pub audience: String,
     /// External: where the JWK Set is fetched.
     pub jwks_url: Option<String>,
+    /// Embedded: PEM files of the EC P-256 signing keys, shared by every node of a
+    /// cluster. The last one signs; all are published and verify. Empty: a key generated
+    /// at start and rotated every `key_rotation_s`. With files, `key_rotation_s` must be 0.
+    pub signing_key_files: Vec<PathBuf>,
     /// Embedded: rotate the signing key this often (seconds; 0: never).
     pub key_rotation_s: u64,
     /// Embedded: a new key is published this long before it signs (seconds).
@@ -301,6 +305,7 @@ impl Default for IssuerConfig {
             issuer: None,
             audience: "tickgate".to_owned(),
             jwks_url: None,
+            signing_key_files: Vec::new(),
             key_rotation_s: 86_400,
             key_publish_ahead_s: 300,
             jwks_refresh_s: 600,
@@ -645,8 +650,24 @@ impl Config {
                 if self.issuer.jwks_refresh_s == 0 || self.issuer.jwks_max_stale_s < self.issuer.jwks_refresh_s {
                     return bad("issuer.jwks_refresh_s must be positive and at most issuer.jwks_max_stale_s");
                 }
+                if !self.issuer.signing_key_files.is_empty() {
+                    return bad("issuer.signing_key_files is for issuer.mode = \"embedded\"; an external issuer's keys come from issuer.jwks_url");
+                }
             }
             IssuerMode::Embedded => {
+                if let Some(i) = self.issuer.signing_key_files.iter().position(|p| p.as_os_str().is_empty()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "issuer.signing_key_files[{i}] is empty: give the path of a PEM key file"
+                    )));
+                }
+                if !self.issuer.signing_key_files.is_empty() && self.issuer.key_rotation_s != 0 {
+                    return bad("issuer.signing_key_files is set, so keys change with the files, not by themselves: set issuer.key_rotation_s = 0");
+                }
+                // The default `iss` is the node's own address, which differs between nodes:
+                // node B would refuse node A's tokens as "wrong issuer" despite the shared key.
+                if !self.issuer.signing_key_files.is_empty() && self.issuer.issuer.is_none() {
+                    return bad("issuer.signing_key_files needs issuer.issuer: the one `iss` every node issues and accepts (e.g. the load balancer's URL)");
+                }
                 if self.issuer.key_rotation_s > 0 && self.issuer.key_rotation_s <= self.issuer.key_publish_ahead_s {
                     return bad("issuer.key_rotation_s must be 0 (never) or longer than issuer.key_publish_ahead_s");
                 }
@@ -727,6 +748,30 @@ mod tests {
         );
         let e = Config::from_toml("[[issuer.clients]]\nid = \"a\"\nscopes = []\n").unwrap_err();
         assert!(e.to_string().contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn signing_key_files_need_rotation_off_and_no_empty_entry() {
+        let iss = "issuer = \"https://md.example.com\"\n";
+        let e = Config::from_toml(&format!("[issuer]\n{iss}signing_key_files = [\"/k/a.pem\"]\n")).unwrap_err();
+        assert!(e.to_string().contains("key_rotation_s = 0"), "{e}");
+        let e = Config::from_toml("[issuer]\nsigning_key_files = [\"/k/a.pem\"]\nkey_rotation_s = 0\n").unwrap_err();
+        assert!(e.to_string().contains("needs issuer.issuer"), "{e}");
+        let ok = Config::from_toml(&format!(
+            "[issuer]\n{iss}signing_key_files = [\"/k/a.pem\", \"/k/b.pem\"]\nkey_rotation_s = 0\n"
+        ))
+        .expect("valid");
+        assert_eq!(ok.issuer.signing_key_files, [PathBuf::from("/k/a.pem"), PathBuf::from("/k/b.pem")]);
+        let e = Config::from_toml(&format!(
+            "[issuer]\n{iss}signing_key_files = [\"/k/a.pem\", \"\"]\nkey_rotation_s = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("issuer.signing_key_files[1] is empty"), "{e}");
+        let e = Config::from_toml(
+            "[issuer]\nmode = \"external\"\nissuer = \"https://idp\"\njwks_url = \"https://idp/jwks\"\nsigning_key_files = [\"/k/a.pem\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("embedded"), "{e}");
     }
 }
 

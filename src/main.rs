@@ -1,4 +1,4 @@
-//! The `tickgate` command line: `serve`, `token`, `subscribe`, `record`, `load`.
+//! The `tickgate` command line: `serve`, `token`, `subscribe`, `record`, `load`, `keygen`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -105,6 +105,12 @@ enum Cmd {
         /// Stop after this many records.
         #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
+    },
+    /// Write a new EC P-256 signing key (PKCS#8 PEM, mode 0600) for `issuer.signing_key_files`.
+    Keygen {
+        /// The key file to create (it must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
     Load(Box<tickgate_bench::load::LoadArgs>),
@@ -244,6 +250,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        Cmd::Keygen { out } => {
+            let kid = tickgate::auth::keyfile::write_new_key_file(&out)?;
+            println!("wrote {} (kid {kid})", out.display());
         }
         Cmd::Load(args) => {
             let argv: Vec<String> = std::env::args().skip(1).collect();

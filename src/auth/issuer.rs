@@ -1,6 +1,8 @@
 //! The embedded OAuth2 issuer: client credentials grant (RFC 6749 §4.4) issuing RFC 9068
-//! JWT access tokens signed with an ES256 key generated at start-up, plus discovery and
-//! the JWK Set. It publishes its public key straight into the server's [`KeyStore`], so
+//! JWT access tokens signed with ES256, plus discovery and the JWK Set. The signing keys
+//! are generated at start-up and rotated (one node), or loaded from
+//! `issuer.signing_key_files` (several nodes issuing and accepting the same tokens; see
+//! [`super::keyfile`]). It publishes its public key straight into the server's [`KeyStore`], so
 //! the handshake validates embedded tokens exactly like external ones, without HTTP.
 
 use std::collections::BTreeMap;
@@ -9,7 +11,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,12 +19,13 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde::Deserialize;
 use serde_json::json;
 use thiserror::Error;
 
 use super::hash::{constant_time_eq, sha256};
+use super::keyfile::{KeyFileError, SigningKey};
 use super::keys::{KeySet, KeyStore, VerifyKey};
 use super::scopes::split_scope;
 use crate::config::{ClientConfig, IssuerConfig};
@@ -35,6 +37,13 @@ pub enum IssuerError {
     /// Key generation or parsing failed in the crypto library.
     #[error("signing key: {0}")]
     Key(String),
+    /// A signing key file of `issuer.signing_key_files` could not be used (the message
+    /// names the file).
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// `rotate` was called while the keys come from files: they change with the files.
+    #[error("the signing keys come from issuer.signing_key_files: change the files and restart to rotate")]
+    KeysFromFiles,
     /// JWT encoding failed.
     #[error("token signing failed: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
@@ -44,42 +53,6 @@ struct Client {
     id: String,
     secret_sha256: [u8; 32],
     scopes: Vec<String>,
-}
-
-/// An ES256 signing key with its public JWK.
-struct SigningKey {
-    kid: String,
-    encoding: EncodingKey,
-    jwk: serde_json::Value,
-    decoding: Arc<DecodingKey>,
-}
-
-impl SigningKey {
-    fn generate() -> Result<SigningKey, IssuerError> {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .map_err(|e| IssuerError::Key(e.to_string()))?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
-            .map_err(|e| IssuerError::Key(e.to_string()))?;
-        // Uncompressed SEC1 point: 0x04 || X (32 bytes) || Y (32 bytes).
-        let point = pair.public_key().as_ref();
-        if point.len() != 65 || point[0] != 4 {
-            return Err(IssuerError::Key("unexpected public key encoding".into()));
-        }
-        let x = URL_SAFE_NO_PAD.encode(&point[1..33]);
-        let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
-        // RFC 7638 thumbprint as kid: members in lexicographic order, no whitespace.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let digest = sha256(canonical.as_bytes());
-        let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
-        let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| IssuerError::Key(e.to_string()))?;
-        Ok(SigningKey {
-            jwk: json!({"kty":"EC","crv":"P-256","x":x,"y":y,"kid":kid,"alg":"ES256","use":"sig"}),
-            kid,
-            encoding: EncodingKey::from_ec_der(pkcs8.as_ref()),
-            decoding: Arc::new(decoding),
-        })
-    }
 }
 
 /// Source addresses whose failed client authentications are tracked at once.
@@ -190,7 +163,10 @@ pub struct EmbeddedIssuer {
     clients: Vec<Client>,
     /// Published keys, oldest first. The newest one whose `signs_from` has passed signs;
     /// the others stay published until `retire_at`, so tokens they signed keep verifying.
+    /// With key files: the files' keys in their order, none retiring, the last signing.
     ring: RwLock<Vec<KeyEntry>>,
+    /// The keys come from `issuer.signing_key_files` (never rotated here).
+    from_files: bool,
     store: Arc<KeyStore>,
     publish_ahead: Duration,
     retire_after: Duration,
@@ -249,7 +225,9 @@ pub fn random_secret() -> Result<String, IssuerError> {
 }
 
 impl EmbeddedIssuer {
-    /// Builds the issuer and publishes its key into `keys`. When the configuration lists
+    /// Builds the issuer and publishes its keys into `keys`: the keys of
+    /// `issuer.signing_key_files` (the last one signs, all verify), or one generated key
+    /// when the list is empty. When the configuration lists
     /// no client, a `demo` client with scope `md:read:*` is created; its secret comes from
     /// `demo_secret` (the caller reads the environment) or is generated, and is returned so
     /// the caller can print it once.
@@ -289,7 +267,23 @@ impl EmbeddedIssuer {
                 clients.push(Client { id: id.clone(), secret_sha256: digest, scopes: scopes.clone() });
             }
         }
-        let key = Arc::new(SigningKey::generate()?);
+        let now = Instant::now();
+        let from_files = !cfg.signing_key_files.is_empty();
+        let ring: Vec<KeyEntry> = if from_files {
+            // Every key signs "from now": `signing_key` takes the newest such, the last
+            // file. None retires: the list is the operator's, and a key leaves the JWKS and
+            // the verification keys when its file leaves the list (at the next start).
+            let keys = super::keyfile::load(&cfg.signing_key_files)?;
+            keys.into_iter().map(|k| KeyEntry { key: Arc::new(k), signs_from: now, retire_at: None }).collect()
+        } else {
+            vec![KeyEntry { key: Arc::new(SigningKey::generate()?), signs_from: now, retire_at: None }]
+        };
+        if from_files {
+            let kids: Vec<&str> = ring.iter().map(|e| e.key.kid.as_str()).collect();
+            let signing = kids.last().copied().unwrap_or_default();
+            tracing::info!(files = ring.len(), signing_kid = %signing, kids = %kids.join(","),
+                "issuer signing keys loaded from issuer.signing_key_files");
+        }
         let guard = FailureGuard::new(cfg, clients.len());
         let issuer = EmbeddedIssuer {
             guard,
@@ -298,7 +292,8 @@ impl EmbeddedIssuer {
             audience: cfg.audience.clone(),
             ttl_s: cfg.token_ttl_s,
             clients,
-            ring: RwLock::new(vec![KeyEntry { key, signs_from: Instant::now(), retire_at: None }]),
+            ring: RwLock::new(ring),
+            from_files,
             store: keys.clone(),
             publish_ahead: Duration::from_secs(cfg.key_publish_ahead_s),
             // A key that stopped signing retires once the last token it signed has expired,
@@ -328,8 +323,12 @@ impl EmbeddedIssuer {
     /// Starts a key rotation: a new key is published at once (JWKS and the verification
     /// cache) but signs only after `issuer.key_publish_ahead_s`, so clients and peers that
     /// cache the JWKS see it before any token carries its kid. The keys signing until then
-    /// stay published until their last tokens have expired. Returns the new `kid`.
+    /// stay published until their last tokens have expired. Returns the new `kid`. Refused
+    /// ([`IssuerError::KeysFromFiles`]) when the keys come from files.
     pub fn rotate(&self) -> Result<String, IssuerError> {
+        if self.from_files {
+            return Err(IssuerError::KeysFromFiles);
+        }
         let key = Arc::new(SigningKey::generate()?);
         let kid = key.kid.clone();
         let now = Instant::now();

@@ -39,6 +39,7 @@ mod observability;
 mod restart_epoch;
 mod rfc6455;
 mod shard_fault;
+mod shared_keys;
 mod stream;
 mod tls;
 mod token_times;

@@ -41,7 +41,10 @@ pub fn capture() -> Capture {
                 .with_ansi(false)
                 .with_writer(move || LogWriter(writer.clone()))
                 .with_filter(
-                    tracing_subscriber::filter::filter_fn(|m| {
+                    // `dynamic_filter_fn`, not `filter_fn`: a `FilterFn` caches its answer per
+                    // callsite (always/never) the first time the callsite is hit, so a log
+                    // line first reached while no test captured would stay off for good.
+                    tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
                         *m.level() <= tracing::Level::DEBUG && CAPTURES.load(Ordering::SeqCst) > 0
                     })
                     // `trace!` callsites stay disabled outright, capturing or not.
