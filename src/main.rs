@@ -112,6 +112,36 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Feed handler: publish a feed's synthetic source, or a recording, into NATS JetStream
+    /// (nats-feeds-v1): streams created when missing, a new epoch, every message acknowledged.
+    Publish {
+        /// NATS server URL (nats://host:port); repeat for a cluster. Overrides `[nats] servers`.
+        #[arg(long, required = true)]
+        nats: Vec<String>,
+        /// The feed (its definition is read from --feeds-dir).
+        #[arg(long)]
+        feed: String,
+        /// Feed definitions folder (the same files as the edges').
+        #[arg(long, default_value = "feeds")]
+        feeds_dir: PathBuf,
+        /// TOML configuration whose `[nats]` section gives the prefix, stream settings and
+        /// credentials (the edges' file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Publish records in the recording format from standard input instead of the
+        /// feed's own source.
+        #[arg(long, conflicts_with = "recording")]
+        stdin: bool,
+        /// Publish this recording file instead of the feed's own source.
+        #[arg(long)]
+        recording: Option<PathBuf>,
+        /// Synthetic source: stop after this many ticks (default: until Ctrl-C / SIGTERM).
+        #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
+        count: Option<u64>,
+        /// Messages waiting for their JetStream ack at once.
+        #[arg(long, default_value_t = 256, allow_negative_numbers = true, value_parser = int_in::<usize>(1, 65_536))]
+        max_in_flight: usize,
+    },
     /// Load generator: tickgate or NATS subscribers (latency histogram, delivered records/s), or a publisher.
     Load(Box<tickgate_bench::load::LoadArgs>),
 }
@@ -254,6 +284,42 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Keygen { out } => {
             let kid = tickgate::auth::keyfile::write_new_key_file(&out)?;
             println!("wrote {} (kid {kid})", out.display());
+        }
+        Cmd::Publish { nats, feed, feeds_dir, config, stdin, recording, count, max_in_flight } => {
+            use tickgate::sources::nats::handler::{self, HandlerInput};
+            init_logs(false);
+            let mut cfg = match &config {
+                Some(p) => Config::from_file(p)?,
+                None => Config::default(),
+            };
+            cfg.nats.servers = nats;
+            cfg.validate()?;
+            let (defs, _) = tickgate::feeds::load_defs(&feeds_dir, false)?;
+            let Some(def) = defs.into_iter().find(|d| d.name == feed) else {
+                bail!("no feed {feed:?} in {}", feeds_dir.display());
+            };
+            let input = if stdin {
+                HandlerInput::Recording(Box::new(std::io::stdin()))
+            } else if let Some(path) = recording {
+                let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                HandlerInput::Recording(Box::new(file))
+            } else if def.synthetic.is_some() {
+                HandlerInput::Synthetic { count }
+            } else {
+                bail!("feed {feed} has no [synthetic] section: give --recording FILE or --stdin");
+            };
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            let stats = handler::run(&cfg.nats, &def, input, max_in_flight, &cancel).await?;
+            println!(
+                "{}",
+                serde_json::json!({"feed": def.name, "epoch": stats.epoch, "messages": stats.messages,
+                    "records": stats.records, "retries": stats.retries})
+            );
         }
         Cmd::Load(args) => {
             let argv: Vec<String> = std::env::args().skip(1).collect();

@@ -28,28 +28,49 @@ fn free_port() -> u16 {
 }
 
 /// A nats-server with JetStream on loopback, its store in a temp folder.
-struct Nats {
-    _proc: Kill,
-    _dir: tempfile::TempDir,
-    url: String,
+pub(crate) struct Nats {
+    pub(crate) proc: Option<Kill>,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) port: u16,
+    pub(crate) url: String,
 }
 
-fn start_nats() -> Nats {
+pub(crate) fn start_nats() -> Nats {
     let found = Command::new("nats-server").arg("--version").output();
     assert!(found.is_ok_and(|o| o.status.success()), "nats-server is not on PATH: run ./scripts/test.sh");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let proc = Kill(
-        Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    eventually_blocking("nats-server listening", EVENTUALLY, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
-    Nats { _proc: proc, _dir: dir, url: format!("nats://127.0.0.1:{port}") }
+    let mut n = Nats { proc: None, dir, port, url: format!("nats://127.0.0.1:{port}") };
+    n.start();
+    n
+}
+
+impl Nats {
+    /// (Re)starts the server on the same port and store.
+    pub(crate) fn start(&mut self) {
+        let proc = Kill(
+            Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let port = self.port;
+        eventually_blocking("nats-server listening", EVENTUALLY, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        self.proc = Some(proc);
+    }
+
+    /// Stops the server gracefully (SIGTERM: JetStream flushes its store) and waits for it.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(p.0.id().to_string()).status();
+            let _ = p.0.wait();
+        }
+    }
 }
 
 fn feed_file(symbols: &str) -> String {
