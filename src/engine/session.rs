@@ -218,7 +218,7 @@ impl ShardCore {
 
     /// Starts a lame-duck phase of `window_ms`: the shard refuses new streams, and each of
     /// its open connections is given its own moment within the window, on the timer
-    /// wheel, to be sent `shutdown` and close 1001 ([`ShardCore::send_shutdown`]). Until
+    /// wheel, to be sent `shutdown` and close 1001 (`send_shutdown`). Until
     /// then it streams as before. `notified` counts the connections told (all shards).
     ///
     /// The spreading is stratified, not merely random: of the shard's `n` open connections
