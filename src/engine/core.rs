@@ -160,6 +160,17 @@ pub(super) struct TimerEvent {
     pub(super) kind: TimerKind,
 }
 
+/// A lame-duck phase under way on a shard (`ShardCore::lame_duck`): what its timers need
+/// when they fire.
+#[derive(Debug)]
+pub(super) struct LameDuck {
+    /// Upper bound of the jittered `reconnect_after_ms`.
+    pub(super) reconnect_after_max_ms: u64,
+    /// Connections told so far, on every shard: `Shutdown::lame_duck` reads it for its log
+    /// line at the end of the phase (a counter, so nothing waits on the shards for it).
+    pub(super) notified: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// The shard's state.
 #[derive(Debug)]
 pub struct ShardCore {
@@ -177,7 +188,7 @@ pub struct ShardCore {
     pub(super) subscriptions: usize,
     pub(super) draining: bool,
     /// Set while a lame-duck phase is under way: what its timers need when they fire.
-    pub(super) lame_duck: Option<super::session::LameDuck>,
+    pub(super) lame_duck: Option<LameDuck>,
     /// Expiry and `token_expiring` timers: after the handshake, the only reader of `exp`.
     pub(super) wheel: TimerWheel<TimerEvent>,
     /// Monotonic origin of the wheel's clock.

@@ -11,23 +11,12 @@ use std::time::Duration;
 // tokio's Instant follows the runtime's clock, so tests can drive expiry with paused time.
 use tokio::time::Instant;
 
-use super::core::{ConnKey, ShardCore, TimerEvent, TimerKind};
+use super::core::{ConnKey, LameDuck, ShardCore, TimerEvent, TimerKind};
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal};
 use tickgate_proto::close::Reason;
 use tickgate_proto::control::{ErrorCode, FeedInfo, ServerMsg};
 use tickgate_proto::now_ns;
-
-/// A lame-duck phase under way on a shard (see [`ShardCore::lame_duck`]): what its timers
-/// need when they fire.
-#[derive(Debug)]
-pub(super) struct LameDuck {
-    /// Upper bound of the jittered `reconnect_after_ms`.
-    reconnect_after_max_ms: u64,
-    /// Connections told so far, on every shard: `Shutdown::lame_duck` reads it for its log
-    /// line at the end of the phase (a counter, so nothing waits on the shards for it).
-    notified: Arc<AtomicUsize>,
-}
 
 impl ShardCore {
     /// Milliseconds on the wheel's clock.
