@@ -471,6 +471,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// The longest lame-duck phase `server.lame_duck_ms` may ask for.
+const MAX_LAME_DUCK_MS: u64 = 300_000;
+
 /// `[server]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -489,6 +492,19 @@ pub struct ServerConfig {
     pub send_buffer_bytes: usize,
     /// Upper bound of the jittered `reconnect_after_ms` in `shutdown`.
     pub reconnect_after_max_ms: u64,
+    /// The lame-duck phase of a shutdown (SIGTERM, `Server::shutdown`), in milliseconds:
+    /// the node reports not ready at once but keeps streaming, and sends each connection
+    /// its `shutdown` (then close 1001) at its own moment spread over this window, so a
+    /// rolling restart behind a load balancer does not move every client to the other
+    /// nodes in the same second. At most 300000 (5 minutes).
+    ///
+    /// Default 0 (no lame duck: every connection is told at once, after the sources
+    /// stopped): a single node, or one without a load balancer in front, gains nothing
+    /// from a slower stop, and a supervisor's stop timeout (systemd `TimeoutStopSec`,
+    /// Kubernetes `terminationGracePeriodSeconds`) must allow for it. A node behind a load
+    /// balancer sets it (docs/operations.md, "Rolling restarts": at least the balancer's
+    /// time to take the node out, e.g. HAProxy `inter` × `fall`, and a few times that).
+    pub lame_duck_ms: u64,
     /// Folder of the node's durable state (the last epoch handed out, so epochs never
     /// repeat across restarts). Unset: systemd's `$STATE_DIRECTORY`, else `state`.
     pub state_dir: Option<PathBuf>,
@@ -503,6 +519,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 10_000,
             send_buffer_bytes: 262_144,
             reconnect_after_max_ms: 5_000,
+            lame_duck_ms: 0,
             state_dir: None,
         }
     }
@@ -609,6 +626,12 @@ impl Config {
         }
         if !(100..=300_000).contains(&self.server.request_timeout_ms) {
             return bad("server.request_timeout_ms must be between 100 and 300000");
+        }
+        if self.server.lame_duck_ms > MAX_LAME_DUCK_MS {
+            return bad(
+                "server.lame_duck_ms must be at most 300000 (5 minutes): a shutdown takes lame_duck_ms + drain_ms + a \
+                 few seconds, and a supervisor kills a node that takes longer than its stop timeout",
+            );
         }
         if !(1_024..=1 << 20).contains(&self.limits.max_body_bytes) {
             return bad("limits.max_body_bytes must be between 1024 and 1048576");
@@ -727,6 +750,19 @@ mod tests {
     fn unknown_keys_are_named() {
         let e = Config::from_toml("[limits]\nmax_outbound_byte = 5\n").unwrap_err();
         assert!(e.to_string().contains("max_outbound_byte"), "{e}");
+    }
+
+    /// `server.lame_duck_ms` is bounded (a supervisor's stop timeout must cover it), and
+    /// the bound itself is accepted.
+    #[test]
+    fn lame_duck_is_bounded() {
+        let e = Config::from_toml("[server]\nlame_duck_ms = 300001\n").unwrap_err();
+        assert!(e.to_string().contains("server.lame_duck_ms must be at most 300000"), "{e}");
+        assert_eq!(
+            Config::from_toml("[server]\nlame_duck_ms = 300000\n").map(|c| c.server.lame_duck_ms).ok(),
+            Some(300_000)
+        );
+        assert_eq!(Config::default().server.lame_duck_ms, 0, "no lame duck unless asked for");
     }
 
     #[test]

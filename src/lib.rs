@@ -201,14 +201,30 @@ impl Server {
     /// `server.drain_ms`; then the shards stop. Both listeners keep accepting and answering
     /// (503 for streams, `/metrics` still served) until the very end, so a load balancer
     /// sees "not ready" rather than a dead host. The phases are `shutdown::Shutdown`'s.
+    ///
+    /// With `server.lame_duck_ms` > 0 the node first streams on for that long, not ready,
+    /// while each stream is sent `shutdown` at its own moment of the window.
     pub async fn shutdown(self) {
-        self.shutdown.run().await;
+        self.shutdown.run(std::future::pending()).await;
+    }
+
+    /// [`Server::shutdown`], with its lame-duck phase cut short when `hurry` resolves (an
+    /// operator's second SIGTERM): the streams not told yet are told at once, and the
+    /// other phases run as always.
+    pub async fn shutdown_hurried_by(self, hurry: impl Future<Output = ()>) {
+        self.shutdown.run(hurry).await;
     }
 }
 
-/// Runs the server until `shutdown` resolves, then shuts down gracefully. A generated
-/// demo secret is printed once on standard output (never logged).
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// Runs the server until `shutdown` resolves, then shuts down gracefully; `hurry`
+/// resolving after that cuts the lame-duck phase short ([`Server::shutdown_hurried_by`];
+/// `std::future::pending()` for never). A generated demo secret is printed once on
+/// standard output (never logged).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let server = Server::start(config).await?;
     if let Some(secret) = server.generated_demo_secret() {
         println!("embedded issuer: client `demo`, secret {secret} (set {DEMO_SECRET_ENV} to choose it)");
@@ -227,6 +243,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ = shutdown => {}
         _ = reload => {}
     }
-    server.shutdown().await;
+    server.shutdown_hurried_by(hurry).await;
     Ok(())
 }

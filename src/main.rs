@@ -182,26 +182,63 @@ fn init_logs(json: bool) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// The shutdown signals (SIGTERM, SIGINT / Ctrl-C), counted: the first future resolves at
+/// the first (a graceful shutdown starts), the second at the second (an operator who does
+/// not want to wait cuts the lame-duck phase short). The handlers are installed here, at
+/// once, so a signal that comes right after the start-up line is not missed.
+fn shutdown_signals() -> (impl std::future::Future<Output = ()>, impl std::future::Future<Output = ()>) {
+    let (count_tx, count_rx) = tokio::sync::watch::channel(0u32);
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let mut streams = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok())
+    };
+    tokio::spawn(async move {
+        loop {
+            #[cfg(unix)]
+            {
+                // A handler that could not be installed never fires.
+                async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                    match s {
+                        Some(s) => {
+                            s.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                }
+                let (term, int) = (&mut streams.0, &mut streams.1);
+                tokio::select! {
+                    _ = next(term) => {},
+                    _ = next(int) => {},
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            let mut n = 0;
+            count_tx.send_modify(|c| {
+                *c += 1;
+                n = *c;
+            });
+            match n {
+                1 => tracing::info!("shutdown requested"),
+                2 => tracing::info!("second shutdown signal: cutting the lame-duck phase short"),
+                _ => tracing::info!("shutdown already under way"),
+            }
+        }
+    });
+    let nth = |n: u32| {
+        let mut rx = count_rx.clone();
+        async move {
+            // An error means the counting task is gone, which it never is while the
+            // runtime runs; waiting forever is the answer then.
+            if rx.wait_for(|c| *c >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown requested");
+    (nth(1), nth(2))
 }
 
 fn split_symbols(s: &str) -> Vec<String> {
@@ -246,7 +283,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 cfg.auth.insecure_no_auth = true;
             }
             init_logs(log_json || cfg.log.format == LogFormat::Json);
-            tickgate::run(cfg, shutdown_signal()).await?;
+            let (shutdown, hurry) = shutdown_signals();
+            tickgate::run(cfg, shutdown, hurry).await?;
         }
         Cmd::Token { issuer, client_id, client_secret, scope, ca_cert } => {
             let t =

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub publish_handshakes: IntCounterVec,
     /// Connected publishers.
     pub publishers: IntGauge,
+    /// 1 during a shutdown's lame-duck phase (`server.lame_duck_ms`), else 0.
+    pub lame_duck: IntGauge,
     /// `POST /v1/ticket` answers by result.
     pub tickets: IntCounterVec,
     /// `POST /oauth2/token` answers by result (embedded issuer).
@@ -301,6 +303,11 @@ impl Metrics {
                 &["result"],
             ),
             publishers: gauge(&r, "tickgate_publishers", "Connected publishers"),
+            lame_duck: gauge(
+                &r,
+                "tickgate_lame_duck",
+                "1 while a shutdown spreads its clients' shutdown messages over server.lame_duck_ms",
+            ),
             tickets: counter_vec(&r, "tickgate_tickets_total", "POST /v1/ticket answers by result", &["result"]),
             token_requests: counter_vec(
                 &r,

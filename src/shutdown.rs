@@ -1,9 +1,11 @@
 //! How a server stops: [`Shutdown::run`] takes it through its phases in order,
 //!
 //! 1. [`Shutdown::stop_accepting`]: new streams and publishers are refused (503), `/readyz` says 503;
+//!    then, with `server.lame_duck_ms` > 0, [`Shutdown::lame_duck`]: the feeds keep streaming
+//!    while each connection gets `shutdown` and close 1001 at its own moment of that window;
 //! 2. [`Shutdown::stop_sources`]: feed tasks and publisher connections stop taking in ticks;
 //! 3. [`Shutdown::deliver`]: the shards dispatch what the sources took in;
-//! 4. [`Shutdown::notify_clients`]: every stream gets `shutdown` (jittered reconnect hint) and close 1001;
+//! 4. [`Shutdown::notify_clients`]: every stream not told yet gets `shutdown` (jittered reconnect hint) and close 1001;
 //! 5. [`Shutdown::drain`]: connections are given `server.drain_ms` to close;
 //! 6. [`Shutdown::stop_shards`]: the accept loop takes over the 503 answers, HTTP connections close, the shard threads stop;
 //! 7. [`Shutdown::stop_listeners`]: the listeners and background tasks stop, last,
@@ -13,7 +15,8 @@
 //! without `shutdown` stops everything too (the shards stop when their
 //! [`EngineHandle`] is dropped).
 
-use std::sync::atomic::Ordering;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,9 +84,11 @@ impl Shutdown {
         &mut self.engine
     }
 
-    /// Runs every phase, in order.
-    pub(crate) async fn run(self) {
+    /// Runs every phase, in order. `hurry` (a second SIGTERM) cuts the lame-duck phase
+    /// short; the phases after it run as always.
+    pub(crate) async fn run(self, hurry: impl Future<Output = ()>) {
         self.stop_accepting();
+        self.lame_duck(hurry).await;
         let deliver_by = tokio::time::Instant::now() + DELIVER_WITHIN;
         let sources_stopped = self.stop_sources(deliver_by).await;
         self.deliver(sources_stopped, deliver_by).await;
@@ -101,6 +106,51 @@ impl Shutdown {
     /// [`Shutdown::stop_listeners`]).
     fn stop_accepting(&self) {
         self.app.draining.store(true, Ordering::Release);
+    }
+
+    /// Phase 1b, between "not ready" and the stop of the sources, when
+    /// `server.lame_duck_ms` > 0: a load balancer takes the node out (its health checks
+    /// see `/readyz` 503) while the node keeps streaming, and each shard sends `shutdown` +
+    /// close 1001 to each of its connections at its own moment of the window
+    /// (`ShardCore::lame_duck`, stratified over the window on the shard's timer wheel), so
+    /// the clients arrive at the other nodes at an even rate instead of all in the same
+    /// second. A client told here gets every record up to its `shutdown`, nothing after;
+    /// it resumes by seq elsewhere. The clients whose moment has not come when the window
+    /// ends (a timer rounds up to the wheel's tick, or `hurry` resolved) are told by
+    /// [`Shutdown::notify_clients`], after every tick taken in, as without a lame duck.
+    ///
+    /// Bounded by the window: the phase waits for nothing else (a client that does not
+    /// take its close is dropped by [`Shutdown::drain`]'s bound as always), so a shutdown
+    /// takes at most `lame_duck_ms` longer than without one. `tickgate_lame_duck` is 1
+    /// during the phase.
+    async fn lame_duck(&self, hurry: impl Future<Output = ()>) {
+        let server = &self.app.config.server;
+        if server.lame_duck_ms == 0 {
+            return;
+        }
+        let window = Duration::from_millis(server.lame_duck_ms);
+        let started = tokio::time::Instant::now();
+        let notified = Arc::new(AtomicUsize::new(0));
+        self.app.metrics.lame_duck.set(1);
+        tracing::info!(
+            lame_duck_ms = server.lame_duck_ms,
+            connections = self.app.open_connections.load(Ordering::Acquire),
+            "lame duck: not ready; spreading `shutdown` over the open connections while the feeds keep streaming"
+        );
+        self.engine.lame_duck(server.lame_duck_ms, server.reconnect_after_max_ms, &notified).await;
+        let cut_short = tokio::select! {
+            _ = tokio::time::sleep_until(started + window) => false,
+            _ = hurry => true,
+        };
+        self.app.metrics.lame_duck.set(0);
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            cut_short,
+            notified = notified.load(Ordering::Relaxed),
+            remaining = self.app.open_connections.load(Ordering::Acquire),
+            "lame duck over{}; the connections not told yet get `shutdown` once the sources have stopped",
+            if cut_short { " (cut short by a second shutdown signal)" } else { "" }
+        );
     }
 
     /// Phase 2, before [`Shutdown::deliver`]: once the sources (feed tasks and publisher
@@ -123,9 +173,10 @@ impl Shutdown {
         }
     }
 
-    /// Phase 4, once the last tick is out: every stream is sent `shutdown` with a reconnect
-    /// hint jittered up to `server.reconnect_after_max_ms` (so clients do not all come back
-    /// at once) and close 1001.
+    /// Phase 4, once the last tick is out: every stream not told during the lame-duck phase
+    /// (all of them without one) is sent `shutdown` with a reconnect hint jittered up to
+    /// `server.reconnect_after_max_ms` (so clients do not all come back at once) and close
+    /// 1001.
     async fn notify_clients(&self) {
         self.engine.notify_shutdown(self.app.config.server.reconnect_after_max_ms).await;
     }

@@ -146,6 +146,9 @@ pub(super) enum TimerKind {
     Expiring,
     /// Close with 4001.
     Expire,
+    /// Send `shutdown` and close 1001: the connection's moment in the lame-duck phase
+    /// (see [`ShardCore::lame_duck`]).
+    LameDuck,
 }
 
 /// A timer entry: which connection (by key and serial, so a reused key is never hit) and
@@ -155,6 +158,17 @@ pub(super) struct TimerEvent {
     pub(super) key: ConnKey,
     pub(super) serial: u64,
     pub(super) kind: TimerKind,
+}
+
+/// A lame-duck phase under way on a shard (`ShardCore::lame_duck`): what its timers need
+/// when they fire.
+#[derive(Debug)]
+pub(super) struct LameDuck {
+    /// Upper bound of the jittered `reconnect_after_ms`.
+    pub(super) reconnect_after_max_ms: u64,
+    /// Connections told so far, on every shard: `Shutdown::lame_duck` reads it for its log
+    /// line at the end of the phase (a counter, so nothing waits on the shards for it).
+    pub(super) notified: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The shard's state.
@@ -173,6 +187,8 @@ pub struct ShardCore {
     pub(super) to_kill: Vec<ConnKey>,
     pub(super) subscriptions: usize,
     pub(super) draining: bool,
+    /// Set while a lame-duck phase is under way: what its timers need when they fire.
+    pub(super) lame_duck: Option<LameDuck>,
     /// Expiry and `token_expiring` timers: after the handshake, the only reader of `exp`.
     pub(super) wheel: TimerWheel<TimerEvent>,
     /// Monotonic origin of the wheel's clock.
@@ -215,6 +231,7 @@ impl ShardCore {
             to_kill: Vec::new(),
             subscriptions: 0,
             draining: false,
+            lame_duck: None,
             wheel: TimerWheel::new(tick_ms),
             origin: Instant::now(),
             next_serial: 0,

@@ -145,6 +145,22 @@ impl EngineHandle {
         }
     }
 
+    /// Starts the lame-duck phase on every shard: each connection is sent `shutdown` and
+    /// close 1001 at its own moment within `window_ms` (`ShardCore::lame_duck`), counted in
+    /// `notified`; from here a shard refuses new streams. [`EngineHandle::notify_shutdown`]
+    /// tells the rest when the phase ends.
+    pub(crate) async fn lame_duck(
+        &self,
+        window_ms: u64,
+        reconnect_after_max_ms: u64,
+        notified: &Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        for ctl in &self.ctl {
+            let notified = notified.clone();
+            let _ = ctl.send(ShardCtl::LameDuck { window_ms, reconnect_after_max_ms, notified }).await;
+        }
+    }
+
     /// Tells each shard to stop and joins its thread.
     pub(crate) async fn stop(mut self) {
         for ctl in &self.ctl {

@@ -1,15 +1,17 @@
 //! A connection's session on its shard: the token's deadline on the timer wheel
 //! (`token_expiring`, close 4001, and the writer's last check), the in-band refresh (rate
 //! limit, then the validated principal applied: new entitlements and deadline),
-//! revocation (4003), termination, and shutdown (`shutdown` + 1001). The engine sees a
-//! validated principal, never a token.
+//! revocation (4003), termination, and shutdown (`shutdown` + 1001), at once or spread
+//! over a lame-duck phase. The engine sees a validated principal, never a token.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 // tokio's Instant follows the runtime's clock, so tests can drive expiry with paused time.
 use tokio::time::Instant;
 
-use super::core::{ConnKey, ShardCore, TimerEvent, TimerKind};
+use super::core::{ConnKey, LameDuck, ShardCore, TimerEvent, TimerKind};
 use crate::auth::scopes::Entitlements;
 use crate::auth::validate::{AuthError, Principal};
 use tickgate_proto::close::Reason;
@@ -97,8 +99,8 @@ impl ShardCore {
         true
     }
 
-    /// Fires every timer due by now: `token_expiring` notices, and closes with 4001 at
-    /// the deadline. Runs on the shard loop, between dispatches.
+    /// Fires every timer due by now: `token_expiring` notices, closes with 4001 at the
+    /// deadline, and the lame-duck phase's `shutdown` + 1001. Runs on the shard loop, between dispatches.
     pub fn advance_timers(&mut self) {
         if self.wheel.is_empty() {
             return;
@@ -123,6 +125,12 @@ impl ShardCore {
                     c.expire_timer = None;
                     self.stats.expiries += 1;
                     self.terminate(ev.key, Reason::TokenExpired);
+                }
+                TimerKind::LameDuck => {
+                    let Some(ld) = self.lame_duck.as_ref() else { continue };
+                    ld.notified.fetch_add(1, Ordering::Relaxed);
+                    let max = ld.reconnect_after_max_ms;
+                    self.send_shutdown(ev.key, max);
                 }
             }
         }
@@ -169,21 +177,63 @@ impl ShardCore {
         keys.len()
     }
 
-    /// Starts shutdown: every connection gets `shutdown` with a jittered reconnect delay,
-    /// then close 1001.
+    /// Starts shutdown: every connection not yet closing gets `shutdown` with a jittered
+    /// reconnect delay, then close 1001. After a lame-duck phase these are the connections
+    /// whose moment had not come yet (and any that registered after it began); those told
+    /// during the phase are closing already and are skipped, so none gets `shutdown` twice.
     pub fn shutdown_all(&mut self, reconnect_after_max_ms: u64) {
         self.draining = true;
-        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| !c.out.is_closed()).map(|(k, _)| k).collect();
         for key in keys {
-            let jitter = if reconnect_after_max_ms > 1000 {
-                rand::random_range(1000..=reconnect_after_max_ms)
-            } else {
-                reconnect_after_max_ms
-            };
-            self.send(key, &ServerMsg::Shutdown { reconnect_after_ms: jitter });
-            // No kill here: the `shutdown` message must reach the client. A client stuck
-            // on a full socket is dropped when the drain time runs out instead.
-            self.close(key, Reason::ShuttingDown);
+            self.send_shutdown(key, reconnect_after_max_ms);
+        }
+    }
+
+    /// Queues `shutdown` (reconnect hint jittered in 1000..=`reconnect_after_max_ms`, so
+    /// the clients of one node do not all come back at once) and close 1001, after what
+    /// is already queued for the connection; nothing is queued after it (it leaves the
+    /// index).
+    fn send_shutdown(&mut self, key: ConnKey, reconnect_after_max_ms: u64) {
+        let jitter = if reconnect_after_max_ms > 1000 {
+            rand::random_range(1000..=reconnect_after_max_ms)
+        } else {
+            reconnect_after_max_ms
+        };
+        self.send(key, &ServerMsg::Shutdown { reconnect_after_ms: jitter });
+        // No kill here: the `shutdown` message must reach the client. A client stuck
+        // on a full socket is dropped when the drain time runs out instead.
+        self.close(key, Reason::ShuttingDown);
+    }
+
+    /// Starts a lame-duck phase of `window_ms`: the shard refuses new streams, and each of
+    /// its open connections is given its own moment within the window, on the timer
+    /// wheel, to be sent `shutdown` and close 1001 (`send_shutdown`). Until
+    /// then it streams as before. `notified` counts the connections told (all shards).
+    ///
+    /// The spreading is stratified, not merely random: of the shard's `n` open connections
+    /// (in slab order; any order will do), connection `i` fires at `(i + u) / n × window`
+    /// with `u` uniform in [0, 1), one per `window / n` stratum. So the clients leave at an
+    /// even rate however few the shard has (independent random offsets bunch up for small
+    /// `n`), and `u` keeps the shards, which all start at the same moment, from firing in
+    /// lock-step. A timer never fires early (deadlines round up to the wheel's tick), so
+    /// `t` into the window at most ⌈t / window × n⌉ of them have been told; a busy thread
+    /// only tells them later. What has not fired when the phase ends is told by
+    /// [`ShardCore::shutdown_all`]; a timer of a connection that is closing or gone by then
+    /// finds it so and does nothing.
+    ///
+    /// What such a client gets: every record dispatched up to its `shutdown`, in order,
+    /// and nothing after it (the close follows at once); it resumes by seq on another node.
+    pub fn lame_duck(&mut self, window_ms: u64, reconnect_after_max_ms: u64, notified: Arc<AtomicUsize>) {
+        self.draining = true;
+        self.lame_duck = Some(LameDuck { reconnect_after_max_ms, notified });
+        let now_ms = self.wheel_now_ms();
+        let open: Vec<(ConnKey, u64)> =
+            self.conns.iter().filter(|(_, c)| !c.out.is_closed()).map(|(k, c)| (k, c.serial)).collect();
+        let n = open.len() as f64;
+        for (i, (key, serial)) in open.into_iter().enumerate() {
+            let u: f64 = rand::random();
+            let at_ms = ((i as f64 + u) / n * window_ms as f64) as u64;
+            self.wheel.schedule(now_ms + at_ms, TimerEvent { key, serial, kind: TimerKind::LameDuck });
         }
     }
 
@@ -360,6 +410,68 @@ mod tests {
         core.advance_timers();
         let items = drain(&mut core, b.key);
         assert!(items.iter().all(|i| !matches!(i, OutItem::Close { .. })));
+    }
+
+    /// The lame-duck phase on the wheel, with paused time: the connections are told one per
+    /// stratum of the window (at most ⌈t / window × n⌉ by `t`, never all at once), each
+    /// gets its records up to `shutdown`, then `shutdown` and 1001 and nothing after; a
+    /// connection closing already is left alone, and `shutdown_all` at the end tells only
+    /// those not told yet.
+    #[tokio::test(start_paused = true)]
+    async fn lame_duck_tells_one_connection_per_stratum() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let mut core = core();
+        let keys: Vec<_> = (0..10)
+            .map(|i| {
+                let h = core.add_conn(Principal::unauthenticated(&format!("c{i}"), "i"), format!("s{i}"));
+                core.handle(h.key, subscribe(&["A"]));
+                drain(&mut core, h.key);
+                h.key
+            })
+            .collect();
+        // One connection closing already (revoked): not scheduled, not told.
+        let now = now_ns() / 1_000_000_000;
+        let revoked = core.add_conn(principal(now, now + 1000), "r".into());
+        assert_eq!(core.revoke(None, Some("j")), 1);
+        drain(&mut core, revoked.key);
+        let notified = Arc::new(AtomicUsize::new(0));
+        core.lame_duck(1000, 3000, notified.clone());
+        assert!(core.is_draining(), "new streams are refused from the start of the phase");
+        let mut told = vec![None; keys.len()];
+        let mut seq = 0;
+        for step in 1..=150u64 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            seq += 1;
+            core.dispatch(&tick(seq));
+            core.end_cycle();
+            core.advance_timers();
+            for (k, key) in keys.iter().enumerate() {
+                let items = drain(&mut core, *key);
+                if told[k].is_some() {
+                    assert!(items.is_empty(), "something queued after the close: {items:?}");
+                    continue;
+                }
+                let t = texts(&items);
+                if let Some(pos) = t.iter().position(|m| m.contains("\"shutdown\"")) {
+                    assert_eq!(pos, t.len() - 1, "`shutdown` is the last text: {t:?}");
+                    assert!(matches!(items.last(), Some(OutItem::Close { code: 1001, .. })), "{items:?}");
+                    told[k] = Some(step * 10);
+                } else {
+                    assert!(items.iter().any(|i| matches!(i, OutItem::Batch(..))), "still streaming at {step}0 ms");
+                }
+            }
+            let by_now = told.iter().filter(|t| t.is_some()).count();
+            // ⌈t / 1000 × 10⌉ strata have begun by t (ms).
+            assert!(by_now <= (step * 10).div_ceil(100) as usize, "{by_now} told by {step}0 ms: {told:?}");
+        }
+        assert!(told.iter().all(Option::is_some), "every connection told within the window: {told:?}");
+        assert_eq!(notified.load(Ordering::Relaxed), keys.len());
+        // The end of the phase tells nobody twice.
+        core.shutdown_all(3000);
+        for key in keys.iter().chain([&revoked.key]) {
+            assert!(drain(&mut core, *key).is_empty());
+        }
     }
 
     /// Revocation closes matching connections with 4003 and discards their backlog.

@@ -51,6 +51,16 @@ pub enum ShardCtl {
         /// Upper bound of the jittered reconnect delay.
         reconnect_after_max_ms: u64,
     },
+    /// Begin a lame-duck phase: `shutdown` + close 1001 to each connection at its own
+    /// moment within `window_ms` (`ShardCore::lame_duck`); a `Shutdown` follows it.
+    LameDuck {
+        /// The length of the phase.
+        window_ms: u64,
+        /// Upper bound of the jittered reconnect delay.
+        reconnect_after_max_ms: u64,
+        /// Counts the connections told, across the shards.
+        notified: Arc<std::sync::atomic::AtomicUsize>,
+    },
     /// Close the connections of a subject or token id with 4003; replies with the count.
     Revoke {
         /// Subject to revoke.
@@ -74,6 +84,9 @@ fn control(shard: &ShardLocal, msg: ShardCtl) -> bool {
     match msg {
         ShardCtl::Stop => return false,
         ShardCtl::Shutdown { reconnect_after_max_ms } => shard.core.borrow_mut().shutdown_all(reconnect_after_max_ms),
+        ShardCtl::LameDuck { window_ms, reconnect_after_max_ms, notified } => {
+            shard.core.borrow_mut().lame_duck(window_ms, reconnect_after_max_ms, notified)
+        }
         ShardCtl::Revoke { sub, jti, reply } => {
             let n = shard.core.borrow_mut().revoke(sub.as_deref(), jti.as_deref());
             let _ = reply.send(n);

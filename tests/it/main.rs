@@ -31,6 +31,7 @@ mod fuzz_smoke;
 mod http_hardening;
 mod issuer_cli;
 mod jwks;
+mod lame_duck;
 mod lifecycle;
 mod module_graph;
 mod nats_edge;
