@@ -348,8 +348,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             };
             let cancel = tokio_util::sync::CancellationToken::new();
             let stop = cancel.clone();
+            let (first, _second) = shutdown_signals();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                first.await;
                 stop.cancel();
             });
             let stats = handler::run(&cfg.nats, &def, input, max_in_flight, &cancel).await?;

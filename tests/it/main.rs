@@ -36,6 +36,7 @@ mod lifecycle;
 mod module_graph;
 mod nats_edge;
 mod nats_load;
+mod nats_publish;
 mod observability;
 mod restart_epoch;
 mod rfc6455;

@@ -186,11 +186,9 @@ async fn last_epoch(stream: &mut jetstream::stream::Stream) -> Result<u64, Handl
         return Ok(0);
     }
     match stream.get_raw_message(last).await {
-        Ok(m) => Ok(m
-            .headers
-            .get(EPOCH_HEADER)
-            .and_then(|v| contract::parse_epoch(Some(v.as_str())).ok())
-            .unwrap_or(0)),
+        Ok(m) => {
+            Ok(m.headers.get(EPOCH_HEADER).and_then(|v| contract::parse_epoch(Some(v.as_str())).ok()).unwrap_or(0))
+        }
         Err(e) => Err(HandlerError::Stream(format!("reading the stream's last message: {e}"))),
     }
 }
@@ -282,12 +280,7 @@ impl Publisher {
             };
             attempts += 1;
             if attempts >= 20 {
-                return Err(HandlerError::NotAcked {
-                    subject: oldest.subject,
-                    id: oldest.id,
-                    attempts,
-                    last: error,
-                });
+                return Err(HandlerError::NotAcked { subject: oldest.subject, id: oldest.id, attempts, last: error });
             }
             tracing::warn!(subject = %oldest.subject, id = %oldest.id, error = %error, attempt = attempts,
                 "no JetStream ack; sending it (and what followed) again");
@@ -304,7 +297,12 @@ impl Publisher {
         }
     }
 
-    async fn synthetic(&mut self, def: &FeedDef, count: Option<u64>, cancel: &CancellationToken) -> Result<(), HandlerError> {
+    async fn synthetic(
+        &mut self,
+        def: &FeedDef,
+        count: Option<u64>,
+        cancel: &CancellationToken,
+    ) -> Result<(), HandlerError> {
         let Some(sdef) = &def.synthetic else {
             return Err(HandlerError::Input(format!("feed {} has no [synthetic] section", def.name)));
         };
@@ -350,8 +348,8 @@ impl Publisher {
         input: Box<dyn std::io::Read + Send>,
         cancel: &CancellationToken,
     ) -> Result<(), HandlerError> {
-        let mut reader =
-            tickgate_proto::recording::Reader::new(input).map_err(|e| HandlerError::Input(format!("recording: {e}")))?;
+        let mut reader = tickgate_proto::recording::Reader::new(input)
+            .map_err(|e| HandlerError::Input(format!("recording: {e}")))?;
         if reader.meta().symbols != def.symbols {
             return Err(HandlerError::Input(format!(
                 "the recording's symbols ({}) are not feed {}'s ({}): instrument ids would not match",
