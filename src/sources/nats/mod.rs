@@ -67,6 +67,10 @@ pub struct NatsHealth {
     /// Wall-clock ms since which it has been down (the start counts as down).
     down_since_ms: AtomicU64,
     feeds: Vec<FeedHealth>,
+    /// Bumped each time the connection comes back after a loss: the feed tasks then
+    /// recreate their consumers at once from their own last stream sequence, instead of
+    /// waiting for the ordered consumer to notice two missed heartbeats (tens of seconds).
+    reconnected: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -90,6 +94,7 @@ impl NatsHealth {
             up: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(now_ms()),
             feeds,
+            reconnected: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -212,10 +217,12 @@ async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) 
             async move {
                 match ev {
                     async_nats::Event::Connected => {
-                        if ever_up.swap(true, Ordering::AcqRel) {
-                            m.nats_reconnects.inc();
-                        }
+                        let again = ever_up.swap(true, Ordering::AcqRel);
                         h.set_up(true);
+                        if again {
+                            m.nats_reconnects.inc();
+                            h.reconnected.send_modify(|g| *g += 1);
+                        }
                         m.nats_connected.set(1);
                         tracing::info!("NATS connected");
                     }
@@ -296,6 +303,8 @@ struct FeedTask {
     rejects: HashMap<NatsReject, prometheus::IntCounter>,
     log: RateLimitedLog,
     last_taken: Option<Instant>,
+    /// The last stream sequence taken in (where a new consumer starts after it).
+    last_stream_seq: u64,
     ticks: Vec<Tick>,
 }
 
@@ -331,6 +340,7 @@ impl FeedTask {
                 .collect(),
             log: RateLimitedLog { last: None, suppressed: 0 },
             last_taken: None,
+            last_stream_seq: 0,
             ticks: Vec::new(),
             name,
         }
@@ -380,9 +390,32 @@ impl FeedTask {
         self.set_warm();
         tracing::info!(feed = %self.name, epoch = self.epoch(), "NATS feed warm; serving live");
         let mut age_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut reconnected = self.health.reconnected.subscribe();
+        reconnected.mark_unchanged();
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => return,
+                Ok(()) = reconnected.changed() => {
+                    // Back from a lost connection: a consumer from the next stream sequence
+                    // now (the old one may be gone with a restarted server).
+                    let from = self.last_stream_seq + 1;
+                    match self.live_consumer(&js, DeliverPolicy::ByStartSequence { start_sequence: from }).await {
+                        Ok(c) => {
+                            tracing::info!(feed = %self.name, from, "NATS back: consuming again");
+                            consumer = c;
+                        }
+                        Err(e) => {
+                            tracing::warn!(feed = %self.name, error = %e, "NATS back but no consumer yet; retrying");
+                            // Ask again shortly, through the same branch.
+                            let h = self.health.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                h.reconnected.send_modify(|g| *g += 1);
+                            });
+                        }
+                    }
+                    continue;
+                }
                 _ = age_tick.tick() => {
                     if let Some(t) = self.last_taken {
                         self.age.set(t.elapsed().as_secs_f64());
@@ -405,7 +438,7 @@ impl FeedTask {
                 }
                 None => {
                     // The consumer gave up: a new one from the next stream sequence.
-                    let from = self.stream_seq.get().max(0) as u64 + 1;
+                    let from = self.last_stream_seq + 1;
                     match self.live_consumer(&js, DeliverPolicy::ByStartSequence { start_sequence: from }).await {
                         Ok(c) => consumer = c,
                         Err(e) => {
@@ -574,7 +607,8 @@ impl FeedTask {
     async fn take(&mut self, msg: &Message, checked: Option<Checked>, cancel: &CancellationToken) {
         let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         if stream_seq > 0 {
-            self.stream_seq.set(stream_seq as i64);
+            self.last_stream_seq = self.last_stream_seq.max(stream_seq);
+            self.stream_seq.set(self.last_stream_seq as i64);
         }
         self.last_taken = Some(Instant::now());
         self.age.set(0.0);
