@@ -49,6 +49,7 @@ use super::session::{EdgeWatch, Registration, Session, SessionEnd};
 use super::AppState;
 use crate::feeds::Feed;
 use crate::feeds::SourceKind;
+use crate::sources::nats::forward::{Forward, ForwardError};
 use crate::sources::publish::{PublishReject, PublishSource, Taken};
 use tickgate_proto::close::Reason;
 use tickgate_proto::control::{ErrorCode, ServerMsg};
@@ -153,11 +154,17 @@ pub(crate) async fn handshake(State(app): State<Arc<AppState>>, mut req: Request
                 HandshakeResult::UnknownFeed,
             ));
         };
-        if feed.def.source != SourceKind::Publish {
+        if feed.def.source == SourceKind::Nats && app.nats.jetstream().is_none() {
+            return Err(Refusal::unavailable("not connected to NATS yet"));
+        }
+        if !matches!(feed.def.source, SourceKind::Publish | SourceKind::Nats) {
             return Err(refusal(
                 StatusCode::CONFLICT,
                 "not_publishable",
-                format!("feed {} has its own source; only source = \"publish\" feeds take publishers", feed.name()),
+                format!(
+                    "feed {} has its own source; only source = \"publish\" or \"nats\" feeds take publishers",
+                    feed.name()
+                ),
                 HandshakeResult::Conflict,
             ));
         }
@@ -209,7 +216,17 @@ async fn run(
     let catalog = app.ingest.catalog().clone();
     let Some(feed) = catalog.get(feed_idx) else { return };
     tracing::info!(feed = feed.name(), session = %session.id, sub = %session.principal.sub, "publisher connected");
-    if let Some(e) = epoch.filter(|&e| e != feed.epoch()) {
+    // A `nats` feed: batches go to JetStream (its epoch is the stream's, set by what comes
+    // back through the consumer), not into the log here.
+    let forward = match (feed.def.source, app.nats.jetstream()) {
+        (SourceKind::Nats, Some(js)) => Some(Forward::new(js, &app.config.nats.subject_prefix, feed, epoch)),
+        (SourceKind::Nats, None) => return,
+        _ => None,
+    };
+    if let Some(f) = &forward {
+        tracing::info!(feed = feed.name(), epoch = f.epoch(), "publisher forwards to NATS JetStream");
+    }
+    if let Some(e) = epoch.filter(|&e| forward.is_none() && e != feed.epoch()) {
         // The upstream restarted its numbering: subscribers get `reset`.
         if !app.ingest.reset(feed_idx as u16, e, &cancel).await {
             return;
@@ -221,7 +238,7 @@ async fn run(
     // deadline (exp + grace, to the millisecond), revocation and shutdown, in one watch.
     let watch = EdgeWatch::new(&session, &slot.registration, cancel.clone());
     let mut publisher =
-        Publisher { app: &app, feed, watch, cancel, strikes: 0, source: PublishSource::new(feed_idx as u16) };
+        Publisher { app: &app, feed, watch, cancel, strikes: 0, source: PublishSource::new(feed_idx as u16), forward };
     let Ended { code, reason } = ws::drive(&mut ws, &mut publisher, &mut heartbeat, &app.metrics).await;
     tracing::info!(feed = feed.name(), session = %session.id, code, reason, "publisher disconnected");
     drop(slot);
@@ -237,6 +254,8 @@ struct Publisher<'a> {
     cancel: tokio_util::sync::CancellationToken,
     strikes: u32,
     source: PublishSource,
+    /// For a `nats` feed: where its batches go instead of `source`.
+    forward: Option<Forward>,
 }
 
 impl Publisher<'_> {
@@ -269,6 +288,25 @@ impl Role for Publisher<'_> {
     async fn on_message(&mut self, ws: &mut Ws, msg: Message) -> Step {
         let app = self.app;
         let reply = match msg {
+            Message::Binary(b) if self.forward.is_some() => {
+                let Some(fwd) = self.forward.as_mut() else { return Step::Continue };
+                match fwd.forward(self.feed, &b).await {
+                    Ok(()) => None,
+                    Err(ForwardError::Unavailable(e)) => {
+                        tracing::warn!(feed = self.feed.name(), error = %e, "publisher closed: JetStream did not acknowledge");
+                        return Step::Close(Reason::NatsUnavailable);
+                    }
+                    Err(ForwardError::Refused(r)) => {
+                        app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
+                        self.strikes += 1;
+                        Some(ServerMsg::Error {
+                            id: None,
+                            code: ErrorCode::BadRecord,
+                            message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
+                        })
+                    }
+                }
+            }
             Message::Binary(b) => match self.source.take(self.feed, &b, &app.ingest, &self.cancel).await {
                 Ok(Taken::Queued) => None,
                 Ok(Taken::Cancelled) => {
@@ -286,6 +324,13 @@ impl Role for Publisher<'_> {
             },
             Message::Text(t) => match serde_json::from_str::<serde_json::Value>(t.as_str()) {
                 Ok(v) if v.get("op").and_then(|o| o.as_str()) == Some("ping") => {
+                    // A `nats` feed's pong means JetStream acknowledged every earlier batch.
+                    if let Some(fwd) = self.forward.as_mut() {
+                        if let Err(e) = fwd.settle().await {
+                            tracing::warn!(feed = self.feed.name(), error = ?e, "publisher closed: JetStream did not acknowledge");
+                            return Step::Close(Reason::NatsUnavailable);
+                        }
+                    }
                     Some(ServerMsg::Pong { id: v.get("id").and_then(|i| i.as_i64()), ts: now_ns() })
                 }
                 _ => {

@@ -361,3 +361,55 @@ async fn a_nats_restart_keeps_clients_and_loses_nothing() {
     ts.wait_metric("tickgate_nats_reconnects_total", 1.0).await;
     ts.shutdown().await;
 }
+
+/// `/v1/publish` into a `nats` feed: the batches go to JetStream (the `pong` after the
+/// acks) and come back to every edge through the stream; seq 0 is refused (numbering
+/// belongs to the feed handler) and nothing of that batch is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
+async fn publishing_through_an_edge_reaches_every_edge() {
+    use tickgate_client::publisher::{publish_url, Publisher};
+    let nats = start_nats();
+    let a = edge(&nats, "\"A\", \"B\"").await;
+    let b = edge(&nats, "\"A\", \"B\"").await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let token_b = b.token(&[&format!("md:read:{FEED}")]);
+    let mut sub = b.subscriber(&token_b).await;
+    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
+    loop {
+        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
+            break;
+        }
+    }
+    let token = a.token(&[&format!("md:publish:{FEED}")]);
+    let mut publisher =
+        Publisher::connect(&publish_url(&a.url, FEED, Some(EPOCH)), &token, &ConnectOptions::default()).await.unwrap();
+    let mut h = Handler { js: jetstream::new(async_nats::connect(&nats.url).await.unwrap()), seqs: HashMap::new() };
+    let recs: Vec<Record> = (0..6).map(|k| h.record(1 + (k % 2), k >= 4)).collect();
+    publisher.send(&recs).await.unwrap();
+    // The pong comes once JetStream has acknowledged the batch.
+    let replies = publisher.sync().await.unwrap();
+    assert!(replies.iter().all(|m| !matches!(m, tickgate_proto::control::ServerMsg::Error { .. })), "{replies:?}");
+    let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let mut md = js.get_stream(format!("MD_{FEED}")).await.unwrap();
+    assert!(md.info().await.unwrap().state.messages >= 2, "acknowledged before the pong");
+    let got = collect(&mut sub, |got| recs.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()))).await;
+    let keys = |v: &[Record]| {
+        let mut k = v.iter().map(key).collect::<Vec<_>>();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&got), keys(&recs), "published on A, delivered on B");
+    // Seq 0: refused whole, the publisher told why.
+    publisher.send(&[h.record(1, false).with_seq(0)]).await.unwrap();
+    let replies = publisher.sync().await.unwrap();
+    let refused = replies.iter().find_map(|m| match m {
+        tickgate_proto::control::ServerMsg::Error { message, .. } => Some(message.clone()),
+        _ => None,
+    });
+    assert!(refused.as_deref().is_some_and(|m| m.contains("feed handler")), "{replies:?}");
+    publisher.close().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -46,6 +46,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// A text frame that is not UTF-8 (RFC 6455 §7.4.1; the spec's protocol errors).
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The server cannot go on for a reason of its own (RFC 6455 §7.4.1).
+    pub const INTERNAL_ERROR: u16 = 1011;
 
     /// Every close the server sends with a fixed reason text: the one place a (code,
     /// reason) pair is written, so the engine (streams), the edge (publishers, the
@@ -77,6 +79,9 @@ pub mod close {
         MessageTooBig,
         /// 1009 `frame too big`: a frame over the frame limits.
         FrameTooBig,
+        /// 1011 `NATS did not acknowledge`: a publisher of a `nats` feed whose batches
+        /// JetStream did not take (the publisher resends from its last `pong`).
+        NatsUnavailable,
         /// 4001 `token expired`: the session's deadline (`exp` + grace) passed.
         TokenExpired,
         /// 4002 `no in-band auth in time`.
@@ -90,7 +95,7 @@ pub mod close {
 
     impl Reason {
         /// Every reason, in code order.
-        pub const ALL: [Reason; 15] = [
+        pub const ALL: [Reason; 16] = [
             Reason::ShuttingDown,
             Reason::ProtocolError,
             Reason::LengthHighBit,
@@ -102,6 +107,7 @@ pub mod close {
             Reason::SubjectLimit,
             Reason::MessageTooBig,
             Reason::FrameTooBig,
+            Reason::NatsUnavailable,
             Reason::TokenExpired,
             Reason::AuthTimeout,
             Reason::TokenRevoked,
@@ -120,6 +126,7 @@ pub mod close {
                 | Reason::TooManyRefusedBatches
                 | Reason::SubjectLimit => POLICY,
                 Reason::MessageTooBig | Reason::FrameTooBig => TOO_BIG,
+                Reason::NatsUnavailable => INTERNAL_ERROR,
                 Reason::TokenExpired => TOKEN_EXPIRED,
                 Reason::AuthTimeout => AUTH_TIMEOUT,
                 Reason::TokenRevoked => TOKEN_REVOKED,
@@ -142,6 +149,7 @@ pub mod close {
                 Reason::SubjectLimit => "too many connections for this subject",
                 Reason::MessageTooBig => "message too big",
                 Reason::FrameTooBig => "frame too big",
+                Reason::NatsUnavailable => "NATS did not acknowledge",
                 Reason::TokenExpired => "token expired",
                 Reason::AuthTimeout => "no in-band auth in time",
                 Reason::TokenRevoked => "token revoked",
@@ -172,6 +180,7 @@ pub mod close {
                     (1008, "too many connections for this subject"),
                     (1009, "message too big"),
                     (1009, "frame too big"),
+                    (1011, "NATS did not acknowledge"),
                     (4001, "token expired"),
                     (4002, "no in-band auth in time"),
                     (4003, "token revoked"),

@@ -32,6 +32,7 @@
 //! with the count of those not logged); the feed keeps streaming.
 
 pub(crate) mod contract;
+pub(crate) mod forward;
 pub mod handler;
 pub(crate) mod streams;
 
@@ -71,6 +72,9 @@ pub struct NatsHealth {
     /// recreate their consumers at once from their own last stream sequence, instead of
     /// waiting for the ordered consumer to notice two missed heartbeats (tens of seconds).
     reconnected: tokio::sync::watch::Sender<u64>,
+    /// The JetStream context, once the connection is set up: `/v1/publish` into a `nats`
+    /// feed forwards through it.
+    js: std::sync::OnceLock<jetstream::Context>,
 }
 
 #[derive(Debug)]
@@ -95,6 +99,7 @@ impl NatsHealth {
             down_since_ms: AtomicU64::new(now_ms()),
             feeds,
             reconnected: tokio::sync::watch::Sender::new(0),
+            js: std::sync::OnceLock::new(),
         })
     }
 
@@ -119,6 +124,11 @@ impl NatsHealth {
             Some(f) => Err(format!("feed {} warming up from NATS", f.name)),
             None => Ok(()),
         }
+    }
+
+    /// The JetStream context, once connected (`None` before, or without NATS feeds).
+    pub(crate) fn jetstream(&self) -> Option<jetstream::Context> {
+        self.js.get().cloned()
     }
 
     fn feed(&self, name: &str) -> Option<&FeedHealth> {
@@ -172,6 +182,7 @@ pub(crate) fn spawn(
             }
         };
         let js = jetstream::new(client.clone());
+        let _ = health.js.set(js.clone());
         for idx in feeds {
             let feed = FeedTask::new(idx, &cfg, &catalog, &ingest, &metrics, &health);
             feed_tasks.spawn(feed.run(js.clone(), cfg.clone(), cancel.clone()));
