@@ -11,6 +11,7 @@ use crate::common;
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{eventually, eventually_blocking, Kill, TestServer, EVENTUALLY};
@@ -412,4 +413,97 @@ async fn publishing_through_an_edge_reaches_every_edge() {
     publisher.close().await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A three-server NATS cluster with an R3 stream losing one member (`kill -9`): the edge
+/// (connected to all three) keeps its client, and everything published before and after
+/// arrives with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
+async fn an_r3_stream_survives_a_cluster_member() {
+    let found = Command::new("nats-server").arg("--version").output();
+    assert!(found.is_ok_and(|o| o.status.success()), "nats-server is not on PATH: run ./scripts/test.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let routes: Vec<String> = ports.iter().map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
+    let mut members: Vec<Option<Kill>> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (p, c))| {
+            let store = dir.path().join(format!("n{i}"));
+            Some(Kill(
+                Command::new("nats-server")
+                    .args(["-a", "127.0.0.1", "-p", &p.to_string(), "-js", "--server_name", &format!("n{i}")])
+                    .args(["--cluster_name", "tg", "--cluster", &format!("nats://127.0.0.1:{c}")])
+                    .args(["--routes", &routes.join(",")])
+                    .arg("-sd")
+                    .arg(&store)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    let urls: Vec<String> = ports.iter().map(|(p, _)| format!("nats://127.0.0.1:{p}")).collect();
+    for (p, _) in &ports {
+        let p = *p;
+        eventually_blocking("cluster member listening", EVENTUALLY, || {
+            std::net::TcpStream::connect(("127.0.0.1", p)).ok()
+        });
+    }
+    let servers = urls.clone();
+    // The edge creates the R3 streams once the cluster has elected its JetStream leader
+    // (it retries until then), then reports ready.
+    let ts = TestServer::start_with_feeds(50.0, &[("nx.toml", feed_file("\"A\", \"B\""))], |c| {
+        c.nats.servers = servers;
+        c.nats.stream_replicas = 3;
+        c.nats.unready_after_ms = 60_000;
+        c.issuer.clients[0].scopes.push(format!("md:read:{FEED}"));
+    })
+    .await;
+    eventually("the edge is ready on the cluster", Duration::from_secs(60), || async {
+        (readyz(&ts).await.0 == 200).then_some(())
+    })
+    .await;
+    let token = ts.token(&[&format!("md:read:{FEED}")]);
+    let mut sub = ts.subscriber(&token).await;
+    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
+    loop {
+        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
+            break;
+        }
+    }
+    // The handler talks to the two members that stay.
+    let handler_client =
+        async_nats::ConnectOptions::new().connect(vec![urls[1].clone(), urls[2].clone()]).await.unwrap();
+    let mut h = Handler { js: jetstream::new(handler_client), seqs: HashMap::new() };
+    let mut sent = Vec::new();
+    for id in 1..=2 {
+        sent.extend(h.send(id, false, 3).await);
+    }
+    let _ = collect(&mut sub, |got| sent.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()))).await;
+    members[0].take(); // kill -9 (Kill's drop), the edge may have been connected to it
+    let mut after = Vec::new();
+    for id in 1..=2 {
+        // JetStream may need a moment to elect a new stream leader: the handler retries
+        // until acked, as a feed handler does.
+        let recs: Vec<Record> = (0..3).map(|_| h.record(id, true)).collect();
+        let subject = format!("md.{FEED}.{id}.q");
+        eventually("JetStream takes the message with one member down", Duration::from_secs(60), || async {
+            let mut payload = Vec::new();
+            encode_batch(&recs, 0, &mut payload);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Tickgate-Epoch", EPOCH.to_string().as_str());
+            headers.insert("Nats-Msg-Id", format!("{FEED}.{id}.{EPOCH}.{}", recs[0].seq()).as_str());
+            let ack = h.js.publish_with_headers(subject.clone(), headers, payload.into()).await.ok()?;
+            ack.await.ok().map(|_| ())
+        })
+        .await;
+        after.extend(recs);
+    }
+    let got = collect(&mut sub, |got| after.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()))).await;
+    let keys = |v: &[Record]| v.iter().map(key).collect::<Vec<_>>();
+    assert_eq!(keys(&got), keys(&after), "the same client, every record once, across the lost member");
+    ts.shutdown().await;
 }
