@@ -65,6 +65,10 @@ impl NatsReject {
     }
 }
 
+/// Most records one message carries when tickgate publishes (the handler, the forwarder):
+/// 8,192 quotes are 590 KB, under NATS's default `max_payload` of 1 MB.
+pub(crate) const MAX_RECORDS_PER_MESSAGE: usize = 8192;
+
 /// The header that carries a message's epoch.
 pub(crate) const EPOCH_HEADER: &str = "Tickgate-Epoch";
 

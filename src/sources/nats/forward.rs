@@ -116,7 +116,11 @@ impl Forward {
         let mut rest = &self.recs[..];
         let mut messages = Vec::new();
         while let Some(&(instr, first)) = rest.first() {
-            let n = rest.iter().take_while(|(i, r)| *i == instr && r.rtype() == first.rtype()).count();
+            let n = rest
+                .iter()
+                .take_while(|(i, r)| *i == instr && r.rtype() == first.rtype())
+                .count()
+                .min(super::contract::MAX_RECORDS_PER_MESSAGE);
             let (run, tail) = rest.split_at(n);
             rest = tail;
             let kind = if first.rtype() == RTYPE_TRADE { "t" } else { "q" };

@@ -213,7 +213,7 @@ impl Publisher {
                 .iter()
                 .take_while(|r| r.instrument_id() == first.instrument_id() && r.rtype() == first.rtype())
                 .count()
-                .min(tickgate_proto::codec::MAX_BATCH_RECORDS);
+                .min(contract::MAX_RECORDS_PER_MESSAGE);
             let (run, tail) = rest.split_at(n);
             rest = tail;
             let kind = if first.rtype() == RTYPE_TRADE { "t" } else { "q" };
