@@ -33,8 +33,8 @@ const FEED_ID: u16 = 11;
 const EPOCH: u64 = 3;
 const SYMBOLS: [&str; 5] = ["A", "B", "C", "D", "E"];
 const SECRET: &str = "haproxy-failover-secret";
-/// Clients through HAProxy. The issue asks for 300; they share two cores with three
-/// edges, HAProxy and nats-server, so the feed is kept slow instead.
+/// Clients through HAProxy, as the issue asks. They share two cores with three edges,
+/// HAProxy and nats-server, so the feed is kept slow (100 records/s) instead.
 const CLIENTS: usize = 300;
 
 fn free_port() -> u16 {
@@ -80,7 +80,7 @@ fn spawn_edge(dir: &Path, nats: &Nats, key: &Path, lb: &str) -> (Kill, Serving) 
 }
 
 /// The feed handler: by the contract (subject, `Tickgate-Epoch`, `Nats-Msg-Id`, acks
-/// awaited), one message of two trades per instrument per round, every `pace`.
+/// awaited), one message of two trades per instrument per round, a round every 100 ms.
 async fn publish(nats_url: String, stop: watch::Receiver<bool>, sent: Arc<AtomicU64>) -> HashMap<u32, u64> {
     let js = jetstream::new(async_nats::connect(&nats_url).await.unwrap());
     let mut seqs: HashMap<u32, u64> = HashMap::new();
@@ -141,7 +141,9 @@ async fn connect(shared: &Shared, last: &BTreeMap<String, u64>) -> Subscriber {
                     return sub;
                 }
             }
-            Err(e) => assert!(tokio::time::Instant::now() < deadline, "no edge through HAProxy within {EVENTUALLY:?}: {e}"),
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no edge through HAProxy within {EVENTUALLY:?}: {e}")
+            }
         }
         // A retry policy, not synchronisation: the next attempt needs no condition.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -230,10 +232,16 @@ async fn killing_an_edge_moves_its_clients_through_haproxy_with_resume() {
     let backends: Vec<(String, u16)> =
         edges.iter().map(|(_, s)| (format!("127.0.0.1:{}", port_of(&s.stream)), port_of(&s.admin))).collect();
     let mut cmd = Command::new("haproxy");
-    cmd.arg("-db").arg("-f").arg(haproxy_cfg()).stdout(Stdio::null()).stderr(Stdio::null());
+    let log = dir.path().join("haproxy.log");
+    cmd.arg("-db").arg("-f").arg(haproxy_cfg()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
     haproxy_env(&mut cmd, &format!("127.0.0.1:{lb_port}"), &backends);
-    let _haproxy = Kill(cmd.spawn().unwrap());
-    eventually_blocking("HAProxy listening", EVENTUALLY, || std::net::TcpStream::connect(("127.0.0.1", lb_port)).ok());
+    let mut haproxy = Kill(cmd.spawn().unwrap());
+    eventually_blocking("HAProxy listening", EVENTUALLY, || {
+        if let Some(status) = haproxy.0.try_wait().unwrap() {
+            panic!("haproxy exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::net::TcpStream::connect(("127.0.0.1", lb_port)).ok()
+    });
 
     // The publisher runs from now to the end; its first round (seq 1 of each instrument)
     // sets the epoch before any client subscribes.
@@ -266,13 +274,16 @@ async fn killing_an_edge_moves_its_clients_through_haproxy_with_resume() {
     .await;
 
     // leastconn spread them; the victim is the edge with the most clients.
-    let mut counts = Vec::new();
-    for (_, s) in &edges {
-        let text = reqwest::get(format!("{}/metrics", s.admin)).await.unwrap().text().await.unwrap();
-        counts.push(common::metric_value(&text, "tickgate_connections") as usize);
-    }
+    let counts = eventually("every edge counts its clients", EVENTUALLY, || async {
+        let mut counts = Vec::new();
+        for (_, s) in &edges {
+            let text = reqwest::get(format!("{}/metrics", s.admin)).await.ok()?.text().await.ok()?;
+            counts.push(common::metric_value(&text, "tickgate_connections") as usize);
+        }
+        (counts.iter().sum::<usize>() == CLIENTS).then_some(counts)
+    })
+    .await;
     eprintln!("clients per edge through HAProxy: {counts:?}");
-    assert_eq!(counts.iter().sum::<usize>(), CLIENTS);
     let victim_idx = (0..3).max_by_key(|&i| counts[i]).unwrap();
     let moved = counts[victim_idx];
     assert!(moved > 0);
@@ -293,7 +304,10 @@ async fn killing_an_edge_moves_its_clients_through_haproxy_with_resume() {
     .await;
     stop_tx.send(true).unwrap();
     let last = publisher.await.unwrap();
-    eprintln!("published {} records; {before_kill} before the kill; {moved} clients moved", sent.load(Ordering::Relaxed));
+    eprintln!(
+        "published {} records; {before_kill} before the kill; {moved} clients moved",
+        sent.load(Ordering::Relaxed)
+    );
     done_tx.send(Some(last.clone())).unwrap();
 
     let mut union: HashMap<u32, BTreeMap<u64, usize>> = HashMap::new();
