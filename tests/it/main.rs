@@ -13,7 +13,7 @@
 //! so that no two of them run side by side (as separate binaries they never did).
 //!
 //! Tests that need a program outside Rust are `#[ignore]`d with a reason naming it
-//! (`nats-server`, `prometheus`/`promtool`); `scripts/test.sh` installs them and runs the
+//! (`nats-server`, `haproxy`, `prometheus`/`promtool`); `scripts/test.sh` installs them and runs the
 //! ignored tests too (`-- --include-ignored`).
 
 mod common;
@@ -24,10 +24,12 @@ mod bad_input;
 mod cli_numbers;
 mod delivery;
 mod delivery_prop;
+mod deploy_kit;
 mod drain;
 mod exact_answers;
 mod expiry_at_scale;
 mod fuzz_smoke;
+mod haproxy_failover;
 mod http_hardening;
 mod issuer_cli;
 mod jwks;
