@@ -7,7 +7,9 @@
 //! - [`spawn`]: one connection (async-nats, reconnecting on its own), then one task per
 //!   NATS feed: its streams found or created ([`streams`]), the warm start, then live
 //!   consumption;
-//! - [`contract`]: the per-message rules and names, without I/O.
+//! - [`contract`]: the per-message rules and names, without I/O;
+//! - [`revocations`]: cluster-wide revocation through the `tickgate_revocations` bucket,
+//!   whenever `nats.servers` is set (with or without NATS feeds).
 //!
 //! **Warm start** (spec §3). The feed's epoch is the largest in the stream. The edge reads
 //! `MDLV_<FEED>` (the last trade and quote of every instrument, however old) and
@@ -33,6 +35,7 @@
 
 pub(crate) mod contract;
 pub mod handler;
+pub mod revocations;
 pub(crate) mod streams;
 
 use std::collections::{HashMap, VecDeque};
@@ -67,6 +70,13 @@ pub struct NatsHealth {
     /// Wall-clock ms since which it has been down (the start counts as down).
     down_since_ms: AtomicU64,
     feeds: Vec<FeedHealth>,
+    /// Revocations go through the NATS bucket (`nats.servers` is set).
+    revocations: bool,
+    /// Every entry of the revocation bucket has been applied once (set once, never reset:
+    /// an edge cut off later keeps what it loaded and is judged by its feeds alone).
+    revocations_loaded: AtomicBool,
+    /// Counts the connection's (re)connects, so watchers start over after each.
+    connected_gen: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -90,12 +100,34 @@ impl NatsHealth {
             up: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(now_ms()),
             feeds,
+            revocations: !cfg.servers.is_empty(),
+            revocations_loaded: AtomicBool::new(false),
+            connected_gen: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Whether the revocation bucket has been loaded (always true without NATS).
+    pub(crate) fn revocations_loaded(&self) -> bool {
+        !self.revocations || self.revocations_loaded.load(Ordering::Acquire)
+    }
+
+    fn set_revocations_loaded(&self) {
+        if !self.revocations_loaded.swap(true, Ordering::AcqRel) {
+            tracing::info!("cluster revocations loaded from NATS");
+        }
+    }
+
+    /// Changes on every (re)connect.
+    fn connected_gen(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connected_gen.subscribe()
     }
 
     /// `Ok` when the NATS feeds can serve (or there are none); else why not, for the
     /// `/readyz` body.
     pub(crate) fn status(&self) -> Result<(), String> {
+        if !self.revocations_loaded() {
+            return Err("loading the cluster's revocations from NATS".into());
+        }
         if self.feeds.is_empty() {
             return Ok(());
         }
@@ -125,13 +157,20 @@ impl NatsHealth {
             self.down_since_ms.store(now_ms(), Ordering::Release);
         }
         self.up.store(up, Ordering::Release);
+        if up {
+            self.connected_gen.send_modify(|g| *g += 1);
+        }
     }
 }
 
-/// Starts the NATS source when the catalog has NATS feeds: one connection, then a task
-/// per feed on `tasks`, each stopping when `cancel` fires.
+/// Starts the NATS source when `nats.servers` is set: one connection, then the revocation
+/// bucket's tasks ([`revocations`]) and a task per NATS feed on `tasks`, each stopping when
+/// `cancel` fires.
+#[allow(clippy::too_many_arguments)] // the server's parts, passed once at start-up
 pub(crate) fn spawn(
     cfg: &NatsConfig,
+    revocations: &Arc<revocations::ClusterRevocations>,
+    apply: revocations::Apply,
     catalog: &Arc<Catalog>,
     ingest: &Ingest,
     metrics: &Metrics,
@@ -141,7 +180,7 @@ pub(crate) fn spawn(
 ) {
     let feeds: Vec<usize> =
         catalog.feeds().iter().filter(|f| f.def.source == SourceKind::Nats).map(|f| f.idx).collect();
-    if feeds.is_empty() {
+    if cfg.servers.is_empty() {
         return;
     }
     for &idx in &feeds {
@@ -155,17 +194,19 @@ pub(crate) fn spawn(
     let (cfg, catalog, ingest, metrics, health, cancel) =
         (cfg.clone(), catalog.clone(), ingest.clone(), metrics.clone(), health.clone(), cancel.clone());
     let feed_tasks = tasks.clone();
+    let revocations = revocations.clone();
     tasks.spawn(async move {
         let client = match connect(&cfg, &health, &metrics).await {
             Ok(c) => c,
             Err(why) => {
-                tracing::error!(error = %why, "NATS: cannot set up the connection; the NATS feeds are not served");
+                tracing::error!(error = %why, "NATS: cannot set up the connection; the NATS feeds are not served, revocations not shared, /readyz stays 503");
                 for f in &health.feeds {
                     *f.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
                 }
                 return;
             }
         };
+        revocations::spawn(&revocations, client.clone(), &health, apply, &feed_tasks, &cancel);
         let js = jetstream::new(client.clone());
         for idx in feeds {
             let feed = FeedTask::new(idx, &cfg, &catalog, &ingest, &metrics, &health);
