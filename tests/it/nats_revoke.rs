@@ -9,7 +9,7 @@
 use crate::common;
 use crate::nats_edge::{start_nats, Nats};
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -24,8 +24,8 @@ const BUCKET: &str = "tickgate_revocations";
 const CLUSTER_ISS: &str = "https://md.cluster.test";
 
 /// An edge on `nats` whose issuer signs with `key` (so every edge accepts every edge's tokens).
-async fn edge(nats: &Nats, key: &PathBuf) -> TestServer {
-    let (url, key) = (nats.url.clone(), key.clone());
+async fn edge(nats: &Nats, key: &Path) -> TestServer {
+    let (url, key) = (nats.url.clone(), key.to_path_buf());
     TestServer::start(50.0, move |c| {
         c.nats.servers = vec![url];
         c.issuer.signing_key_files = vec![key];

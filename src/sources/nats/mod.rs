@@ -4,10 +4,10 @@
 //! This module holds:
 //! - [`NatsHealth`]: what `/readyz` asks of the source (every NATS feed warmed up, none
 //!   refused, not cut off from NATS for longer than `nats.unready_after_ms`);
-//! - [`spawn`]: one connection (async-nats, reconnecting on its own), then one task per
-//!   NATS feed: its streams found or created ([`streams`]), the warm start, then live
+//! - `spawn`: one connection (async-nats, reconnecting on its own), then one task per
+//!   NATS feed: its streams found or created (`streams`), the warm start, then live
 //!   consumption;
-//! - [`contract`]: the per-message rules and names, without I/O;
+//! - `contract`: the per-message rules and names, without I/O;
 //! - [`revocations`]: cluster-wide revocation through the `tickgate_revocations` bucket,
 //!   whenever `nats.servers` is set (with or without NATS feeds).
 //!
@@ -27,7 +27,7 @@
 //! touched by NATS trouble.
 //!
 //! Every message goes through the same path as a publisher's batch: checked whole
-//! ([`contract::decode`]), then its seqs checked against the log and appended under one
+//! (`contract::decode`), then its seqs checked against the log and appended under one
 //! hold of the log's write lock ([`Ingest::append_with`]), then queued for the shards. A
 //! message that breaks the contract is dropped alone, counted in
 //! `tickgate_nats_rejects_total{feed,reason}` and logged (at most once a second per feed,

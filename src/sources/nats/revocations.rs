@@ -8,7 +8,7 @@
 //!   and lets an entry expire after the longest token lifetime plus the clock leeway
 //!   (`auth.max_lifetime_s + auth.leeway_s`): by then no token it could refuse is valid.
 //! - **Writes.** The admin handler applies a revocation locally first, then
-//!   [`ClusterRevocations::store`] tries one synchronous write (`stored`). When NATS is
+//!   `ClusterRevocations::store` tries one synchronous write (`stored`). When NATS is
 //!   unreachable (or the write fails or is slow) the entry waits in a bounded queue of
 //!   pending writes, deduplicated by key, which a task retries until JetStream has it
 //!   (`pending`); a full queue refuses the entry (`queue_full`: the caller answers 503).
