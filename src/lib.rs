@@ -127,7 +127,18 @@ impl Server {
         listeners.spawn(&app, engine.socket_senders(), tls.clone(), &background, &stops.listeners);
         auth.spawn_tasks(&config, &background, &stops.listeners);
         sources::spawn(&catalog, &ingest, &metrics, &app.sources, &stops.sources);
-        sources::nats::spawn(&config.nats, &catalog, &ingest, &metrics, &app.nats, &app.sources, &stops.sources);
+        let apply = server::admin::cluster_apply(&app);
+        sources::nats::spawn(
+            &config.nats,
+            &app.cluster_revocations,
+            apply,
+            &catalog,
+            &ingest,
+            &metrics,
+            &app.nats,
+            &app.sources,
+            &stops.sources,
+        );
 
         if config.auth.insecure_no_auth {
             tracing::warn!(

@@ -114,7 +114,7 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Failed `accept` calls, by listener and kind (`emfile`, `enfile`, `enomem`, `aborted`, `other`).
     pub accept_errors: IntCounterVec,
-    /// 1 while the NATS connection is up (nats-feeds-v1 §6; 0 with no NATS feed).
+    /// 1 while the NATS connection is up (nats-feeds-v1 §6; 0 without `nats.servers`).
     pub nats_connected: IntGauge,
     /// NATS messages taken in, by feed (warm start included).
     pub nats_messages: IntCounterVec,
@@ -126,6 +126,10 @@ pub struct Metrics {
     pub nats_stream_seq: IntGaugeVec,
     /// Times the NATS connection came back after being lost.
     pub nats_reconnects: IntCounter,
+    /// Cluster-wide revocations (the `tickgate_revocations` bucket) by result: `stored`,
+    /// `pending`, `stored_later`, `queue_full` (admin calls' writes), `applied_from_cluster`,
+    /// `bad_entry`, `list_full` (entries seen in the bucket).
+    pub revocations_cluster: IntCounterVec,
 }
 
 /// Registers a metric, panicking on a programming error (a bad name or a duplicate).
@@ -218,6 +222,12 @@ impl Metrics {
             nats_last_message_age,
             nats_stream_seq: gauge_vec("tickgate_nats_stream_seq", "Last stream sequence taken in, per feed", "feed"),
             nats_reconnects: counter(&r, "tickgate_nats_reconnects_total", "NATS connections re-established"),
+            revocations_cluster: counter_vec(
+                &r,
+                "tickgate_revocations_cluster_total",
+                "Cluster-wide revocations through the NATS bucket, by result",
+                &["result"],
+            ),
             batch_records,
             dispatch_cycle,
             outbound_queued_bytes,

@@ -69,10 +69,55 @@ impl RevocationList {
 
     /// Revokes every token of `sub` issued at or before `now`.
     pub fn revoke_sub(&self, sub: &str, now: u64) -> Result<(), RevocationFull> {
+        self.revoke_sub_at(sub, now, now).map(|_| ())
+    }
+
+    /// Applies a revocation of `sub` made at `at` (here, or on another edge of the
+    /// cluster): every token of `sub` issued at or before `at` is refused. The later of two
+    /// revocations of one subject wins, so applying one again, or an older one after a
+    /// newer, changes nothing. Answers whether anything changed; one that can no longer
+    /// matter (`at` + the horizon is past) changes nothing.
+    pub fn revoke_sub_at(&self, sub: &str, at: u64, now: u64) -> Result<bool, RevocationFull> {
+        let until = at.saturating_add(self.horizon_s);
+        if until <= now {
+            return Ok(false);
+        }
         let mut g = self.lock();
-        Self::make_room(&mut g, now, self.max_entries)?;
-        g.subs.insert(sub.to_owned(), (now, now + self.horizon_s));
-        Ok(())
+        match g.subs.get_mut(sub) {
+            Some((held_at, held_until)) if *held_until > now => {
+                if at <= *held_at {
+                    return Ok(false);
+                }
+                (*held_at, *held_until) = (at, until);
+                Ok(true)
+            }
+            _ => {
+                Self::make_room(&mut g, now, self.max_entries)?;
+                g.subs.insert(sub.to_owned(), (at, until));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Applies a revocation of token id `jti` made at `at` (here or elsewhere): refused
+    /// until `at` + the horizon. Answers whether it was new.
+    pub fn revoke_jti_at(&self, jti: &str, at: u64, now: u64) -> Result<bool, RevocationFull> {
+        let until = at.saturating_add(self.horizon_s);
+        if until <= now {
+            return Ok(false);
+        }
+        let mut g = self.lock();
+        match g.jtis.get_mut(jti) {
+            Some(held) if *held > now => {
+                *held = (*held).max(until);
+                Ok(false)
+            }
+            _ => {
+                Self::make_room(&mut g, now, self.max_entries)?;
+                g.jtis.insert(jti.to_owned(), until);
+                Ok(true)
+            }
+        }
     }
 
     /// Whether a token with these claims is revoked. A token without `iat` counts as
@@ -117,6 +162,24 @@ mod tests {
         assert!(r.is_revoked("bob", None, None, 2_001));
         assert!(!r.is_revoked("bob", None, Some(2_001), 2_002), "a token issued later is fine");
         assert!(!r.is_revoked("alice", None, Some(1), 2_001));
+    }
+
+    #[test]
+    fn applying_again_or_older_changes_nothing() {
+        let r = RevocationList::new(10, 100);
+        assert_eq!(r.revoke_sub_at("bob", 1_000, 1_001), Ok(true));
+        assert_eq!(r.revoke_sub_at("bob", 1_000, 1_002), Ok(false), "the same again");
+        assert_eq!(r.revoke_sub_at("bob", 900, 1_002), Ok(false), "an older one");
+        assert!(r.is_revoked("bob", None, Some(1_000), 1_002));
+        assert!(!r.is_revoked("bob", None, Some(1_001), 1_002), "the older one did not win");
+        assert_eq!(r.revoke_sub_at("bob", 1_050, 1_060), Ok(true), "a later one");
+        assert!(r.is_revoked("bob", None, Some(1_040), 1_060));
+        assert_eq!(r.revoke_sub_at("old", 10, 1_000), Ok(false), "past the horizon");
+        assert!(!r.is_revoked("old", None, None, 1_000));
+        assert_eq!(r.revoke_jti_at("j", 1_000, 1_001), Ok(true));
+        assert_eq!(r.revoke_jti_at("j", 1_000, 1_001), Ok(false));
+        assert!(r.is_revoked("x", Some("j"), None, 1_099));
+        assert!(!r.is_revoked("x", Some("j"), None, 1_100));
     }
 
     #[test]

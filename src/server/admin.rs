@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::auth::validate::Principal;
+use crate::sources::nats::revocations::{Applied, Apply, Outcome, Revocation, Target, MAX_PENDING};
 
 /// The admin routes.
 pub(crate) fn router(app: Arc<AppState>) -> Router {
@@ -107,12 +108,14 @@ fn bad_request(description: &str) -> Response {
 /// Largest `/admin/revoke` body accepted.
 pub(crate) const MAX_REVOKE_BODY: usize = 4096;
 /// Longest `sub` or `jti` a revocation may name (bytes).
-pub(crate) const MAX_REVOKE_ID: usize = 256;
+pub(crate) const MAX_REVOKE_ID: usize = crate::sources::nats::revocations::MAX_ID_LEN;
 
 /// `POST /admin/revoke` with `{"sub": "..."}` or `{"jti": "..."}`: remembers the
 /// revocation (later handshakes, refreshes and ticket redemptions are refused), voids the
 /// matching outstanding tickets, and closes the matching live streams and publishers with
-/// 4003. Logs which admin revoked what (identifiers only, never a token).
+/// 4003. Logs which admin revoked what (identifiers only, never a token). With NATS, it is
+/// then stored in the cluster's bucket (`"cluster": "stored"`, 200) or queued while NATS is
+/// unreachable (`"cluster": "pending"`, 202); see [`crate::sources::nats::revocations`].
 async fn revoke(State(app): State<Arc<AppState>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let (result, resp) = revoke_answer(&app, &headers, &body).await;
     app.metrics.revoke_requests.with_label_values(&[result]).inc();
@@ -155,30 +158,122 @@ async fn revoke_answer(app: &AppState, headers: &HeaderMap, body: &[u8]) -> (&'s
         return ("bad_request", bad_request("give exactly one of `sub` and `jti`"));
     }
     let now = jsonwebtoken::get_current_timestamp();
-    let stored = match (&sub, &jti) {
-        (Some(s), _) => app.validator.revocations().revoke_sub(s, now),
-        (_, Some(j)) => app.validator.revocations().revoke_jti(j, None, now),
-        _ => Ok(()),
+    let target = match (sub, jti) {
+        (Some(s), _) => Target::Sub(s),
+        (_, Some(j)) => Target::Jti(j),
+        _ => return ("bad_request", bad_request("give exactly one of `sub` and `jti`")),
     };
-    if let Err(e) = stored {
-        tracing::warn!(admin = %admin.sub, error = %e, "revocation refused: list full");
-        return ("unavailable", json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()));
-    }
-    // Voided before the live connections are closed: a client cut off now cannot come
-    // straight back with a ticket it fetched a moment ago.
-    let tickets_voided = app.tickets.void(sub.as_deref(), jti.as_deref());
-    let closed = super::session::revoke_live(app, sub.as_deref(), jti.as_deref()).await;
-    let (streams_closed, publishers_closed) = (closed.streams, closed.publishers);
-    tracing::info!(admin = %admin.sub, target_sub = %sub.as_deref().unwrap_or(""), target_jti = %jti.as_deref().unwrap_or(""),
+    let applied = match apply_revocation(app, &target, now, true).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(admin = %admin.sub, error = %e, "revocation refused: list full");
+            return ("unavailable", json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()));
+        }
+    };
+    let (sub, jti) = target_parts(&target);
+    let (streams_closed, publishers_closed, tickets_voided) =
+        (applied.streams_closed, applied.publishers_closed, applied.tickets_voided);
+    tracing::info!(admin = %admin.sub, target_sub = %sub.unwrap_or(""), target_jti = %jti.unwrap_or(""),
         streams_closed, publishers_closed, tickets_voided, "revocation applied");
-    let body = json!({
+    // Applied here first (above), then shared: a NATS outage never delays the local effect.
+    let rev = Revocation { target: target.clone(), at: now, by: admin.sub.clone() };
+    let cluster = app.cluster_revocations.store(&rev).await;
+    let mut body = json!({
         "revoked": if sub.is_some() { "sub" } else { "jti" },
         "connections_closed": streams_closed + publishers_closed,
         "streams_closed": streams_closed,
         "publishers_closed": publishers_closed,
         "tickets_voided": tickets_voided,
     });
-    ("ok", Json(body).into_response())
+    if let (Some(c), Some(obj)) = (cluster.as_str(), body.as_object_mut()) {
+        obj.insert("cluster".into(), json!(c));
+    }
+    match cluster {
+        Outcome::Off | Outcome::Stored => ("ok", Json(body).into_response()),
+        Outcome::Pending => {
+            tracing::warn!(admin = %admin.sub, "revocation applied on this edge; NATS unreachable, the cluster write is queued");
+            ("ok", (StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        Outcome::QueueFull => {
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("error".into(), json!("unavailable"));
+                let d = format!(
+                    "revoked on this edge only: {MAX_PENDING} revocations already wait for NATS; retry once NATS is back"
+                );
+                obj.insert("error_description".into(), json!(d));
+            }
+            ("unavailable", (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response())
+        }
+    }
+}
+
+fn target_parts(t: &Target) -> (Option<&str>, Option<&str>) {
+    match t {
+        Target::Sub(s) => (Some(s.as_str()), None),
+        Target::Jti(j) => (None, Some(j.as_str())),
+    }
+}
+
+/// What applying a revocation on this edge did.
+#[derive(Debug, Clone, Copy)]
+struct LocalApplied {
+    /// The revocation list changed (false: it already held this one, or a later one).
+    new: bool,
+    streams_closed: usize,
+    publishers_closed: usize,
+    tickets_voided: usize,
+}
+
+/// Applies a revocation made at `at` on this edge: remembered in the revocation list, the
+/// matching outstanding tickets voided, the matching live streams and publishers closed
+/// with 4003. The admin call always does all of it (`always`); an entry from the cluster
+/// only when it is new here, so seeing one again (our own write, or after a reconnect)
+/// closes nothing (a client that came back with a fresh token stays).
+async fn apply_revocation(
+    app: &AppState,
+    target: &Target,
+    at: u64,
+    always: bool,
+) -> Result<LocalApplied, crate::auth::revocation::RevocationFull> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let list = app.validator.revocations();
+    let new = match target {
+        Target::Sub(s) => list.revoke_sub_at(s, at, now)?,
+        Target::Jti(j) => list.revoke_jti_at(j, at, now)?,
+    };
+    if !new && !always {
+        return Ok(LocalApplied { new, streams_closed: 0, publishers_closed: 0, tickets_voided: 0 });
+    }
+    let (sub, jti) = target_parts(target);
+    // Voided before the live connections are closed: a client cut off now cannot come
+    // straight back with a ticket it fetched a moment ago.
+    let tickets_voided = app.tickets.void(sub, jti);
+    let closed = super::session::revoke_live(app, sub, jti).await;
+    Ok(LocalApplied { new, streams_closed: closed.streams, publishers_closed: closed.publishers, tickets_voided })
+}
+
+/// The cluster watcher's way in: an entry from the `tickgate_revocations` bucket applied
+/// through the admin call's own path ([`apply_revocation`]), only when new here.
+pub(crate) fn cluster_apply(app: &Arc<AppState>) -> Apply {
+    let app = app.clone();
+    Arc::new(move |rev: Revocation| {
+        let app = app.clone();
+        Box::pin(async move {
+            match apply_revocation(&app, &rev.target, rev.at, false).await {
+                Ok(a) if a.new => {
+                    tracing::info!(
+                        streams_closed = a.streams_closed,
+                        publishers_closed = a.publishers_closed,
+                        tickets_voided = a.tickets_voided,
+                        "cluster revocation closed this edge's matching sessions"
+                    );
+                    Applied::New
+                }
+                Ok(_) => Applied::Known,
+                Err(_) => Applied::ListFull,
+            }
+        })
+    })
 }
 
 #[derive(serde::Deserialize)]

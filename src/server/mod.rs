@@ -85,6 +85,8 @@ pub struct AppState {
     pub edge: edge::Edge,
     /// The NATS feeds' readiness (`/readyz`); always ready without NATS feeds.
     pub nats: Arc<crate::sources::nats::NatsHealth>,
+    /// Cluster-wide revocation through the NATS bucket (off without `nats.servers`).
+    pub cluster_revocations: Arc<crate::sources::nats::revocations::ClusterRevocations>,
 }
 
 impl AppState {
@@ -103,6 +105,7 @@ impl AppState {
         authorize::prime_metrics(&metrics);
         AppState {
             nats: crate::sources::nats::NatsHealth::new(ingest.catalog(), &config.nats),
+            cluster_revocations: crate::sources::nats::revocations::ClusterRevocations::new(&config, &metrics),
             ingest,
             // The sources (generators, replays and publisher connections), tracked so
             // shutdown can wait for them to have stopped.

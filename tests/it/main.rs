@@ -39,6 +39,7 @@ mod module_graph;
 mod nats_edge;
 mod nats_load;
 mod nats_publish;
+mod nats_revoke;
 mod observability;
 mod restart_epoch;
 mod rfc6455;

@@ -7,7 +7,9 @@
 //! - `spawn`: one connection (async-nats, reconnecting on its own), then one task per
 //!   NATS feed: its streams found or created (`streams`), the warm start, then live
 //!   consumption;
-//! - `contract`: the per-message rules and names, without I/O.
+//! - `contract`: the per-message rules and names, without I/O;
+//! - `revocations`: cluster-wide revocation through the `tickgate_revocations` bucket,
+//!   whenever `nats.servers` is set (with or without NATS feeds).
 //!
 //! **Warm start** (spec §3). The feed's epoch is the largest in the stream. The edge reads
 //! `MDLV_<FEED>` (the last trade and quote of every instrument, however old) and
@@ -34,6 +36,7 @@
 pub(crate) mod contract;
 pub(crate) mod forward;
 pub mod handler;
+pub mod revocations;
 pub(crate) mod streams;
 
 use std::collections::{HashMap, VecDeque};
@@ -68,13 +71,18 @@ pub struct NatsHealth {
     /// Wall-clock ms since which it has been down (the start counts as down).
     down_since_ms: AtomicU64,
     feeds: Vec<FeedHealth>,
-    /// Bumped each time the connection comes back after a loss: the feed tasks then
-    /// recreate their consumers at once from their own last stream sequence, instead of
-    /// waiting for the ordered consumer to notice two missed heartbeats (tens of seconds).
-    reconnected: tokio::sync::watch::Sender<u64>,
     /// The JetStream context, once the connection is set up: `/v1/publish` into a `nats`
     /// feed forwards through it.
     js: std::sync::OnceLock<jetstream::Context>,
+    /// Revocations go through the NATS bucket (`nats.servers` is set).
+    revocations: bool,
+    /// Every entry of the revocation bucket has been applied once (set once, never reset:
+    /// an edge cut off later keeps what it loaded and is judged by its feeds alone).
+    revocations_loaded: AtomicBool,
+    /// Counts the connection's (re)connects, so watchers start over after each, and the
+    /// feed tasks recreate their consumers at once from their own last stream sequence
+    /// (the ordered consumer alone waits for two missed heartbeats: tens of seconds).
+    connected_gen: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -98,14 +106,35 @@ impl NatsHealth {
             up: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(now_ms()),
             feeds,
-            reconnected: tokio::sync::watch::Sender::new(0),
             js: std::sync::OnceLock::new(),
+            revocations: !cfg.servers.is_empty(),
+            revocations_loaded: AtomicBool::new(false),
+            connected_gen: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Whether the revocation bucket has been loaded (always true without NATS).
+    pub(crate) fn revocations_loaded(&self) -> bool {
+        !self.revocations || self.revocations_loaded.load(Ordering::Acquire)
+    }
+
+    fn set_revocations_loaded(&self) {
+        if !self.revocations_loaded.swap(true, Ordering::AcqRel) {
+            tracing::info!("cluster revocations loaded from NATS");
+        }
+    }
+
+    /// Changes on every (re)connect.
+    fn connected_gen(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connected_gen.subscribe()
     }
 
     /// `Ok` when the NATS feeds can serve (or there are none); else why not, for the
     /// `/readyz` body.
     pub(crate) fn status(&self) -> Result<(), String> {
+        if !self.revocations_loaded() {
+            return Err("loading the cluster's revocations from NATS".into());
+        }
         if self.feeds.is_empty() {
             return Ok(());
         }
@@ -140,13 +169,20 @@ impl NatsHealth {
             self.down_since_ms.store(now_ms(), Ordering::Release);
         }
         self.up.store(up, Ordering::Release);
+        if up {
+            self.connected_gen.send_modify(|g| *g += 1);
+        }
     }
 }
 
-/// Starts the NATS source when the catalog has NATS feeds: one connection, then a task
-/// per feed on `tasks`, each stopping when `cancel` fires.
+/// Starts the NATS source when `nats.servers` is set: one connection, then the revocation
+/// bucket's tasks ([`revocations`]) and a task per NATS feed on `tasks`, each stopping when
+/// `cancel` fires.
+#[allow(clippy::too_many_arguments)] // the server's parts, passed once at start-up
 pub(crate) fn spawn(
     cfg: &NatsConfig,
+    revocations: &Arc<revocations::ClusterRevocations>,
+    apply: revocations::Apply,
     catalog: &Arc<Catalog>,
     ingest: &Ingest,
     metrics: &Metrics,
@@ -156,7 +192,7 @@ pub(crate) fn spawn(
 ) {
     let feeds: Vec<usize> =
         catalog.feeds().iter().filter(|f| f.def.source == SourceKind::Nats).map(|f| f.idx).collect();
-    if feeds.is_empty() {
+    if cfg.servers.is_empty() {
         return;
     }
     for &idx in &feeds {
@@ -170,17 +206,19 @@ pub(crate) fn spawn(
     let (cfg, catalog, ingest, metrics, health, cancel) =
         (cfg.clone(), catalog.clone(), ingest.clone(), metrics.clone(), health.clone(), cancel.clone());
     let feed_tasks = tasks.clone();
+    let revocations = revocations.clone();
     tasks.spawn(async move {
         let client = match connect(&cfg, &health, &metrics).await {
             Ok(c) => c,
             Err(why) => {
-                tracing::error!(error = %why, "NATS: cannot set up the connection; the NATS feeds are not served");
+                tracing::error!(error = %why, "NATS: cannot set up the connection; the NATS feeds are not served, revocations not shared, /readyz stays 503");
                 for f in &health.feeds {
                     *f.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
                 }
                 return;
             }
         };
+        revocations::spawn(&revocations, client.clone(), &health, apply, &feed_tasks, &cancel);
         let js = jetstream::new(client.clone());
         let _ = health.js.set(js.clone());
         for idx in feeds {
@@ -232,7 +270,6 @@ async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) 
                         h.set_up(true);
                         if again {
                             m.nats_reconnects.inc();
-                            h.reconnected.send_modify(|g| *g += 1);
                         }
                         m.nats_connected.set(1);
                         tracing::info!("NATS connected");
@@ -401,12 +438,24 @@ impl FeedTask {
         self.set_warm();
         tracing::info!(feed = %self.name, epoch = self.epoch(), "NATS feed warm; serving live");
         let mut age_tick = tokio::time::interval(Duration::from_secs(1));
-        let mut reconnected = self.health.reconnected.subscribe();
+        let mut reconnected = self.health.connected_gen();
         reconnected.mark_unchanged();
+        // Set when a consumer could not be made after a reconnect: try again then.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            let retry = async move {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 _ = cancel.cancelled() => return,
-                Ok(()) = reconnected.changed() => {
+                r = async { tokio::select! { r = reconnected.changed() => r.is_ok(), () = retry => true } } => {
+                    if !r {
+                        return;
+                    }
+                    retry_at = None;
                     // Back from a lost connection: a consumer from the next stream sequence
                     // now (the old one may be gone with a restarted server).
                     let from = self.last_stream_seq + 1;
@@ -417,12 +466,7 @@ impl FeedTask {
                         }
                         Err(e) => {
                             tracing::warn!(feed = %self.name, error = %e, "NATS back but no consumer yet; retrying");
-                            // Ask again shortly, through the same branch.
-                            let h = self.health.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                                h.reconnected.send_modify(|g| *g += 1);
-                            });
+                            retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
                         }
                     }
                     continue;
