@@ -69,7 +69,7 @@ for r in $(seq 1 "$ROUNDS"); do
       # input; the load publisher sends the same count in 4,096-record batches as fast as it can.
       c0=$(cpu "$TG"); s1=$(date +%s.%N)
       "${PIN_LOAD[@]}" "$BIN" load --role publisher --target tickgate --url "ws://127.0.0.1:$TP/v1/stream" --no-token \
-        --feed IN --feed-id 7 --symbols "$(echo "$syms" | tr -d '"')" --rate 100000000 --count "$RECORDS" --seconds 0 >/dev/null 2>"$work/dpub.err" \
+        --feed IN --feed-id 7 --symbols "$(echo "$syms" | tr -d '"')" --rate 10000000 --count "$RECORDS" --seconds 0 >/dev/null 2>"$work/dpub.err" \
         || { echo "direct publisher failed: $(tail -3 "$work/dpub.err")" >&2; exit 1; }
       s2=$(date +%s.%N); c1=$(cpu "$TG")
       python3 -c "import json; print(json.dumps({'round': $r, 'path': 'direct', 'records': $RECORDS, 'seconds': $s2 - $s1, 'records_per_s': $RECORDS / ($s2 - $s1), 'cpu_s_per_million': ($c1 - $c0) / $HZ / ($RECORDS / 1e6)}))" >>"$OUT"

@@ -56,7 +56,7 @@ use crate::config::NatsConfig;
 use crate::engine::{Ingest, Tick};
 use crate::feeds::{Catalog, SourceKind};
 use crate::metrics::Metrics;
-use tickgate_proto::codec::{Record, MAX_RECORD_LEN};
+use tickgate_proto::codec::Record;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -480,7 +480,7 @@ impl FeedTask {
                 m = consumer.next() => m,
             };
             match next {
-                Some(Ok(msg)) => self.take(&msg, None, &cancel).await,
+                Some(Ok(msg)) => self.take(&msg, &cancel).await,
                 Some(Err(e)) => {
                     // The ordered consumer recreates itself (from its last stream sequence)
                     // after most errors; pause briefly so an error repeated while NATS is
@@ -550,22 +550,28 @@ impl FeedTask {
         // The window: from now - max_age_s, up to the last sequence as of start-up.
         let start = time::OffsetDateTime::now_utc() - time::Duration::seconds(self.max_age_s as i64);
         let mut consumer = ordered(&stream, DeliverPolicy::ByStartTime { start_time: start }).await?;
-        let mut window: VecDeque<Message> = VecDeque::new();
-        let mut window_bytes = 0usize;
-        let window_cap_bytes = self.window_cap.saturating_mul(MAX_RECORD_LEN);
+        // Held checked (records only, not whole NATS messages: a message of a few records
+        // carries hundreds of bytes of subject, headers and reply around them).
+        let mut window: VecDeque<(u64, Checked)> = VecDeque::new();
+        let mut window_records = 0usize;
         // Nothing newer than the window's start: nothing to read (the consumer would wait).
         let in_window = info.state.messages > 0 && info.state.last_timestamp >= start;
         if in_window {
             loop {
                 let Some(msg) = next_within(&mut consumer).await? else { break };
                 let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-                window_bytes += msg.payload.len();
-                window.push_back(msg);
-                // Bounded by what the resume buffer keeps (`[resume] records` of the largest
-                // record): older messages would be evicted from it at once, so they are let go.
-                while window_bytes > window_cap_bytes && window.len() > 1 {
-                    if let Some(old) = window.pop_front() {
-                        window_bytes -= old.payload.len();
+                match self.check(&msg) {
+                    Ok(c) => {
+                        window_records += c.records.len();
+                        window.push_back((seq, c));
+                    }
+                    Err(r) => self.count_reject(r, &msg.subject, seq),
+                }
+                // Bounded by what the resume buffer keeps (`[resume] records`): older
+                // messages would be evicted from it at once, so they are let go.
+                while window_records > self.window_cap && window.len() > 1 {
+                    if let Some((_, old)) = window.pop_front() {
+                        window_records -= old.records.len();
                     }
                 }
                 if seq >= last_at_start || pending == 0 {
@@ -574,13 +580,7 @@ impl FeedTask {
             }
         }
         // The feed's epoch: the largest seen.
-        let mut checked_window = Vec::with_capacity(window.len());
-        for msg in window {
-            match self.check(&msg) {
-                Ok(c) => checked_window.push((msg, c)),
-                Err(r) => self.count_reject(r, &msg),
-            }
-        }
+        let checked_window = window;
         let epoch = checked_window
             .iter()
             .map(|(_, c)| c.epoch)
@@ -628,11 +628,11 @@ impl FeedTask {
         let never = CancellationToken::new();
         self.ingest.enqueue(&ticks_buf, &never).await;
         self.ingest.flush();
-        for (msg, c) in checked_window {
+        for (seq, c) in checked_window {
             if c.epoch < epoch {
                 continue; // history of an earlier epoch
             }
-            self.take(&msg, Some(c), &never).await;
+            self.take_checked(seq, "(warm start)", c, &never).await;
         }
         if epoch == 0 {
             tracing::info!(feed = %self.name, "NATS stream empty: the feed starts with its first message");
@@ -649,31 +649,41 @@ impl FeedTask {
         Ok(Checked { instr, epoch, records })
     }
 
-    fn count_reject(&mut self, r: NatsReject, msg: &Message) {
+    fn count_reject(&mut self, r: NatsReject, subject: &str, stream_seq: u64) {
         if let Some(c) = self.rejects.get(&r) {
             c.inc();
         }
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        self.log.log(&self.name, r, &msg.subject, seq);
+        self.log.log(&self.name, r, subject, stream_seq);
     }
 
-    /// Takes one message in: checked (unless `checked` already is), its epoch applied,
-    /// its seqs checked against the log and appended, then queued for the shards.
-    async fn take(&mut self, msg: &Message, checked: Option<Checked>, cancel: &CancellationToken) {
+    /// Takes one live message in (see [`FeedTask::take_checked`]).
+    async fn take(&mut self, msg: &Message, cancel: &CancellationToken) {
         let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match self.check(msg) {
+            Ok(c) => self.take_checked(stream_seq, &msg.subject, c, cancel).await,
+            Err(r) => {
+                self.note_position(stream_seq);
+                self.count_reject(r, &msg.subject, stream_seq);
+            }
+        }
+    }
+
+    fn note_position(&mut self, stream_seq: u64) {
         if stream_seq > 0 {
             self.last_stream_seq = self.last_stream_seq.max(stream_seq);
             self.stream_seq.set(self.last_stream_seq as i64);
         }
         self.last_taken = Some(Instant::now());
         self.age.set(0.0);
-        let c = match checked.map(Ok).unwrap_or_else(|| self.check(msg)) {
-            Ok(c) => c,
-            Err(r) => return self.count_reject(r, msg),
-        };
+    }
+
+    /// Takes one checked message in: its epoch applied, its seqs checked against the log
+    /// and appended, then queued for the shards.
+    async fn take_checked(&mut self, stream_seq: u64, subject: &str, c: Checked, cancel: &CancellationToken) {
+        self.note_position(stream_seq);
         let current = self.epoch();
         if c.epoch < current {
-            return self.count_reject(NatsReject::EpochBackwards, msg);
+            return self.count_reject(NatsReject::EpochBackwards, subject, stream_seq);
         }
         if c.epoch > current {
             // A new epoch (a feed handler that restarted its numbering): clients get
@@ -694,7 +704,7 @@ impl FeedTask {
             Ok(())
         });
         if let Err(r) = appended {
-            return self.count_reject(r, msg);
+            return self.count_reject(r, subject, stream_seq);
         }
         self.messages.inc();
         let ticks = std::mem::take(&mut self.ticks);
