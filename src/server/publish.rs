@@ -259,6 +259,17 @@ struct Publisher<'a> {
 }
 
 impl Publisher<'_> {
+    /// A refused batch: counted, a strike, and the `error` that says why.
+    fn refused(&mut self, r: &crate::sources::publish::Reject) -> ServerMsg {
+        self.app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
+        self.strikes += 1;
+        ServerMsg::Error {
+            id: None,
+            code: ErrorCode::BadRecord,
+            message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
+        }
+    }
+
     /// Sends a reply, then applies the strike limit.
     async fn reply(&mut self, ws: &mut Ws, reply: Option<ServerMsg>) -> Step {
         if let Some(m) = reply {
@@ -296,15 +307,7 @@ impl Role for Publisher<'_> {
                         tracing::warn!(feed = self.feed.name(), error = %e, "publisher closed: JetStream did not acknowledge");
                         return Step::Close(Reason::NatsUnavailable);
                     }
-                    Err(ForwardError::Refused(r)) => {
-                        app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
-                        self.strikes += 1;
-                        Some(ServerMsg::Error {
-                            id: None,
-                            code: ErrorCode::BadRecord,
-                            message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
-                        })
-                    }
+                    Err(ForwardError::Refused(r)) => Some(self.refused(&r)),
                 }
             }
             Message::Binary(b) => match self.source.take(self.feed, &b, &app.ingest, &self.cancel).await {
@@ -312,15 +315,7 @@ impl Role for Publisher<'_> {
                 Ok(Taken::Cancelled) => {
                     return Step::Close(SessionEnd::Shutdown.close());
                 }
-                Err(r) => {
-                    app.metrics.publish_rejects.with_label_values(&[r.reason.as_str()]).inc();
-                    self.strikes += 1;
-                    Some(ServerMsg::Error {
-                        id: None,
-                        code: ErrorCode::BadRecord,
-                        message: format!("{}: batch refused, nothing of it was taken in: {}", r.reason, r.message),
-                    })
-                }
+                Err(r) => Some(self.refused(&r)),
             },
             Message::Text(t) => match serde_json::from_str::<serde_json::Value>(t.as_str()) {
                 Ok(v) if v.get("op").and_then(|o| o.as_str()) == Some("ping") => {

@@ -167,6 +167,16 @@ async fn collect(sub: &mut Subscriber, done: impl Fn(&[Record]) -> bool) -> Vec<
     got
 }
 
+/// Subscribes to every symbol of the feed and waits until the subscription is live.
+async fn subscribe_all(sub: &mut Subscriber) {
+    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
+    loop {
+        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
+            return;
+        }
+    }
+}
+
 fn has_seq(recs: &[Record], id: u32, seq: u64) -> bool {
     recs.iter().any(|r| r.instrument_id() == id && r.seq() == seq && r.flags() & FLAG_SNAPSHOT == 0)
 }
@@ -189,14 +199,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
 
     let token = a.token(&[&format!("md:read:{FEED}")]);
     let mut on_a = a.subscriber(&token).await;
-    on_a.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
-    // Wait for the subscription to be live before publishing.
-    loop {
-        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = on_a.next_event().await.unwrap()
-        {
-            break;
-        }
-    }
+    subscribe_all(&mut on_a).await;
 
     let mut h = Handler::new(&nats).await;
     let mut sent = Vec::new();
@@ -271,13 +274,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
 
     // Live on both edges: the same records for every (instrument, seq).
     let mut on_b = b.subscriber(&token_b).await;
-    on_b.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
-    loop {
-        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = on_b.next_event().await.unwrap()
-        {
-            break;
-        }
-    }
+    subscribe_all(&mut on_b).await;
     let mut live = Vec::new();
     for id in 1..=3 {
         live.extend(h.send(id, false, 3).await);
@@ -325,12 +322,7 @@ async fn a_nats_restart_keeps_clients_and_loses_nothing() {
     wait_ready(&ts).await;
     let token = ts.token(&[&format!("md:read:{FEED}")]);
     let mut sub = ts.subscriber(&token).await;
-    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
-    loop {
-        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
-            break;
-        }
-    }
+    subscribe_all(&mut sub).await;
     let mut h = Handler::new(&nats).await;
     let mut sent = Vec::new();
     for id in 1..=2 {
@@ -377,12 +369,7 @@ async fn publishing_through_an_edge_reaches_every_edge() {
     wait_ready(&b).await;
     let token_b = b.token(&[&format!("md:read:{FEED}")]);
     let mut sub = b.subscriber(&token_b).await;
-    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
-    loop {
-        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
-            break;
-        }
-    }
+    subscribe_all(&mut sub).await;
     let token = a.token(&[&format!("md:publish:{FEED}")]);
     let mut publisher =
         Publisher::connect(&publish_url(&a.url, FEED, Some(EPOCH)), &token, &ConnectOptions::default()).await.unwrap();
@@ -468,12 +455,7 @@ async fn an_r3_stream_survives_a_cluster_member() {
     .await;
     let token = ts.token(&[&format!("md:read:{FEED}")]);
     let mut sub = ts.subscriber(&token).await;
-    sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();
-    loop {
-        if let Event::Control(tickgate_proto::control::ServerMsg::Subscribed { .. }) = sub.next_event().await.unwrap() {
-            break;
-        }
-    }
+    subscribe_all(&mut sub).await;
     // The handler talks to the two members that stay.
     let handler_client =
         async_nats::ConnectOptions::new().connect(vec![urls[1].clone(), urls[2].clone()]).await.unwrap();

@@ -131,21 +131,7 @@ pub async fn run(
         .iter()
         .map(|s| s.parse().map_err(|e| HandlerError::Connect(format!("{s:?}: {e}"))))
         .collect::<Result<_, _>>()?;
-    let mut opts = match &cfg.creds_file {
-        Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
-            .await
-            .map_err(|e| HandlerError::Connect(format!("creds file {}: {e}", p.display())))?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    if let Some(t) = &cfg.token {
-        opts = opts.token(t.clone());
-    }
-    if let Some(ca) = &cfg.tls_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
+    let opts = super::credentials(cfg).await.map_err(HandlerError::Connect)?;
     let client = opts
         .name("tickgate-publish")
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))

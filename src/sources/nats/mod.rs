@@ -236,24 +236,7 @@ pub(crate) fn spawn(
 /// cannot work (an unreadable credentials file) is an error here: an unreachable NATS is
 /// retried, with the edge not ready meanwhile.
 async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) -> Result<async_nats::Client, String> {
-    let mut opts = match &cfg.creds_file {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| format!("nats.creds_file {}: {e}", path.display()))?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    if let Some(t) = &cfg.token {
-        opts = opts.token(t.clone());
-    }
-    if let Some(ca) = &cfg.tls_ca {
-        if !ca.is_file() {
-            return Err(format!("nats.tls_ca {}: not a readable file", ca.display()));
-        }
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
+    let mut opts = credentials(cfg).await?;
     let (h, m) = (health.clone(), metrics.clone());
     let ever_up = Arc::new(AtomicBool::new(false));
     opts = opts
@@ -296,6 +279,30 @@ async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) 
         return Err("nats.servers is empty but a feed has source = \"nats\"".into());
     }
     opts.connect(servers).await.map_err(|e| format!("NATS: {e}"))
+}
+
+/// The connection options `[nats]` asks for: credentials (a creds file, user/password or
+/// a token) and the CA of `tls://` servers. Shared by the edge and the feed handler.
+pub(crate) async fn credentials(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, String> {
+    let mut opts = match &cfg.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("nats.creds_file {}: {e}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(ca) = &cfg.tls_ca {
+        if !ca.is_file() {
+            return Err(format!("nats.tls_ca {}: not a readable file", ca.display()));
+        }
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    Ok(opts)
 }
 
 /// Logs a feed's dropped messages at most once a second, with how many were not logged.
