@@ -4,7 +4,9 @@
 //! (§1), and [`NatsReject`], the reasons a message is dropped
 //! (`tickgate_nats_rejects_total{feed,reason}`).
 
-use tickgate_proto::codec::{DecodeError, Record, StrictBatch, RTYPE_QUOTE, RTYPE_TRADE};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tickgate_proto::codec::{encode_batch, DecodeError, Record, StrictBatch, RTYPE_QUOTE, RTYPE_TRADE};
 
 use crate::auth::hash::sha256;
 use crate::feeds::FeedDef;
@@ -85,6 +87,56 @@ pub(crate) fn last_values_name(feed: &str) -> String {
 /// `<prefix>.<FEED>.>`: what the feed's stream captures.
 pub(crate) fn stream_subjects(prefix: &str, feed: &str) -> String {
     format!("{prefix}.{feed}.>")
+}
+
+/// One message as tickgate publishes it (the feed handler, the edge's forwarder).
+pub(crate) struct Outgoing {
+    /// `<prefix>.<FEED>.<ID>.t|q`.
+    pub(crate) subject: String,
+    /// `Nats-Msg-Id`: `<FEED>.<ID>.<epoch>.<seq of the first record>`.
+    pub(crate) id: String,
+    /// `Tickgate-Epoch` and `Nats-Msg-Id`.
+    pub(crate) headers: HeaderMap,
+    /// One §5 batch.
+    pub(crate) payload: Bytes,
+    /// Records in it.
+    pub(crate) records: usize,
+}
+
+/// Splits `records` (each instrument's in seq order) into the contract's messages: one per
+/// run of one instrument and type, at most [`MAX_RECORDS_PER_MESSAGE`] records each.
+pub(crate) fn messages<'a>(
+    prefix: &'a str,
+    feed: &'a str,
+    epoch: u64,
+    records: &'a [Record],
+) -> impl Iterator<Item = Outgoing> + 'a {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        let first = *rest.first()?;
+        let n = rest
+            .iter()
+            .take_while(|r| r.instrument_id() == first.instrument_id() && r.rtype() == first.rtype())
+            .count()
+            .min(MAX_RECORDS_PER_MESSAGE);
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        let kind = if first.rtype() == RTYPE_TRADE { "t" } else { "q" };
+        let instrument = first.instrument_id();
+        let id = format!("{feed}.{instrument}.{epoch}.{}", first.seq());
+        let mut payload = Vec::with_capacity(16 + run.len() * 72);
+        encode_batch(run, 0, &mut payload);
+        let mut headers = HeaderMap::new();
+        headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+        headers.insert("Nats-Msg-Id", id.as_str());
+        Some(Outgoing {
+            subject: format!("{prefix}.{feed}.{instrument}.{kind}"),
+            id,
+            headers,
+            payload: Bytes::from(payload),
+            records: run.len(),
+        })
+    })
 }
 
 /// The instrument (dense index) and record type a subject names, or `WrongSubject`.
@@ -232,6 +284,20 @@ mod tests {
         ] {
             assert_eq!(parse_subject(bad, "md", "XNAS", 3), Err(NatsReject::WrongSubject), "{bad}");
         }
+    }
+
+    #[test]
+    fn messages_are_runs_of_one_instrument_and_type() {
+        let q = |instr, seq| Record::encode(9, instr, seq, 1, 0, &Body::Quote(Quote::default()), 0);
+        let recs = [trade(9, 1, 1), trade(9, 1, 2), q(1, 3), trade(9, 2, 1)];
+        let out: Vec<Outgoing> = messages("md", "X", 7, &recs).collect();
+        let got: Vec<(&str, &str, usize)> =
+            out.iter().map(|m| (m.subject.as_str(), m.id.as_str(), m.records)).collect();
+        assert_eq!(got, [("md.X.1.t", "X.1.7.1", 2), ("md.X.1.q", "X.1.7.3", 1), ("md.X.2.t", "X.2.7.1", 1)]);
+        assert_eq!(out[0].headers.get(EPOCH_HEADER).map(|v| v.as_str()), Some("7"));
+        let mut again = Vec::new();
+        decode(&out[0].payload, 9, 0, RTYPE_TRADE, &mut again).expect("a contract message");
+        assert_eq!(again, recs[..2]);
     }
 
     #[test]

@@ -15,10 +15,10 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use super::contract::EPOCH_HEADER;
+use super::contract::{messages, Outgoing};
 use crate::feeds::Feed;
 use crate::sources::publish::{decode, PublishReject, Reject};
-use tickgate_proto::codec::{encode_batch, Record, RTYPE_TRADE};
+use tickgate_proto::codec::Record;
 
 /// Acks awaited at once before a new batch waits for the oldest.
 const MAX_PENDING: usize = 256;
@@ -48,6 +48,8 @@ pub(crate) struct Forward {
     last: HashMap<u32, u64>,
     pending: VecDeque<Sent>,
     recs: Vec<(u32, Record)>,
+    /// The same records without their instrument index, for [`messages`].
+    records: Vec<Record>,
 }
 
 impl std::fmt::Debug for Forward {
@@ -70,6 +72,7 @@ impl Forward {
             epoch,
             last: HashMap::new(),
             pending: VecDeque::new(),
+            records: Vec::new(),
             recs: Vec::new(),
         }
     }
@@ -113,27 +116,10 @@ impl Forward {
             }
             self.last = last;
         }
-        let mut rest = &self.recs[..];
-        let mut messages = Vec::new();
-        while let Some(&(instr, first)) = rest.first() {
-            let n = rest
-                .iter()
-                .take_while(|(i, r)| *i == instr && r.rtype() == first.rtype())
-                .count()
-                .min(super::contract::MAX_RECORDS_PER_MESSAGE);
-            let (run, tail) = rest.split_at(n);
-            rest = tail;
-            let kind = if first.rtype() == RTYPE_TRADE { "t" } else { "q" };
-            let id = first.instrument_id();
-            let subject = format!("{}.{}.{id}.{kind}", self.prefix, feed.name());
-            let mut payload = Vec::with_capacity(16 + run.len() * 72);
-            encode_batch(run.iter().map(|(_, r)| r), 0, &mut payload);
-            let mut headers = HeaderMap::new();
-            headers.insert(EPOCH_HEADER, self.epoch.to_string().as_str());
-            headers.insert("Nats-Msg-Id", format!("{}.{id}.{}.{}", feed.name(), self.epoch, first.seq()).as_str());
-            messages.push((subject, headers, Bytes::from(payload)));
-        }
-        for (subject, headers, payload) in messages {
+        self.records.clear();
+        self.records.extend(self.recs.iter().map(|(_, r)| *r));
+        let messages: Vec<Outgoing> = messages(&self.prefix, feed.name(), self.epoch, &self.records).collect();
+        for Outgoing { subject, headers, payload, .. } in messages {
             if self.pending.len() >= MAX_PENDING {
                 self.settle_one().await?;
             }

@@ -30,7 +30,7 @@ use super::contract::{self, EPOCH_HEADER};
 use super::streams::{self, EnsureError};
 use crate::config::NatsConfig;
 use crate::feeds::FeedDef;
-use tickgate_proto::codec::{encode_batch, Record, RTYPE_TRADE};
+use tickgate_proto::codec::Record;
 
 /// Why the handler stopped.
 #[derive(Debug, Error)]
@@ -193,34 +193,18 @@ impl Publisher {
     /// Publishes `records` (one feed, in seq order per instrument) as one message per run of
     /// the same instrument and type.
     async fn publish(&mut self, records: &[Record]) -> Result<(), HandlerError> {
-        let mut rest = records;
-        while let Some(first) = rest.first() {
-            let n = rest
-                .iter()
-                .take_while(|r| r.instrument_id() == first.instrument_id() && r.rtype() == first.rtype())
-                .count()
-                .min(contract::MAX_RECORDS_PER_MESSAGE);
-            let (run, tail) = rest.split_at(n);
-            rest = tail;
-            let kind = if first.rtype() == RTYPE_TRADE { "t" } else { "q" };
-            let subject = format!("{}.{}.{}.{kind}", self.prefix, self.feed, first.instrument_id());
-            let id = format!("{}.{}.{}.{}", self.feed, first.instrument_id(), self.epoch, first.seq());
-            let mut payload = Vec::with_capacity(16 + run.len() * 72);
-            encode_batch(run, 0, &mut payload);
-            let mut headers = HeaderMap::new();
-            headers.insert(EPOCH_HEADER, self.epoch.to_string().as_str());
-            headers.insert("Nats-Msg-Id", id.as_str());
+        let out: Vec<contract::Outgoing> = contract::messages(&self.prefix, &self.feed, self.epoch, records).collect();
+        for m in out {
             if self.in_flight.len() >= self.max_in_flight {
                 self.settle_oldest().await?;
             }
-            let payload = Bytes::from(payload);
-            let ack = self.send(&subject, &id, &headers, &payload).await?;
+            let ack = self.send(&m.subject, &m.id, &m.headers, &m.payload).await?;
             self.in_flight.push_back(Pending {
-                subject,
-                id,
-                headers,
-                payload,
-                records: run.len() as u64,
+                subject: m.subject,
+                id: m.id,
+                headers: m.headers,
+                payload: m.payload,
+                records: m.records as u64,
                 ack: Some(ack),
                 retried: false,
             });
