@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,6 +57,10 @@ use crate::engine::{Ingest, Tick};
 use crate::feeds::{Catalog, SourceKind};
 use crate::metrics::Metrics;
 use tickgate_proto::codec::Record;
+
+/// Messages taken in, at most, between two wake-ups of the shards: a burst already
+/// received from NATS is queued whole, then the shards are woken once.
+const WAKE_EVERY_MESSAGES: usize = 64;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -449,6 +453,9 @@ impl FeedTask {
         reconnected.mark_unchanged();
         // Set when a consumer could not be made after a reconnect: try again then.
         let mut retry_at: Option<tokio::time::Instant> = None;
+        // An item the burst below took from the consumer but did not handle (an error, or
+        // the end of the consumer): handled first on the next turn.
+        let mut held = None;
         loop {
             let retry = async move {
                 match retry_at {
@@ -456,7 +463,10 @@ impl FeedTask {
                     None => std::future::pending().await,
                 }
             };
-            let next = tokio::select! {
+            let next = if let Some(item) = held.take() {
+                item
+            } else {
+                tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = async { tokio::select! { r = reconnected.changed() => r.is_ok(), () = retry => true } } => {
                     if !r {
@@ -485,9 +495,31 @@ impl FeedTask {
                     continue;
                 }
                 m = consumer.next() => m,
+                }
             };
             match next {
-                Some(Ok(msg)) => self.take(&msg, &cancel).await,
+                Some(Ok(msg)) => {
+                    self.take(&msg, &cancel).await;
+                    // What the consumer holds already is taken in too before the shards are
+                    // woken: one wake-up per burst of messages, not one per message (a wake
+                    // is a syscall and a context switch, dearer than a message of records).
+                    // Bounded, so a fast stream cannot hold the first records back.
+                    let mut taken = 1;
+                    while taken < WAKE_EVERY_MESSAGES {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(msg))) => self.take(&msg, &cancel).await,
+                            // Nothing more received yet.
+                            None => break,
+                            // An error or the end: handled by the next turn of the loop.
+                            Some(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                        }
+                        taken += 1;
+                    }
+                    self.ingest.flush();
+                }
                 Some(Err(e)) => {
                     // The ordered consumer recreates itself (from its last stream sequence)
                     // after most errors; pause briefly so an error repeated while NATS is
@@ -641,6 +673,7 @@ impl FeedTask {
             }
             self.take_checked(seq, "(warm start)", c, &never).await;
         }
+        self.ingest.flush();
         if epoch == 0 {
             tracing::info!(feed = %self.name, "NATS stream empty: the feed starts with its first message");
         }
@@ -685,7 +718,8 @@ impl FeedTask {
     }
 
     /// Takes one checked message in: its epoch applied, its seqs checked against the log
-    /// and appended, then queued for the shards.
+    /// and appended, then queued for the shards; the caller wakes them
+    /// ([`Ingest::flush`]) after its burst.
     async fn take_checked(&mut self, stream_seq: u64, subject: &str, c: Checked, cancel: &CancellationToken) {
         self.note_position(stream_seq);
         let current = self.epoch();
@@ -715,11 +749,10 @@ impl FeedTask {
         }
         self.messages.inc();
         let ticks = std::mem::take(&mut self.ticks);
-        let ok = self.ingest.enqueue(&ticks, cancel).await;
+        // Not woken here: the caller flushes after its burst (a full shard queue wakes
+        // its shard while this waits).
+        self.ingest.enqueue(&ticks, cancel).await;
         self.ticks = ticks;
-        if ok {
-            self.ingest.flush();
-        }
     }
 }
 
