@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::bin::{self, BIN};
-use common::nats::{metric_at, readyz, start_nats_with, wait_ready, Handler, Nats, NatsOptions};
+use common::nats::{metric_at, readyz, start_nats_with, wait_ready, write_nats_feed, Handler, Nats, NatsOptions};
 use common::{eventually, Kill, Serving, EVENTUALLY};
 use serde_json::json;
 use tickgate_client::{ConnectOptions, Event, Subscriber};
@@ -137,14 +137,7 @@ impl Lab {
     /// edge's), listening on the client link's namespace address, fed by `nats`.
     fn spawn_edge(&mut self, nats: &Nats) -> Serving {
         let dir = self.dir.path();
-        let feeds = dir.join("feeds");
-        std::fs::create_dir_all(&feeds).unwrap();
-        let syms: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{s}\"")).collect();
-        std::fs::write(
-            feeds.join("nn.toml"),
-            format!("name = \"{FEED}\"\nid = {FEED_ID}\nsource = \"nats\"\nsymbols = [{}]\n", syms.join(", ")),
-        )
-        .unwrap();
+        let feeds = write_nats_feed(dir, "nn.toml", FEED, FEED_ID, &SYMBOLS);
         let at = self.client.ns_addr;
         let cfg = dir.join("tickgate.toml");
         std::fs::write(

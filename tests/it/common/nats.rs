@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use async_nats::jetstream;
@@ -26,6 +27,17 @@ pub fn require_nats_server() {
         "nats-server is not on PATH: these tests run a real one. Run ./scripts/test.sh, which installs it \
          (Debian package nats-server), or `apt-get install -y nats-server`."
     );
+}
+
+/// A feed file of a `source = "nats"` feed (the edges' side of the contract), written as
+/// `feeds/<file>` under `dir`; returns the feeds folder.
+pub fn write_nats_feed(dir: &Path, file: &str, name: &str, id: u16, symbols: &[&str]) -> PathBuf {
+    let feeds = dir.join("feeds");
+    std::fs::create_dir_all(&feeds).unwrap();
+    let syms: Vec<String> = symbols.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!("name = \"{name}\"\nid = {id}\nsource = \"nats\"\nsymbols = [{}]\n", syms.join(", "));
+    std::fs::write(feeds.join(file), text).unwrap();
+    feeds
 }
 
 /// How [`start_nats_with`] runs the server.
@@ -51,7 +63,7 @@ impl Default for NatsOptions {
 pub struct Nats {
     proc: Option<Kill>,
     _dir: tempfile::TempDir,
-    conf: std::path::PathBuf,
+    conf: PathBuf,
     /// The address it listens on.
     pub host: String,
     /// The client port.
