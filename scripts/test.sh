@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 # Tools the test suite drives for real: "command:Debian package".
-for pair in curl:curl prometheus:prometheus promtool:prometheus nats-server:nats-server haproxy:haproxy; do
+for pair in curl:curl prometheus:prometheus promtool:prometheus nats-server:nats-server haproxy:haproxy ip:iproute2; do
   tool=${pair%%:*}; pkg=${pair##*:}
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -21,7 +21,8 @@ fi
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # The integration tests are one binary (`--test it`, tests/it/main.rs). The only tests
-# `#[ignore]`d are those that need nats-server, haproxy, prometheus or promtool, installed above:
+# `#[ignore]`d are those that need nats-server, haproxy, prometheus or promtool, installed above
+# (`nats_netns` needs root for `ip netns` too, and says `skipped` without it):
 # `--include-ignored` runs them too. Arguments before a `--` go to cargo, those after it to
 # the test binaries (a name filter, `--nocapture`): `./scripts/test.sh -- delivery::`.
 cargo_args=() test_args=()

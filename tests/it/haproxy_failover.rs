@@ -10,10 +10,8 @@
 
 use crate::common;
 use crate::deploy_kit::{haproxy_cfg, haproxy_env};
-use crate::nats_edge::{start_nats, Nats};
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::bin::{self, BIN};
+use common::nats::{free_port, start_nats, Nats};
 use common::{eventually, eventually_blocking, Kill, Serving, EVENTUALLY};
 use tickgate_client::{ConnectOptions, Event, Subscriber};
 use tickgate_proto::codec::{encode_batch, Body, Record, Trade, FLAG_REPLAY, FLAG_SNAPSHOT};
@@ -36,10 +35,6 @@ const SECRET: &str = "haproxy-failover-secret";
 /// Clients through HAProxy, as the issue asks. They share two cores with three edges,
 /// HAProxy and nats-server, so the feed is kept slow (100 records/s) instead.
 const CLIENTS: usize = 300;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn port_of(url: &str) -> u16 {
     let rest = url.split("://").nth(1).unwrap();

@@ -13,7 +13,8 @@
 //! so that no two of them run side by side (as separate binaries they never did).
 //!
 //! Tests that need a program outside Rust are `#[ignore]`d with a reason naming it
-//! (`nats-server`, `haproxy`, `prometheus`/`promtool`); `scripts/test.sh` installs them and runs the
+//! (`nats-server`, `haproxy`, `prometheus`/`promtool`; `nats_netns` needs root for `ip netns` too,
+//! and passes with `skipped: ...` without it); `scripts/test.sh` installs them and runs the
 //! ignored tests too (`-- --include-ignored`).
 
 mod common;
@@ -38,6 +39,7 @@ mod lifecycle;
 mod module_graph;
 mod nats_edge;
 mod nats_load;
+mod nats_netns;
 mod nats_publish;
 mod nats_revoke;
 mod observability;

@@ -8,71 +8,21 @@
 
 use crate::common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use common::nats::{free_port, readyz, require_nats_server, start_nats, wait_ready, Handler, Nats};
 use common::{eventually, eventually_blocking, Kill, TestServer, EVENTUALLY};
 use serde_json::json;
 use tickgate_client::{ConnectOptions, Event, Subscriber};
-use tickgate_proto::codec::{encode_batch, Body, Quote, Record, Trade, FLAG_REPLAY, FLAG_SNAPSHOT};
+use tickgate_proto::codec::{encode_batch, Record, FLAG_REPLAY, FLAG_SNAPSHOT};
 
 const NEEDS: &str = "needs nats-server on PATH (./scripts/test.sh installs it)";
 const FEED: &str = "NX";
 const FEED_ID: u16 = 7;
 const EPOCH: u64 = 5;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A nats-server with JetStream on loopback, its store in a temp folder.
-pub(crate) struct Nats {
-    pub(crate) proc: Option<Kill>,
-    pub(crate) dir: tempfile::TempDir,
-    pub(crate) port: u16,
-    pub(crate) url: String,
-}
-
-pub(crate) fn start_nats() -> Nats {
-    let found = Command::new("nats-server").arg("--version").output();
-    assert!(found.is_ok_and(|o| o.status.success()), "nats-server is not on PATH: run ./scripts/test.sh");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut n = Nats { proc: None, dir, port, url: format!("nats://127.0.0.1:{port}") };
-    n.start();
-    n
-}
-
-impl Nats {
-    /// (Re)starts the server on the same port and store.
-    pub(crate) fn start(&mut self) {
-        let proc = Kill(
-            Command::new("nats-server")
-                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-                .arg(self.dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let port = self.port;
-        eventually_blocking("nats-server listening", EVENTUALLY, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        self.proc = Some(proc);
-    }
-
-    /// Stops the server gracefully (SIGTERM: JetStream flushes its store) and waits for it.
-    pub(crate) fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(p.0.id().to_string()).status();
-            let _ = p.0.wait();
-        }
-    }
-}
 
 fn feed_file(symbols: &str) -> String {
     format!("name = \"{FEED}\"\nid = {FEED_ID}\nsource = \"nats\"\nsymbols = [{symbols}]\n[resume]\nrecords = 1000\n")
@@ -88,61 +38,9 @@ async fn edge(nats: &Nats, symbols: &str) -> TestServer {
     .await
 }
 
-async fn readyz(ts: &TestServer) -> (u16, String) {
-    let r = reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
-async fn wait_ready(ts: &TestServer) {
-    eventually("the edge reports ready", EVENTUALLY, || async { (readyz(ts).await.0 == 200).then_some(()) }).await;
-}
-
-/// The test's feed handler: records of instrument `id` (1-based), by the contract.
-struct Handler {
-    js: jetstream::Context,
-    pub(crate) seqs: HashMap<u32, u64>,
-}
-
-impl Handler {
-    async fn new(nats: &Nats) -> Handler {
-        let client = async_nats::connect(&nats.url).await.unwrap();
-        Handler { js: jetstream::new(client), seqs: HashMap::new() }
-    }
-
-    fn record(&mut self, id: u32, quote: bool) -> Record {
-        let seq = self.seqs.entry(id).or_insert(0);
-        *seq += 1;
-        let body = if quote {
-            Body::Quote(Quote { bid_px: 100 + *seq as i64, ask_px: 101 + *seq as i64, bid_sz: 1, ask_sz: 2 })
-        } else {
-            Body::Trade(Trade { price: 100 + *seq as i64, size: *seq, side: 1 })
-        };
-        Record::encode(FEED_ID, id, *seq, 1_000 + *seq as i64, 0, &body, 0)
-    }
-
-    /// Publishes raw: subject, epoch header (None: left out), records; waits for the ack.
-    /// `tag` makes the `Nats-Msg-Id` of a deliberately bad message unique, so JetStream's
-    /// deduplication does not swallow it (or the good message sent after it).
-    async fn send_raw(&self, subject: &str, epoch: Option<u64>, recs: &[Record], tag: &str) {
-        let mut payload = Vec::new();
-        encode_batch(recs, 0, &mut payload);
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(e) = epoch {
-            headers.insert("Tickgate-Epoch", e.to_string().as_str());
-        }
-        let first = recs.first().map(|r| (r.instrument_id(), r.seq())).unwrap_or((0, 0));
-        headers.insert("Nats-Msg-Id", format!("{FEED}.{}.{}.{}{tag}", first.0, epoch.unwrap_or(0), first.1).as_str());
-        let ack = self.js.publish_with_headers(subject.to_string(), headers, payload.into()).await.unwrap();
-        ack.await.expect("JetStream acknowledged");
-    }
-
-    /// One message of `n` records of instrument `id` (all trades or all quotes).
-    async fn send(&mut self, id: u32, quote: bool, n: usize) -> Vec<Record> {
-        let recs: Vec<Record> = (0..n).map(|_| self.record(id, quote)).collect();
-        let kind = if quote { "q" } else { "t" };
-        self.send_raw(&format!("md.{FEED}.{id}.{kind}"), Some(EPOCH), &recs, "").await;
-        recs
-    }
+/// The test's feed handler for feed `NX`, epoch 5, on its own connection to `nats`.
+async fn handler(nats: &Nats) -> Handler {
+    Handler::new(&nats.url, FEED, FEED_ID, EPOCH).await
 }
 
 /// What must be equal between edges: everything but `ts_recv_ns` and the flags.
@@ -188,7 +86,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
     let nats = start_nats();
     let a = edge(&nats, "\"A\", \"B\", \"C\"").await;
     // The edge creates both streams and, the stream being empty, is ready at once.
-    wait_ready(&a).await;
+    wait_ready(&a.admin).await;
     let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     let mut md = js.get_stream(format!("MD_{FEED}")).await.expect("MD stream created by the edge");
     let info = md.info().await.unwrap().clone();
@@ -201,7 +99,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
     let mut on_a = a.subscriber(&token).await;
     subscribe_all(&mut on_a).await;
 
-    let mut h = Handler::new(&nats).await;
+    let mut h = handler(&nats).await;
     let mut sent = Vec::new();
     for round in 0..5 {
         for id in 1..=3 {
@@ -247,7 +145,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
 
     // A second edge, started now, warms up from the stream before it is ready.
     let b = edge(&nats, "\"A\", \"B\", \"C\"").await;
-    wait_ready(&b).await;
+    wait_ready(&b.admin).await;
     let token_b = b.token(&[&format!("md:read:{FEED}")]);
     // Snapshot on B: the last trade and quote of every instrument, as A delivered them.
     let mut snap = b.subscriber(&token_b).await;
@@ -292,7 +190,7 @@ async fn two_edges_number_alike_and_a_late_edge_warms_up() {
     // An edge whose feed file lists other symbols is refused: /readyz says why.
     let c = edge(&nats, "\"A\", \"C\", \"B\"").await;
     let why = eventually("the mismatched edge refuses the feed", EVENTUALLY, || async {
-        let (status, body) = readyz(&c).await;
+        let (status, body) = readyz(&c.admin).await;
         (status == 503 && body.contains("refused")).then_some(body)
     })
     .await;
@@ -319,11 +217,11 @@ async fn a_nats_restart_keeps_clients_and_loses_nothing() {
         c.issuer.clients[0].scopes.push(format!("md:read:{FEED}"));
     })
     .await;
-    wait_ready(&ts).await;
+    wait_ready(&ts.admin).await;
     let token = ts.token(&[&format!("md:read:{FEED}")]);
     let mut sub = ts.subscriber(&token).await;
     subscribe_all(&mut sub).await;
-    let mut h = Handler::new(&nats).await;
+    let mut h = handler(&nats).await;
     let mut sent = Vec::new();
     for id in 1..=2 {
         sent.extend(h.send(id, false, 5).await);
@@ -333,7 +231,7 @@ async fn a_nats_restart_keeps_clients_and_loses_nothing() {
 
     nats.stop();
     let why = eventually("/readyz turns 503 while cut off from NATS", EVENTUALLY, || async {
-        let (status, body) = readyz(&ts).await;
+        let (status, body) = readyz(&ts.admin).await;
         (status == 503).then_some(body)
     })
     .await;
@@ -341,13 +239,13 @@ async fn a_nats_restart_keeps_clients_and_loses_nothing() {
     assert_eq!(ts.metric("tickgate_nats_connected").await, 0.0);
     nats.start();
     // A new handler connection (the old one may still be reconnecting) publishes more.
-    let mut h2 = Handler::new(&nats).await;
+    let mut h2 = handler(&nats).await;
     h2.seqs = h.seqs.clone();
     let mut after = Vec::new();
     for id in 1..=2 {
         after.extend(h2.send(id, true, 5).await);
     }
-    wait_ready(&ts).await;
+    wait_ready(&ts.admin).await;
     let got = collect(&mut sub, |got| after.iter().all(|s| has_seq(got, s.instrument_id(), s.seq()))).await;
     let keys = |v: &[Record]| v.iter().map(key).collect::<Vec<_>>();
     assert_eq!(keys(&got), keys(&after), "the same client, nothing lost across the NATS restart");
@@ -365,15 +263,15 @@ async fn publishing_through_an_edge_reaches_every_edge() {
     let nats = start_nats();
     let a = edge(&nats, "\"A\", \"B\"").await;
     let b = edge(&nats, "\"A\", \"B\"").await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&a.admin).await;
+    wait_ready(&b.admin).await;
     let token_b = b.token(&[&format!("md:read:{FEED}")]);
     let mut sub = b.subscriber(&token_b).await;
     subscribe_all(&mut sub).await;
     let token = a.token(&[&format!("md:publish:{FEED}")]);
     let mut publisher =
         Publisher::connect(&publish_url(&a.url, FEED, Some(EPOCH)), &token, &ConnectOptions::default()).await.unwrap();
-    let mut h = Handler { js: jetstream::new(async_nats::connect(&nats.url).await.unwrap()), seqs: HashMap::new() };
+    let mut h = handler(&nats).await;
     let recs: Vec<Record> = (0..6).map(|k| h.record(1 + (k % 2), k >= 4)).collect();
     publisher.send(&recs).await.unwrap();
     // The pong comes once JetStream has acknowledged the batch.
@@ -408,8 +306,7 @@ async fn publishing_through_an_edge_reaches_every_edge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
 async fn an_r3_stream_survives_a_cluster_member() {
-    let found = Command::new("nats-server").arg("--version").output();
-    assert!(found.is_ok_and(|o| o.status.success()), "nats-server is not on PATH: run ./scripts/test.sh");
+    require_nats_server();
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let routes: Vec<String> = ports.iter().map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
@@ -450,7 +347,7 @@ async fn an_r3_stream_survives_a_cluster_member() {
     })
     .await;
     eventually("the edge is ready on the cluster", Duration::from_secs(60), || async {
-        (readyz(&ts).await.0 == 200).then_some(())
+        (readyz(&ts.admin).await.0 == 200).then_some(())
     })
     .await;
     let token = ts.token(&[&format!("md:read:{FEED}")]);
@@ -459,7 +356,7 @@ async fn an_r3_stream_survives_a_cluster_member() {
     // The handler talks to the two members that stay.
     let handler_client =
         async_nats::ConnectOptions::new().connect(vec![urls[1].clone(), urls[2].clone()]).await.unwrap();
-    let mut h = Handler { js: jetstream::new(handler_client), seqs: HashMap::new() };
+    let mut h = Handler::with_client(handler_client, FEED, FEED_ID, EPOCH);
     let mut sent = Vec::new();
     for id in 1..=2 {
         sent.extend(h.send(id, false, 3).await);

@@ -9,56 +9,22 @@
 use crate::common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 
+use common::nats::{free_port, start_nats_with, Nats, NatsOptions};
 use common::{bin::BIN, eventually_blocking, Kill, EVENTUALLY};
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A nats-server with a client port and a plain WebSocket listener on loopback.
-struct Nats {
-    _proc: Kill,
-    _dir: tempfile::TempDir,
-    client_port: u16,
-    ws_port: u16,
-}
-
 fn start_nats() -> Nats {
-    let found = Command::new("nats-server").arg("--version").output();
-    assert!(
-        found.is_ok_and(|o| o.status.success()),
-        "nats-server is not on PATH: these tests run a real one. Run ./scripts/test.sh, which installs it \
-         (Debian package nats-server), or `apt-get install -y nats-server`."
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (client_port, ws_port) = (free_port(), free_port());
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!("listen: \"127.0.0.1:{client_port}\"\nwebsocket {{ listen: \"127.0.0.1:{ws_port}\", no_tls: true }}\n"),
-    )
-    .unwrap();
-    let proc = Kill(
-        Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
-    );
-    for port in [client_port, ws_port] {
-        eventually_blocking(&format!("nats-server listening on port {port}"), EVENTUALLY, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-    }
-    Nats { _proc: proc, _dir: dir, client_port, ws_port }
+    start_nats_with(NatsOptions { jetstream: false, websocket: true, ..NatsOptions::default() })
 }
 
 /// Starts the subscribers, waits until they measure, publishes `count` ticks over
 /// `symbols`, and returns (subscriber summary, publisher summary).
 fn subscribe_and_publish(nats: &Nats, symbols: &str, count: u64, extra: &[&str]) -> (Value, Value) {
-    let sub = ["--target", "nats", "--nats-url", &format!("ws://127.0.0.1:{}", nats.ws_port)].map(String::from);
-    let publisher =
-        ["--target", "nats", "--nats-url", &format!("nats://127.0.0.1:{}", nats.client_port)].map(String::from);
+    let sub = ["--target", "nats", "--nats-url", &nats.ws_url()].map(String::from);
+    let publisher = ["--target", "nats", "--nats-url", &nats.url].map(String::from);
     run_pair(&sub, &publisher, symbols, count, extra)
 }
 

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::common;
-use crate::nats_edge::{start_nats, Nats};
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -14,6 +13,7 @@ use std::process::{Command, Stdio};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use common::bin::BIN;
+use common::nats::{start_nats, wait_ready, Nats};
 use common::{eventually, Kill, TestServer, EVENTUALLY};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -107,10 +107,7 @@ async fn the_handler_creates_the_streams_and_an_edge_delivers_every_record() {
         c.issuer.clients[0].scopes.push(format!("md:read:{FEED}"));
     })
     .await;
-    eventually("the edge is ready", EVENTUALLY, || async {
-        (reqwest::get(format!("{}/readyz", edge.admin)).await.unwrap().status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&edge.admin).await;
     let token = edge.token(&[&format!("md:read:{FEED}")]);
     let mut sub = edge.subscriber(&token).await;
     sub.send_json(&json!({"op":"subscribe","feed":FEED,"symbols":["*"]})).await.unwrap();

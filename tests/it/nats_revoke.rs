@@ -7,13 +7,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::common;
-use crate::nats_edge::{start_nats, Nats};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use base64::Engine as _;
+use common::nats::{start_nats, wait_ready, Nats};
 use common::*;
 use serde_json::{json, Value};
 use tickgate::auth::keyfile;
@@ -33,14 +33,6 @@ async fn edge(nats: &Nats, key: &Path) -> TestServer {
         c.issuer.issuer = Some(CLUSTER_ISS.into());
     })
     .await
-}
-
-async fn readyz(ts: &TestServer) -> u16 {
-    reqwest::get(format!("{}/readyz", ts.admin)).await.unwrap().status().as_u16()
-}
-
-async fn wait_ready(ts: &TestServer) {
-    eventually("the edge reports ready", EVENTUALLY, || async { (readyz(ts).await == 200).then_some(()) }).await;
 }
 
 /// A stream of `sub` on `ts`, subscribed and delivering.
@@ -90,8 +82,8 @@ async fn a_revocation_on_one_edge_closes_the_subject_on_another_and_a_later_edge
     keyfile::write_new_key_file(&key).unwrap();
     let a = edge(&nats, &key).await;
     let b = edge(&nats, &key).await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&a.admin).await;
+    wait_ready(&b.admin).await;
 
     let token = token_of(&a, "sam");
     let mut on_b = streaming(&b, &token).await;
@@ -114,7 +106,7 @@ async fn a_revocation_on_one_edge_closes_the_subject_on_another_and_a_later_edge
 
     // An edge started later: ready only once the bucket is loaded, so it refuses at once.
     let c = edge(&nats, &key).await;
-    wait_ready(&c).await;
+    wait_ready(&c.admin).await;
     assert_refused(&c, &token, "C").await;
     assert_eq!(c.metric(&cluster_metric("applied_from_cluster")).await, 1.0);
     // A token of the subject issued after the revocation (iat a second past its `at`) is
@@ -153,8 +145,8 @@ async fn with_nats_down_the_revocation_applies_here_at_once_and_reaches_the_clus
     keyfile::write_new_key_file(&key).unwrap();
     let a = edge(&nats, &key).await;
     let b = edge(&nats, &key).await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&a.admin).await;
+    wait_ready(&b.admin).await;
     let token = token_of(&a, "pat");
     let mut on_a = streaming(&a, &token).await;
     let mut on_b = streaming(&b, &token).await;

@@ -246,6 +246,7 @@ async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) 
     opts = opts
         .name("tickgate-edge")
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .ping_interval(ping_interval(cfg.unready_after_ms))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |ev| {
@@ -283,6 +284,17 @@ async fn connect(cfg: &NatsConfig, health: &Arc<NatsHealth>, metrics: &Metrics) 
         return Err("nats.servers is empty but a feed has source = \"nats\"".into());
     }
     opts.connect(servers).await.map_err(|e| format!("NATS: {e}"))
+}
+
+/// How often the edge pings NATS. A link that dies without a FIN or RST (a cable, a switch
+/// port, a partition) is noticed only by pings: async-nats counts the connection lost at
+/// the third ping without an answer (nor anything else from the server). With async-nats'
+/// default of a minute, an edge cut off that way stayed ready for up to three minutes; a
+/// third of `nats.unready_after_ms` notices it within about that time, so `/readyz` turns
+/// 503 about `2 × unready_after_ms` after the cut. At least a second, so that a busy
+/// machine is not taken for a dead link; at most the default.
+fn ping_interval(unready_after_ms: u64) -> Duration {
+    Duration::from_millis((unready_after_ms / 3).clamp(1_000, 60_000))
 }
 
 /// The connection options `[nats]` asks for: credentials (a creds file, user/password or
@@ -778,5 +790,18 @@ async fn next_within(consumer: &mut pull::Ordered) -> Result<Option<Message>, St
         Ok(None) => Ok(None),
         Ok(Some(Ok(m))) => Ok(Some(m)),
         Ok(Some(Err(e))) => Err(format!("while warming up: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_follow_unready_after_within_bounds() {
+        assert_eq!(ping_interval(3_000), Duration::from_secs(1));
+        assert_eq!(ping_interval(100), Duration::from_secs(1), "never below a second");
+        assert_eq!(ping_interval(30_000), Duration::from_secs(10));
+        assert_eq!(ping_interval(3_600_000), Duration::from_secs(60), "never above async-nats' default");
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 pub mod bin;
 pub mod logs;
+pub mod nats;
 pub mod rsa;
 
 use futures_util::{SinkExt, StreamExt};
