@@ -97,6 +97,14 @@ impl FeedLog {
         self.ring.clear();
     }
 
+    /// Makes room for `additional` more records at once (never beyond the bound), so that
+    /// a known burst, such as a warm start's window, is not appended through repeated
+    /// doublings of the ring, each a copy into fresh memory.
+    pub fn reserve(&mut self, additional: usize) {
+        let want = (self.ring.len() + additional).min(self.bounds.records);
+        self.ring.reserve(want.saturating_sub(self.ring.len()));
+    }
+
     /// Appends a record whose seq is final. The caller has checked it is above
     /// [`FeedLog::last_seq`]; a jump (a source gap) is kept as it is.
     pub fn append(&mut self, instr: u32, rec: Record) {

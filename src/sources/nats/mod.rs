@@ -605,6 +605,8 @@ impl FeedTask {
         // carries hundreds of bytes of subject, headers and reply around them).
         let mut window: VecDeque<(u64, Checked)> = VecDeque::new();
         let mut window_records = 0usize;
+        // Sized once (no message holds fewer than one record, so never beyond the cap).
+        window.reserve((info.state.messages as usize).min(self.window_cap));
         // Nothing newer than the window's start: nothing to read (the consumer would wait).
         let in_window = info.state.messages > 0 && info.state.last_timestamp >= start;
         if in_window {
@@ -658,6 +660,7 @@ impl FeedTask {
         older.sort_by_key(|(instr, r)| (*instr, r.seq()));
         if let Some(feed) = self.catalog.get(self.idx as usize) {
             let mut log = feed.log_mut();
+            log.reserve(older.len() + window_records);
             for (instr, r) in &older {
                 // Nothing between this last value and the window is here to replay.
                 let upto = first_in_window.get(instr).map(|f| f - 1).unwrap_or(r.seq());
