@@ -174,7 +174,9 @@ impl StreamArgs {
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: redirected logs (files, journald, CI) stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {
         b.json().init();
     } else {
@@ -295,9 +297,24 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Subscribe { stream, symbols, snapshot, json: _, limit, resume_file } => {
             let opts =
                 client::tools::SubscribeOptions { stream: stream.target(&symbols), snapshot, limit, resume_file };
-            let summary = client::tools::subscribe(&opts, std::io::stdout().lock()).await?;
+            // Distinct exit codes per way of ending (client::tools::exit, docs/protocol.md
+            // §16), so that a script can branch on them; the reason goes to stderr.
+            let summary = match client::tools::subscribe(&opts, std::io::stdout().lock()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(client::tools::exit_code_of_error(&e).into());
+                }
+            };
             if summary.violations > 0 {
-                bail!("{} delivery violations", summary.violations);
+                eprintln!("error: {} delivery violations", summary.violations);
+            }
+            let code = summary.exit_code();
+            if code != client::tools::exit::OK {
+                if summary.end != client::tools::SubscribeEnd::Limit {
+                    eprintln!("error: {}", summary.end.describe());
+                }
+                std::process::exit(code.into());
             }
         }
         Cmd::Record { stream, symbols, out, seconds, limit } => {

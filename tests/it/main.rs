@@ -48,5 +48,6 @@ mod rfc6455;
 mod shard_fault;
 mod shared_keys;
 mod stream;
+mod subscribe_cli;
 mod tls;
 mod token_times;

@@ -50,7 +50,20 @@ pub enum ClientError {
     /// TCP or file failure.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// WebSocket failure, including a refused handshake (its status is in the message).
+    /// The server answered the upgrade with an HTTP refusal (protocol §3): its status and,
+    /// from its JSON body, `error` and `error_description` (empty when the body had none).
+    #[error("handshake refused ({status} {error}): {description}")]
+    HandshakeRefused {
+        /// HTTP status (401 token refused, 403 scope or origin, 429 limits, 503 draining, ...).
+        status: u16,
+        /// The body's `error` (`invalid_token`, `insufficient_scope`, ...).
+        error: String,
+        /// The body's `error_description`: why, in words ("token expired", ...).
+        description: String,
+        /// The body as sent.
+        body: String,
+    },
+    /// WebSocket failure.
     #[error("websocket: {0}")]
     Ws(#[from] tokio_tungstenite::tungstenite::Error),
     /// A binary message that does not decode.
@@ -222,8 +235,30 @@ pub async fn connect(url: &str, token: &str, opts: &ConnectOptions) -> Result<Cl
     // 128 KiB default dominates a load generator's profile.
     let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     config.read_buffer_size = 4096;
-    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
-    Ok(ws)
+    match tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await {
+        Ok((ws, _resp)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(refusal(&resp)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The typed form of an HTTP answer to the upgrade: a refusal's JSON body names the
+/// `error` and says why in `error_description`; a body that is not such JSON is kept as
+/// it came (as the description, when it is short text).
+fn refusal(resp: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>) -> ClientError {
+    let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+    let json: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+    let field = |k: &str| json.as_ref().and_then(|v| v.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+    let status = resp.status();
+    let error = field("error").unwrap_or_else(|| status.canonical_reason().unwrap_or("refused").to_owned());
+    let description = field("error_description").unwrap_or_else(|| {
+        if json.is_none() && body.len() <= 200 {
+            body.trim().to_owned()
+        } else {
+            String::new()
+        }
+    });
+    ClientError::HandshakeRefused { status: status.as_u16(), error, description, body }
 }
 
 /// Something the client saw that the delivery guarantees forbid.

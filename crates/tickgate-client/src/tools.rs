@@ -112,6 +112,109 @@ pub struct SubscribeSummary {
     pub violations: u64,
     /// Close code, if the server closed.
     pub close_code: Option<u16>,
+    /// Why it stopped.
+    pub end: SubscribeEnd,
+}
+
+/// Why `tickgate subscribe` stopped. Each reason has its own process exit code
+/// ([`SubscribeEnd::exit_code`], [`exit_code_of_error`]), so a script can tell a finished
+/// run from a refused one and from one the server ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SubscribeEnd {
+    /// `--limit` records were printed (exit 0).
+    #[default]
+    Limit,
+    /// The server answered the `subscribe` with an `error` (`unknown_feed`,
+    /// `unknown_symbol`, `insufficient_scope`, `limit_exceeded`, `bad_request`).
+    Refused {
+        /// The error's code, as on the wire.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// The server closed the connection (or it dropped: 1006).
+    Closed {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+}
+
+/// Exit codes of `tickgate subscribe` (documented in docs/protocol.md §16, *Scripting*).
+pub mod exit {
+    /// `--limit` reached.
+    pub const OK: u8 = 0;
+    /// Anything not named below (a file that cannot be written, an undecodable message).
+    pub const OTHER: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// No connection: bad URL, DNS, TCP or TLS failure.
+    pub const CONNECT: u8 = 3;
+    /// Handshake refused with 401: the token is missing, invalid, expired or revoked.
+    pub const UNAUTHORIZED: u8 = 4;
+    /// Handshake refused otherwise (403 scope or origin, 429 limits, 503 draining, 400).
+    pub const HANDSHAKE_REFUSED: u8 = 5;
+    /// The `subscribe` was answered with an `error`.
+    pub const SUBSCRIBE_REFUSED: u8 = 6;
+    /// Closed 4001: the token expired on the live connection.
+    pub const TOKEN_EXPIRED: u8 = 7;
+    /// Closed 4003: the token was revoked.
+    pub const TOKEN_REVOKED: u8 = 8;
+    /// Closed 4008: this client did not keep up.
+    pub const SLOW_CONSUMER: u8 = 9;
+    /// Closed 1001: the server shut down (it sent `shutdown` first).
+    pub const SHUTDOWN: u8 = 10;
+    /// Closed with any other code, or the connection dropped (1006).
+    pub const CLOSED: u8 = 11;
+    /// The stream broke the delivery guarantees (a silent gap, a duplicate).
+    pub const DELIVERY_VIOLATION: u8 = 12;
+}
+
+impl SubscribeEnd {
+    /// The process exit code for this end.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SubscribeEnd::Limit => exit::OK,
+            SubscribeEnd::Refused { .. } => exit::SUBSCRIBE_REFUSED,
+            SubscribeEnd::Closed { code: 4001, .. } => exit::TOKEN_EXPIRED,
+            SubscribeEnd::Closed { code: 4003, .. } => exit::TOKEN_REVOKED,
+            SubscribeEnd::Closed { code: 4008, .. } => exit::SLOW_CONSUMER,
+            SubscribeEnd::Closed { code: 1001, .. } => exit::SHUTDOWN,
+            SubscribeEnd::Closed { .. } => exit::CLOSED,
+        }
+    }
+
+    /// One line for a human, on standard error.
+    pub fn describe(&self) -> String {
+        match self {
+            SubscribeEnd::Limit => "limit reached".into(),
+            SubscribeEnd::Refused { code, message } => format!("subscription refused ({code}): {message}"),
+            SubscribeEnd::Closed { code, reason } => format!("closed by the server ({code}): {reason}"),
+        }
+    }
+}
+
+impl SubscribeSummary {
+    /// The process exit code: a delivery violation outranks how the run ended.
+    pub fn exit_code(&self) -> u8 {
+        if self.violations > 0 {
+            exit::DELIVERY_VIOLATION
+        } else {
+            self.end.exit_code()
+        }
+    }
+}
+
+/// The process exit code for a run that failed before or outside the stream.
+pub fn exit_code_of_error(e: &ClientError) -> u8 {
+    match e {
+        ClientError::HandshakeRefused { status: 401, .. } => exit::UNAUTHORIZED,
+        ClientError::HandshakeRefused { .. } => exit::HANDSHAKE_REFUSED,
+        ClientError::Url(_) | ClientError::Io(_) | ClientError::Ws(_) => exit::CONNECT,
+        _ => exit::OTHER,
+    }
 }
 
 /// A record as one JSON object.
@@ -159,6 +262,9 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
     }
     .unwrap_or(ResumeState { feed: feed.clone(), ..ResumeState::default() });
     let resume = (!state.seqs.is_empty()).then(|| (state.epoch, state.seqs.clone()));
+    // Last seq printed per symbol of the feed (what the resume file keeps), starting from
+    // where the file left off.
+    let mut printed: BTreeMap<String, u64> = state.seqs.clone();
     opts.stream.subscribe(&mut sub, opts.snapshot, resume).await?;
     let mut summary = SubscribeSummary::default();
     loop {
@@ -166,14 +272,28 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
         match &event {
             Event::Control(m) => {
                 writeln!(out, "{}", serde_json::to_string(m).map_err(|e| ClientError::Control(e.to_string()))?)?;
+                // The answer to our one `subscribe` (id 1) is an error: nothing will come.
+                if let ServerMsg::Error { id: Some(1), code, message } = m {
+                    summary.end = SubscribeEnd::Refused { code: code.as_str().to_owned(), message: message.clone() };
+                }
             }
             Event::Batch { send_ts_ns, records, anomalies } => {
-                for r in records {
+                // `--limit` is exact: a batch is cut where the limit falls.
+                let room = opts.limit.map_or(usize::MAX, |l| l.saturating_sub(summary.records) as usize);
+                for r in records.iter().take(room) {
                     let f = r.feed_id();
-                    let v =
-                        record_json(r, sub.tracker.feed_name(f), sub.tracker.symbol(f, r.instrument_id()), *send_ts_ns);
+                    let (feed_name, symbol) = (sub.tracker.feed_name(f), sub.tracker.symbol(f, r.instrument_id()));
+                    let v = record_json(r, feed_name, symbol, *send_ts_ns);
                     writeln!(out, "{v}")?;
                     summary.records += 1;
+                    // The resume state follows what was printed, not what was received: a
+                    // batch cut by `--limit` resumes at its first record not printed.
+                    if let (Some(fname), Some(sym)) = (feed_name, symbol) {
+                        if fname == feed {
+                            let last = printed.entry(sym.to_owned()).or_insert(0);
+                            *last = (*last).max(r.seq());
+                        }
+                    }
                 }
                 for a in anomalies {
                     summary.violations += 1;
@@ -183,18 +303,30 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
             Event::Closed { code, reason } => {
                 writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
                 summary.close_code = Some(*code);
+                summary.end = SubscribeEnd::Closed { code: *code, reason: reason.clone() };
             }
         }
         out.flush()?;
         // Saved after the output: a client killed in between prints a record again
         // after it resumes, never loses one.
         if let Some(p) = &opts.resume_file {
-            state.epoch = sub.tracker.epoch(feed);
-            state.seqs =
-                sub.tracker.last_seen().into_iter().filter(|(f, _, _)| f == feed).map(|(_, s, seq)| (s, seq)).collect();
+            let epoch = sub.tracker.epoch(feed);
+            if epoch != state.epoch && epoch.is_some() {
+                // A new epoch (`reset`, or the first `subscribed`): the old numbering is void,
+                // except what the resume asked for in this same epoch.
+                if state.epoch.is_some() {
+                    printed.clear();
+                }
+                state.epoch = epoch;
+            }
+            state.seqs = printed.clone();
             state.save(p)?;
         }
         if summary.close_code.is_some() {
+            break;
+        }
+        if matches!(summary.end, SubscribeEnd::Refused { .. }) {
+            sub.close().await;
             break;
         }
         if opts.limit.is_some_and(|l| summary.records >= l) {

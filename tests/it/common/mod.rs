@@ -296,9 +296,8 @@ pub async fn revoke(ts: &TestServer, admin_token: &str, body: Value) -> (u16, Va
 pub async fn publish_handshake(ts: &TestServer, query: &str, token: &str) -> (u16, Value) {
     let url = format!("{}/v1/publish{query}", ts.base.replace("http://", "ws://"));
     match tickgate_client::connect(&url, token, &ConnectOptions::default()).await {
-        Err(tickgate_client::ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
+        Err(tickgate_client::ClientError::HandshakeRefused { status, body, .. }) => {
+            (status, if body.is_empty() { Value::Null } else { serde_json::from_str(&body).unwrap() })
         }
         Ok(_) => (101, Value::Null),
         Err(e) => panic!("unexpected error {e}"),

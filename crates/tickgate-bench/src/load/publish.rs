@@ -213,13 +213,12 @@ impl TickgatePublisher {
     /// A feed takes one publisher at a time: while the previous one is still being let
     /// go (409), this retries for up to 5 s.
     pub async fn connect(url: &str, token: &str) -> Result<TickgatePublisher, LoadError> {
-        use tokio_tungstenite::tungstenite::Error as WsError;
         let deadline = Instant::now() + Duration::from_secs(5);
         let ws = loop {
             match tickgate_client::connect(url, token, &ConnectOptions::default()).await {
                 Ok(ws) => break ws,
-                Err(tickgate_client::ClientError::Ws(WsError::Http(r)))
-                    if r.status().as_u16() == 409 && Instant::now() < deadline =>
+                Err(tickgate_client::ClientError::HandshakeRefused { status: 409, .. })
+                    if Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
