@@ -75,10 +75,15 @@ fn spawn_edge(dir: &Path, nats: &Nats, key: &Path, lb: &str) -> (Kill, Serving) 
 }
 
 /// The feed handler: by the contract (subject, `Tickgate-Epoch`, `Nats-Msg-Id`, acks
-/// awaited), one message of two trades per instrument per round, a round every 100 ms.
-async fn publish(nats_url: String, stop: watch::Receiver<bool>, sent: Arc<AtomicU64>) -> HashMap<u32, u64> {
+/// awaited), one message of two trades per instrument per round, a round every 100 ms,
+/// numbering on from `seqs` (empty: from 1).
+async fn publish(
+    nats_url: String,
+    stop: watch::Receiver<bool>,
+    sent: Arc<AtomicU64>,
+    mut seqs: HashMap<u32, u64>,
+) -> HashMap<u32, u64> {
     let js = jetstream::new(async_nats::connect(&nats_url).await.unwrap());
-    let mut seqs: HashMap<u32, u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
@@ -242,7 +247,7 @@ async fn killing_an_edge_moves_its_clients_through_haproxy_with_resume() {
     // sets the epoch before any client subscribes.
     let sent = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let publisher = tokio::spawn(publish(nats.url.clone(), stop_rx, sent.clone()));
+    let publisher = tokio::spawn(publish(nats.url.clone(), stop_rx, sent.clone(), HashMap::new()));
     for (_, s) in &edges {
         let m = format!("{}/metrics", s.admin);
         eventually("every edge has the first round", EVENTUALLY, || async {
@@ -337,8 +342,148 @@ async fn killing_an_edge_moves_its_clients_through_haproxy_with_resume() {
         let got: Vec<u64> = union[id].keys().copied().collect();
         assert_eq!(got, (2..=*n).collect::<Vec<_>>(), "the union over clients is the published stream");
     }
+    late_edge_serves_the_same_snapshot_and_resume(dir.path(), &nats, &key, &lb, &edges[0].1, &shared.token, last).await;
     for (mut k, _) in edges {
         let _ = k.0.kill();
         let _ = k.0.wait();
     }
+}
+
+/// What a snapshot holds per instrument: (seq, event time, body), comparable across edges.
+type SnapshotOf = BTreeMap<u32, (u64, i64, String)>;
+
+/// A fresh client's snapshot on one edge, directly (not through HAProxy): only trades are
+/// published, so it is one record per instrument.
+async fn snapshot(edge: &Serving, token: &str) -> SnapshotOf {
+    let mut sub = Subscriber::connect(&edge.stream, token, &ConnectOptions::default()).await.unwrap();
+    sub.subscribe(1, FEED, &SYMBOLS, true, None).await.unwrap();
+    let mut snap = SnapshotOf::new();
+    tokio::time::timeout(EVENTUALLY, async {
+        while snap.len() < SYMBOLS.len() {
+            match sub.next_event().await.unwrap() {
+                Event::Batch { records, .. } => {
+                    for r in records.iter().filter(|r| r.feed_id() == FEED_ID && r.flags() & FLAG_SNAPSHOT != 0) {
+                        let old = snap.insert(r.instrument_id(), (r.seq(), r.ts_event_ns(), format!("{:?}", r.body())));
+                        assert!(old.is_none(), "one snapshot record per instrument");
+                    }
+                }
+                Event::Closed { code, reason } => panic!("snapshot connection closed {code} {reason}"),
+                Event::Control(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("a snapshot of every instrument");
+    sub.close().await;
+    snap
+}
+
+/// What the resuming client on the late edge saw: per instrument (seq, REPLAY flag) in order.
+#[derive(Default)]
+struct Resumed {
+    got: HashMap<u32, Vec<(u64, bool)>>,
+    gaps: Vec<String>,
+    anomalies: usize,
+}
+
+impl Resumed {
+    /// Reads until every instrument of `want` has reached its seq.
+    async fn read_until(&mut self, sub: &mut Subscriber, want: &HashMap<u32, u64>) {
+        let done = |got: &HashMap<u32, Vec<(u64, bool)>>| {
+            want.iter().all(|(id, &n)| got.get(id).and_then(|v| v.last()).is_some_and(|r| r.0 >= n))
+        };
+        tokio::time::timeout(EVENTUALLY, async {
+            while !done(&self.got) {
+                match sub.next_event().await.unwrap() {
+                    Event::Batch { records, anomalies, .. } => {
+                        self.anomalies += anomalies.len();
+                        for r in records.iter().filter(|r| r.feed_id() == FEED_ID) {
+                            assert_eq!(r.flags() & FLAG_SNAPSHOT, 0, "no snapshot was asked for");
+                            self.got
+                                .entry(r.instrument_id())
+                                .or_default()
+                                .push((r.seq(), r.flags() & FLAG_REPLAY != 0));
+                        }
+                    }
+                    Event::Control(ServerMsg::Subscribed { epoch, .. }) => assert_eq!(epoch, EPOCH),
+                    Event::Control(ServerMsg::Gap { symbol, from, to, reason, .. }) => {
+                        self.gaps.push(format!("{symbol} {from}..={to} {reason}"))
+                    }
+                    Event::Control(_) => {}
+                    Event::Closed { code, reason } => panic!("resumed connection closed {code} {reason}"),
+                }
+            }
+        })
+        .await
+        .expect("the records asked for, within the bound");
+    }
+}
+
+/// Issue #14: "a fourth edge started late warms up and serves the same snapshot and
+/// resume". After the failover, with the feed paused at `last`, a fourth edge starts and
+/// warms up from JetStream alone (`MDLV_` for the last values, `MD_` for the resume
+/// window). Once its /readyz is 200, checked directly against it: a fresh client's
+/// snapshot is the surviving edge's, record for record; a client resuming from an older
+/// seq gets exactly the records after it flagged REPLAY, then (the feed going on) live
+/// records, with no gap and no duplicate.
+async fn late_edge_serves_the_same_snapshot_and_resume(
+    dir: &Path,
+    nats: &Nats,
+    key: &Path,
+    lb: &str,
+    survivor: &Serving,
+    token: &str,
+    last: HashMap<u32, u64>,
+) {
+    let d = dir.join("edge-late");
+    std::fs::create_dir_all(&d).unwrap();
+    let (_late_proc, late) = spawn_edge(&d, nats, key, lb);
+    let readyz = format!("{}/readyz", late.admin);
+    eventually("the late edge warmed up and is ready", EVENTUALLY, || async {
+        (reqwest::get(&readyz).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+
+    let on_late = snapshot(&late, token).await;
+    assert_eq!(on_late, snapshot(survivor, token).await, "the late edge's snapshot is the surviving edge's");
+    for (id, n) in &last {
+        assert_eq!(on_late[id].0, *n, "instrument {id}: the snapshot is the last record published");
+    }
+
+    // Resume from half-way: well inside the window (`[resume]` defaults: 100,000 records,
+    // 300 s), so everything after it is on the late edge from its warm-up.
+    let from: HashMap<u32, u64> = last.iter().map(|(&id, &n)| (id, n / 2)).collect();
+    let resume: BTreeMap<String, u64> =
+        from.iter().map(|(&id, &s)| (SYMBOLS[id as usize - 1].to_string(), s)).collect();
+    let mut sub = Subscriber::connect(&late.stream, token, &ConnectOptions::default()).await.unwrap();
+    sub.subscribe(1, FEED, &SYMBOLS, false, Some((Some(EPOCH), resume))).await.unwrap();
+    let mut seen = Resumed::default();
+    // First the replays alone (the feed is paused), then, the feed going on again, some
+    // live records after them.
+    seen.read_until(&mut sub, &last).await;
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let publisher = tokio::spawn(publish(nats.url.clone(), stop_rx, sent, last.clone()));
+    let live: HashMap<u32, u64> = last.iter().map(|(&id, &n)| (id, n + 10)).collect();
+    seen.read_until(&mut sub, &live).await;
+    stop_tx.send(true).unwrap();
+    publisher.await.unwrap();
+
+    let Resumed { got, gaps, anomalies } = seen;
+    assert!(gaps.is_empty(), "gaps: {gaps:?}");
+    assert_eq!(anomalies, 0, "the client's tracker saw delivery violations");
+    assert_eq!(got.len(), SYMBOLS.len(), "every instrument");
+    for (id, recs) in &got {
+        let seqs: Vec<u64> = recs.iter().map(|r| r.0).collect();
+        let end = *seqs.last().unwrap();
+        assert_eq!(seqs, (from[id] + 1..=end).collect::<Vec<_>>(), "instrument {id}: no gap, no duplicate");
+        for &(seq, replay) in recs {
+            assert_eq!(replay, seq <= last[id], "instrument {id} seq {seq}: REPLAY exactly on what was missed");
+        }
+    }
+    let replayed: usize = got.values().map(|v| v.iter().filter(|r| r.1).count()).sum();
+    let live: usize = got.values().map(|v| v.iter().filter(|r| !r.1).count()).sum();
+    eprintln!("late edge: same snapshot as a survivor; resume got {replayed} replays, then {live} live records");
+    sub.close().await;
 }

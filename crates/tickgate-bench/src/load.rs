@@ -12,10 +12,14 @@
 //! Publisher side (`--role publisher`, [`publish`]): a fixed open-loop schedule of ticks
 //! into NATS or into tickgate's publish endpoint.
 //!
+//! Failover side (`--role failover`, [`failover`]): connections held through a balancer
+//! while an edge is killed; the reconnect curve of its clients, resume checked.
+//!
 //! Control messages are typed `ClientMsg` values; a subscriber tells the answers to its
 //! in-band refreshes by the ids it sent them with (`Refreshes`).
 
 mod args;
+pub mod failover;
 pub mod multi;
 pub mod nats;
 pub mod publish;

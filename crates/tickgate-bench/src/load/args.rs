@@ -17,6 +17,9 @@ pub enum Role {
     Subscriber,
     /// Publish ticks on a fixed open-loop schedule.
     Publisher,
+    /// Hold connections through a balancer, kill an edge (`--kill-pid`), and measure how
+    /// its clients reconnect and resume on the others ([`super::failover`]).
+    Failover,
 }
 
 /// Which server (and protocol) the role talks to.
@@ -37,9 +40,13 @@ pub enum Target {
 /// JSON summary on stdout. Publisher role (`--role publisher`): M ticks/s round robin over
 /// the `--symbols`, open loop, each tick stamped with its scheduled time; runs `--seconds`
 /// (0: until `--count` ticks or SIGINT/SIGTERM) and prints its JSON summary on stdout.
+/// Failover role (`--role failover`): `--connections` subscribers on `--url` (a balancer),
+/// `--warmup` seconds of steady streaming, then SIGKILL to `--kill-pid`, then `--seconds` of
+/// watching the killed edge's clients reconnect with resume; the JSON summary has the
+/// reconnect curve.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Subscriber (default) or publisher.
+    /// Subscriber (default), publisher or failover.
     #[arg(long, value_enum, default_value_t = Role::Subscriber)]
     pub role: Role,
     /// Server to load: tickgate (default) or nats.
@@ -127,6 +134,17 @@ pub struct LoadArgs {
     /// Publisher: send seq 0 and let the server assign sequence numbers (tickgate only).
     #[arg(long)]
     pub server_seq: bool,
+    /// Failover: the edge process to SIGKILL after the steady window (without it, the
+    /// first connection close is taken as the moment of the kill).
+    #[arg(long, value_name = "PID", allow_negative_numbers = true, value_parser = int_in::<u32>(1, 4_194_304))]
+    pub kill_pid: Option<u32>,
+    /// Failover: a closed connection's first reconnect comes after a random delay below
+    /// this many ms (unless the server's `shutdown` gave `reconnect_after_ms`).
+    #[arg(long, default_value_t = 250, allow_negative_numbers = true, value_parser = int_in::<u64>(1, 600_000))]
+    pub reconnect_jitter_ms: u64,
+    /// Failover: each failed attempt doubles the jitter window, up to this many ms.
+    #[arg(long, default_value_t = 4_000, allow_negative_numbers = true, value_parser = int_in::<u64>(1, 600_000))]
+    pub reconnect_max_ms: u64,
     /// Internal: this process is child INDEX/PROCESSES of a `--processes` run.
     #[arg(long, hide = true, value_name = "INDEX/PROCESSES", value_parser = child_slot)]
     pub child: Option<String>,
@@ -140,6 +158,8 @@ pub enum LoadReport {
     Subscribers(Box<LoadSummary>),
     /// Publisher role.
     Publisher(PublishSummary),
+    /// Failover role.
+    Failover(Box<super::failover::FailoverSummary>),
 }
 
 fn split_symbols(s: &str) -> Vec<String> {
@@ -219,6 +239,29 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
         })
         .await?;
         return Ok(LoadReport::Publisher(summary));
+    }
+
+    if a.role == Role::Failover {
+        if a.target != Target::Tickgate {
+            return Err(LoadError::Args("--role failover needs --target tickgate".into()));
+        }
+        let summary = super::failover::run(super::failover::FailoverOptions {
+            url: a.url.clone(),
+            token: token(&a).await?,
+            connections: a.connections,
+            feed: a.feed.clone(),
+            symbols,
+            steady: Duration::from_secs(a.warmup),
+            after: Duration::from_secs(a.seconds),
+            kill_pid: a.kill_pid,
+            source_ips: a.source_ips,
+            connect_concurrency: a.connect_concurrency,
+            reconnect_jitter_ms: a.reconnect_jitter_ms,
+            reconnect_max_ms: a.reconnect_max_ms,
+            progress: true,
+        })
+        .await?;
+        return Ok(LoadReport::Failover(Box::new(summary)));
     }
 
     if a.processes > 1 && a.child.is_none() {
