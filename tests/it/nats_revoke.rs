@@ -179,3 +179,43 @@ async fn with_nats_down_the_revocation_applies_here_at_once_and_reaches_the_clus
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// An existing bucket whose entries would expire before the tokens they revoke is refused,
+/// never changed: the edge stays not ready and says why; once the operator mends the
+/// bucket, the edge takes it without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs nats-server on PATH (./scripts/test.sh installs it)"]
+async fn a_bucket_that_forgets_revocations_too_soon_is_refused_until_mended() {
+    let nats = start_nats();
+    let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let mut config = jetstream::stream::Config {
+        name: format!("KV_{BUCKET}"),
+        subjects: vec![format!("$KV.{BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_age: Duration::from_secs(60),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    keyfile::write_new_key_file(&key).unwrap();
+    let a = edge(&nats, &key).await;
+    let body = eventually("the edge says why it is not ready", EVENTUALLY, || async {
+        let (s, body) = common::nats::readyz(&a.admin).await;
+        (s == 503 && body.contains("revocation bucket refused")).then_some(body)
+    })
+    .await;
+    assert!(body.contains("expire after 60 s") && body.contains("86430 s"), "{body}");
+    // Not changed behind the operator's back.
+    let mut stream = js.get_stream(format!("KV_{BUCKET}")).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.max_age, Duration::from_secs(60));
+    // Mended (no age limit): taken on the next look.
+    config.max_age = Duration::ZERO;
+    js.update_stream(config).await.unwrap();
+    wait_ready(&a.admin).await;
+    a.shutdown().await;
+}

@@ -83,6 +83,9 @@ pub struct NatsHealth {
     /// Every entry of the revocation bucket has been applied once (set once, never reset:
     /// an edge cut off later keeps what it loaded and is judged by its feeds alone).
     revocations_loaded: AtomicBool,
+    /// Why the existing revocation bucket cannot be used (it contradicts what revocation
+    /// needs), for `/readyz`; cleared when a later look finds it mended.
+    revocations_refused: Mutex<Option<String>>,
     /// Counts the connection's (re)connects, so watchers start over after each, and the
     /// feed tasks recreate their consumers at once from their own last stream sequence
     /// (the ordered consumer alone waits for two missed heartbeats: tens of seconds).
@@ -113,6 +116,7 @@ impl NatsHealth {
             js: std::sync::OnceLock::new(),
             revocations: !cfg.servers.is_empty(),
             revocations_loaded: AtomicBool::new(false),
+            revocations_refused: Mutex::new(None),
             connected_gen: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -120,6 +124,11 @@ impl NatsHealth {
     /// Whether the revocation bucket has been loaded (always true without NATS).
     pub(crate) fn revocations_loaded(&self) -> bool {
         !self.revocations || self.revocations_loaded.load(Ordering::Acquire)
+    }
+
+    /// Records (or clears) why the revocation bucket is refused.
+    fn set_revocations_refused(&self, why: Option<String>) {
+        *self.revocations_refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     fn set_revocations_loaded(&self) {
@@ -137,6 +146,9 @@ impl NatsHealth {
     /// `/readyz` body.
     pub(crate) fn status(&self) -> Result<(), String> {
         if !self.revocations_loaded() {
+            if let Some(why) = self.revocations_refused.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                return Err(format!("revocation bucket refused: {why}"));
+            }
             return Err("loading the cluster's revocations from NATS".into());
         }
         if self.feeds.is_empty() {

@@ -339,8 +339,21 @@ impl ClusterRevocations {
                     r = ensure_bucket(&js, &self.nats, self.max_age) => r,
                 };
                 match r {
-                    Ok(s) => break s,
-                    Err(why) => {
+                    Ok(s) => {
+                        health.set_revocations_refused(None);
+                        break s;
+                    }
+                    Err(BucketError::Contract(why)) => {
+                        // Not changed behind the operator's back: said, and looked at again
+                        // (every 5 s), so that mending the bucket needs no restart.
+                        tracing::error!(bucket = BUCKET, error = %why, "NATS: revocation bucket refused; /readyz stays 503");
+                        health.set_revocations_refused(Some(why));
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
+                    }
+                    Err(BucketError::Nats(why)) => {
                         tracing::warn!(error = %why, retry_ms = backoff.as_millis() as u64,
                             "NATS: revocation bucket not ready yet");
                         tokio::select! {
@@ -446,17 +459,47 @@ fn short(key: &str) -> String {
     key.chars().take(64).collect()
 }
 
+/// Why the bucket cannot be used.
+#[derive(Debug)]
+enum BucketError {
+    /// NATS trouble: retried.
+    Nats(String),
+    /// An existing bucket contradicts what revocation needs: refused, never changed.
+    Contract(String),
+}
+
+/// Checks an existing bucket's stream: its entries must outlive every token they can
+/// revoke (`max_age` 0, no limit, or at least `auth.max_lifetime_s + auth.leeway_s`), or a
+/// revoked token would be accepted again once its entry expired.
+fn check_bucket(cfg: &jetstream::stream::Config, max_age: Duration) -> Result<(), String> {
+    if !cfg.max_age.is_zero() && cfg.max_age < max_age {
+        return Err(format!(
+            "its entries expire after {} s, before the tokens they revoke (auth.max_lifetime_s + auth.leeway_s = {} s): \
+             a revoked token would be accepted again; raise the bucket's max_age (stream KV_{BUCKET}) or lower \
+             auth.max_lifetime_s",
+            cfg.max_age.as_secs(),
+            max_age.as_secs()
+        ));
+    }
+    if !cfg.subjects.iter().any(|s| s == &format!("$KV.{BUCKET}.>")) {
+        return Err(format!("its stream KV_{BUCKET} does not capture $KV.{BUCKET}.> (subjects {:?})", cfg.subjects));
+    }
+    Ok(())
+}
+
 /// The bucket, created when missing (history 1, `max_age`, storage and replicas from
 /// `[nats]`). Two edges creating it at once both succeed (the same configuration); an
-/// existing bucket is used as it is.
+/// existing bucket is used when [`check_bucket`] accepts it, and refused otherwise.
 ///
 /// The bucket's stream is created here with the configuration async-nats' own
 /// `create_key_value` would give it (`KV_<bucket>`, `$KV.<bucket>.>`, roll-ups allowed,
 /// deletes denied, direct gets, discard new): that call first asks for the account's
 /// information, whose answer async-nats 0.51 cannot read from nats-server 2.9.
-async fn ensure_bucket(js: &jetstream::Context, cfg: &NatsConfig, max_age: Duration) -> Result<kv::Store, String> {
-    if let Ok(s) = js.get_key_value(BUCKET).await {
-        return Ok(s);
+async fn ensure_bucket(js: &jetstream::Context, cfg: &NatsConfig, max_age: Duration) -> Result<kv::Store, BucketError> {
+    if let Ok(mut stream) = js.get_stream(format!("KV_{BUCKET}")).await {
+        let info = stream.info().await.map_err(|e| BucketError::Nats(format!("bucket {BUCKET}: {e}")))?;
+        check_bucket(&info.config, max_age).map_err(BucketError::Contract)?;
+        return js.get_key_value(BUCKET).await.map_err(|e| BucketError::Nats(format!("bucket {BUCKET}: {e}")));
     }
     let storage = match cfg.stream_storage {
         NatsStorage::File => jetstream::stream::StorageType::File,
@@ -483,7 +526,7 @@ async fn ensure_bucket(js: &jetstream::Context, cfg: &NatsConfig, max_age: Durat
         Ok(_) => tracing::info!(bucket = BUCKET, max_age_s = max_age.as_secs(), "NATS: revocation bucket created"),
         Err(e) => tracing::debug!(error = %e, "NATS: revocation bucket not created (another edge may have)"),
     }
-    js.get_key_value(BUCKET).await.map_err(|e| format!("bucket {BUCKET}: {e}"))
+    js.get_key_value(BUCKET).await.map_err(|e| BucketError::Nats(format!("bucket {BUCKET}: {e}")))
 }
 
 /// Starts the watch and the pending-write tasks on `tasks` with the connection.
@@ -502,6 +545,25 @@ pub(crate) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An existing bucket is taken when its entries outlive the tokens (or never expire)
+    /// and it captures the bucket's subjects; otherwise refused with the numbers.
+    #[test]
+    fn a_bucket_must_keep_revocations_as_long_as_tokens_live() {
+        let need = Duration::from_secs(3630);
+        let bucket = |max_age_s: u64, subject: &str| jetstream::stream::Config {
+            max_age: Duration::from_secs(max_age_s),
+            subjects: vec![subject.to_owned()],
+            ..jetstream::stream::Config::default()
+        };
+        let ours = format!("$KV.{BUCKET}.>");
+        assert!(check_bucket(&bucket(0, &ours), need).is_ok(), "no age limit");
+        assert!(check_bucket(&bucket(3630, &ours), need).is_ok());
+        assert!(check_bucket(&bucket(7200, &ours), need).is_ok());
+        let short = check_bucket(&bucket(3629, &ours), need).unwrap_err();
+        assert!(short.contains("expire after 3629 s") && short.contains("3630 s"), "{short}");
+        assert!(check_bucket(&bucket(0, "other.>"), need).unwrap_err().contains("does not capture"));
+    }
 
     #[test]
     fn keys_and_values_round_trip() {
