@@ -86,6 +86,13 @@ enum Cmd {
         /// feed), and keep it up to date after every message.
         #[arg(long)]
         resume_file: Option<PathBuf>,
+        #[command(flatten)]
+        tokens: TokenArgs,
+        /// Connect again after a close by the server (shutdown, dropped connection, slow
+        /// consumer, or an expired token when tokens can be fetched), honouring its
+        /// `reconnect_after_ms`, and resume with no gap.
+        #[arg(long)]
+        reconnect: bool,
     },
     /// Capture a live stream into a recording file (the format `replay` feeds play).
     Record {
@@ -152,9 +159,9 @@ struct StreamArgs {
     /// Stream URL (ws://host:port/v1/stream).
     #[arg(long)]
     url: String,
-    /// Access token.
+    /// Access token (`subscribe` can fetch its own instead: --client-id or --token-command).
     #[arg(long, env = "TICKGATE_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// Feed name.
     #[arg(long)]
     feed: String,
@@ -164,10 +171,70 @@ struct StreamArgs {
 }
 
 impl StreamArgs {
-    /// The library's view of these arguments, with the comma-separated symbols.
-    fn target(self, symbols: &str) -> client::tools::StreamTarget {
+    /// The library's view of these arguments, with the comma-separated symbols. Without
+    /// `--token` the token is left empty for a token source to fill (`fetched`), else it
+    /// is an error.
+    fn target(self, symbols: &str, fetched: bool) -> anyhow::Result<client::tools::StreamTarget> {
         let StreamArgs { url, token, feed, ca_cert } = self;
-        client::tools::StreamTarget { url, token, feed, symbols: split_symbols(symbols), ca_file: ca_cert }
+        let token = match token {
+            Some(t) => t,
+            None if fetched => String::new(),
+            None => bail!(
+                "give --token (or TICKGATE_TOKEN); subscribe can also fetch its own: --client-id or --token-command"
+            ),
+        };
+        Ok(client::tools::StreamTarget { url, token, feed, symbols: split_symbols(symbols), ca_file: ca_cert })
+    }
+}
+
+/// Where `subscribe` gets fresh tokens for in-band refresh (and its first token when
+/// `--token` is not given).
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Issuer base URL for --client-id (default: the stream URL's host, http(s)).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// Fetch tokens with the client credentials grant as this client.
+    #[arg(long, requires = "client_secret", conflicts_with = "token_command")]
+    client_id: Option<String>,
+    /// Its secret.
+    #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// Scopes to ask for (space- or comma-separated; default: the client's own).
+    #[arg(long)]
+    scope: Option<String>,
+    /// A shell command that prints a fresh token on standard output.
+    #[arg(long)]
+    token_command: Option<String>,
+}
+
+impl TokenArgs {
+    /// The token source these arguments name, if any. The issuer defaults to the stream's
+    /// own host (the embedded issuer serves `/oauth2/token` on the stream listener).
+    fn source(self, stream_url: &str, ca_file: Option<&PathBuf>) -> anyhow::Result<Option<client::tools::TokenSource>> {
+        if let Some(cmd) = self.token_command {
+            return Ok(Some(client::tools::TokenSource::Command(cmd)));
+        }
+        let Some(client_id) = self.client_id else { return Ok(None) };
+        let client_secret =
+            self.client_secret.context("--client-id needs --client-secret (or TICKGATE_CLIENT_SECRET)")?;
+        let issuer = match self.issuer {
+            Some(i) => i,
+            None => {
+                let uri: http::Uri = stream_url.parse().with_context(|| format!("bad --url {stream_url}"))?;
+                let scheme = if uri.scheme_str() == Some("wss") { "https" } else { "http" };
+                let auth = uri.authority().map(|a| a.as_str().to_owned()).context("--url has no host")?;
+                format!("{scheme}://{auth}")
+            }
+        };
+        let scope = self.scope.map(|s| s.split([',', ' ']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(" "));
+        Ok(Some(client::tools::TokenSource::ClientCredentials {
+            issuer,
+            client_id,
+            client_secret,
+            scope,
+            ca_file: ca_file.cloned(),
+        }))
     }
 }
 
@@ -294,9 +361,16 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                     .await?;
             println!("{t}");
         }
-        Cmd::Subscribe { stream, symbols, snapshot, json: _, limit, resume_file } => {
-            let opts =
-                client::tools::SubscribeOptions { stream: stream.target(&symbols), snapshot, limit, resume_file };
+        Cmd::Subscribe { stream, symbols, snapshot, json: _, limit, resume_file, tokens, reconnect } => {
+            let token_source = tokens.source(&stream.url, stream.ca_cert.as_ref())?;
+            let opts = client::tools::SubscribeOptions {
+                stream: stream.target(&symbols, token_source.is_some())?,
+                snapshot,
+                limit,
+                resume_file,
+                token_source,
+                reconnect,
+            };
             // Distinct exit codes per way of ending (client::tools::exit, docs/protocol.md
             // §16), so that a script can branch on them; the reason goes to stderr.
             let summary = match client::tools::subscribe(&opts, std::io::stdout().lock()).await {
@@ -322,7 +396,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 bail!("give --seconds or --limit (a recording must end)");
             }
             let opts = client::tools::RecordOptions {
-                stream: stream.target(&symbols),
+                stream: stream.target(&symbols, false)?,
                 out,
                 duration: seconds.map(Duration::from_secs_f64),
                 limit,

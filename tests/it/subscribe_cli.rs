@@ -142,3 +142,87 @@ async fn a_close_by_the_server_is_not_success() {
     assert!(r.stderr.contains("revoked"), "{}", r.stderr);
     ts.shutdown().await;
 }
+
+/// With client credentials, `subscribe` answers `token_expiring` with an in-band refresh:
+/// a run several token lifetimes long stays on one connection and ends at its limit.
+#[tokio::test]
+async fn client_credentials_keep_a_long_run_alive_through_refreshes() {
+    let ts = TestServer::start(300.0, |c| {
+        c.issuer.token_ttl_s = 3;
+    })
+    .await;
+    let mut c = cmd(&ts.url, "", "T", "*", &["--client-id", "demo", "--limit", "2400"]);
+    c.env_remove("TICKGATE_TOKEN").env("TICKGATE_CLIENT_SECRET", common::SECRET);
+    let r = run(c).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(records(&r.lines), 2400);
+    let refreshed = r.lines.iter().filter(|v| v["type"] == "refreshed").count();
+    // 2,400 records at 300/s is 8 s: at least two 3-second tokens were replaced in-band.
+    assert!(refreshed >= 2, "{refreshed} refreshes: {}", r.stderr);
+    assert!(!r.lines.iter().any(|v| v["type"] == "closed" || v["type"] == "delivery_violation"), "{:?}", r.lines);
+    ts.shutdown().await;
+}
+
+/// With `--reconnect`, a server restart (SIGTERM: `shutdown`, 1001) is survived: the run
+/// waits for the server to come back on its address, fetches a token from the new issuer
+/// (its key is new: the old token is refused), subscribes again with resume and goes on.
+#[tokio::test]
+async fn reconnect_survives_a_server_restart() {
+    const SECRET: &str = "subscribe-cli-reconnect";
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::nats::free_port();
+    let cfg = dir.path().join("tickgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[server]\nstate_dir = {:?}\ndrain_ms = 2000\n",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let serve = || {
+        common::bin::spawn_serving(
+            std::process::Command::new(BIN)
+                .args(["serve", "--config", cfg.to_str().unwrap()])
+                .env("TICKGATE_DEMO_SECRET", SECRET)
+                .stderr(Stdio::null()),
+        )
+    };
+    let (first, serving) = serve();
+    let mut c = cmd(&serving.stream, "", "DEMO", "*", &["--client-id", "demo", "--reconnect"]);
+    c.env_remove("TICKGATE_TOKEN").env("TICKGATE_CLIENT_SECRET", SECRET);
+    let mut child = c.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines: Vec<Value> = Vec::new();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(common::EVENTUALLY, out.next_line()).await.unwrap().unwrap().unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    while records(&lines) < 20 {
+        lines.push(next().await);
+    }
+    // Restart: SIGTERM, wait for the exit, start again on the same address.
+    let mut first = first;
+    assert!(std::process::Command::new("kill").arg(first.0.id().to_string()).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || first.0.wait().unwrap()).await.unwrap();
+    assert!(status.success());
+    let (_second, _) = serve();
+    // The run goes on: closed 1001, then subscribed again, then records.
+    let closed_at = loop {
+        lines.push(next().await);
+        if let Some(i) = lines.iter().position(|l| l["type"] == "closed") {
+            break i;
+        }
+    };
+    while !(lines[closed_at..].iter().any(|l| l["type"] == "subscribed") && records(&lines[closed_at..]) >= 20) {
+        lines.push(next().await);
+    }
+    let closed = lines.iter().find(|l| l["type"] == "closed").unwrap();
+    assert_eq!(closed["code"], 1001, "{closed}");
+    assert!(lines.iter().any(|l| l["type"] == "shutdown"), "the server said it was going");
+    assert!(!lines.iter().any(|l| l["type"] == "delivery_violation"), "{lines:?}");
+    child.kill().await.unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+}

@@ -67,6 +67,11 @@ pub struct SubscribeOptions {
     pub limit: Option<u64>,
     /// Resume from / keep the last seqs in this file.
     pub resume_file: Option<PathBuf>,
+    /// Fresh tokens for in-band refresh (and the first token when `stream.token` is empty).
+    pub token_source: Option<TokenSource>,
+    /// Connect again (with resume) after the server goes away, the connection drops, this
+    /// client falls behind (4008) or, with a token source, the token expires.
+    pub reconnect: bool,
 }
 
 /// What a resume file holds.
@@ -112,6 +117,10 @@ pub struct SubscribeSummary {
     pub violations: u64,
     /// Close code, if the server closed.
     pub close_code: Option<u16>,
+    /// Connections made again after a close (`reconnect`).
+    pub reconnects: u64,
+    /// In-band refreshes the server accepted.
+    pub refreshes: u64,
     /// Why it stopped.
     pub end: SubscribeEnd,
 }
@@ -252,89 +261,254 @@ pub fn record_json(r: &Record, feed: Option<&str>, symbol: Option<&str>, send_ts
     v
 }
 
+/// Where `subscribe` gets fresh tokens: for the in-band `refresh` when the server says
+/// `token_expiring`, and for a reconnect after the token expired.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// The client credentials grant against an issuer.
+    ClientCredentials {
+        /// Issuer base URL.
+        issuer: String,
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: String,
+        /// Space-separated scopes (the client's own when `None`).
+        scope: Option<String>,
+        /// CA certificate for an https:// issuer.
+        ca_file: Option<PathBuf>,
+    },
+    /// A shell command (`sh -c`) whose standard output is the token.
+    Command(String),
+}
+
+impl TokenSource {
+    /// A fresh token.
+    pub async fn fetch(&self) -> Result<String, ClientError> {
+        match self {
+            TokenSource::ClientCredentials { issuer, client_id, client_secret, scope, ca_file } => {
+                super::fetch_token_with_ca(issuer, client_id, client_secret, scope.as_deref(), ca_file.as_deref()).await
+            }
+            TokenSource::Command(cmd) => {
+                let out = tokio::process::Command::new("sh").arg("-c").arg(cmd).output().await?;
+                if !out.status.success() {
+                    return Err(ClientError::Control(format!(
+                        "--token-command exited with {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if token.is_empty() {
+                    return Err(ClientError::Control("--token-command printed no token".into()));
+                }
+                Ok(token)
+            }
+        }
+    }
+}
+
+/// Reconnect delays after a close: the server's hint when it sent one, else exponential
+/// with full jitter (so that the clients of a dead node do not all come back together).
+#[derive(Debug)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Delay before the next attempt.
+    fn next(&mut self, hint_ms: Option<u64>) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        if let Some(ms) = hint_ms {
+            return Duration::from_millis(ms);
+        }
+        let cap_ms = (100u64 << self.attempt.min(7)).min(10_000);
+        Duration::from_millis(rand_below(cap_ms))
+    }
+}
+
+/// A number in `0..n` from the clock's low bits: jitter needs spreading, not secrecy.
+fn rand_below(n: u64) -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    u64::from(nanos.wrapping_mul(2_654_435_761)) % n.max(1)
+}
+
+/// Whether a close is worth a reconnect (with `--reconnect`): the server going away, the
+/// connection dropping, this client falling behind, or (with a token source) the token
+/// expiring. Not a revocation, nor a close for something this client sent.
+fn reconnectable(code: u16, have_source: bool) -> bool {
+    matches!(code, 1001 | 1006 | 1011 | 4008) || (code == 4001 && have_source)
+}
+
 /// Runs `tickgate subscribe`, writing JSON lines to `out`.
+///
+/// With a token source it answers `token_expiring` with an in-band `refresh` (id 2), and
+/// with `reconnect` it connects again after a reconnectable close and resumes from the last
+/// seq printed per symbol, so the output has no gap and no duplicate across connections.
+/// Reconnect notes go to standard error.
 pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<SubscribeSummary, ClientError> {
     let feed = &opts.stream.feed;
-    let mut sub = opts.stream.connect().await?;
     let mut state = match &opts.resume_file {
         Some(p) => ResumeState::load(p)?.filter(|s| &s.feed == feed),
         None => None,
     }
     .unwrap_or(ResumeState { feed: feed.clone(), ..ResumeState::default() });
-    let resume = (!state.seqs.is_empty()).then(|| (state.epoch, state.seqs.clone()));
-    // Last seq printed per symbol of the feed (what the resume file keeps), starting from
+    // Last seq printed per symbol of the feed (what a resume asks from), starting from
     // where the file left off.
     let mut printed: BTreeMap<String, u64> = state.seqs.clone();
-    opts.stream.subscribe(&mut sub, opts.snapshot, resume).await?;
+    let mut token = opts.stream.token.clone();
+    if token.is_empty() {
+        if let Some(src) = &opts.token_source {
+            token = src.fetch().await?;
+        }
+    }
     let mut summary = SubscribeSummary::default();
+    let mut backoff = Backoff { attempt: 0 };
+    let mut connected_once = false;
     loop {
-        let event = sub.next_event().await?;
-        match &event {
-            Event::Control(m) => {
-                writeln!(out, "{}", serde_json::to_string(m).map_err(|e| ClientError::Control(e.to_string()))?)?;
-                // The answer to our one `subscribe` (id 1) is an error: nothing will come.
-                if let ServerMsg::Error { id: Some(1), code, message } = m {
-                    summary.end = SubscribeEnd::Refused { code: code.as_str().to_owned(), message: message.clone() };
-                }
-            }
-            Event::Batch { send_ts_ns, records, anomalies } => {
-                // `--limit` is exact: a batch is cut where the limit falls.
-                let room = opts.limit.map_or(usize::MAX, |l| l.saturating_sub(summary.records) as usize);
-                for r in records.iter().take(room) {
-                    let f = r.feed_id();
-                    let (feed_name, symbol) = (sub.tracker.feed_name(f), sub.tracker.symbol(f, r.instrument_id()));
-                    let v = record_json(r, feed_name, symbol, *send_ts_ns);
-                    writeln!(out, "{v}")?;
-                    summary.records += 1;
-                    // The resume state follows what was printed, not what was received: a
-                    // batch cut by `--limit` resumes at its first record not printed.
-                    if let (Some(fname), Some(sym)) = (feed_name, symbol) {
-                        if fname == feed {
-                            let last = printed.entry(sym.to_owned()).or_insert(0);
-                            *last = (*last).max(r.seq());
+        let mut target = opts.stream.clone();
+        target.token = token.clone();
+        let mut sub = match target.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                let retry = opts.reconnect && connected_once;
+                match &e {
+                    // The token went stale while away: a fresh one, then again.
+                    ClientError::HandshakeRefused { status: 401, .. } if retry && opts.token_source.is_some() => {
+                        if let Some(src) = &opts.token_source {
+                            token = src.fetch().await?;
                         }
                     }
+                    ClientError::HandshakeRefused { status: 503 | 429, .. }
+                    | ClientError::Io(_)
+                    | ClientError::Ws(_)
+                        if retry => {}
+                    _ => return Err(e),
                 }
-                for a in anomalies {
-                    summary.violations += 1;
-                    writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
-                }
+                let d = backoff.next(None);
+                eprintln!("reconnecting in {} ms: {e}", d.as_millis());
+                tokio::time::sleep(d).await;
+                continue;
             }
-            Event::Closed { code, reason } => {
-                writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
-                summary.close_code = Some(*code);
-                summary.end = SubscribeEnd::Closed { code: *code, reason: reason.clone() };
-            }
+        };
+        if connected_once {
+            summary.reconnects += 1;
         }
-        out.flush()?;
-        // Saved after the output: a client killed in between prints a record again
-        // after it resumes, never loses one.
-        if let Some(p) = &opts.resume_file {
+        connected_once = true;
+        let resume = (!printed.is_empty()).then(|| (state.epoch, printed.clone()));
+        opts.stream.subscribe(&mut sub, opts.snapshot && summary.reconnects == 0, resume).await?;
+        let mut hint_ms = None;
+        let mut streaming = false;
+        loop {
+            let event = sub.next_event().await?;
+            match &event {
+                Event::Control(m) => {
+                    writeln!(out, "{}", serde_json::to_string(m).map_err(|e| ClientError::Control(e.to_string()))?)?;
+                    match m {
+                        // The answer to our one `subscribe` (id 1) is an error: nothing will come.
+                        ServerMsg::Error { id: Some(1), code, message } => {
+                            summary.end =
+                                SubscribeEnd::Refused { code: code.as_str().to_owned(), message: message.clone() };
+                        }
+                        ServerMsg::Error { id: Some(2), message, .. } => {
+                            eprintln!("refresh refused: {message}; the current token stays in force");
+                        }
+                        ServerMsg::Subscribed { .. } => streaming = true,
+                        ServerMsg::TokenExpiring { .. } => {
+                            if let Some(src) = &opts.token_source {
+                                match src.fetch().await {
+                                    Ok(t) => {
+                                        token = t;
+                                        let msg = tickgate_proto::control::ClientMsg::Refresh {
+                                            id: Some(2),
+                                            token: tickgate_proto::control::SecretString(token.clone()),
+                                        };
+                                        sub.send(&msg).await?;
+                                    }
+                                    Err(e) => eprintln!("no fresh token for the refresh: {e}"),
+                                }
+                            }
+                        }
+                        ServerMsg::Refreshed { id: Some(2), .. } => summary.refreshes += 1,
+                        ServerMsg::Shutdown { reconnect_after_ms } => hint_ms = Some(*reconnect_after_ms),
+                        _ => {}
+                    }
+                }
+                Event::Batch { send_ts_ns, records, anomalies } => {
+                    // `--limit` is exact: a batch is cut where the limit falls.
+                    let room = opts.limit.map_or(usize::MAX, |l| l.saturating_sub(summary.records) as usize);
+                    for r in records.iter().take(room) {
+                        let f = r.feed_id();
+                        let (feed_name, symbol) = (sub.tracker.feed_name(f), sub.tracker.symbol(f, r.instrument_id()));
+                        let v = record_json(r, feed_name, symbol, *send_ts_ns);
+                        writeln!(out, "{v}")?;
+                        summary.records += 1;
+                        // The resume state follows what was printed, not what was received:
+                        // a batch cut by `--limit` resumes at its first record not printed.
+                        if let (Some(fname), Some(sym)) = (feed_name, symbol) {
+                            if fname == feed {
+                                let last = printed.entry(sym.to_owned()).or_insert(0);
+                                *last = (*last).max(r.seq());
+                            }
+                        }
+                    }
+                    for a in anomalies {
+                        summary.violations += 1;
+                        writeln!(out, "{}", json!({"type": "delivery_violation", "detail": format!("{a:?}")}))?;
+                    }
+                }
+                Event::Closed { code, reason } => {
+                    writeln!(out, "{}", json!({"type": "closed", "code": code, "reason": reason}))?;
+                    summary.close_code = Some(*code);
+                    summary.end = SubscribeEnd::Closed { code: *code, reason: reason.clone() };
+                }
+            }
+            out.flush()?;
+            // A new epoch (`reset`, or a `welcome` after a restart): the old numbering is
+            // void, and what was printed of it is no resume point.
             let epoch = sub.tracker.epoch(feed);
-            if epoch != state.epoch && epoch.is_some() {
-                // A new epoch (`reset`, or the first `subscribed`): the old numbering is void,
-                // except what the resume asked for in this same epoch.
+            if epoch.is_some() && epoch != state.epoch {
                 if state.epoch.is_some() {
                     printed.clear();
                 }
                 state.epoch = epoch;
             }
-            state.seqs = printed.clone();
-            state.save(p)?;
-        }
-        if summary.close_code.is_some() {
-            break;
-        }
-        if matches!(summary.end, SubscribeEnd::Refused { .. }) {
-            sub.close().await;
-            break;
-        }
-        if opts.limit.is_some_and(|l| summary.records >= l) {
-            sub.close().await;
-            break;
+            // Saved after the output: a client killed in between prints a record again
+            // after it resumes, never loses one.
+            if let Some(p) = &opts.resume_file {
+                state.seqs = printed.clone();
+                state.save(p)?;
+            }
+            if let SubscribeEnd::Closed { code, .. } = summary.end {
+                if opts.reconnect && reconnectable(code, opts.token_source.is_some()) {
+                    if code == 4001 {
+                        if let Some(src) = &opts.token_source {
+                            token = src.fetch().await?;
+                        }
+                    }
+                    if streaming {
+                        backoff.attempt = 0;
+                    }
+                    let d = backoff.next(hint_ms);
+                    eprintln!("closed {code}; reconnecting in {} ms with resume", d.as_millis());
+                    summary.end = SubscribeEnd::Limit;
+                    summary.close_code = None;
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                return Ok(summary);
+            }
+            if matches!(summary.end, SubscribeEnd::Refused { .. }) {
+                sub.close().await;
+                return Ok(summary);
+            }
+            if opts.limit.is_some_and(|l| summary.records >= l) {
+                sub.close().await;
+                return Ok(summary);
+            }
         }
     }
-    Ok(summary)
 }
 
 /// `tickgate record` settings.
