@@ -78,6 +78,33 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// A `nats` feed needs `nats.servers`.
+fn nats_feeds_have_servers<'a>(
+    config: &Config,
+    mut defs: impl Iterator<Item = &'a feeds::FeedDef>,
+) -> Result<(), Error> {
+    if config.nats.servers.is_empty() && defs.any(|d| d.source == feeds::SourceKind::Nats) {
+        return Err(Error::Config(config::ConfigError::Invalid(
+            "a feed has source = \"nats\" but nats.servers is empty".into(),
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a configuration as `serve` would take it, without binding, writing or starting
+/// anything (`tickgate check-config`): the settings, every feed definition and the set of
+/// them (unique names and ids), and the rules between settings and feeds. Returns the
+/// feeds it would serve (the compiled-in demo feed when the default `feeds` folder is
+/// missing, as `serve` does).
+pub fn check_config(config: &Config) -> Result<Vec<feeds::FeedDef>, Error> {
+    config.validate()?;
+    let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
+    let (defs, _) = feeds::load_defs(&config.feeds_dir, allow_embedded).map_err(feeds::OpenError::from)?;
+    feeds::Catalog::new(defs.clone(), 1).map_err(feeds::OpenError::from)?;
+    nats_feeds_have_servers(config, defs.iter())?;
+    Ok(defs)
+}
+
 impl Server {
     /// Binds the listeners, starts the shards, the feeds and the admin listener. Must be
     /// called inside a tokio runtime (the main runtime: acceptors, feeds, admin).
@@ -89,11 +116,7 @@ impl Server {
         // The default `feeds` folder may be missing (a fresh checkout): the demo feed.
         let allow_embedded = config.feeds_dir == std::path::Path::new("feeds");
         let catalog = Arc::new(feeds::open(&config.feeds_dir, allow_embedded, config.server.state_dir.as_deref())?);
-        if config.nats.servers.is_empty() && catalog.feeds().iter().any(|f| f.def.source == feeds::SourceKind::Nats) {
-            return Err(Error::Config(config::ConfigError::Invalid(
-                "a feed has source = \"nats\" but nats.servers is empty".into(),
-            )));
-        }
+        nats_feeds_have_servers(&config, catalog.feeds().iter().map(|f| &f.def))?;
         let metrics = Metrics::new();
         let auth = Auth::build(&config, addr, &metrics)?;
 

@@ -22,6 +22,7 @@ mod common;
 mod admission;
 mod auth_holes;
 mod bad_input;
+mod check_config;
 mod cli_numbers;
 mod delivery;
 mod delivery_prop;
