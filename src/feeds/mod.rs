@@ -130,7 +130,8 @@ pub struct SyntheticDef {
     /// Fraction of ticks that are quotes (the rest are trades).
     #[serde(default = "default_quote_ratio")]
     pub quote_ratio: f64,
-    /// Starting mid price of every instrument (they then walk independently).
+    /// Centre of the instruments' starting mid prices: each starts within $20 of it (at
+    /// least $0.10), then walks independently, pulled back towards its own start.
     #[serde(default = "default_start_price")]
     pub start_price: f64,
 }

@@ -286,8 +286,10 @@ mod tests {
     /// is positive, uncrossed, on the grid, with sizes, and within [start / 4, start * 4]
     /// (in fact within 20 %); every trade is inside the spread; and the drift is
     /// statistically zero: the log-returns of the quoted mid over 100 windows of 100k ticks
-    /// per instrument (400 samples) have a mean within 4 standard errors of 0. The old
-    /// rounding (-2/9 tick per quote) puts that mean hundreds of standard errors below 0.
+    /// per instrument (400 samples) have a mean within 4 standard errors of 0 (it is at 1.3).
+    /// Checked against the faults: the old rounding (-2/9 tick per quote) breaks the band
+    /// (the mids sit at their 10-cent floor), and a bias of 1/100 of it (2e-7 per quote)
+    /// puts the mean 16 standard errors below 0.
     #[test]
     fn ten_million_ticks_no_drift_and_sane_prices() {
         const N: usize = 4;
