@@ -172,7 +172,9 @@ pub struct FeedDef {
     pub resume: ResumeDef,
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` may name a feed (or a symbol): 1-32 characters of A-Z a-z 0-9 _ - . (so
+/// never a space, a comma or a `:`, which scopes and symbol lists use as separators).
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
