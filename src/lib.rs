@@ -168,6 +168,11 @@ impl Server {
                 "auth.insecure_no_auth: streams are accepted WITHOUT tokens (benchmark mode, loopback only)"
             );
         }
+        if let Some(secret) = auth.exposed_demo_client(&config, addr) {
+            tracing::warn!(listen = %addr, secret_from = secret,
+                "the built-in `demo` client (scope md:read:*, for development) is served on a non-loopback address: \
+                 whoever reaches it with its secret reads every feed; configure issuer.clients");
+        }
         tracing::info!(listen = %addr, admin = %admin_addr, shards = n_shards,
             feeds = catalog.feeds().len(), "tickgate serving");
         Ok(Server {

@@ -506,11 +506,13 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
 }
 
 /// A requested scope is allowed when the client holds it exactly, or when it is a
-/// single-feed read scope and the client holds `md:read:*` (a token can be narrowed).
+/// single-feed read scope and the client holds `md:read:*` (a token can be narrowed). The
+/// feed must be a possible feed name: `md:read:DEMO,md:read:X` (scopes joined with a comma
+/// instead of a space) would otherwise be granted as one scope for a feed `DEMO,md:read:X`
+/// that cannot exist, and the token would then fail at subscribe with `insufficient_scope`.
 fn scope_allowed(allowed: &[String], requested: &str) -> bool {
     allowed.iter().any(|a| a == requested)
-        || (requested.starts_with(super::scopes::READ_PREFIX)
-            && requested.len() > super::scopes::READ_PREFIX.len()
+        || (requested.strip_prefix(super::scopes::READ_PREFIX).is_some_and(crate::feeds::valid_name)
             && allowed.iter().any(|a| a == "md:read:*"))
 }
 
@@ -578,8 +580,10 @@ fn token_answer(iss: &EmbeddedIssuer, ip: Option<IpAddr>, headers: &HeaderMap, b
             let requested: Vec<String> = split_scope(s).map(str::to_owned).collect();
             if let Some(bad) = requested.iter().find(|r| !scope_allowed(&client.scopes, r)) {
                 let shown: String = bad.chars().take(64).collect();
+                // RFC 6749 §3.3: scopes are separated by spaces; a comma is part of a scope.
+                let hint = if bad.contains(',') { " (separate scopes with spaces, not commas)" } else { "" };
                 return TokenResult::InvalidScope
-                    .refuse(StatusCode::BAD_REQUEST, &format!("scope `{shown}` is not allowed for this client"));
+                    .refuse(StatusCode::BAD_REQUEST, &format!("scope `{shown}` is not allowed for this client{hint}"));
             }
             requested
         }
@@ -654,6 +658,7 @@ mod tests {
         assert!(scope_allowed(&allowed, "md:read:*"));
         assert!(scope_allowed(&allowed, "openid"));
         assert!(!scope_allowed(&allowed, "md:read:"));
+        assert!(!scope_allowed(&allowed, "md:read:DEMO,md:read:X"), "a comma list is not a feed");
         assert!(!scope_allowed(&allowed, "md:publish:DEMO"));
         assert!(!scope_allowed(&allowed, "tickgate:admin"));
     }

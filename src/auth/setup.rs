@@ -83,6 +83,23 @@ impl Auth {
         Ok(Auth { issuer, generated_demo_secret, jwks, validator: Arc::new(validator) })
     }
 
+    /// Where the secret of the built-in `demo` client came from, when that client is served
+    /// on a non-loopback `listen` (the start-up then warns): the embedded issuer runs with
+    /// no `issuer.clients`, so a `demo` client with `md:read:*` exists, and any host that
+    /// reaches the port with its secret reads every feed. `None` on loopback, with an
+    /// external issuer or with configured clients.
+    pub(crate) fn exposed_demo_client(&self, config: &Config, listen: SocketAddr) -> Option<&'static str> {
+        // `to_canonical`: `[::ffff:127.0.0.1]` is loopback too.
+        if self.issuer.is_none() || !config.issuer.clients.is_empty() || listen.ip().to_canonical().is_loopback() {
+            return None;
+        }
+        Some(if self.generated_demo_secret.is_some() {
+            "generated, printed on standard output"
+        } else {
+            DEMO_SECRET_ENV
+        })
+    }
+
     /// Starts the background tasks on `tasks`, each stopping when `cancel` fires: the
     /// issuer's key rotation and retirement ([`super::rotation`]), the JWKS refresh.
     pub(crate) fn spawn_tasks(&self, config: &Config, tasks: &TaskTracker, cancel: &CancellationToken) {
@@ -93,5 +110,35 @@ impl Auth {
         if let Some(cache) = &self.jwks {
             tasks.spawn(cache.clone().run(cancel.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientConfig;
+
+    #[test]
+    fn the_demo_client_is_exposed_only_off_loopback_and_only_when_it_exists() {
+        let metrics = Metrics::new();
+        let config = Config::default();
+        let auth = Auth::build(&config, "127.0.0.1:8080".parse().expect("addr"), &metrics).expect("auth");
+        let at = |a: &str| auth.exposed_demo_client(&config, a.parse().expect("addr"));
+        for local in ["127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+            assert_eq!(at(local), None, "{local}");
+        }
+        for exposed in ["0.0.0.0:8080", "[::]:8080", "192.168.1.5:8080", "[2001:db8::1]:8080"] {
+            assert!(at(exposed).is_some(), "{exposed}");
+        }
+        // With the issuer's own clients there is no demo client to warn about.
+        let mut own = Config::default();
+        own.issuer.clients = vec![ClientConfig {
+            id: "app".into(),
+            secret: Some("s3cret".into()),
+            secret_sha256: None,
+            scopes: vec!["md:read:*".into()],
+        }];
+        let auth = Auth::build(&own, "0.0.0.0:8080".parse().expect("addr"), &metrics).expect("auth");
+        assert_eq!(auth.exposed_demo_client(&own, "0.0.0.0:8080".parse().expect("addr")), None);
     }
 }

@@ -130,7 +130,8 @@ pub struct SyntheticDef {
     /// Fraction of ticks that are quotes (the rest are trades).
     #[serde(default = "default_quote_ratio")]
     pub quote_ratio: f64,
-    /// Starting mid price of every instrument (they then walk independently).
+    /// Centre of the instruments' starting mid prices: each starts within $20 of it (at
+    /// least $0.10), then walks independently, pulled back towards its own start.
     #[serde(default = "default_start_price")]
     pub start_price: f64,
 }
@@ -171,7 +172,9 @@ pub struct FeedDef {
     pub resume: ResumeDef,
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` may name a feed (or a symbol): 1-32 characters of A-Z a-z 0-9 _ - . (so
+/// never a space, a comma or a `:`, which scopes and symbol lists use as separators).
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')

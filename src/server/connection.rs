@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::authorize::{authorize_token, ConnSlot};
+use super::handshake::LogPeer;
 use super::heartbeat::Heartbeat;
 use super::limits::Bucket;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
@@ -78,7 +79,7 @@ pub(crate) async fn run(
             Err(Some((code, reason))) => {
                 let sent = if ws::close(&mut ws, code, &reason, STREAM_CLOSE).await { code } else { 1006 };
                 app.metrics.closes.with_label_values(&[&sent.to_string()]).inc();
-                tracing::info!(peer = ?peer, code, reason = %reason, "in-band auth failed");
+                tracing::info!(peer = %LogPeer(peer), code, reason = %reason, "in-band auth failed");
                 return;
             }
             Err(None) => return,
@@ -90,7 +91,7 @@ pub(crate) async fn run(
     // applied there, revocation through `EngineCtl`.
     let conn = shard.open(principal, session.clone());
     let opened = Instant::now();
-    tracing::info!(session = %session, sub = %sub, peer = ?peer, shard = shard.id(), "stream opened");
+    tracing::info!(session = %session, sub = %sub, peer = %LogPeer(peer), shard = shard.id(), "stream opened");
 
     let ended = drive(&app, ws, &conn).await;
 
@@ -101,8 +102,14 @@ pub(crate) async fn run(
         app.metrics.slow_consumer_events.with_label_values(&["dropped"]).inc();
     }
     tracing::info!(session = %session, sub = %sub, code = ended.code, reason = ended.reason,
-        duration_s = opened.elapsed().as_secs_f64(), "stream closed");
+        duration_s = log_secs(opened.elapsed()), "stream closed");
     drop(slot);
+}
+
+/// A duration as a log field: seconds to the millisecond, `5.996` rather than
+/// `5.9956246570000005` (a float of whole milliseconds prints with at most 3 decimals).
+fn log_secs(d: Duration) -> f64 {
+    d.as_millis() as f64 / 1000.0
 }
 
 /// What [`write_pending`] did.

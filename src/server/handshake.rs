@@ -35,6 +35,19 @@ use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// A peer address as a log field (`peer = %LogPeer(peer)`): the address itself, or `-`
+/// where none was recorded, rather than the `Some(127.0.0.1:5000)` of `?peer`.
+pub(crate) struct LogPeer(pub(crate) Option<SocketAddr>);
+
+impl std::fmt::Display for LogPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// What [`parse_upgrade`] reads from a well-formed upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upgrade {
@@ -298,7 +311,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
                 reason.count(&app.metrics);
             }
             app.metrics.handshake_latency.with_label_values(&["refused"]).observe(started.elapsed().as_secs_f64());
-            tracing::debug!(peer = ?peer, status = refusal.status.as_u16(), result = refusal.result.as_str(),
+            tracing::debug!(peer = %LogPeer(peer), status = refusal.status.as_u16(), result = refusal.result.as_str(),
                 reason = refusal.auth_reason.map_or("", |r| r.as_str()), "stream handshake refused");
             refusal.into_response()
         }

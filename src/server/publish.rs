@@ -42,7 +42,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::authorize::{authorize, check_connect_rate, Credential, HandshakeResult, Refusal};
-use super::handshake::{check_request, switching_protocols, PeerAddr};
+use super::handshake::{check_request, switching_protocols, LogPeer, PeerAddr};
 use super::heartbeat::Heartbeat;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws};
 use super::session::{EdgeWatch, Registration, Session, SessionEnd};
@@ -181,7 +181,7 @@ pub(crate) async fn handshake(State(app): State<Arc<AppState>>, mut req: Request
             if let Some(reason) = r.auth_reason {
                 reason.count(&app.metrics);
             }
-            tracing::debug!(peer = ?peer, status = r.status.as_u16(), result = r.result.as_str(), "publish handshake refused");
+            tracing::debug!(peer = %LogPeer(peer), status = r.status.as_u16(), result = r.result.as_str(), "publish handshake refused");
             r.into_response()
         }
         Ok((key, feed_idx, epoch, session, slot)) => {

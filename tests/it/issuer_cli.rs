@@ -108,6 +108,16 @@ async fn token_endpoint_follows_rfc6749() {
         )
         .await,
     );
+    // Scopes joined with a comma are one scope (RFC 6749 §3.3), for no possible feed: refused,
+    // with the fix in the message, not granted as a token that fails at subscribe.
+    let r = call(
+        http.post(&ep)
+            .basic_auth("demo", Some(SECRET))
+            .form(&[("grant_type", "client_credentials"), ("scope", "md:read:T,md:read:U")]),
+    )
+    .await;
+    assert!(r.1["error_description"].as_str().is_some_and(|d| d.contains("spaces, not commas")), "{}", r.1);
+    err(400, "invalid_scope")(r);
     err(400, "invalid_request")(
         call(http.post(&ep).basic_auth("demo", Some(SECRET)).form(&[
             ("grant_type", "client_credentials"),

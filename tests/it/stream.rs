@@ -345,3 +345,30 @@ async fn bearer_subprotocol_is_accepted_and_not_echoed() {
     assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "tickgate.v1");
     ts.shutdown().await;
 }
+
+/// The connection's log lines show the peer as an address (not `Some(..)`) and the duration
+/// in seconds to the millisecond (not `5.9956246570000005`), as an operator reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_logs_show_the_peer_and_whole_milliseconds() {
+    let logs = common::logs::capture();
+    let ts = TestServer::start(100.0, |_| {}).await;
+    let mut sub = ts.subscriber(&ts.token(&["md:read:T"])).await;
+    let ServerMsg::Welcome { session, .. } = next_control(&mut sub).await else { panic!("no welcome first") };
+    sub.close().await;
+    let line = |what: &'static str| {
+        let logs = &logs;
+        let session = session.clone();
+        move || {
+            let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+            let found = text.lines().find(|l| l.contains(what) && l.contains(&format!("session={session}")));
+            std::future::ready(found.map(str::to_owned))
+        }
+    };
+    let opened = eventually("the stream opened line", EVENTUALLY, line("stream opened")).await;
+    let closed = eventually("the stream closed line", EVENTUALLY, line("stream closed")).await;
+    assert!(opened.contains("peer=127.0.0.1:") && !opened.contains("Some("), "{opened}");
+    let duration = closed.split("duration_s=").nth(1).and_then(|r| r.split(' ').next()).expect("a duration_s field");
+    let decimals = duration.split('.').nth(1).map_or(0, str::len);
+    assert!(duration.parse::<f64>().is_ok() && decimals <= 3, "duration_s={duration} in {closed}");
+    ts.shutdown().await;
+}
