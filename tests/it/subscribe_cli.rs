@@ -226,3 +226,25 @@ async fn reconnect_survives_a_server_restart() {
     tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
     assert!(stderr.contains("reconnecting"), "{stderr}");
 }
+
+/// `tickgate token --scope A,B` asks for two scopes (the grant wants them space-separated;
+/// the issuer refuses a comma-joined one), and the token carries both.
+#[tokio::test]
+async fn token_scope_takes_commas() {
+    let ts = TestServer::start(10.0, |_| {}).await;
+    let out = tokio::process::Command::new(BIN)
+        .args(["token", "--issuer", &ts.base, "--client-id", "demo", "--scope", "md:read:T,md:read:OTHER"])
+        .env("TICKGATE_CLIENT_SECRET", common::SECRET)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let payload = token.trim().split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["scope"], "md:read:T md:read:OTHER", "{claims}");
+    ts.shutdown().await;
+}
