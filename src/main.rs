@@ -114,6 +114,26 @@ enum Cmd {
         #[arg(long, allow_negative_numbers = true, value_parser = int_in::<u64>(1, i64::MAX))]
         limit: Option<u64>,
     },
+    /// Operate a running server through its admin API (a `tickgate:admin` token).
+    Admin {
+        /// Admin listener base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// Admin token (or fetch one: --issuer with --client-id).
+        #[arg(long, env = "TICKGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Issuer base URL for --client-id.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        issuer: String,
+        /// Fetch an admin token as this client (its scopes must include `tickgate:admin`).
+        #[arg(long, conflicts_with = "token")]
+        client_id: Option<String>,
+        /// Its secret.
+        #[arg(long, env = "TICKGATE_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: Option<String>,
+        #[command(subcommand)]
+        op: AdminOp,
+    },
     /// Check a configuration and its feed files without starting anything; print the
     /// effective settings (secrets redacted) and the feeds. Exit 1 with the error otherwise.
     CheckConfig {
@@ -196,6 +216,23 @@ impl StreamArgs {
         };
         Ok(client::tools::StreamTarget { url, token, feed, symbols: split_symbols(symbols), ca_file: ca_cert })
     }
+}
+
+/// `tickgate admin` operations.
+#[derive(Subcommand)]
+enum AdminOp {
+    /// Close the matching streams and publishers with 4003 and refuse the token(s) from
+    /// now on (cluster-wide with NATS); prints the server's answer.
+    Revoke {
+        /// Every token of this subject.
+        #[arg(long, required_unless_present = "jti", conflicts_with = "jti")]
+        sub: Option<String>,
+        /// The token with this id.
+        #[arg(long)]
+        jti: Option<String>,
+    },
+    /// List every stream connection (all pages), one JSON object per line.
+    Connections,
 }
 
 /// Where `subscribe` gets fresh tokens for in-band refresh (and its first token when
@@ -422,6 +459,34 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        Cmd::Admin { admin, token, issuer, client_id, client_secret, op } => {
+            let token = match (token, client_id) {
+                (Some(t), _) => t,
+                (None, Some(id)) => {
+                    let secret =
+                        client_secret.context("--client-id needs --client-secret (or TICKGATE_CLIENT_SECRET)")?;
+                    client::fetch_token(&issuer, &id, &secret, Some("tickgate:admin")).await?
+                }
+                (None, None) => bail!("give --token (or TICKGATE_ADMIN_TOKEN), or --client-id with its secret"),
+            };
+            let api = client::admin::AdminClient::new(&admin, &token)?;
+            let mut o = std::io::stdout().lock();
+            match op {
+                AdminOp::Revoke { sub, jti } => {
+                    let target = match (sub, jti) {
+                        (Some(s), _) => client::admin::RevokeTarget::Sub(s),
+                        (None, Some(j)) => client::admin::RevokeTarget::Jti(j),
+                        (None, None) => bail!("give --sub or --jti"),
+                    };
+                    writeln!(o, "{}", serde_json::to_string_pretty(&api.revoke(&target).await?)?)?;
+                }
+                AdminOp::Connections => {
+                    for c in api.connections().await? {
+                        writeln!(o, "{c}")?;
+                    }
+                }
+            }
         }
         Cmd::CheckConfig { config, feeds_dir } => {
             let mut cfg = match &config {

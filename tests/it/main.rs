@@ -19,6 +19,7 @@
 
 mod common;
 
+mod admin_cli;
 mod admission;
 mod auth_holes;
 mod bad_input;

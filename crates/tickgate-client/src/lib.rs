@@ -10,6 +10,7 @@
 //! range first. Anything else (a duplicate, a hole nobody announced) is reported as an
 //! [`Anomaly`], which `tickgate subscribe` prints loudly and `tickgate load` counts.
 
+pub mod admin;
 pub mod publisher;
 pub mod tools;
 
@@ -39,6 +40,14 @@ pub enum ClientError {
     /// The issuer refused.
     #[error("token refused ({status}): {body}")]
     Refused {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: String,
+    },
+    /// The admin API refused (403 without `tickgate:admin`, 400 for a bad request, ...).
+    #[error("admin API refused ({status}): {body}")]
+    AdminRefused {
         /// HTTP status.
         status: u16,
         /// Response body.
