@@ -47,6 +47,16 @@ printf 'name = "IN"\nid = 7\nsource = "nats"\nsymbols = [%s]\n[resume]\nrecords 
 printf 'name = "EMPTY"\nid = 8\nsource = "nats"\nsymbols = [%s]\n[resume]\nrecords = %s\nmax_age_s = 300\n' "$syms" "$RECORDS" >"$work/empty/empty.toml"
 printf 'name = "IN"\nid = 7\nsource = "publish"\nsymbols = [%s]\n[resume]\nrecords = %s\nmax_age_s = 300\n' "$syms" "$RECORDS" >"$work/direct/in.toml"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Waits (polling every 20 ms, up to 60 s) until the edge on admin port $TA has taken in
+# stream sequence $1 of feed IN; fails the run when it does not.
+caught_up() {
+  local pos=0
+  for _ in $(seq 3000); do
+    pos=$(curl -sf "http://127.0.0.1:$TA/metrics" | awk '/^tickgate_nats_stream_seq\{feed="IN"\}/ {print $2}')
+    [ "${pos:-0}" -ge "$1" ] && return 0; sleep 0.02
+  done
+  echo "edge stuck at stream seq ${pos:-?} of $1" >&2; exit 1
+}
 HZ=$(getconf CLK_TCK)
 mkdir -p "$OUT_DIR"; OUT="$OUT_DIR/benchmarks-nats-intake.jsonl"; : >"$OUT"
 port() { echo $((20000 + RANDOM % 30000)); }
@@ -93,12 +103,8 @@ for r in $(seq 1 "$ROUNDS"); do
         || { echo "handler failed: $(tail -3 "$work/pub2.err")" >&2; exit 1; }
       l1=$(date +%s.%N)
       last=$(python3 -c "import json; print(json.load(open('$work/pub.json'))['messages'] + json.load(open('$work/pub2.json'))['messages'])")
-      for _ in $(seq 2400); do
-        pos=$(curl -sf "http://127.0.0.1:$TA/metrics" | awk '/^tickgate_nats_stream_seq\{feed="IN"\}/ {print $2}')
-        [ "${pos:-0}" -ge "$last" ] && break; sleep 0.05
-      done
+      caught_up "$last"
       l2=$(date +%s.%N); c1=$(cpu "$TG")
-      [ "${pos:-0}" -ge "$last" ] || { echo "edge stuck at stream seq ${pos:-?} of $last" >&2; exit 1; }
       python3 -c "import json; m = json.load(open('$work/pub2.json')); print(json.dumps({'round': $r, 'path': 'live', 'records': $LIVE, 'messages': m['messages'], 'records_per_message': $LIVE / m['messages'], 'handler_records_per_s': $LIVE / ($l1 - $l0), 'seconds': $l2 - $l0, 'records_per_s': $LIVE / ($l2 - $l0), 'cpu_s_per_million': ($c1 - $c0) / $HZ / ($LIVE / 1e6)}))" >>"$OUT"
       # Catch-up intake, the edge alone: stopped (SIGSTOP) while the handler publishes LIVE
       # more records, then continued (SIGCONT): it pulls them from JetStream as fast as it
@@ -108,12 +114,8 @@ for r in $(seq 1 "$ROUNDS"); do
         || { kill -CONT "$TG"; echo "handler failed: $(tail -3 "$work/pub3.err")" >&2; exit 1; }
       last=$((last + $(python3 -c "import json; print(json.load(open('$work/pub3.json'))['messages'])")))
       c0=$(cpu "$TG"); l0=$(date +%s.%N); kill -CONT "$TG"
-      for _ in $(seq 2400); do
-        pos=$(curl -sf "http://127.0.0.1:$TA/metrics" | awk '/^tickgate_nats_stream_seq\{feed="IN"\}/ {print $2}')
-        [ "${pos:-0}" -ge "$last" ] && break; sleep 0.02
-      done
+      caught_up "$last"
       l2=$(date +%s.%N); c1=$(cpu "$TG")
-      [ "${pos:-0}" -ge "$last" ] || { echo "edge stuck at stream seq ${pos:-?} of $last" >&2; exit 1; }
       python3 -c "import json; print(json.dumps({'round': $r, 'path': 'catchup', 'records': $LIVE, 'seconds': $l2 - $l0, 'records_per_s': $LIVE / ($l2 - $l0), 'cpu_s_per_million': ($c1 - $c0) / $HZ / ($LIVE / 1e6)}))" >>"$OUT"
     fi
     kill -KILL "$TG" 2>/dev/null || true; wait "$TG" 2>/dev/null || true
