@@ -23,12 +23,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::authorize::{authorize_token, ConnSlot};
-use super::handshake::LogPeer;
 use super::heartbeat::Heartbeat;
 use super::limits::Bucket;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
 use super::session::{begin_refresh, PendingRefresh, RefreshOutcome, Session};
-use super::AppState;
+use super::{AppState, LogPeer};
 use crate::auth::failure::AuthFailure;
 use crate::auth::validate::Principal;
 use crate::engine::{ConnGuard, Frame, ShardHandle, WritePacer};

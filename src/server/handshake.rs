@@ -24,7 +24,7 @@ use super::authorize::{
     authorize, bearer_token, check_connect_rate, insufficient_scope, take_slot, Credential, HandshakeResult, Refusal,
 };
 use super::connection;
-use super::AppState;
+use super::{AppState, LogPeer};
 
 use crate::auth::tickets::{TicketError, TICKET_TTL};
 use crate::auth::validate::AuthError;
@@ -34,19 +34,6 @@ use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 /// The peer address of an accepted socket, put into request extensions by the server.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// A peer address as a log field (`peer = %LogPeer(peer)`): the address itself, or `-`
-/// where none was recorded, rather than the `Some(127.0.0.1:5000)` of `?peer`.
-pub(crate) struct LogPeer(pub(crate) Option<SocketAddr>);
-
-impl std::fmt::Display for LogPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(addr) => addr.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
 
 /// What [`parse_upgrade`] reads from a well-formed upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,6 +22,20 @@ pub(crate) mod publish;
 pub(crate) mod session;
 pub(crate) mod tls;
 
+/// A peer address as a log field (`peer = %LogPeer(peer)`): the address itself, or `-`
+/// where none was recorded, rather than the `Some(127.0.0.1:5000)` of `?peer`. Here, not in
+/// `handshake`, because the connection task logs it too (and `handshake` starts that task).
+pub(crate) struct LogPeer(pub(crate) Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for LogPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -42,11 +42,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::authorize::{authorize, check_connect_rate, Credential, HandshakeResult, Refusal};
-use super::handshake::{check_request, switching_protocols, LogPeer, PeerAddr};
+use super::handshake::{check_request, switching_protocols, PeerAddr};
 use super::heartbeat::Heartbeat;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws};
 use super::session::{EdgeWatch, Registration, Session, SessionEnd};
 use super::AppState;
+use super::LogPeer;
 use crate::feeds::Feed;
 use crate::feeds::SourceKind;
 use crate::sources::nats::forward::{Forward, ForwardError};

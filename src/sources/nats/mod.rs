@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -457,7 +457,11 @@ impl FeedTask {
                 r = attempt => r,
             };
             match result {
-                Ok(live) => break live,
+                // What the consumer has received already comes as one chunk (up to
+                // WAKE_EVERY_MESSAGES messages), taken in whole before the shards are woken once.
+                // `ready_chunks` polls the consumer with this task's own waker: polling it
+                // with another (`now_or_never`) lost the wake-up after a reconnect.
+                Ok(live) => break live.ready_chunks(WAKE_EVERY_MESSAGES),
                 Err(EnsureError::Contract(why)) => return self.refuse(why),
                 Err(EnsureError::Nats(why)) => {
                     tracing::warn!(feed = %self.name, error = %why, retry_ms = backoff.as_millis() as u64,
@@ -477,9 +481,6 @@ impl FeedTask {
         reconnected.mark_unchanged();
         // Set when a consumer could not be made after a reconnect: try again then.
         let mut retry_at: Option<tokio::time::Instant> = None;
-        // An item the burst below took from the consumer but did not handle (an error, or
-        // the end of the consumer): handled first on the next turn.
-        let mut held = None;
         loop {
             let retry = async move {
                 match retry_at {
@@ -487,10 +488,7 @@ impl FeedTask {
                     None => std::future::pending().await,
                 }
             };
-            let next = if let Some(item) = held.take() {
-                item
-            } else {
-                tokio::select! {
+            let next = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = async { tokio::select! { r = reconnected.changed() => r.is_ok(), () = retry => true } } => {
                     if !r {
@@ -503,7 +501,7 @@ impl FeedTask {
                     match self.live_consumer(&js, DeliverPolicy::ByStartSequence { start_sequence: from }).await {
                         Ok(c) => {
                             tracing::info!(feed = %self.name, from, "NATS back: consuming again");
-                            consumer = c;
+                            consumer = c.ready_chunks(WAKE_EVERY_MESSAGES);
                         }
                         Err(e) => {
                             tracing::warn!(feed = %self.name, error = %e, "NATS back but no consumer yet; retrying");
@@ -519,46 +517,37 @@ impl FeedTask {
                     continue;
                 }
                 m = consumer.next() => m,
-                }
             };
             match next {
-                Some(Ok(msg)) => {
-                    self.take(&msg, &cancel).await;
-                    // What the consumer holds already is taken in too before the shards are
-                    // woken: one wake-up per burst of messages, not one per message (a wake
-                    // is a syscall and a context switch, dearer than a message of records).
-                    // Bounded, so a fast stream cannot hold the first records back.
-                    let mut taken = 1;
-                    while taken < WAKE_EVERY_MESSAGES {
-                        match consumer.next().now_or_never() {
-                            Some(Some(Ok(msg))) => self.take(&msg, &cancel).await,
-                            // Nothing more received yet.
-                            None => break,
-                            // An error or the end: handled by the next turn of the loop.
-                            Some(other) => {
-                                held = Some(other);
-                                break;
+                Some(chunk) => {
+                    // One wake-up per chunk of messages, not one per message (a wake is a
+                    // syscall and a context switch, dearer than a message of records).
+                    let mut errors = 0;
+                    for item in chunk {
+                        match item {
+                            Ok(msg) => self.take(&msg, &cancel).await,
+                            Err(e) => {
+                                errors += 1;
+                                tracing::debug!(feed = %self.name, error = %e, "NATS consumer error");
                             }
                         }
-                        taken += 1;
                     }
                     self.ingest.flush();
-                }
-                Some(Err(e)) => {
-                    // The ordered consumer recreates itself (from its last stream sequence)
-                    // after most errors; pause briefly so an error repeated while NATS is
-                    // away does not spin.
-                    tracing::debug!(feed = %self.name, error = %e, "NATS consumer error");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    if errors > 0 {
+                        // The ordered consumer recreates itself (from its last stream sequence)
+                        // after most errors; pause briefly so an error repeated while NATS is
+                        // away does not spin.
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
                     }
                 }
                 None => {
                     // The consumer gave up: a new one from the next stream sequence.
                     let from = self.last_stream_seq + 1;
                     match self.live_consumer(&js, DeliverPolicy::ByStartSequence { start_sequence: from }).await {
-                        Ok(c) => consumer = c,
+                        Ok(c) => consumer = c.ready_chunks(WAKE_EVERY_MESSAGES),
                         Err(e) => {
                             tracing::warn!(feed = %self.name, error = %e, "NATS consumer lost; retrying");
                             tokio::select! {
