@@ -235,6 +235,12 @@ enum AdminOp {
     Connections,
 }
 
+/// A `--scope` value as the token request wants it: `md:read:A,md:read:B` (or with spaces)
+/// means two scopes, sent space-separated.
+fn scope_list(s: &str) -> String {
+    s.split([',', ' ']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
 /// Where `subscribe` gets fresh tokens for in-band refresh (and its first token when
 /// `--token` is not given).
 #[derive(clap::Args)]
@@ -275,7 +281,7 @@ impl TokenArgs {
                 format!("{scheme}://{auth}")
             }
         };
-        let scope = self.scope.map(|s| s.split([',', ' ']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(" "));
+        let scope = self.scope.as_deref().map(scope_list);
         Ok(Some(client::tools::TokenSource::ClientCredentials {
             issuer,
             client_id,
@@ -404,8 +410,7 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             tickgate::run(cfg, shutdown, hurry).await?;
         }
         Cmd::Token { issuer, client_id, client_secret, scope, ca_cert } => {
-            // `--scope md:read:A,md:read:B` means two scopes: the token request wants spaces.
-            let scope = scope.map(|s| s.split([',', ' ']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join(" "));
+            let scope = scope.as_deref().map(scope_list);
             let t =
                 client::fetch_token_with_ca(&issuer, &client_id, &client_secret, scope.as_deref(), ca_cert.as_deref())
                     .await?;

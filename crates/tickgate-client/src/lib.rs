@@ -31,6 +31,21 @@ use tickgate_proto::codec::{decode_batch, DecodeError, Record, FLAG_CONFLATED, F
 use tickgate_proto::control::{ClientMsg, ServerMsg};
 use tickgate_proto::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL};
 
+/// The delay before reconnect attempt `attempt` (0 = the first after a close): the
+/// server's `reconnect_after_ms` hint when it gave one (first attempt only), else `unit`
+/// (uniform in [0, 1]) of a jitter window that starts at `jitter_ms` and doubles with every
+/// failed attempt up to `max_ms` ("full jitter": a storm of clients that failed together
+/// does not retry together).
+pub fn backoff_ms(attempt: u32, hint_ms: Option<u64>, jitter_ms: u64, max_ms: u64, unit: f64) -> u64 {
+    if attempt == 0 {
+        if let Some(h) = hint_ms {
+            return h;
+        }
+    }
+    let window = jitter_ms.max(1).saturating_mul(1u64 << attempt.min(20)).min(max_ms.max(1));
+    (window as f64 * unit.clamp(0.0, 1.0)) as u64
+}
+
 /// Client errors.
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -611,5 +626,21 @@ impl Subscriber {
     /// The underlying socket, for tests that need raw frames.
     pub fn ws_mut(&mut self) -> &mut ClientWs {
         &mut self.ws
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_honours_the_hint_then_doubles_with_full_jitter() {
+        assert_eq!(backoff_ms(0, Some(1500), 250, 4000, 0.3), 1500);
+        assert_eq!(backoff_ms(0, None, 250, 4000, 1.0), 250);
+        assert_eq!(backoff_ms(0, None, 250, 4000, 0.0), 0);
+        assert_eq!(backoff_ms(1, Some(1500), 250, 4000, 1.0), 500, "the hint is for the first attempt only");
+        assert_eq!(backoff_ms(2, None, 250, 4000, 1.0), 1000);
+        assert_eq!(backoff_ms(9, None, 250, 4000, 1.0), 4000, "capped");
+        assert_eq!(backoff_ms(60, None, 250, 4000, 0.5), 2000, "no overflow");
     }
 }

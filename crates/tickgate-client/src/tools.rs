@@ -308,30 +308,17 @@ impl TokenSource {
     }
 }
 
-/// Reconnect delays after a close: the server's hint when it sent one, else exponential
-/// with full jitter (so that the clients of a dead node do not all come back together).
-#[derive(Debug)]
-struct Backoff {
-    attempt: u32,
-}
+/// Reconnect pacing of `subscribe` ([`super::backoff_ms`]): the first window 100 ms, doubling
+/// per failed attempt up to 10 s.
+const RECONNECT_JITTER_MS: u64 = 100;
+/// See [`RECONNECT_JITTER_MS`].
+const RECONNECT_MAX_MS: u64 = 10_000;
 
-impl Backoff {
-    /// Delay before the next attempt.
-    fn next(&mut self, hint_ms: Option<u64>) -> Duration {
-        self.attempt = self.attempt.saturating_add(1);
-        if let Some(ms) = hint_ms {
-            return Duration::from_millis(ms);
-        }
-        let cap_ms = (100u64 << self.attempt.min(7)).min(10_000);
-        Duration::from_millis(rand_below(cap_ms))
-    }
-}
-
-/// A number in `0..n` from the clock's low bits: jitter needs spreading, not secrecy.
-fn rand_below(n: u64) -> u64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    u64::from(nanos.wrapping_mul(2_654_435_761)) % n.max(1)
+/// The delay before reconnect attempt `attempt`, and the attempt counted.
+fn next_delay(attempt: &mut u32, hint_ms: Option<u64>) -> Duration {
+    let ms = super::backoff_ms(*attempt, hint_ms, RECONNECT_JITTER_MS, RECONNECT_MAX_MS, rand::random_range(0.0..1.0));
+    *attempt = attempt.saturating_add(1);
+    Duration::from_millis(ms)
 }
 
 /// Whether a close is worth a reconnect (with `--reconnect`): the server going away, the
@@ -364,7 +351,8 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
         }
     }
     let mut summary = SubscribeSummary::default();
-    let mut backoff = Backoff { attempt: 0 };
+    // Reconnect attempts since the last connection that streamed.
+    let mut attempt = 0u32;
     let mut connected_once = false;
     loop {
         let mut target = opts.stream.clone();
@@ -386,7 +374,7 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
                         if retry => {}
                     _ => return Err(e),
                 }
-                let d = backoff.next(None);
+                let d = next_delay(&mut attempt, None);
                 eprintln!("reconnecting in {} ms: {e}", d.as_millis());
                 tokio::time::sleep(d).await;
                 continue;
@@ -488,9 +476,9 @@ pub async fn subscribe<W: Write>(opts: &SubscribeOptions, mut out: W) -> Result<
                         }
                     }
                     if streaming {
-                        backoff.attempt = 0;
+                        attempt = 0;
                     }
-                    let d = backoff.next(hint_ms);
+                    let d = next_delay(&mut attempt, hint_ms);
                     eprintln!("closed {code}; reconnecting in {} ms with resume", d.as_millis());
                     summary.end = SubscribeEnd::Limit;
                     summary.close_code = None;

@@ -356,20 +356,6 @@ fn curve(resubscribed: &[f64], streaming: &[f64], moved: usize, seconds: u64) ->
         .collect()
 }
 
-/// The delay before reconnect attempt `attempt` (0 = the first): the server's hint when it
-/// gave one (first attempt only), else uniformly random below the jitter window, which
-/// doubles with every failed attempt up to `max_ms` ("full jitter": a storm of clients that
-/// failed together does not retry together).
-fn backoff_ms(attempt: u32, hint_ms: Option<u64>, jitter_ms: u64, max_ms: u64, unit: f64) -> u64 {
-    if attempt == 0 {
-        if let Some(h) = hint_ms {
-            return h;
-        }
-    }
-    let window = jitter_ms.max(1).saturating_mul(1u64 << attempt.min(20)).min(max_ms.max(1));
-    (window as f64 * unit.clamp(0.0, 1.0)) as u64
-}
-
 /// One connection: subscribe, stream, and on every close reconnect with resume.
 async fn connection(
     o: Arc<FailoverOptions>,
@@ -507,7 +493,13 @@ async fn reconnect(
 ) -> Option<Subscriber> {
     let mut attempt = 0u32;
     loop {
-        let wait = backoff_ms(attempt, hint, o.reconnect_jitter_ms, o.reconnect_max_ms, rand::random_range(0.0..1.0));
+        let wait = tickgate_client::backoff_ms(
+            attempt,
+            hint,
+            o.reconnect_jitter_ms,
+            o.reconnect_max_ms,
+            rand::random_range(0.0..1.0),
+        );
         tokio::select! {
             _ = sh.stop.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
@@ -531,17 +523,6 @@ async fn reconnect(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_honours_the_hint_then_doubles_with_full_jitter() {
-        assert_eq!(backoff_ms(0, Some(1500), 250, 4000, 0.3), 1500);
-        assert_eq!(backoff_ms(0, None, 250, 4000, 1.0), 250);
-        assert_eq!(backoff_ms(0, None, 250, 4000, 0.0), 0);
-        assert_eq!(backoff_ms(1, Some(1500), 250, 4000, 1.0), 500, "the hint is for the first attempt only");
-        assert_eq!(backoff_ms(2, None, 250, 4000, 1.0), 1000);
-        assert_eq!(backoff_ms(9, None, 250, 4000, 1.0), 4000, "capped");
-        assert_eq!(backoff_ms(60, None, 250, 4000, 0.5), 2000, "no overflow");
-    }
 
     #[test]
     fn the_curve_counts_by_whole_seconds() {
