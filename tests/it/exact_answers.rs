@@ -118,6 +118,13 @@ async fn admin_connections_bad_query_is_json_400() {
 /// A slow consumer that never reads again cannot be sent its 4008: the close is counted as a
 /// dropped connection (`tickgate_closes_total{code="1006"}` and
 /// `tickgate_slow_consumer_events_total{action="dropped"}`), not as a delivered 4008.
+///
+/// Whether the close frame can still be written is up to the machine, not the test: the
+/// budget overflows when the engine queues faster than the writer drains, and on a loaded
+/// machine that happens while the writer is merely not scheduled, with room left in the
+/// socket (then the 4008 is delivered, and counted so). So each try checks that what was
+/// counted is what the client gets (reading its socket afterwards: the 4008, or data and no
+/// close frame), and the test goes on until one try's close was not delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undelivered_4008_is_counted_as_dropped() {
     let _alone = exclusive().await;
@@ -128,14 +135,49 @@ async fn undelivered_4008_is_counted_as_dropped() {
     .await;
     let token = ts.token(&["md:read:T"]);
     let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
-    let mut stalled = tickgate_client::Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
-    stalled.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
-    // The client never reads again: both socket buffers fill, the budget overflows, and the
-    // close frame cannot be written.
-    eventually("the undelivered 4008 is counted as dropped", EVENTUALLY, || async {
-        (ts.metric("tickgate_slow_consumer_events_total{action=\"dropped\"}").await >= 1.0).then_some(())
-    })
-    .await;
+    const TRIES: usize = 5;
+    let mut dropped_seen = false;
+    for attempt in 1..=TRIES {
+        let before_1006 = ts.metric("tickgate_closes_total{code=\"1006\"}").await;
+        let before_4008 = ts.metric("tickgate_closes_total{code=\"4008\"}").await;
+        let before_dropped = ts.metric("tickgate_slow_consumer_events_total{action=\"dropped\"}").await;
+        let mut stalled = tickgate_client::Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
+        stalled.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
+        // The client does not read until the server has ended the connection: both socket
+        // buffers fill, the budget overflows, and the close frame cannot be written.
+        let (n1006, n4008) = eventually("the slow consumer's connection ends", EVENTUALLY, || async {
+            let m = ts.metrics().await;
+            let n1006 = metric_value(&m, "tickgate_closes_total{code=\"1006\"}") - before_1006;
+            let n4008 = metric_value(&m, "tickgate_closes_total{code=\"4008\"}") - before_4008;
+            (n1006 + n4008 >= 1.0).then_some((n1006, n4008))
+        })
+        .await;
+        assert_eq!(n1006 + n4008, 1.0, "one connection, one close (try {attempt})");
+        let dropped = ts.metric("tickgate_slow_consumer_events_total{action=\"dropped\"}").await - before_dropped;
+        assert_eq!(dropped, n1006, "a 1006 here is a dropped slow consumer, and only that (try {attempt})");
+        // What the client gets now that it reads: data, then the 4008 when that was counted,
+        // and the socket's end without a close frame when the close was counted as dropped.
+        let end = tokio::time::timeout(EVENTUALLY, async {
+            loop {
+                match stalled.next_event().await {
+                    Ok(tickgate_client::Event::Closed { code, .. }) => return Some(code),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .expect("the client reaches the end of its socket");
+        if n4008 == 1.0 {
+            assert_eq!(end, Some(4008), "a counted 4008 reached the client (try {attempt})");
+            eprintln!("try {attempt}: the writer fell behind with room in the socket; the 4008 was delivered");
+        } else {
+            assert_ne!(end, Some(4008), "a close counted as dropped never reached the client (try {attempt})");
+            dropped_seen = true;
+            break;
+        }
+    }
+    assert!(dropped_seen, "in {TRIES} tries the 4008 was always delivered: the socket never filled first");
     // The engine's `disconnect` is counted by its shard's periodic stats flush, not when
     // the connection ends: wait for it rather than read it once (a loaded machine can run
     // that flush after the connection's own counters).
@@ -143,8 +185,5 @@ async fn undelivered_4008_is_counted_as_dropped() {
         (ts.metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}").await >= 1.0).then_some(())
     })
     .await;
-    assert!(ts.metric("tickgate_closes_total{code=\"1006\"}").await >= 1.0);
-    assert_eq!(ts.metric("tickgate_closes_total{code=\"4008\"}").await, 0.0);
-    drop(stalled);
     ts.shutdown().await;
 }
