@@ -473,17 +473,8 @@ struct TokenForm {
 
 /// RFC 6749 §5.2 error response.
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    let mut resp = (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        Json(json!({"error": error, "error_description": description})),
-    )
-        .into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"tickgate\""));
-    }
-    resp
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(json!({"error": error, "error_description": description})))
+        .into_response()
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()> {
@@ -522,7 +513,15 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (result, resp) = token_answer(&iss, peer.map(|p| p.0 .0.ip()), &headers, &body);
+    let (result, mut resp) = token_answer(&iss, peer.map(|p| p.0 .0.ip()), &headers, &body);
+    // RFC 6749 §5.2: the Basic challenge answers a client that tried the Authorization
+    // header. One that sent its secret in the body (a browser page) must not get it: a
+    // browser answers a Basic challenge to `fetch` with a password dialog, and the page's
+    // request hangs behind it instead of showing "wrong secret".
+    if resp.status() == StatusCode::UNAUTHORIZED && headers.contains_key(header::AUTHORIZATION) {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"tickgate\""));
+    }
     if let Some(c) = &iss.requests {
         c.with_label_values(&[result.as_str()]).inc();
     }

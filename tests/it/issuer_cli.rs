@@ -97,6 +97,16 @@ async fn token_endpoint_follows_rfc6749() {
         call(http.post(&ep).basic_auth("nobody", Some(SECRET)).form(&[("grant_type", "client_credentials")])).await,
     );
     err(401, "invalid_client")(call(http.post(&ep).form(&[("grant_type", "client_credentials")])).await);
+    // The Basic challenge (RFC 6749 §5.2) goes only to a client that tried the Authorization
+    // header: a browser page sending its secret in the body would otherwise get a password
+    // dialog instead of the error.
+    let challenge = |r: &reqwest::Response| r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
+    let r = http.post(&ep).basic_auth("demo", Some("wrong")).form(&[("grant_type", "client_credentials")]);
+    assert_eq!(challenge(&r.send().await.unwrap()).as_deref(), Some("Basic realm=\"tickgate\""));
+    let r =
+        http.post(&ep).form(&[("grant_type", "client_credentials"), ("client_id", "demo"), ("client_secret", "wrong")]);
+    let r = r.send().await.unwrap();
+    assert_eq!((r.status().as_u16(), challenge(&r)), (401, None));
     err(400, "unsupported_grant_type")(
         call(http.post(&ep).basic_auth("demo", Some(SECRET)).form(&[("grant_type", "password")])).await,
     );
