@@ -25,15 +25,30 @@ fn repo(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// Every PromQL expression of the dashboard, and of the alert rules without their threshold.
-fn expressions() -> Vec<String> {
-    let dash: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo("grafana/dashboards/tickgate.json")).unwrap()).unwrap();
-    let mut out: Vec<String> = dash["panels"]
-        .as_array()
+/// Every dashboard JSON in `grafana/dashboards/`, with its file name.
+fn dashboards() -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(repo("grafana/dashboards"))
         .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!out.is_empty(), "no dashboard in grafana/dashboards");
+    out
+}
+
+/// Every PromQL expression of the dashboards (their `$job`/`$instance` variables set to this
+/// scrape's), and of the alert rules without their threshold.
+fn expressions(job: &str, instance: &str) -> Vec<String> {
+    let mut out: Vec<String> = dashboards()
         .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .flat_map(|(_, d)| d["panels"].as_array().unwrap().clone())
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().replace("$job", job).replace("$instance", &instance.replace('.', "\\\\.")))
         .collect();
     let rules = std::fs::read_to_string(repo("grafana/alerts.yml")).unwrap();
     for line in rules.lines() {
@@ -49,33 +64,155 @@ fn expressions() -> Vec<String> {
     out
 }
 
+/// What an expression measures, from its metric names (the Prometheus naming rules:
+/// `_seconds`, `_bytes`, `_total`), so a panel's units can be checked against it.
+fn unit_kind(expr: &str) -> &'static str {
+    let rated = expr.contains("rate(");
+    if expr.contains("histogram_quantile") {
+        return if expr.contains("_seconds_bucket") { "time" } else { "count" };
+    }
+    if expr.contains(" / ") {
+        return "count"; // a ratio of two rates: records per frame
+    }
+    match (rated, expr.contains("process_cpu_seconds_total"), expr.contains("_bytes")) {
+        (true, true, _) => "cpu",
+        (true, false, true) => "bytes/s",
+        (true, false, false) => "rate",
+        (false, _, true) => "bytes",
+        (false, _, false) if expr.contains("_seconds") => "time",
+        _ => "count",
+    }
+}
+
+/// The kind a Grafana unit id shows; `None` for a unit this dashboard should not use.
+fn grafana_unit_kind(unit: &str) -> Option<&'static str> {
+    Some(match unit {
+        "short" | "none" => "count",
+        "ops" | "reqps" | "cps" => "rate",
+        "s" | "ms" | "µs" | "ns" => "time",
+        "bytes" | "decbytes" => "bytes",
+        "Bps" | "binBps" => "bytes/s",
+        "percentunit" => "cpu",
+        _ => return None,
+    })
+}
+
+/// Every metric selector of `expr` (a `tickgate_*` or `process_*` name and its `{...}`).
+fn selectors(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = ["tickgate_", "process_"].iter().filter_map(|p| rest.find(p)).min() {
+        let tail = &rest[at..];
+        let name_len = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let (name, after) = tail.split_at(name_len);
+        let labels = after.strip_prefix('{').and_then(|a| a.find('}').map(|e| a[..e].to_owned())).unwrap_or_default();
+        out.push((name.to_owned(), labels));
+        rest = after;
+    }
+    out
+}
+
+/// The dashboards import into any Grafana and show one instance at a time: no datasource
+/// uid is hard-coded (an `__inputs` datasource and a `datasource` variable instead), every
+/// series is filtered by the `job` and `instance` variables (several edges are never summed
+/// unasked), each axis has one unit (a second unit gets an override onto the right axis, at
+/// most two per panel), the build is a stat panel, and the provisioned datasource does not
+/// make itself the default.
 #[test]
-#[ignore = "needs promtool on PATH (./scripts/test.sh installs it)"]
-fn dashboard_and_provisioning_are_consistent() {
-    let dash: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo("grafana/dashboards/tickgate.json")).unwrap()).unwrap();
+fn every_dashboard_imports_anywhere() {
     let ds = std::fs::read_to_string(repo("grafana/provisioning/datasources/prometheus.yml")).unwrap();
-    let ds_uid = ds.lines().find_map(|l| l.trim().strip_prefix("uid: ")).unwrap().trim().to_owned();
-    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()));
-    let panels = dash["panels"].as_array().unwrap();
-    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
-    for p in panels {
-        assert_eq!(p["datasource"]["uid"], ds_uid.as_str(), "panel {} uses another datasource", p["title"]);
-        let targets = p["targets"].as_array().unwrap();
-        assert!(!targets.is_empty(), "panel {} has no target", p["title"]);
-        let mut refs: Vec<&str> = targets.iter().map(|t| t["refId"].as_str().unwrap()).collect();
-        refs.dedup();
-        assert_eq!(refs.len(), targets.len());
-        for t in targets {
-            assert_eq!(t["datasource"]["uid"], ds_uid.as_str());
-            assert!(t["expr"].as_str().is_some_and(|e| !e.is_empty()));
+    let provisioned_uid = ds.lines().find_map(|l| l.trim().strip_prefix("uid: ")).unwrap().trim().to_owned();
+    assert!(!ds.lines().any(|l| l.trim() == "isDefault: true"), "provisioning takes over the default datasource");
+    let var_ds = json!({"type": "prometheus", "uid": "${datasource}"});
+    for (file, dash) in dashboards() {
+        let text = std::fs::read_to_string(repo(&format!("grafana/dashboards/{file}"))).unwrap();
+        assert!(!text.contains(&provisioned_uid), "{file}: names the provisioned datasource uid");
+        assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()), "{file}: no uid");
+        let inputs = dash["__inputs"].as_array().unwrap_or_else(|| panic!("{file}: no __inputs"));
+        assert!(
+            inputs.iter().any(|i| i["type"] == "datasource" && i["pluginId"] == "prometheus"),
+            "{file}: __inputs ask for no Prometheus datasource"
+        );
+        let vars = dash["templating"]["list"].as_array().unwrap();
+        let var = |name: &str| {
+            vars.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("{file}: no `{name}` variable")).clone()
+        };
+        let dsv = var("datasource");
+        assert_eq!((dsv["type"].as_str(), dsv["query"].as_str()), (Some("datasource"), Some("prometheus")), "{file}");
+        let current = dsv["current"]["value"].as_str().unwrap_or("");
+        assert!(current.is_empty() || current.starts_with("${"), "{file}: the datasource variable defaults to a uid");
+        for name in ["job", "instance"] {
+            let v = var(name);
+            assert_eq!(v["type"], "query", "{file}: `{name}`");
+            assert_eq!(v["datasource"], var_ds, "{file}: `{name}` queries another datasource");
+            assert!(v["definition"].as_str().is_some_and(|q| q.starts_with("label_values(")), "{file}: `{name}`");
+        }
+        assert_eq!(
+            (var("instance")["multi"].as_bool(), var("instance")["includeAll"].as_bool()),
+            (Some(true), Some(true))
+        );
+
+        let panels = dash["panels"].as_array().unwrap();
+        let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), panels.len(), "{file}: panel ids are unique");
+        for p in panels {
+            let title = p["title"].as_str().unwrap();
+            assert_eq!(p["datasource"], var_ds, "{file}: panel `{title}` uses another datasource");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{file}: panel `{title}` has no target");
+            let mut refs: Vec<&str> = targets.iter().map(|t| t["refId"].as_str().unwrap()).collect();
+            refs.sort_unstable();
+            refs.dedup();
+            assert_eq!(refs.len(), targets.len(), "{file}: `{title}`: refIds are unique");
+            let default_unit =
+                p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or_else(|| panic!("`{title}`: no unit"));
+            let overrides = p["fieldConfig"]["overrides"].as_array().cloned().unwrap_or_default();
+            let mut kinds = Vec::new();
+            for t in targets {
+                assert_eq!(t["datasource"], var_ds, "{file}: `{title}`");
+                let expr = t["expr"].as_str().unwrap();
+                for (name, labels) in selectors(expr) {
+                    assert!(
+                        labels.contains("job=~\"$job\"") && labels.contains("instance=~\"$instance\""),
+                        "{file}: `{title}`: `{name}` is not filtered by $job and $instance: {expr}"
+                    );
+                }
+                let refid = t["refId"].as_str().unwrap();
+                let over = overrides.iter().find(|o| o["matcher"] == json!({"id": "byFrameRefID", "options": refid}));
+                let prop = |id: &str| {
+                    over.and_then(|o| o["properties"].as_array().unwrap().iter().find(|q| q["id"] == id))
+                        .and_then(|q| q["value"].as_str())
+                };
+                let unit = prop("unit").unwrap_or(default_unit);
+                let shown = grafana_unit_kind(unit).unwrap_or_else(|| panic!("{file}: `{title}`: unit `{unit}`"));
+                assert_eq!(shown, unit_kind(expr), "{file}: `{title}` {refid} shows `{unit}` for {expr}");
+                let default_kind = grafana_unit_kind(default_unit).unwrap();
+                if shown != default_kind {
+                    assert_eq!(
+                        prop("custom.axisPlacement"),
+                        Some("right"),
+                        "{file}: `{title}` {refid}: a second unit on the left axis"
+                    );
+                }
+                kinds.push(shown);
+            }
+            kinds.sort_unstable();
+            kinds.dedup();
+            assert!(kinds.len() <= 2, "{file}: `{title}` mixes {kinds:?}: two axes at most");
+            if targets.iter().all(|t| t["expr"].as_str().unwrap().contains("_build_info")) {
+                assert_eq!(p["type"], "stat", "{file}: `{title}` shows build info as a {}", p["type"]);
+            }
         }
     }
     let prov = std::fs::read_to_string(repo("grafana/provisioning/dashboards/tickgate.yml")).unwrap();
     assert!(prov.contains("type: file") && prov.contains("path:"));
+}
+
+#[test]
+#[ignore = "needs promtool on PATH (./scripts/test.sh installs it)"]
+fn alert_rules_pass_promtool() {
     let out = Command::new(tool("promtool")).args(["check", "rules"]).arg(repo("grafana/alerts.yml")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -173,7 +310,8 @@ async fn prometheus_scrapes_and_every_expression_has_data() {
     .await;
 
     // Every expression returns data (rates need two scrapes: poll until they have).
-    for expr in expressions() {
+    let instance = ts.server().admin_addr().to_string();
+    for expr in expressions("tickgate", &instance) {
         let query = format!("{api}/api/v1/query?{}", serde_urlencoded::to_string([("query", &expr)]).unwrap());
         eventually(&format!("data for `{expr}`"), EVENTUALLY, || async {
             let r: Value = http.get(&query).send().await.unwrap().json().await.unwrap();
