@@ -380,7 +380,19 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(async_main(cli))
+    match rt.block_on(async_main(cli)) {
+        // The reader of our output went away (`tickgate check-config | head`): end quietly with
+        // the status a shell gives a command killed by SIGPIPE, as other Unix tools do (Rust
+        // ignores SIGPIPE, so the write fails instead of killing the process).
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::exit(141)
+        }
+        r => r,
+    }
 }
 
 async fn async_main(cli: Cli) -> anyhow::Result<()> {
