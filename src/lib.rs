@@ -171,7 +171,8 @@ impl Server {
         if let Some(secret) = auth.exposed_demo_client(&config, addr) {
             tracing::warn!(listen = %addr, secret_from = secret,
                 "the built-in `demo` client (scope md:read:*, for development) is served on a non-loopback address: \
-                 whoever reaches it with its secret reads every feed; configure issuer.clients");
+                 whoever reaches it reads every feed (POST /demo/token hands out its read tokens with no secret); \
+                 configure issuer.clients");
         }
         tracing::info!(listen = %addr, admin = %admin_addr, shards = n_shards,
             feeds = catalog.feeds().len(), "tickgate serving");

@@ -173,6 +173,9 @@ pub struct EmbeddedIssuer {
     guard: FailureGuard,
     /// `tickgate_token_requests_total`, once the server has handed it over.
     requests: Option<prometheus::IntCounterVec>,
+    /// The configuration lists no client, so the generated `demo` client is the only one:
+    /// `POST /demo/token` hands out its read-only tokens to the demo page (development).
+    demo_page_tokens: bool,
 }
 
 /// A key of the issuer's ring.
@@ -288,6 +291,7 @@ impl EmbeddedIssuer {
         let issuer = EmbeddedIssuer {
             guard,
             requests: None,
+            demo_page_tokens: cfg.clients.is_empty(),
             issuer,
             audience: cfg.audience.clone(),
             ttl_s: cfg.token_ttl_s,
@@ -444,6 +448,7 @@ impl EmbeddedIssuer {
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/oauth2/jwks", get(jwks))
             .route("/oauth2/token", post(token))
+            .route("/demo/token", post(demo_token))
             .with_state(self)
     }
 }
@@ -461,6 +466,42 @@ async fn discovery(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse 
 
 async fn jwks(State(iss): State<Arc<EmbeddedIssuer>>) -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "public, max-age=300")], Json(iss.jwks()))
+}
+
+/// `POST /demo/token`: a read-only token (`md:read:*`) of the generated `demo` client, for
+/// the page at `/`, with no secret. Only while the configuration lists no client (the
+/// out-of-the-box development setup, where the server warns when it listens beyond
+/// loopback); any configured client list turns it into a 404. Counted as a token request.
+async fn demo_token(State(iss): State<Arc<EmbeddedIssuer>>) -> Response {
+    if !iss.demo_page_tokens {
+        return oauth_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no demo tokens: the configuration lists its own clients (use /oauth2/token)",
+        );
+    }
+    let scopes = vec!["md:read:*".to_owned()];
+    let (result, resp) = match iss.issue(DEMO_CLIENT, &scopes, iss.ttl_s) {
+        Ok(t) => (TokenResult::Ok, token_response(t, iss.ttl_s, &scopes)),
+        Err(e) => {
+            tracing::error!(error = %e, "token signing failed");
+            TokenResult::ServerError.refuse(StatusCode::INTERNAL_SERVER_ERROR, "token signing failed")
+        }
+    };
+    if let Some(c) = &iss.requests {
+        c.with_label_values(&[result.as_str()]).inc();
+    }
+    resp
+}
+
+/// The RFC 6749 §5.1 answer carrying a token.
+fn token_response(access_token: String, ttl_s: u64, scopes: &[String]) -> Response {
+    let mut body = BTreeMap::new();
+    body.insert("access_token", json!(access_token));
+    body.insert("token_type", json!("Bearer"));
+    body.insert("expires_in", json!(ttl_s));
+    body.insert("scope", json!(scopes.join(" ")));
+    ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -588,17 +629,7 @@ fn token_answer(iss: &EmbeddedIssuer, ip: Option<IpAddr>, headers: &HeaderMap, b
         }
     };
     match iss.issue(&client.id, &scopes, iss.ttl_s) {
-        Ok(access_token) => {
-            let mut body = BTreeMap::new();
-            body.insert("access_token", json!(access_token));
-            body.insert("token_type", json!("Bearer"));
-            body.insert("expires_in", json!(iss.ttl_s));
-            body.insert("scope", json!(scopes.join(" ")));
-            (
-                TokenResult::Ok,
-                ([(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], Json(body)).into_response(),
-            )
-        }
+        Ok(access_token) => (TokenResult::Ok, token_response(access_token, iss.ttl_s, &scopes)),
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
             TokenResult::ServerError.refuse(StatusCode::INTERNAL_SERVER_ERROR, "token signing failed")

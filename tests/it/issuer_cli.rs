@@ -296,3 +296,29 @@ fn bad_config_is_a_clear_start_up_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_outbound_byte"), "{err}");
 }
+
+/// `POST /demo/token` (the trading screen's token with no secret) exists only while the
+/// configuration lists no client: a read-only `md:read:*` token of the generated `demo`
+/// client, that opens a stream; with configured clients it is a JSON 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_tokens_only_without_configured_clients() {
+    let http = reqwest::Client::new();
+    let ts = TestServer::start(100.0, |c| c.issuer.clients.clear()).await;
+    let r = http.post(format!("{}/demo/token", ts.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let t: Value = r.json().await.unwrap();
+    assert_eq!((t["scope"].as_str(), t["token_type"].as_str()), (Some("md:read:*"), Some("Bearer")));
+    let token = t["access_token"].as_str().unwrap().to_owned();
+    let mut sub = ts.subscriber(&token).await;
+    assert!(matches!(next_control(&mut sub).await, tickgate_proto::control::ServerMsg::Welcome { .. }));
+    assert_eq!(ts.metric("tickgate_token_requests_total{result=\"ok\"}").await, 1.0);
+    ts.shutdown().await;
+
+    let ts = TestServer::start(100.0, |_| {}).await;
+    let r = http.post(format!("{}/demo/token", ts.base)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "not_found");
+    ts.shutdown().await;
+}
