@@ -10,7 +10,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** clients/js */
-export const PKG_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const PKG_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** The server binary: env TICKGATE_BIN (relative to clients/js), default ../../target/debug/tickgate. */
 export const TICKGATE_BIN = resolve(PKG_DIR, process.env.TICKGATE_BIN ?? '../../target/debug/tickgate');
