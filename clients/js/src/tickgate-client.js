@@ -720,7 +720,7 @@ export function encodeBatch(records, sendTsNs = 0n) {
     if (!r || typeof r !== 'object') throw new TypeError(`encodeBatch: record ${i} is not an object`);
     if (r.type === 'trade') size += TRADE_BYTES;
     else if (r.type === 'quote') size += QUOTE_BYTES;
-    else throw new TypeError(`encodeBatch: record ${i} has type ${JSON.stringify(r.type)} (expected 'trade' or 'quote')`);
+    else throw new TypeError(`encodeBatch: record ${i} has type ${JSON.stringify(/** @type {any} */ (r).type)} (expected 'trade' or 'quote')`);
   }
   const bytes = new Uint8Array(size);
   const dv = new DataView(bytes.buffer);
@@ -1414,7 +1414,7 @@ export class TickgateStream extends EventTarget {
     this.exp = null;
     /** The last `welcome`. @type {any} */
     this.welcome = null;
-    /** Counters. */
+    /** Counters. @type {{batches: number, records: number, refreshes: number, gaps: number, reconnects: number, violations: number, lastLatencyMs: number|null}} */
     this.stats = { batches: 0, records: 0, refreshes: 0, gaps: 0, reconnects: 0, violations: 0, lastLatencyMs: null };
     /** @type {{ac: AbortController}|null} */
     this._run = null;
