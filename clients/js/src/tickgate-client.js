@@ -83,6 +83,17 @@ export class TickgateError extends Error {
 }
 
 /**
+ * `<what>: <status> <error>: <description>` (the status left out when 0).
+ * @param {string} what
+ * @param {number} status
+ * @param {string} error
+ * @param {string} description
+ */
+function refusalMessage(what, status, error, description) {
+  return `${what}: ${status ? `${status} ` : ''}${error}${description ? `: ${description}` : ''}`;
+}
+
+/**
  * A token (or ticket) request failed. `status` is the HTTP status (0 for a network failure),
  * `error` the OAuth2 error code (`invalid_client`, `invalid_scope`, ..., or `network`),
  * `description` the server's `error_description`.
@@ -95,16 +106,13 @@ export class TokenError extends Error {
    * @param {{cause?: unknown}} [options]
    */
   constructor(status, error, description, options) {
-    super(
-      `token request failed: ${status ? `${status} ` : ''}${error}${description ? `: ${description}` : ''}`,
-      options,
-    );
+    super(refusalMessage('token request failed', status, error, description), options);
     this.name = 'TokenError';
-    /** HTTP status, 0 when no answer came (network failure). */
+    /** HTTP status, 0 when no answer came (network failure). @type {number} */
     this.status = status;
-    /** OAuth2 `error` code, or `network`, or `invalid_response`. */
+    /** OAuth2 `error` code, or `network`, or `invalid_response`. @type {string} */
     this.error = error;
-    /** The server's `error_description` (or the cause's message). */
+    /** The server's `error_description` (or the cause's message). @type {string} */
     this.description = description;
   }
 }
@@ -115,6 +123,13 @@ export class TokenError extends Error {
  * `handshake_failed`.
  */
 export class HandshakeRefused extends TickgateError {
+  /** HTTP status of the refusal; 0 when unknown (browsers, network failures). */
+  status = 0;
+  /** The server's `error` code, or `handshake_failed`. */
+  error = '';
+  /** The server's `error_description`, or what is known of the failure. */
+  description = '';
+
   /**
    * @param {number} status
    * @param {string} error
@@ -122,17 +137,9 @@ export class HandshakeRefused extends TickgateError {
    * @param {{cause?: unknown}} [options]
    */
   constructor(status, error, description, options) {
-    super(
-      `handshake refused: ${status ? `${status} ` : ''}${error}${description ? `: ${description}` : ''}`,
-      options,
-    );
+    super(refusalMessage('handshake refused', status, error, description), options);
     this.name = 'HandshakeRefused';
-    /** HTTP status of the refusal; 0 when unknown (browsers, network failures). */
-    this.status = status;
-    /** The server's `error` code, or `handshake_failed`. */
-    this.error = error;
-    /** The server's `error_description`, or what is known of the failure. */
-    this.description = description;
+    Object.assign(this, { status, error, description });
   }
 }
 
@@ -412,10 +419,10 @@ function describe(v) {
 }
 
 /**
+ * The columns trades and quotes share, for `n` records.
  * @param {number} n
- * @returns {import('./tickgate-client.js').TradeColumns}
  */
-function tradeColumns(n) {
+function commonColumns(n) {
   return {
     length: n,
     feedId: new Uint16Array(n),
@@ -423,11 +430,20 @@ function tradeColumns(n) {
     seq: new Float64Array(n),
     tsEventNs: new Float64Array(n),
     tsRecvNs: new Float64Array(n),
-    price: new Float64Array(n),
-    size: new Float64Array(n),
-    side: new Uint8Array(n),
     flags: new Uint8Array(n),
   };
+}
+
+/**
+ * @param {number} n
+ * @returns {import('./tickgate-client.js').TradeColumns}
+ */
+function tradeColumns(n) {
+  const c = /** @type {any} */ (commonColumns(n));
+  c.price = new Float64Array(n);
+  c.size = new Float64Array(n);
+  c.side = new Uint8Array(n);
+  return c;
 }
 
 /**
@@ -435,18 +451,69 @@ function tradeColumns(n) {
  * @returns {import('./tickgate-client.js').QuoteColumns}
  */
 function quoteColumns(n) {
+  const c = /** @type {any} */ (commonColumns(n));
+  c.bidPx = new Float64Array(n);
+  c.bidSz = new Float64Array(n);
+  c.askPx = new Float64Array(n);
+  c.askSz = new Float64Array(n);
+  return c;
+}
+
+/**
+ * Reads the 32-byte record header at `off` into row `i` of `cols`; returns `ts_event_ns`.
+ * @param {DataView} dv
+ * @param {number} off
+ * @param {any} cols trade or quote columns
+ * @param {number} i
+ */
+function readHeader(dv, off, cols, i) {
+  cols.feedId[i] = dv.getUint16(off + 2, true);
+  cols.instrumentId[i] = dv.getUint32(off + 4, true);
+  cols.seq[i] = dv.getUint32(off + 12, true) * TWO32 + dv.getUint32(off + 8, true);
+  const ts = (cols.tsEventNs[i] = dv.getInt32(off + 20, true) * TWO32 + dv.getUint32(off + 16, true));
+  cols.tsRecvNs[i] = dv.getInt32(off + 28, true) * TWO32 + dv.getUint32(off + 24, true);
+  return ts;
+}
+
+/**
+ * A signed 64-bit fixed-point field at `off`, divided by 1e9.
+ * @param {DataView} dv
+ * @param {number} off
+ */
+function fixedI64(dv, off) {
+  return (dv.getInt32(off + 4, true) * TWO32 + dv.getUint32(off, true)) / PRICE_SCALE;
+}
+
+/**
+ * An unsigned 64-bit fixed-point field at `off`, divided by 1e9.
+ * @param {DataView} dv
+ * @param {number} off
+ */
+function fixedU64(dv, off) {
+  return (dv.getUint32(off + 4, true) * TWO32 + dv.getUint32(off, true)) / PRICE_SCALE;
+}
+
+/**
+ * The fields every record object has, for row `i` of `cols` at byte offset `o`.
+ * @param {'trade'|'quote'} type
+ * @param {any} cols trade or quote columns
+ * @param {number} i
+ * @param {DataView} dv
+ * @param {number} o
+ */
+function recordBase(type, cols, i, dv, o) {
+  const flags = cols.flags[i];
   return {
-    length: n,
-    feedId: new Uint16Array(n),
-    instrumentId: new Uint32Array(n),
-    seq: new Float64Array(n),
-    tsEventNs: new Float64Array(n),
-    tsRecvNs: new Float64Array(n),
-    bidPx: new Float64Array(n),
-    bidSz: new Float64Array(n),
-    askPx: new Float64Array(n),
-    askSz: new Float64Array(n),
-    flags: new Uint8Array(n),
+    type,
+    feedId: cols.feedId[i],
+    instrumentId: cols.instrumentId[i],
+    seq: cols.seq[i],
+    tsEventNs: dv.getBigInt64(o + 16, true),
+    tsRecvNs: dv.getBigInt64(o + 24, true),
+    flags,
+    snapshot: (flags & FLAG_SNAPSHOT) !== 0,
+    replay: (flags & FLAG_REPLAY) !== 0,
+    conflated: (flags & FLAG_CONFLATED) !== 0,
   };
 }
 
@@ -502,41 +569,19 @@ class Batch {
       const k = kinds[i];
       const o = offsets[i];
       if (k === RTYPE_TRADE) {
-        const flags = t.flags[ti];
-        out.push({
-          type: 'trade',
-          feedId: t.feedId[ti],
-          instrumentId: t.instrumentId[ti],
-          seq: t.seq[ti],
-          tsEventNs: dv.getBigInt64(o + 16, true),
-          tsRecvNs: dv.getBigInt64(o + 24, true),
-          price: t.price[ti],
-          size: t.size[ti],
-          side: t.side[ti],
-          flags,
-          snapshot: (flags & FLAG_SNAPSHOT) !== 0,
-          replay: (flags & FLAG_REPLAY) !== 0,
-          conflated: (flags & FLAG_CONFLATED) !== 0,
-        });
+        const r = /** @type {any} */ (recordBase('trade', t, ti, dv, o));
+        r.price = t.price[ti];
+        r.size = t.size[ti];
+        r.side = t.side[ti];
+        out.push(r);
         ti++;
       } else if (k === RTYPE_QUOTE) {
-        const flags = q.flags[qi];
-        out.push({
-          type: 'quote',
-          feedId: q.feedId[qi],
-          instrumentId: q.instrumentId[qi],
-          seq: q.seq[qi],
-          tsEventNs: dv.getBigInt64(o + 16, true),
-          tsRecvNs: dv.getBigInt64(o + 24, true),
-          bidPx: q.bidPx[qi],
-          bidSz: q.bidSz[qi],
-          askPx: q.askPx[qi],
-          askSz: q.askSz[qi],
-          flags,
-          snapshot: (flags & FLAG_SNAPSHOT) !== 0,
-          replay: (flags & FLAG_REPLAY) !== 0,
-          conflated: (flags & FLAG_CONFLATED) !== 0,
-        });
+        const r = /** @type {any} */ (recordBase('quote', q, qi, dv, o));
+        r.bidPx = q.bidPx[qi];
+        r.bidSz = q.bidSz[qi];
+        r.askPx = q.askPx[qi];
+        r.askSz = q.askSz[qi];
+        out.push(r);
         qi++;
       }
     }
@@ -614,27 +659,19 @@ export function decodeBatch(input) {
     offsets[i] = off;
     if (rtype === RTYPE_TRADE) {
       kinds[i] = RTYPE_TRADE;
-      t.feedId[ti] = dv.getUint16(off + 2, true);
-      t.instrumentId[ti] = dv.getUint32(off + 4, true);
-      t.seq[ti] = dv.getUint32(off + 12, true) * TWO32 + dv.getUint32(off + 8, true);
-      lastTs = t.tsEventNs[ti] = dv.getInt32(off + 20, true) * TWO32 + dv.getUint32(off + 16, true);
-      t.tsRecvNs[ti] = dv.getInt32(off + 28, true) * TWO32 + dv.getUint32(off + 24, true);
-      t.price[ti] = (dv.getInt32(off + 36, true) * TWO32 + dv.getUint32(off + 32, true)) / PRICE_SCALE;
-      t.size[ti] = (dv.getUint32(off + 44, true) * TWO32 + dv.getUint32(off + 40, true)) / PRICE_SCALE;
+      lastTs = readHeader(dv, off, t, ti);
+      t.price[ti] = fixedI64(dv, off + 32);
+      t.size[ti] = fixedU64(dv, off + 40);
       t.side[ti] = dv.getUint8(off + 48);
       t.flags[ti] = dv.getUint8(off + 49);
       ti++;
     } else if (rtype === RTYPE_QUOTE) {
       kinds[i] = RTYPE_QUOTE;
-      q.feedId[qi] = dv.getUint16(off + 2, true);
-      q.instrumentId[qi] = dv.getUint32(off + 4, true);
-      q.seq[qi] = dv.getUint32(off + 12, true) * TWO32 + dv.getUint32(off + 8, true);
-      lastTs = q.tsEventNs[qi] = dv.getInt32(off + 20, true) * TWO32 + dv.getUint32(off + 16, true);
-      q.tsRecvNs[qi] = dv.getInt32(off + 28, true) * TWO32 + dv.getUint32(off + 24, true);
-      q.bidPx[qi] = (dv.getInt32(off + 36, true) * TWO32 + dv.getUint32(off + 32, true)) / PRICE_SCALE;
-      q.bidSz[qi] = (dv.getUint32(off + 44, true) * TWO32 + dv.getUint32(off + 40, true)) / PRICE_SCALE;
-      q.askPx[qi] = (dv.getInt32(off + 52, true) * TWO32 + dv.getUint32(off + 48, true)) / PRICE_SCALE;
-      q.askSz[qi] = (dv.getUint32(off + 60, true) * TWO32 + dv.getUint32(off + 56, true)) / PRICE_SCALE;
+      lastTs = readHeader(dv, off, q, qi);
+      q.bidPx[qi] = fixedI64(dv, off + 32);
+      q.bidSz[qi] = fixedU64(dv, off + 40);
+      q.askPx[qi] = fixedI64(dv, off + 48);
+      q.askSz[qi] = fixedU64(dv, off + 56);
       q.flags[qi] = dv.getUint8(off + 64);
       qi++;
     }
