@@ -132,6 +132,9 @@ export function clientCredentials(tokenUrl: string | URL, options: ClientCredent
  */
 export function fetchTicket(baseHttpUrl: string | URL, token: string, options?: { fetch?: typeof fetch; signal?: AbortSignal }): Promise<string>;
 
+/** The absolute ws(s) URL of a stream URL (relative: against the page; http(s) → ws(s)). @throws TypeError */
+export function wsUrlOf(url: string | URL): string;
+
 /** The http(s) base of a server from any of its URLs (`ws://h:p/v1/stream` → `http://h:p`). */
 export function httpBaseOf(url: string | URL): string;
 

@@ -389,6 +389,26 @@ export async function fetchTicket(baseHttpUrl, token, options = {}) {
   return body.ticket;
 }
 
+/**
+ * The absolute ws(s) URL of a stream URL: relative URLs resolve against the page (browsers),
+ * http(s) becomes ws(s).
+ * @param {string|URL} url
+ * @returns {string}
+ * @throws {TypeError} not a URL, or not ws(s)/http(s)
+ */
+export function wsUrlOf(url) {
+  let u;
+  try {
+    u = new URL(String(url), /** @type {any} */ (globalThis).location?.href);
+  } catch {
+    throw new TypeError(`not a stream URL: ${JSON.stringify(String(url))}`);
+  }
+  if (u.protocol === 'http:') u.protocol = 'ws:';
+  else if (u.protocol === 'https:') u.protocol = 'wss:';
+  if (u.protocol !== 'ws:' && u.protocol !== 'wss:') throw new TypeError(`a stream URL is ws: or wss:, got ${u.protocol}`);
+  return u.href;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Binary batches (§8)                                                                         */
 /* ------------------------------------------------------------------------------------------ */
@@ -1058,7 +1078,7 @@ export class TickgateConnection extends EventTarget {
     const auth = options.auth ?? (options.ticket != null ? 'ticket' : 'subprotocol');
     const signal = options.signal;
     signal?.throwIfAborted();
-    let target = String(url);
+    let target = wsUrlOf(url);
     const protocols = [SUBPROTOCOL];
     if (auth === 'subprotocol') {
       if (typeof options.token !== 'string' || options.token === '') throw new TypeError('open: a token is needed');
@@ -1067,7 +1087,7 @@ export class TickgateConnection extends EventTarget {
       let ticket = options.ticket;
       if (ticket == null) {
         if (typeof options.token !== 'string' || options.token === '') throw new TypeError('open: a ticket or a token is needed');
-        ticket = await fetchTicket(httpBaseOf(url), options.token, { fetch: options.fetch, signal });
+        ticket = await fetchTicket(httpBaseOf(target), options.token, { fetch: options.fetch, signal });
       }
       const u = new URL(target);
       u.searchParams.set('ticket', ticket);
@@ -1134,7 +1154,7 @@ export class TickgateConnection extends EventTarget {
           return;
         }
         cleanup();
-        resolve(new TickgateConnection(sock, msg, String(url), requestTimeoutMs));
+        resolve(new TickgateConnection(sock, msg, wsUrlOf(url), requestTimeoutMs));
       };
       /** @param {any} ev */
       const onError = (ev) => {
@@ -1408,8 +1428,8 @@ export class TickgateStream extends EventTarget {
     if (!Array.isArray(symbols) || symbols.length === 0 || symbols.some((s) => typeof s !== 'string')) {
       throw new TypeError('TickgateStream: symbols must be a non-empty array of strings');
     }
-    /** The stream URL. */
-    this.url = String(url);
+    /** The stream URL (absolute ws: or wss:). */
+    this.url = wsUrlOf(url);
     /** The feed name. */
     this.feed = feed;
     /** The symbols subscribed. @type {string[]} */
@@ -1559,7 +1579,7 @@ export class TickgateStream extends EventTarget {
       } catch (err) {
         if (!this._live(run)) return;
         const status = err instanceof HandshakeRefused || err instanceof TokenError ? err.status : 0;
-        let fatal = err instanceof TypeError;
+        let fatal = err instanceof TypeError || /** @type {any} */ (err)?.name === 'SyntaxError';
         if (err instanceof HandshakeRefused || err instanceof TokenError) {
           if (status === 401 || status === 403) {
             authRefusals++;

@@ -13,6 +13,7 @@ import {
   fetchTicket,
   fetchToken,
   httpBaseOf,
+  wsUrlOf,
 } from '../src/tickgate-client.js';
 import { startServer, waitFor } from '../testing/server.mjs';
 
@@ -94,6 +95,10 @@ test('fetchTicket: a ticket for a token; a bad token is TokenError 401', async (
   assert.equal(err.status, 401);
   assert.equal(err.error, 'invalid_token');
   assert.equal(httpBaseOf('wss://h.example:9/md/v1/stream'), 'https://h.example:9/md');
+  assert.equal(wsUrlOf('https://h.example/v1/stream'), 'wss://h.example/v1/stream');
+  assert.equal(wsUrlOf(new URL('http://h.example:8080/v1/stream')), 'ws://h.example:8080/v1/stream');
+  assert.throws(() => wsUrlOf('/v1/stream'), TypeError, 'relative only where there is a page');
+  assert.throws(() => wsUrlOf('ftp://h/'), TypeError);
 });
 
 test('open by subprotocol: welcome, subscribe, batches, ping, unsubscribe, refresh, close', async () => {

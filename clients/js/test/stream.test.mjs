@@ -137,6 +137,26 @@ describe('TickgateStream', { concurrency: true }, () => {
     }
   });
 
+  it('connects with a ticket (auth: ticket), from an http URL', async () => {
+    const srv = await startServer();
+    try {
+      const { provider } = countingProvider(srv.tokenUrl, srv.secret);
+      const stream = new TickgateStream({ url: `${srv.httpBase}/v1/stream`, token: provider, feed: 'DEMO', symbols: ['MSFT'], auth: 'ticket', WebSocket });
+      assert.equal(stream.url, srv.streamUrl);
+      const rec = record(stream);
+      stream.start();
+      await waitFor(() => stream.stats.batches > 0, 'data');
+      assert.equal(stream.connection?.socket.protocol, 'tickgate.v1');
+      assert.match(String(stream.connection?.socket.url), /\?ticket=/);
+      assert.equal(rec.of('error').length, 0);
+      stream.stop();
+      assert.throws(() => new TickgateStream({ url: 'ftp://x/', token: provider, feed: 'DEMO', symbols: ['A'] }), TypeError);
+      assert.throws(() => new TickgateStream(/** @type {any} */ ({ url: srv.streamUrl, token: provider, feed: 'DEMO', symbols: [] })), TypeError);
+    } finally {
+      await srv.stop();
+    }
+  });
+
   it('ends with error + closed on what retrying cannot fix', async () => {
     const srv = await startServer();
     try {
