@@ -1623,15 +1623,22 @@ export class TickgateStream extends EventTarget {
       connectedBefore = true;
       this._armEarlyRefresh(run, conn);
 
+      /** @type {unknown} a subscribe that got no reply: reconnect */
+      let lost = null;
       try {
         await this._subscribe(conn);
         failures = 0;
       } catch (err) {
         if (!this._live(run)) return;
-        if (!(err instanceof StreamClosed)) {
-          // ControlError (unknown_feed, insufficient_scope, unknown_symbol, ...) or no reply.
+        if (err instanceof ControlError) {
+          // unknown_feed, insufficient_scope, unknown_symbol, ...: retrying cannot fix it.
           this._finish(run, 1000, errMessage(err), err);
           return;
+        }
+        if (!(err instanceof StreamClosed)) {
+          lost = err;
+          emit(this, 'error', { error: err });
+          conn.close(1000, '');
         }
       }
 
@@ -1639,14 +1646,14 @@ export class TickgateStream extends EventTarget {
       if (!this._live(run)) return;
       this.connection = null;
       clearTimeout(this._earlyTimer);
-      const retry = this.reconnect && !sc.revoked && (sc.retryable || (sc.expired && this._provider !== null));
+      const retry = this.reconnect && (lost !== null || (!sc.revoked && (sc.retryable || (sc.expired && this._provider !== null))));
       if (!retry) {
         this._finish(run, sc.code, sc.reason, this.reconnect || !sc.retryable ? sc : null);
         return;
       }
       failures++;
       const delayMs = this._hint ?? this._backoff(failures);
-      emit(this, 'reconnecting', { delayMs, reason: sc.message, error: sc });
+      emit(this, 'reconnecting', { delayMs, reason: errMessage(lost ?? sc), error: lost ?? sc });
       await sleep(delayMs, run.ac.signal);
     }
   }
