@@ -147,7 +147,24 @@ impl AppState {
     }
 }
 
-const DEMO_PAGE: &str = include_str!("demo.html");
+/// The trading screen served at `/` (docs/protocol.md §1): its page, its script, and the JS
+/// client it is built on, compiled in so the binary serves them from anywhere.
+const DEMO_PAGE: &str = include_str!("demo/index.html");
+const DEMO_SCRIPT: &str = include_str!("demo/screen.js");
+const JS_CLIENT: &str = include_str!("../../clients/js/src/tickgate-client.js");
+
+/// A compiled-in script. `no-cache`: a browser revalidates, so a new build's page never runs
+/// with the previous build's client.
+fn script(body: &'static str) -> axum::response::Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
 
 /// The public routes that are not the embedded issuer's.
 pub fn public_router(app: Arc<AppState>) -> Router {
@@ -156,6 +173,8 @@ pub fn public_router(app: Arc<AppState>) -> Router {
         .route("/v1/ticket", axum::routing::post(handshake::ticket))
         .route("/v1/publish", get(publish::handshake))
         .route("/", get(|| async { Html(DEMO_PAGE) }))
+        .route("/demo.js", get(|| async { script(DEMO_SCRIPT) }))
+        .route("/tickgate-client.js", get(|| async { script(JS_CLIENT) }))
         .with_state(app)
 }
 

@@ -322,3 +322,27 @@ async fn demo_tokens_only_without_configured_clients() {
     assert_eq!(v["error"], "not_found");
     ts.shutdown().await;
 }
+
+/// The trading screen is served from the binary: the page at `/`, its script and the JS
+/// client it imports, as JavaScript (a module script of another type is refused by browsers),
+/// revalidated on every load (`no-cache`) so a new build never runs an old client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trading_screen_and_its_scripts_are_served() {
+    let http = reqwest::Client::new();
+    let ts = TestServer::start(100.0, |_| {}).await;
+    let page = http.get(format!("{}/", ts.base)).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/demo.js">"#), "the page loads its script");
+    for (path, needle) in
+        [("/demo.js", "from '/tickgate-client.js'"), ("/tickgate-client.js", "export class TickgateStream")]
+    {
+        let r = http.get(format!("{}{path}", ts.base)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"], "text/javascript; charset=utf-8", "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-cache", "{path}");
+        assert!(r.text().await.unwrap().contains(needle), "{path} holds {needle}");
+    }
+    ts.shutdown().await;
+}
