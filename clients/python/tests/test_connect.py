@@ -291,3 +291,25 @@ async def test_stream_records_mode_with_ticket(server):
                 break
     assert {stream.symbol(r) for r in seen} == {"MSFT"}
     assert any(r.snapshot for r in seen)
+
+
+async def test_stream_with_a_bad_static_token_raises_the_refusal(server):
+    stream = Stream(server.stream_url, "not-a-jwt", feed="DEMO", symbols=["AAPL"])
+    with pytest.raises(HandshakeRefused) as e:
+        async with stream:
+            async for _ in stream:
+                pass
+    assert e.value.status == 401 and "malformed" in e.value.description
+
+
+async def test_stream_gives_up_after_repeated_401s_with_fresh_tokens(server):
+    async def bad_provider():
+        return "still-not-a-jwt"
+
+    stream = Stream(server.stream_url, bad_provider, feed="DEMO", symbols=["AAPL"], max_auth_retries=2,
+                    backoff_initial_s=0.01, backoff_max_s=0.05)
+    with pytest.raises(HandshakeRefused):
+        async with stream:
+            async for _ in stream:
+                pass
+    assert stream.stats.tokens_fetched == 3

@@ -29,3 +29,25 @@ def test_unknown_type_is_kept():
 def test_malformed_messages_raise_protocol_error(text):
     with pytest.raises(ProtocolError):
         parse_message(text)
+
+
+def test_close_codes_map_to_typed_exceptions():
+    from tickgate_client import ServerShutdown, SlowConsumer, StreamClosed, TokenExpired, TokenRevoked
+    from tickgate_client.errors import closed_error
+
+    for code, cls in [(4001, TokenExpired), (4003, TokenRevoked), (4008, SlowConsumer), (1001, ServerShutdown)]:
+        e = closed_error(code, "why")
+        assert type(e) is cls and isinstance(e, StreamClosed) and (e.code, e.reason) == (code, "why")
+    assert closed_error(1001, "", 2500).reconnect_after_ms == 2500
+    assert type(closed_error(1008, "heartbeat timeout")) is StreamClosed
+
+
+def test_backoff_is_jittered_exponential_and_capped():
+    from tickgate_client.stream import backoff_delay
+
+    assert backoff_delay(0, 1.0, 10.0, 0.0) == 0.5 and backoff_delay(0, 1.0, 10.0, 1.0) == 1.0
+    assert backoff_delay(3, 1.0, 10.0, 1.0) == 8.0
+    assert backoff_delay(60, 1.0, 10.0, 0.5) == 7.5
+    for attempt in range(10):
+        d = backoff_delay(attempt, 0.2, 2.0)
+        assert 0.1 * min(2 ** attempt, 10) <= d <= 0.2 * min(2 ** attempt, 10)

@@ -343,6 +343,15 @@ def _vector_scan(buf, count: int):
         tail = words[last]
         keep = np.where(is_q, (tail >> np.uint64(8)) == 0, (tail >> np.uint64(16)) == 0)
         cand, is_q = cand[keep], is_q[keep]
+        for _ in range(2):
+            if len(cand) <= count:
+                break
+            # A real record is the end of the previous one (or the first) and ends where
+            # the next one starts (or the message ends); a look-alike inside a record
+            # almost never is both.
+            ends = cand + np.where(is_q, _QUOTE_WORDS, _TRADE_WORDS)
+            keep = (np.isin(ends, cand) | (ends == nwords)) & (np.isin(cand, ends) | (cand == 0))
+            cand, is_q = cand[keep], is_q[keep]
         if len(cand) != count:
             return None
     step = np.where(is_q, _QUOTE_WORDS, _TRADE_WORDS)
