@@ -446,59 +446,57 @@ class Stream:
         finally:
             self._cancel_refresh()
 
+    def _on_control(self, conn: Connection, msg: Message) -> bool:
+        """Acts on a control message; returns whether it is an item for the caller."""
+        stats = self.stats
+        if isinstance(msg, Subscribed):
+            self._pending_subs.pop(msg.id, None)
+        elif isinstance(msg, Gap):
+            stats.gaps += 1
+        elif isinstance(msg, Reset):
+            stats.resets += 1
+        elif isinstance(msg, TokenExpiring):
+            self._start_refresh(conn)
+        elif isinstance(msg, Refreshed):
+            stats.refreshes += 1
+            fut = self._refresh_waiters.pop(msg.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, ErrorReply):
+            fut = self._refresh_waiters.pop(msg.id, None) if msg.id is not None else None
+            if fut is None:
+                self._pending_subs.pop(msg.id, None)
+                raise _Fatal(ControlError(msg.code, msg.message, msg.id))
+            if not fut.done():
+                fut.set_result(msg)  # the refresh task reports it
+            return False
+        elif isinstance(msg, Unsubscribed) and msg.reason == "scope_revoked":
+            for s in msg.symbols:
+                if s in self._subs.get(msg.feed, []):
+                    self._subs[msg.feed].remove(s)
+        return self.events
+
     async def _pump(self, conn: Connection) -> AsyncIterator[Item]:
         tracker = self.tracker
         stats = self.stats
         while True:
             msg = await conn.recv_raw()
+            out: Any
             if isinstance(msg, Batch):
                 violations = tracker.on_batch(msg)
                 stats.batches += 1
                 stats.records += len(msg)
-                if violations:
-                    stats.violations += len(violations)
-                    if self.events:
-                        for v in violations:
-                            yield v
-                if self.records:
-                    for r in msg.records():
-                        yield r
-                else:
-                    yield msg
+                out = msg.records() if self.records else (msg,)
             else:
                 violations = tracker.on_message(msg)
-                if isinstance(msg, Subscribed):
-                    self._pending_subs.pop(msg.id, None)
-                elif isinstance(msg, Gap):
-                    stats.gaps += 1
-                elif isinstance(msg, Reset):
-                    stats.resets += 1
-                elif isinstance(msg, TokenExpiring):
-                    self._start_refresh(conn)
-                elif isinstance(msg, Refreshed):
-                    stats.refreshes += 1
-                    fut = self._refresh_waiters.pop(msg.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                elif isinstance(msg, ErrorReply):
-                    fut = self._refresh_waiters.pop(msg.id, None) if msg.id is not None else None
-                    if fut is not None:
-                        if not fut.done():
-                            fut.set_result(msg)
-                        continue
-                    self._pending_subs.pop(msg.id, None)
-                    raise _Fatal(ControlError(msg.code, msg.message, msg.id))
-                elif isinstance(msg, Unsubscribed) and msg.reason == "scope_revoked":
-                    for s in msg.symbols:
-                        if s in self._subs.get(msg.feed, []):
-                            self._subs[msg.feed].remove(s)
-                if violations:
-                    stats.violations += len(violations)
-                    if self.events:
-                        for v in violations:
-                            yield v
+                out = (msg,) if self._on_control(conn, msg) else ()
+            if violations:
+                stats.violations += len(violations)
                 if self.events:
-                    yield msg
+                    for v in violations:
+                        yield v
+            for item in out:
+                yield item
             while self._side_events:
                 ev = self._side_events.popleft()
                 if self.events:
