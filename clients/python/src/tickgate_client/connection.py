@@ -22,6 +22,8 @@ import asyncio
 import inspect
 import itertools
 import json
+import logging
+import re
 import urllib.parse
 from typing import Any
 
@@ -48,6 +50,30 @@ BEARER_PREFIX = "bearer."
 AUTH_MODES = ("header", "subprotocol", "ticket")
 
 _CONNECT_PARAMS = set(inspect.signature(ws_connect.__init__).parameters)
+
+_SECRETS = re.compile(r"(?i)(bearer[ .])[\w.~+/=-]+|(ticket=)[^&\s]+")
+
+
+class _Redact(logging.Filter):
+    """websockets logs the handshake (request line and headers) at DEBUG level: the
+    token and the ticket in it are replaced, so enabling debug logs never leaks one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(_SECRETS.sub(_mask, a) if isinstance(a, str) else a for a in args)
+        if isinstance(record.msg, str):
+            record.msg = _SECRETS.sub(_mask, record.msg)
+        return True
+
+
+def _mask(m: re.Match) -> str:
+    return (m.group(1) or m.group(2)) + "<redacted>"
+
+
+#: The logger handed to websockets (a child of ``tickgate_client``), with :class:`_Redact`.
+ws_logger = logging.getLogger("tickgate_client.websockets")
+ws_logger.addFilter(_Redact())
 
 
 def _refusal(e: InvalidStatus) -> HandshakeRefused:
@@ -240,6 +266,7 @@ async def connect(
         "compression": None,
         # The server pings (§10) and websockets answers; no client pings needed.
         "ping_interval": None,
+        "logger": ws_logger,
     }
     host = parts.hostname or ""
     if "proxy" in _CONNECT_PARAMS and (host in ("localhost", "::1") or host.startswith("127.")):
@@ -249,8 +276,8 @@ async def connect(
         ws = await ws_connect(url, **opts)
     except InvalidStatus as e:
         raise _refusal(e) from None
-    except InvalidURI as e:
-        raise ConnectFailed(f"bad stream URL: {e}") from None
+    except InvalidURI:
+        raise ConnectFailed(f"bad stream URL {parts.scheme}://{parts.netloc}{parts.path}") from None
     except (InvalidHandshake, OSError, asyncio.TimeoutError, TimeoutError) as e:
         raise ConnectFailed(f"cannot connect to {parts.scheme}://{parts.netloc}{parts.path}: {e!r}") from None
     conn = Connection(ws, Welcome(0, "", "", 0, 0, ()))
