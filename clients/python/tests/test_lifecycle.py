@@ -112,3 +112,37 @@ async def test_server_restart_resubscribes_with_new_token_and_epoch(make_server)
     first_batch = next(i for i in after if isinstance(i, Batch))
     has_values = any(ins.seq > 0 for ins in sub.instruments)
     assert bool(first_batch.ordered("flags")[0] & tg.FLAG_SNAPSHOT) == has_values
+
+
+async def test_expiry_after_failed_refreshes_reconnects_and_resumes(make_server):
+    """Refreshes that the server refuses (the provider gives a bad token while connected)
+    end in 4001; the Stream connects again with a good token, in the same epoch, and
+    resumes: what it missed comes back flagged REPLAY, with no gap and no violation."""
+    srv = make_server(issuer="token_ttl_s = 4")
+    good = tg.client_credentials(srv.token_url, "demo", SECRET)
+    stream: Stream
+
+    async def provider():
+        if stream.connection is not None:
+            return "refused.by.server"  # a refresh: the server answers invalid_token
+        return await good()
+
+    stream = Stream(srv.stream_url, provider, feed="DEMO", symbols=["AAPL", "MSFT"], refresh_retry_s=0.3,
+                    backoff_initial_s=0.4, backoff_max_s=1.0)
+    async with stream:
+        c = Collector(stream)
+        await wait_for(lambda: stream.stats.reconnects >= 1 or c.error, what="the reconnect after 4001")
+        at = stream.stats.records
+        await wait_for(lambda: stream.stats.records >= at + 10 or c.error, what="records after the reconnect")
+        assert c.error is None, repr(c.error)
+        await c.stop()
+    expired = [d for d in c.of(Disconnected) if isinstance(d.error, tg.TokenExpired)]
+    assert expired and expired[0].error.code == 4001
+    failed = c.of(tg.RefreshFailed)
+    assert failed and failed[0].error.error == "invalid_token" and "malformed" in failed[0].error.description
+    assert all(isinstance(f.error, tg.ControlError) and f.error.error in ("invalid_token", "rate_limited")
+               for f in failed)
+    subs = c.of(tg.Subscribed)
+    assert len(subs) == 2 and subs[0].epoch == subs[1].epoch and not c.of(Reset)
+    assert stream.stats.violations == 0 and stream.stats.refreshes == 0
+    assert stream.tracker.stats.replayed > 0 and stream.stats.gaps == 0

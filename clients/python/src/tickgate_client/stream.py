@@ -300,7 +300,9 @@ class Stream:
                 err = e
             self.stats.refresh_failures += 1
             self._side_events.append(RefreshFailed(err))
-            await asyncio.sleep(self.refresh_retry_s)
+            limited = isinstance(err, ControlError) and err.error == "rate_limited"
+            # a rate limit is one refresh per auth.min_refresh_interval_ms (1 s by default)
+            await asyncio.sleep(max(self.refresh_retry_s, 1.0) if limited else self.refresh_retry_s)
 
     # -- the loop --------------------------------------------------------------------------
 
