@@ -52,6 +52,16 @@ def make_batches(n_batches: int, per_batch: int, quote_ratio: float, seed: int =
     return batches, first
 
 
+def _as_json(r) -> dict:
+    """A record as a JSON feed would carry it (Coinbase/Alpaca style: decimal strings)."""
+    common = {"feed": r.feed_id, "instrument": r.instrument_id, "seq": r.seq,
+              "ts_event": r.ts_event_ns, "ts_recv": r.ts_recv_ns}
+    if isinstance(r, Trade):
+        return {"type": "trade", **common, "price": f"{r.price:.9f}", "size": f"{r.size:.9f}", "side": r.side}
+    return {"type": "quote", **common, "bid": f"{r.bid_px:.9f}", "bid_size": f"{r.bid_sz:.9f}",
+            "ask": f"{r.ask_px:.9f}", "ask_size": f"{r.ask_sz:.9f}"}
+
+
 def rate(fn, batches, records_per_batch, seconds):
     """Records per second of ``fn`` over the batches, repeated for about ``seconds``."""
     done = 0
@@ -100,6 +110,12 @@ def main():
 
     tracked_rps = rate(decode_and_track, mixed, args.records, args.seconds / 2)
 
+    # The peer, in the same run: the same records as the JSON text most market-data
+    # WebSocket APIs send (one object per record, prices as decimal strings), read with
+    # the standard library's json.loads, the usual way to read such a feed in Python.
+    json_batches = [json.dumps([_as_json(r) for r in decode_batch_records(b)]) for b in mixed[: max(1, args.batches // 8)]]
+    json_rps = rate(json.loads, json_batches, args.records, args.seconds)
+
     print(json.dumps({
         "bench": "decode",
         "records_per_batch": args.records,
@@ -109,6 +125,9 @@ def main():
         "numpy_quotes_only_records_per_s": round(numpy_homog_rps),
         "numpy_with_seq_tracking_records_per_s": round(tracked_rps),
         "dataclass_records_per_s": round(dataclass_rps),
+        "json_peer_records_per_s": round(json_rps),
+        "numpy_vs_json": round(numpy_rps / json_rps, 1),
+        "dataclass_vs_json": round(dataclass_rps / json_rps, 2),
         "vector_scan_hits": f"{vector_ok}/{len(mixed)}",
         "python": platform.python_version(),
         "numpy": np.__version__,

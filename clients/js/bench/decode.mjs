@@ -30,8 +30,9 @@ function batch() {
 }
 
 /**
- * @param {(bytes: ArrayBuffer) => number} fn
- * @param {ArrayBuffer} bytes
+ * @template T
+ * @param {(input: T) => number} fn
+ * @param {T} bytes
  */
 function measure(fn, bytes) {
   let sink = 0;
@@ -60,6 +61,18 @@ const objects = measure((b) => {
   const r = decodeBatch(b).records();
   return r.length;
 }, buf);
+// The peer, in the same run: the same records as the JSON text most market-data WebSocket
+// APIs send (one object per record, prices and sizes as decimal strings), read with
+// JSON.parse, the usual way a browser or Node app reads such a feed.
+const json = JSON.stringify(
+  decodeBatch(buf).records().map((r) => {
+    const common = { feed: r.feedId, instrument: r.instrumentId, seq: r.seq, ts_event: String(r.tsEventNs), ts_recv: String(r.tsRecvNs) };
+    return r.type === 'trade'
+      ? { type: 'trade', ...common, price: r.price.toFixed(9), size: r.size.toFixed(9), side: r.side }
+      : { type: 'quote', ...common, bid: r.bidPx.toFixed(9), bid_size: r.bidSz.toFixed(9), ask: r.askPx.toFixed(9), ask_size: r.askSz.toFixed(9) };
+  }),
+);
+const jsonPeer = measure((text) => JSON.parse(text).length, json);
 console.log(
   JSON.stringify({
     bench: 'decode',
@@ -67,6 +80,9 @@ console.log(
     batch_bytes: buf.byteLength,
     columns_records_per_s: columns,
     records_records_per_s: objects,
+    json_peer_records_per_s: jsonPeer,
+    columns_vs_json: Math.round((columns / jsonPeer) * 10) / 10,
+    records_vs_json: Math.round((objects / jsonPeer) * 100) / 100,
     node: process.version,
   }),
 );

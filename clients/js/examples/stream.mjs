@@ -54,4 +54,9 @@ stream.addEventListener('closed', ({ detail }) => {
   process.exitCode = detail.code === 1000 && detail.reason === 'stopped' ? 0 : 1;
 });
 process.once('SIGINT', () => stream.stop());
+// Piped into `head`: a closed stdout ends the run quietly.
+process.stdout.on('error', (e) => {
+  if (e.code === 'EPIPE') process.exit(0);
+  throw e;
+});
 stream.start();

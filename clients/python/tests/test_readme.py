@@ -57,3 +57,9 @@ def test_readme_example_streams_and_survives_a_refresh(make_server, tmp_path):
     trades = [line for line in lines if TRADE_LINE.match(line)]
     assert trades and all(line.split()[0] in ("AAPL", "MSFT") for line in trades)
     assert not any("Traceback" in line for line in lines[: refreshed[0] + 1])
+
+
+def test_the_example_file_is_the_readme_example():
+    """examples/stream.py (what the top-level README runs) is the README's example."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "stream.py"
+    assert example.read_text().endswith(example_code())
