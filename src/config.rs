@@ -375,6 +375,11 @@ pub struct SecurityConfig {
 pub struct LimitsConfig {
     /// Outbound bytes queued per connection before the slow-consumer policy applies.
     pub max_outbound_bytes: usize,
+    /// How long a connection's socket must stay full (its writer blocked on a write the
+    /// kernel does not take) while its backlog is over `max_outbound_bytes` before it is a
+    /// slow consumer (ms). A backlog the shard built while the socket was taking data is
+    /// the server's own overload: the shard holds back intake instead.
+    pub slow_consumer_stall_ms: u64,
     /// Largest control message accepted (bytes).
     pub max_control_bytes: usize,
     /// Largest binary message a publisher may send on `/v1/publish` (bytes).
@@ -415,6 +420,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_outbound_bytes: 1_048_576,
+            slow_consumer_stall_ms: 1000,
             max_control_bytes: 65_536,
             max_publish_bytes: 1_048_576,
             max_subscriptions: 10_000,
@@ -569,6 +575,9 @@ impl Config {
         self.nats.validate()?;
         if self.limits.max_outbound_bytes < 4096 {
             return bad("limits.max_outbound_bytes must be at least 4096");
+        }
+        if !(50..=60_000).contains(&self.limits.slow_consumer_stall_ms) {
+            return bad("limits.slow_consumer_stall_ms must be between 50 and 60000");
         }
         if self.limits.max_control_bytes < 256 || self.limits.max_control_bytes > 1 << 20 {
             return bad("limits.max_control_bytes must be between 256 and 1048576");

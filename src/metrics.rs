@@ -76,6 +76,15 @@ pub struct Metrics {
     pub dispatch_cycle: HistogramVec,
     /// Outbound bytes queued (not yet taken by sockets), per shard.
     pub outbound_queued_bytes: IntGaugeVec,
+    /// CPU time of each shard's thread (its busy ratio is the rate of this).
+    pub shard_cpu: prometheus::CounterVec,
+    /// The share of the last flush interval each shard's thread spent on the CPU.
+    pub shard_busy: prometheus::GaugeVec,
+    /// Time each shard took no ticks because it owed writes to connections whose sockets
+    /// took data (the server's own overload, turned into backpressure).
+    pub intake_paused: prometheus::CounterVec,
+    /// How long the last tick a shard dispatched had waited since ingest.
+    pub dispatch_lag: prometheus::GaugeVec,
     /// Source lag: ingest time minus the tick's source (scheduled) time, per feed.
     pub ingest_lag: HistogramVec,
     /// Constant 1, labelled with the version.
@@ -191,6 +200,21 @@ impl Metrics {
         let dispatch_cycle = hist_vec("tickgate_dispatch_cycle_seconds", "Duration of a shard dispatch cycle", "shard");
         let outbound_queued_bytes =
             gauge_vec("tickgate_outbound_queued_bytes", "Outbound bytes queued for sockets, per shard", "shard");
+        let f64_counter_vec =
+            |name: &str, help: &str| reg(&r, prometheus::CounterVec::new(Opts::new(name, help), &["shard"]));
+        let f64_gauge_vec =
+            |name: &str, help: &str| reg(&r, prometheus::GaugeVec::new(Opts::new(name, help), &["shard"]));
+        let shard_cpu = f64_counter_vec("tickgate_shard_cpu_seconds_total", "CPU time of a shard's thread");
+        let shard_busy =
+            f64_gauge_vec("tickgate_shard_busy_ratio", "Share of the last 100 ms a shard's thread was on the CPU");
+        let intake_paused = f64_counter_vec(
+            "tickgate_shard_intake_paused_seconds_total",
+            "Time a shard took no ticks while it wrote what it owed to connections that keep up",
+        );
+        let dispatch_lag = f64_gauge_vec(
+            "tickgate_dispatch_lag_seconds",
+            "How long the last tick a shard dispatched had waited since ingest (0: its queue is empty)",
+        );
         let ingest_lag =
             hist_vec("tickgate_ingest_lag_seconds", "Ingest time minus the tick's source time, per feed", "feed");
         let build_info = gauge_vec("tickgate_build_info", "Build information", "version");
@@ -230,6 +254,10 @@ impl Metrics {
             ),
             batch_records,
             dispatch_cycle,
+            shard_cpu,
+            shard_busy,
+            intake_paused,
+            dispatch_lag,
             outbound_queued_bytes,
             ingest_lag,
             build_info,
@@ -413,6 +441,10 @@ impl Metrics {
             self.timer_wheel_entries.with_label_values(&[&i.to_string()]);
             self.dispatch_cycle.with_label_values(&[&i.to_string()]);
             self.outbound_queued_bytes.with_label_values(&[&i.to_string()]);
+            self.shard_cpu.with_label_values(&[&i.to_string()]);
+            self.shard_busy.with_label_values(&[&i.to_string()]);
+            self.intake_paused.with_label_values(&[&i.to_string()]);
+            self.dispatch_lag.with_label_values(&[&i.to_string()]);
         }
     }
 

@@ -44,6 +44,9 @@ pub type ConnKey = usize;
 pub struct CoreLimits {
     /// Outbound budget per connection (bytes).
     pub max_outbound_bytes: usize,
+    /// How long a socket must stay full, with the backlog over the budget, before its
+    /// connection is a slow consumer (`limits.slow_consumer_stall_ms`).
+    pub slow_consumer_stall_ms: u64,
     /// Largest batch before a new one is opened.
     pub max_batch_bytes: usize,
     /// Subscribed instruments per connection.
@@ -69,6 +72,7 @@ impl From<&Config> for CoreLimits {
     fn from(c: &Config) -> CoreLimits {
         CoreLimits {
             max_outbound_bytes: c.limits.max_outbound_bytes,
+            slow_consumer_stall_ms: c.limits.slow_consumer_stall_ms,
             max_batch_bytes: c.engine.max_batch_bytes,
             max_subscriptions: c.limits.max_subscriptions,
             heartbeat_ms: c.server.heartbeat_ms,
@@ -130,6 +134,14 @@ pub struct Conn {
     pub(super) expire_timer: Option<TimerId>,
     pub(super) expiring_timer: Option<TimerId>,
     pub(super) last_refresh: Option<Instant>,
+    /// Since when the writer has been blocked on a write the socket does not take (the
+    /// kernel send buffer is full); `None` while writes complete or nothing is written.
+    /// Set by the writer ([`ShardCore::set_write_blocked`]).
+    pub(super) blocked_since: Option<Instant>,
+    /// Listed in [`ShardCore::over`] (its backlog passed the budget).
+    pub(super) over: bool,
+    /// When the kernel last took this connection's bytes (set by its socket's wrapper).
+    pub(super) progress: Option<super::stall::WriteProgress>,
 }
 
 impl Conn {
@@ -185,6 +197,13 @@ pub struct ShardCore {
     /// Whether a feed's slow-consumer policy is `conflate`.
     pub(super) conflate: Vec<bool>,
     pub(super) to_kill: Vec<ConnKey>,
+    /// Connections whose backlog passed the budget, judged at the end of each cycle
+    /// ([`ShardCore::end_cycle`]): slow consumers, or writes the shard owes.
+    pub(super) over: Vec<ConnKey>,
+    /// Set by `end_cycle` while a connection over the budget has a socket that takes data:
+    /// the backlog is the shard's own doing (it dispatched faster than its writers could
+    /// run), so it takes no ticks until the writers have caught up.
+    pub(super) owing: bool,
     pub(super) subscriptions: usize,
     pub(super) draining: bool,
     /// Set while a lame-duck phase is under way: what its timers need when they fire.
@@ -229,6 +248,8 @@ impl ShardCore {
             epochs,
             conflate,
             to_kill: Vec::new(),
+            over: Vec::new(),
+            owing: false,
             subscriptions: 0,
             draining: false,
             lame_duck: None,
@@ -310,7 +331,7 @@ impl ShardCore {
         let flush_at = WritePacer::flush_at(max_batch, budget);
         let conflate = self.conflate.get(f).copied().unwrap_or(false);
         let len = tick.record.len();
-        let (conns, index, to_kill, stats) = (&mut self.conns, &self.index, &mut self.to_kill, &mut self.stats);
+        let (conns, index, over, stats) = (&mut self.conns, &self.index, &mut self.over, &mut self.stats);
         for &key in &index[f][i] {
             // Every key in the index is a live connection: removal unindexes first.
             let Some(c) = conns.get_mut(key) else {
@@ -345,7 +366,13 @@ impl ShardCore {
             c.out.push_record(tick.feed_idx, &tick.record, max_batch);
             let after = c.out.bytes();
             if after > budget {
-                to_kill.push(key);
+                // Judged at the end of the cycle: a slow consumer only if its socket stays
+                // full; otherwise the shard owes the write and holds back intake.
+                if !c.over {
+                    c.over = true;
+                    over.push(key);
+                    c.notify.notify_one();
+                }
             } else if WritePacer::must_wake(was_empty, before, after, flush_at) {
                 // A writer holding its write (`engine.write_delay_us`) must not sit on a
                 // backlog until the slow-consumer budget closes a client that keeps up.
@@ -444,9 +471,62 @@ impl ShardCore {
         }
     }
 
-    /// Applies decisions deferred during dispatch (slow-consumer closes). Call after a
-    /// run of [`ShardCore::dispatch`].
+    /// Applies decisions deferred during dispatch: which connections over the budget are
+    /// slow consumers, and whether the shard owes writes (see [`ShardCore::owes`]). Call
+    /// after a run of [`ShardCore::dispatch`], and again while [`ShardCore::owes`] or
+    /// [`ShardCore::has_over`] holds, so a stall is judged even when no tick arrives.
+    ///
+    /// A connection over `max_outbound_bytes` is a **slow consumer** (policy
+    /// `disconnect`: close 4008) when its writer has been blocked on a full socket for
+    /// `slow_consumer_stall_ms`, or when its backlog reached twice the budget while the
+    /// socket was full. While its socket is full for a shorter time, records keep being
+    /// queued and nobody else waits for it. A connection over the budget whose socket
+    /// takes data is behind only because its writer did not get the thread: the shard
+    /// **owes** it and takes no ticks until every such backlog is down to half the budget
+    /// (hysteresis, so intake does not flap at the limit). Ticks then wait in the inbound
+    /// queue and, once it is full, in the sources: the server's own overload slows the
+    /// publishers down instead of disconnecting clients that read as fast as they can.
     pub fn end_cycle(&mut self) {
+        self.owing = false;
+        if !self.over.is_empty() {
+            let now = Instant::now();
+            let stall = std::time::Duration::from_millis(self.limits.slow_consumer_stall_ms);
+            let budget = self.limits.max_outbound_bytes;
+            let mut over = std::mem::take(&mut self.over);
+            let mut owing = false;
+            over.retain(|&key| {
+                let Some(c) = self.conns.get_mut(key) else { return false };
+                let bytes = c.out.bytes();
+                if c.out.is_closed() || bytes <= budget / 2 {
+                    c.over = false;
+                    return false;
+                }
+                // The socket stopped taking data when the writer has been waiting and the
+                // kernel took nothing since it began to (or since its last accepted write).
+                let stalled_since = c.blocked_since.map(|b| c.progress.as_ref().map_or(b, |p| p.last().max(b)));
+                match stalled_since {
+                    Some(since) if bytes > budget && (now - since >= stall || bytes > 2 * budget) => {
+                        tracing::info!(
+                            session = %c.session,
+                            blocked_ms = (now - since).as_millis() as u64,
+                            backlog_bytes = bytes,
+                            "slow consumer: the socket stayed full with the backlog over the budget"
+                        );
+                        c.over = false;
+                        self.to_kill.push(key);
+                        false
+                    }
+                    // The socket is full, not for long yet: keep queueing, hold nobody.
+                    Some(_) => true,
+                    None => {
+                        owing = true;
+                        true
+                    }
+                }
+            });
+            self.over = over;
+            self.owing = owing;
+        }
         if self.to_kill.is_empty() {
             return;
         }
@@ -458,6 +538,39 @@ impl ShardCore {
                 self.stats.slow_disconnects += 1;
                 self.terminate(key, Reason::SlowConsumer);
             }
+        }
+    }
+
+    /// True while the shard owes writes (see [`ShardCore::end_cycle`]): the shard loop
+    /// takes no ticks and lets the writers run.
+    pub fn owes(&self) -> bool {
+        self.owing
+    }
+
+    /// True while some connection is over its budget (judged again at every
+    /// [`ShardCore::end_cycle`]).
+    pub fn has_over(&self) -> bool {
+        !self.over.is_empty()
+    }
+
+    /// The writer of `key` is blocked on a write the socket does not take (`true`), or
+    /// its writes complete again (`false`). Only the time the socket stays full makes a
+    /// slow consumer.
+    pub fn set_write_blocked(&mut self, key: ConnKey, blocked: bool) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.blocked_since = match (blocked, c.blocked_since) {
+                (true, Some(since)) => Some(since),
+                (true, None) => Some(Instant::now()),
+                (false, _) => None,
+            };
+        }
+    }
+
+    /// Tells the shard when the kernel takes `key`'s bytes (its socket's wrapper marks
+    /// `progress`): a writer that waits while its socket keeps taking data is not stalled.
+    pub fn track_writes(&mut self, key: ConnKey, progress: super::stall::WriteProgress) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.progress = Some(progress);
         }
     }
 
@@ -540,5 +653,169 @@ impl ShardCore {
     /// True while the connection is conflating (a test and admin aid).
     pub fn is_conflating(&self, key: ConnKey) -> bool {
         self.conns.get(key).is_some_and(|c| c.rare.as_ref().is_some_and(|r| r.conflation.is_some()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{self, tick};
+    use super::*;
+    use std::time::Duration;
+
+    const BUDGET: usize = 4096;
+
+    /// A core with a 4 KiB budget and one connection subscribed to `A`.
+    fn one_subscriber() -> (ShardCore, ConnKey) {
+        let mut core = testkit::core_with(CoreLimits {
+            max_outbound_bytes: BUDGET,
+            // Batches of 1 KiB: a backlog is several of them, so a writer can take part of it.
+            max_batch_bytes: 1024,
+            slow_consumer_stall_ms: 1000,
+            ..testkit::limits()
+        });
+        let h = core.add_conn(Principal::unauthenticated("c", "i"), "s".into());
+        core.handle(h.key, testkit::subscribe(&["A"]));
+        testkit::drain(&mut core, h.key);
+        (core, h.key)
+    }
+
+    /// Dispatches quotes of `A` from `*seq` on until the connection's backlog passes `bytes`.
+    fn fill_past(core: &mut ShardCore, key: ConnKey, seq: &mut u64, bytes: usize) {
+        while core.conns[key].out.bytes() <= bytes {
+            *seq += 1;
+            core.dispatch(&tick(*seq));
+        }
+    }
+
+    fn closes(items: &[OutItem]) -> Vec<u16> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                OutItem::Close { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Over the budget while the socket takes data: the backlog is the shard's doing. Nobody
+    /// is closed; the shard owes the write (takes no ticks) until the writer has brought
+    /// the backlog down to half the budget.
+    #[tokio::test(start_paused = true)]
+    async fn over_budget_with_a_socket_that_takes_data_makes_the_shard_owe() {
+        let (mut core, key) = one_subscriber();
+        let mut seq = 0;
+        fill_past(&mut core, key, &mut seq, BUDGET);
+        core.end_cycle();
+        assert!(core.owes() && core.has_over());
+        // However long it takes the writer to get the thread.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        core.end_cycle();
+        assert!(core.owes(), "still owed, never a slow consumer");
+        // The writer takes part of it: still above half the budget, still owed.
+        while core.conns[key].out.bytes() > BUDGET * 3 / 4 {
+            core.pop(key);
+        }
+        core.end_cycle();
+        assert!(core.owes());
+        let items = testkit::drain(&mut core, key);
+        core.end_cycle();
+        assert!(!core.owes() && !core.has_over());
+        assert!(closes(&items).is_empty(), "{items:?}");
+        assert_eq!(core.stats.slow_disconnects, 0);
+        // Every record is there, in order, none dropped.
+        let n: usize = items
+            .iter()
+            .map(|i| match i {
+                OutItem::Batch(b) => b.count(),
+                _ => 0,
+            })
+            .sum();
+        assert!(n > 0);
+    }
+
+    /// A socket that stays full for `slow_consumer_stall_ms` with the backlog over the budget
+    /// is a slow consumer: 4008, its backlog discarded. Before that it keeps getting records
+    /// and the shard does not wait for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_full_for_the_stall_time_is_a_slow_consumer() {
+        let (mut core, key) = one_subscriber();
+        core.set_write_blocked(key, true);
+        let mut seq = 0;
+        fill_past(&mut core, key, &mut seq, BUDGET);
+        core.end_cycle();
+        assert!(!core.owes(), "a full socket holds nobody back");
+        assert!(core.has_over());
+        tokio::time::advance(Duration::from_millis(999)).await;
+        seq += 1;
+        core.dispatch(&tick(seq));
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 0, "not yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 1);
+        assert!(!core.has_over());
+        assert_eq!(closes(&testkit::drain(&mut core, key)), vec![4008]);
+    }
+
+    /// With a full socket, a backlog of twice the budget is a slow consumer at once: what
+    /// one connection may hold stays bounded however fast the feed.
+    #[tokio::test(start_paused = true)]
+    async fn twice_the_budget_with_a_full_socket_is_a_slow_consumer_at_once() {
+        let (mut core, key) = one_subscriber();
+        core.set_write_blocked(key, true);
+        let mut seq = 0;
+        fill_past(&mut core, key, &mut seq, BUDGET);
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 0);
+        fill_past(&mut core, key, &mut seq, 2 * BUDGET);
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 1);
+        assert_eq!(closes(&testkit::drain(&mut core, key)), vec![4008]);
+    }
+
+    /// A writer that waits while the kernel keeps taking its bytes (a large flush drained
+    /// piece by piece by a reader) is not stalled, however long the wait; once the kernel
+    /// takes nothing for the stall time, it is.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_keeps_taking_data_is_not_stalled() {
+        let (mut core, key) = one_subscriber();
+        let progress = crate::engine::stall::WriteProgress::new();
+        core.track_writes(key, progress.clone());
+        core.set_write_blocked(key, true);
+        let mut seq = 0;
+        fill_past(&mut core, key, &mut seq, BUDGET);
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(600)).await;
+            progress.mark();
+            core.end_cycle();
+        }
+        assert_eq!(core.stats.slow_disconnects, 0, "6 s of waiting, the socket took data every 600 ms");
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 1);
+    }
+
+    /// A socket that took data again is judged afresh: an old stall does not count.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_takes_data_again_is_not_judged_on_an_old_stall() {
+        let (mut core, key) = one_subscriber();
+        core.set_write_blocked(key, true);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        core.set_write_blocked(key, false);
+        let mut seq = 0;
+        fill_past(&mut core, key, &mut seq, BUDGET);
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 0);
+        assert!(core.owes());
+        // Blocked again: the stall counts from now.
+        core.set_write_blocked(key, true);
+        core.end_cycle();
+        assert!(!core.owes());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 0);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        core.end_cycle();
+        assert_eq!(core.stats.slow_disconnects, 1);
     }
 }

@@ -60,6 +60,9 @@ impl ShardCore {
             expire_timer: None,
             expiring_timer: None,
             last_refresh: None,
+            blocked_since: None,
+            over: false,
+            progress: None,
         });
         notify.notify_one();
         self.schedule_token_timers(key);

@@ -21,6 +21,7 @@
 //! | `handle` | `Engine`, `EngineHandle` (start, drain and stop the shard threads), `EngineCtl` (revocation, admin listing) |
 //! | `stream` | the connection task's API: `ShardHandle`, `ConnGuard`, `Frame` |
 //! | `pacer` | `WritePacer`: when a connection's writer writes (the write-hold policy, both halves) |
+//! | [`stall`] | `WriteProgress`: when the kernel last took a connection's bytes (what makes a slow consumer) |
 //! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
 //! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
 //! | `stats` | `CoreStats`, `GapReason`, `ConnInfo` (plain data) |
@@ -40,6 +41,7 @@ pub mod outbound;
 pub(crate) mod pacer;
 mod session;
 pub mod shard;
+pub mod stall;
 pub(crate) mod stats;
 pub(crate) mod stream;
 pub(crate) mod subscribe;

@@ -184,7 +184,19 @@ pub(super) fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let local = LocalSet::new();
-            local.block_on(&rt, run(spec));
+            // The loop runs as a task of the LocalSet, not as its `block_on` future: the
+            // LocalSet polls its future before every batch of at most 61 tasks, so a loop
+            // there ran a whole dispatch cycle per 61 writers, and with 1,000 connections
+            // a writer waited 16 cycles (seconds under load) for its turn while its socket
+            // sat empty. As a task, the loop's `yield_now` puts it behind every writer
+            // its cycle woke: each cycle's output is written before the next cycle.
+            local.block_on(&rt, async move {
+                match tokio::task::spawn_local(run(spec)).await {
+                    // The death policy below needs the loop's panic itself.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    _ => {}
+                }
+            });
             // Dropping the runtime cancels whatever connection tasks outlived the drain.
             Ok::<(), std::io::Error>(())
         }));
@@ -279,9 +291,20 @@ async fn run(spec: ShardSpec) {
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(STATS_FLUSH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let label = flush_shard.id.to_string();
+        let (cpu_total, busy) = (
+            flush_metrics.shard_cpu.with_label_values(&[&label]),
+            flush_metrics.shard_busy.with_label_values(&[&label]),
+        );
+        let mut cpu = ThreadCpu::default();
         loop {
             tick.tick().await;
             flush_stats(&flush_shard, &flush_metrics, &mut flushed_periodic.borrow_mut());
+            // The flusher runs on the shard's thread, so this is the shard's CPU time.
+            if let Some((cpu_s, ratio)) = cpu.sample() {
+                cpu_total.inc_by(cpu_s);
+                busy.set(ratio);
+            }
         }
     });
 
@@ -291,17 +314,29 @@ async fn run(spec: ShardSpec) {
     let mut timer_tick = tokio::time::interval(Duration::from_millis(10));
     timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let fault_at = test_fault_for(id).map(|after| tokio::time::Instant::now() + after);
+    // Since when the current pass of the loop has held back intake (the shard owed writes).
+    let mut paused_since: Option<std::time::Instant> = None;
     loop {
         if fault_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
             panic!("{TEST_FAULT_ENV}: shard {id} panics on purpose");
         }
         let cycle_started = std::time::Instant::now();
-        let n = {
+        let (n, owes, over) = {
             let mut core = shard.core.borrow_mut();
-            let n = dispatch_cycle(&mut core, &inbox.queue);
+            // A shard that owes writes (`ShardCore::end_cycle`) takes no ticks: they wait
+            // in the inbound queue and, once it is full, in the sources, so the server's
+            // own overload slows its publishers instead of closing clients that keep up.
+            let n = if core.owes() { 0 } else { dispatch_cycle(&mut core, &inbox.queue) };
             core.end_cycle();
             core.advance_timers();
-            n
+            if let Some(t) = paused_since.take() {
+                core.stats.intake_paused_ns += t.elapsed().as_nanos() as u64;
+            }
+            let owes = core.owes();
+            if owes {
+                paused_since = Some(std::time::Instant::now());
+            }
+            (n, owes, core.has_over())
         };
         match ctl.try_recv() {
             Ok(msg) => {
@@ -314,14 +349,20 @@ async fn run(spec: ShardSpec) {
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {}
         }
-        if n > 0 {
-            shard.cycle.observe(cycle_started.elapsed().as_secs_f64());
+        if n > 0 || owes {
+            if n > 0 {
+                shard.cycle.observe(cycle_started.elapsed().as_secs_f64());
+            }
             // Let the writers woken by this cycle take their batches; ticks arriving
-            // meanwhile form the next cycle, which is what batches under load.
+            // meanwhile form the next cycle, which is what batches under load. While the
+            // shard owes writes, this is all the loop does: the writers it owes are ready
+            // to run (a writer blocked on its socket does not make the shard owe).
             tokio::task::yield_now().await;
             continue;
         }
-        let timers = shard.core.borrow().timer_tick().is_some();
+        // A connection over its budget with a full socket is judged again every timer tick
+        // until it drains or turns out to be a slow consumer, even when no tick arrives.
+        let timers = over || shard.core.borrow().timer_tick().is_some();
         tokio::select! {
             _ = inbox.notify.notified() => {}
             _ = timer_tick.tick(), if timers => {}
@@ -342,17 +383,50 @@ async fn run(spec: ShardSpec) {
 
 /// One dispatch cycle: takes ticks and resets from the queue until it is empty or the
 /// cycle's bounds (ticks, deliveries) are reached; returns how many entries it took.
+///
+/// Also records how long the last tick had waited since ingest (`dispatch_lag_ns`), 0 when
+/// the cycle emptied the queue: the shard is keeping up.
 fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbound>) -> usize {
-    let (mut n, mut deliveries) = (0, 0);
+    let (mut n, mut deliveries, mut last_recv_ns) = (0, 0, None);
     while n < MAX_TICKS_PER_CYCLE && deliveries < MAX_DELIVERIES_PER_CYCLE {
         match queue.pop() {
-            Some(Inbound::Tick(t)) => deliveries += core.dispatch(&t),
+            Some(Inbound::Tick(t)) => {
+                deliveries += core.dispatch(&t);
+                last_recv_ns = Some(t.record.ts_recv_ns());
+            }
             Some(Inbound::Reset { feed_idx, epoch }) => core.reset(feed_idx, epoch),
-            None => break,
+            None => {
+                core.stats.dispatch_lag_ns = 0;
+                return n;
+            }
         }
         n += 1;
     }
+    if let Some(recv) = last_recv_ns {
+        core.stats.dispatch_lag_ns = (tickgate_proto::now_ns() as i64).saturating_sub(recv).max(0) as u64;
+    }
     n
+}
+
+/// Samples the CPU time of the calling thread from `/proc/thread-self/schedstat` (Linux;
+/// elsewhere nothing is sampled): the shard's busy ratio without any unsafe code.
+#[derive(Debug, Default)]
+struct ThreadCpu {
+    last: Option<(std::time::Instant, u64)>,
+}
+
+impl ThreadCpu {
+    /// CPU seconds since the previous sample and their share of the wall time between
+    /// the two; `None` on the first call or when the file cannot be read.
+    fn sample(&mut self) -> Option<(f64, f64)> {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+        let now = std::time::Instant::now();
+        let prev = self.last.replace((now, ns))?;
+        let cpu_s = ns.saturating_sub(prev.1) as f64 / 1e9;
+        let wall_s = now.duration_since(prev.0).as_secs_f64();
+        Some((cpu_s, if wall_s > 0.0 { (cpu_s / wall_s).min(1.0) } else { 0.0 }))
+    }
 }
 
 /// Adds the counters' growth since `last` to the shared metrics.
@@ -393,6 +467,12 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     metrics.source_gaps.inc_by(now.source_gaps - last.source_gaps);
     metrics.token_expiries.inc_by(now.expiries - last.expiries);
     metrics.revocations.inc_by(now.revocations - last.revocations);
+    let label = shard.id.to_string();
+    metrics
+        .intake_paused
+        .with_label_values(&[&label])
+        .inc_by(now.intake_paused_ns.saturating_sub(last.intake_paused_ns) as f64 / 1e9);
+    metrics.dispatch_lag.with_label_values(&[&label]).set(now.dispatch_lag_ns as f64 / 1e9);
     shard.inbox.timers.store(core.timer_count(), Ordering::Relaxed);
     metrics.outbound_queued_bytes.with_label_values(&[&shard.id.to_string()]).set(core.queued_bytes() as i64);
     shard.inbox.subscriptions.store(core.subscription_count(), Ordering::Relaxed);

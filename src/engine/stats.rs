@@ -129,6 +129,11 @@ pub struct CoreStats {
     pub resumes: [u64; 2],
     /// Epoch resets applied.
     pub resets: u64,
+    /// Nanoseconds the shard took no ticks because it owed writes (`ShardCore::owes`).
+    pub intake_paused_ns: u64,
+    /// How long the last tick dispatched had waited since ingest, in ns (0 once the
+    /// inbound queue was found empty).
+    pub dispatch_lag_ns: u64,
 }
 
 impl CoreStats {

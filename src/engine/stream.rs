@@ -155,6 +155,18 @@ impl ConnGuard {
         }
     }
 
+    /// The writer is blocked on a write the socket does not take (`true`: the kernel send
+    /// buffer is full), or its writes complete again (`false`). Only a socket that stays
+    /// full with a backlog over the budget makes a slow consumer (`ShardCore::end_cycle`).
+    pub(crate) fn write_blocked(&self, blocked: bool) {
+        self.shard.core.borrow_mut().set_write_blocked(self.key, blocked);
+    }
+
+    /// Gives the shard the socket's write progress (see [`super::stall`]).
+    pub(crate) fn track_writes(&self, progress: super::stall::WriteProgress) {
+        self.shard.core.borrow_mut().track_writes(self.key, progress);
+    }
+
     /// Counts a socket flush (one per writer wake-up that wrote something).
     pub(crate) fn flushed(&self) {
         self.shard.core.borrow_mut().stats.flushes += 1;

@@ -89,6 +89,7 @@ pub(crate) async fn run(
     // The shard keeps the session from here: its deadline on the timer wheel, refresh
     // applied there, revocation through `EngineCtl`.
     let conn = shard.open(principal, session.clone());
+    conn.track_writes(ws.get_ref().progress().clone());
     let opened = Instant::now();
     tracing::info!(session = %session, sub = %sub, peer = %LogPeer(peer), shard = shard.id(), "stream opened");
 
@@ -356,6 +357,24 @@ where
     }
 }
 
+/// A socket write (as [`with_kill`]) that tells the engine while it waits for the socket:
+/// a write that cannot complete at once means the kernel send buffer is full, and only a
+/// socket that stays full is a slow consumer's.
+async fn write_op<F>(conn: &ConnGuard, op: F) -> Result<(), Option<WsError>>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    let mut op = std::pin::pin!(op);
+    // Most writes complete at once: the kernel had room.
+    if let std::task::Poll::Ready(r) = std::future::poll_fn(|cx| std::task::Poll::Ready(op.as_mut().poll(cx))).await {
+        return r.map_err(Some);
+    }
+    conn.write_blocked(true);
+    let r = with_kill(conn, op).await;
+    conn.write_blocked(false);
+    r
+}
+
 /// Moves everything queued for the connection to the socket, in order.
 async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
     let mut wrote = false;
@@ -366,7 +385,7 @@ async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
                     return Flow::Idle;
                 }
                 conn.flushed();
-                return match with_kill(conn, ws.flush()).await {
+                return match write_op(conn, ws.flush()).await {
                     Ok(()) => Flow::Wrote,
                     // Killed: the close item is now at the front of the queue.
                     Err(None) => continue,
@@ -386,7 +405,7 @@ async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
             Some(Frame::Binary(bytes)) => Message::Binary(bytes),
         };
         wrote = true;
-        match with_kill(conn, ws.feed(msg)).await {
+        match write_op(conn, ws.feed(msg)).await {
             Ok(()) => {}
             Err(None) => continue,
             Err(Some(e)) => return Flow::Closed(io_end(e)),

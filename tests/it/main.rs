@@ -45,6 +45,7 @@ mod nats_netns;
 mod nats_publish;
 mod nats_revoke;
 mod observability;
+mod overload;
 mod readme_tour;
 mod restart_epoch;
 mod rfc6455;

@@ -1,6 +1,7 @@
 //! The WebSocket loop skeleton that stream and publisher connections both run.
 //!
-//! Holds [`accept`] (the upgraded socket, with a role's size limits), [`drive`] (the
+//! Holds [`accept`] (the upgraded socket, with a role's size limits, its writes timed by
+//! [`Timed`]), [`drive`] (the
 //! loop: the role's own events first, then the peer's frames, then the heartbeat), the
 //! [`Role`] trait a kind of connection plugs into it, [`Step`] and [`Ended`] (what a
 //! handler asks for, how the connection ended), [`CloseStyle`] and [`close`] (the close
@@ -20,6 +21,8 @@
 //! per frame); a stream's frames are written inside its event handler.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -31,12 +34,76 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSo
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::engine::stall::WriteProgress;
 use crate::metrics::Metrics;
 use crate::server::heartbeat::{Beat, Heartbeat};
 use tickgate_proto::close::Reason;
 
-/// An upgraded server-side WebSocket.
-pub(crate) type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// An upgraded server-side WebSocket, over a socket whose accepted writes are timed.
+pub(crate) type Ws = WebSocketStream<Timed<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// A socket (any async I/O) that marks a [`WriteProgress`] each time the kernel accepts
+/// bytes: how the shard tells a socket that stopped taking data from a writer that is
+/// merely waiting on a large write a reader drains piece by piece. One clock read per
+/// accepted write; reads pass through.
+#[derive(Debug)]
+pub(crate) struct Timed<T> {
+    inner: T,
+    progress: WriteProgress,
+}
+
+impl<T> Timed<T> {
+    /// The socket's write progress, for the engine (`ConnGuard::track_writes`).
+    pub(crate) fn progress(&self) -> &WriteProgress {
+        &self.progress
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.progress.mark();
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.progress.mark();
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// The end of a connection whose close frame could not be written (counted as 1006).
 pub(crate) const UNDELIVERED: &str = "close frame not delivered";
@@ -126,7 +193,10 @@ pub(crate) trait Role {
 /// the upgrade failed (the client went away).
 pub(crate) async fn accept(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Ws> {
     match on_upgrade.await {
-        Ok(u) => Some(WebSocketStream::from_raw_socket(TokioIo::new(u), WsRole::Server, Some(config)).await),
+        Ok(u) => {
+            let io = Timed { inner: TokioIo::new(u), progress: WriteProgress::new() };
+            Some(WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config)).await)
+        }
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             None
