@@ -74,7 +74,8 @@ fn unit_kind(expr: &str) -> &'static str {
     if expr.contains(" / ") {
         return "count"; // a ratio of two rates: records per frame
     }
-    match (rated, expr.contains("process_cpu_seconds_total"), expr.contains("_bytes")) {
+    // The rate of a seconds counter (CPU time, time paused) is a share of time.
+    match (rated, expr.contains("_seconds_total"), expr.contains("_bytes")) {
         (true, true, _) => "cpu",
         (true, false, true) => "bytes/s",
         (true, false, false) => "rate",
