@@ -380,6 +380,9 @@ pub struct LimitsConfig {
     /// slow consumer (ms). A backlog the shard built while the socket was taking data is
     /// the server's own overload: the shard holds back intake instead.
     pub slow_consumer_stall_ms: u64,
+    /// All outbound backlogs of the server together (bytes); past it, the largest are
+    /// handled first under their feeds' policies. 0: a quarter of the machine's memory.
+    pub max_outbound_total_bytes: usize,
     /// Largest control message accepted (bytes).
     pub max_control_bytes: usize,
     /// Largest binary message a publisher may send on `/v1/publish` (bytes).
@@ -421,6 +424,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_outbound_bytes: 1_048_576,
             slow_consumer_stall_ms: 1000,
+            max_outbound_total_bytes: 0,
             max_control_bytes: 65_536,
             max_publish_bytes: 1_048_576,
             max_subscriptions: 10_000,
@@ -576,6 +580,11 @@ impl Config {
         if self.limits.max_outbound_bytes < 4096 {
             return bad("limits.max_outbound_bytes must be at least 4096");
         }
+        if self.limits.max_outbound_total_bytes != 0
+            && self.limits.max_outbound_total_bytes < self.limits.max_outbound_bytes
+        {
+            return bad("limits.max_outbound_total_bytes must be 0 (a quarter of the memory) or at least limits.max_outbound_bytes");
+        }
         if !(50..=60_000).contains(&self.limits.slow_consumer_stall_ms) {
             return bad("limits.slow_consumer_stall_ms must be between 50 and 60000");
         }
@@ -727,6 +736,20 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The budget of all outbound backlogs together: `limits.max_outbound_total_bytes`, or
+    /// when that is 0 a quarter of the machine's memory (`MemTotal` of `/proc/meminfo`;
+    /// 1 GiB where it cannot be read), never below one connection's budget.
+    pub fn outbound_total_bytes(&self) -> usize {
+        if self.limits.max_outbound_total_bytes > 0 {
+            return self.limits.max_outbound_total_bytes;
+        }
+        let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim();
+            kb.parse::<usize>().ok().map(|kb| kb.saturating_mul(1024))
+        });
+        (mem.unwrap_or(4 << 30) / 4).max(self.limits.max_outbound_bytes)
     }
 
     /// Shards to run: the configured count, or one per available core.

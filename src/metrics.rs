@@ -76,6 +76,10 @@ pub struct Metrics {
     pub dispatch_cycle: HistogramVec,
     /// Outbound bytes queued (not yet taken by sockets), per shard.
     pub outbound_queued_bytes: IntGaugeVec,
+    /// The server-wide outbound budget in force (`limits.max_outbound_total_bytes`).
+    pub outbound_budget: IntGauge,
+    /// Connections acted on to bring the server back within its outbound budget, by action.
+    pub outbound_budget_sheds: IntCounterVec,
     /// CPU time of each shard's thread (its busy ratio is the rate of this).
     pub shard_cpu: prometheus::CounterVec,
     /// The share of the last flush interval each shard's thread spent on the CPU.
@@ -204,6 +208,21 @@ impl Metrics {
             |name: &str, help: &str| reg(&r, prometheus::CounterVec::new(Opts::new(name, help), &["shard"]));
         let f64_gauge_vec =
             |name: &str, help: &str| reg(&r, prometheus::GaugeVec::new(Opts::new(name, help), &["shard"]));
+        let outbound_budget = gauge(
+            &r,
+            "tickgate_outbound_budget_bytes",
+            "The server-wide outbound budget: all connections' backlogs together",
+        );
+        let outbound_budget_sheds = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tickgate_outbound_budget_sheds_total",
+                    "Connections closed (disconnect) or set conflating (conflate) with the server over its outbound budget",
+                ),
+                &["action"],
+            ),
+        );
         let shard_cpu = f64_counter_vec("tickgate_shard_cpu_seconds_total", "CPU time of a shard's thread");
         let shard_busy =
             f64_gauge_vec("tickgate_shard_busy_ratio", "Share of the last 100 ms a shard's thread was on the CPU");
@@ -254,6 +273,8 @@ impl Metrics {
             ),
             batch_records,
             dispatch_cycle,
+            outbound_budget,
+            outbound_budget_sheds,
             shard_cpu,
             shard_busy,
             intake_paused,
@@ -424,6 +445,9 @@ impl Metrics {
             "bad_record",
         ] {
             self.control_errors.with_label_values(&[c]);
+        }
+        for a in ["disconnect", "conflate"] {
+            self.outbound_budget_sheds.with_label_values(&[a]);
         }
         for c in ["1000", "1001", "1002", "1006", "1007", "1008", "4001", "4003", "4008"] {
             self.closes.with_label_values(&[c]);

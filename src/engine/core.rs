@@ -47,6 +47,8 @@ pub struct CoreLimits {
     /// How long a socket must stay full, with the backlog over the budget, before its
     /// connection is a slow consumer (`limits.slow_consumer_stall_ms`).
     pub slow_consumer_stall_ms: u64,
+    /// All outbound backlogs of the server together (`Config::outbound_total_bytes`).
+    pub max_outbound_total_bytes: usize,
     /// Largest batch before a new one is opened.
     pub max_batch_bytes: usize,
     /// Subscribed instruments per connection.
@@ -73,6 +75,7 @@ impl From<&Config> for CoreLimits {
         CoreLimits {
             max_outbound_bytes: c.limits.max_outbound_bytes,
             slow_consumer_stall_ms: c.limits.slow_consumer_stall_ms,
+            max_outbound_total_bytes: c.outbound_total_bytes(),
             max_batch_bytes: c.engine.max_batch_bytes,
             max_subscriptions: c.limits.max_subscriptions,
             heartbeat_ms: c.server.heartbeat_ms,

@@ -90,6 +90,7 @@ impl Engine {
             let thread = shard::spawn(ShardSpec {
                 id,
                 inbox: inbox.clone(),
+                all: inboxes.clone(),
                 ctl: ctl_rx,
                 sockets: s_rx,
                 catalog: catalog.clone(),

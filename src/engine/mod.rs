@@ -25,6 +25,7 @@
 //! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
 //! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
 //! | `stats` | `CoreStats`, `GapReason`, `ConnInfo` (plain data) |
+//! | `budget` | the server-wide outbound budget: each shard's share of the excess, shed from its largest backlogs |
 //! | `view` | what a shard reports of itself: queued bytes, the admin connection list |
 //! | `index`, `session`, `subscribe` | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
 //! | [`outbound`], `conflate`, [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
@@ -33,6 +34,7 @@
 //! and a deadline), never a token: refresh tokens are validated by the connection task.
 //! See `docs/architecture.md` for the whole path.
 
+pub(crate) mod budget;
 pub(crate) mod conflate;
 pub mod core;
 pub(crate) mod handle;
@@ -108,6 +110,9 @@ pub struct ShardInbox {
     pub timers: AtomicUsize,
     /// Ticks that had to wait for queue space (the shard was behind).
     pub backpressure_waits: AtomicUsize,
+    /// Outbound bytes queued on this shard's connections, as of its last stats flush:
+    /// every shard sums these for the server-wide budget (`super::budget`).
+    pub queued_bytes: AtomicUsize,
     /// False once the shard's thread has ended (stopped, or died of a panic): nobody
     /// takes from the queue any more, so a source must not wait for space in it.
     alive: AtomicBool,
@@ -123,6 +128,7 @@ impl ShardInbox {
             subscriptions: AtomicUsize::new(0),
             timers: AtomicUsize::new(0),
             backpressure_waits: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
         }
     }

@@ -136,6 +136,9 @@ pub(super) struct ShardSpec {
     pub id: usize,
     /// Inbound queue.
     pub inbox: Arc<ShardInbox>,
+    /// Every shard's inbox (this one's too): their queued bytes make the server-wide
+    /// outbound total (`super::budget`).
+    pub all: Arc<[Arc<ShardInbox>]>,
     /// Control requests.
     pub ctl: mpsc::Receiver<ShardCtl>,
     /// Sockets placed on this shard.
@@ -256,7 +259,9 @@ fn test_fault_for(id: usize) -> Option<Duration> {
 }
 
 async fn run(spec: ShardSpec) {
-    let ShardSpec { id, inbox, mut ctl, mut sockets, catalog, limits, metrics, serve } = spec;
+    let ShardSpec { id, inbox, all, mut ctl, mut sockets, catalog, limits, metrics, serve } = spec;
+    let total_budget = limits.max_outbound_total_bytes;
+    metrics.outbound_budget.set(total_budget as i64);
     let shard = Rc::new(ShardLocal {
         id,
         core: RefCell::new(ShardCore::new(catalog.clone(), limits)),
@@ -299,6 +304,7 @@ async fn run(spec: ShardSpec) {
         let mut cpu = ThreadCpu::default();
         loop {
             tick.tick().await;
+            enforce_budget(&flush_shard, &all, total_budget);
             flush_stats(&flush_shard, &flush_metrics, &mut flushed_periodic.borrow_mut());
             // The flusher runs on the shard's thread, so this is the shard's CPU time.
             if let Some((cpu_s, ratio)) = cpu.sample() {
@@ -429,6 +435,21 @@ impl ThreadCpu {
     }
 }
 
+/// Publishes this shard's queued bytes and, when the server's total is over `budget`, sheds
+/// this shard's share of the excess from its largest backlogs (`super::budget`).
+fn enforce_budget(shard: &ShardLocal, all: &[Arc<ShardInbox>], budget: usize) {
+    let mut core = shard.core.borrow_mut();
+    let mine = core.queued_bytes();
+    shard.inbox.queued_bytes.store(mine, Ordering::Relaxed);
+    let total: usize = all.iter().map(|i| i.queued_bytes.load(Ordering::Relaxed)).sum();
+    let want = super::budget::share(mine, total, budget);
+    if want > 0 {
+        let shed = core.shed(want);
+        // What was dropped no longer counts, so the other shards see the new total.
+        shard.inbox.queued_bytes.store(mine.saturating_sub(shed), Ordering::Relaxed);
+    }
+}
+
 /// Adds the counters' growth since `last` to the shared metrics.
 fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     // Adds a labelled counter's growth; a label whose count did not move is not touched
@@ -448,6 +469,8 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     metrics.socket_flushes.inc_by(now.flushes - last.flushes);
     bump(&metrics.slow_consumer_events, "disconnect", now.slow_disconnects, last.slow_disconnects);
     bump(&metrics.slow_consumer_events, "conflate", now.conflate_episodes, last.conflate_episodes);
+    bump(&metrics.outbound_budget_sheds, "disconnect", now.budget_disconnects, last.budget_disconnects);
+    bump(&metrics.outbound_budget_sheds, "conflate", now.budget_conflations, last.budget_conflations);
     metrics.conflated_records.inc_by(now.conflated_records - last.conflated_records);
     for (k, reason) in GapReason::ALL.iter().enumerate() {
         bump(&metrics.gaps_sent, reason.as_str(), now.gaps[k], last.gaps[k]);

@@ -129,6 +129,10 @@ pub struct CoreStats {
     pub resumes: [u64; 2],
     /// Epoch resets applied.
     pub resets: u64,
+    /// Connections closed (4008) to bring the server back within its outbound budget.
+    pub budget_disconnects: u64,
+    /// Connections set conflating to bring the server back within its outbound budget.
+    pub budget_conflations: u64,
     /// Nanoseconds the shard took no ticks because it owed writes (`ShardCore::owes`).
     pub intake_paused_ns: u64,
     /// How long the last tick dispatched had waited since ingest, in ns (0 once the

@@ -284,6 +284,53 @@ async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
     ts.shutdown().await;
 }
 
+/// The server-wide outbound budget: four stalled readers, none over its own budget, are
+/// together over the server's; the largest backlogs are closed with 4008 (counted as budget
+/// sheds), and a reader that keeps up is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_wide_budget_sheds_the_largest_backlogs() {
+    let ts = TestServer::start(20_000.0, |c| {
+        c.limits.max_outbound_bytes = 1 << 20;
+        c.limits.max_outbound_total_bytes = 1 << 20;
+        c.server.send_buffer_bytes = 16_384;
+    })
+    .await;
+    assert_eq!(ts.metric("tickgate_outbound_budget_bytes").await, (1 << 20) as f64);
+    let token = ts.token(&["md:read:T"]);
+    let (mut healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
+    let slow_gone = tokio_util::sync::CancellationToken::new();
+    let healthy_task = tokio::spawn({
+        let slow_gone = slow_gone.clone();
+        async move {
+            let r = read_until_cancelled(&mut healthy, &slow_gone, 10_000).await;
+            (healthy, r)
+        }
+    });
+    let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
+        s.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
+        stalled.push(s);
+    }
+    // Not reading any of them until the server has given up on all four (reading one would
+    // drain it, and a reader that keeps up is not shed): their backlogs keep growing, so
+    // each time the total passes the budget the largest go.
+    ts.wait_metric("tickgate_slow_consumer_events_total{action=\"disconnect\"}", 4.0).await;
+    let mut codes = Vec::new();
+    for s in &mut stalled {
+        codes.push(wait_close(s, EVENTUALLY).await);
+    }
+    assert!(codes.iter().all(|&c| c == 4008), "{codes:?}");
+    slow_gone.cancel();
+    let (mut healthy, (_, anomalies)) = healthy_task.await.unwrap();
+    assert_eq!(anomalies, 0, "the reader that keeps up saw a gap");
+    let (_, anomalies) = read_records(&mut healthy, 100).await;
+    assert_eq!(anomalies, 0);
+    assert!(ts.metric("tickgate_outbound_budget_sheds_total{action=\"disconnect\"}").await >= 1.0);
+    ts.shutdown().await;
+}
+
 /// Shutdown sends `shutdown` then close 1001 to every client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_reaches_every_client() {
