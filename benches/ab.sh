@@ -116,6 +116,13 @@ for side in ("OLD", "NEW"):
                         j["server_cpu_s_per_million"] * j["records_per_frame"])
             if j.get("p99_us"):
                 add(f"cells {cell}/s: p99 (us)", side, j["p99_us"])
+            # Overload behaviour: subscribers reading as fast as they could that were closed
+            # (4008 or otherwise), delivered records/s, silent loss, memory at the end.
+            add(f"cells {cell}/s: subscribers closed early", side, j.get("failed", 0))
+            add(f"cells {cell}/s: delivered records/s", side, j.get("records_per_s", 0))
+            add(f"cells {cell}/s: delivery violations", side, j.get("anomalies", 0))
+            if j.get("server_rss_bytes"):
+                add(f"cells {cell}/s: server RSS at the end (MB)", side, j["server_rss_bytes"] / 1e6)
         cj = f"{d}/compare/benchmarks-compare.jsonl"
         if os.path.exists(cj):
             cells = {}
@@ -136,5 +143,6 @@ for name in sorted(rows):
     o, n = rows[name]["OLD"], rows[name]["NEW"]
     if o and n:
         mo, mn = st.median(o), st.median(n)
-        print(f"| {name} | {mo:.4g} | {mn:.4g} | {mn/mo:.3f} | {min(o):.4g}-{max(o):.4g} | {min(n):.4g}-{max(n):.4g} |")
+        ratio = f"{mn/mo:.3f}" if mo else "-"
+        print(f"| {name} | {mo:.4g} | {mn:.4g} | {ratio} | {min(o):.4g}-{max(o):.4g} | {min(n):.4g}-{max(n):.4g} |")
 PY
