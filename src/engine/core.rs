@@ -207,6 +207,8 @@ pub struct ShardCore {
     /// the backlog is the shard's own doing (it dispatched faster than its writers could
     /// run), so it takes no ticks until the writers have caught up.
     pub(super) owing: bool,
+    /// Writers woken by dispatch since the shard loop last asked (`take_woken`).
+    pub(super) woken: usize,
     pub(super) subscriptions: usize,
     pub(super) draining: bool,
     /// Set while a lame-duck phase is under way: what its timers need when they fire.
@@ -253,6 +255,7 @@ impl ShardCore {
             to_kill: Vec::new(),
             over: Vec::new(),
             owing: false,
+            woken: 0,
             subscriptions: 0,
             draining: false,
             lame_duck: None,
@@ -334,7 +337,8 @@ impl ShardCore {
         let flush_at = WritePacer::flush_at(max_batch, budget);
         let conflate = self.conflate.get(f).copied().unwrap_or(false);
         let len = tick.record.len();
-        let (conns, index, over, stats) = (&mut self.conns, &self.index, &mut self.over, &mut self.stats);
+        let (conns, index, over, stats, woken) =
+            (&mut self.conns, &self.index, &mut self.over, &mut self.stats, &mut self.woken);
         for &key in &index[f][i] {
             // Every key in the index is a live connection: removal unindexes first.
             let Some(c) = conns.get_mut(key) else {
@@ -375,11 +379,13 @@ impl ShardCore {
                     c.over = true;
                     over.push(key);
                     c.notify.notify_one();
+                    *woken += 1;
                 }
             } else if WritePacer::must_wake(was_empty, before, after, flush_at) {
                 // A writer holding its write (`engine.write_delay_us`) must not sit on a
                 // backlog until the slow-consumer budget closes a client that keeps up.
                 c.notify.notify_one();
+                *woken += 1;
             }
         }
         index[f][i].len()
@@ -548,6 +554,12 @@ impl ShardCore {
     /// takes no ticks and lets the writers run.
     pub fn owes(&self) -> bool {
         self.owing
+    }
+
+    /// How many writers dispatch woke since the last call (the shard loop gives them their
+    /// turn before a long cycle's successor).
+    pub fn take_woken(&mut self) -> usize {
+        std::mem::take(&mut self.woken)
     }
 
     /// True while some connection is over its budget (judged again at every

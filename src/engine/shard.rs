@@ -40,6 +40,15 @@ const MAX_TICKS_PER_CYCLE: usize = 8192;
 /// was busy. 2^20 copies take roughly 10-30 ms; below that load nothing changes.
 const MAX_DELIVERIES_PER_CYCLE: usize = 1 << 20;
 
+/// Tasks a `LocalSet` runs between two polls of its `block_on` future (tokio's
+/// `MAX_TASKS_PER_TICK`): one `yield_now` of the dispatch loop lets this many writers run.
+const TASKS_PER_YIELD: usize = 61;
+
+/// A dispatch cycle of at least this many deliveries is followed by a whole writers' round
+/// (see the loop). Below it, the loop dispatches again after one yield, as soon as ticks are
+/// there, which keeps latency low: a cycle this small takes well under a millisecond.
+const FAIR_ROUND_DELIVERIES: usize = 1 << 16;
+
 /// How often local counters are added to the shared Prometheus metrics.
 const STATS_FLUSH: Duration = Duration::from_millis(100);
 
@@ -187,19 +196,7 @@ pub(super) fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let local = LocalSet::new();
-            // The loop runs as a task of the LocalSet, not as its `block_on` future: the
-            // LocalSet polls its future before every batch of at most 61 tasks, so a loop
-            // there ran a whole dispatch cycle per 61 writers, and with 1,000 connections
-            // a writer waited 16 cycles (seconds under load) for its turn while its socket
-            // sat empty. As a task, the loop's `yield_now` puts it behind every writer
-            // its cycle woke: each cycle's output is written before the next cycle.
-            local.block_on(&rt, async move {
-                match tokio::task::spawn_local(run(spec)).await {
-                    // The death policy below needs the loop's panic itself.
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    _ => {}
-                }
-            });
+            local.block_on(&rt, run(spec));
             // Dropping the runtime cancels whatever connection tasks outlived the drain.
             Ok::<(), std::io::Error>(())
         }));
@@ -327,12 +324,13 @@ async fn run(spec: ShardSpec) {
             panic!("{TEST_FAULT_ENV}: shard {id} panics on purpose");
         }
         let cycle_started = std::time::Instant::now();
-        let (n, owes, over) = {
+        let (n, owes, over, yields) = {
             let mut core = shard.core.borrow_mut();
             // A shard that owes writes (`ShardCore::end_cycle`) takes no ticks: they wait
             // in the inbound queue and, once it is full, in the sources, so the server's
             // own overload slows its publishers instead of closing clients that keep up.
-            let n = if core.owes() { 0 } else { dispatch_cycle(&mut core, &inbox.queue) };
+            let (n, deliveries) = if core.owes() { (0, 0) } else { dispatch_cycle(&mut core, &inbox.queue) };
+            let woken = core.take_woken();
             core.end_cycle();
             core.advance_timers();
             if let Some(t) = paused_since.take() {
@@ -342,7 +340,12 @@ async fn run(spec: ShardSpec) {
             if owes {
                 paused_since = Some(std::time::Instant::now());
             }
-            (n, owes, core.has_over())
+            // After a long cycle, every writer it woke gets its turn before the next one:
+            // the loop is the LocalSet's `block_on` future, polled again after every 61
+            // tasks, so with 1,000 connections and cycles of 2^20 deliveries a writer waited
+            // 16 cycles (seconds) while its socket sat empty, and looked like a slow consumer.
+            let yields = if deliveries >= FAIR_ROUND_DELIVERIES { woken.div_ceil(TASKS_PER_YIELD).max(1) } else { 1 };
+            (n, owes, core.has_over(), yields)
         };
         match ctl.try_recv() {
             Ok(msg) => {
@@ -363,7 +366,9 @@ async fn run(spec: ShardSpec) {
             // meanwhile form the next cycle, which is what batches under load. While the
             // shard owes writes, this is all the loop does: the writers it owes are ready
             // to run (a writer blocked on its socket does not make the shard owe).
-            tokio::task::yield_now().await;
+            for _ in 0..yields {
+                tokio::task::yield_now().await;
+            }
             continue;
         }
         // A connection over its budget with a full socket is judged again every timer tick
@@ -392,7 +397,7 @@ async fn run(spec: ShardSpec) {
 ///
 /// Also records how long the last tick had waited since ingest (`dispatch_lag_ns`), 0 when
 /// the cycle emptied the queue: the shard is keeping up.
-fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbound>) -> usize {
+fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbound>) -> (usize, usize) {
     let (mut n, mut deliveries, mut last_recv_ns) = (0, 0, None);
     while n < MAX_TICKS_PER_CYCLE && deliveries < MAX_DELIVERIES_PER_CYCLE {
         match queue.pop() {
@@ -403,7 +408,7 @@ fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbo
             Some(Inbound::Reset { feed_idx, epoch }) => core.reset(feed_idx, epoch),
             None => {
                 core.stats.dispatch_lag_ns = 0;
-                return n;
+                return (n, deliveries);
             }
         }
         n += 1;
@@ -411,7 +416,7 @@ fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbo
     if let Some(recv) = last_recv_ns {
         core.stats.dispatch_lag_ns = (tickgate_proto::now_ns() as i64).saturating_sub(recv).max(0) as u64;
     }
-    n
+    (n, deliveries)
 }
 
 /// Samples the CPU time of the calling thread from `/proc/thread-self/schedstat` (Linux;
@@ -540,13 +545,13 @@ mod tests {
         fill(&queue, 0, 3000);
         // 1,049 ticks × 1,000 subscribers: the first cycle to reach 2^20 deliveries.
         let per_cycle = MAX_DELIVERIES_PER_CYCLE.div_ceil(1000);
-        assert_eq!(dispatch_cycle(&mut core, &queue), per_cycle);
+        assert_eq!(dispatch_cycle(&mut core, &queue).0, per_cycle);
         assert_eq!(queue.len(), 3000 - per_cycle);
         while queue.pop().is_some() {}
 
         fill(&queue, 1, 2 * MAX_TICKS_PER_CYCLE as u64);
-        assert_eq!(dispatch_cycle(&mut core, &queue), MAX_TICKS_PER_CYCLE);
-        assert_eq!(dispatch_cycle(&mut core, &queue), MAX_TICKS_PER_CYCLE);
-        assert_eq!(dispatch_cycle(&mut core, &queue), 0);
+        assert_eq!(dispatch_cycle(&mut core, &queue).0, MAX_TICKS_PER_CYCLE);
+        assert_eq!(dispatch_cycle(&mut core, &queue).0, MAX_TICKS_PER_CYCLE);
+        assert_eq!(dispatch_cycle(&mut core, &queue).0, 0);
     }
 }
