@@ -245,6 +245,19 @@ async fn snapshot_fence_holds_at_full_rate() {
     ts.shutdown().await;
 }
 
+/// Reads `sub` in the background until `stop` fires and 10,000 records came; gives back the
+/// subscriber and what `read_until_cancelled` saw.
+fn read_in_background(
+    mut sub: Subscriber,
+    stop: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<(Subscriber, (u64, usize))> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let r = read_until_cancelled(&mut sub, &stop, 10_000).await;
+        (sub, r)
+    })
+}
+
 /// A client that stops reading is closed with 4008; the others keep a gap-free stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
@@ -256,16 +269,10 @@ async fn stalled_reader_is_closed_4008_and_others_are_untouched() {
     })
     .await;
     let token = ts.token(&["md:read:T"]);
-    let (mut healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
+    let (healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
     // The healthy one reads throughout: until the stalled one is gone, and 10,000 records.
     let slow_gone = tokio_util::sync::CancellationToken::new();
-    let healthy_task = tokio::spawn({
-        let slow_gone = slow_gone.clone();
-        async move {
-            let r = read_until_cancelled(&mut healthy, &slow_gone, 10_000).await;
-            (healthy, r)
-        }
-    });
+    let healthy_task = read_in_background(healthy, &slow_gone);
     let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
     let mut slow = Subscriber::connect(&ts.url, &token, &opts).await.unwrap();
     slow.send_json(&json!({"op":"subscribe","feed":"T","symbols":["*"]})).await.unwrap();
@@ -297,15 +304,9 @@ async fn the_server_wide_budget_sheds_the_largest_backlogs() {
     .await;
     assert_eq!(ts.metric("tickgate_outbound_budget_bytes").await, (1 << 20) as f64);
     let token = ts.token(&["md:read:T"]);
-    let (mut healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
+    let (healthy, _) = subscribed(&ts, &token, "T", json!(["*"]), false).await;
     let slow_gone = tokio_util::sync::CancellationToken::new();
-    let healthy_task = tokio::spawn({
-        let slow_gone = slow_gone.clone();
-        async move {
-            let r = read_until_cancelled(&mut healthy, &slow_gone, 10_000).await;
-            (healthy, r)
-        }
-    });
+    let healthy_task = read_in_background(healthy, &slow_gone);
     let opts = ConnectOptions { recv_buffer: Some(4096), ..ConnectOptions::default() };
     let mut stalled = Vec::new();
     for _ in 0..4 {
