@@ -268,3 +268,40 @@ test('after a server restart the screen reconnects, resubscribes and shows no ga
     await server.stop();
   }
 });
+
+test('a server close is shown with its reason (revoked: 4003), and a configured server refuses the demo token', async () => {
+  const dir = tempDir();
+  const clients = '[issuer]\nclients = [{ id = "trader", secret = "trader-secret", scopes = ["md:read:*"] }, ' +
+    '{ id = "ops", secret = "ops-secret", scopes = ["tickgate:admin"] }]\n';
+  const server = await Server.start(dir, config(dir, { extra: clients }));
+  const ctx = await browser();
+  try {
+    const { page, problems } = await openScreen(ctx, server);
+    // No secret: the demo token exists only without configured clients, and the page says so.
+    await page.fill('#cid', 'trader');
+    await page.click('#connect');
+    await page.waitForSelector('#error.shown', { timeout: PATIENCE });
+    assert.match(await text(page, '#error'), /configured clients/);
+    await until('the Connect button back', async () => page.isEnabled('#connect'));
+    // With the client's secret it streams; revoking its subject closes it with 4003, for good.
+    await page.fill('#secret', 'trader-secret');
+    await page.click('#connect');
+    await until('connected', async () => (await text(page, '#st-conn')) === 'connected');
+    await until('records', async () => (await num(page, '#st-records')) > 0);
+    const form = new URLSearchParams({ grant_type: 'client_credentials', client_id: 'ops', client_secret: 'ops-secret' });
+    const admin = await (await fetch(`${server.base}/oauth2/token`, { method: 'POST', body: form })).json();
+    const r = await fetch(`${server.admin}/admin/revoke`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${admin.access_token}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ sub: 'trader' }),
+    });
+    assert.equal(r.status, 200);
+    await until('the revocation shown', async () => /4003.*token revoked/.test(await text(page, '#error')));
+    await until('disconnected', async () => (await text(page, '#st-conn')) === 'disconnected');
+    assert.equal(await num(page, '#st-reconnects'), 0, 'a revoked token is not retried');
+    assert.deepEqual(problems, []);
+  } finally {
+    await ctx.close();
+    await server.stop();
+  }
+});

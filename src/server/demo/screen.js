@@ -90,10 +90,9 @@ class Screen {
       const r = await fetch('/demo/token', { method: 'POST' });
       const body = await r.json().catch(() => ({}));
       if (!r.ok) {
-        throw new TokenError(r.status === 404
+        throw new TokenError(r.status, body.error || 'demo_token', r.status === 404
           ? 'this server has configured clients: enter a client id and secret'
-          : `demo token refused: ${body.error_description || r.status}`,
-        { status: r.status, error: body.error || 'demo_token', description: body.error_description || '' });
+          : body.error_description || '');
       }
       return body.access_token;
     }
