@@ -7,10 +7,10 @@ import { TickgateStream, fetchToken, TokenError, ControlError, StreamClosed, Han
 
 const $ = (id) => document.getElementById(id);
 const HISTORY = 1500; // chart points kept per instrument (a ring)
-const FLASH_MS = 300;
+const FLASH_MS = 150;
 // A cell flashes at most this often: on a busy feed every trade changes the price, and a
 // cell lit all the time tells nothing.
-const FLASH_EVERY_MS = 1200;
+const FLASH_EVERY_MS = 2000;
 
 /** Formats a price with two decimals (DEMO prices are dollars), or a dash. */
 const px = (v) => (v === undefined || Number.isNaN(v) ? '—' : v.toFixed(2));
