@@ -18,7 +18,7 @@ use tickgate_proto::close::Reason;
 /// the server's `total` and the `budget`. The shares of all shards add up to at least the
 /// excess.
 pub(crate) fn share(mine: usize, total: usize, budget: usize) -> usize {
-    if total <= budget || total == 0 {
+    if total <= budget {
         return 0;
     }
     let excess = (total - budget) as u128;

@@ -110,8 +110,9 @@ pub struct ShardInbox {
     pub timers: AtomicUsize,
     /// Ticks that had to wait for queue space (the shard was behind).
     pub backpressure_waits: AtomicUsize,
-    /// Outbound bytes queued on this shard's connections, as of its last stats flush:
-    /// every shard sums these for the server-wide budget (`super::budget`).
+    /// Outbound bytes queued on this shard's connections, as of its last stats flush (less
+    /// what the budget shed since): every shard sums these for the server-wide budget
+    /// (`super::budget`).
     pub queued_bytes: AtomicUsize,
     /// False once the shard's thread has ended (stopped, or died of a panic): nobody
     /// takes from the queue any more, so a source must not wait for space in it.

@@ -301,8 +301,8 @@ async fn run(spec: ShardSpec) {
         let mut cpu = ThreadCpu::default();
         loop {
             tick.tick().await;
-            enforce_budget(&flush_shard, &all, total_budget);
             flush_stats(&flush_shard, &flush_metrics, &mut flushed_periodic.borrow_mut());
+            enforce_budget(&flush_shard, &all, total_budget);
             // The flusher runs on the shard's thread, so this is the shard's CPU time.
             if let Some((cpu_s, ratio)) = cpu.sample() {
                 cpu_total.inc_by(cpu_s);
@@ -393,7 +393,8 @@ async fn run(spec: ShardSpec) {
 }
 
 /// One dispatch cycle: takes ticks and resets from the queue until it is empty or the
-/// cycle's bounds (ticks, deliveries) are reached; returns how many entries it took.
+/// cycle's bounds (ticks, deliveries) are reached; returns how many entries it took and
+/// how many deliveries they made.
 ///
 /// Also records how long the last tick had waited since ingest (`dispatch_lag_ns`), 0 when
 /// the cycle emptied the queue: the shard is keeping up.
@@ -440,16 +441,15 @@ impl ThreadCpu {
     }
 }
 
-/// Publishes this shard's queued bytes and, when the server's total is over `budget`, sheds
-/// this shard's share of the excess from its largest backlogs (`super::budget`).
+/// When the server's total is over `budget`, sheds this shard's share of the excess from
+/// its largest backlogs (`super::budget`). Runs right after [`flush_stats`], which
+/// published every shard's queued bytes (one pass over the connections per flush).
 fn enforce_budget(shard: &ShardLocal, all: &[Arc<ShardInbox>], budget: usize) {
-    let mut core = shard.core.borrow_mut();
-    let mine = core.queued_bytes();
-    shard.inbox.queued_bytes.store(mine, Ordering::Relaxed);
+    let mine = shard.inbox.queued_bytes.load(Ordering::Relaxed);
     let total: usize = all.iter().map(|i| i.queued_bytes.load(Ordering::Relaxed)).sum();
     let want = super::budget::share(mine, total, budget);
     if want > 0 {
-        let shed = core.shed(want);
+        let shed = shard.core.borrow_mut().shed(want);
         // What was dropped no longer counts, so the other shards see the new total.
         shard.inbox.queued_bytes.store(mine.saturating_sub(shed), Ordering::Relaxed);
     }
@@ -502,7 +502,9 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
         .inc_by(now.intake_paused_ns.saturating_sub(last.intake_paused_ns) as f64 / 1e9);
     metrics.dispatch_lag.with_label_values(&[&label]).set(now.dispatch_lag_ns as f64 / 1e9);
     shard.inbox.timers.store(core.timer_count(), Ordering::Relaxed);
-    metrics.outbound_queued_bytes.with_label_values(&[&shard.id.to_string()]).set(core.queued_bytes() as i64);
+    let queued = core.queued_bytes();
+    shard.inbox.queued_bytes.store(queued, Ordering::Relaxed);
+    metrics.outbound_queued_bytes.with_label_values(&[&label]).set(queued as i64);
     shard.inbox.subscriptions.store(core.subscription_count(), Ordering::Relaxed);
     drop(core);
     shard.latency.flush();

@@ -61,6 +61,18 @@ impl<T> Timed<T> {
     }
 }
 
+impl<T> Timed<T> {
+    /// Passes a write's result on, marking the progress when the kernel took bytes.
+    fn accepted(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.progress.mark();
+            }
+        }
+        r
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -70,12 +82,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.progress.mark();
-            }
-        }
-        r
+        self.accepted(r)
     }
 
     fn poll_write_vectored(
@@ -84,12 +91,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.progress.mark();
-            }
-        }
-        r
+        self.accepted(r)
     }
 
     fn is_write_vectored(&self) -> bool {
