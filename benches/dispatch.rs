@@ -70,6 +70,7 @@ fn core_with(n: usize) -> (ShardCore, Vec<usize>) {
                 snapshot: false,
                 resume: None,
                 epoch: None,
+                max_rate: None,
             },
         );
         while core.pop(h.key).is_some() {}

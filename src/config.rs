@@ -383,6 +383,10 @@ pub struct LimitsConfig {
     /// All outbound backlogs of the server together (bytes); past it, the largest are
     /// handled first under their feeds' policies. 0: a quarter of the machine's memory.
     pub max_outbound_total_bytes: usize,
+    /// Trades (and source gaps) one update of a throttled subscription carries at most
+    /// (protocol v1.1 `max_rate`); later trades of the interval are named by a `gap`
+    /// (reason `throttled`).
+    pub max_trades_per_update: usize,
     /// Largest control message accepted (bytes).
     pub max_control_bytes: usize,
     /// Largest binary message a publisher may send on `/v1/publish` (bytes).
@@ -425,6 +429,7 @@ impl Default for LimitsConfig {
             max_outbound_bytes: 1_048_576,
             slow_consumer_stall_ms: 1000,
             max_outbound_total_bytes: 0,
+            max_trades_per_update: 256,
             max_control_bytes: 65_536,
             max_publish_bytes: 1_048_576,
             max_subscriptions: 10_000,
@@ -587,6 +592,9 @@ impl Config {
         }
         if !(50..=60_000).contains(&self.limits.slow_consumer_stall_ms) {
             return bad("limits.slow_consumer_stall_ms must be between 50 and 60000");
+        }
+        if !(1..=65_536).contains(&self.limits.max_trades_per_update) {
+            return bad("limits.max_trades_per_update must be between 1 and 65536");
         }
         if self.limits.max_control_bytes < 256 || self.limits.max_control_bytes > 1 << 20 {
             return bad("limits.max_control_bytes must be between 256 and 1048576");

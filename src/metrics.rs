@@ -97,6 +97,10 @@ pub struct Metrics {
     pub conflated_records: IntCounter,
     /// `gap` messages sent, by reason.
     pub gaps_sent: IntCounterVec,
+    /// Updates of throttled subscriptions queued (protocol v1.1 `max_rate`).
+    pub throttle_updates: IntCounter,
+    /// Quotes of throttled subscriptions replaced by a later quote of the same interval.
+    pub throttle_replaced: IntCounter,
     /// Records sent from the resume buffer.
     pub replayed_records: IntCounter,
     /// Resume requests per instrument, by result (`replayed`, `unavailable`).
@@ -341,6 +345,16 @@ impl Metrics {
                 "Records not queued to a conflating connection (replaced quotes, dropped trades)",
             ),
             gaps_sent: counter_vec(&r, "tickgate_gaps_sent_total", "gap messages sent, by reason", &["reason"]),
+            throttle_updates: counter(
+                &r,
+                "tickgate_throttle_updates_total",
+                "Updates of throttled subscriptions queued (one per subscriber and interval)",
+            ),
+            throttle_replaced: counter(
+                &r,
+                "tickgate_throttle_replaced_quotes_total",
+                "Quotes of throttled subscriptions replaced by a later quote of the same interval",
+            ),
             replayed_records: counter(&r, "tickgate_replayed_records_total", "Records sent from the resume buffer"),
             resumes: counter_vec(&r, "tickgate_resumes_total", "Resumed instruments by result", &["result"]),
             epoch_resets: counter(&r, "tickgate_epoch_resets_total", "Feed epoch resets applied (per shard)"),

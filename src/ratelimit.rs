@@ -37,6 +37,21 @@ impl Bucket {
         }
     }
 
+    /// Spends `n` tokens, into debt if need be (a byte budget: a frame is never split).
+    pub(crate) fn spend(&mut self, now: Instant, rate: f64, burst: f64, n: f64) {
+        self.tokens = self.level(now, rate, burst) - n;
+        self.at = now;
+    }
+
+    /// How long until the bucket is out of debt (zero when it is now).
+    pub(crate) fn debt(&self, now: Instant, rate: f64, burst: f64) -> Duration {
+        let level = self.level(now, rate, burst);
+        if level >= 0.0 || rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(-level / rate)
+    }
+
     /// How long until one token is available (zero when one is now).
     fn wait(&self, now: Instant, rate: f64, burst: f64) -> Duration {
         let level = self.level(now, rate, burst);

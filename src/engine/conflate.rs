@@ -54,15 +54,11 @@ pub(crate) struct Conflation {
 }
 
 impl Conflation {
-    /// Takes a record the connection could not be sent now.
-    pub(crate) fn absorb(&mut self, feed_idx: u16, instr: u32, rec: &Record) {
+    /// Takes a record the connection could not be sent now; the connection expects
+    /// `expected` next (below the record's seq when a throttle skipped quotes before it).
+    pub(crate) fn absorb_after(&mut self, feed_idx: u16, instr: u32, expected: u64, rec: &Record) {
         let seq = rec.seq();
-        let p = self.pending.entry((feed_idx, instr)).or_insert(Pending {
-            first_missing: seq,
-            first_trade: 0,
-            last_trade: 0,
-            quote: None,
-        });
+        let p = self.entry(feed_idx, instr, expected.min(seq));
         if rec.rtype() == RTYPE_TRADE {
             if p.first_trade == 0 {
                 p.first_trade = seq;
@@ -71,6 +67,25 @@ impl Conflation {
         } else {
             p.quote = Some(*rec);
         }
+    }
+
+    /// Takes a range `expected..=to` the connection will not be sent (a throttled
+    /// subscription's `gap`): like dropped trades, it is named by a `gap` at the end.
+    pub(crate) fn absorb_gap(&mut self, feed_idx: u16, instr: u32, expected: u64, to: u64) {
+        let p = self.entry(feed_idx, instr, expected);
+        if p.first_trade == 0 {
+            p.first_trade = expected;
+        }
+        p.last_trade = p.last_trade.max(to);
+    }
+
+    fn entry(&mut self, feed_idx: u16, instr: u32, first_missing: u64) -> &mut Pending {
+        self.pending.entry((feed_idx, instr)).or_insert(Pending {
+            first_missing,
+            first_trade: 0,
+            last_trade: 0,
+            quote: None,
+        })
     }
 
     /// Whether something is pending for an instrument.
@@ -112,21 +127,13 @@ impl Conflation {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testkit::{quote, trade};
     use super::*;
-    use tickgate_proto::codec::{Body, Quote, Trade};
-
-    fn trade(seq: u64) -> Record {
-        Record::encode(1, 1, seq, 0, 0, &Body::Trade(Trade::default()), 0)
-    }
-
-    fn quote(seq: u64) -> Record {
-        Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0)
-    }
 
     fn run(recs: &[Record]) -> Vec<Emit> {
         let mut c = Conflation::default();
         for r in recs {
-            c.absorb(0, 0, r);
+            c.absorb_after(0, 0, r.seq(), r);
         }
         c.drain().into_iter().map(|(_, _, e)| e).collect()
     }

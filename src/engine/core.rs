@@ -39,6 +39,31 @@ use tickgate_proto::now_ns;
 /// Key of a connection inside its shard.
 pub type ConnKey = usize;
 
+/// Where a connection's subscription to an instrument sits: in the instrument's live index
+/// list, or in one of its throttled groups (`super::throttle`), at a position, so leaving
+/// is O(1) however many subscribers share the instrument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sub {
+    /// Position in `ShardCore::index[feed][instrument]`.
+    Live(u32),
+    /// Group, and position among its members.
+    Throttled(super::throttle::GroupId, u32),
+}
+
+/// What queueing a record to a connection needs besides the connection, read once per
+/// dispatch (see [`ShardCore::queue`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct QueueCtx {
+    /// The feed's policy is `conflate`.
+    pub(super) conflate: bool,
+    /// `limits.max_outbound_bytes`.
+    pub(super) budget: usize,
+    /// Where the writer is woken a second time (`WritePacer::flush_at`).
+    pub(super) flush_at: usize,
+    /// `engine.max_batch_bytes`.
+    pub(super) max_batch: usize,
+}
+
 /// Limits the core enforces.
 #[derive(Debug, Clone)]
 pub struct CoreLimits {
@@ -53,6 +78,8 @@ pub struct CoreLimits {
     pub max_batch_bytes: usize,
     /// Subscribed instruments per connection.
     pub max_subscriptions: usize,
+    /// Trades one update of a throttled subscription carries at most.
+    pub max_trades_per_update: usize,
     /// Heartbeat interval announced in `welcome`.
     pub heartbeat_ms: u64,
     /// Grace after a token's `exp` before its connection is closed with 4001.
@@ -78,6 +105,7 @@ impl From<&Config> for CoreLimits {
             max_outbound_total_bytes: c.outbound_total_bytes(),
             max_batch_bytes: c.engine.max_batch_bytes,
             max_subscriptions: c.limits.max_subscriptions,
+            max_trades_per_update: c.limits.max_trades_per_update,
             heartbeat_ms: c.server.heartbeat_ms,
             expiry_grace_ms: c.auth.expiry_grace_ms,
             min_refresh_interval_ms: c.auth.min_refresh_interval_ms,
@@ -129,7 +157,7 @@ pub struct Conn {
     /// Subscribed (feed, instrument) → this connection's position in that instrument's
     /// index list, so unsubscribing is O(1) however many subscribers share the instrument
     /// (a mass disconnect of N subscribers of one instrument is O(N), not O(N²)).
-    pub(super) subs: HashMap<(u16, u32), u32>,
+    pub(super) subs: HashMap<(u16, u32), Sub>,
     /// Conflation and resume-ahead state; `None` for a connection that keeps up.
     pub(super) rare: Option<Box<Rare>>,
     /// Unique per shard for the connection's life (slab keys are reused).
@@ -145,6 +173,9 @@ pub struct Conn {
     pub(super) over: bool,
     /// When the kernel last took this connection's bytes (set by its socket's wrapper).
     pub(super) progress: Option<super::stall::WriteProgress>,
+    /// Protocol v1.1 `max_bytes_per_s`: the writer writes at most this many bytes per
+    /// second (`None`: as fast as the socket takes them).
+    pub(super) byte_rate: Option<u64>,
 }
 
 impl Conn {
@@ -194,6 +225,8 @@ pub struct ShardCore {
     pub(super) conns: Slab<Conn>,
     /// `index[feed][instrument]` → subscribed connections.
     pub(super) index: Vec<Vec<Vec<ConnKey>>>,
+    /// Throttled subscriptions (protocol v1.1 `max_rate`), grouped by instrument and rate.
+    pub(super) throttles: super::throttle::Throttles,
     pub(super) instr: Vec<Vec<InstrState>>,
     /// The epoch this shard is in, per feed (changes when a `Reset` is dispatched).
     pub(super) epochs: Vec<u64>,
@@ -244,11 +277,16 @@ impl ShardCore {
         let stats = CoreStats { delivered: vec![0; catalog.feeds().len()], ..CoreStats::default() };
         let epochs = catalog.feeds().iter().map(|f| f.epoch()).collect();
         let conflate = catalog.feeds().iter().map(|f| f.policy() == SlowConsumerPolicy::Conflate).collect();
+        let throttles = super::throttle::Throttles::new(
+            catalog.feeds().iter().map(|f| f.instrument_count()),
+            limits.max_trades_per_update,
+        );
         ShardCore {
             catalog,
             limits,
             conns: Slab::new(),
             index,
+            throttles,
             instr,
             epochs,
             conflate,
@@ -296,7 +334,7 @@ impl ShardCore {
 
     /// Queues a close (after what is queued) and stops data to the connection.
     pub fn close(&mut self, key: ConnKey, why: Reason) {
-        let subs: Vec<((u16, u32), u32)> = match self.conns.get_mut(key) {
+        let subs: Vec<((u16, u32), Sub)> = match self.conns.get_mut(key) {
             Some(c) => {
                 c.out.push_close(why.code(), why.reason());
                 c.notify.notify_one();
@@ -332,11 +370,7 @@ impl ShardCore {
             // numbering above 1): subscribers are told before the record.
             self.source_gap(tick, expected, seq);
         }
-        let max_batch = self.limits.max_batch_bytes;
-        let budget = self.limits.max_outbound_bytes;
-        let flush_at = WritePacer::flush_at(max_batch, budget);
-        let conflate = self.conflate.get(f).copied().unwrap_or(false);
-        let len = tick.record.len();
+        let ctx = self.queue_ctx(f);
         let (conns, index, over, stats, woken) =
             (&mut self.conns, &self.index, &mut self.over, &mut self.stats, &mut self.woken);
         for &key in &index[f][i] {
@@ -352,43 +386,85 @@ impl ShardCore {
                     }
                     continue;
                 }
-                if let (true, Some(cf)) = (conflate, r.conflation.as_mut()) {
-                    cf.absorb(tick.feed_idx, tick.instr, &tick.record);
-                    stats.conflated_records += 1;
-                    continue;
-                }
             }
-            if conflate && c.out.bytes() + len > budget {
+            Self::queue(c, key, tick.feed_idx, tick.instr, seq, &tick.record, &ctx, over, stats, woken);
+        }
+        let live = index[f][i].len();
+        if self.throttles.has(f, i) {
+            self.dispatch_throttled(f, i, &tick.record);
+            return live + self.throttles.groups_of(f, i);
+        }
+        live
+    }
+
+    /// What queueing a record to a connection of feed `f` needs besides the connection.
+    #[inline]
+    pub(super) fn queue_ctx(&self, f: usize) -> QueueCtx {
+        let (max_batch, budget) = (self.limits.max_batch_bytes, self.limits.max_outbound_bytes);
+        QueueCtx {
+            conflate: self.conflate.get(f).copied().unwrap_or(false),
+            budget,
+            flush_at: WritePacer::flush_at(max_batch, budget),
+            max_batch,
+        }
+    }
+
+    /// Queues a record to one connection (live dispatch and throttled updates alike),
+    /// under its feed's slow-consumer policy: a connection conflating on a `conflate` feed
+    /// absorbs it, one it would take over the budget starts conflating, any other gets it
+    /// and, over the budget, is judged at the end of the cycle. `expected` is the seq the
+    /// connection expects next (below `rec`'s when a throttle skipped quotes).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn queue(
+        c: &mut Conn,
+        key: ConnKey,
+        feed_idx: u16,
+        instr: u32,
+        expected: u64,
+        rec: &Record,
+        ctx: &QueueCtx,
+        over: &mut Vec<ConnKey>,
+        stats: &mut CoreStats,
+        woken: &mut usize,
+    ) {
+        let len = rec.len();
+        if ctx.conflate {
+            if let Some(cf) = c.rare.as_deref_mut().and_then(|r| r.conflation.as_mut()) {
+                cf.absorb_after(feed_idx, instr, expected, rec);
+                stats.conflated_records += 1;
+                return;
+            }
+            if c.out.bytes() + len > ctx.budget {
                 // Policy `conflate`: stop queueing this feed's records for the connection
                 // until the writer has drained its queue (see `pop`).
                 let mut cf = Conflation::default();
-                cf.absorb(tick.feed_idx, tick.instr, &tick.record);
+                cf.absorb_after(feed_idx, instr, expected, rec);
                 c.rare.get_or_insert_with(Default::default).conflation = Some(cf);
                 stats.conflate_episodes += 1;
                 stats.conflated_records += 1;
-                continue;
+                return;
             }
-            let before = c.out.bytes();
-            let was_empty = c.out.is_empty();
-            c.out.push_record(tick.feed_idx, &tick.record, max_batch);
-            let after = c.out.bytes();
-            if after > budget {
-                // Judged at the end of the cycle: a slow consumer only if its socket stays
-                // full; otherwise the shard owes the write and holds back intake.
-                if !c.over {
-                    c.over = true;
-                    over.push(key);
-                    c.notify.notify_one();
-                    *woken += 1;
-                }
-            } else if WritePacer::must_wake(was_empty, before, after, flush_at) {
-                // A writer holding its write (`engine.write_delay_us`) must not sit on a
-                // backlog until the slow-consumer budget closes a client that keeps up.
+        }
+        let before = c.out.bytes();
+        let was_empty = c.out.is_empty();
+        c.out.push_record(feed_idx, rec, ctx.max_batch);
+        let after = c.out.bytes();
+        if after > ctx.budget {
+            // Judged at the end of the cycle: a slow consumer only if its socket stays
+            // full; otherwise the shard owes the write and holds back intake.
+            if !c.over {
+                c.over = true;
+                over.push(key);
                 c.notify.notify_one();
                 *woken += 1;
             }
+        } else if WritePacer::must_wake(was_empty, before, after, ctx.flush_at) {
+            // A writer holding its write (`engine.write_delay_us`) must not sit on a
+            // backlog until the slow-consumer budget closes a client that keeps up.
+            c.notify.notify_one();
+            *woken += 1;
         }
-        index[f][i].len()
     }
 
     /// True when the record must not be sent (the client already has it); forgets the
@@ -421,8 +497,11 @@ impl ShardCore {
         if seq < from {
             return; // a source going backwards is refused at ingest; nothing to name
         }
-        let Some(feed) = self.catalog.get(tick.feed_idx as usize) else { return };
         let (f, i) = (tick.feed_idx, tick.instr);
+        if self.throttles.has(f as usize, i as usize) {
+            self.source_gap_throttled(f as usize, i as usize, from, seq - 1);
+        }
+        let Some(feed) = self.catalog.get(tick.feed_idx as usize) else { return };
         let keys = self.index[f as usize][i as usize].clone();
         for key in keys {
             let Some(c) = self.conns.get_mut(key) else { continue };
@@ -456,6 +535,8 @@ impl ShardCore {
     /// record of the new epoch.
     pub fn reset(&mut self, feed_idx: u16, epoch: u64) {
         let f = feed_idx as usize;
+        // Held updates of throttled subscriptions belong to the old epoch: out first.
+        self.reset_throttled(feed_idx);
         let (Some(states), Some(e)) = (self.instr.get_mut(f), self.epochs.get_mut(f)) else { return };
         *e = epoch;
         states.iter_mut().for_each(|st| *st = InstrState::default());
@@ -581,6 +662,12 @@ impl ShardCore {
         }
     }
 
+    /// The `max_bytes_per_s` a connection set (protocol v1.1 `throttle`), if any. None
+    /// once a close is queued: the close (and what precedes it) is never held back.
+    pub fn byte_rate(&self, key: ConnKey) -> Option<u64> {
+        self.conns.get(key).filter(|c| !c.out.is_closed()).and_then(|c| c.byte_rate)
+    }
+
     /// Tells the shard when the kernel takes `key`'s bytes (its socket's wrapper marks
     /// `progress`): a writer that waits while its socket keeps taking data is not stalled.
     pub fn track_writes(&mut self, key: ConnKey, progress: super::stall::WriteProgress) {
@@ -593,8 +680,11 @@ impl ShardCore {
     pub fn handle(&mut self, key: ConnKey, msg: ClientMsg) {
         match msg {
             ClientMsg::Ping { id } => self.send(key, &ServerMsg::Pong { id, ts: now_ns() }),
-            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch } => {
-                self.subscribe(key, id, &feed, &symbols, snapshot, (resume, epoch))
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch, max_rate } => {
+                self.subscribe(key, id, &feed, &symbols, snapshot, (resume, epoch), max_rate)
+            }
+            ClientMsg::Throttle { id, feed, symbols, max_rate, max_bytes_per_s } => {
+                self.throttle(key, id, feed.as_deref(), symbols.as_deref(), max_rate, max_bytes_per_s)
             }
             ClientMsg::Unsubscribe { id, feed, symbols } => self.unsubscribe(key, id, &feed, &symbols),
             // The token of a refresh is validated by the connection task, which may wait

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use tokio::sync::Notify;
 
-use super::core::{Conn, ConnHandles, ConnKey, ShardCore};
+use super::core::{Conn, ConnHandles, ConnKey, ShardCore, Sub};
 use super::outbound::Outbound;
 use crate::auth::validate::Principal;
 use tickgate_proto::control::ServerMsg;
@@ -63,6 +63,7 @@ impl ShardCore {
             blocked_since: None,
             over: false,
             progress: None,
+            byte_rate: None,
         });
         notify.notify_one();
         self.schedule_token_timers(key);
@@ -79,9 +80,17 @@ impl ShardCore {
         }
     }
 
+    /// Removes `key`'s subscription to (f, i), wherever it sits (see [`Sub`]).
+    pub(super) fn unindex(&mut self, key: ConnKey, f: u16, i: u32, sub: Sub) {
+        match sub {
+            Sub::Live(pos) => self.unindex_live(key, f, i, pos),
+            Sub::Throttled(gid, pos) => self.leave_group(f, i, gid, pos),
+        }
+    }
+
     /// Removes `key` from the index list of (f, i), where it sits at `pos`; the entry moved
     /// into its place has its recorded position updated.
-    pub(super) fn unindex(&mut self, key: ConnKey, f: u16, i: u32, pos: u32) {
+    fn unindex_live(&mut self, key: ConnKey, f: u16, i: u32, pos: u32) {
         let Some(list) = self.index.get_mut(f as usize).and_then(|v| v.get_mut(i as usize)) else { return };
         let pos = pos as usize;
         debug_assert_eq!(list.get(pos), Some(&key), "index position out of date");
@@ -92,7 +101,7 @@ impl ShardCore {
         self.subscriptions -= 1;
         if let Some(&moved) = list.get(pos) {
             if let Some(p) = self.conns.get_mut(moved).and_then(|c| c.subs.get_mut(&(f, i))) {
-                *p = pos as u32;
+                *p = Sub::Live(pos as u32);
             }
         }
     }
@@ -102,7 +111,7 @@ impl ShardCore {
         let Some(conn) = self.conns.get_mut(key) else {
             return Vec::new();
         };
-        let removed: Vec<(u32, u32)> =
+        let removed: Vec<(u32, Sub)> =
             instruments.iter().filter_map(|&i| conn.subs.remove(&(f, i)).map(|pos| (i, pos))).collect();
         for &(i, _) in &removed {
             if let Some(r) = conn.rare.as_deref_mut() {

@@ -29,6 +29,7 @@
 //! | `view` | what a shard reports of itself: queued bytes, the admin connection list |
 //! | `index`, `session`, `subscribe` | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
 //! | [`outbound`], `conflate`, [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
+//! | `throttle` | throttled subscriptions (v1.1 `max_rate`): groups per instrument and rate, their updates |
 //!
 //! The engine receives a validated [`crate::auth::validate::Principal`] (entitlements
 //! and a deadline), never a token: refresh tokens are validated by the connection task.
@@ -49,6 +50,7 @@ pub(crate) mod stream;
 pub(crate) mod subscribe;
 #[cfg(test)]
 pub(crate) mod testkit;
+mod throttle;
 pub mod timer;
 mod view;
 

@@ -151,7 +151,7 @@ impl ShardCore {
         c.rare = None;
         c.notify.notify_one();
         c.kill.notify_one();
-        let subs: Vec<((u16, u32), u32)> = c.subs.drain().collect();
+        let subs: Vec<((u16, u32), super::core::Sub)> = c.subs.drain().collect();
         for ((f, i), pos) in subs {
             self.unindex(key, f, i, pos);
         }

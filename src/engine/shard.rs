@@ -330,6 +330,12 @@ async fn run(spec: ShardSpec) {
             // in the inbound queue and, once it is full, in the sources, so the server's
             // own overload slows its publishers instead of closing clients that keep up.
             let (n, deliveries) = if core.owes() { (0, 0) } else { dispatch_cycle(&mut core, &inbox.queue) };
+            // Throttled subscriptions' updates that came due (after the cycle: an update
+            // carries what it dispatched). Not while the shard owes writes: what they hold
+            // is bounded and waits, like the ticks.
+            if !core.owes() {
+                core.flush_throttled(tokio::time::Instant::now());
+            }
             let woken = core.take_woken();
             core.end_cycle();
             core.advance_timers();
@@ -374,9 +380,12 @@ async fn run(spec: ShardSpec) {
         // A connection over its budget with a full socket is judged again every timer tick
         // until it drains or turns out to be a slow consumer, even when no tick arrives.
         let timers = over || shard.core.borrow().timer_tick().is_some();
+        // The next update of a throttled subscription, if something is held for one.
+        let throttle_due = shard.core.borrow().next_throttle_due();
         tokio::select! {
             _ = inbox.notify.notified() => {}
             _ = timer_tick.tick(), if timers => {}
+            _ = tokio::time::sleep_until(throttle_due.unwrap_or_else(tokio::time::Instant::now)), if throttle_due.is_some() => {}
             _ = tokio::time::sleep_until(fault_at.unwrap_or_else(tokio::time::Instant::now)), if fault_at.is_some() => {}
             msg = ctl.recv() => match msg {
                 None => break,
@@ -477,6 +486,8 @@ fn flush_stats(shard: &ShardLocal, metrics: &Metrics, last: &mut CoreStats) {
     bump(&metrics.outbound_budget_sheds, "disconnect", now.budget_disconnects, last.budget_disconnects);
     bump(&metrics.outbound_budget_sheds, "conflate", now.budget_conflations, last.budget_conflations);
     metrics.conflated_records.inc_by(now.conflated_records - last.conflated_records);
+    metrics.throttle_updates.inc_by(now.throttle_updates - last.throttle_updates);
+    metrics.throttle_replaced.inc_by(now.throttle_replaced - last.throttle_replaced);
     for (k, reason) in GapReason::ALL.iter().enumerate() {
         bump(&metrics.gaps_sent, reason.as_str(), now.gaps[k], last.gaps[k]);
     }

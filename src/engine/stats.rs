@@ -19,12 +19,15 @@ pub(crate) enum GapReason {
     ReplayUnavailable,
     /// The source itself skipped seqs.
     SourceGap,
+    /// A throttled subscription's interval had more trades than one update carries
+    /// (`limits.max_trades_per_update`).
+    Throttled,
 }
 
 impl GapReason {
     /// Every reason, in [`CoreStats::gaps`] order.
-    pub(crate) const ALL: [GapReason; 3] =
-        [GapReason::SlowConsumer, GapReason::ReplayUnavailable, GapReason::SourceGap];
+    pub(crate) const ALL: [GapReason; 4] =
+        [GapReason::SlowConsumer, GapReason::ReplayUnavailable, GapReason::SourceGap, GapReason::Throttled];
 
     /// The reason as it appears on the wire and in the metric label.
     pub(crate) const fn as_str(self) -> &'static str {
@@ -32,6 +35,7 @@ impl GapReason {
             GapReason::SlowConsumer => "slow_consumer",
             GapReason::ReplayUnavailable => "replay_unavailable",
             GapReason::SourceGap => "source_gap",
+            GapReason::Throttled => "throttled",
         }
     }
 
@@ -122,7 +126,11 @@ pub struct CoreStats {
     /// Records not queued because their connection was conflating.
     pub conflated_records: u64,
     /// `gap` messages sent, in `GapReason::ALL` order.
-    pub gaps: [u64; 3],
+    pub gaps: [u64; 4],
+    /// Updates of throttled subscriptions queued (one per subscriber and interval).
+    pub throttle_updates: u64,
+    /// Quotes of throttled subscriptions replaced by a later quote of the same interval.
+    pub throttle_replaced: u64,
     /// Records sent from the resume buffer.
     pub replayed_records: u64,
     /// Resumes, in `ResumeResult::ALL` order.

@@ -167,6 +167,12 @@ impl ConnGuard {
         self.shard.core.borrow_mut().track_writes(self.key, progress);
     }
 
+    /// The connection's `max_bytes_per_s` (protocol v1.1 `throttle`), if it set one: the
+    /// writer spaces its writes to stay under it.
+    pub(crate) fn byte_rate(&self) -> Option<u64> {
+        self.shard.core.borrow().byte_rate(self.key)
+    }
+
     /// Counts a socket flush (one per writer wake-up that wrote something).
     pub(crate) fn flushed(&self) {
         self.shard.core.borrow_mut().stats.flushes += 1;

@@ -10,7 +10,7 @@ use super::stats::{GapReason, ResumeResult};
 use crate::feeds::log::Availability;
 use crate::feeds::Feed;
 use tickgate_proto::codec::{Record, FLAG_REPLAY, FLAG_SNAPSHOT};
-use tickgate_proto::control::{ErrorCode, InstrumentInfo, ServerMsg};
+use tickgate_proto::control::{ErrorCode, InstrumentInfo, MaxRate, ServerMsg};
 
 /// Why a symbol list cannot be resolved against a feed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +82,7 @@ pub(super) enum Plan {
 }
 
 impl ShardCore {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe(
         &mut self,
         key: ConnKey,
@@ -90,8 +91,14 @@ impl ShardCore {
         symbols: &[String],
         snapshot: bool,
         resume: (Option<BTreeMap<String, u64>>, Option<u64>),
+        max_rate: Option<MaxRate>,
     ) {
         let (resume, client_epoch) = resume;
+        let throttle = match max_rate.map(|r| super::throttle::interval_of(r.0)) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => return self.send_error(key, id, ErrorCode::BadRequest, e),
+        };
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
             let shown: String = feed_name.chars().take(32).collect();
@@ -233,7 +240,13 @@ impl ShardCore {
             }
         }
         self.stats.replayed_records += replay.len() as u64;
-        let reply = ServerMsg::Subscribed { id, feed: feed.name().to_owned(), epoch: shard_epoch, instruments: infos };
+        let reply = ServerMsg::Subscribed {
+            id,
+            feed: feed.name().to_owned(),
+            epoch: shard_epoch,
+            instruments: infos,
+            max_rate,
+        };
         let max_batch = self.limits.max_batch_bytes;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -266,21 +279,100 @@ impl ShardCore {
             }
             conn.out.push_record(f, &r.with_flags(FLAG_REPLAY), max_batch);
         }
-        if !skips.is_empty() {
-            let r = conn.rare.get_or_insert_with(Default::default);
-            for (i, n) in skips {
-                r.skip_upto.insert((f, i), n);
-            }
-        }
-        for &i in &new {
-            let list = &mut self.index[fi][i as usize];
-            conn.subs.insert((f, i), list.len() as u32);
-            list.push(key);
-        }
         if was_empty {
             conn.notify.notify_one();
         }
-        self.subscriptions += new.len();
+        // Listed instruments subscribed before take the new throttle, when one was given.
+        if let Some(t) = throttle {
+            let newly: std::collections::HashSet<u32> = new.iter().copied().collect();
+            for &i in instruments.iter().filter(|i| !newly.contains(i)) {
+                self.set_throttle(key, f, i, t);
+            }
+        }
+        // Each new instrument continues after the last dispatched seq, or after the seq
+        // of a client that resumed ahead of this node.
+        let skips: HashMap<u32, u64> = skips.into_iter().collect();
+        for &i in &new {
+            let last = self.instr[fi][i as usize].last_seq;
+            let cursor = skips.get(&i).map_or(last + 1, |&n| n + 1);
+            self.index_sub(key, f, i, throttle.flatten(), cursor);
+        }
+    }
+
+    /// `throttle` (protocol v1.1): a new `max_rate` for subscribed instruments and/or a new
+    /// `max_bytes_per_s` for the connection, answered with `throttled`.
+    pub(super) fn throttle(
+        &mut self,
+        key: ConnKey,
+        id: Option<i64>,
+        feed_name: Option<&str>,
+        symbols: Option<&[String]>,
+        max_rate: Option<MaxRate>,
+        max_bytes_per_s: Option<u64>,
+    ) {
+        let bad = |m: &str| m.to_owned();
+        let byte_rate = match max_bytes_per_s.map(super::throttle::byte_rate_of) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => return self.send_error(key, id, ErrorCode::BadRequest, e),
+        };
+        let rated = match (feed_name, symbols, max_rate) {
+            (None, None, None) if byte_rate.is_some() => None,
+            (None, None, None) => {
+                let m = bad("`throttle` needs `feed`, `symbols` and `max_rate`, or `max_bytes_per_s`");
+                return self.send_error(key, id, ErrorCode::BadRequest, m);
+            }
+            (Some(f), Some(s), Some(r)) => Some((f, s, r)),
+            _ => {
+                let m = bad("`feed`, `symbols` and `max_rate` go together");
+                return self.send_error(key, id, ErrorCode::BadRequest, m);
+            }
+        };
+        let mut applied = None;
+        if let Some((feed_name, symbols, rate)) = rated {
+            let interval = match super::throttle::interval_of(rate.0) {
+                Ok(t) => t,
+                Err(e) => return self.send_error(key, id, ErrorCode::BadRequest, e),
+            };
+            let catalog = self.catalog.clone();
+            let Some(feed) = catalog.by_name(feed_name) else {
+                let shown: String = feed_name.chars().take(32).collect();
+                return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+            };
+            let f = feed.idx as u16;
+            let Some(conn) = self.conns.get(key) else { return };
+            let instruments: Vec<u32> = if symbols.len() == 1 && symbols[0] == "*" {
+                let mut v: Vec<u32> = conn.subs.keys().filter(|(sf, _)| *sf == f).map(|(_, i)| *i).collect();
+                v.sort_unstable();
+                v
+            } else {
+                if symbols.is_empty() {
+                    return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
+                }
+                let v = match resolve(feed, symbols) {
+                    Ok(v) => v,
+                    Err(e) => return self.send_error(key, id, e.code(), e.to_string()),
+                };
+                if let Some(&i) = v.iter().find(|&&i| !conn.subs.contains_key(&(f, i))) {
+                    let m = format!("`{}` is not subscribed", feed.symbol(i));
+                    return self.send_error(key, id, ErrorCode::BadRequest, m);
+                }
+                v
+            };
+            for &i in &instruments {
+                self.set_throttle(key, f, i, interval);
+            }
+            let symbols = instruments.iter().map(|&i| feed.symbol(i).to_owned()).collect();
+            applied = Some((feed.name().to_owned(), symbols, rate));
+        }
+        if let (Some(b), Some(c)) = (byte_rate, self.conns.get_mut(key)) {
+            c.byte_rate = b;
+        }
+        let (feed, symbols, max_rate) = match applied {
+            Some((f, s, r)) => (Some(f), Some(s), Some(r)),
+            None => (None, None, None),
+        };
+        self.send(key, &ServerMsg::Throttled { id, feed, symbols, max_rate, max_bytes_per_s });
     }
 
     pub(super) fn unsubscribe(&mut self, key: ConnKey, id: Option<i64>, feed_name: &str, symbols: &[String]) {

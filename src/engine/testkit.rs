@@ -12,7 +12,7 @@ use crate::auth::scopes::Entitlements;
 use crate::auth::validate::Principal;
 use crate::config::Config;
 use crate::feeds::{Catalog, FeedDef};
-use tickgate_proto::codec::{Body, Quote, Record};
+use tickgate_proto::codec::{Body, Quote, Record, Trade};
 use tickgate_proto::control::ClientMsg;
 
 /// A catalog of one synthetic feed `T` (id 1, epoch 1) with these symbols.
@@ -49,6 +49,7 @@ pub(crate) fn subscribe(symbols: &[&str]) -> ClientMsg {
         snapshot: false,
         resume: None,
         epoch: None,
+        max_rate: None,
     }
 }
 
@@ -67,7 +68,17 @@ pub(crate) fn principal(iat: u64, exp: u64) -> Principal {
 
 /// A quote of instrument `A` of feed `T` with this seq.
 pub(crate) fn tick(seq: u64) -> Tick {
-    Tick { feed_idx: 0, instr: 0, record: Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0) }
+    Tick { feed_idx: 0, instr: 0, record: quote(seq) }
+}
+
+/// A quote record of instrument `A` of feed `T` (ids 1 and 1) with this seq.
+pub(crate) fn quote(seq: u64) -> Record {
+    Record::encode(1, 1, seq, 0, 0, &Body::Quote(Quote::default()), 0)
+}
+
+/// A trade record of instrument `A` of feed `T` with this seq.
+pub(crate) fn trade(seq: u64) -> Record {
+    Record::encode(1, 1, seq, 0, 0, &Body::Trade(Trade::default()), 0)
 }
 
 /// Everything queued for `key`, in order.

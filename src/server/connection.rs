@@ -118,6 +118,8 @@ enum Flow {
     Idle,
     /// Wrote and flushed what was queued.
     Wrote,
+    /// Stopped at the connection's `max_bytes_per_s`: write again after this long.
+    Paced(Duration),
     /// The connection ended.
     Closed(Ended),
 }
@@ -195,9 +197,51 @@ struct Stream<'a> {
     /// armed while a write is held, so a connection that keeps up costs no timer.
     pacer: WritePacer,
     hold: Pin<&'a mut tokio::time::Sleep>,
+    /// Armed while the writer waits for its `max_bytes_per_s` budget (`Flow::Paced`).
+    pace: Pin<&'a mut tokio::time::Sleep>,
+    pacing: bool,
     /// An in-band refresh whose token is being validated (it may wait for a JWKS
     /// refetch): polled as one more event, so the connection keeps streaming meanwhile.
     refreshing: Option<PendingRefresh>,
+    /// The connection's `max_bytes_per_s` budget (protocol v1.1 `throttle`), when it set one.
+    bytes: ByteBudget,
+}
+
+/// Paces a connection's writes to its `max_bytes_per_s` (protocol v1.1): a token bucket of
+/// bytes holding a tenth of a second's worth, which a frame may overdraw (frames are never
+/// split); the next write waits until the debt is paid.
+struct ByteBudget {
+    bucket: Bucket,
+    rate: Option<u64>,
+}
+
+impl ByteBudget {
+    fn burst(rate: u64) -> f64 {
+        rate as f64 / 10.0
+    }
+
+    /// How long to wait before the next write under `rate` (none: no cap).
+    fn wait(&mut self, rate: Option<u64>) -> Duration {
+        let now = Instant::now();
+        if rate != self.rate {
+            // A new cap starts with a full bucket.
+            self.rate = rate;
+            if let Some(r) = rate {
+                self.bucket = Bucket::full(Self::burst(r), now);
+            }
+        }
+        match rate {
+            Some(r) => self.bucket.debt(now, r as f64, Self::burst(r)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// A frame of `n` bytes was written.
+    fn spend(&mut self, n: usize) {
+        if let Some(r) = self.rate {
+            self.bucket.spend(Instant::now(), r as f64, Self::burst(r), n as f64);
+        }
+    }
 }
 
 /// What the stream's half waits for.
@@ -208,6 +252,8 @@ enum StreamEvent {
     Kill,
     /// The held write is due.
     HoldDone,
+    /// The `max_bytes_per_s` budget allows the next write.
+    PaceDone,
     /// A refresh token was validated.
     Refreshed(Option<i64>, RefreshOutcome),
 }
@@ -218,11 +264,13 @@ impl Role for Stream<'_> {
 
     async fn event(&mut self) -> StreamEvent {
         let holding = self.pacer.holding();
+        let pacing = self.pacing;
         tokio::select! {
             biased;
             _ = self.conn.wake().notified() => StreamEvent::Wake,
-            _ = self.conn.kill().notified(), if holding => StreamEvent::Kill,
+            _ = self.conn.kill().notified(), if holding || pacing => StreamEvent::Kill,
             _ = self.hold.as_mut(), if holding => StreamEvent::HoldDone,
+            _ = self.pace.as_mut(), if pacing => StreamEvent::PaceDone,
             Some((id, validated)) = futures_util::future::OptionFuture::from(self.refreshing.as_mut()),
                 if self.refreshing.is_some() => StreamEvent::Refreshed(id, validated),
         }
@@ -245,13 +293,27 @@ impl Role for Stream<'_> {
                 self.pacer.release();
                 true
             }
+            StreamEvent::PaceDone => false,
             StreamEvent::Refreshed(id, validated) => {
                 self.refreshing = None;
                 self.conn.refresh_apply(id, validated);
                 return Step::Continue;
             }
         };
-        match write_pending(ws, self.conn).await {
+        let flow = write_pending(ws, self.conn, &mut self.bytes).await;
+        // While the writer waits for its byte budget, the engine sees a socket that takes
+        // no data (the client asked for it): a backlog that passes the budget meanwhile is
+        // handled as a slow consumer's, and the shard never owes this connection a write.
+        let pacing = matches!(flow, Flow::Paced(_));
+        if pacing != self.pacing {
+            self.pacing = pacing;
+            self.conn.write_blocked(pacing);
+        }
+        match flow {
+            Flow::Paced(wait) => {
+                self.pace.as_mut().reset(tokio::time::Instant::now() + wait);
+                Step::Continue
+            }
             Flow::Closed(e) => Step::End(e),
             Flow::Wrote if pacer_counts => {
                 self.pacer.wrote(tokio::time::Instant::now());
@@ -331,6 +393,8 @@ async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
     let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     let hold = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(hold);
+    let pace = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pace);
     let mut stream = Stream {
         app,
         conn,
@@ -338,7 +402,10 @@ async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
         strikes: 0,
         pacer: WritePacer::new(Duration::from_micros(app.config.engine.write_delay_us)),
         hold,
+        pace,
+        pacing: false,
         refreshing: None,
+        bytes: ByteBudget { bucket: Bucket::full(0.0, Instant::now()), rate: None },
     };
     ws::drive(&mut ws, &mut stream, &mut heartbeat, &app.metrics).await
 }
@@ -375,10 +442,23 @@ where
     r
 }
 
-/// Moves everything queued for the connection to the socket, in order.
-async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
+/// Moves everything queued for the connection to the socket, in order, at most at the
+/// connection's `max_bytes_per_s` when it set one.
+async fn write_pending(ws: &mut Ws, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
     let mut wrote = false;
     loop {
+        let wait = bytes.wait(conn.byte_rate());
+        if !wait.is_zero() {
+            // Over its own bandwidth cap: what was fed goes out now, the rest waits (on a
+            // timer of the connection loop, which keeps reading the client meanwhile).
+            if wrote {
+                conn.flushed();
+                if let Err(Some(e)) = write_op(conn, ws.flush()).await {
+                    return Flow::Closed(io_end(e));
+                }
+            }
+            return Flow::Paced(wait);
+        }
         let msg = match conn.next_frame() {
             None => {
                 if !wrote {
@@ -401,8 +481,14 @@ async fn write_pending(ws: &mut Ws, conn: &ConnGuard) -> Flow {
                 }
                 return Flow::Closed(Ended { code, reason });
             }
-            Some(Frame::Text(s)) => Message::text(s),
-            Some(Frame::Binary(bytes)) => Message::Binary(bytes),
+            Some(Frame::Text(s)) => {
+                bytes.spend(s.len());
+                Message::text(s)
+            }
+            Some(Frame::Binary(b)) => {
+                bytes.spend(b.len());
+                Message::Binary(b)
+            }
         };
         wrote = true;
         match write_op(conn, ws.feed(msg)).await {

@@ -53,5 +53,6 @@ mod shard_fault;
 mod shared_keys;
 mod stream;
 mod subscribe_cli;
+mod throttle;
 mod tls;
 mod token_times;

@@ -45,6 +45,12 @@ pub fn ticks_per_second(s: &str) -> Result<f64, String> {
     float_in(s, RATE_RANGE.0, true, RATE_RANGE.1, "ticks per second")
 }
 
+/// `load --max-rate`: updates per second per instrument of a throttled subscription, in
+/// the range the server takes (protocol v1.1: above 0, at most 1,000).
+pub fn updates_per_second(s: &str) -> Result<f64, String> {
+    float_in(s, 0.01, true, 1000.0, "updates per second")
+}
+
 /// `load --child INDEX/PROCESSES` (internal): INDEX < PROCESSES, PROCESSES in 1..=256.
 pub fn child_slot(s: &str) -> Result<String, String> {
     let bad = || format!("wants INDEX/PROCESSES with INDEX < PROCESSES <= 256, got {s:?}");

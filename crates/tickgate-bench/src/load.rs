@@ -40,7 +40,7 @@ use thiserror::Error;
 
 use tickgate_client::{ClientError, ConnectOptions, Event, Subscriber};
 use tickgate_proto::codec::FLAG_SNAPSHOT;
-use tickgate_proto::control::{ClientMsg, SecretString};
+use tickgate_proto::control::{ClientMsg, MaxRate, SecretString};
 use tickgate_proto::now_ns;
 
 /// Why a load run failed.
@@ -121,6 +121,8 @@ pub struct LoadOptions {
     pub progress: bool,
     /// Give connection i only this many symbols (`symbols[(i*k + j) % len]`, j < k) instead of all.
     pub symbols_per_conn: Option<usize>,
+    /// Throttled subscriptions: `max_rate` in every `subscribe` (protocol v1.1).
+    pub max_rate: Option<f64>,
     /// Refresh each connection's token in-band this often (tokens come from `refresh_tokens`).
     pub refresh_every: Option<Duration>,
     /// Where fresh tokens for refreshes come from (updated by the caller's token task).
@@ -589,6 +591,7 @@ async fn subscriber(
         snapshot: false,
         resume: None,
         epoch: None,
+        max_rate: o.max_rate.map(MaxRate),
     };
     if let Err(e) = sub.send(&subscribe).await {
         let _ = ready.send(Err(format!("#{i}: {e}"))).await;

@@ -570,6 +570,7 @@ impl Subscriber {
             snapshot,
             resume,
             epoch,
+            max_rate: None,
         };
         self.send(&msg).await
     }

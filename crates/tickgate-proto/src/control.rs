@@ -52,6 +52,33 @@ pub enum ClientMsg {
         /// current epoch the seqs are ignored and those instruments get a snapshot.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<u64>,
+        /// Protocol v1.1: at most this many updates per second per instrument (a
+        /// throttled subscription: the latest quote and the trades since the last update).
+        /// Given, it applies to every listed instrument, already subscribed ones too (0:
+        /// not throttled); absent, new instruments are not throttled and subscribed ones
+        /// keep theirs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate: Option<MaxRate>,
+    },
+    /// Protocol v1.1: change the throttle of subscribed instruments (`feed`, `symbols`,
+    /// `max_rate`; 0 lifts it) and/or the connection's bandwidth cap (`max_bytes_per_s`;
+    /// 0 lifts it). Answered with `throttled`.
+    Throttle {
+        /// Echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<i64>,
+        /// Feed of `symbols`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        feed: Option<String>,
+        /// Subscribed symbols of `feed`, or `["*"]` for all of them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        symbols: Option<Vec<String>>,
+        /// Updates per second per instrument (0: not throttled).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate: Option<MaxRate>,
+        /// Bytes per second the connection is written at most (0: no cap).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes_per_s: Option<u64>,
     },
     /// Stop receiving instruments.
     Unsubscribe {
@@ -94,6 +121,15 @@ impl ClientMsg {
     }
 }
 
+/// Updates per second per instrument of a throttled subscription (`max_rate`, protocol
+/// v1.1): a JSON number, whose range the server checks (0 means "not throttled").
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MaxRate(pub f64);
+
+// A JSON number is never NaN, so equality of parsed rates is reflexive.
+impl Eq for MaxRate {}
+
 /// Why a control message was refused at parse time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
@@ -116,7 +152,7 @@ pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ParseError> {
     }
     match obj.get("op").and_then(serde_json::Value::as_str) {
         None => return Err(ParseError { id, message: "missing string field `op`".to_owned() }),
-        Some("subscribe" | "unsubscribe" | "refresh" | "ping" | "auth") => {}
+        Some("subscribe" | "unsubscribe" | "refresh" | "ping" | "auth" | "throttle") => {}
         Some(other) => return Err(ParseError { id, message: format!("unknown op `{}`", truncate(other, 32)) }),
     }
     serde_json::from_value(value).map_err(|e| ParseError { id, message: format!("invalid message: {e}") })
@@ -220,6 +256,27 @@ pub enum ServerMsg {
         epoch: u64,
         /// The instruments now subscribed.
         instruments: Vec<InstrumentInfo>,
+        /// Protocol v1.1: the `max_rate` of the request, when it gave one.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        max_rate: Option<MaxRate>,
+    },
+    /// Protocol v1.1: reply to `throttle`, with what was applied.
+    Throttled {
+        /// Echo of the request id.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<i64>,
+        /// Feed of `symbols`, when the request named one.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        feed: Option<String>,
+        /// The instruments whose throttle changed.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        symbols: Option<Vec<String>>,
+        /// Their updates per second (0: not throttled).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        max_rate: Option<MaxRate>,
+        /// The connection's bandwidth cap (0: none), when the request set it.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        max_bytes_per_s: Option<u64>,
     },
     /// Reply to `unsubscribe`, or notice of a scope loss.
     Unsubscribed {
@@ -315,8 +372,8 @@ mod tests {
         )
         .expect("valid");
         match m {
-            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch } => {
-                assert_eq!(epoch, None);
+            ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch, max_rate } => {
+                assert_eq!((epoch, max_rate), (None, None));
                 assert_eq!(id, Some(1));
                 assert_eq!(feed, "XNAS");
                 assert_eq!(symbols, vec!["AAPL", "MSFT"]);
@@ -376,8 +433,9 @@ mod tests {
                     snapshot: true,
                     resume: Some(resume),
                     epoch: Some(3),
+                    max_rate: Some(MaxRate(2.5)),
                 },
-                r#"{"op":"subscribe","id":1,"feed":"XNAS","symbols":["AAPL","MSFT"],"snapshot":true,"resume":{"AAPL":12},"epoch":3}"#,
+                r#"{"op":"subscribe","id":1,"feed":"XNAS","symbols":["AAPL","MSFT"],"snapshot":true,"resume":{"AAPL":12},"epoch":3,"max_rate":2.5}"#,
             ),
             (
                 ClientMsg::Subscribe {
@@ -387,8 +445,29 @@ mod tests {
                     snapshot: false,
                     resume: None,
                     epoch: None,
+                    max_rate: None,
                 },
                 r#"{"op":"subscribe","feed":"F","symbols":["*"]}"#,
+            ),
+            (
+                ClientMsg::Throttle {
+                    id: Some(5),
+                    feed: Some("F".into()),
+                    symbols: Some(vec!["A".into()]),
+                    max_rate: Some(MaxRate(20.0)),
+                    max_bytes_per_s: None,
+                },
+                r#"{"op":"throttle","id":5,"feed":"F","symbols":["A"],"max_rate":20.0}"#,
+            ),
+            (
+                ClientMsg::Throttle {
+                    id: None,
+                    feed: None,
+                    symbols: None,
+                    max_rate: None,
+                    max_bytes_per_s: Some(65536),
+                },
+                r#"{"op":"throttle","max_bytes_per_s":65536}"#,
             ),
             (
                 ClientMsg::Unsubscribe { id: Some(2), feed: "F".into(), symbols: vec!["A".into()] },
@@ -424,6 +503,14 @@ mod tests {
                 feed: "F".into(),
                 epoch: 2,
                 instruments: vec![InstrumentInfo { symbol: "A".into(), id: 1, seq: 5 }],
+                max_rate: Some(MaxRate(20.0)),
+            },
+            ServerMsg::Throttled {
+                id: Some(2),
+                feed: Some("F".into()),
+                symbols: Some(vec!["A".into()]),
+                max_rate: Some(MaxRate(0.5)),
+                max_bytes_per_s: Some(1 << 20),
             },
             ServerMsg::Unsubscribed { id: None, feed: "F".into(), symbols: vec!["A".into()], reason: "request".into() },
             ServerMsg::Refreshed { id: Some(101), exp: 9, feeds },

@@ -108,6 +108,10 @@ pub struct LoadArgs {
     /// Connection i subscribes to K symbols of --symbols: (i*K + j) mod len, j < K.
     #[arg(long, value_name = "K", conflicts_with = "spread", allow_negative_numbers = true, value_parser = int_in::<usize>(1, 100_000))]
     pub symbols_per_conn: Option<usize>,
+    /// Throttled subscriptions (protocol v1.1): at most this many updates per second per
+    /// instrument (0.01-1000).
+    #[arg(long, value_name = "PER_S", allow_negative_numbers = true, value_parser = crate::cli::updates_per_second)]
+    pub max_rate: Option<f64>,
     /// Refresh every connection's token in-band every SECS seconds (needs --issuer).
     #[arg(long, value_name = "SECS", allow_negative_numbers = true, value_parser = int_in::<u64>(1, 86_400))]
     pub refresh_every: Option<u64>,
@@ -308,6 +312,7 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
         server_pid: a.server_pid,
         progress: true,
         symbols_per_conn: if a.spread { Some(1) } else { a.symbols_per_conn },
+        max_rate: a.max_rate,
         refresh_every: a.refresh_every.map(Duration::from_secs),
         refresh_tokens: refresh,
         connect_concurrency: a.connect_concurrency,
