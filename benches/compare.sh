@@ -12,14 +12,18 @@
 #
 # --ramp-only runs only the ramp (no grid).
 # --cells runs only the given cells (N subscribers, M ticks/s, K instruments, PER instruments
-# per subscriber, 0 = all) and no ramp, e.g. --cells "10000:100:1:0 1000:10000:100:10".
+# per subscriber, 0 = all, and optionally RATE: throttled subscriptions, protocol v1.1
+# `max_rate`, tickgate only) and no ramp, e.g. --cells "10000:100:1:0 1000:10000:100:10 1000:1000:1:0:20".
 # Grid: subscribers N in {100, 1k, 5k, 10k} x M in {100, 1k, 10k} ticks/s on one instrument,
 # plus 100 instruments at 10k ticks/s with 10 instruments per subscriber (N in {1k, 10k}),
 # plus a ramp (M = 1,000 ticks/s on one instrument, N from 100 in steps of x1.25-x1.5:
 # RAMP_STEPS="100 150 200 ..." to change them) to the highest load
 # each server holds with p99 < 10 ms, zero gaps and no failed or closed subscriber.
-# --quick: three small cells (100 x 1k/s, 1k x 100/s, 100 x 1k/s over 100 instruments) and
-# no ramp, in well under 2 minutes (after the release build); it exits non-zero on gaps or
+# Throttled cell (in the grid and in --quick): 1,000 subscribers with max_rate 20/s on one
+# instrument at 1,000 ticks/s, tickgate only (NATS has no per-subscriber throttle): its
+# server CPU in cores and its latency are what the table's "throttled" section shows.
+# --quick: three small cells (100 x 1k/s, 1k x 100/s, 100 x 1k/s over 100 instruments) plus
+# the throttled cell, and no ramp, in well under 2 minutes (after the release build); it exits non-zero on gaps or
 # errors only, never on timing. The full run takes 5-6 minutes on a 2-core machine (cells
 # asking more than MAX_DEMAND deliveries/s are not run; each load run is cut at RUN_TIMEOUT);
 # it exits non-zero on errors (a load run that failed), while gaps in overloaded cells are
@@ -35,7 +39,8 @@
 #
 # --write-delay-us D: run tickgate with `engine.write_delay_us = D` (default 0: every
 # connection is written as soon as it has something, tickgate's default). It is recorded
-# in every result line and in the table's header.
+# in every result line and in the table's header. ADAPTIVE_MAX_US=U sets
+# `engine.adaptive_write_delay_max_us` (default 5000; 0: no load-adaptive coalescing).
 #
 # Cores: with 4+ cores the servers get the first half and the load generator the second
 # half (taskset); with 2-3 cores the servers get core 0 and the load generator the rest;
@@ -52,6 +57,9 @@ PUBLISHER=${PUBLISHER:-tickgate-publish}
 SECS=""
 CELLS=""
 WRITE_DELAY_US=${WRITE_DELAY_US:-0}
+# engine.adaptive_write_delay_max_us of the tickgate under test (the default, 5000; 0 turns
+# the load-adaptive write coalescing off, for an A/B).
+ADAPTIVE_MAX_US=${ADAPTIVE_MAX_US:-5000}
 RAMP_ONLY=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -131,6 +139,7 @@ feeds_dir = "$work/feeds"
 
 [engine]
 write_delay_us = $WRITE_DELAY_US
+adaptive_write_delay_max_us = $ADAPTIVE_MAX_US
 
 [limits]
 max_outbound_bytes = 1048576
@@ -189,11 +198,12 @@ GAPS=0; ERRORS=0
 # run_cell SERVER N RATE K PER PHASE -> appends one JSON line, prints a short line; returns 1
 # when the cell is not clean (gaps, failed or closed subscribers, p99 >= 10 ms).
 run_cell() {
-  local server=$1 n=$2 rate=$3 k=$4 per=$5 phase=$6 procs=1 out pub=null feeder
+  local server=$1 n=$2 rate=$3 k=$4 per=$5 phase=$6 max_rate=${7:-0} procs=1 out pub=null feeder
   if [ "$n" -ge 5000 ]; then procs=$((n / 2500)); fi
   local args=(--feed CMP --symbols "$(symbols "$k")" --connections "$n" --seconds "$SECS" --warmup "$WARMUP"
               --processes "$procs" --connect-concurrency 256)
   if [ "$per" -gt 0 ]; then args+=(--symbols-per-conn "$per"); fi
+  if [ "$max_rate" != 0 ]; then args+=(--max-rate "$max_rate"); fi
   if [ "$server" = tickgate ]; then
     args+=(--url "ws://127.0.0.1:$TG_PORT/v1/stream" --no-token --admin "http://127.0.0.1:$TG_ADMIN" --server-pid "$TG_PID")
     feeder=$([ "$PUBLISHER" = synthetic ] && echo synthetic || echo tickgate-publish)
@@ -202,6 +212,9 @@ run_cell() {
     feeder=nats-publisher
   fi
   local demand=$((n * rate * (per > 0 ? per : k) / k)) status=ok
+  # A throttled subscriber takes at most max_rate updates per instrument (each carrying
+  # the interval's trades): far below the tick rate, so the demand cap does not apply.
+  if [ "$max_rate" != 0 ]; then demand=0; fi
   if [ "$MAX_DEMAND" -gt 0 ] && [ "$demand" -gt "$MAX_DEMAND" ]; then
     # Beyond what this machine's load generator can take in: not run (see MAX_DEMAND).
     out=null; status=skipped
@@ -225,9 +238,10 @@ run_cell() {
   if [ "$feeder" != synthetic ]; then stop_publisher; pub=$PUB_SUMMARY; fi
   jq -cn --arg server "$server" --arg phase "$phase" --arg feeder "$feeder" --argjson n "$n" --argjson rate "$rate" \
      --argjson k "$k" --argjson per "$per" --argjson procs "$procs" --argjson summary "$out" --argjson publisher "$pub" \
-     --arg status "$status" --argjson demand "$demand" --argjson wd "$WRITE_DELAY_US" \
+     --arg status "$status" --argjson demand "$demand" --argjson wd "$WRITE_DELAY_US" --argjson mr "$max_rate" \
      '{server: $server, phase: $phase, status: $status, subscribers: $n, ticks_per_s: $rate, instruments: $k,
        symbols_per_subscriber: (if $per > 0 then $per else $k end), deliveries_per_s_asked: $demand, processes: $procs,
+       max_rate: (if $mr == 0 then null else $mr end),
        tickgate_write_delay_us: (if $server == "tickgate" then $wd else null end),
        feeder: $feeder, summary: $summary, publisher: $publisher}' >> "$RESULTS"
   case $status in
@@ -240,11 +254,14 @@ run_cell() {
     <<<"$out" >/dev/null
 }
 
-cell() { # N RATE K PER
-  echo "cell: N=$1 M=$2/s K=$3 per-subscriber=$([ "$4" -gt 0 ] && echo "$4" || echo "$3")"
-  for server in tickgate nats; do
+cell() { # N RATE K PER [MAX_RATE]
+  local max_rate=${5:-0} servers="tickgate nats"
+  echo "cell: N=$1 M=$2/s K=$3 per-subscriber=$([ "$4" -gt 0 ] && echo "$4" || echo "$3")$([ "$max_rate" != 0 ] && echo " max_rate=$max_rate/s")"
+  # NATS has no per-subscriber throttle: a throttled cell is tickgate's alone.
+  if [ "$max_rate" != 0 ]; then servers=tickgate; fi
+  for server in $servers; do
     local rc=0
-    run_cell "$server" "$1" "$2" "$3" "$4" grid || rc=$?
+    run_cell "$server" "$1" "$2" "$3" "$4" grid "$max_rate" || rc=$?
     if [ "$rc" = 2 ]; then ERRORS=$((ERRORS + 1)); fi
     if [ "$rc" = 1 ] && [ "$(tail -1 "$RESULTS" | jq '.summary | .gap_messages + .anomalies + .missing_records + .failed + (.early_closes | length)')" != 0 ]; then
       GAPS=$((GAPS + 1))
@@ -255,9 +272,9 @@ cell() { # N RATE K PER
 started=$(date +%s)
 if [ -n "$CELLS" ]; then
   for c in $CELLS; do
-    IFS=: read -r n m k per <<<"$c"
+    IFS=: read -r n m k per mr <<<"$c"
     start_servers "$k" "$m"
-    cell "$n" "$m" "$k" "${per:-0}"
+    cell "$n" "$m" "$k" "${per:-0}" "${mr:-0}"
   done
 elif [ "$QUICK" = 1 ]; then
   start_servers 1 1000
@@ -266,6 +283,8 @@ elif [ "$QUICK" = 1 ]; then
   cell 1000 100 1 0
   start_servers 100 1000
   cell 100 1000 100 10
+  start_servers 1 1000
+  cell 1000 1000 1 0 20
 else
   # Ramp first: 1,000 ticks/s on one instrument, N growing by a quarter to a half per step
   # until a server no longer holds it. It is the most latency-sensitive part, and the
@@ -290,6 +309,8 @@ else
       for n in 100 1000 5000 10000; do start_servers 1 "$rate"; cell "$n" "$rate" 1 0; done
     done
     for n in 1000 10000; do start_servers 100 10000; cell "$n" 10000 100 10; done
+    start_servers 1 1000
+    cell 1000 1000 1 0 20
   fi
 fi
 elapsed=$(( $(date +%s) - started ))
@@ -333,7 +354,7 @@ def pair(t, n, f, ratio=True):
 grid = {}
 for r in rows:
     if r["phase"] != "grid": continue
-    key = (r["instruments"], r["ticks_per_s"], r["subscribers"], r["symbols_per_subscriber"])
+    key = (r["instruments"], r["ticks_per_s"], r["subscribers"], r["symbols_per_subscriber"], r.get("max_rate") or 0)
     grid.setdefault(key, {})[r["server"]] = r
 out = []
 out.append("# tickgate vs nats-server (WebSocket): side by side\n")
@@ -360,13 +381,13 @@ out.append("Each cell: **tickgate / NATS (tickgate÷NATS)**. Lower is better for
 out.append("| subscribers | ticks/s | instruments (per sub) | delivered records/s | p50 | p99 | p99.9 | max | gaps | failed+closed | CPU s/M | RSS/conn | load generator CPU |")
 out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted(grid):
-    k, m, n, per = key
+    k, m, n, per, mr = key
     rt, ra = grid[key].get("tickgate") or {}, grid[key].get("nats") or {}
     t, a = rt.get("summary"), ra.get("summary")
     g = lambda s, f: None if s is None else f(s)
     rate = lambda s, r: fmt_rate(s["records_per_s"]) if s else status(r)
     out.append("| " + " | ".join([
-        f"{n:,}", f"{m:,}", f"{k} ({per})",
+        f"{n:,}" + (f" (max_rate {mr:g}/s)" if mr else ""), f"{m:,}", f"{k} ({per})",
         f"{rate(t, rt)} / {rate(a, ra)}" + (f" ({t['records_per_s'] / a['records_per_s']:.3g}×)" if t and a and a["records_per_s"] else ""),
         pair(g(t, lambda s: s["p50_us"]), g(a, lambda s: s["p50_us"]), fmt_us),
         pair(g(t, lambda s: s["p99_us"]), g(a, lambda s: s["p99_us"]), fmt_us),
@@ -378,6 +399,24 @@ for key in sorted(grid):
         pair(g(t, lambda s: s.get("server_rss_per_conn_bytes")), g(a, lambda s: s.get("server_rss_per_conn_bytes")), fmt_kib),
         pair(g(t, cpu_share), g(a, cpu_share), fmt_pct, ratio=False),
     ]) + " |")
+throttled = [r for r in rows if r["phase"] == "grid" and r.get("max_rate") and r["summary"]]
+if throttled:
+    out.append("\n## Throttled subscriptions (protocol v1.1 `max_rate`)\n")
+    out.append("Server cores = server CPU seconds in the window ÷ the window; the same cell unthrottled (tickgate, NATS) "
+               "from this run beside it when it ran. Targets (#16): at most 0.25 of a core, p99 at most 60 ms, every trade delivered (0 gaps).\n")
+    out.append("| cell | server cores | p99 | records/s | gaps | unthrottled tickgate: cores, p99 | NATS: cores, p99 |")
+    out.append("|---|---|---|---|---|---|---|")
+    def cores(s):
+        c = s.get("server_cpu_s")
+        return None if c is None or not s["seconds"] else c / s["seconds"]
+    for r in throttled:
+        s = r["summary"]
+        plain = grid.get((r["instruments"], r["ticks_per_s"], r["subscribers"], r["symbols_per_subscriber"], 0), {})
+        def peer(x):
+            ps = (plain.get(x) or {}).get("summary")
+            return "-" if ps is None else f"{fmt_num(cores(ps))}, {fmt_us(ps['p99_us'])}"
+        out.append(f"| {r['subscribers']:,} × {r['ticks_per_s']:,}/s, max_rate {r['max_rate']:g}/s | {fmt_num(cores(s))} | {fmt_us(s['p99_us'])} | "
+                   f"{fmt_rate(s['records_per_s'])} | {gaps(s)} | {peer('tickgate')} | {peer('nats')} |")
 ramp = [r for r in rows if r["phase"] == "ramp"]
 if ramp:
     out.append("\n## Ramp: highest load held (p99 < 10 ms, zero gaps, no failed or closed subscriber)\n")
