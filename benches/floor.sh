@@ -13,11 +13,11 @@
 #     frame (a one-record batch) encoded once and written to every subscriber, one write
 #     per connection per tick (src/load/floor.rs);
 # and loads both with the same `tickgate load --role subscriber --no-token` (N
-# connections). Inside the load generator's measured window the script reads the server's
-# CPU time (/proc/PID/stat) and its write counter before and after: tickgate's
-# `tickgate_socket_flushes_total` (one per writer wake-up that wrote; /metrics on its admin
-# port), the floor's `writes` (write syscalls; `GET /counters` on its port). CPU µs per
-# write = CPU seconds / writes in that window; the ratio tickgate/floor is the gap #16
+# connections). Inside the load generator's measured window the script reads, twice, the
+# server's CPU time and its write counter from one scrape each: tickgate's /metrics on its
+# admin port (`process_cpu_seconds_total`, `tickgate_socket_flushes_total`: one per writer
+# wake-up that wrote), the floor's `GET /counters` on its port (`cpu_s`, `writes`: write
+# syscalls). CPU µs per write = CPU seconds / writes between the two; the ratio tickgate/floor is the gap #16
 # wants at <= 1.3x. With R > 1 every cell runs R times (tickgate then floor each time) and
 # the table shows medians.
 #
@@ -74,20 +74,24 @@ EOF
   fi
 }
 
-# counters KIND: "writes frames bytes" so far.
+# counters KIND: "writes frames bytes cpu_seconds" so far, from one scrape. The CPU there
+# is only a cross-check (scrape_cpu_s): tickgate's `process_cpu_seconds_total` counts whole
+# seconds, so the window's CPU comes from /proc/PID/stat for both servers, read right
+# after the first scrape and right before the second.
 counters() {
   if [ "$1" = tickgate ]; then
     curl -sf "$COUNTERS" | awk '
-      /^tickgate_socket_flushes_total / {w += $2} /^tickgate_frames_sent_total / {f += $2} /^tickgate_bytes_sent_total / {b += $2}
-      END {printf "%d %d %d\n", w, f, b}'
+      /^tickgate_socket_flushes_total / {w += $2} /^tickgate_frames_sent_total / {f += $2}
+      /^tickgate_bytes_sent_total / {b += $2} /^process_cpu_seconds_total / {c = $2}
+      END {printf "%d %d %d %s\n", w, f, b, c}'
   else
-    curl -sf "$COUNTERS" | jq -r '"\(.writes) \(.frames) \(.bytes)"'
+    curl -sf "$COUNTERS" | jq -r '"\(.writes) \(.frames) \(.bytes) \(.cpu_s)"'
   fi
 }
 
 # run_one KIND N RATE RUN: one server, one load run; appends a JSON line to $OUT.
 run_one() {
-  local kind=$1 n=$2 rate=$3 run=$4 extra=() c0 c1 t0 t1 w0 f0 b0 w1 f1 b1 rc=0 summary floor=null
+  local kind=$1 n=$2 rate=$3 run=$4 extra=() p0 p1 t0 t1 w0 f0 b0 s0 w1 f1 b1 s1 rc=0 summary floor=null
   start_server "$kind" "$rate"
   [ "$kind" = tickgate ] && extra=(--admin "${COUNTERS%/metrics}")
   timeout 120 env -u TICKGATE_TOKEN "${PIN1[@]}" "$BIN" load --url "ws://127.0.0.1:$PORT/v1/stream" --no-token \
@@ -96,12 +100,11 @@ run_one() {
   LOAD_PID=$!
   while kill -0 "$LOAD_PID" 2>/dev/null && ! grep -qs '^measuring' "$work/load.err"; do sleep 0.02; done
   # The script's window sits inside the load generator's: it starts 0.2 s after and ends
-  # 0.3 s before, so neither the connects nor the closes are in it. The counters are read
-  # outside the CPU readings, so reading them costs the server nothing inside the window.
+  # 0.3 s before, so neither the connects nor the closes are in it.
   sleep 0.2
-  read -r w0 f0 b0 < <(counters "$kind"); c0=$(cpu "$SRV_PID"); t0=$(date +%s.%N)
+  read -r w0 f0 b0 s0 < <(counters "$kind"); p0=$(cpu "$SRV_PID"); t0=$(date +%s.%N)
   sleep "$(python3 -c "print($SECS - 0.5)")"
-  c1=$(cpu "$SRV_PID"); t1=$(date +%s.%N); read -r w1 f1 b1 < <(counters "$kind")
+  p1=$(cpu "$SRV_PID"); t1=$(date +%s.%N); read -r w1 f1 b1 s1 < <(counters "$kind")
   wait "$LOAD_PID" || rc=$?
   LOAD_PID=""
   stop "$SRV_PID"; SRV_PID=""
@@ -111,11 +114,12 @@ run_one() {
   fi
   [ "$kind" = floor ] && floor=$(jq -c . "$work/floor.json" 2>/dev/null || echo null)
   jq -cn --arg server "$kind" --argjson n "$n" --argjson rate "$rate" --argjson run "$run" \
-     --argjson secs "$(python3 -c "print($t1 - $t0)")" --argjson cpu "$(python3 -c "print(($c1 - $c0) / $TCK)")" \
-     --argjson writes "$((w1 - w0))" --argjson frames "$((f1 - f0))" --argjson bytes "$((b1 - b0))" \
+     --argjson secs "$(python3 -c "print($t1 - $t0)")" --argjson cpu "$(python3 -c "print(($p1 - $p0) / $TCK)")" \
+     --argjson scpu "$(python3 -c "print(round(${s1:-0} - ${s0:-0}, 3))")" \
+     --argjson writes "$((${w1:-0} - ${w0:-0}))" --argjson frames "$((${f1:-0} - ${f0:-0}))" --argjson bytes "$((${b1:-0} - ${b0:-0}))" \
      --argjson summary "$summary" --argjson floor "${floor:-null}" \
      '{server: $server, subscribers: $n, ticks_per_s: $rate, run: $run,
-       window: {seconds: $secs, cpu_s: $cpu, writes: $writes, frames: $frames, bytes: $bytes},
+       window: {seconds: $secs, cpu_s: $cpu, scrape_cpu_s: $scpu, writes: $writes, frames: $frames, bytes: $bytes},
        cpu_us_per_write: (if $writes > 0 then $cpu * 1e6 / $writes else null end),
        cpu_us_per_frame: (if $frames > 0 then $cpu * 1e6 / $frames else null end),
        summary: $summary, floor_summary: $floor}' >>"$OUT"
@@ -146,14 +150,15 @@ def pair(t, f, d=2, ratio=True):
     r = f" ({t / f:.2f}×)" if ratio and t is not None and f else ""
     return f"{fmt(t, d)} / {fmt(f, d)}{r}"
 print(f"Per-write floor, commit {commit}: {secs} s measured per run, median of {runs} run(s); servers on `{pin}`.")
-print("Each cell: **tickgate / floor (tickgate÷floor)**. writes: tickgate `tickgate_socket_flushes_total`, floor `write` calls, in the window.\n")
-print("| subscribers | ticks/s | delivered records/s | p50 µs | p99 µs | server CPU s | writes | frames/write | CPU µs per write | ratio per run |")
+print("Each cell: **tickgate / floor (tickgate÷floor)**. writes: tickgate `tickgate_socket_flushes_total`, floor `write` calls, in the window; "
+      "bytes/write: tickgate `tickgate_bytes_sent_total` (WebSocket payload), floor bytes the kernel took (frames with their 2-byte header).\n")
+print("| subscribers | ticks/s | delivered records/s | p50 µs | p99 µs | server CPU s | writes | bytes/write | CPU µs per write | ratio per run |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for n, m in cells:
     t = [r for r in rows if (r["subscribers"], r["ticks_per_s"]) == (n, m) and r["server"] == "tickgate"]
     f = [r for r in rows if (r["subscribers"], r["ticks_per_s"]) == (n, m) and r["server"] == "floor"]
     g = lambda rs, fn: med(rs, fn)
-    fpw = lambda r: r["window"]["frames"] / r["window"]["writes"] if r["window"]["writes"] else None
+    bpw = lambda r: r["window"]["bytes"] / r["window"]["writes"] if r["window"]["writes"] else None
     per_run = []
     for run in sorted({r["run"] for r in t} & {r["run"] for r in f}):
         a = next(r for r in t if r["run"] == run)["cpu_us_per_write"]
@@ -167,7 +172,7 @@ for n, m in cells:
         pair(g(t, lambda r: r["summary"]["p99_us"]), g(f, lambda r: r["summary"]["p99_us"]), 0, False),
         pair(g(t, lambda r: r["window"]["cpu_s"]), g(f, lambda r: r["window"]["cpu_s"])),
         pair(g(t, lambda r: r["window"]["writes"]), g(f, lambda r: r["window"]["writes"]), 0),
-        pair(g(t, fpw), g(f, fpw), 2, False),
+        pair(g(t, bpw), g(f, bpw), 0, False),
         "**" + pair(g(t, lambda r: r["cpu_us_per_write"]), g(f, lambda r: r["cpu_us_per_write"]), 3) + "**",
         ", ".join(per_run) or "-",
     ]) + " |")

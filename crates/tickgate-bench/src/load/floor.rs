@@ -50,8 +50,9 @@ const FIRST_CONN: u64 = 2;
 const MAX_REQUEST: usize = 16 * 1024;
 /// Longest client frame payload taken (control messages are small).
 const MAX_CLIENT_FRAME: u64 = 64 * 1024;
-/// Most ticks generated in one wake-up (a server far behind still serves its sockets).
-const MAX_BURST: usize = 4096;
+/// Most frames handed to connections in one wake-up: a server far behind the schedule
+/// still gets back to its sockets (accepts, `/counters`) every ~10 ms.
+const MAX_FRAMES_PER_WAKE: u64 = 1024;
 /// The feed epoch announced: the floor's numbering never restarts.
 const EPOCH: u64 = 1;
 /// A connection with more unsent bytes than this is closed (tickgate's
@@ -178,6 +179,16 @@ pub struct FloorCounters {
     pub wakeups: u64,
     /// Largest delay of a tick behind its schedule, microseconds.
     pub max_behind_us: u64,
+    /// This process's CPU seconds (user + system, `/proc/self/stat`) when the counters
+    /// were read, so CPU and writes come from the same moment.
+    pub cpu_s: f64,
+}
+
+impl FloorCounters {
+    /// A copy with this process's CPU time now.
+    fn snapshot(&self) -> FloorCounters {
+        FloorCounters { cpu_s: super::own_cpu_seconds().unwrap_or(0.0), ..self.clone() }
+    }
 }
 
 /// The JSON summary of `tickgate load --role floor`.
@@ -505,10 +516,13 @@ impl Floor {
         Ok(())
     }
 
-    /// Generates and writes the ticks that are due; false once the duration is over.
+    /// Generates and writes the ticks that are due (at most [`MAX_FRAMES_PER_WAKE`]
+    /// frames' worth; the timer fires again at once for the rest); false once the
+    /// duration is over.
     fn ticks(&mut self) -> bool {
         let now = now_ns();
-        for _ in 0..MAX_BURST {
+        let first = self.c.frames;
+        while self.c.frames - first < MAX_FRAMES_PER_WAKE {
             let due = self.sched.due_ns(self.sched.generated());
             if due > now {
                 break;
@@ -669,7 +683,7 @@ impl Floor {
         conn.inbuf.drain(..end + 4);
         match request {
             Request::Counters => {
-                let body = serde_json::to_string(&self.c).unwrap_or_default();
+                let body = serde_json::to_string(&self.c.snapshot()).unwrap_or_default();
                 let reply = http_response(200, "OK", "application/json", &body);
                 let _ = send(&self.ep, conn, &reply, &mut self.c, self.opts.max_pending);
                 self.close(i);
@@ -840,7 +854,7 @@ pub fn run(opts: FloorOptions, stop: Arc<AtomicBool>) -> Result<FloorSummary, Fl
         listen,
         seconds: started.elapsed().as_secs_f64(),
         target_rate: floor.opts.rate,
-        counters: floor.c.clone(),
+        counters: floor.c.snapshot(),
     })
 }
 
