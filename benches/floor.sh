@@ -48,19 +48,8 @@ start_server() {
     admin=$(free_port)
     printf 'name = "CMP"\nid = 100\nsource = "synthetic"\npolicy = "disconnect"\nsymbols = ["S0"]\n\n[synthetic]\nseed = 1\nrate_per_s = %s.0\nquote_ratio = 0.75\n' \
       "$rate" >"$work/feeds/cmp.toml"
-    cat >"$work/tg.toml" <<EOF
-listen = "127.0.0.1:$PORT"
-admin_listen = "127.0.0.1:$admin"
-feeds_dir = "$work/feeds"
-
-[limits]
-max_outbound_bytes = 1048576
-max_connections = 100000
-max_connections_per_ip = 100000
-max_connections_per_subject = 100000
-connect_rate_per_ip = 100000
-connect_burst_per_ip = 100000
-EOF
+    { printf 'listen = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nfeeds_dir = "%s"\n\n' "$PORT" "$admin" "$work/feeds"
+      bench_limits; } >"$work/tg.toml"
     RUST_LOG=warn "${PIN0[@]}" "$BIN" serve --config "$work/tg.toml" --insecure-no-auth >"$work/srv.log" 2>&1 &
     SRV_PID=$!
     COUNTERS="http://127.0.0.1:$admin/metrics"
