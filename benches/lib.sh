@@ -46,6 +46,13 @@ bench_setup() {
   if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); fi
 }
 
+# bench_limits: the `[limits]` table of a benchmark server's config (compare.sh's): the
+# 1 MiB outbound budget per connection, and no connection or connect-rate limit in the way.
+bench_limits() {
+  printf '[limits]\nmax_outbound_bytes = 1048576\nmax_connections = 100000\nmax_connections_per_ip = 100000\n'
+  printf 'max_connections_per_subject = 100000\nconnect_rate_per_ip = 100000\nconnect_burst_per_ip = 100000\n'
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -15,11 +15,16 @@
 //! Failover side (`--role failover`, [`failover`]): connections held through a balancer
 //! while an edge is killed; the reconnect curve of its clients, resume checked.
 //!
+//! Floor side (`--role floor`, [`floor`]): a bare epoll WebSocket writer serving the
+//! subscriber role, one write per connection per tick: the per-write floor tickgate is
+//! measured against (`benches/floor.sh`).
+//!
 //! Control messages are typed `ClientMsg` values; a subscriber tells the answers to its
 //! in-band refreshes by the ids it sent them with (`Refreshes`).
 
 mod args;
 pub mod failover;
+pub mod floor;
 pub mod multi;
 pub mod nats;
 pub mod publish;
@@ -72,6 +77,9 @@ pub enum LoadError {
     /// The publish endpoint answered with an error message.
     #[error("publish refused: {0}")]
     Publish(String),
+    /// The floor server (`--role floor`) could not run.
+    #[error("floor: {0}")]
+    Floor(#[from] floor::FloorError),
 }
 
 /// What the subscribers connect to.

@@ -1,5 +1,7 @@
 //! The `tickgate load` command line and what it runs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -20,6 +22,10 @@ pub enum Role {
     /// Hold connections through a balancer, kill an edge (`--kill-pid`), and measure how
     /// its clients reconnect and resume on the others ([`super::failover`]).
     Failover,
+    /// Serve subscribers as a bare epoll writer on `--listen` (one write per connection
+    /// per tick): the per-write floor `benches/floor.sh` compares tickgate with
+    /// ([`super::floor`]).
+    Floor,
 }
 
 /// Which server (and protocol) the role talks to.
@@ -43,7 +49,10 @@ pub enum Target {
 /// Failover role (`--role failover`): `--connections` subscribers on `--url` (a balancer),
 /// `--warmup` seconds of steady streaming, then SIGKILL to `--kill-pid`, then `--seconds` of
 /// watching the killed edge's clients reconnect with resume; the JSON summary has the
-/// reconnect curve.
+/// reconnect curve. Floor role (`--role floor`): a bare epoll WebSocket writer on
+/// `--listen` that serves subscribers `--rate` ticks/s over `--symbols` (feed `--feed`,
+/// id `--feed-id`), one write per connection per tick; runs `--seconds` (0: until
+/// SIGINT/SIGTERM), answers `GET /counters`, and prints its JSON summary on stdout.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// Subscriber (default), publisher or failover.
@@ -149,6 +158,9 @@ pub struct LoadArgs {
     /// Failover: each failed attempt doubles the jitter window, up to this many ms.
     #[arg(long, default_value_t = 4_000, allow_negative_numbers = true, value_parser = int_in::<u64>(1, 600_000))]
     pub reconnect_max_ms: u64,
+    /// Floor: the address the bare writer listens on.
+    #[arg(long, default_value = "127.0.0.1:9390")]
+    pub listen: std::net::SocketAddr,
     /// Internal: this process is child INDEX/PROCESSES of a `--processes` run.
     #[arg(long, hide = true, value_name = "INDEX/PROCESSES", value_parser = child_slot)]
     pub child: Option<String>,
@@ -164,6 +176,8 @@ pub enum LoadReport {
     Publisher(PublishSummary),
     /// Failover role.
     Failover(Box<super::failover::FailoverSummary>),
+    /// Floor role.
+    Floor(super::floor::FloorSummary),
 }
 
 fn split_symbols(s: &str) -> Vec<String> {
@@ -243,6 +257,32 @@ pub async fn execute(a: LoadArgs, argv: Vec<String>) -> Result<LoadReport, LoadE
         })
         .await?;
         return Ok(LoadReport::Publisher(summary));
+    }
+
+    if a.role == Role::Floor {
+        let opts = super::floor::FloorOptions {
+            listen: a.listen,
+            feed: a.feed.clone(),
+            feed_id: a.feed_id,
+            symbols,
+            rate: a.rate,
+            duration: (a.seconds > 0).then(|| Duration::from_secs(a.seconds)),
+            max_pending: super::floor::MAX_PENDING,
+            progress: true,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let server = tokio::task::spawn_blocking(move || super::floor::run(opts, flag));
+        tokio::pin!(server);
+        let joined = tokio::select! {
+            r = &mut server => r,
+            _ = super::publish::stop_signal() => {
+                stop.store(true, Ordering::Relaxed);
+                server.await
+            }
+        };
+        let summary = joined.map_err(|e| LoadError::Args(format!("floor server thread: {e}")))??;
+        return Ok(LoadReport::Floor(summary));
     }
 
     if a.role == Role::Failover {

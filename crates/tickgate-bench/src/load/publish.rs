@@ -122,6 +122,11 @@ impl TickSchedule {
         self.t0_ns + (n as f64 * self.period_ns) as u64
     }
 
+    /// The last seq given to instrument `k` (0 before its first tick).
+    pub fn last_seq(&self, k: usize) -> u64 {
+        self.seqs.get(k).copied().unwrap_or(0)
+    }
+
     /// Ticks generated so far.
     pub fn generated(&self) -> u64 {
         self.next
@@ -284,7 +289,7 @@ impl TickgatePublisher {
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
