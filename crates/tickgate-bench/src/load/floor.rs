@@ -788,7 +788,7 @@ impl Floor {
                         seq: self.sched.last_seq(k),
                     });
                 }
-                Some(ServerMsg::Subscribed { id, feed, epoch: EPOCH, instruments })
+                Some(ServerMsg::Subscribed { id, feed, epoch: EPOCH, instruments, max_rate: None })
             }
             Ok(_) => None,
         }
