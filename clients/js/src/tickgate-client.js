@@ -144,7 +144,7 @@ export class HandshakeRefused extends TickgateError {
   }
 }
 
-/** The server answered a request (`subscribe`, `unsubscribe`, `refresh`, `ping`) with `error`. */
+/** The server answered a request (`subscribe`, `unsubscribe`, `refresh`, `ping`, `throttle`) with `error`. */
 export class ControlError extends TickgateError {
   /**
    * @param {string} error the `code` of the server's `error` message (e.g. `unknown_feed`)
