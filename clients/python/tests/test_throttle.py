@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
+from typing import AsyncIterator
 
 import pytest
 
@@ -32,12 +34,19 @@ from tickgate_client.records import RTYPE_TRADE
 SYMBOLS = ["AAPL", "MSFT"]
 
 
-async def open_conn(server) -> tuple[tg.Connection, SeqTracker]:
+@contextlib.asynccontextmanager
+async def open_conn(server) -> AsyncIterator[tuple[tg.Connection, SeqTracker]]:
+    """A connection (closed at the end) and a tracker that raises on any break of §9; the
+    tracker has seen no violation when the block ends."""
     tok = await tg.fetch_token(server.token_url, "demo", SECRET)
     conn = await tg.connect(server.stream_url, tok)
-    tracker = SeqTracker()  # raises SequenceViolation on any break of §9
+    tracker = SeqTracker()
     tracker.on_message(conn.welcome)
-    return conn, tracker
+    try:
+        yield conn, tracker
+        assert tracker.stats.violations == 0
+    finally:
+        await conn.close()
 
 
 class Window:
@@ -109,8 +118,7 @@ def consecutive(records) -> bool:
 
 
 async def test_max_rate_caps_updates_and_conflated_trades_keep_the_tracker_happy(server):
-    conn, tracker = await open_conn(server)
-    try:
+    async with open_conn(server) as (conn, tracker):
         await conn.subscribe("DEMO", SYMBOLS, snapshot=True, max_rate=5)
         sub = await subscribed(conn, tracker)
         assert sub.max_rate == 5.0
@@ -120,13 +128,10 @@ async def test_max_rate_caps_updates_and_conflated_trades_keep_the_tracker_happy
         # skipped seqs behind CONFLATED trades and quotes are no violation (§6a, §9)
         assert tracker.stats.violations == 0 and tracker.stats.conflated > 0
         assert all(r.seq > 0 for rs in w.records.values() for r in rs)
-    finally:
-        await conn.close()
 
 
 async def test_throttle_changes_the_rate_live_and_zero_lifts_it(server):
-    conn, tracker = await open_conn(server)
-    try:
+    async with open_conn(server) as (conn, tracker):
         await conn.subscribe("DEMO", SYMBOLS)
         sub = await subscribed(conn, tracker)
         assert sub.max_rate is None
@@ -154,14 +159,10 @@ async def test_throttle_changes_the_rate_live_and_zero_lifts_it(server):
         for i in ids:
             assert consecutive(w.records[i]), [r.seq for r in w.records[i]]
             assert not any(r.flags & FLAG_CONFLATED for r in w.records[i])
-        assert tracker.stats.violations == 0
-    finally:
-        await conn.close()
 
 
 async def test_bad_rates_and_throttle_errors_are_typed(server):
-    conn, tracker = await open_conn(server)
-    try:
+    async with open_conn(server) as (conn, tracker):
         # a subscribe with a max_rate out of range: error bad_request, nothing subscribed
         sid = await conn.subscribe("DEMO", ["AAPL"], max_rate=2000)
         with pytest.raises(ControlError) as e:
@@ -210,14 +211,10 @@ async def test_bad_rates_and_throttle_errors_are_typed(server):
                 break
             if isinstance(m, Batch):
                 tracker.on_batch(m)
-        assert tracker.stats.violations == 0
-    finally:
-        await conn.close()
 
 
 async def test_max_bytes_per_s_reply(server):
-    conn, tracker = await open_conn(server)
-    try:
+    async with open_conn(server) as (conn, tracker):
         r = await conn.throttle(max_bytes_per_s=65536)
         assert r == Throttled(r.id, None, None, None, 65536)
         await conn.subscribe("DEMO", ["AAPL"])
@@ -228,9 +225,6 @@ async def test_max_bytes_per_s_reply(server):
         assert r.max_bytes_per_s == 0 and r.max_rate is None
         # records still flow under a cap well above what the subscription produces
         await read_window(conn, tracker, lambda w: sum(w.updates.values()) >= 2)
-        assert tracker.stats.violations == 0
-    finally:
-        await conn.close()
 
 
 async def test_stream_keeps_its_max_rate_across_a_reconnect(server):
