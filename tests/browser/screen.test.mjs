@@ -155,6 +155,8 @@ test('the screen shows ticks that change; a double Connect keeps one socket; scr
     await until('the book of MSFT', async () => /^\d+\.\d\d$/.test(await text(page, '#book-bid')));
     await until('records counted', async () => (await num(page, '#st-records')) > 0);
     await until('a latency', async () => /ms$/.test(await text(page, '#st-latency')));
+    // The screen subscribes throttled (protocol v1.1) and shows the rate the server echoed.
+    assert.equal(await text(page, '#st-rate'), '10 updates/s per instrument');
     assert.match(await text(page, '#st-session'), /^s-/);
     assert.match(await text(page, '#st-exp'), /^\d+m \d\ds$|^\d+s$/);
     await page.screenshot({ path: join(ARTEFACTS, 'trading-screen.png') });

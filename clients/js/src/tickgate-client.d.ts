@@ -276,6 +276,19 @@ export interface SubscribedMsg {
   feed: string;
   epoch: number;
   instruments: SubscribedInstrument[];
+  /** v1.1 (§6a): echoes the request's `max_rate` (0: not throttled); absent when it gave none. */
+  max_rate?: number;
+}
+
+/** Reply to `throttle` (v1.1, §6a): the fields of the parts the request gave. */
+export interface ThrottledMsg {
+  type: 'throttled';
+  id?: number;
+  feed?: string;
+  /** The instruments the new rate applies to (for `['*']`: every subscribed one of the feed). */
+  symbols?: string[];
+  max_rate?: number;
+  max_bytes_per_s?: number;
 }
 
 export interface UnsubscribedMsg {
@@ -299,7 +312,8 @@ export interface GapMsg {
   symbol: string;
   from: number;
   to: number;
-  reason: 'replay_unavailable' | 'slow_consumer' | 'source_gap' | string;
+  /** `throttled` (v1.1, §6a): trades past the per-update bound of a throttled subscription. */
+  reason: 'replay_unavailable' | 'slow_consumer' | 'source_gap' | 'throttled' | string;
 }
 
 export interface ResetMsg {
@@ -312,6 +326,7 @@ export interface ResetMsg {
 export type ServerMsg =
   | WelcomeMsg
   | SubscribedMsg
+  | ThrottledMsg
   | UnsubscribedMsg
   | RefreshedMsg
   | GapMsg
@@ -322,7 +337,10 @@ export type ServerMsg =
   | { type: 'error'; id?: number; code: string; message: string }
   | { type: string; [k: string]: unknown };
 
-/** Protocol §9 sequence rules, keyed by (feed id, instrument id). */
+/**
+ * Protocol §9 sequence rules, keyed by (feed id, instrument id). A CONFLATED record of any
+ * type may jump ahead (a trade too, on a throttled subscription, §6a).
+ */
 export class SeqTracker {
   constructor();
   /** `gap` messages seen. */
@@ -335,7 +353,7 @@ export class SeqTracker {
   onSubscribed(msg: Pick<SubscribedMsg, 'feed' | 'instruments'>, feedId?: number): void;
   /** Checks one record; null when it is in order. */
   onRecord(rec: { type?: string; feedId: number; instrumentId: number; seq: number; flags: number }): Violation | null;
-  /** onRecord on plain fields; `rtype` RTYPE_TRADE or RTYPE_QUOTE (default quote). */
+  /** onRecord on plain fields; `rtype` RTYPE_TRADE or RTYPE_QUOTE (default quote; no longer changes the outcome). */
   check(feedId: number, instrumentId: number, seq: number, flags: number, rtype?: number): Violation | null;
   /** `expected = to + 1`. The symbol map defaults to what onSubscribed learned. */
   onGap(msg: Pick<GapMsg, 'feed' | 'symbol' | 'from' | 'to'>, instrumentIdBySymbol?: Map<string, number> | { [symbol: string]: number }, feedId?: number): void;
@@ -373,6 +391,19 @@ export interface SubscribeOptions {
   snapshot?: boolean;
   resume?: { [symbol: string]: number };
   epoch?: number;
+  /** v1.1 (§6a): at most this many updates per second per instrument (0: not throttled; 0.01..=1000). */
+  maxRate?: number;
+}
+
+/** v1.1 (§6a): `feed` + `symbols` + `maxRate` and/or `maxBytesPerS`. */
+export interface ThrottleOptions {
+  feed?: string;
+  /** `['*']`: every subscribed instrument of the feed. */
+  symbols?: string[];
+  /** Updates per second per instrument; 0 lifts the throttle. */
+  maxRate?: number;
+  /** Bandwidth cap of the connection, bytes/s: 0 (no cap) or 1024..=2^40. */
+  maxBytesPerS?: number;
 }
 
 export interface ConnectionEventMap {
@@ -404,6 +435,8 @@ export class TickgateConnection extends EventTarget {
   /** @throws ControlError */
   subscribe(feed: string, symbols: string[], options?: SubscribeOptions): Promise<SubscribedMsg>;
   unsubscribe(feed: string, symbols: string[]): Promise<UnsubscribedMsg>;
+  /** v1.1 (§6a). @throws ControlError (`bad_request`, `unknown_feed`, `unknown_symbol`) | TypeError */
+  throttle(options: ThrottleOptions): Promise<ThrottledMsg>;
   /** @throws ControlError */
   refresh(token: string): Promise<RefreshedMsg>;
   ping(): Promise<{ ts: number; rttMs: number }>;
@@ -427,6 +460,8 @@ export interface StreamOptions {
   symbols: string[];
   /** Snapshot on a fresh subscribe (default true). */
   snapshot?: boolean;
+  /** v1.1 (§6a): `maxRate` of every subscribe, after reconnects too (default: not sent). */
+  maxRate?: number;
   /** Default `subprotocol`. */
   auth?: 'subprotocol' | 'ticket';
   /** Default true. */
@@ -479,6 +514,8 @@ export class TickgateStream extends EventTarget {
   readonly feed: string;
   readonly symbols: string[];
   snapshot: boolean;
+  /** The `maxRate` of the subscribes (null: not sent); set it with throttle(). */
+  readonly maxRate: number | null;
   auth: 'subprotocol' | 'ticket';
   reconnect: boolean;
   minBackoffMs: number;
@@ -486,6 +523,12 @@ export class TickgateStream extends EventTarget {
   refreshEarlyMs: number | undefined;
   /** Idempotent: one socket. */
   start(): void;
+  /**
+   * v1.1 (§6a): a new `maxRate` for the live connection (resolves with the `throttled`
+   * reply, or null when not connected) and the reconnects to come.
+   * @throws ControlError | TypeError
+   */
+  throttle(maxRate: number): Promise<ThrottledMsg | null>;
   /** Closes with 1000, no reconnect; dispatches the final `closed`. */
   stop(): void;
   readonly running: boolean;

@@ -1,4 +1,5 @@
-// tickgate-client: the JavaScript client of the tickgate market-data stream (protocol v1).
+// tickgate-client: the JavaScript client of the tickgate market-data stream (protocol v1,
+// with the v1.1 throttled subscriptions of §6a: `maxRate`, `throttle`).
 //
 // One self-contained ES module with no runtime dependencies. It runs in browsers and in
 // Node >= 20. The WebSocket class is `globalThis.WebSocket` when present, else the one passed
@@ -143,7 +144,7 @@ export class HandshakeRefused extends TickgateError {
   }
 }
 
-/** The server answered a request (`subscribe`, `unsubscribe`, `refresh`, `ping`) with `error`. */
+/** The server answered a request (`subscribe`, `unsubscribe`, `refresh`, `ping`, `throttle`) with `error`. */
 export class ControlError extends TickgateError {
   /**
    * @param {string} error the `code` of the server's `error` message (e.g. `unknown_feed`)
@@ -831,7 +832,10 @@ function seqKey(feedId, instrumentId) {
  * - SNAPSHOT records set last values and do not move `expected` (a snapshot at or above
  *   `expected` is a violation);
  * - live and REPLAY records must carry `seq == expected`, then `expected += 1`;
- * - a CONFLATED quote may jump ahead: `expected = seq + 1`;
+ * - a CONFLATED record may jump ahead: `expected = seq + 1`. On a conflating connection (§11)
+ *   only quotes carry the flag; on a throttled subscription (v1.1, §6a) a trade may too, the
+ *   skipped seqs being quotes replaced by later ones. A jump without the flag is a violation,
+ *   whatever the record type;
  * - `onGap`: `expected = to + 1`;
  * - `onReset`: `expected = 1` for every instrument of the feed;
  * - anything else is a violation (returned, counted; a jump moves `expected` past it).
@@ -903,7 +907,8 @@ export class SeqTracker {
    * @param {number} instrumentId
    * @param {number} seq
    * @param {number} flags
-   * @param {number} [rtype] RTYPE_TRADE or RTYPE_QUOTE (default quote); only quotes may conflate
+   * @param {number} [rtype] RTYPE_TRADE or RTYPE_QUOTE (default quote); no longer changes the
+   *   outcome (any CONFLATED record may jump ahead, §6a), kept for v1 callers
    * @returns {null | {kind: 'violation', feedId: number, instrumentId: number, expected: number, got: number}}
    */
   check(feedId, instrumentId, seq, flags, rtype = RTYPE_QUOTE) {
@@ -917,7 +922,7 @@ export class SeqTracker {
       return null;
     } else if (seq > expected) {
       s.expected = seq + 1;
-      if ((flags & FLAG_CONFLATED) !== 0 && rtype === RTYPE_QUOTE) return null;
+      if ((flags & FLAG_CONFLATED) !== 0) return null;
     }
     this.violations++;
     return { kind: 'violation', feedId, instrumentId, expected, got: seq };
@@ -1295,9 +1300,15 @@ export class TickgateConnection extends EventTarget {
    * Subscribes to `symbols` of `feed` (§6).
    * @param {string} feed
    * @param {string[]} symbols
-   * @param {{snapshot?: boolean, resume?: Record<string, number>, epoch?: number}} [options]
-   * @returns {Promise<{type: 'subscribed', id: number, feed: string, epoch: number, instruments: {symbol: string, id: number, seq: number}[]}>}
-   * @throws {ControlError} `unknown_feed`, `insufficient_scope`, `unknown_symbol`, ...
+   * `maxRate` (v1.1, §6a): at most that many updates per second per instrument, for every
+   * listed instrument (0: not throttled; the server takes 0 or 0.01..=1000 and refuses
+   * anything else with `bad_request`); absent, the rates stay as they are. The reply echoes it
+   * as `max_rate`.
+   * @param {string} feed
+   * @param {string[]} symbols
+   * @param {{snapshot?: boolean, resume?: Record<string, number>, epoch?: number, maxRate?: number}} [options]
+   * @returns {Promise<{type: 'subscribed', id: number, feed: string, epoch: number, instruments: {symbol: string, id: number, seq: number}[], max_rate?: number}>}
+   * @throws {ControlError} `unknown_feed`, `insufficient_scope`, `unknown_symbol`, `bad_request`, ...
    */
   subscribe(feed, symbols, options = {}) {
     checkSymbols('subscribe', feed, symbols);
@@ -1307,6 +1318,43 @@ export class TickgateConnection extends EventTarget {
     if (options.resume && Object.keys(options.resume).length > 0) {
       body.resume = options.resume;
       if (options.epoch != null) body.epoch = options.epoch;
+    }
+    if (options.maxRate != null) body.max_rate = checkNumber('subscribe', 'maxRate', options.maxRate);
+    return this.request(body);
+  }
+
+  /**
+   * Throttles (v1.1, §6a): `feed` + `symbols` (`['*']`: every subscribed instrument of the
+   * feed) + `maxRate` change the rate of live subscriptions (0 lifts it); `maxBytesPerS` caps
+   * the connection's bandwidth (0: no cap, else 1024..=2^40). Either part, or both.
+   * @param {{feed?: string, symbols?: string[], maxRate?: number, maxBytesPerS?: number}} options
+   * @returns {Promise<{type: 'throttled', id: number, feed?: string, symbols?: string[], max_rate?: number, max_bytes_per_s?: number}>}
+   *   for `['*']`, `symbols` lists the instruments it applied to
+   * @throws {ControlError} `bad_request` (a part missing, a value out of range, a symbol not
+   *   subscribed), `unknown_feed`, `unknown_symbol`; nothing is applied then
+   */
+  throttle(options) {
+    if (!options || typeof options !== 'object') return Promise.reject(new TypeError('throttle: options are needed'));
+    /** @type {Record<string, unknown>} */
+    const body = { op: 'throttle' };
+    try {
+      if (options.feed != null) {
+        if (typeof options.feed !== 'string') throw new TypeError('throttle: feed must be a string');
+        body.feed = options.feed;
+      }
+      if (options.symbols != null) {
+        if (!Array.isArray(options.symbols) || options.symbols.some((s) => typeof s !== 'string')) {
+          throw new TypeError('throttle: symbols must be an array of strings');
+        }
+        body.symbols = [...options.symbols];
+      }
+      if (options.maxRate != null) body.max_rate = checkNumber('throttle', 'maxRate', options.maxRate);
+      if (options.maxBytesPerS != null) {
+        if (!Number.isSafeInteger(options.maxBytesPerS)) throw new TypeError('throttle: maxBytesPerS must be an integer');
+        body.max_bytes_per_s = options.maxBytesPerS;
+      }
+    } catch (err) {
+      return Promise.reject(err);
     }
     return this.request(body);
   }
@@ -1366,6 +1414,18 @@ function checkSymbols(op, feed, symbols) {
   }
 }
 
+/**
+ * A finite number for a JSON field (the server checks its range).
+ * @param {string} op
+ * @param {string} name
+ * @param {unknown} v
+ * @returns {number}
+ */
+function checkNumber(op, name, v) {
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`${op}: ${name} must be a finite number`);
+  return v;
+}
+
 /** Monotonic milliseconds. */
 function now() {
   return typeof performance !== 'undefined' ? performance.now() : Date.now();
@@ -1409,11 +1469,14 @@ function retryableStatus(/** @type {number} */ status) {
  * `subscribed` {msg}, `batch` {batch}, `gap` {msg}, `reset` {msg}, `token_expiring` {exp},
  * `refreshed` {exp}, `reconnecting` {delayMs, reason, error}, `reconnected` {welcome},
  * `error` {error}, `closed` {code, reason, final: true}.
+ *
+ * `maxRate` (v1.1, §6a): every subscribe of the stream, after a reconnect too, asks for at
+ * most that many updates per second per instrument; `throttle(maxRate)` changes it.
  */
 export class TickgateStream extends EventTarget {
   /**
    * @param {{url: string|URL, token: (() => Promise<string>|string)|string, feed: string, symbols: string[],
-   *   snapshot?: boolean, auth?: 'subprotocol'|'ticket', reconnect?: boolean, WebSocket?: any,
+   *   snapshot?: boolean, maxRate?: number, auth?: 'subprotocol'|'ticket', reconnect?: boolean, WebSocket?: any,
    *   minBackoffMs?: number, maxBackoffMs?: number, refreshEarlyMs?: number, fetch?: typeof fetch}} options
    */
   constructor(options) {
@@ -1436,6 +1499,8 @@ export class TickgateStream extends EventTarget {
     this.symbols = [...symbols];
     /** Ask for snapshots on a fresh subscribe. */
     this.snapshot = options.snapshot ?? true;
+    /** Updates per second per instrument asked for in each subscribe (null: not sent). @type {number|null} */
+    this.maxRate = options.maxRate == null ? null : checkNumber('TickgateStream', 'maxRate', options.maxRate);
     /** @type {'subprotocol'|'ticket'} */
     this.auth = options.auth ?? 'subprotocol';
     /** Reconnect after a retryable close. */
@@ -1496,6 +1561,23 @@ export class TickgateStream extends EventTarget {
     const run = { ac: new AbortController() };
     this._run = run;
     this._loop(run).catch((err) => this._finish(run, 1006, errMessage(err), err));
+  }
+
+  /**
+   * Sets the stream's `maxRate` (0: not throttled): on the live connection (a `throttle` of
+   * every subscribed instrument, resolving with its reply; null when not connected) and in
+   * the subscribes of later reconnects. A rate the server refuses rejects with ControlError
+   * `bad_request` and leaves `maxRate` as it was.
+   * @param {number} maxRate
+   * @returns {Promise<any>}
+   */
+  async throttle(maxRate) {
+    checkNumber('throttle', 'maxRate', maxRate);
+    const conn = this.connection;
+    let reply = null;
+    if (conn && !conn.closed) reply = await conn.throttle({ feed: this.feed, symbols: ['*'], maxRate });
+    this.maxRate = maxRate;
+    return reply;
   }
 
   /** Stops the stream: closes the socket with 1000 and does not reconnect. */
@@ -1667,8 +1749,9 @@ export class TickgateStream extends EventTarget {
     const entry = conn.feeds.find((f) => f.name === this.feed);
     this._subFeedId = entry ? entry.id : this.feedId;
     this._resumeEpoch = null;
-    /** @type {{snapshot?: boolean, resume?: Record<string, number>, epoch?: number}} */
+    /** @type {{snapshot?: boolean, resume?: Record<string, number>, epoch?: number, maxRate?: number}} */
     const opts = { snapshot: this.snapshot };
+    if (this.maxRate != null) opts.maxRate = this.maxRate;
     if (entry && this.feedId !== null) {
       if (entry.id === this.feedId && entry.epoch === this.epoch) {
         /** @type {Map<string, number>} */

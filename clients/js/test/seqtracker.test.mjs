@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, SeqTracker, decodeBatch, encodeBatch } from '../src/tickgate-client.js';
+import { FLAG_CONFLATED, FLAG_REPLAY, FLAG_SNAPSHOT, RTYPE_TRADE, SeqTracker, decodeBatch, encodeBatch } from '../src/tickgate-client.js';
 
 const WELCOME = { type: 'welcome', feeds: [{ name: 'DEMO', id: 1, epoch: 5 }, { name: 'XNAS', id: 2, epoch: 9 }] };
 const SUB = {
@@ -79,13 +79,23 @@ test('replay records are checked like live ones', () => {
   assert.deepEqual(t.onRecord(rec(14, FLAG_REPLAY)), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 13, got: 14 });
 });
 
-test('a conflated quote may jump ahead; a conflated trade may not', () => {
+test('a conflated record of either type may jump ahead (v1.1 §6a); an unflagged jump may not', () => {
   const t = tracker();
   assert.equal(t.onRecord(rec(20, FLAG_CONFLATED, 'quote')), null);
   assert.equal(t.last(1, 1), 20);
   assert.equal(t.onRecord(rec(21)), null);
-  assert.deepEqual(t.onRecord(rec(25, FLAG_CONFLATED, 'trade')), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 22, got: 25 });
-  assert.deepEqual(t.onRecord(rec(20, FLAG_CONFLATED, 'quote')), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 26, got: 20 }, 'never backwards');
+  // a throttled subscription: a trade after replaced quotes carries CONFLATED
+  assert.equal(t.onRecord(rec(25, FLAG_CONFLATED, 'trade')), null);
+  assert.equal(t.last(1, 1), 25);
+  assert.equal(t.check(1, 1, 30, FLAG_CONFLATED, RTYPE_TRADE), null, 'check() on plain fields too');
+  assert.equal(t.violations, 0);
+  assert.deepEqual(t.onRecord(rec(33)), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 31, got: 33 }, 'unflagged trade');
+  assert.deepEqual(t.onRecord(rec(36, 0, 'quote')), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 34, got: 36 }, 'unflagged quote');
+  assert.deepEqual(t.onRecord(rec(20, FLAG_CONFLATED, 'trade')), { kind: 'violation', feedId: 1, instrumentId: 1, expected: 37, got: 20 }, 'never backwards');
+  assert.equal(t.violations, 3);
+  // a gap with reason throttled moves expected like any gap
+  t.onGap({ type: 'gap', feed: 'DEMO', symbol: 'AAPL', from: 37, to: 40, reason: 'throttled' });
+  assert.equal(t.onRecord(rec(41)), null);
 });
 
 test('gap: expected = to + 1, by the symbol map given or learned', () => {

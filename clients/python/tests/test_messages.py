@@ -15,6 +15,21 @@ def test_known_messages():
     assert parse_message('{"type":"shutdown","reconnect_after_ms":1500}') == Shutdown(1500)
 
 
+def test_v1_1_throttle_messages():
+    from tickgate_client import Subscribed, Throttled
+
+    t = parse_message('{"type":"throttled","id":7,"feed":"DEMO","symbols":["AAPL","MSFT"],"max_rate":5}')
+    assert t == Throttled(7, "DEMO", ("AAPL", "MSFT"), 5.0, None) and isinstance(t.max_rate, float)
+    assert parse_message('{"type":"throttled","id":8,"max_bytes_per_s":65536}') == Throttled(8, max_bytes_per_s=65536)
+    both = parse_message('{"type":"throttled","feed":"DEMO","symbols":["AAPL"],"max_rate":0.0,"max_bytes_per_s":0}')
+    assert both == Throttled(None, "DEMO", ("AAPL",), 0.0, 0)
+    s = parse_message('{"type":"subscribed","id":1,"feed":"DEMO","epoch":3,"instruments":[],"max_rate":20.0}')
+    assert isinstance(s, Subscribed) and s.max_rate == 20.0
+    assert parse_message('{"type":"subscribed","id":1,"feed":"DEMO","epoch":3,"instruments":[]}').max_rate is None
+    g = parse_message('{"type":"gap","feed":"DEMO","symbol":"AAPL","from":3,"to":4,"reason":"throttled"}')
+    assert g == Gap("DEMO", "AAPL", 3, 4, "throttled")
+
+
 def test_unknown_type_is_kept():
     m = parse_message('{"type":"future_thing","x":1}')
     assert isinstance(m, UnknownMessage) and m.type == "future_thing" and m.data["x"] == 1
@@ -25,6 +40,9 @@ def test_unknown_type_is_kept():
     '{"type":"gap","feed":"DEMO","symbol":"A","from":"3","to":4}', '{"type":"welcome","protocol":1,"feeds":[5]}',
     '{"type":"subscribed","feed":"DEMO","epoch":1,"instruments":[{"symbol":"A","id":true,"seq":1}]}',
     '{"type":"pong","id":"x"}', b"\xff\xfe",
+    '{"type":"throttled","id":1,"max_rate":"5"}', '{"type":"throttled","id":1,"max_rate":true}',
+    '{"type":"throttled","id":1,"symbols":["A",2]}', '{"type":"throttled","id":1,"max_bytes_per_s":1.5}',
+    '{"type":"subscribed","feed":"DEMO","epoch":1,"instruments":[],"max_rate":[]}',
 ])
 def test_malformed_messages_raise_protocol_error(text):
     with pytest.raises(ProtocolError):

@@ -156,13 +156,24 @@ def test_gap_not_starting_at_expected_is_a_violation():
 
 
 @BOTH
-def test_conflated_quotes_may_jump_trades_may_not(batch):
+def test_conflated_records_may_jump_unflagged_ones_may_not(batch):
     t = tracker()
     assert feed(t, [quote(AAPL, 15, FLAG_CONFLATED), trade(AAPL, 16)], batch) == []
     assert t.expected("DEMO", "AAPL") == 17 and t.stats.conflated == 1
+    # a throttled subscription (v1.1, §6a): a trade after replaced quotes carries CONFLATED
+    assert feed(t, [trade(AAPL, 20, FLAG_CONFLATED), trade(AAPL, 21), quote(AAPL, 25, FLAG_CONFLATED)], batch) == []
+    assert t.expected("DEMO", "AAPL") == 26 and t.stats.conflated == 3 and t.stats.violations == 0
+    for unflagged in (trade(AAPL, 30), quote(AAPL, 40)):  # a jump without the flag, either type
+        with pytest.raises(SequenceViolation) as e:
+            feed(t, [unflagged], batch)
+        assert e.value.violation.kind == "silent_gap"
+    # a gap with reason throttled (trades past the per-update bound) moves expected like any gap
+    t.on_gap(Gap("DEMO", "AAPL", 41, 45, "throttled"))
+    assert feed(t, [trade(AAPL, 46)], batch) == []
+    # CONFLATED never allows going backwards
     with pytest.raises(SequenceViolation) as e:
         feed(t, [trade(AAPL, 20, FLAG_CONFLATED)], batch)
-    assert e.value.violation.kind == "silent_gap"
+    assert e.value.violation.kind == "duplicate"
 
 
 def test_reset_restarts_every_instrument_of_the_feed_at_one():

@@ -11,6 +11,12 @@ const FLASH_MS = 150;
 // A cell flashes at most this often: on a busy feed every trade changes the price, and a
 // cell lit all the time tells nothing.
 const FLASH_EVERY_MS = 2000;
+// Updates per second per instrument asked of the server (protocol v1.1 throttled
+// subscriptions, §6a): a screen cannot show more. It repaints once per animation frame and a
+// reader follows a few changes a second per cell, so the quotes in between would only be
+// decoded and drawn over. The server sends every trade still (the chart loses nothing) and
+// the latest quote, at most 10 times a second per instrument.
+const MAX_RATE = 10;
 
 /** Formats a price with two decimals (DEMO prices are dollars), or a dash. */
 const px = (v) => (v === undefined || Number.isNaN(v) ? '—' : v.toFixed(2));
@@ -107,7 +113,7 @@ class Screen {
     this.showError(null);
     const feed = $('feed').value.trim() || 'DEMO';
     const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/v1/stream';
-    const s = new TickgateStream({ url, token: () => this.token(), feed, symbols: ['*'], snapshot: true });
+    const s = new TickgateStream({ url, token: () => this.token(), feed, symbols: ['*'], snapshot: true, maxRate: MAX_RATE });
     this.stream = s; this.closedByUser = false;
     if (this.feed !== feed) this.resetBoard(); this.feed = feed;
     $('connect').disabled = true; $('disconnect').disabled = false;
@@ -168,6 +174,9 @@ class Screen {
       this.bySymbol.set(symbol, inst); this.byId.set(id, inst);
     }
     $('wl-count').textContent = `${this.bySymbol.size} instruments`;
+    // The rate the server agreed to (a server without v1.1 echoes none: every record).
+    $('st-rate').textContent = typeof msg.max_rate === 'number' && msg.max_rate > 0
+      ? `${msg.max_rate} updates/s per instrument` : 'every update';
     if (!this.selected && msg.instruments.length) this.select(msg.instruments[0].symbol);
   }
 

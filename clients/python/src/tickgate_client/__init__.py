@@ -1,7 +1,8 @@
 """tickgate-client: an asyncio client for the tickgate market-data WebSocket server.
 
 * tokens: :func:`fetch_token`, :func:`client_credentials`, :func:`fetch_ticket`;
-* one connection: :func:`connect` → :class:`Connection` (subscribe, resume, refresh, ping);
+* one connection: :func:`connect` → :class:`Connection` (subscribe, resume, refresh, ping,
+  throttle: protocol v1.1 throttled subscriptions);
 * records: :func:`decode_batch` (numpy) and :func:`decode_batch_records` (dataclasses);
 * delivery checking: :class:`SeqTracker` (protocol §9);
 * everything together: :class:`Stream` (refresh, reconnect with resume).
@@ -36,6 +37,7 @@ from .messages import (
     Reset,
     Shutdown,
     Subscribed,
+    Throttled,
     TokenExpiring,
     UnknownMessage,
     Unsubscribed,
@@ -67,7 +69,7 @@ __all__ = [
     "Disconnected", "ErrorReply", "FLAG_CONFLATED", "FLAG_REPLAY", "FLAG_SNAPSHOT", "FeedInfo", "Gap",
     "HandshakeRefused", "HttpError", "Instrument", "Pong", "ProtocolError", "QUOTE_DTYPE", "Quote", "RefreshFailed",
     "Refreshed", "Reset", "SCALE", "SUBPROTOCOL", "SeqTracker", "SequenceViolation", "ServerShutdown", "Shutdown",
-    "SlowConsumer", "Stream", "StreamClosed", "StreamStats", "Subscribed", "TRADE_DTYPE", "TicketError",
+    "SlowConsumer", "Stream", "StreamClosed", "StreamStats", "Subscribed", "TRADE_DTYPE", "Throttled", "TicketError",
     "TickgateError", "TokenError", "TokenExpired", "TokenExpiring", "TokenInfo", "TokenRevoked", "Trade",
     "UnknownMessage", "Unsubscribed", "Violation", "Welcome", "client_credentials", "connect", "decode_batch",
     "decode_batch_records", "encode_batch", "fetch_ticket", "fetch_token", "fetch_token_info", "parse_message",

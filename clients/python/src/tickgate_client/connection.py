@@ -14,15 +14,21 @@ returns control messages (:mod:`tickgate_client.messages`) and decoded batches
 :class:`~tickgate_client.errors.ControlError` (the connection stays usable) and the end
 of the connection raises the typed :class:`~tickgate_client.errors.StreamClosed` for
 its close code.
+
+Throttled subscriptions (protocol v1.1, §6a): ``subscribe(..., max_rate=N)`` asks for at
+most N updates per second per instrument; :meth:`Connection.throttle` changes the rate of
+live subscriptions or caps the connection's bandwidth and waits for its ``throttled`` reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import json
 import logging
+import math
 import re
 import urllib.parse
 from typing import Any
@@ -40,7 +46,7 @@ from .errors import (
     StreamClosed,
     closed_error,
 )
-from .messages import ErrorReply, Message, Shutdown, Welcome, parse_message
+from .messages import ErrorReply, Message, Shutdown, Throttled, Welcome, parse_message
 from .records import Batch, decode_batch
 
 __all__ = ["SUBPROTOCOL", "Connection", "connect", "AUTH_MODES"]
@@ -74,6 +80,15 @@ def _mask(m: re.Match) -> str:
 #: The logger handed to websockets (a child of ``tickgate_client``), with :class:`_Redact`.
 ws_logger = logging.getLogger("tickgate_client.websockets")
 ws_logger.addFilter(_Redact())
+
+
+def _number(name: str, v: Any) -> float:
+    """A number for a JSON field: a finite int or float (the server checks the range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite")
+    return v
 
 
 def _refusal(e: InvalidStatus) -> HandshakeRefused:
@@ -113,6 +128,12 @@ class Connection:
         self._ids = itertools.count(1)
         self._shutdown_after_ms: int | None = None
         self._closed: StreamClosed | None = None
+        # Requests that wait for their reply (throttle): id -> future of the reply. One task
+        # reads the socket at a time (_read_lock); what a waiting request read for others is
+        # kept in _backlog, in order, for the next recv.
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._backlog: collections.deque = collections.deque()
+        self._read_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Connection session={self.welcome.session!r} sub={self.welcome.sub!r}>"
@@ -141,18 +162,102 @@ class Connection:
         snapshot: bool = False,
         resume: dict[str, int] | None = None,
         epoch: int | None = None,
+        max_rate: float | None = None,
         id: int | None = None,
     ) -> int:
         """Sends ``subscribe`` (§6) and returns its id. ``resume`` maps symbols to the last
-        seq held; ``epoch`` (always send it with ``resume``) the epoch those seqs belong to."""
+        seq held; ``epoch`` (always send it with ``resume``) the epoch those seqs belong to.
+        ``max_rate`` (v1.1, §6a): at most that many updates per second per instrument, for
+        every listed instrument (0: not throttled; the server takes 0 or 0.01..=1000 and
+        answers anything else with ``error`` ``bad_request``); None leaves rates as they are."""
         id = self.next_id() if id is None else id
         msg: dict[str, Any] = {"op": "subscribe", "id": id, "feed": feed, "symbols": list(symbols), "snapshot": snapshot}
         if resume:
             msg["resume"] = dict(resume)
             if epoch is not None:
                 msg["epoch"] = epoch
+        if max_rate is not None:
+            msg["max_rate"] = _number("max_rate", max_rate)
         await self.send(msg)
         return id
+
+    async def throttle(
+        self,
+        feed: str | None = None,
+        symbols: list[str] | None = None,
+        max_rate: float | None = None,
+        max_bytes_per_s: int | None = None,
+        *,
+        id: int | None = None,
+        timeout: float = 30.0,
+    ) -> Throttled:
+        """Sends ``throttle`` (v1.1, §6a) and returns its ``throttled`` reply.
+
+        ``feed`` + ``symbols`` (or ``["*"]``: every subscribed instrument of the feed) +
+        ``max_rate`` change the rate of live subscriptions (0 lifts the throttle);
+        ``max_bytes_per_s`` caps the connection's bandwidth (0: no cap, else 1024..=2**40).
+        Either part or both. A refusal raises :class:`ControlError` (``bad_request`` for a
+        missing part, a value out of range or a symbol not subscribed; ``unknown_feed``,
+        ``unknown_symbol``); nothing is applied then. No reply within ``timeout`` seconds
+        raises :class:`asyncio.TimeoutError`.
+
+        Another task may be iterating the connection meanwhile: the reply reaches this call
+        either way, and the ``throttled`` message is also returned by :meth:`recv` in its place
+        in the stream (an ``error`` reply only raises here)."""
+        id = self.next_id() if id is None else id
+        msg: dict[str, Any] = {"op": "throttle", "id": id}
+        if feed is not None:
+            msg["feed"] = feed
+        if symbols is not None:
+            if isinstance(symbols, str) or not all(isinstance(x, str) for x in symbols):
+                raise TypeError("throttle: symbols must be a list of strings")
+            msg["symbols"] = list(symbols)
+        if max_rate is not None:
+            msg["max_rate"] = _number("max_rate", max_rate)
+        if max_bytes_per_s is not None:
+            if isinstance(max_bytes_per_s, bool) or not isinstance(max_bytes_per_s, int):
+                raise TypeError("throttle: max_bytes_per_s must be an int")
+            msg["max_bytes_per_s"] = max_bytes_per_s
+        reply = await self._request(id, msg, timeout)
+        if isinstance(reply, ErrorReply):
+            raise ControlError(reply.code, reply.message, reply.id)
+        if not isinstance(reply, Throttled):
+            raise ProtocolError(f"throttle (id {id}) was answered with {type(reply).__name__}")
+        return reply
+
+    async def _request(self, id: int, msg: dict[str, Any], timeout: float) -> Message:
+        """Sends ``msg`` and waits for the message carrying its ``id``: read by another task
+        that iterates the connection, or by this one (keeping what it reads for ``recv``)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[id] = fut
+
+        async def drive() -> None:
+            while not fut.done():
+                async with self._read_lock:
+                    if fut.done():
+                        return
+                    m = await self._read_one()
+                    if m is not None:
+                        self._backlog.append(m)
+
+        driver: asyncio.Task | None = None
+        try:
+            await self.send(msg)
+            driver = asyncio.ensure_future(drive())
+            done, _ = await asyncio.wait({fut, driver}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if fut.done():
+                return fut.result()
+            if driver in done:
+                driver.result()  # the connection ended: raises its StreamClosed
+            raise asyncio.TimeoutError(f"no reply to {msg['op']} (id {id}) within {timeout} s")
+        finally:
+            self._waiters.pop(id, None)
+            if driver is not None and not driver.done():
+                driver.cancel()  # websockets' recv can be cancelled without losing a message
+                try:
+                    await driver
+                except (asyncio.CancelledError, StreamClosed):
+                    pass
 
     async def unsubscribe(self, feed: str, symbols: list[str], *, id: int | None = None) -> int:
         """Sends ``unsubscribe`` (§7) and returns its id."""
@@ -184,8 +289,9 @@ class Connection:
             self._closed = closed_error(code, reason, self._shutdown_after_ms)
         return self._closed
 
-    async def recv_raw(self) -> Message | Batch:
-        """The next message: a control message or a batch, ``error`` replies included."""
+    async def _read_one(self) -> Message | Batch | None:
+        """Reads one message (the caller holds ``_read_lock``). A reply to a waiting request
+        resolves it; an ``error`` reply to one is not returned (None): the request raises it."""
         try:
             data = await self.ws.recv()
         except ConnectionClosed as e:
@@ -194,8 +300,29 @@ class Connection:
             msg = parse_message(data)
             if isinstance(msg, Shutdown):
                 self._shutdown_after_ms = msg.reconnect_after_ms
+            elif self._waiters:
+                mid = getattr(msg, "id", None)
+                fut = self._waiters.pop(mid, None) if isinstance(mid, int) else None
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                    if isinstance(msg, ErrorReply):
+                        return None
             return msg
         return decode_batch(data)
+
+    async def recv_raw(self) -> Message | Batch:
+        """The next message: a control message or a batch, ``error`` replies included (but
+        not those that :meth:`throttle` raises)."""
+        while True:
+            if self._backlog:
+                return self._backlog.popleft()
+            async with self._read_lock:
+                if self._backlog:
+                    return self._backlog.popleft()
+                msg = await self._read_one()
+            if msg is not None:
+                return msg
 
     async def recv(self) -> Message | Batch:
         """Like :meth:`recv_raw`, but an ``error`` reply raises :class:`ControlError`."""

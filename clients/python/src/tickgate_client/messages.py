@@ -1,4 +1,4 @@
-"""Control messages from the server (protocol §4-§11) as frozen dataclasses.
+"""Control messages from the server (protocol §4-§11, v1.1 §6a) as frozen dataclasses.
 
 :func:`parse_message` turns one text frame into one of them; a frame that is not a JSON
 object with a string ``type``, or a known message with a missing or wrongly typed field,
@@ -19,6 +19,7 @@ __all__ = [
     "Instrument",
     "Welcome",
     "Subscribed",
+    "Throttled",
     "Unsubscribed",
     "Gap",
     "Reset",
@@ -68,12 +69,28 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """Reply to ``subscribe`` (§6)."""
+    """Reply to ``subscribe`` (§6). ``max_rate`` (v1.1, §6a) echoes the request's
+    ``max_rate`` (updates per second per instrument, 0: not throttled); None when it gave none."""
 
     id: int | None
     feed: str
     epoch: int
     instruments: tuple[Instrument, ...]
+    max_rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """Reply to ``throttle`` (v1.1, §6a). ``feed``, ``symbols`` and ``max_rate`` are set when the
+    request changed the rate of live subscriptions (``symbols`` lists the instruments it applied
+    to: for ``["*"]``, every subscribed instrument of the feed); ``max_bytes_per_s`` when it set
+    the connection's bandwidth cap (0: no cap). The fields a request did not give are None."""
+
+    id: int | None
+    feed: str | None = None
+    symbols: tuple[str, ...] | None = None
+    max_rate: float | None = None
+    max_bytes_per_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +107,9 @@ class Unsubscribed:
 @dataclass(frozen=True, slots=True)
 class Gap:
     """Seqs ``from_seq..=to_seq`` of ``symbol`` will not be delivered (§6, §9, §11).
-    ``reason``: ``replay_unavailable``, ``slow_consumer`` or ``source_gap``."""
+    ``reason``: ``replay_unavailable``, ``slow_consumer``, ``source_gap`` or (v1.1, §6a)
+    ``throttled``: trades past ``limits.max_trades_per_update`` in one interval of a throttled
+    subscription. Every reason is handled the same way: ``expected = to_seq + 1``."""
 
     feed: str
     symbol: str
@@ -159,7 +178,8 @@ class UnknownMessage:
 
 
 Message = Union[
-    Welcome, Subscribed, Unsubscribed, Gap, Reset, TokenExpiring, Refreshed, Pong, ErrorReply, Shutdown, UnknownMessage
+    Welcome, Subscribed, Throttled, Unsubscribed, Gap, Reset, TokenExpiring, Refreshed, Pong, ErrorReply, Shutdown,
+    UnknownMessage,
 ]
 
 
@@ -173,6 +193,23 @@ def _get(obj: dict, key: str, kind, optional: bool = False) -> Any:
     if not ok:
         raise ProtocolError(f"{obj.get('type')!s} message: {key!r} has the wrong type ({type(v).__name__})")
     return v
+
+
+def _rate(obj: dict, key: str) -> float | None:
+    """An optional JSON number (``max_rate``), as a float."""
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProtocolError(f"{obj.get('type')!s} message: {key!r} has the wrong type ({type(v).__name__})")
+    return float(v)
+
+
+def _symbols(obj: dict) -> tuple[str, ...]:
+    syms = _get(obj, "symbols", list)
+    if not all(isinstance(s, str) for s in syms):
+        raise ProtocolError(f"{obj.get('type')!s} message: a symbol is not a string")
+    return tuple(syms)
 
 
 def _feeds(obj: dict) -> tuple[FeedInfo, ...]:
@@ -209,12 +246,17 @@ def parse_message(text: str | bytes) -> Message:
             if not isinstance(i, dict):
                 raise ProtocolError("subscribed message: an instrument entry is not an object")
             ins.append(Instrument(_get(i, "symbol", str), _get(i, "id", int), _get(i, "seq", int)))
-        return Subscribed(mid, _get(obj, "feed", str), _get(obj, "epoch", int), tuple(ins))
+        return Subscribed(mid, _get(obj, "feed", str), _get(obj, "epoch", int), tuple(ins), _rate(obj, "max_rate"))
+    if t == "throttled":
+        return Throttled(
+            mid,
+            _get(obj, "feed", str, optional=True),
+            _symbols(obj) if obj.get("symbols") is not None else None,
+            _rate(obj, "max_rate"),
+            _get(obj, "max_bytes_per_s", int, optional=True),
+        )
     if t == "unsubscribed":
-        syms = _get(obj, "symbols", list)
-        if not all(isinstance(s, str) for s in syms):
-            raise ProtocolError("unsubscribed message: a symbol is not a string")
-        return Unsubscribed(mid, _get(obj, "feed", str), tuple(syms), _get(obj, "reason", str, optional=True) or "")
+        return Unsubscribed(mid, _get(obj, "feed", str), _symbols(obj), _get(obj, "reason", str, optional=True) or "")
     if t == "gap":
         return Gap(
             _get(obj, "feed", str), _get(obj, "symbol", str), _get(obj, "from", int), _get(obj, "to", int),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Union
 
 from .auth import TokenProvider, call_provider
-from .connection import Connection, connect
+from .connection import Connection, _number, connect
 from .errors import (
     ConnectFailed,
     ControlError,
@@ -43,6 +43,7 @@ from .messages import (
     Refreshed,
     Reset,
     Subscribed,
+    Throttled,
     TokenExpiring,
     Unsubscribed,
     Welcome,
@@ -121,8 +122,12 @@ class Stream:
     ``records=True`` each :class:`~tickgate_client.Trade` / :class:`~tickgate_client.Quote`.
     With ``events=True`` (default) it also yields :class:`Connected`, :class:`Disconnected`,
     :class:`RefreshFailed`, the server's messages (``Subscribed``, ``Gap``, ``Reset``,
-    ``Refreshed``, ``TokenExpiring``, ``Shutdown``, ``Unsubscribed``, ``Pong``) and, with
-    ``on_violation="report"``, :class:`~tickgate_client.tracker.Violation` items.
+    ``Refreshed``, ``TokenExpiring``, ``Shutdown``, ``Unsubscribed``, ``Pong``, ``Throttled``)
+    and, with ``on_violation="report"``, :class:`~tickgate_client.tracker.Violation` items.
+
+    ``max_rate`` (protocol v1.1, §6a): every subscribe of the stream, after a reconnect too,
+    asks for at most that many updates per second per instrument (None or 0: every record);
+    :meth:`throttle` changes it on the live connection and for the reconnects to come.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Stream:
         symbols: list[str] | None = None,
         subscriptions: dict[str, list[str]] | None = None,
         snapshot: bool = True,
+        max_rate: float | None = None,
         auth: str = "header",
         records: bool = False,
         events: bool = True,
@@ -165,6 +171,8 @@ class Stream:
             raise ValueError("symbols need a feed")
         self._subs = subs
         self.snapshot = snapshot
+        #: Updates per second per instrument asked for in every subscribe (None: not sent).
+        self.max_rate = max_rate
         self.auth = auth
         self.records = records
         self.events = events
@@ -206,7 +214,23 @@ class Stream:
         new = [s for s in symbols if s not in cur]
         cur += new
         if self.connection is not None and new:
-            self._pending_subs[await self.connection.subscribe(feed, new, snapshot=self.snapshot)] = feed
+            rid = await self.connection.subscribe(feed, new, snapshot=self.snapshot, max_rate=self.max_rate)
+            self._pending_subs[rid] = feed
+
+    async def throttle(self, max_rate: float) -> list[Throttled]:
+        """Sets the stream's ``max_rate`` (0: not throttled): on every subscribed instrument of
+        the live connection (a ``throttle`` per feed, ``symbols: ["*"]``; the replies are
+        returned) and in the subscribes of later reconnects. Raises :class:`ControlError` for a
+        rate the server refuses (``bad_request``); the stream's rate is then left unchanged."""
+        conn = self.connection
+        replies = []
+        if conn is not None:
+            for feed in self._subs:
+                replies.append(await conn.throttle(feed, ["*"], max_rate))
+        else:
+            _number("max_rate", max_rate)
+        self.max_rate = max_rate
+        return replies
 
     async def unsubscribe(self, feed: str, symbols: list[str]) -> None:
         """Removes symbols from the subscriptions."""
@@ -339,7 +363,9 @@ class Stream:
                 continue
             if resume:
                 self.tracker.expect_resume(feed, epoch, resume)
-            rid = await conn.subscribe(feed, symbols, snapshot=snapshot, resume=resume, epoch=epoch)
+            rid = await conn.subscribe(
+                feed, symbols, snapshot=snapshot, resume=resume, epoch=epoch, max_rate=self.max_rate
+            )
             self._pending_subs[rid] = feed
         return out
 

@@ -8,7 +8,10 @@ State is keyed by ``(feed_id, instrument_id)``, one expected seq per instrument:
   at most the ``subscribed`` seq);
 * a live or REPLAY record must carry ``seq == expected``; then ``expected += 1``;
 * a ``gap`` names ``from..=to`` with ``from == expected``: ``expected = to + 1``;
-* a CONFLATED quote may jump ahead: ``expected = seq + 1`` (trades never are conflated);
+* a CONFLATED record may jump ahead: ``expected = seq + 1``. On a conflating connection
+  (§11) only the latest quote carries the flag; on a throttled subscription (v1.1, §6a) a
+  trade may carry it too, the seqs skipped being quotes replaced by later ones. A jump
+  without the flag is still a violation, whatever the record type;
 * ``reset``: ``expected = 1`` for every instrument of the feed, subscriptions kept;
 * anything else (a jump without a ``gap``, a repeated seq, a record of an instrument that
   is not subscribed) is a :class:`Violation`.
@@ -227,8 +230,9 @@ class SeqTracker:
             raise SequenceViolation(v)
         return [v]
 
-    def check(self, feed_id: int, instrument_id: int, seq: int, flags: int, is_quote: bool) -> list[Violation]:
-        """Checks one record given by its header fields."""
+    def check(self, feed_id: int, instrument_id: int, seq: int, flags: int, is_quote: bool = True) -> list[Violation]:
+        """Checks one record given by its header fields. ``is_quote`` no longer changes the
+        outcome (any CONFLATED record may jump ahead, §6a); it is kept for callers of v1."""
         st = self.stats
         st.records += 1
         t = self._track.get((feed_id, instrument_id))
@@ -252,7 +256,7 @@ class SeqTracker:
         if seq == exp:
             t.expected = exp + 1
             return []
-        if seq > exp and flags & FLAG_CONFLATED and is_quote:
+        if seq > exp and flags & FLAG_CONFLATED:
             t.expected = seq + 1
             return []
         sym = self._symbols.get((feed_id, instrument_id))
