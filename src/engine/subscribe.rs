@@ -295,7 +295,9 @@ impl ShardCore {
         for &i in &new {
             let last = self.instr[fi][i as usize].last_seq;
             let cursor = skips.get(&i).map_or(last + 1, |&n| n + 1);
-            self.index_sub(key, f, i, throttle.flatten(), cursor);
+            // The first tick after the subscription goes out at once (its snapshot or
+            // replay is not an update).
+            self.index_sub(key, (f, i), throttle.flatten(), cursor, tokio::time::Instant::now());
         }
     }
 

@@ -251,9 +251,16 @@ impl Throttles {
         }
     }
 
-    /// Adds a member to the instrument's group of this interval (made when missing);
-    /// returns the group and the member's position in it.
-    fn join(&mut self, key: ConnKey, f: u16, i: u32, interval: Duration, cursor: u64) -> (GroupId, u32) {
+    /// Adds a member to the instrument's group of this interval (made when missing, with its
+    /// first update due at `first_due`); returns the group and the member's position in it.
+    fn join(
+        &mut self,
+        key: ConnKey,
+        (f, i): (u16, u32),
+        interval: Duration,
+        cursor: u64,
+        first_due: Instant,
+    ) -> (GroupId, u32) {
         let list = &mut self.by_instr[f as usize][i as usize];
         let gid = match list.iter().copied().find(|&g| self.groups[g].interval == interval) {
             Some(g) => g,
@@ -264,7 +271,7 @@ impl Throttles {
                     instr: i,
                     interval,
                     serial: self.next_serial,
-                    next_due: Instant::now(),
+                    next_due: first_due,
                     scheduled: false,
                     held: Vec::new(),
                     quote: None,
@@ -474,16 +481,26 @@ impl ShardCore {
             }
         };
         self.unindex(key, f, i, sub);
-        self.index_sub(key, f, i, to, cursor);
+        // The subscription was just sent what it was owed: a group made for it starts an
+        // interval from now (a group that exists keeps its own cadence).
+        let first_due = to.map_or_else(Instant::now, |t| Instant::now() + t);
+        self.index_sub(key, (f, i), to, cursor, first_due);
     }
 
     /// Adds a subscription, live (`throttle` `None`) or to the group of its interval, at
-    /// the seq it expects next.
-    pub(super) fn index_sub(&mut self, key: ConnKey, f: u16, i: u32, throttle: Option<Duration>, cursor: u64) {
+    /// the seq it expects next; a group made for it has its first update due at `first_due`.
+    pub(super) fn index_sub(
+        &mut self,
+        key: ConnKey,
+        (f, i): (u16, u32),
+        throttle: Option<Duration>,
+        cursor: u64,
+        first_due: Instant,
+    ) {
         let last = self.instr[f as usize][i as usize].last_seq;
         let sub = match throttle {
             Some(interval) => {
-                let (gid, pos) = self.throttles.join(key, f, i, interval, cursor);
+                let (gid, pos) = self.throttles.join(key, (f, i), interval, cursor, first_due);
                 Sub::Throttled(gid, pos)
             }
             None => {
@@ -536,7 +553,7 @@ mod tests {
 
     fn group() -> Group {
         let mut t = Throttles::new([1].into_iter(), 2);
-        let (gid, _) = t.join(0, 0, 0, Duration::from_millis(50), 1);
+        let (gid, _) = t.join(0, (0, 0), Duration::from_millis(50), 1, Instant::now());
         t.groups.remove(gid)
     }
 
@@ -703,13 +720,15 @@ mod tests {
                 .any(|t| t.contains(r#""type":"throttled","id":9"#) && t.contains(r#""symbols":["A"]"#)));
             core.dispatch(&tick(4, false));
             assert_eq!(received(&mut core, key).0, vec![(4, false)], "live again");
+            // Throttled again: it was just sent everything, so its first update waits one
+            // interval (no two updates within one).
             core.handle(key, lift(2.0));
             core.dispatch(&tick(5, false));
             core.dispatch(&tick(6, false));
-            assert_eq!(received(&mut core, key).0, vec![(5, false)]);
+            assert_eq!(received(&mut core, key).0, vec![]);
             tokio::time::advance(Duration::from_millis(500)).await;
             core.flush_throttled(tokio::time::Instant::now());
-            assert_eq!(received(&mut core, key).0, vec![(6, false)]);
+            assert_eq!(received(&mut core, key).0, vec![(6, true)]);
             assert_eq!(core.subscription_count(), 1);
         }
 
