@@ -39,7 +39,8 @@
 #
 # --write-delay-us D: run tickgate with `engine.write_delay_us = D` (default 0: every
 # connection is written as soon as it has something, tickgate's default). It is recorded
-# in every result line and in the table's header. ADAPTIVE_MAX_US=U sets
+# in every result line and in the table's header. SERVERS=tickgate runs only tickgate (an
+# A/B of two tickgate settings). ADAPTIVE_MAX_US=U sets
 # `engine.adaptive_write_delay_max_us` (default 5000; 0: no load-adaptive coalescing).
 #
 # Cores: with 4+ cores the servers get the first half and the load generator the second
@@ -255,7 +256,7 @@ run_cell() {
 }
 
 cell() { # N RATE K PER [MAX_RATE]
-  local max_rate=${5:-0} servers="tickgate nats"
+  local max_rate=${5:-0} servers=${SERVERS:-tickgate nats}
   echo "cell: N=$1 M=$2/s K=$3 per-subscriber=$([ "$4" -gt 0 ] && echo "$4" || echo "$3")$([ "$max_rate" != 0 ] && echo " max_rate=$max_rate/s")"
   # NATS has no per-subscriber throttle: a throttled cell is tickgate's alone.
   if [ "$max_rate" != 0 ]; then servers=tickgate; fi
