@@ -40,8 +40,7 @@
 # --write-delay-us D: run tickgate with `engine.write_delay_us = D` (default 0: every
 # connection is written as soon as it has something, tickgate's default). It is recorded
 # in every result line and in the table's header. SERVERS=tickgate runs only tickgate (an
-# A/B of two tickgate settings). ADAPTIVE_MAX_US=U sets
-# `engine.adaptive_write_delay_max_us` (default 5000; 0: no load-adaptive coalescing).
+# A/B of two tickgate settings).
 #
 # Cores: with 4+ cores the servers get the first half and the load generator the second
 # half (taskset); with 2-3 cores the servers get core 0 and the load generator the rest;
@@ -58,9 +57,6 @@ PUBLISHER=${PUBLISHER:-tickgate-publish}
 SECS=""
 CELLS=""
 WRITE_DELAY_US=${WRITE_DELAY_US:-0}
-# engine.adaptive_write_delay_max_us of the tickgate under test (the default, 5000; 0 turns
-# the load-adaptive write coalescing off, for an A/B).
-ADAPTIVE_MAX_US=${ADAPTIVE_MAX_US:-5000}
 RAMP_ONLY=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -140,7 +136,6 @@ feeds_dir = "$work/feeds"
 
 [engine]
 write_delay_us = $WRITE_DELAY_US
-adaptive_write_delay_max_us = $ADAPTIVE_MAX_US
 
 [limits]
 max_outbound_bytes = 1048576

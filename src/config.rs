@@ -472,11 +472,6 @@ pub struct EngineConfig {
     /// An idle connection's first message is never held, nor a close, nor a backlog of
     /// `max_batch_bytes` (or a quarter of `limits.max_outbound_bytes`).
     pub write_delay_us: u64,
-    /// Load-adaptive writes: while a shard's thread wants more CPU than it gets (its run
-    /// time plus its wait for the CPU above 90 % of the wall time), the shard raises its
-    /// connections' write delay step by step up to this many microseconds, and lowers it
-    /// again once the demand is below 60 %. 0: only `write_delay_us` applies.
-    pub adaptive_write_delay_max_us: u64,
 }
 
 impl Default for EngineConfig {
@@ -487,7 +482,6 @@ impl Default for EngineConfig {
             max_batch_bytes: 65_536,
             timer_tick_ms: 10,
             write_delay_us: 0,
-            adaptive_write_delay_max_us: 5000,
         }
     }
 }
@@ -634,9 +628,6 @@ impl Config {
         }
         if self.engine.write_delay_us > MAX_WRITE_DELAY_US {
             return bad("engine.write_delay_us must be at most 100000 (100 ms)");
-        }
-        if self.engine.adaptive_write_delay_max_us > MAX_WRITE_DELAY_US {
-            return bad("engine.adaptive_write_delay_max_us must be at most 100000 (100 ms)");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");

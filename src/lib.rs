@@ -18,7 +18,7 @@
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
 //! | [`auth`] | keys, JWKS cache, token validation, scopes, tickets, revocation, the embedded OAuth2 issuer, its setup and key rotation |
 //! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
-//! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing (fixed and load-adaptive), outbound queues, conflation, throttled subscriptions, timer wheel, stall tracking, the server-wide outbound budget |
+//! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing, outbound queues, conflation, throttled subscriptions, timer wheel, stall tracking, the server-wide outbound budget |
 //! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording, publish ingest, NATS JetStream (and its feed handler) |
 //! | [`server`] | listeners and their bounds, HTTP on the shards, handshake and authorization, the session and its WebSocket loop (stream and publisher roles), heartbeat, admin, TLS |
 //! | `error` | [`Error`]: why the server could not start |

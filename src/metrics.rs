@@ -84,8 +84,6 @@ pub struct Metrics {
     pub shard_cpu: prometheus::CounterVec,
     /// The share of the last flush interval each shard's thread spent on the CPU.
     pub shard_busy: prometheus::GaugeVec,
-    /// Each shard's load-adaptive write delay (`engine.adaptive_write_delay_max_us`).
-    pub shard_write_delay: prometheus::GaugeVec,
     /// Time each shard took no ticks because it owed writes to connections whose sockets
     /// took data (the server's own overload, turned into backpressure).
     pub intake_paused: prometheus::CounterVec,
@@ -232,10 +230,6 @@ impl Metrics {
         let shard_cpu = f64_counter_vec("tickgate_shard_cpu_seconds_total", "CPU time of a shard's thread");
         let shard_busy =
             f64_gauge_vec("tickgate_shard_busy_ratio", "Share of the last 100 ms a shard's thread was on the CPU");
-        let shard_write_delay = f64_gauge_vec(
-            "tickgate_shard_write_delay_seconds",
-            "A shard's load-adaptive write delay: its writes are coalesced over this long while its thread is saturated",
-        );
         let intake_paused = f64_counter_vec(
             "tickgate_shard_intake_paused_seconds_total",
             "Time a shard took no ticks while it wrote what it owed to connections that keep up",
@@ -287,7 +281,6 @@ impl Metrics {
             outbound_budget_sheds,
             shard_cpu,
             shard_busy,
-            shard_write_delay,
             intake_paused,
             dispatch_lag,
             outbound_queued_bytes,
@@ -488,7 +481,6 @@ impl Metrics {
             self.outbound_queued_bytes.with_label_values(&[&i.to_string()]);
             self.shard_cpu.with_label_values(&[&i.to_string()]);
             self.shard_busy.with_label_values(&[&i.to_string()]);
-            self.shard_write_delay.with_label_values(&[&i.to_string()]);
             self.intake_paused.with_label_values(&[&i.to_string()]);
             self.dispatch_lag.with_label_values(&[&i.to_string()]);
         }

@@ -80,8 +80,6 @@ pub struct CoreLimits {
     pub max_subscriptions: usize,
     /// Trades one update of a throttled subscription carries at most.
     pub max_trades_per_update: usize,
-    /// Upper bound of the shard's load-adaptive write delay (0: none).
-    pub adaptive_write_delay_max_us: u64,
     /// Heartbeat interval announced in `welcome`.
     pub heartbeat_ms: u64,
     /// Grace after a token's `exp` before its connection is closed with 4001.
@@ -108,7 +106,6 @@ impl From<&Config> for CoreLimits {
             max_batch_bytes: c.engine.max_batch_bytes,
             max_subscriptions: c.limits.max_subscriptions,
             max_trades_per_update: c.limits.max_trades_per_update,
-            adaptive_write_delay_max_us: c.engine.adaptive_write_delay_max_us,
             heartbeat_ms: c.server.heartbeat_ms,
             expiry_grace_ms: c.auth.expiry_grace_ms,
             min_refresh_interval_ms: c.auth.min_refresh_interval_ms,

@@ -128,9 +128,6 @@ pub(crate) struct ShardLocal {
     pub(super) batch_records: LocalHistogram,
     /// Dispatch cycle durations, flushed with the counters.
     pub(super) cycle: LocalHistogram,
-    /// The load-adaptive write delay every writer of the shard applies (set by the stats
-    /// flusher from the thread's CPU demand, see [`super::pacer::AdaptiveDelay`]).
-    pub(super) write_delay: std::cell::Cell<Duration>,
 }
 
 thread_local! {
@@ -261,7 +258,6 @@ fn test_fault_for(id: usize) -> Option<Duration> {
 async fn run(spec: ShardSpec) {
     let ShardSpec { id, inbox, all, mut ctl, mut sockets, catalog, limits, metrics, serve } = spec;
     let total_budget = limits.max_outbound_total_bytes;
-    let limits_adaptive_max = limits.adaptive_write_delay_max_us;
     metrics.outbound_budget.set(total_budget as i64);
     let shard = Rc::new(ShardLocal {
         id,
@@ -270,9 +266,7 @@ async fn run(spec: ShardSpec) {
         latency: metrics.fanout_latency.local(),
         batch_records: metrics.batch_records.local(),
         cycle: metrics.dispatch_cycle.with_label_values(&[&id.to_string()]).local(),
-        write_delay: std::cell::Cell::new(Duration::ZERO),
     });
-    let mut adaptive = super::pacer::AdaptiveDelay::new(Duration::from_micros(limits_adaptive_max));
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
 
     // Accept loop: sockets handed over by the listener are re-registered with this
@@ -300,10 +294,9 @@ async fn run(spec: ShardSpec) {
         let mut tick = tokio::time::interval(STATS_FLUSH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let label = flush_shard.id.to_string();
-        let (cpu_total, busy, delay_gauge) = (
+        let (cpu_total, busy) = (
             flush_metrics.shard_cpu.with_label_values(&[&label]),
             flush_metrics.shard_busy.with_label_values(&[&label]),
-            flush_metrics.shard_write_delay.with_label_values(&[&label]),
         );
         let mut cpu = ThreadCpu::default();
         loop {
@@ -311,12 +304,9 @@ async fn run(spec: ShardSpec) {
             flush_stats(&flush_shard, &flush_metrics, &mut flushed_periodic.borrow_mut());
             enforce_budget(&flush_shard, &all, total_budget);
             // The flusher runs on the shard's thread, so this is the shard's CPU time.
-            if let Some(CpuSample { cpu_s, busy: ratio, demand }) = cpu.sample() {
+            if let Some((cpu_s, ratio)) = cpu.sample() {
                 cpu_total.inc_by(cpu_s);
                 busy.set(ratio);
-                let d = adaptive.update(demand);
-                flush_shard.write_delay.set(d);
-                delay_gauge.set(d.as_secs_f64());
             }
         }
     });
@@ -443,38 +433,20 @@ fn dispatch_cycle(core: &mut ShardCore, queue: &crossbeam_queue::ArrayQueue<Inbo
 /// elsewhere nothing is sampled): the shard's busy ratio without any unsafe code.
 #[derive(Debug, Default)]
 struct ThreadCpu {
-    /// When, run time (ns), time waiting for a CPU (ns).
-    last: Option<(std::time::Instant, u64, u64)>,
-}
-
-/// What one period of [`ThreadCpu`] says.
-#[derive(Debug, Clone, Copy)]
-struct CpuSample {
-    /// CPU seconds the thread ran.
-    cpu_s: f64,
-    /// Their share of the wall time.
-    busy: f64,
-    /// Run time plus time runnable but waiting for a CPU, over the wall time: near 1, the
-    /// thread had work all the time (on a core it shares, `busy` alone stays low).
-    demand: f64,
+    last: Option<(std::time::Instant, u64)>,
 }
 
 impl ThreadCpu {
-    /// The period since the previous sample; `None` on the first call or when the file
-    /// cannot be read.
-    fn sample(&mut self) -> Option<CpuSample> {
+    /// CPU seconds since the previous sample and their share of the wall time between
+    /// the two; `None` on the first call or when the file cannot be read.
+    fn sample(&mut self) -> Option<(f64, f64)> {
         let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
-        let (run, wait) = (fields.next()??, fields.next()??);
+        let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
         let now = std::time::Instant::now();
-        let prev = self.last.replace((now, run, wait))?;
-        let cpu_s = run.saturating_sub(prev.1) as f64 / 1e9;
-        let wait_s = wait.saturating_sub(prev.2) as f64 / 1e9;
+        let prev = self.last.replace((now, ns))?;
+        let cpu_s = ns.saturating_sub(prev.1) as f64 / 1e9;
         let wall_s = now.duration_since(prev.0).as_secs_f64();
-        if wall_s <= 0.0 {
-            return None;
-        }
-        Some(CpuSample { cpu_s, busy: (cpu_s / wall_s).min(1.0), demand: ((cpu_s + wait_s) / wall_s).min(1.0) })
+        Some((cpu_s, if wall_s > 0.0 { (cpu_s / wall_s).min(1.0) } else { 0.0 }))
     }
 }
 

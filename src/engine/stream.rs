@@ -167,11 +167,6 @@ impl ConnGuard {
         self.shard.core.borrow_mut().track_writes(self.key, progress);
     }
 
-    /// The shard's load-adaptive write delay now (see [`super::pacer::AdaptiveDelay`]).
-    pub(crate) fn adaptive_write_delay(&self) -> std::time::Duration {
-        self.shard.write_delay.get()
-    }
-
     /// The connection's `max_bytes_per_s` (protocol v1.1 `throttle`), if it set one: the
     /// writer spaces its writes to stay under it.
     pub(crate) fn byte_rate(&self) -> Option<u64> {

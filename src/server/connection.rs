@@ -283,7 +283,7 @@ impl Role for Stream<'_> {
     async fn on_event(&mut self, ws: &mut Ws, ev: StreamEvent) -> Step {
         let pacer_counts = match ev {
             StreamEvent::Wake => {
-                if let Some(until) = self.pacer.on_wake(tokio::time::Instant::now(), self.conn.adaptive_write_delay()) {
+                if let Some(until) = self.pacer.on_wake(tokio::time::Instant::now()) {
                     self.hold.as_mut().reset(until);
                     return Step::Continue;
                 }
