@@ -37,6 +37,15 @@ use tickgate_proto::control::ServerMsg;
 /// Key of a group in the shard's slab.
 pub(super) type GroupId = usize;
 
+/// Most members of one group. An instrument's subscribers at one rate beyond it form more
+/// groups, whose updates are spread over the interval (see [`Throttles::join`]): one flush
+/// writes at most this many connections, so the last of them waits a fraction of what it
+/// would behind all of them.
+const MAX_GROUP_MEMBERS: usize = 256;
+
+/// Phases per interval that groups of one instrument and rate are spread over.
+const PHASES: u32 = 4;
+
 /// Lowest and highest `max_rate` accepted (updates per second per instrument).
 pub(crate) const RATE_RANGE: (f64, f64) = (0.01, 1000.0);
 
@@ -251,8 +260,11 @@ impl Throttles {
         }
     }
 
-    /// Adds a member to the instrument's group of this interval (made when missing, with its
-    /// first update due at `first_due`); returns the group and the member's position in it.
+    /// Adds a member to a group of the instrument at this interval with room for it (made
+    /// when missing, with its first update due at `first_due`); returns the group and the
+    /// member's position in it. The k-th group of an instrument and interval starts
+    /// `k mod PHASES` quarters of an interval later, so the groups' updates (and their
+    /// writes) are spread over the interval instead of coming all at once.
     fn join(
         &mut self,
         key: ConnKey,
@@ -262,9 +274,15 @@ impl Throttles {
         first_due: Instant,
     ) -> (GroupId, u32) {
         let list = &mut self.by_instr[f as usize][i as usize];
-        let gid = match list.iter().copied().find(|&g| self.groups[g].interval == interval) {
+        let same = list.iter().filter(|&&g| self.groups[g].interval == interval).count() as u32;
+        let room = list.iter().copied().find(|&g| {
+            let g = &self.groups[g];
+            g.interval == interval && g.members.len() < MAX_GROUP_MEMBERS
+        });
+        let gid = match room {
             Some(g) => g,
             None => {
+                let first_due = first_due + interval * (same % PHASES) / PHASES;
                 self.next_serial += 1;
                 let g = self.groups.insert(Group {
                     feed: f,
@@ -730,6 +748,34 @@ mod tests {
             core.flush_throttled(tokio::time::Instant::now());
             assert_eq!(received(&mut core, key).0, vec![(6, true)]);
             assert_eq!(core.subscription_count(), 1);
+        }
+
+        /// Past `MAX_GROUP_MEMBERS` subscribers at one rate, a second group takes the rest,
+        /// its updates a quarter of an interval later: one flush never writes them all.
+        #[tokio::test(start_paused = true)]
+        async fn many_subscribers_are_served_in_staggered_groups() {
+            let (mut core, first) = throttled_subscriber(10.0);
+            let mut keys = vec![first];
+            for n in 0..MAX_GROUP_MEMBERS {
+                let h = core.add_conn(Principal::unauthenticated("c", "i"), format!("s{n}"));
+                let ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch, .. } =
+                    testkit::subscribe(&["A"])
+                else {
+                    unreachable!()
+                };
+                let max_rate = Some(MaxRate(10.0));
+                core.handle(h.key, ClientMsg::Subscribe { id, feed, symbols, snapshot, resume, epoch, max_rate });
+                testkit::drain(&mut core, h.key);
+                keys.push(h.key);
+            }
+            assert_eq!(core.throttles.groups_of(0, 0), 2);
+            core.dispatch(&tick(1, false));
+            let got: Vec<bool> = keys.iter().map(|&k| !received(&mut core, k).0.is_empty()).collect();
+            assert_eq!(got.iter().filter(|g| **g).count(), MAX_GROUP_MEMBERS, "the first group at once");
+            tokio::time::advance(Duration::from_millis(25)).await;
+            core.flush_throttled(tokio::time::Instant::now());
+            let late: Vec<(u64, bool)> = keys.iter().flat_map(|&k| received(&mut core, k).0).collect();
+            assert_eq!(late, vec![(1, false)], "the second group a quarter interval later");
         }
 
         /// Every malformed `throttle` gets its own `bad_request` (or `unknown_*`) message.
