@@ -47,7 +47,7 @@ pub(super) enum Sub {
     /// Position in `ShardCore::index[feed][instrument]`.
     Live(u32),
     /// Group, and position among its members.
-    Throttled(super::throttle::GroupId, u32),
+    Throttled(super::groups::GroupId, u32),
 }
 
 /// What queueing a record to a connection needs besides the connection, read once per
@@ -226,7 +226,7 @@ pub struct ShardCore {
     /// `index[feed][instrument]` → subscribed connections.
     pub(super) index: Vec<Vec<Vec<ConnKey>>>,
     /// Throttled subscriptions (protocol v1.1 `max_rate`), grouped by instrument and rate.
-    pub(super) throttles: super::throttle::Throttles,
+    pub(super) throttles: super::groups::Throttles,
     pub(super) instr: Vec<Vec<InstrState>>,
     /// The epoch this shard is in, per feed (changes when a `Reset` is dispatched).
     pub(super) epochs: Vec<u64>,
@@ -277,7 +277,7 @@ impl ShardCore {
         let stats = CoreStats { delivered: vec![0; catalog.feeds().len()], ..CoreStats::default() };
         let epochs = catalog.feeds().iter().map(|f| f.epoch()).collect();
         let conflate = catalog.feeds().iter().map(|f| f.policy() == SlowConsumerPolicy::Conflate).collect();
-        let throttles = super::throttle::Throttles::new(
+        let throttles = super::groups::Throttles::new(
             catalog.feeds().iter().map(|f| f.instrument_count()),
             limits.max_trades_per_update,
         );

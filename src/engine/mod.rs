@@ -29,7 +29,7 @@
 //! | `view` | what a shard reports of itself: queued bytes, the admin connection list |
 //! | `index`, `session`, `subscribe` | the core's parts: registry and subscription index; deadlines, refresh, revocation; subscribe planning and replay |
 //! | [`outbound`], `conflate`, [`timer`] | a connection's queue, conflation state, the expiry timer wheel |
-//! | `throttle` | throttled subscriptions (v1.1 `max_rate`): groups per instrument and rate, their updates |
+//! | `groups`, `throttle` | throttled subscriptions (v1.1 `max_rate`): the groups per instrument and rate and their update plans; how the shard feeds and flushes them |
 //!
 //! The engine receives a validated [`crate::auth::validate::Principal`] (entitlements
 //! and a deadline), never a token: refresh tokens are validated by the connection task.
@@ -38,6 +38,7 @@
 pub(crate) mod budget;
 pub(crate) mod conflate;
 pub mod core;
+mod groups;
 pub(crate) mod handle;
 mod index;
 pub mod outbound;

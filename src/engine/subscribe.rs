@@ -94,7 +94,7 @@ impl ShardCore {
         max_rate: Option<MaxRate>,
     ) {
         let (resume, client_epoch) = resume;
-        let throttle = match max_rate.map(|r| super::throttle::interval_of(r.0)) {
+        let throttle = match max_rate.map(|r| super::groups::interval_of(r.0)) {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(e)) => return self.send_error(key, id, ErrorCode::BadRequest, e),
@@ -313,7 +313,7 @@ impl ShardCore {
         max_bytes_per_s: Option<u64>,
     ) {
         let bad = |m: &str| m.to_owned();
-        let byte_rate = match max_bytes_per_s.map(super::throttle::byte_rate_of) {
+        let byte_rate = match max_bytes_per_s.map(super::groups::byte_rate_of) {
             None => None,
             Some(Ok(b)) => Some(b),
             Some(Err(e)) => return self.send_error(key, id, ErrorCode::BadRequest, e),
@@ -332,7 +332,7 @@ impl ShardCore {
         };
         let mut applied = None;
         if let Some((feed_name, symbols, rate)) = rated {
-            let interval = match super::throttle::interval_of(rate.0) {
+            let interval = match super::groups::interval_of(rate.0) {
                 Ok(t) => t,
                 Err(e) => return self.send_error(key, id, ErrorCode::BadRequest, e),
             };
