@@ -8,18 +8,15 @@
 //! group is bounded: at most `limits.max_trades_per_update` trades (and source gaps), the
 //! latest quote, and one range of trades dropped past that bound.
 //!
-//! An update, in seq order (`Group::plan`):
-//! - the held trades (and `gap`s of the source, reason `source_gap`), each with its own seq;
-//! - the latest quote at its place in seq order, flagged CONFLATED when it replaced quotes
-//!   the member had not been sent;
-//! - trades past the bound as one `gap` (reason `throttled`), split around the quote.
-//!
+//! What an update holds and in which order is `Group::plan`'s (see `super::groups`).
 //! Replaced quotes are never named: any record that follows seqs the member was not sent
 //! (and that no `gap` named) carries CONFLATED, which says exactly that those seqs were
 //! quotes replaced by later ones. A trade is never skipped without a `gap` naming it.
 //!
-//! The first tick after a quiet interval goes out at once (the update is due); later ones
-//! wait for the interval's end, so the lag a throttle adds is at most one interval.
+//! The first tick after a quiet interval goes out at once (the update is due; a group past
+//! an instrument's first 256 subscribers at that rate starts up to three quarters of an
+//! interval later); later ones wait for the interval's end, so the lag a throttle adds is at
+//! most one interval.
 //! Members differ only in where they start (`Member::cursor`: a member that joined within
 //! the interval, or resumed ahead of this node, skips what it must not get twice).
 
