@@ -452,26 +452,21 @@ async fn write_pending(ws: &mut Ws, conn: &ConnGuard, bytes: &mut ByteBudget) ->
     let mut wrote = false;
     loop {
         let wait = bytes.wait(conn.byte_rate());
-        if !wait.is_zero() {
-            // Over its own bandwidth cap: what was fed goes out now, the rest waits (on a
-            // timer of the connection loop, which keeps reading the client meanwhile).
-            if wrote {
-                conn.flushed();
-                if let Err(Some(e)) = write_op(conn, ws.flush()).await {
-                    return Flow::Closed(io_end(e));
-                }
-            }
-            return Flow::Paced(wait);
-        }
-        let msg = match conn.next_frame() {
+        // Over its own bandwidth cap, what was fed goes out now and the rest waits (on a
+        // timer of the connection loop, which keeps reading the client meanwhile).
+        let paced = !wait.is_zero();
+        let next = if paced { None } else { conn.next_frame() };
+        let msg = match next {
             None => {
                 if !wrote {
-                    return Flow::Idle;
+                    return if paced { Flow::Paced(wait) } else { Flow::Idle };
                 }
                 conn.flushed();
                 return match write_op(conn, ws.flush()).await {
+                    Ok(()) if paced => Flow::Paced(wait),
                     Ok(()) => Flow::Wrote,
-                    // Killed: the close item is now at the front of the queue.
+                    // Killed: the close item is now at the front of the queue (and a
+                    // connection closing is never paced).
                     Err(None) => continue,
                     Err(Some(e)) => Flow::Closed(io_end(e)),
                 };
