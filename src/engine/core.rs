@@ -30,7 +30,7 @@ use super::timer::{TimerId, TimerWheel};
 use super::Tick;
 use crate::auth::validate::Principal;
 use crate::config::Config;
-use crate::feeds::{Catalog, SlowConsumerPolicy};
+use crate::feeds::{Catalog, Feed, SlowConsumerPolicy};
 use tickgate_proto::close::Reason;
 use tickgate_proto::codec::{Record, FLAG_CONFLATED, RTYPE_TRADE};
 use tickgate_proto::control::{ClientMsg, ErrorCode, ServerMsg};
@@ -38,6 +38,19 @@ use tickgate_proto::now_ns;
 
 /// Key of a connection inside its shard.
 pub type ConnKey = usize;
+
+/// The `gap` message naming seqs `from..=to` of instrument `instr` of `feed`, as JSON: the
+/// one place every kind of gap (source, slow consumer, replay, throttle) is spelled.
+pub(super) fn gap_json(feed: &Feed, instr: u32, (from, to): (u64, u64), reason: GapReason) -> String {
+    ServerMsg::Gap {
+        feed: feed.name().to_owned(),
+        symbol: feed.symbol(instr).to_owned(),
+        from,
+        to,
+        reason: reason.as_str().into(),
+    }
+    .to_json()
+}
 
 /// Where a connection's subscription to an instrument sits: in the instrument's live index
 /// list, or in one of its throttled groups (`super::throttle`), at a position, so leaving
@@ -498,9 +511,7 @@ impl ShardCore {
             return; // a source going backwards is refused at ingest; nothing to name
         }
         let (f, i) = (tick.feed_idx, tick.instr);
-        if self.throttles.has(f as usize, i as usize) {
-            self.source_gap_throttled(f as usize, i as usize, from, seq - 1);
-        }
+        self.source_gap_throttled(f as usize, i as usize, from, seq - 1);
         let Some(feed) = self.catalog.get(tick.feed_idx as usize) else { return };
         let keys = self.index[f as usize][i as usize].clone();
         for key in keys {
@@ -514,15 +525,8 @@ impl ShardCore {
                 Some(&upto) => from.max(upto + 1),
                 None => from,
             };
-            let msg = ServerMsg::Gap {
-                feed: feed.name().to_owned(),
-                symbol: feed.symbol(i).to_owned(),
-                from: start,
-                to: seq - 1,
-                reason: GapReason::SourceGap.as_str().into(),
-            };
             let was_empty = c.out.is_empty();
-            c.out.push_text(msg.to_json());
+            c.out.push_text(gap_json(feed, i, (start, seq - 1), GapReason::SourceGap));
             self.stats.gap(GapReason::SourceGap);
             if was_empty {
                 c.notify.notify_one();
@@ -736,14 +740,7 @@ impl ShardCore {
             match emit {
                 Emit::Gap { from, to } => {
                     let Some(feed) = self.catalog.get(f as usize) else { continue };
-                    let msg = ServerMsg::Gap {
-                        feed: feed.name().to_owned(),
-                        symbol: feed.symbol(i).to_owned(),
-                        from,
-                        to,
-                        reason: GapReason::SlowConsumer.as_str().into(),
-                    };
-                    c.out.push_text(msg.to_json());
+                    c.out.push_text(gap_json(feed, i, (from, to), GapReason::SlowConsumer));
                     self.stats.gap(GapReason::SlowConsumer);
                 }
                 Emit::Quote { record, conflated } => {

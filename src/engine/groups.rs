@@ -196,7 +196,8 @@ impl Group {
 #[derive(Debug)]
 pub(super) struct Throttles {
     pub(super) groups: slab::Slab<Group>,
-    /// `by_instr[feed][instrument]` → the instrument's groups (one per rate asked).
+    /// `by_instr[feed][instrument]` → the instrument's groups (per rate asked, as many as
+    /// `MAX_GROUP_MEMBERS` makes).
     pub(super) by_instr: Vec<Vec<Vec<GroupId>>>,
     /// Groups holding something, by due time (entries of removed or already flushed
     /// groups are skipped when they come up: the serial and `scheduled` tell).
@@ -225,7 +226,7 @@ impl Throttles {
     /// one test for the common case).
     #[inline]
     pub(super) fn has(&self, f: usize, i: usize) -> bool {
-        self.by_instr.get(f).and_then(|v| v.get(i)).is_some_and(|g| !g.is_empty())
+        self.groups_of(f, i) != 0
     }
 
     /// Groups of the instrument.

@@ -333,7 +333,7 @@ async fn run(spec: ShardSpec) {
             // Throttled subscriptions' updates that came due (after the cycle: an update
             // carries what it dispatched). Not while the shard owes writes: what they hold
             // is bounded and waits, like the ticks.
-            if !core.owes() {
+            if !core.owes() && core.next_throttle_due().is_some() {
                 core.flush_throttled(tokio::time::Instant::now());
             }
             let woken = core.take_woken();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::core::{ConnKey, ShardCore};
+use super::core::{gap_json, ConnKey, ShardCore};
 use super::stats::{GapReason, ResumeResult};
 use crate::feeds::log::Availability;
 use crate::feeds::Feed;
@@ -15,6 +15,9 @@ use tickgate_proto::control::{ErrorCode, InstrumentInfo, MaxRate, ServerMsg};
 /// Why a symbol list cannot be resolved against a feed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ResolveError {
+    /// An empty list (answered `bad_request`).
+    #[error("`symbols` must not be empty")]
+    Empty,
     /// `*` next to other symbols (answered `bad_request`).
     #[error("`*` must be the only entry of `symbols`")]
     WildcardNotAlone,
@@ -33,15 +36,18 @@ impl ResolveError {
     /// The error code of the reply.
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
-            ResolveError::WildcardNotAlone => ErrorCode::BadRequest,
+            ResolveError::Empty | ResolveError::WildcardNotAlone => ErrorCode::BadRequest,
             ResolveError::UnknownSymbol { .. } => ErrorCode::UnknownSymbol,
         }
     }
 }
 
 /// Resolves a symbol list against a feed: `["*"]` is every instrument; a repeated symbol
-/// is subscribed and reported once.
+/// is subscribed and reported once; an empty list is refused.
 pub(crate) fn resolve(feed: &Feed, symbols: &[String]) -> Result<Vec<u32>, ResolveError> {
+    if symbols.is_empty() {
+        return Err(ResolveError::Empty);
+    }
     if symbols.len() == 1 && symbols[0] == "*" {
         return Ok((0..feed.instrument_count() as u32).collect());
     }
@@ -101,8 +107,7 @@ impl ShardCore {
         };
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
-            let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+            return self.refuse_unknown_feed(key, id, feed_name);
         };
         let Some(conn) = self.conns.get(key) else {
             return;
@@ -117,9 +122,6 @@ impl ShardCore {
                 ErrorCode::InsufficientScope,
                 format!("token lacks md:read:{} or md:read:*", feed.name()),
             );
-        }
-        if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
         }
         let instruments = match resolve(feed, symbols) {
             Ok(v) => v,
@@ -208,28 +210,21 @@ impl ShardCore {
 
         let mut prelude: Vec<String> = Vec::new();
         let mut snap: Vec<Record> = Vec::new();
-        let mut skips: Vec<(u32, u64)> = Vec::new();
+        let mut skips: HashMap<u32, u64> = HashMap::new();
         for (&i, plan) in &plans {
             let st = &self.instr[fi][i as usize];
             match *plan {
                 Plan::Live => {}
                 Plan::Replay(_) => self.stats.resume(ResumeResult::Replayed),
-                Plan::Skip(n) => skips.push((i, n)),
+                Plan::Skip(n) => {
+                    skips.insert(i, n);
+                }
                 Plan::Unavailable(n) => {
                     // The client is told exactly which range it will not get, then gets
                     // the snapshot instead.
                     self.stats.resume(ResumeResult::Unavailable);
                     self.stats.gap(GapReason::ReplayUnavailable);
-                    prelude.push(
-                        ServerMsg::Gap {
-                            feed: feed.name().to_owned(),
-                            symbol: feed.symbol(i).to_owned(),
-                            from: n + 1,
-                            to: st.last_seq,
-                            reason: GapReason::ReplayUnavailable.as_str().into(),
-                        }
-                        .to_json(),
-                    );
+                    prelude.push(gap_json(feed, i, (n + 1, st.last_seq), GapReason::ReplayUnavailable));
                 }
                 Plan::Snapshot => {}
             }
@@ -265,14 +260,7 @@ impl ShardCore {
         for (i, r) in &replay {
             if let Some(exp) = next.get_mut(i) {
                 if r.seq() > *exp {
-                    let gap = ServerMsg::Gap {
-                        feed: feed.name().to_owned(),
-                        symbol: feed.symbol(*i).to_owned(),
-                        from: *exp,
-                        to: r.seq() - 1,
-                        reason: GapReason::SourceGap.as_str().into(),
-                    };
-                    conn.out.push_text(gap.to_json());
+                    conn.out.push_text(gap_json(feed, *i, (*exp, r.seq() - 1), GapReason::SourceGap));
                     self.stats.gap(GapReason::SourceGap);
                 }
                 *exp = r.seq() + 1;
@@ -282,16 +270,15 @@ impl ShardCore {
         if was_empty {
             conn.notify.notify_one();
         }
-        // Listed instruments subscribed before take the new throttle, when one was given.
+        // Listed instruments subscribed before (the ones without a plan) take the new
+        // throttle, when one was given.
         if let Some(t) = throttle {
-            let newly: std::collections::HashSet<u32> = new.iter().copied().collect();
-            for &i in instruments.iter().filter(|i| !newly.contains(i)) {
+            for &i in instruments.iter().filter(|i| !plans.contains_key(i)) {
                 self.set_throttle(key, f, i, t);
             }
         }
         // Each new instrument continues after the last dispatched seq, or after the seq
         // of a client that resumed ahead of this node.
-        let skips: HashMap<u32, u64> = skips.into_iter().collect();
         for &i in &new {
             let last = self.instr[fi][i as usize].last_seq;
             let cursor = skips.get(&i).map_or(last + 1, |&n| n + 1);
@@ -312,7 +299,6 @@ impl ShardCore {
         max_rate: Option<MaxRate>,
         max_bytes_per_s: Option<u64>,
     ) {
-        let bad = |m: &str| m.to_owned();
         let byte_rate = match max_bytes_per_s.map(super::groups::byte_rate_of) {
             None => None,
             Some(Ok(b)) => Some(b),
@@ -321,13 +307,13 @@ impl ShardCore {
         let rated = match (feed_name, symbols, max_rate) {
             (None, None, None) if byte_rate.is_some() => None,
             (None, None, None) => {
-                let m = bad("`throttle` needs `feed`, `symbols` and `max_rate`, or `max_bytes_per_s`");
-                return self.send_error(key, id, ErrorCode::BadRequest, m);
+                let m = "`throttle` needs `feed`, `symbols` and `max_rate`, or `max_bytes_per_s`";
+                return self.send_error(key, id, ErrorCode::BadRequest, m.into());
             }
             (Some(f), Some(s), Some(r)) => Some((f, s, r)),
             _ => {
-                let m = bad("`feed`, `symbols` and `max_rate` go together");
-                return self.send_error(key, id, ErrorCode::BadRequest, m);
+                let m = "`feed`, `symbols` and `max_rate` go together";
+                return self.send_error(key, id, ErrorCode::BadRequest, m.into());
             }
         };
         let mut applied = None;
@@ -338,8 +324,7 @@ impl ShardCore {
             };
             let catalog = self.catalog.clone();
             let Some(feed) = catalog.by_name(feed_name) else {
-                let shown: String = feed_name.chars().take(32).collect();
-                return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+                return self.refuse_unknown_feed(key, id, feed_name);
             };
             let f = feed.idx as u16;
             let Some(conn) = self.conns.get(key) else { return };
@@ -348,9 +333,6 @@ impl ShardCore {
                 v.sort_unstable();
                 v
             } else {
-                if symbols.is_empty() {
-                    return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
-                }
                 let v = match resolve(feed, symbols) {
                     Ok(v) => v,
                     Err(e) => return self.send_error(key, id, e.code(), e.to_string()),
@@ -377,15 +359,18 @@ impl ShardCore {
         self.send(key, &ServerMsg::Throttled { id, feed, symbols, max_rate, max_bytes_per_s });
     }
 
+    /// Answers a request naming a feed that does not exist (`unknown_feed`; at most 32
+    /// characters of the name are shown).
+    fn refuse_unknown_feed(&mut self, key: ConnKey, id: Option<i64>, name: &str) {
+        let shown: String = name.chars().take(32).collect();
+        self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+    }
+
     pub(super) fn unsubscribe(&mut self, key: ConnKey, id: Option<i64>, feed_name: &str, symbols: &[String]) {
         let catalog = self.catalog.clone();
         let Some(feed) = catalog.by_name(feed_name) else {
-            let shown: String = feed_name.chars().take(32).collect();
-            return self.send_error(key, id, ErrorCode::UnknownFeed, format!("no feed `{shown}`"));
+            return self.refuse_unknown_feed(key, id, feed_name);
         };
-        if symbols.is_empty() {
-            return self.send_error(key, id, ErrorCode::BadRequest, "`symbols` must not be empty".into());
-        }
         let instruments = match resolve(feed, symbols) {
             Ok(v) => v,
             Err(e) => return self.send_error(key, id, e.code(), e.to_string()),
@@ -413,6 +398,8 @@ mod tests {
         let syms = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(resolve(feed, &syms(&["*"])), Ok(vec![0, 1]));
         assert_eq!(resolve(feed, &syms(&["B", "A", "B"])), Ok(vec![1, 0]));
+        let e = resolve(feed, &[]).unwrap_err();
+        assert_eq!((e.code(), e.to_string().as_str()), (ErrorCode::BadRequest, "`symbols` must not be empty"));
         let e = resolve(feed, &syms(&["A", "*"])).unwrap_err();
         assert_eq!(
             (e.code(), e.to_string().as_str()),

@@ -26,10 +26,9 @@ use std::time::Duration;
 // tokio's Instant follows the runtime's clock, so tests can drive intervals with paused time.
 use tokio::time::Instant;
 
-use super::core::{ConnKey, ShardCore, Sub};
+use super::core::{gap_json, ConnKey, ShardCore, Sub};
 use super::groups::{GroupId, Item, Member};
 use tickgate_proto::codec::{Record, FLAG_CONFLATED};
-use tickgate_proto::control::ServerMsg;
 
 impl ShardCore {
     /// Dispatch's part for throttled subscribers of the tick's instrument: the tick is held
@@ -90,11 +89,9 @@ impl ShardCore {
 
     /// Queues a group's update to every member; the next one is due an interval from now.
     fn flush_group(&mut self, gid: GroupId, now: Instant) {
+        let Some(g) = self.throttles.groups.get_mut(gid).filter(|g| !g.is_idle()) else { return };
+        // The plan buffer is reused from update to update (taken here, put back below).
         let mut plan = std::mem::take(&mut self.throttles.plan);
-        let Some(g) = self.throttles.groups.get_mut(gid) else { return };
-        if g.is_idle() {
-            return;
-        }
         g.plan(&mut plan, true);
         g.next_due = now + g.interval;
         let (f, i) = (g.feed, g.instr);
@@ -111,8 +108,6 @@ impl ShardCore {
     /// Queues one member's share of an update plan: records at or after its cursor (flagged
     /// CONFLATED when quotes it was not sent precede them), gaps from its cursor.
     fn deliver_update(&mut self, m: &mut Member, f: u16, i: u32, plan: &[Item]) {
-        let catalog = self.catalog.clone();
-        let Some(feed) = catalog.get(f as usize) else { return };
         let ctx = self.queue_ctx(f as usize);
         let Some(c) = self.conns.get_mut(m.key) else { return };
         if c.out.is_closed() {
@@ -149,15 +144,9 @@ impl ShardCore {
                         cf.absorb_gap(f, i, from, to);
                         continue;
                     }
-                    let msg = ServerMsg::Gap {
-                        feed: feed.name().to_owned(),
-                        symbol: feed.symbol(i).to_owned(),
-                        from,
-                        to,
-                        reason: reason.as_str().into(),
-                    };
+                    let Some(feed) = self.catalog.get(f as usize) else { continue };
                     let was_empty = c.out.is_empty();
-                    c.out.push_text(msg.to_json());
+                    c.out.push_text(gap_json(feed, i, (from, to), reason));
                     self.stats.gap(reason);
                     if was_empty {
                         c.notify.notify_one();
