@@ -1,6 +1,6 @@
 // TickgateConnection, tokens and tickets against the real server.
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import WebSocket from 'ws';
 import {
   ControlError,
@@ -15,19 +15,16 @@ import {
   httpBaseOf,
   wsUrlOf,
 } from '../src/tickgate-client.js';
-import { startServer, waitFor } from '../testing/server.mjs';
+import { sharedServer, waitFor } from '../testing/server.mjs';
 
-/** @type {Awaited<ReturnType<typeof startServer>>} */
+/** @type {Awaited<ReturnType<typeof import('../testing/server.mjs').startServer>>} */
 let srv;
 /** @type {string} */
 let token;
 
-before(async () => {
-  srv = await startServer();
-  token = (await fetchToken(srv.tokenUrl, { clientId: 'demo', clientSecret: srv.secret })).accessToken;
-});
-after(async () => {
-  await srv?.stop();
+sharedServer((s, t) => {
+  srv = s;
+  token = t;
 });
 
 /** A fetch that keeps the last response's headers. */

@@ -5,7 +5,7 @@
 // Rates are checked only from above, generously: per instrument, the batches holding live
 // records of it number at most `rate * (elapsed + 0.5) + 1`; from below only "at least one".
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import WebSocket from 'ws';
 import {
   ControlError,
@@ -14,23 +14,19 @@ import {
   TickgateConnection,
   TickgateStream,
   clientCredentials,
-  fetchToken,
 } from '../src/tickgate-client.js';
-import { startServer, waitFor } from '../testing/server.mjs';
+import { sharedServer, waitFor } from '../testing/server.mjs';
 
 const SYMBOLS = ['AAPL', 'MSFT'];
 
-/** @type {Awaited<ReturnType<typeof startServer>>} */
+/** @type {Awaited<ReturnType<typeof import('../testing/server.mjs').startServer>>} */
 let srv;
 /** @type {string} */
 let token;
 
-before(async () => {
-  srv = await startServer();
-  token = (await fetchToken(srv.tokenUrl, { clientId: 'demo', clientSecret: srv.secret })).accessToken;
-});
-after(async () => {
-  await srv?.stop();
+sharedServer((s, t) => {
+  srv = s;
+  token = t;
 });
 
 /**

@@ -7,7 +7,9 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
+import { after, before } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { fetchToken } from '../src/tickgate-client.js';
 
 /** clients/js */
 export const PKG_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -65,6 +67,23 @@ process.on('exit', () => {
     }
   }
 });
+
+/**
+ * One server for a whole test file: registers node:test hooks that start it before the
+ * file's tests, hand it and a token of the demo client to `ready`, and stop it after them.
+ * @param {(srv: Awaited<ReturnType<typeof startServer>>, token: string) => void} ready
+ */
+export function sharedServer(ready) {
+  /** @type {Awaited<ReturnType<typeof startServer>> | undefined} */
+  let srv;
+  before(async () => {
+    srv = await startServer();
+    ready(srv, (await fetchToken(srv.tokenUrl, { clientId: 'demo', clientSecret: srv.secret })).accessToken);
+  });
+  after(async () => {
+    await srv?.stop();
+  });
+}
 
 /**
  * Starts a server.
