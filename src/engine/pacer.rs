@@ -38,6 +38,12 @@ impl WritePacer {
         None
     }
 
+    /// Whether writes are held at all (`engine.write_delay_us` > 0). When not, the writer
+    /// need not tell the pacer anything, and saves the clock reads.
+    pub(crate) fn delays(&self) -> bool {
+        !self.delay.is_zero()
+    }
+
     /// Whether a write is being held.
     pub(crate) fn holding(&self) -> bool {
         self.holding

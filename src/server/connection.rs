@@ -4,8 +4,8 @@
 //! `Session` on its shard ([`ShardHandle::open`] takes the principal, whose deadline the
 //! shard's timer wheel keeps; a [`ConnGuard`] unregisters it on drop), and runs the
 //! shared connection loop (`ws::drive`) with the stream's `Role`: engine wake-ups
-//! paced by the engine's [`WritePacer`] move queued frames ([`ConnGuard::next_frame`]) to
-//! the socket, kills abandon stalled writes, control messages are rate-limited and
+//! paced by the engine's [`WritePacer`] move queued frames ([`ConnGuard::next_frame`])
+//! through the `Outbox` (one `writev`, no copy) to the socket, kills abandon stalled writes, control messages are rate-limited and
 //! struck, and a refresh token is validated at the edge (`begin_refresh`) while the
 //! stream keeps streaming. It never waits on the socket without also watching `kill`, so
 //! a stalled client cannot hold back a slow-consumer close or shutdown. The engine's
@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::authorize::{authorize_token, ConnSlot};
 use super::heartbeat::Heartbeat;
 use super::limits::Bucket;
+use super::outbox::Outbox;
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
 use super::session::{begin_refresh, PendingRefresh, RefreshOutcome, Session};
 use super::{AppState, LogPeer};
@@ -205,6 +206,8 @@ struct Stream<'a> {
     refreshing: Option<PendingRefresh>,
     /// The connection's `max_bytes_per_s` budget (protocol v1.1 `throttle`), when it set one.
     bytes: ByteBudget,
+    /// Data frames taken from the engine on their way to the socket.
+    out: Outbox,
 }
 
 /// Paces a connection's writes to its `max_bytes_per_s` (protocol v1.1): a token bucket of
@@ -282,6 +285,8 @@ impl Role for Stream<'_> {
 
     async fn on_event(&mut self, ws: &mut Ws, ev: StreamEvent) -> Step {
         let pacer_counts = match ev {
+            // Without a write delay (the default) the pacer never holds: no clock read.
+            StreamEvent::Wake if !self.pacer.delays() => false,
             StreamEvent::Wake => {
                 if let Some(until) = self.pacer.on_wake(tokio::time::Instant::now()) {
                     self.hold.as_mut().reset(until);
@@ -304,7 +309,7 @@ impl Role for Stream<'_> {
                 return Step::Continue;
             }
         };
-        let flow = write_pending(ws, self.conn, &mut self.bytes).await;
+        let flow = write_pending(ws, &mut self.out, self.conn, &mut self.bytes).await;
         // While the writer waits for its byte budget, the engine sees a socket that takes
         // no data (the client asked for it): a backlog that passes the budget meanwhile is
         // handled as a slow consumer's, and the shard never owes this connection a write.
@@ -410,6 +415,7 @@ async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
         pacing: false,
         refreshing: None,
         bytes: ByteBudget { bucket: Bucket::full(0.0, Instant::now()), rate: None },
+        out: Outbox::default(),
     };
     ws::drive(&mut ws, &mut stream, &mut heartbeat, &app.metrics).await
 }
@@ -446,33 +452,38 @@ where
     r
 }
 
+/// How many bytes of frames the writer takes from the engine before it writes them (it
+/// takes more once they went out): tungstenite's `write_buffer_size` did the same before.
+const OUTBOX_BYTES: usize = 64 * 1024;
+
 /// Moves everything queued for the connection to the socket, in order, at most at the
 /// connection's `max_bytes_per_s` when it set one.
-async fn write_pending(ws: &mut Ws, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
+async fn write_pending(ws: &mut Ws, out: &mut Outbox, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
     let mut wrote = false;
     loop {
         let wait = bytes.wait(conn.byte_rate());
         // Over its own bandwidth cap, what was fed goes out now and the rest waits (on a
         // timer of the connection loop, which keeps reading the client meanwhile).
         let paced = !wait.is_zero();
-        let next = if paced { None } else { conn.next_frame() };
-        let msg = match next {
-            None => {
-                if !wrote {
-                    return if paced { Flow::Paced(wait) } else { Flow::Idle };
-                }
-                conn.flushed();
-                return match write_op(conn, ws.flush()).await {
-                    Ok(()) if paced => Flow::Paced(wait),
-                    Ok(()) => Flow::Wrote,
-                    // Killed: the close item is now at the front of the queue (and a
-                    // connection closing is never paced).
-                    Err(None) => continue,
-                    Err(Some(e)) => Flow::Closed(io_end(e)),
-                };
+        let next = if paced || out.len() >= OUTBOX_BYTES { None } else { conn.next_frame() };
+        match next {
+            Some(Frame::Text(s)) => {
+                bytes.spend(s.len());
+                out.text(s);
+                wrote = true;
+                continue;
+            }
+            Some(Frame::Binary(b)) => {
+                bytes.spend(b.len());
+                out.binary(b);
+                wrote = true;
+                continue;
             }
             Some(Frame::Close { code, reason }) => {
-                if !ws::close(ws, code, reason, STREAM_CLOSE).await {
+                // The frames taken before the close go first, within the close's own bound.
+                let sent = out.is_empty()
+                    || matches!(tokio::time::timeout(CLOSE_TIMEOUT, write_outbox(ws, out)).await, Ok(Ok(())));
+                if !sent || !ws::close(ws, code, reason, STREAM_CLOSE).await {
                     // `tickgate_closes_total{code}` counts closes the client was sent; a
                     // stalled slow consumer that never got its 4008 is a dropped one.
                     let reason = if code == close::SLOW_CONSUMER { SLOW_DROPPED } else { UNDELIVERED };
@@ -480,22 +491,36 @@ async fn write_pending(ws: &mut Ws, conn: &ConnGuard, bytes: &mut ByteBudget) ->
                 }
                 return Flow::Closed(Ended { code, reason });
             }
-            Some(Frame::Text(s)) => {
-                bytes.spend(s.len());
-                Message::text(s)
-            }
-            Some(Frame::Binary(b)) => {
-                bytes.spend(b.len());
-                Message::Binary(b)
-            }
-        };
-        wrote = true;
-        match write_op(conn, ws.feed(msg)).await {
-            Ok(()) => {}
-            Err(None) => continue,
-            Err(Some(e)) => return Flow::Closed(io_end(e)),
+            None => {}
         }
+        if !out.is_empty() {
+            match write_op(conn, write_outbox(ws, out)).await {
+                Ok(()) => {}
+                // Killed: the close item is now at the front of the queue (and a
+                // connection closing is never paced).
+                Err(None) => continue,
+                Err(Some(e)) => return Flow::Closed(io_end(e)),
+            }
+            if !paced {
+                // The outbox was full, or more was queued meanwhile: take the rest.
+                continue;
+            }
+        }
+        if !wrote {
+            return if paced { Flow::Paced(wait) } else { Flow::Idle };
+        }
+        conn.flushed();
+        return if paced { Flow::Paced(wait) } else { Flow::Wrote };
     }
+}
+
+/// Writes the outbox to the socket, after whatever tungstenite itself holds (a pong it
+/// queued while reading): see [`super::outbox`] for why the two never interleave.
+async fn write_outbox(ws: &mut Ws, out: &mut Outbox) -> Result<(), WsError> {
+    if ws.get_ref().tungstenite_may_hold() {
+        ws.flush().await?;
+    }
+    out.write_all(ws.get_mut()).await.map_err(WsError::Io)
 }
 
 fn io_end(e: WsError) -> Ended {

@@ -1,7 +1,7 @@
 //! The network edge: listeners, the HTTP service that runs on each shard, the stream
 //! handshake ([`handshake`]), who may hold a connection ([`authorize`]), the session
 //! lifecycle streams and publishers share (`session`), the connection task
-//! (`connection`), the publish endpoint (`publish`), the admin listener (`admin`), binding and serving both listeners
+//! (`connection`, its data frames written by `outbox`), the publish endpoint (`publish`), the admin listener (`admin`), binding and serving both listeners
 //! (`listen`), and what protects the listeners
 //! (`edge`: pending caps, descriptor reserve, accept back-off; request deadlines and body
 //! limits are in [`serve_http`]).
@@ -18,6 +18,7 @@ pub mod handshake;
 mod heartbeat;
 pub(crate) mod limits;
 pub(crate) mod listen;
+mod outbox;
 pub(crate) mod publish;
 pub(crate) mod session;
 pub(crate) mod tls;

@@ -1,5 +1,6 @@
 //! Exact answers at the protocol's edges: a 64-bit frame length with its top bit set,
-//! the first in-band message (invalid UTF-8, a Ping), a publisher's text frame, a bad
+//! the first in-band message (invalid UTF-8, a Ping), a quiet stream's Pongs and errors,
+//! a publisher's text frame, a bad
 //! `/admin/connections` query, and a 4008 that never reached a stalled client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -69,6 +70,44 @@ async fn inband_first_message_utf8_and_ping() {
     })
     .await;
     assert_eq!(ts.metric("tickgate_auth_failures_total{reason=\"inband_not_auth\"}").await, 0.0);
+    ts.shutdown().await;
+}
+
+/// A stream that receives nothing still answers at once: a Ping with its Pong, a bad
+/// control message with its `error`, round after round. The server reads a socket only
+/// after it signalled readable (its writes skip the read attempt), so a lost readiness
+/// signal would leave these unanswered until the next heartbeat, an hour away here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_answers_pings_and_control_messages() {
+    let ts = TestServer::start(50.0, |c| c.server.heartbeat_ms = 3_600_000).await;
+    let mut ws = raw_stream(&ts, Some(&ts.token(&["md:read:T"]))).await;
+    let next = async |ws: &mut RawWs| loop {
+        match tokio::time::timeout(EVENTUALLY, ws.next()).await.expect("an answer in time") {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] != "welcome" {
+                    break Message::Text(t);
+                }
+            }
+            Some(Ok(m)) => break m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    };
+    for round in 0..5u8 {
+        ws.send(Message::Ping(vec![round].into())).await.unwrap();
+        match next(&mut ws).await {
+            Message::Pong(p) => assert_eq!(&p[..], &[round]),
+            other => panic!("round {round}: expected a Pong, got {other:?}"),
+        }
+        ws.send(Message::text("not json")).await.unwrap();
+        match next(&mut ws).await {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!((v["type"].as_str(), v["code"].as_str()), (Some("error"), Some("bad_request")), "{v}");
+            }
+            other => panic!("round {round}: expected an error, got {other:?}"),
+        }
+    }
     ts.shutdown().await;
 }
 

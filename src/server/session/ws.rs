@@ -22,9 +22,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -47,21 +50,75 @@ pub(crate) type Ws = WebSocketStream<Timed<TokioIo<hyper::upgrade::Upgraded>>>;
 /// A socket (any async I/O) that marks a [`WriteProgress`] each time the kernel accepts
 /// bytes: how the shard tells a socket that stopped taking data from a writer that is
 /// merely waiting on a large write a reader drains piece by piece. One clock read per
-/// accepted write; reads pass through.
+/// accepted write.
+///
+/// It also keeps two facts the connection loop uses to leave the WebSocket layer alone
+/// when it has nothing to do, which on a stream that writes a frame per tick is most of
+/// the time:
+/// - whether a read can make progress ([`Timed::read_may_progress`]): after a read the
+///   socket had no data for, not until the socket signals readable again. The loop then
+///   skips tungstenite's read attempt (its wakers, buffers and the socket's readiness
+///   check) on every engine wake-up;
+/// - whether tungstenite may still hold bytes of its own writes
+///   ([`Timed::tungstenite_may_hold`]: a pong, ping or close it could not finish), which
+///   the stream's `writev` outbox must flush first. tungstenite writes with plain
+///   `write`s and the outbox only with `writev`, which is how the two are told apart.
 #[derive(Debug)]
 pub(crate) struct Timed<T> {
     inner: T,
     progress: WriteProgress,
+    read: Arc<ReadWake>,
+    /// `read` as a waker, built once (a tokio socket keeps a waker it already holds).
+    read_waker: Waker,
+    /// The last read found no data: only a wake-up through `read_waker` changes that.
+    read_parked: bool,
+    /// A plain `write` returned `Pending` and no flush completed since.
+    plain_pending: bool,
 }
 
-impl<T> Timed<T> {
-    /// The socket's write progress, for the engine (`ConnGuard::track_writes`).
-    pub(crate) fn progress(&self) -> &WriteProgress {
-        &self.progress
+/// The waker a [`Timed`] socket's reads register: notes that the socket became readable,
+/// then wakes the connection task through the waker of its last read.
+#[derive(Debug, Default)]
+struct ReadWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Release: the task that sees `woken` polls the read after this store.
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
 impl<T> Timed<T> {
+    fn new(inner: T) -> Timed<T> {
+        let read = Arc::new(ReadWake::default());
+        let read_waker = Waker::from(read.clone());
+        Timed { inner, progress: WriteProgress::new(), read, read_waker, read_parked: false, plain_pending: false }
+    }
+
+    /// The socket's write progress, for the engine (`ConnGuard::track_writes`).
+    pub(crate) fn progress(&self) -> &WriteProgress {
+        &self.progress
+    }
+
+    /// False only while the last read found no data and the socket has not signalled
+    /// readable since: reading now would only return `Pending` again.
+    pub(crate) fn read_may_progress(&self) -> bool {
+        !self.read_parked || self.read.woken.load(Ordering::Acquire)
+    }
+
+    /// Whether tungstenite may hold unwritten bytes (see the type's doc).
+    pub(crate) fn tungstenite_may_hold(&self) -> bool {
+        self.plain_pending
+    }
+
     /// Passes a write's result on, marking the progress when the kernel took bytes.
     fn accepted(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = r {
@@ -75,13 +132,22 @@ impl<T> Timed<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        this.read.task.register(cx.waker());
+        // Cleared before the read: a readiness signal during or after it sets it again.
+        this.read.woken.store(false, Ordering::Relaxed);
+        let r = Pin::new(&mut this.inner).poll_read(&mut Context::from_waker(&this.read_waker), buf);
+        this.read_parked = r.is_pending();
+        r
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_pending() {
+            self.plain_pending = true;
+        }
         self.accepted(r)
     }
 
@@ -99,12 +165,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        // tungstenite flushes the socket only once its own buffer is written out.
+        if r.is_ready() {
+            self.plain_pending = false;
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// The peer's next message, read only when a read can make progress (see [`Timed`]).
+/// While it cannot, the socket's readable signal wakes the task through the waker of the
+/// last real read, which is this same task's.
+fn next_message(ws: &mut Ws) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
+    std::future::poll_fn(move |cx| {
+        if !ws.get_ref().read_may_progress() {
+            return Poll::Pending;
+        }
+        ws.poll_next_unpin(cx)
+    })
 }
 
 /// The end of a connection whose close frame could not be written (counted as 1006).
@@ -196,7 +279,7 @@ pub(crate) trait Role {
 pub(crate) async fn accept(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Ws> {
     match on_upgrade.await {
         Ok(u) => {
-            let io = Timed { inner: TokioIo::new(u), progress: WriteProgress::new() };
+            let io = Timed::new(TokioIo::new(u));
             Some(WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config)).await)
         }
         Err(e) => {
@@ -214,7 +297,7 @@ pub(crate) async fn drive<R: Role>(ws: &mut Ws, role: &mut R, heartbeat: &mut He
             // they must not wait behind a peer that floods control frames.
             biased;
             ev = role.event() => role.on_event(ws, ev).await,
-            msg = ws.next() => match msg {
+            msg = next_message(ws) => match msg {
                 None => Step::End(role.gone()),
                 Some(Err(e)) => role.socket_error(e),
                 Some(Ok(Message::Close(frame))) => {
@@ -226,7 +309,13 @@ pub(crate) async fn drive<R: Role>(ws: &mut Ws, role: &mut R, heartbeat: &mut He
                     heartbeat.pong();
                     Step::Continue
                 }
-                Some(Ok(Message::Ping(_) | Message::Frame(_))) => Step::Continue,
+                // tungstenite queued the pong: send it now rather than with the next read
+                // (which may be long in coming: reads wait for the socket).
+                Some(Ok(Message::Ping(_))) => match role.guard(ws.flush()).await {
+                    Err(Some(e)) => role.socket_error(e),
+                    Ok(()) | Err(None) => Step::Continue,
+                },
+                Some(Ok(Message::Frame(_))) => Step::Continue,
                 Some(Ok(m)) => role.on_message(ws, m).await,
             },
             beat = heartbeat.tick() => match beat {

@@ -1,0 +1,266 @@
+//! A stream's data frames on their way to the socket, written with `writev` rather than
+//! through tungstenite.
+//!
+//! tungstenite's sink copies every frame (header and payload) into its own out buffer,
+//! then writes that buffer; a partial write moves the rest to the front of the buffer.
+//! A stream's data frames are server-to-client (never masked, always one final frame),
+//! so their header is two to ten bytes the [`Outbox`] builds itself, and the payload
+//! (a sealed batch, or a control message's JSON) is written from where the engine left
+//! it: one `writev` of `[header, payload, header, payload, ...]`, no copy, and a partial
+//! write only moves an offset.
+//!
+//! Why this cannot interleave with tungstenite's own writes (pongs, pings, closes):
+//! the connection task writes the outbox only after flushing tungstenite (its buffer is
+//! then empty), and while the outbox holds bytes the task does nothing else with the
+//! socket: the outbox is written to the end before the task reads again (a read may
+//! flush a queued pong) or sends a ping or a close.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+
+/// Frames per `writev` (two slices each, well under the kernel's 1,024-slice limit).
+const FRAMES_PER_WRITE: usize = 32;
+
+/// RFC 6455 §5.2 opcodes of a final, unmasked data frame.
+const TEXT: u8 = 0x81;
+const BINARY: u8 = 0x82;
+
+/// One frame: its header, built here, and its payload.
+#[derive(Debug)]
+struct Out {
+    head: [u8; 10],
+    head_len: u8,
+    payload: Bytes,
+}
+
+impl Out {
+    fn new(first: u8, payload: Bytes) -> Out {
+        let mut head = [0u8; 10];
+        head[0] = first;
+        let n = payload.len();
+        // The shortest length encoding, as RFC 6455 §5.2 requires.
+        let head_len = if n < 126 {
+            head[1] = n as u8;
+            2
+        } else if n <= u16::MAX as usize {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            10
+        };
+        Out { head, head_len, payload }
+    }
+
+    fn len(&self) -> usize {
+        self.head_len as usize + self.payload.len()
+    }
+}
+
+/// Data frames accepted for writing and not yet taken by the kernel, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    frames: VecDeque<Out>,
+    /// Bytes of the front frame (header first) the kernel already took.
+    front_done: usize,
+    /// Bytes held, counting the front frame's written part out.
+    bytes: usize,
+}
+
+impl Outbox {
+    /// Queues a binary frame.
+    pub(crate) fn binary(&mut self, payload: Bytes) {
+        self.push(Out::new(BINARY, payload));
+    }
+
+    /// Queues a text frame.
+    pub(crate) fn text(&mut self, payload: String) {
+        self.push(Out::new(TEXT, Bytes::from(payload)));
+    }
+
+    fn push(&mut self, f: Out) {
+        self.bytes += f.len();
+        self.frames.push_back(f);
+    }
+
+    /// Bytes not yet written.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Nothing left to write.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Writes what it holds to `io`, `writev` by `writev`, until all of it went out
+    /// (`Ready(Ok)`), the socket stops taking data (`Pending`: woken when it is writable
+    /// again) or fails. A partial write keeps its place: nothing is written twice.
+    pub(crate) fn poll_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut io: Pin<&mut W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let mut n = 0;
+            for (i, f) in self.frames.iter().take(FRAMES_PER_WRITE).enumerate() {
+                let head = &f.head[..f.head_len as usize];
+                let skip = if i == 0 { self.front_done } else { 0 };
+                if skip < head.len() {
+                    slices[n] = IoSlice::new(&head[skip..]);
+                    slices[n + 1] = IoSlice::new(&f.payload);
+                    n += 2;
+                } else {
+                    slices[n] = IoSlice::new(&f.payload[skip - head.len()..]);
+                    n += 1;
+                }
+            }
+            let written = match io.as_mut().poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.advance(written);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The kernel took `n` more bytes: drop the frames it finished.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.frames.front() else { break };
+            let left = front.len() - self.front_done;
+            if n < left {
+                self.front_done += n;
+                return;
+            }
+            n -= left;
+            self.front_done = 0;
+            self.frames.pop_front();
+        }
+    }
+
+    /// Writes everything it holds (see [`Outbox::poll_write`]).
+    pub(crate) async fn write_all<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write(Pin::new(&mut *io), cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// A writer that takes at most `step` bytes per call and is `Pending` every other call,
+    /// so frames are split at every possible offset, header bytes included.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let mut room = self.step;
+            let mut took = 0;
+            for b in bufs {
+                let n = b.len().min(room);
+                self.out.extend_from_slice(&b[..n]);
+                room -= n;
+                took += n;
+                if room == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(took))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn payload(n: usize) -> Bytes {
+        (0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>().into()
+    }
+
+    /// Sizes on both sides of each length encoding's edge (125/126, 65535/65536).
+    const SIZES: [usize; 9] = [0, 1, 125, 126, 127, 65_535, 65_536, 70_000, 3];
+
+    #[tokio::test]
+    async fn frames_read_back_with_tungstenite_whatever_the_split() {
+        for step in [1, 2, 3, 7, 64, 1 << 20] {
+            let mut o = Outbox::default();
+            for (i, &n) in SIZES.iter().enumerate() {
+                if i % 3 == 1 {
+                    o.text("é".repeat(n / 2));
+                } else {
+                    o.binary(payload(n));
+                }
+            }
+            let total = o.len();
+            let mut w = Trickle { out: Vec::new(), step, calls: 0 };
+            o.write_all(&mut w).await.expect("writes");
+            assert!(o.is_empty());
+            assert_eq!(o.len(), 0);
+            assert_eq!(w.out.len(), total, "step {step}");
+
+            // A real WebSocket client reads the bytes back as the same messages.
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                std::io::Cursor::new(w.out),
+                Role::Client,
+                Some(tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()),
+            )
+            .await;
+            let msgs: Vec<Message> = futures_util::StreamExt::collect::<Vec<_>>(ws)
+                .await
+                .into_iter()
+                .take_while(|m| m.is_ok())
+                .map(|m| m.expect("ok"))
+                .collect();
+            assert_eq!(msgs.len(), SIZES.len(), "step {step}");
+            for (i, (&n, m)) in SIZES.iter().zip(&msgs).enumerate() {
+                if i % 3 == 1 {
+                    assert_eq!(m, &Message::text("é".repeat(n / 2)), "frame {i}");
+                } else {
+                    assert_eq!(m, &Message::Binary(payload(n)), "frame {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn headers_use_the_shortest_length() {
+        assert_eq!(Out::new(BINARY, payload(125)).head_len, 2);
+        assert_eq!(Out::new(BINARY, payload(126)).head[1], 126);
+        assert_eq!(Out::new(BINARY, payload(65_535)).head_len, 4);
+        let big = Out::new(BINARY, payload(65_536));
+        assert_eq!((big.head_len, big.head[1]), (10, 127));
+        assert_eq!(&big.head[2..10], &65_536u64.to_be_bytes());
+    }
+}
