@@ -3,7 +3,8 @@
 //! a hand-written unmasked server frame (header + payload, the alternative the performance
 //! issue names), and against the kernel's cost of the `send` that follows either of them on
 //! a real loopback TCP socket. A typical batch under load is ~400 bytes (16-byte header and
-//! six records).
+//! six records). The server has since moved its data frames to the second way
+//! (`server::outbox`, with the header from `tickgate_proto::ws`; docs/benchmarks.md §18).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -12,6 +13,7 @@ use std::net::{TcpListener, TcpStream};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tickgate_proto::ws::{server_header, BINARY};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -48,23 +50,6 @@ impl Write for Sink {
     }
 }
 
-/// RFC 6455 §5.2 header of an unmasked final binary frame.
-fn frame_header(len: usize, out: &mut [u8; 10]) -> usize {
-    out[0] = 0x82;
-    if len < 126 {
-        out[1] = len as u8;
-        2
-    } else if len <= u16::MAX as usize {
-        out[1] = 126;
-        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        4
-    } else {
-        out[1] = 127;
-        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
-    }
-}
-
 fn bench_ws_write(c: &mut Criterion) {
     let payload = Bytes::from(vec![7u8; BATCH_BYTES]);
     let mut g = c.benchmark_group("ws_write");
@@ -89,8 +74,7 @@ fn bench_ws_write(c: &mut Criterion) {
     let mut sink = Sink::default();
     g.bench_function("hand_written_frame_400B", |b| {
         b.iter(|| {
-            let mut h = [0u8; 10];
-            let n = frame_header(black_box(payload.len()), &mut h);
+            let (h, n) = server_header(BINARY, black_box(payload.len()));
             let bufs = [std::io::IoSlice::new(&h[..n]), std::io::IoSlice::new(&payload)];
             let wrote = sink.write_vectored(black_box(&bufs)).unwrap();
             assert_eq!(wrote, n + BATCH_BYTES);
@@ -109,8 +93,7 @@ fn bench_ws_write(c: &mut Criterion) {
         while matches!(rx.read(&mut buf), Ok(n) if n > 0) {}
     });
     let mut frame = vec![0u8; 0];
-    let mut h = [0u8; 10];
-    let n = frame_header(payload.len(), &mut h);
+    let (h, n) = server_header(BINARY, payload.len());
     frame.extend_from_slice(&h[..n]);
     frame.extend_from_slice(&payload);
     g.bench_function("loopback_send_400B", |b| b.iter(|| tx.write_all(black_box(&frame)).unwrap()));

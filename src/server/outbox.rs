@@ -21,14 +21,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tickgate_proto::ws;
 use tokio::io::AsyncWrite;
 
 /// Frames per `writev` (two slices each, well under the kernel's 1,024-slice limit).
 const FRAMES_PER_WRITE: usize = 32;
-
-/// RFC 6455 §5.2 opcodes of a final, unmasked data frame.
-const TEXT: u8 = 0x81;
-const BINARY: u8 = 0x82;
 
 /// One frame: its header, built here, and its payload.
 #[derive(Debug)]
@@ -39,24 +36,9 @@ struct Out {
 }
 
 impl Out {
-    fn new(first: u8, payload: Bytes) -> Out {
-        let mut head = [0u8; 10];
-        head[0] = first;
-        let n = payload.len();
-        // The shortest length encoding, as RFC 6455 §5.2 requires.
-        let head_len = if n < 126 {
-            head[1] = n as u8;
-            2
-        } else if n <= u16::MAX as usize {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
-            10
-        };
-        Out { head, head_len, payload }
+    fn new(opcode: u8, payload: Bytes) -> Out {
+        let (head, n) = ws::server_header(opcode, payload.len());
+        Out { head, head_len: n as u8, payload }
     }
 
     fn len(&self) -> usize {
@@ -77,12 +59,12 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Queues a binary frame.
     pub(crate) fn binary(&mut self, payload: Bytes) {
-        self.push(Out::new(BINARY, payload));
+        self.push(Out::new(ws::BINARY, payload));
     }
 
     /// Queues a text frame.
     pub(crate) fn text(&mut self, payload: String) {
-        self.push(Out::new(TEXT, Bytes::from(payload)));
+        self.push(Out::new(ws::TEXT, Bytes::from(payload)));
     }
 
     fn push(&mut self, f: Out) {
@@ -252,15 +234,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn headers_use_the_shortest_length() {
-        assert_eq!(Out::new(BINARY, payload(125)).head_len, 2);
-        assert_eq!(Out::new(BINARY, payload(126)).head[1], 126);
-        assert_eq!(Out::new(BINARY, payload(65_535)).head_len, 4);
-        let big = Out::new(BINARY, payload(65_536));
-        assert_eq!((big.head_len, big.head[1]), (10, 127));
-        assert_eq!(&big.head[2..10], &65_536u64.to_be_bytes());
     }
 }

@@ -10,10 +10,12 @@
 //! | [`control`] | JSON control messages (spec §4), each type both parsed and serialised; error codes |
 //! | [`close`] | WebSocket close codes (spec §8) and every fixed (code, reason) pair the server sends (`close::Reason`) |
 //! | [`recording`] | the `*.tgrec` recording format written by `tickgate record`, read by replay feeds |
+//! | [`ws`] | RFC 6455 headers of the server's own frames (final, unmasked), which the server and the load tools write themselves |
 
 pub mod codec;
 pub mod control;
 pub mod recording;
+pub mod ws;
 
 /// The WebSocket subprotocol every client must offer.
 pub const SUBPROTOCOL: &str = "tickgate.v1";

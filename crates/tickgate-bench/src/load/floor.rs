@@ -292,16 +292,8 @@ fn arm_out(ep: &OwnedFd, conn: &mut Conn, on: bool) -> Sent {
 
 /// Appends a server frame header (FIN, unmasked) for a payload of `len` bytes.
 fn frame_header(opcode: u8, len: usize, out: &mut Vec<u8>) {
-    out.push(0x80 | opcode);
-    if len < 126 {
-        out.push(len as u8);
-    } else if len <= u16::MAX as usize {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+    let (h, n) = tickgate_proto::ws::server_header(opcode, len);
+    out.extend_from_slice(&h[..n]);
 }
 
 /// A whole server frame.
