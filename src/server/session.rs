@@ -18,7 +18,8 @@
 //!   one future for the connection loop;
 //! - `begin_refresh` / `PendingRefresh`: an in-band refresh token validated at the
 //!   edge (it may wait for a JWKS refetch) whose outcome the engine applies;
-//! - `ws`: the WebSocket loop skeleton both kinds of connection run.
+//! - `ws`: the WebSocket loop skeleton both kinds of connection run, over `sock`'s
+//!   upgraded socket (plain TCP unwrapped from hyper's upgrade, TLS behind it).
 //!
 //! Where each kind keeps its deadline and revocation: a stream's session is handed to its
 //! shard ([`crate::engine::ShardHandle::open`] takes the principal, never a token), whose
@@ -28,6 +29,7 @@
 //! `EdgeWatch` sleep in the same connection loop, its revocation an [`EdgeSessions`]
 //! entry. Both compute the deadline the same way (`exp * 1000 + expiry_grace_ms`).
 
+mod sock;
 pub(crate) mod ws;
 
 use std::collections::HashMap;

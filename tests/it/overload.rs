@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::bin::{spawn_serving, write_config, BIN};
-use crate::common::{self, eventually, metric_value, publish_toml};
+use crate::common::{self, client_frame, eventually, metric_value, publish_toml, server_frame};
 
 const READERS: usize = 1000;
 
@@ -101,36 +101,6 @@ async fn reader(addr: String, token: String, last: Arc<AtomicU64>, ready: Arc<At
             return Err("the stream ended".into());
         }
     }
-}
-
-/// A client frame (FIN, `opcode`, masked with a zero key, which leaves the payload as is).
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
-/// The first complete server frame in `b` (unmasked, unfragmented): its opcode and where
-/// its payload lies (offset, length); `None` until it has all arrived.
-fn server_frame(b: &[u8]) -> Option<(u8, (usize, usize))> {
-    if b.len() < 2 {
-        return None;
-    }
-    let (len, start) = match b[1] & 0x7f {
-        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-        127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
-    (b.len() >= start + len).then_some((b[0] & 0x0f, (start, len)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,3 +233,51 @@ fn parse_upgrade_keeps_the_existing_answers() {
         "Authorization must use the Bearer scheme"
     );
 }
+
+/// Reads one server frame (unmasked) from `buf`, filling it from `tcp`: (opcode, payload).
+async fn next_frame(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    loop {
+        if let Some((op, (at, len))) = common::server_frame(buf) {
+            let payload = buf[at..at + len].to_vec();
+            buf.drain(..at + len);
+            return (op, payload);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(common::EVENTUALLY, tcp.read(&mut chunk)).await.expect("a frame in time").unwrap();
+        assert!(n > 0, "closed before a whole frame");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Frames a client sends in the same packet as its upgrade request (hyper has read them
+/// by the time the upgrade completes) are read first: a Ping is answered, then the
+/// in-band `auth` is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_pipelined_behind_the_upgrade_request_are_read() {
+    let ts = common::TestServer::start(50.0, |c| c.auth.inband_timeout_ms = 20_000).await;
+    let path = ts.url.split("127.0.0.1").nth(1).and_then(|r| r.find('/').map(|i| &r[i..])).unwrap().to_owned();
+    let mut bytes = head(&path, "HTTP/1.1", &[], &[]).into_bytes();
+    bytes.extend(common::client_frame(0x9, b"early"));
+    let auth = serde_json::json!({"op": "auth", "token": ts.token(&["md:read:T"])}).to_string();
+    bytes.extend(common::client_frame(0x1, auth.as_bytes()));
+    let mut tcp = tokio::net::TcpStream::connect(ts.server().addr()).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(common::EVENTUALLY, tcp.read(&mut chunk)).await.expect("an answer").unwrap();
+        assert!(n > 0, "closed before the 101");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf[..end]));
+    buf.drain(..end + 4);
+    assert_eq!(next_frame(&mut tcp, &mut buf).await, (0xA, b"early".to_vec()), "the Pong first");
+    let (op, payload) = next_frame(&mut tcp, &mut buf).await;
+    assert_eq!(op, 0x1);
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["type"], "welcome", "{v}");
+    ts.shutdown().await;
+}

@@ -30,7 +30,6 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
@@ -39,13 +38,14 @@ use tokio_tungstenite::WebSocketStream;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::sock::Sock;
 use crate::engine::stall::WriteProgress;
 use crate::metrics::Metrics;
 use crate::server::heartbeat::{Beat, Heartbeat};
 use tickgate_proto::close::Reason;
 
 /// An upgraded server-side WebSocket, over a socket whose accepted writes are timed.
-pub(crate) type Ws = WebSocketStream<Timed<TokioIo<hyper::upgrade::Upgraded>>>;
+pub(crate) type Ws = WebSocketStream<Timed<Sock>>;
 
 /// A socket (any async I/O) that marks a [`WriteProgress`] each time the kernel accepts
 /// bytes: how the shard tells a socket that stopped taking data from a writer that is
@@ -279,7 +279,7 @@ pub(crate) trait Role {
 pub(crate) async fn accept(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Ws> {
     match on_upgrade.await {
         Ok(u) => {
-            let io = Timed::new(TokioIo::new(u));
+            let io = Timed::new(Sock::from_upgrade(u));
             Some(WebSocketStream::from_raw_socket(io, WsRole::Server, Some(config)).await)
         }
         Err(e) => {
