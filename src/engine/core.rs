@@ -189,6 +189,17 @@ pub struct Conn {
     /// Protocol v1.1 `max_bytes_per_s`: the writer writes at most this many bytes per
     /// second (`None`: as fast as the socket takes them).
     pub(super) byte_rate: Option<u64>,
+    /// The socket as the shard may write it itself (`super::direct`), when the
+    /// connection's task offered it.
+    pub(super) direct: Option<std::rc::Rc<dyn super::frame::DirectPort>>,
+}
+
+/// Writers a dispatch cycle woke, and connections it queued for that the shard writes
+/// itself (`super::direct::write_queued`) instead.
+#[derive(Debug, Default)]
+pub(crate) struct Woken {
+    pub(super) count: usize,
+    pub(super) direct: Vec<ConnKey>,
 }
 
 impl Conn {
@@ -253,8 +264,9 @@ pub struct ShardCore {
     /// the backlog is the shard's own doing (it dispatched faster than its writers could
     /// run), so it takes no ticks until the writers have caught up.
     pub(super) owing: bool,
-    /// Writers woken by dispatch since the shard loop last asked (`take_woken`).
-    pub(super) woken: usize,
+    /// Writers woken by dispatch since the shard loop last asked (`take_woken`), and the
+    /// connections whose frames the shard writes itself after the cycle.
+    pub(super) woken: Woken,
     pub(super) subscriptions: usize,
     pub(super) draining: bool,
     /// Set while a lame-duck phase is under way: what its timers need when they fire.
@@ -306,7 +318,7 @@ impl ShardCore {
             to_kill: Vec::new(),
             over: Vec::new(),
             owing: false,
-            woken: 0,
+            woken: Woken::default(),
             subscriptions: 0,
             draining: false,
             lame_duck: None,
@@ -439,7 +451,7 @@ impl ShardCore {
         ctx: &QueueCtx,
         over: &mut Vec<ConnKey>,
         stats: &mut CoreStats,
-        woken: &mut usize,
+        woken: &mut Woken,
     ) {
         let len = rec.len();
         if ctx.conflate {
@@ -470,13 +482,20 @@ impl ShardCore {
                 c.over = true;
                 over.push(key);
                 c.notify.notify_one();
-                *woken += 1;
+                woken.count += 1;
             }
         } else if WritePacer::must_wake(was_empty, before, after, ctx.flush_at) {
             // A writer holding its write (`engine.write_delay_us`) must not sit on a
             // backlog until the slow-consumer budget closes a client that keeps up.
-            c.notify.notify_one();
-            *woken += 1;
+            // A connection with a direct port is written by the shard after the cycle.
+            if c.direct.is_some() {
+                if was_empty {
+                    woken.direct.push(key);
+                }
+            } else {
+                c.notify.notify_one();
+                woken.count += 1;
+            }
         }
     }
 
@@ -644,7 +663,7 @@ impl ShardCore {
     /// How many writers dispatch woke since the last call (the shard loop gives them their
     /// turn before a long cycle's successor).
     pub fn take_woken(&mut self) -> usize {
-        std::mem::take(&mut self.woken)
+        std::mem::take(&mut self.woken.count)
     }
 
     /// True while some connection is over its budget (judged again at every

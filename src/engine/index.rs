@@ -64,6 +64,7 @@ impl ShardCore {
             over: false,
             progress: None,
             byte_rate: None,
+            direct: None,
         });
         notify.notify_one();
         self.schedule_token_timers(key);

@@ -19,8 +19,10 @@
 //! |---|---|
 //! | this one | [`Tick`], [`Inbound`], [`ShardInbox`] (a shard's cross-thread side), [`Ingest`] (append to the log, then queue for every shard) |
 //! | `handle` | `Engine`, `EngineHandle` (start, drain and stop the shard threads), `EngineCtl` (revocation, admin listing) |
-//! | `stream` | the connection task's API: `ShardHandle`, `ConnGuard`, `Frame` |
+//! | `stream` | the connection task's API: `ShardHandle`, `ConnGuard` |
+//! | `frame` | what goes on a socket: `Frame`, and `DirectPort` (the shard writing frames itself) |
 //! | `pacer` | `WritePacer`: when a connection's writer writes (the write-hold policy, both halves) |
+//! | `direct` | the shard writing a cycle's frames to plain sockets itself (`DirectPort`), instead of waking their tasks |
 //! | [`stall`] | `WriteProgress`: when the kernel last took a connection's bytes (what makes a slow consumer) |
 //! | [`shard`] | the shard thread, its loop, control requests, stats flusher, death policy |
 //! | [`core`] | `ShardCore`: the synchronous state of a shard and the dispatch loop body |
@@ -38,6 +40,8 @@
 pub(crate) mod budget;
 pub(crate) mod conflate;
 pub mod core;
+mod direct;
+mod frame;
 mod groups;
 pub(crate) mod handle;
 mod index;
@@ -57,7 +61,7 @@ mod view;
 
 pub(crate) use handle::{Engine, EngineCtl, EngineHandle};
 pub(crate) use pacer::WritePacer;
-pub(crate) use stream::{ConnGuard, Frame, ShardHandle};
+pub(crate) use stream::{ConnGuard, DirectPort, Frame, ShardHandle, Wrote};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

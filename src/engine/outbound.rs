@@ -185,6 +185,13 @@ impl Outbound {
         self.push_close(code, reason);
     }
 
+    /// Puts an item just taken back in front (the shard's direct writer hands a close it
+    /// must not write back to the connection's task).
+    pub(crate) fn unpop(&mut self, item: OutItem) {
+        self.bytes += item.size();
+        self.items.push_front(item);
+    }
+
     /// Takes the next item for the socket.
     pub fn pop(&mut self) -> Option<OutItem> {
         let item = self.items.pop_front()?;

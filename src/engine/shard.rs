@@ -336,6 +336,13 @@ async fn run(spec: ShardSpec) {
             if !core.owes() && core.next_throttle_due().is_some() {
                 core.flush_throttled(tokio::time::Instant::now());
             }
+            // The frames this cycle queued for connections the shard writes itself go out
+            // now, before the cycle is judged: what the sockets took is no backlog.
+            if !core.woken.direct.is_empty() {
+                let mut keys = std::mem::take(&mut core.woken.direct);
+                super::direct::write_queued(&mut core, &mut keys, &shard.latency, &shard.batch_records);
+                core.woken.direct = keys;
+            }
             let woken = core.take_woken();
             core.end_cycle();
             core.advance_timers();

@@ -11,10 +11,10 @@
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::core::ConnKey;
+pub(crate) use super::frame::{DirectPort, Frame, Wrote};
 use super::outbound::OutItem;
 use super::shard::ShardLocal;
 use crate::auth::validate::{AuthError, Principal};
@@ -50,22 +50,6 @@ impl ShardHandle {
         self.0.inbox.connections.fetch_add(1, Ordering::Relaxed);
         ConnGuard { shard: self.0.clone(), key: h.key, notify: h.notify, kill: h.kill }
     }
-}
-
-/// What the writer puts on the socket next.
-#[derive(Debug)]
-pub(crate) enum Frame {
-    /// A JSON control message.
-    Text(String),
-    /// A sealed batch of records, stamped with its send time.
-    Binary(Bytes),
-    /// Close the connection with this code and reason; nothing follows it.
-    Close {
-        /// The close code.
-        code: u16,
-        /// The close reason.
-        reason: &'static str,
-    },
 }
 
 /// One stream connection registered on its shard. Unregisters it (subscriptions, timers,
@@ -138,18 +122,13 @@ impl ConnGuard {
                     if core.expire_if_due(self.key, now) {
                         continue;
                     }
-                    let latency_ns = (now as i64).saturating_sub(b.oldest_recv_ns()).max(0);
-                    shard.latency.observe(latency_ns as f64 / 1e9);
-                    shard.batch_records.observe(b.count() as f64);
-                    for &(f, n) in b.feed_counts() {
-                        if let Some(d) = core.stats.delivered.get_mut(f as usize) {
-                            *d += n as u64;
-                        }
-                    }
-                    let bytes = b.finish(now);
-                    core.stats.frames += 1;
-                    core.stats.bytes += bytes.len() as u64;
-                    return Some(Frame::Binary(bytes));
+                    return Some(Frame::Binary(super::direct::seal(
+                        &mut core,
+                        &shard.latency,
+                        &shard.batch_records,
+                        b,
+                        now,
+                    )));
                 }
             }
         }
@@ -165,6 +144,13 @@ impl ConnGuard {
     /// Gives the shard the socket's write progress (see [`super::stall`]).
     pub(crate) fn track_writes(&self, progress: super::stall::WriteProgress) {
         self.shard.core.borrow_mut().track_writes(self.key, progress);
+    }
+
+    /// Lets the shard write this connection's data frames itself (`engine::direct`).
+    pub(crate) fn direct(&self, port: Rc<dyn DirectPort>) {
+        if let Some(c) = self.shard.core.borrow_mut().conns.get_mut(self.key) {
+            c.direct = Some(port);
+        }
     }
 
     /// The connection's `max_bytes_per_s` (protocol v1.1 `throttle`), if it set one: the

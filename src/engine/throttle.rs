@@ -150,7 +150,7 @@ impl ShardCore {
                     self.stats.gap(reason);
                     if was_empty {
                         c.notify.notify_one();
-                        self.woken += 1;
+                        self.woken.count += 1;
                     }
                 }
             }

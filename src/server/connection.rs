@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::authorize::{authorize_token, ConnSlot};
 use super::heartbeat::Heartbeat;
 use super::limits::Bucket;
-use super::outbox::Outbox;
+use super::outbox::{Shared, TcpPort};
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
 use super::session::{begin_refresh, PendingRefresh, RefreshOutcome, Session};
 use super::{AppState, LogPeer};
@@ -206,8 +207,9 @@ struct Stream<'a> {
     refreshing: Option<PendingRefresh>,
     /// The connection's `max_bytes_per_s` budget (protocol v1.1 `throttle`), when it set one.
     bytes: ByteBudget,
-    /// Data frames taken from the engine on their way to the socket.
-    out: Outbox,
+    /// Data frames taken from the engine on their way to the socket (shared with the
+    /// shard's direct writes on plain TCP).
+    out: Rc<Shared>,
 }
 
 /// Paces a connection's writes to its `max_bytes_per_s` (protocol v1.1): a token bucket of
@@ -309,7 +311,7 @@ impl Role for Stream<'_> {
                 return Step::Continue;
             }
         };
-        let flow = write_pending(ws, &mut self.out, self.conn, &mut self.bytes).await;
+        let flow = write_pending(ws, &self.out, self.conn, &mut self.bytes).await;
         // While the writer waits for its byte budget, the engine sees a socket that takes
         // no data (the client asked for it): a backlog that passes the budget meanwhile is
         // handled as a slow consumer's, and the shard never owes this connection a write.
@@ -399,6 +401,17 @@ impl Role for Stream<'_> {
 }
 
 async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
+    let out = Rc::new(Shared::default());
+    // A plain TCP stream without a write delay lets its shard write its frames itself
+    // (engine::direct); a held write, TLS, or anything else stays the task's.
+    if let (Some(tcp), 0) = (ws.get_ref().inner().tcp(), app.config.engine.write_delay_us) {
+        conn.direct(Rc::new(TcpPort {
+            tcp: tcp.clone(),
+            shared: out.clone(),
+            tungstenite_holds: ws.get_ref().tungstenite_holds(),
+            progress: ws.get_ref().progress().clone(),
+        }));
+    }
     let mut heartbeat = Heartbeat::new(Duration::from_millis(app.config.server.heartbeat_ms));
     let hold = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(hold);
@@ -415,7 +428,7 @@ async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
         pacing: false,
         refreshing: None,
         bytes: ByteBudget { bucket: Bucket::full(0.0, Instant::now()), rate: None },
-        out: Outbox::default(),
+        out,
     };
     ws::drive(&mut ws, &mut stream, &mut heartbeat, &app.metrics).await
 }
@@ -458,31 +471,32 @@ const OUTBOX_BYTES: usize = 64 * 1024;
 
 /// Moves everything queued for the connection to the socket, in order, at most at the
 /// connection's `max_bytes_per_s` when it set one.
-async fn write_pending(ws: &mut Ws, out: &mut Outbox, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
+async fn write_pending(ws: &mut Ws, shared: &Shared, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
     let mut wrote = false;
     loop {
         let wait = bytes.wait(conn.byte_rate());
         // Over its own bandwidth cap, what was fed goes out now and the rest waits (on a
         // timer of the connection loop, which keeps reading the client meanwhile).
         let paced = !wait.is_zero();
-        let next = if paced || out.len() >= OUTBOX_BYTES { None } else { conn.next_frame() };
+        let held = shared.out.borrow().len();
+        let next = if paced || held >= OUTBOX_BYTES { None } else { conn.next_frame() };
         match next {
             Some(Frame::Text(s)) => {
                 bytes.spend(s.len());
-                out.text(s);
+                shared.out.borrow_mut().text(s);
                 wrote = true;
                 continue;
             }
             Some(Frame::Binary(b)) => {
                 bytes.spend(b.len());
-                out.binary(b);
+                shared.out.borrow_mut().binary(b);
                 wrote = true;
                 continue;
             }
             Some(Frame::Close { code, reason }) => {
                 // The frames taken before the close go first, within the close's own bound.
-                let sent = out.is_empty()
-                    || matches!(tokio::time::timeout(CLOSE_TIMEOUT, write_outbox(ws, out)).await, Ok(Ok(())));
+                let sent = shared.out.borrow().is_empty()
+                    || matches!(tokio::time::timeout(CLOSE_TIMEOUT, write_outbox(ws, shared)).await, Ok(Ok(())));
                 if !sent || !ws::close(ws, code, reason, STREAM_CLOSE).await {
                     // `tickgate_closes_total{code}` counts closes the client was sent; a
                     // stalled slow consumer that never got its 4008 is a dropped one.
@@ -493,8 +507,8 @@ async fn write_pending(ws: &mut Ws, out: &mut Outbox, conn: &ConnGuard, bytes: &
             }
             None => {}
         }
-        if !out.is_empty() {
-            match write_op(conn, write_outbox(ws, out)).await {
+        if !shared.out.borrow().is_empty() {
+            match write_op(conn, write_outbox(ws, shared)).await {
                 Ok(()) => {}
                 // Killed: the close item is now at the front of the queue (and a
                 // connection closing is never paced).
@@ -516,11 +530,27 @@ async fn write_pending(ws: &mut Ws, out: &mut Outbox, conn: &ConnGuard, bytes: &
 
 /// Writes the outbox to the socket, after whatever tungstenite itself holds (a pong it
 /// queued while reading): see [`super::outbox`] for why the two never interleave.
-async fn write_outbox(ws: &mut Ws, out: &mut Outbox) -> Result<(), WsError> {
+async fn write_outbox(ws: &mut Ws, shared: &Shared) -> Result<(), WsError> {
     if ws.get_ref().tungstenite_may_hold() {
         ws.flush().await?;
     }
-    out.write_all(ws.get_mut()).await.map_err(WsError::Io)
+    // The outbox is borrowed only inside each poll, and `busy` tells the shard while the
+    // task waits on the socket, so a direct write can never overtake these bytes. A wait
+    // abandoned for a kill clears it too.
+    struct Busy<'a>(&'a Shared);
+    impl Drop for Busy<'_> {
+        fn drop(&mut self) {
+            self.0.busy.set(false);
+        }
+    }
+    let _busy = Busy(shared);
+    std::future::poll_fn(|cx| {
+        let r = shared.out.borrow_mut().poll_write(Pin::new(ws.get_mut()), cx);
+        shared.busy.set(r.is_pending());
+        r
+    })
+    .await
+    .map_err(WsError::Io)
 }
 
 fn io_end(e: WsError) -> Ended {

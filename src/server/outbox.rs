@@ -20,9 +20,16 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
 use bytes::Bytes;
 use tickgate_proto::ws;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
+use tokio::net::TcpStream;
+
+use crate::engine::stall::WriteProgress;
+use crate::engine::{DirectPort, Frame, Wrote};
 
 /// Frames per `writev` (two slices each, well under the kernel's 1,024-slice limit).
 const FRAMES_PER_WRITE: usize = 32;
@@ -132,9 +139,107 @@ impl Outbox {
         }
     }
 
+    /// Writes what it holds to a plain TCP socket without waiting: `Ok(true)` when all of
+    /// it went out, `Ok(false)` when the socket stopped taking data first.
+    fn try_send(&mut self, tcp: &TcpStream, progress: &WriteProgress) -> std::io::Result<bool> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // Readiness as tokio knows it: `try_io` does not wait, and a socket it believes
+        // full is left to the task, whose wait registers for the signal.
+        let mut io = DirectIo(tcp);
+        let before = self.len();
+        let r = self.poll_write(Pin::new(&mut io), &mut cx);
+        if self.len() < before {
+            progress.mark();
+        }
+        match r {
+            Poll::Ready(Ok(())) => Ok(true),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(false),
+        }
+    }
+
     /// Writes everything it holds (see [`Outbox::poll_write`]).
+    #[cfg(test)]
     pub(crate) async fn write_all<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> std::io::Result<()> {
         std::future::poll_fn(|cx| self.poll_write(Pin::new(&mut *io), cx)).await
+    }
+}
+
+/// A plain TCP socket written with `sendmsg` only while tokio believes it takes data.
+struct DirectIo<'a>(&'a TcpStream);
+
+impl AsyncWrite for DirectIo<'_> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let tcp = self.0;
+        match tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).send_vectored(bufs)) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Poll::Pending,
+            r => Poll::Ready(r),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A stream's outbox, shared by its connection task and, for plain TCP, its shard's direct
+/// writes (`engine::DirectPort`). Both run on the shard's thread and never hold a borrow
+/// across an `.await`; `busy` marks the task's waits on the socket, during which the
+/// shard leaves the socket alone.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Frames on their way to the socket, in order.
+    pub(crate) out: RefCell<Outbox>,
+    /// The task is waiting for the socket in the middle of a write.
+    pub(crate) busy: Cell<bool>,
+}
+
+/// The shard's way onto a plain TCP stream's socket.
+#[derive(Debug)]
+pub(crate) struct TcpPort {
+    /// The socket.
+    pub(crate) tcp: Rc<TcpStream>,
+    /// The outbox and the task's state.
+    pub(crate) shared: Rc<Shared>,
+    /// tungstenite may hold bytes of its own (`ws::Timed`): they go first, by the task.
+    pub(crate) tungstenite_holds: Rc<Cell<bool>>,
+    /// Marked when the kernel takes bytes, as the task's writes mark it.
+    pub(crate) progress: WriteProgress,
+}
+
+impl DirectPort for TcpPort {
+    fn free(&self) -> bool {
+        !self.shared.busy.get()
+            && !self.tungstenite_holds.get()
+            && self.shared.out.try_borrow().is_ok_and(|o| o.is_empty())
+    }
+
+    fn write(&self, frame: Frame) -> Wrote {
+        let Ok(mut out) = self.shared.out.try_borrow_mut() else { return Wrote::Rest };
+        match frame {
+            Frame::Binary(b) => out.binary(b),
+            Frame::Text(t) => out.text(t),
+            // Never handed over (`engine::direct`), but a close is the task's.
+            Frame::Close { .. } => return Wrote::Rest,
+        }
+        match out.try_send(&self.tcp, &self.progress) {
+            Ok(true) => Wrote::All,
+            // The rest, or the failure, is the task's: its own write meets either.
+            Ok(false) | Err(_) => Wrote::Rest,
+        }
     }
 }
 

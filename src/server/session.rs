@@ -29,7 +29,7 @@
 //! `EdgeWatch` sleep in the same connection loop, its revocation an [`EdgeSessions`]
 //! entry. Both compute the deadline the same way (`exp * 1000 + expiry_grace_ms`).
 
-mod sock;
+pub(crate) mod sock;
 pub(crate) mod ws;
 
 use std::collections::HashMap;

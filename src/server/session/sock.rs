@@ -10,6 +10,7 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -21,12 +22,14 @@ use tokio::net::TcpStream;
 /// An upgraded connection (see the module doc).
 #[derive(Debug)]
 pub(crate) enum Sock {
-    /// Plain TCP, with what hyper had read past the upgrade request (served first).
+    /// Plain TCP, with what hyper had read past the upgrade request (served first). The
+    /// stream is shared with the shard's direct writes (`server::outbox::TcpPort`); every
+    /// tokio socket operation used here takes `&self`.
     Tcp {
         /// Bytes the client sent right behind its upgrade request.
         pre: Bytes,
         /// The connection itself.
-        tcp: TcpStream,
+        tcp: Rc<TcpStream>,
     },
     /// Anything else (TLS), through hyper's upgrade layers.
     Upgraded(TokioIo<Upgraded>),
@@ -36,8 +39,32 @@ impl Sock {
     /// Unwraps a plain TCP upgrade; keeps any other as it is.
     pub(crate) fn from_upgrade(u: Upgraded) -> Sock {
         match u.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => Sock::Tcp { pre: parts.read_buf, tcp: parts.io.into_inner() },
+            Ok(parts) => Sock::Tcp { pre: parts.read_buf, tcp: Rc::new(parts.io.into_inner()) },
             Err(u) => Sock::Upgraded(TokioIo::new(u)),
+        }
+    }
+
+    /// The TCP stream of a plain connection.
+    pub(crate) fn tcp(&self) -> Option<&Rc<TcpStream>> {
+        match self {
+            Sock::Tcp { tcp, .. } => Some(tcp),
+            Sock::Upgraded(_) => None,
+        }
+    }
+}
+
+/// Retries a write until the socket stops taking data (`Pending`, woken when it does
+/// again) or the write does something other than block.
+fn poll_send<R>(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut() -> std::io::Result<R>,
+) -> Poll<std::io::Result<R>> {
+    loop {
+        ready!(tcp.poll_write_ready(cx))?;
+        match tcp.try_io(Interest::WRITABLE, &mut op) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
         }
     }
 }
@@ -52,7 +79,17 @@ impl AsyncRead for Sock {
                     pre.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Pin::new(tcp).poll_read(cx, buf)
+                loop {
+                    ready!(tcp.poll_read_ready(cx))?;
+                    match tcp.try_read(buf.initialize_unfilled()) {
+                        Ok(n) => {
+                            buf.advance(n);
+                            return Poll::Ready(Ok(()));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
             }
             Sock::Upgraded(u) => Pin::new(u).poll_read(cx, buf),
         }
@@ -62,7 +99,7 @@ impl AsyncRead for Sock {
 impl AsyncWrite for Sock {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Sock::Tcp { tcp, .. } => Pin::new(tcp).poll_write(cx, buf),
+            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || socket2::SockRef::from(&**tcp).send(buf)),
             Sock::Upgraded(u) => Pin::new(u).poll_write(cx, buf),
         }
     }
@@ -75,14 +112,7 @@ impl AsyncWrite for Sock {
         match self.get_mut() {
             // `sendmsg` rather than tokio's `writev`: the same iovecs, straight to the
             // socket layer. Readiness is tokio's, as for any of its own writes.
-            Sock::Tcp { tcp, .. } => loop {
-                ready!(tcp.poll_write_ready(cx))?;
-                let sent = tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(&*tcp).send_vectored(bufs));
-                match sent {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    r => return Poll::Ready(r),
-                }
-            },
+            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || socket2::SockRef::from(&**tcp).send_vectored(bufs)),
             Sock::Upgraded(u) => Pin::new(u).poll_write_vectored(cx, bufs),
         }
     }
@@ -96,14 +126,15 @@ impl AsyncWrite for Sock {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Sock::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
+            // TCP buffers nothing in user space.
+            Sock::Tcp { .. } => Poll::Ready(Ok(())),
             Sock::Upgraded(u) => Pin::new(u).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Sock::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
+            Sock::Tcp { tcp, .. } => Poll::Ready(socket2::SockRef::from(&**tcp).shutdown(std::net::Shutdown::Write)),
             Sock::Upgraded(u) => Pin::new(u).poll_shutdown(cx),
         }
     }

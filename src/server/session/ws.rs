@@ -20,8 +20,10 @@
 //! The loop is generic over the role (monomorphised: no box, no dynamic call, no lock
 //! per frame); a stream's frames are written inside its event handler.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -72,8 +74,9 @@ pub(crate) struct Timed<T> {
     read_waker: Waker,
     /// The last read found no data: only a wake-up through `read_waker` changes that.
     read_parked: bool,
-    /// A plain `write` returned `Pending` and no flush completed since.
-    plain_pending: bool,
+    /// A plain `write` returned `Pending` and no flush completed since (shared with the
+    /// shard's direct port, which must then leave the socket to the task).
+    plain_pending: Rc<Cell<bool>>,
 }
 
 /// The waker a [`Timed`] socket's reads register: notes that the socket became readable,
@@ -100,7 +103,14 @@ impl<T> Timed<T> {
     fn new(inner: T) -> Timed<T> {
         let read = Arc::new(ReadWake::default());
         let read_waker = Waker::from(read.clone());
-        Timed { inner, progress: WriteProgress::new(), read, read_waker, read_parked: false, plain_pending: false }
+        Timed {
+            inner,
+            progress: WriteProgress::new(),
+            read,
+            read_waker,
+            read_parked: false,
+            plain_pending: Rc::new(Cell::new(false)),
+        }
     }
 
     /// The socket's write progress, for the engine (`ConnGuard::track_writes`).
@@ -116,7 +126,17 @@ impl<T> Timed<T> {
 
     /// Whether tungstenite may hold unwritten bytes (see the type's doc).
     pub(crate) fn tungstenite_may_hold(&self) -> bool {
-        self.plain_pending
+        self.plain_pending.get()
+    }
+
+    /// The same fact, for the shard's direct port.
+    pub(crate) fn tungstenite_holds(&self) -> Rc<Cell<bool>> {
+        self.plain_pending.clone()
+    }
+
+    /// The socket under the wrapper.
+    pub(crate) fn inner(&self) -> &T {
+        &self.inner
     }
 
     /// Passes a write's result on, marking the progress when the kernel took bytes.
@@ -146,7 +166,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if r.is_pending() {
-            self.plain_pending = true;
+            self.plain_pending.set(true);
         }
         self.accepted(r)
     }
@@ -168,7 +188,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
         // tungstenite flushes the socket only once its own buffer is written out.
         if r.is_ready() {
-            self.plain_pending = false;
+            self.plain_pending.set(false);
         }
         r
     }
