@@ -34,7 +34,8 @@ pub struct Metrics {
     pub frames_sent: IntCounter,
     /// Payload bytes written.
     pub bytes_sent: IntCounter,
-    /// Socket flushes: one per writer wake-up, however many messages it wrote.
+    /// Socket writes: one per writer wake-up or direct write by the shard (one per
+    /// connection per dispatch cycle), however many messages it wrote.
     pub socket_flushes: IntCounter,
     /// Ingest to socket write, per batch (its oldest record).
     pub fanout_latency: Histogram,
@@ -304,7 +305,7 @@ impl Metrics {
             socket_flushes: counter(
                 &r,
                 "tickgate_socket_flushes_total",
-                "Socket flushes (one per writer wake-up, covering all messages it wrote)",
+                "Socket writes (one per writer wake-up, or per connection the shard wrote after a dispatch cycle, covering all messages it wrote)",
             ),
             fanout_latency,
             slow_consumer_events: counter_vec(
