@@ -18,18 +18,16 @@ use bytes::Bytes;
 use prometheus::local::LocalHistogram;
 use tickgate_proto::now_ns;
 
-use super::core::{ConnKey, ShardCore};
+use super::core::ShardCore;
 use super::frame::{Frame, Wrote};
 use super::outbound::{BatchBuf, OutItem};
 
-/// Writes what this cycle queued for `keys` (connections with a port that the cycle
-/// would have woken), each through its port when it may; wakes the task of every other.
-pub(super) fn write_queued(
-    core: &mut ShardCore,
-    keys: &mut Vec<ConnKey>,
-    latency: &LocalHistogram,
-    batch_records: &LocalHistogram,
-) {
+/// Writes what this cycle queued for the connections it listed (`Woken::direct`: those
+/// with a port that the cycle would have woken), each through its port when it may; wakes
+/// the task of every other.
+pub(super) fn write_queued(core: &mut ShardCore, latency: &LocalHistogram, batch_records: &LocalHistogram) {
+    // Taken out while the core is borrowed for the writes, and put back for its capacity.
+    let mut keys = std::mem::take(&mut core.woken.direct);
     for key in keys.drain(..) {
         let Some(c) = core.conns.get(key) else { continue };
         let Some(port) = c.direct.clone() else {
@@ -79,6 +77,7 @@ pub(super) fn write_queued(
             }
         }
     }
+    core.woken.direct = keys;
 }
 
 /// Seals a batch taken for the socket at `now` (its send time), counting it: fan-out
@@ -111,6 +110,7 @@ mod tests {
 
     use std::future::Future;
 
+    use super::super::core::ConnKey;
     use super::super::frame::DirectPort;
     use super::*;
     use crate::engine::testkit::{self, tick};
@@ -171,8 +171,7 @@ mod tests {
 
     fn write(core: &mut ShardCore) {
         let reg = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).expect("histogram");
-        let mut keys = std::mem::take(&mut core.woken.direct);
-        write_queued(core, &mut keys, &reg.local(), &reg.local());
+        write_queued(core, &reg.local(), &reg.local());
     }
 
     /// A cycle's records go out through the port, the task is not woken, and the frames

@@ -339,9 +339,7 @@ async fn run(spec: ShardSpec) {
             // The frames this cycle queued for connections the shard writes itself go out
             // now, before the cycle is judged: what the sockets took is no backlog.
             if !core.woken.direct.is_empty() {
-                let mut keys = std::mem::take(&mut core.woken.direct);
-                super::direct::write_queued(&mut core, &mut keys, &shard.latency, &shard.batch_records);
-                core.woken.direct = keys;
+                super::direct::write_queued(&mut core, &shard.latency, &shard.batch_records);
             }
             let woken = core.take_woken();
             core.end_cycle();

@@ -5,12 +5,14 @@
 //! shard's timer wheel keeps; a [`ConnGuard`] unregisters it on drop), and runs the
 //! shared connection loop (`ws::drive`) with the stream's `Role`: engine wake-ups
 //! paced by the engine's [`WritePacer`] move queued frames ([`ConnGuard::next_frame`])
-//! through the `Outbox` (one `writev`, no copy) to the socket, kills abandon stalled writes, control messages are rate-limited and
-//! struck, and a refresh token is validated at the edge (`begin_refresh`) while the
+//! through the `Outbox` (one `writev`, no copy) to the socket (on plain TCP the shard
+//! writes them itself when it may, `engine::direct`), kills abandon stalled writes,
+//! control messages are rate-limited and struck, and a refresh token is validated at the edge (`begin_refresh`) while the
 //! stream keeps streaming. It never waits on the socket without also watching `kill`, so
 //! a stalled client cannot hold back a slow-consumer close or shutdown. The engine's
 //! state is reached only through the guard's methods.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -26,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::authorize::{authorize_token, ConnSlot};
 use super::heartbeat::Heartbeat;
 use super::limits::Bucket;
-use super::outbox::{Shared, TcpPort};
+use super::outbox::{Outbox, TcpPort};
 use super::session::ws::{self, CloseStyle, Ended, Role, Step, Ws, UNDELIVERED};
 use super::session::{begin_refresh, PendingRefresh, RefreshOutcome, Session};
 use super::{AppState, LogPeer};
@@ -209,7 +211,7 @@ struct Stream<'a> {
     bytes: ByteBudget,
     /// Data frames taken from the engine on their way to the socket (shared with the
     /// shard's direct writes on plain TCP).
-    out: Rc<Shared>,
+    out: Rc<RefCell<Outbox>>,
 }
 
 /// Paces a connection's writes to its `max_bytes_per_s` (protocol v1.1): a token bucket of
@@ -401,13 +403,13 @@ impl Role for Stream<'_> {
 }
 
 async fn drive(app: &Arc<AppState>, mut ws: Ws, conn: &ConnGuard) -> Ended {
-    let out = Rc::new(Shared::default());
+    let out = Rc::new(RefCell::new(Outbox::default()));
     // A plain TCP stream without a write delay lets its shard write its frames itself
     // (engine::direct); a held write, TLS, or anything else stays the task's.
     if let (Some(tcp), 0) = (ws.get_ref().inner().tcp(), app.config.engine.write_delay_us) {
         conn.direct(Rc::new(TcpPort {
             tcp: tcp.clone(),
-            shared: out.clone(),
+            out: out.clone(),
             tungstenite_holds: ws.get_ref().tungstenite_holds(),
             progress: ws.get_ref().progress().clone(),
         }));
@@ -471,32 +473,32 @@ const OUTBOX_BYTES: usize = 64 * 1024;
 
 /// Moves everything queued for the connection to the socket, in order, at most at the
 /// connection's `max_bytes_per_s` when it set one.
-async fn write_pending(ws: &mut Ws, shared: &Shared, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
+async fn write_pending(ws: &mut Ws, out: &RefCell<Outbox>, conn: &ConnGuard, bytes: &mut ByteBudget) -> Flow {
     let mut wrote = false;
     loop {
         let wait = bytes.wait(conn.byte_rate());
         // Over its own bandwidth cap, what was fed goes out now and the rest waits (on a
         // timer of the connection loop, which keeps reading the client meanwhile).
         let paced = !wait.is_zero();
-        let held = shared.out.borrow().len();
+        let held = out.borrow().len();
         let next = if paced || held >= OUTBOX_BYTES { None } else { conn.next_frame() };
         match next {
             Some(Frame::Text(s)) => {
                 bytes.spend(s.len());
-                shared.out.borrow_mut().text(s);
+                out.borrow_mut().text(s);
                 wrote = true;
                 continue;
             }
             Some(Frame::Binary(b)) => {
                 bytes.spend(b.len());
-                shared.out.borrow_mut().binary(b);
+                out.borrow_mut().binary(b);
                 wrote = true;
                 continue;
             }
             Some(Frame::Close { code, reason }) => {
                 // The frames taken before the close go first, within the close's own bound.
-                let sent = shared.out.borrow().is_empty()
-                    || matches!(tokio::time::timeout(CLOSE_TIMEOUT, write_outbox(ws, shared)).await, Ok(Ok(())));
+                let sent = out.borrow().is_empty()
+                    || matches!(tokio::time::timeout(CLOSE_TIMEOUT, write_outbox(ws, out)).await, Ok(Ok(())));
                 if !sent || !ws::close(ws, code, reason, STREAM_CLOSE).await {
                     // `tickgate_closes_total{code}` counts closes the client was sent; a
                     // stalled slow consumer that never got its 4008 is a dropped one.
@@ -507,8 +509,8 @@ async fn write_pending(ws: &mut Ws, shared: &Shared, conn: &ConnGuard, bytes: &m
             }
             None => {}
         }
-        if !shared.out.borrow().is_empty() {
-            match write_op(conn, write_outbox(ws, shared)).await {
+        if !out.borrow().is_empty() {
+            match write_op(conn, write_outbox(ws, out)).await {
                 Ok(()) => {}
                 // Killed: the close item is now at the front of the queue (and a
                 // connection closing is never paced).
@@ -530,27 +532,13 @@ async fn write_pending(ws: &mut Ws, shared: &Shared, conn: &ConnGuard, bytes: &m
 
 /// Writes the outbox to the socket, after whatever tungstenite itself holds (a pong it
 /// queued while reading): see [`super::outbox`] for why the two never interleave.
-async fn write_outbox(ws: &mut Ws, shared: &Shared) -> Result<(), WsError> {
+async fn write_outbox(ws: &mut Ws, out: &RefCell<Outbox>) -> Result<(), WsError> {
     if ws.get_ref().tungstenite_may_hold() {
         ws.flush().await?;
     }
-    // The outbox is borrowed only inside each poll, and `busy` tells the shard while the
-    // task waits on the socket, so a direct write can never overtake these bytes. A wait
-    // abandoned for a kill clears it too.
-    struct Busy<'a>(&'a Shared);
-    impl Drop for Busy<'_> {
-        fn drop(&mut self) {
-            self.0.busy.set(false);
-        }
-    }
-    let _busy = Busy(shared);
-    std::future::poll_fn(|cx| {
-        let r = shared.out.borrow_mut().poll_write(Pin::new(ws.get_mut()), cx);
-        shared.busy.set(r.is_pending());
-        r
-    })
-    .await
-    .map_err(WsError::Io)
+    // Borrowed only inside each poll: while the task waits, the bytes left in the outbox
+    // keep the shard's direct writes off the socket (`TcpPort::free`).
+    std::future::poll_fn(|cx| out.borrow_mut().poll_write(Pin::new(ws.get_mut()), cx)).await.map_err(WsError::Io)
 }
 
 fn io_end(e: WsError) -> Ended {

@@ -15,19 +15,19 @@
 //! socket: the outbox is written to the end before the task reads again (a read may
 //! flush a queued pong) or sends a ping or a close.
 
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tickgate_proto::ws;
-use tokio::io::{AsyncWrite, Interest};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use super::session::sock::try_sendmsg;
 use crate::engine::stall::WriteProgress;
 use crate::engine::{DirectPort, Frame, Wrote};
 
@@ -179,8 +179,7 @@ impl AsyncWrite for DirectIo<'_> {
         _cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let tcp = self.0;
-        match tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).send_vectored(bufs)) {
+        match try_sendmsg(self.0, bufs) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Poll::Pending,
             r => Poll::Ready(r),
         }
@@ -195,25 +194,16 @@ impl AsyncWrite for DirectIo<'_> {
     }
 }
 
-/// A stream's outbox, shared by its connection task and, for plain TCP, its shard's direct
-/// writes (`engine::DirectPort`). Both run on the shard's thread and never hold a borrow
-/// across an `.await`; `busy` marks the task's waits on the socket, during which the
-/// shard leaves the socket alone.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    /// Frames on their way to the socket, in order.
-    pub(crate) out: RefCell<Outbox>,
-    /// The task is waiting for the socket in the middle of a write.
-    pub(crate) busy: Cell<bool>,
-}
-
 /// The shard's way onto a plain TCP stream's socket.
 #[derive(Debug)]
 pub(crate) struct TcpPort {
     /// The socket.
     pub(crate) tcp: Rc<TcpStream>,
-    /// The outbox and the task's state.
-    pub(crate) shared: Rc<Shared>,
+    /// The outbox the connection task writes too. Both run on the shard's thread and
+    /// never hold its borrow across an `.await`. The task waits on the socket only with
+    /// bytes left in it (a write that is `Pending` has not finished), so an outbox that
+    /// is not empty is also what says the task is mid-write.
+    pub(crate) out: Rc<RefCell<Outbox>>,
     /// tungstenite may hold bytes of its own (`ws::Timed`): they go first, by the task.
     pub(crate) tungstenite_holds: Rc<Cell<bool>>,
     /// Marked when the kernel takes bytes, as the task's writes mark it.
@@ -222,13 +212,11 @@ pub(crate) struct TcpPort {
 
 impl DirectPort for TcpPort {
     fn free(&self) -> bool {
-        !self.shared.busy.get()
-            && !self.tungstenite_holds.get()
-            && self.shared.out.try_borrow().is_ok_and(|o| o.is_empty())
+        !self.tungstenite_holds.get() && self.out.try_borrow().is_ok_and(|o| o.is_empty())
     }
 
     fn write(&self, frame: Frame) -> Wrote {
-        let Ok(mut out) = self.shared.out.try_borrow_mut() else { return Wrote::Rest };
+        let Ok(mut out) = self.out.try_borrow_mut() else { return Wrote::Rest };
         match frame {
             Frame::Binary(b) => out.binary(b),
             Frame::Text(t) => out.text(t),

@@ -53,16 +53,24 @@ impl Sock {
     }
 }
 
-/// Retries a write until the socket stops taking data (`Pending`, woken when it does
-/// again) or the write does something other than block.
-fn poll_send<R>(
+/// One `sendmsg` of `bufs` if tokio believes the socket takes data (`WouldBlock`, without
+/// a syscall, if not): the shard's direct writes call it as it is, [`Sock`]'s own writes
+/// through [`poll_send`].
+pub(crate) fn try_sendmsg(tcp: &TcpStream, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).send_vectored(bufs))
+}
+
+/// Retries a non-blocking write (one that clears tokio's readiness when it blocks) until
+/// the socket stops taking data (`Pending`, woken when it does again) or the write does
+/// something other than block.
+fn poll_send(
     tcp: &TcpStream,
     cx: &mut Context<'_>,
-    mut op: impl FnMut() -> std::io::Result<R>,
-) -> Poll<std::io::Result<R>> {
+    mut op: impl FnMut() -> std::io::Result<usize>,
+) -> Poll<std::io::Result<usize>> {
     loop {
         ready!(tcp.poll_write_ready(cx))?;
-        match tcp.try_io(Interest::WRITABLE, &mut op) {
+        match op() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             r => return Poll::Ready(r),
         }
@@ -99,7 +107,7 @@ impl AsyncRead for Sock {
 impl AsyncWrite for Sock {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || socket2::SockRef::from(&**tcp).send(buf)),
+            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || tcp.try_write(buf)),
             Sock::Upgraded(u) => Pin::new(u).poll_write(cx, buf),
         }
     }
@@ -112,7 +120,7 @@ impl AsyncWrite for Sock {
         match self.get_mut() {
             // `sendmsg` rather than tokio's `writev`: the same iovecs, straight to the
             // socket layer. Readiness is tokio's, as for any of its own writes.
-            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || socket2::SockRef::from(&**tcp).send_vectored(bufs)),
+            Sock::Tcp { tcp, .. } => poll_send(tcp, cx, || try_sendmsg(tcp, bufs)),
             Sock::Upgraded(u) => Pin::new(u).poll_write_vectored(cx, bufs),
         }
     }
