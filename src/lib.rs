@@ -18,9 +18,9 @@
 //! | `ratelimit` | token buckets, alone and keyed by address or client (private) |
 //! | [`auth`] | keys, JWKS cache, token validation, scopes, tickets, revocation, the embedded OAuth2 issuer, its setup and key rotation |
 //! | [`feeds`] | feed definitions, the catalog, each feed's log (last seqs, resume buffer) and epoch kept across restarts |
-//! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing, outbound queues, conflation, throttled subscriptions, timer wheel, stall tracking, the server-wide outbound budget |
+//! | [`engine`] | `Engine`/`EngineHandle`, shard threads, `Ingest`, the core (index, subscribe, session, stats), write pacing, outbound queues, conflation, throttled subscriptions, timer wheel, stall tracking, the server-wide outbound budget, direct writes to plain sockets |
 //! | [`sources`] | what produces ticks: synthetic random walk, replay of a recording, publish ingest, NATS JetStream (and its feed handler) |
-//! | [`server`] | listeners and their bounds, HTTP on the shards, handshake and authorization, the session and its WebSocket loop (stream and publisher roles), heartbeat, admin, TLS |
+//! | [`server`] | listeners and their bounds, HTTP on the shards, handshake and authorization, the session and its WebSocket loop (stream and publisher roles) over the upgraded socket, the streams' frame outbox, heartbeat, admin, TLS |
 //! | `error` | [`Error`]: why the server could not start |
 //! | `shutdown` | the phases of a graceful shutdown, and what stops a dropped [`Server`] |
 //! | this file | the composition root: [`Server::start`] builds the parts and wires them |
